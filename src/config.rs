@@ -1,0 +1,77 @@
+//! Configuration: the original's environment variables, each also a command-line flag.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::pg::PgConfig;
+use crate::session::SessionSettings;
+use crate::stream::socket::SocketSettings;
+
+/// Stream PostgreSQL table changes to clients over websockets, using logical decoding
+/// (wal2json).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "pgdeltastream", version, about)]
+pub struct Cli {
+    /// Database to stream from.
+    #[arg(long, env = "DBNAME", default_value = "postgres")]
+    pub dbname: String,
+    /// Postgres user; needs the REPLICATION attribute (or superuser).
+    #[arg(long, env = "PGUSER", default_value = "postgres")]
+    pub pguser: String,
+    /// Postgres password (PGPASSWORD is read too).
+    #[arg(long, env = "PGPASS", hide_env_values = true)]
+    pub pgpass: Option<String>,
+    /// Postgres host, or a Unix socket directory.
+    #[arg(long, env = "PGHOST", default_value = "localhost")]
+    pub pghost: String,
+    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    pub pgport: u16,
+    /// Address the server listens on. Keep it local unless a proxy guards it: the API
+    /// has no authentication yet.
+    #[arg(long, env = "SERVERHOST", default_value = "localhost")]
+    pub serverhost: String,
+    #[arg(long, env = "SERVERPORT", default_value_t = 12312)]
+    pub serverport: u16,
+    /// Largest `limit` a snapshot page may ask for (also the default limit).
+    #[arg(long, env = "PGDELTASTREAM_MAX_LIMIT", default_value_t = 10_000)]
+    pub max_limit: u64,
+    /// Release a snapshot nobody has read for this many seconds (it holds back vacuum).
+    #[arg(long, env = "PGDELTASTREAM_SNAPSHOT_IDLE_TIMEOUT", default_value_t = 600)]
+    pub snapshot_idle_timeout: u64,
+    /// Send a standby status update to Postgres at least every this many seconds.
+    #[arg(long, env = "PGDELTASTREAM_STATUS_INTERVAL", default_value_t = 10)]
+    pub status_interval: u64,
+    /// Ping websocket clients every this many seconds.
+    #[arg(long, env = "PGDELTASTREAM_PING_INTERVAL", default_value_t = 15)]
+    pub ping_interval: u64,
+    /// Drop a websocket client that shows no sign of life for this many seconds.
+    #[arg(long, env = "PGDELTASTREAM_DEAD_AFTER", default_value_t = 60)]
+    pub dead_after: u64,
+}
+
+impl Cli {
+    pub fn pg_config(&self) -> PgConfig {
+        PgConfig {
+            host: self.pghost.clone(),
+            port: self.pgport,
+            user: self.pguser.clone(),
+            password: self.pgpass.clone().or_else(|| std::env::var("PGPASSWORD").ok()),
+            dbname: self.dbname.clone(),
+            application_name: "pgdeltastream".into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            snapshot_idle_timeout: Duration::from_secs(self.snapshot_idle_timeout.max(1)),
+            status_interval: Duration::from_secs(self.status_interval.max(1)),
+            socket: SocketSettings {
+                ping_interval: Duration::from_secs(self.ping_interval.max(1)),
+                dead_after: Duration::from_secs(self.dead_after.max(2)),
+            },
+            ..SessionSettings::default()
+        }
+    }
+}

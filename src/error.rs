@@ -1,0 +1,106 @@
+//! The one error type the server's layers share. Each error has a kind, which the
+//! HTTP layer turns into a status code, and a message written for the person reading it.
+
+use std::fmt;
+
+use crate::pg::PgError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed (400).
+    BadRequest,
+    /// The request names something that is off limits (403).
+    Forbidden,
+    /// The request names something that does not exist (404).
+    NotFound,
+    /// The request conflicts with the state of the server (409), e.g. no session yet.
+    Conflict,
+    /// The request body is too large (413).
+    PayloadTooLarge,
+    /// Postgres cannot be reached or is out of a resource; try again later (503).
+    Unavailable,
+    /// Anything else, with the database's message (500).
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error { kind, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::BadRequest, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::NotFound, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Conflict, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Internal, message)
+    }
+
+    /// An error from a replication connection, with advice for the usual
+    /// misconfigurations.
+    pub fn from_pg(e: &PgError) -> Error {
+        if e.is_unavailable() {
+            return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {e}"));
+        }
+        let (kind, advice) = match e.code() {
+            Some("55000") if e.to_string().contains("wal_level") => (
+                ErrorKind::Internal,
+                "logical decoding is off on the Postgres server: set wal_level = logical in postgresql.conf and restart Postgres",
+            ),
+            Some("58P01") => (
+                ErrorKind::Internal,
+                "the wal2json output plugin is not installed on the Postgres server (e.g. apt-get install postgresql-15-wal2json)",
+            ),
+            Some("42501") => (
+                ErrorKind::Internal,
+                "the configured user may not replicate: it needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) or superuser",
+            ),
+            Some("28000") => (
+                ErrorKind::Internal,
+                "Postgres refused the replication connection: pg_hba.conf needs a 'replication' line for this user and host",
+            ),
+            Some("53400") => (
+                ErrorKind::Unavailable,
+                "all replication slots are in use: drop unused slots or raise max_replication_slots",
+            ),
+            Some("53300") => (
+                ErrorKind::Unavailable,
+                "Postgres has no free connection or WAL sender: raise max_connections / max_wal_senders",
+            ),
+            Some("3D000") => (ErrorKind::Internal, "the configured database does not exist (DBNAME)"),
+            Some("28P01") => (ErrorKind::Internal, "password authentication failed (PGUSER / PGPASSWORD)"),
+            _ => return Error::internal(format!("Postgres error: {e}")),
+        };
+        Error::new(kind, format!("{advice} (server said: {e})"))
+    }
+
+    /// An error from an ordinary tokio-postgres connection.
+    pub fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
+        let msg = crate::pg::snapshot::describe(e);
+        match e.code().map(|c| c.code()) {
+            Some("42501") => Error::new(ErrorKind::Forbidden, format!("permission denied: {msg}")),
+            Some("57P01" | "57P02" | "57P03") => Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}")),
+            Some(_) => Error::internal(format!("Postgres error: {msg}")),
+            // No SQLSTATE: the connection itself failed.
+            None => Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}")),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,19 @@
+//! `GET /v1/init`
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::{ApiError, AppState};
+
+#[derive(Serialize)]
+pub struct InitResponse {
+    #[serde(rename = "slotName")]
+    pub slot_name: String,
+}
+
+/// Replaces the default session with a new slot and snapshot.
+pub async fn init(State(state): State<AppState>) -> Result<Json<InitResponse>, ApiError> {
+    let session = state.registry.init().await?;
+    Ok(Json(InitResponse { slot_name: session.slot.clone() }))
+}

@@ -1,0 +1,67 @@
+//! The HTTP API: routes and thin handlers over the session registry.
+//!
+//! | route | handler |
+//! | --- | --- |
+//! | `GET /v1/init` | [`init::init`]: a new slot and snapshot; answers `{"slotName":...}` |
+//! | `POST /v1/snapshot/data` | [`snapshot::data`]: a page of a table from the snapshot |
+//! | `DELETE /v1/snapshot` | [`snapshot::release`]: let go of the snapshot early |
+//! | `GET /v1/lr/stream?slotName=` | [`stream::stream`]: the websocket of changes |
+//!
+//! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
+//! the right status ([`error::ApiError`]).
+
+pub mod error;
+pub mod init;
+pub mod snapshot;
+pub mod stream;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+
+use crate::session::Registry;
+pub use error::ApiError;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    /// The largest `limit` a snapshot page may ask for.
+    pub max_limit: u64,
+}
+
+/// Request bodies are small JSON objects; anything larger is refused with 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/init", get(init::init))
+        .route("/v1/snapshot/data", post(snapshot::data))
+        .route("/v1/snapshot", delete(snapshot::release))
+        .route("/v1/lr/stream", get(stream::stream))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// One log line per request: method, path (never the query or body), status, time.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, ms, "request");
+    } else {
+        tracing::info!(%method, %path, status, ms, "request");
+    }
+    response
+}

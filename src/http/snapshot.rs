@@ -1,0 +1,91 @@
+//! `POST /v1/snapshot/data` and `DELETE /v1/snapshot`
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+use crate::error::{Error, ErrorKind};
+use crate::pg::ident::TableRef;
+use crate::pg::snapshot::{Direction, PageRequest};
+
+/// The request body, as the original defined it. Unknown fields are refused so that a
+/// typo (`"ofset"`) is an error rather than a silent default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataRequest {
+    pub table: String,
+    #[serde(default)]
+    pub offset: u64,
+    pub limit: Option<u64>,
+    pub order_by: Option<OrderBy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBy {
+    pub column: String,
+    pub order: Option<String>,
+}
+
+impl DataRequest {
+    /// Checks the request; the table and column are checked against the catalog later.
+    pub fn into_page(self, max_limit: u64) -> Result<PageRequest, Error> {
+        let table = TableRef::parse(&self.table)
+            .map_err(|e| Error::bad_request(format!("invalid table {:?}: it {e}; expected name or schema.name", self.table)))?;
+        let limit = self.limit.unwrap_or(max_limit);
+        if limit > max_limit {
+            return Err(Error::bad_request(format!("limit {limit} is above the maximum of {max_limit}; page through with offset")));
+        }
+        if self.offset > i64::MAX as u64 {
+            return Err(Error::bad_request(format!("offset {} is too large", self.offset)));
+        }
+        let order_by = match self.order_by {
+            None => None,
+            Some(o) => {
+                let dir = match o.order.as_deref().map(str::to_ascii_uppercase).as_deref() {
+                    None | Some("ASC") => Direction::Asc,
+                    Some("DESC") => Direction::Desc,
+                    Some(_) => return Err(Error::bad_request("order_by.order must be \"ASC\" or \"DESC\"")),
+                };
+                if o.column.is_empty() || o.column.len() > crate::pg::ident::MAX_IDENT_BYTES {
+                    return Err(Error::bad_request("order_by.column must be a column name of 1 to 63 bytes"));
+                }
+                Some((o.column, dir))
+            }
+        };
+        Ok(PageRequest { table, offset: self.offset, limit, order_by })
+    }
+}
+
+/// Reads the body ourselves rather than with `Json`, so that a client that sends no
+/// content-type (the original did not require one) still works, and every rejection
+/// is our JSON error.
+pub async fn data(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|e| {
+        let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::PayloadTooLarge } else { ErrorKind::BadRequest };
+        Error::new(kind, format!("cannot read the request body: {}", e.body_text()))
+    })?;
+    let request: DataRequest =
+        serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
+    let page = request.into_page(state.max_limit)?;
+    let rows = state.registry.snapshot_page(&page).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], rows))
+}
+
+#[derive(Deserialize)]
+pub struct ReleaseQuery {
+    #[serde(rename = "slotName")]
+    slot_name: Option<String>,
+}
+
+/// Releases a snapshot before its idle timeout (it holds back vacuum while held).
+pub async fn release(State(state): State<AppState>, query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>) -> Result<impl IntoResponse, ApiError> {
+    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let slot = state.registry.release_snapshot(q.slot_name.as_deref())?;
+    Ok(Json(serde_json::json!({ "slotName": slot, "released": true })))
+}

@@ -1,0 +1,17 @@
+//! pgdeltastream: PostgreSQL table changes over websockets, via logical decoding.
+//!
+//! Layers, from the bottom:
+//! 1. [`types`]: pure data (LSNs, wal2json records, the JSON encoding of values).
+//! 2. [`pg`]: Postgres — our replication client, snapshot reads.
+//! 3. [`session`] and [`stream`]: slots, snapshots and the streaming pipeline.
+//! 4. [`http`]: the routes.
+//! 5. [`server`] and [`config`]: wiring and settings; `main.rs` is the CLI.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod pg;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod types;

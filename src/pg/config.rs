@@ -1,0 +1,62 @@
+//! Where and how to connect to Postgres.
+
+use std::time::Duration;
+
+/// Connection settings shared by the replication client and the ordinary
+/// (tokio-postgres) connections, so both always reach the same server as the same user.
+#[derive(Clone)]
+pub struct PgConfig {
+    /// A host name or IP address, or an absolute path to a Unix socket directory.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+    /// Shown in `pg_stat_activity`, so an operator can tell our connections apart.
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgConfig {
+    // Hand-written so that the password never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("dbname", &self.dbname)
+            .finish()
+    }
+}
+
+impl PgConfig {
+    /// True when `host` names a Unix socket directory rather than a TCP host.
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// `host:port`, or the socket path, for error messages.
+    pub fn address(&self) -> String {
+        if self.is_unix_socket() {
+            format!("{}/.s.PGSQL.{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The same settings for an ordinary tokio-postgres connection.
+    pub fn tokio_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(&self.application_name)
+            .connect_timeout(self.connect_timeout);
+        if let Some(p) = &self.password {
+            c.password(p);
+        }
+        c
+    }
+}

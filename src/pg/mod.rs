@@ -1,0 +1,23 @@
+//! Everything that speaks to Postgres.
+//!
+//! - [`replication`]: our own replication-protocol client (the walsender side of
+//!   logical decoding), built on `postgres-protocol` frames and a tokio socket.
+//! - [`frames`]: the pure encoding and decoding of the CopyData payloads that travel
+//!   inside a replication stream (XLogData, keepalives, standby status updates).
+//! - [`ident`]: SQL identifiers as users type them, parsed, checked and quoted.
+//! - [`snapshot`]: reading table pages from an exported snapshot, encoded exactly as
+//!   wal2json encodes the same values in the stream.
+//! - [`pool`]: a tiny pool of ordinary (tokio-postgres) connections.
+//!
+//! Nothing in here knows about HTTP or sessions.
+
+pub mod config;
+pub mod error;
+pub mod frames;
+pub mod ident;
+pub mod pool;
+pub mod replication;
+pub mod snapshot;
+
+pub use config::PgConfig;
+pub use error::{DbError, PgError};

@@ -1,0 +1,434 @@
+//! Our replication-protocol client.
+//!
+//! Upstream tokio-postgres cannot open a replication connection, so this is a small
+//! client of our own on the `postgres-protocol` crate (the same message codec
+//! tokio-postgres uses) and a tokio socket. It knows just enough of the protocol for
+//! logical decoding:
+//!
+//! 1. [`ReplicationConnection::connect`]: startup with `replication=database`, then
+//!    authentication (trust, password, md5 or SCRAM-SHA-256).
+//! 2. Simple queries and replication commands (`CREATE_REPLICATION_SLOT`, SQL such as
+//!    `SELECT ... FROM pg_replication_slots`).
+//! 3. [`ReplicationConnection::start_replication`] turns the connection into a
+//!    [`ReplicationStream`]: the server sends CopyData messages (see [`super::frames`]),
+//!    we send standby status updates, until either side ends the copy.
+//!
+//! Reading is cancel-safe: a message is taken out of the read buffer only once it is
+//! complete, so `ReplicationStream::next` can sit in a `tokio::select!` next to timers
+//! and channels without ever losing a byte.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend::Message, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::error::{DbError, PgError};
+use super::frames::{self, ServerFrame};
+use super::PgConfig;
+use crate::types::Lsn;
+
+/// A TCP or Unix socket: whatever `PgConfig::host` names.
+trait Socket: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
+
+/// A row of a simple query's result: every value in text form, as the server printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextRow {
+    pub values: Vec<Option<String>>,
+}
+
+impl TextRow {
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.values.get(i).and_then(|v| v.as_deref())
+    }
+}
+
+/// What `CREATE_REPLICATION_SLOT ... LOGICAL ... EXPORT_SNAPSHOT` answers.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    pub slot_name: String,
+    pub consistent_point: Lsn,
+    /// Valid only until the next command on the connection that created it.
+    pub snapshot_name: Option<String>,
+    pub output_plugin: String,
+}
+
+/// A `replication=database` connection in command mode.
+pub struct ReplicationConnection {
+    socket: Box<dyn Socket>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// ParameterStatus values the server reported (server_version, server_encoding, ...).
+    params: HashMap<String, String>,
+    backend_pid: i32,
+}
+
+/// One complete message from the server.
+enum Incoming {
+    Message(Message),
+    /// CopyBothResponse (`W`), which `Message::parse` does not know; its body is unused.
+    CopyBoth,
+}
+
+impl ReplicationConnection {
+    /// Connects and authenticates, bounded by `config.connect_timeout`.
+    pub async fn connect(config: &PgConfig) -> Result<Self, PgError> {
+        match tokio::time::timeout(config.connect_timeout, Self::connect_inner(config)).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::Connect {
+                address: config.address(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            }),
+        }
+    }
+
+    async fn connect_inner(config: &PgConfig) -> Result<Self, PgError> {
+        let connect_err = |source| PgError::Connect { address: config.address(), source };
+        let socket: Box<dyn Socket> = if config.is_unix_socket() {
+            let path = format!("{}/.s.PGSQL.{}", config.host, config.port);
+            Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect_err)?)
+        } else {
+            let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
+                .await
+                .map_err(connect_err)?;
+            tcp.set_nodelay(true).map_err(connect_err)?;
+            Box::new(tcp)
+        };
+        let mut conn = ReplicationConnection {
+            socket,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+            params: HashMap::new(),
+            backend_pid: 0,
+        };
+        let params = [
+            ("user", config.user.as_str()),
+            ("database", config.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", config.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut conn.write_buf)?;
+        conn.flush().await?;
+        conn.authenticate(config).await?;
+        conn.wait_ready().await?;
+        Ok(conn)
+    }
+
+    /// The server's process id of this connection (`pg_stat_replication.pid`).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// A run-time parameter the server reported at startup, e.g. `server_encoding`.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    async fn authenticate(&mut self, config: &PgConfig) -> Result<(), PgError> {
+        let password = || {
+            config
+                .password
+                .as_deref()
+                .ok_or_else(|| PgError::Auth("the server asks for a password and none is configured (PGPASSWORD)".into()))
+        };
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::AuthenticationOk) => return Ok(()),
+                Incoming::Message(Message::AuthenticationCleartextPassword) => {
+                    frontend::password_message(password()?.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Incoming::Message(Message::AuthenticationMd5Password(body)) => {
+                    let hash = md5_hash(config.user.as_bytes(), password()?.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Incoming::Message(Message::AuthenticationSasl(body)) => {
+                    self.scram(&body, password()?).await?;
+                }
+                Incoming::Message(Message::ErrorResponse(body)) => return Err(PgError::Db(DbError::from_fields(body.fields()))),
+                Incoming::Message(Message::NoticeResponse(_)) => {}
+                _ => return Err(PgError::Auth("unsupported authentication method (use trust, password, md5 or scram-sha-256)".into())),
+            }
+        }
+    }
+
+    async fn scram(&mut self, body: &postgres_protocol::message::backend::AuthenticationSaslBody, password: &str) -> Result<(), PgError> {
+        use fallible_iterator::FallibleIterator;
+        let mut mechanisms = body.mechanisms();
+        let mut supported = false;
+        while let Some(m) = mechanisms.next()? {
+            supported |= m == sasl::SCRAM_SHA_256;
+        }
+        if !supported {
+            return Err(PgError::Auth("the server offers no SASL mechanism we support (SCRAM-SHA-256)".into()));
+        }
+        let mut scram = sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
+        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.write_buf)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            Incoming::Message(Message::AuthenticationSaslContinue(b)) => scram.update(b.data())?,
+            Incoming::Message(Message::ErrorResponse(b)) => return Err(PgError::Db(DbError::from_fields(b.fields()))),
+            _ => return Err(PgError::Auth("unexpected message during SCRAM exchange".into())),
+        }
+        frontend::sasl_response(scram.message(), &mut self.write_buf)?;
+        self.flush().await?;
+        match self.read_message().await? {
+            Incoming::Message(Message::AuthenticationSaslFinal(b)) => scram.finish(b.data())?,
+            Incoming::Message(Message::ErrorResponse(b)) => return Err(PgError::Db(DbError::from_fields(b.fields()))),
+            _ => return Err(PgError::Auth("unexpected message at the end of SCRAM exchange".into())),
+        }
+        Ok(())
+    }
+
+    /// Reads until ReadyForQuery, keeping parameters and the backend key.
+    async fn wait_ready(&mut self) -> Result<(), PgError> {
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::ReadyForQuery(_)) => return error.map_or(Ok(()), Err),
+                Incoming::Message(Message::ParameterStatus(p)) => {
+                    if let (Ok(k), Ok(v)) = (p.name(), p.value()) {
+                        self.params.insert(k.to_owned(), v.to_owned());
+                    }
+                }
+                Incoming::Message(Message::BackendKeyData(k)) => self.backend_pid = k.process_id(),
+                Incoming::Message(Message::ErrorResponse(b)) => {
+                    let e = DbError::from_fields(b.fields());
+                    // A FATAL error at startup ends the connection: there is no ReadyForQuery.
+                    if e.severity == "FATAL" || e.severity == "PANIC" {
+                        return Err(PgError::Db(e));
+                    }
+                    error = Some(PgError::Db(e));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a simple query (SQL or a replication command) and returns its rows as text.
+    /// Several statements yield the rows of all of them.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<TextRow>, PgError> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::DataRow(row)) => {
+                    use fallible_iterator::FallibleIterator;
+                    let buf = row.buffer();
+                    let values = row
+                        .ranges()
+                        .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+                        .collect()?;
+                    rows.push(TextRow { values });
+                }
+                Incoming::Message(Message::ErrorResponse(b)) => error = Some(PgError::Db(DbError::from_fields(b.fields()))),
+                Incoming::Message(Message::ReadyForQuery(_)) => return error.map_or(Ok(rows), Err),
+                Incoming::CopyBoth => return Err(PgError::Protocol("unexpected CopyBothResponse to a query".into())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Creates a logical slot with `plugin` and exports a snapshot of the moment the slot
+    /// became consistent. `name` must already be a valid slot name (it is quoted here).
+    pub async fn create_logical_slot(&mut self, name: &str, plugin: &str) -> Result<CreatedSlot, PgError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL {} EXPORT_SNAPSHOT",
+            super::ident::quote_ident(name),
+            super::ident::quote_ident(plugin)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let consistent_point = row
+            .get(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+        Ok(CreatedSlot {
+            slot_name: row.get(0).unwrap_or(name).to_owned(),
+            consistent_point,
+            snapshot_name: row.get(2).map(str::to_owned),
+            output_plugin: row.get(3).unwrap_or(plugin).to_owned(),
+        })
+    }
+
+    /// Starts logical streaming from `start` (`Lsn::ZERO` = from the slot's confirmed
+    /// position) with the plugin's `options`. Option names and values are quoted here.
+    pub async fn start_replication(mut self, slot: &str, start: Lsn, options: &[(&str, &str)]) -> Result<ReplicationStream, PgError> {
+        let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", super::ident::quote_ident(slot));
+        if !options.is_empty() {
+            let opts: Vec<String> = options
+                .iter()
+                .map(|(k, v)| format!("{} {}", super::ident::quote_ident(k), super::ident::quote_literal(v)))
+                .collect();
+            sql.push_str(&format!(" ({})", opts.join(", ")));
+        }
+        frontend::query(&sql, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Incoming::CopyBoth => return Ok(ReplicationStream { conn: self, copy_done_sent: false, server_done: false }),
+                Incoming::Message(Message::ErrorResponse(b)) => {
+                    let e = PgError::Db(DbError::from_fields(b.fields()));
+                    // Consume the ReadyForQuery that follows, so the connection stays usable.
+                    let _ = self.wait_ready().await;
+                    return Err(e);
+                }
+                Incoming::Message(Message::NoticeResponse(b)) => {
+                    tracing::warn!(slot, notice = %DbError::from_fields(b.fields()), "notice from Postgres");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Ends the session politely (Terminate) and closes the socket.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.flush().await;
+        let _ = self.socket.shutdown().await;
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        self.socket.write_all(&self.write_buf).await?;
+        self.write_buf.clear();
+        self.socket.flush().await?;
+        Ok(())
+    }
+
+    /// Returns the next complete message. Cancel-safe: bytes stay in `read_buf` until a
+    /// whole message is there.
+    async fn read_message(&mut self) -> Result<Incoming, PgError> {
+        loop {
+            if let Some(m) = self.parse_buffered()? {
+                return Ok(m);
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < 8 * 1024 {
+                self.read_buf.reserve(64 * 1024);
+            }
+            let n = self.socket.read_buf(&mut self.read_buf).await?;
+            if n == 0 {
+                return Err(PgError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    fn parse_buffered(&mut self) -> Result<Option<Incoming>, PgError> {
+        if self.read_buf.len() < 5 {
+            return Ok(None);
+        }
+        // `Message::parse` does not know CopyBothResponse ('W'): peel it off here.
+        if self.read_buf[0] == b'W' {
+            let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+            if len < 4 {
+                return Err(PgError::Protocol("invalid CopyBothResponse length".into()));
+            }
+            if self.read_buf.len() < len + 1 {
+                self.read_buf.reserve(len + 1 - self.read_buf.len());
+                return Ok(None);
+            }
+            self.read_buf.advance(len + 1);
+            return Ok(Some(Incoming::CopyBoth));
+        }
+        Ok(Message::parse(&mut self.read_buf)?.map(Incoming::Message))
+    }
+}
+
+/// What a replication stream yields.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// A frame of decoded changes or a keepalive.
+    Frame(ServerFrame),
+    /// A NoticeResponse inside the stream, e.g. a wal2json WARNING about a table
+    /// without replica identity. Informational: the stream goes on.
+    Notice(DbError),
+}
+
+/// A connection in CopyBoth mode after `START_REPLICATION`.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+    copy_done_sent: bool,
+    server_done: bool,
+}
+
+impl ReplicationStream {
+    /// The next event, or `None` once the server has ended the stream normally
+    /// (CopyDone). An ErrorResponse (slot dropped, server shutting down) is an `Err`.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<StreamEvent>, PgError> {
+        if self.server_done {
+            return Ok(None);
+        }
+        loop {
+            match self.conn.read_message().await? {
+                Incoming::Message(Message::CopyData(body)) => {
+                    let frame = frames::parse_server_frame(body.into_bytes())
+                        .map_err(|e| PgError::Protocol(e.to_string()))?;
+                    return Ok(Some(StreamEvent::Frame(frame)));
+                }
+                Incoming::Message(Message::NoticeResponse(b)) => return Ok(Some(StreamEvent::Notice(DbError::from_fields(b.fields())))),
+                Incoming::Message(Message::ErrorResponse(b)) => return Err(PgError::Db(DbError::from_fields(b.fields()))),
+                Incoming::Message(Message::CopyDone) => {
+                    self.server_done = true;
+                    return Ok(None);
+                }
+                Incoming::Message(Message::ParameterStatus(_)) => {}
+                Incoming::Message(other) => {
+                    return Err(PgError::Protocol(format!("unexpected message in replication stream: {}", message_name(&other))));
+                }
+                Incoming::CopyBoth => return Err(PgError::Protocol("second CopyBothResponse".into())),
+            }
+        }
+    }
+
+    /// Sends a standby status update: everything before `flush` may be forgotten by the
+    /// slot. We report write = flush = apply, as pg_recvlogical does for a consumer
+    /// that has no separate durability step.
+    pub async fn send_status(&mut self, flush: Lsn, reply_requested: bool) -> Result<(), PgError> {
+        let payload = frames::standby_status_update(flush, flush, flush, SystemTime::now(), reply_requested);
+        frontend::CopyData::new(payload)?.write(&mut self.conn.write_buf);
+        self.conn.flush().await
+    }
+
+    /// Ends streaming (CopyDone), waits for the server to finish the command, and
+    /// returns the connection in command mode. Data still in flight is discarded.
+    pub async fn stop(mut self) -> Result<ReplicationConnection, PgError> {
+        if !self.copy_done_sent {
+            frontend::copy_done(&mut self.conn.write_buf);
+            self.conn.flush().await?;
+            self.copy_done_sent = true;
+        }
+        loop {
+            match self.conn.read_message().await? {
+                Incoming::Message(Message::ReadyForQuery(_)) => return Ok(self.conn),
+                Incoming::Message(Message::ErrorResponse(b)) => {
+                    let e = DbError::from_fields(b.fields());
+                    let _ = self.conn.wait_ready().await;
+                    return Err(PgError::Db(e));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::DataRow(_) => "DataRow",
+        Message::RowDescription(_) => "RowDescription",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        _ => "other",
+    }
+}

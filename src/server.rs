@@ -1,0 +1,34 @@
+//! Putting it together: a registry, the routes, a listener, and a clean shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::http::{router, AppState};
+use crate::pg::PgConfig;
+use crate::session::{Registry, SessionSettings};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub pg: PgConfig,
+    pub session: SessionSettings,
+    pub max_limit: u64,
+}
+
+/// Serves on `listener` until `shutdown` resolves; then ends every stream (close code
+/// 1001), releases snapshots, and returns once in-flight requests are done.
+pub async fn run(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let registry = Registry::new(settings.pg, settings.session);
+    tokio::spawn(Arc::clone(&registry).sweep_idle_snapshots());
+    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit });
+    let on_shutdown = {
+        let registry = registry.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            registry.shutdown().await;
+        }
+    };
+    axum::serve(listener, app).with_graceful_shutdown(on_shutdown).await
+}

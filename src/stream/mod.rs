@@ -1,0 +1,25 @@
+//! The stream: a pipeline of small stages between a replication slot and a websocket.
+//!
+//! ```text
+//!   Postgres ──XLogData──▶ pump ──frames──▶ writer ──text frames──▶ client
+//!      ▲                    ▲                                         │
+//!      └──status updates────┴────────── acks ◀── reader ◀──{"lsn"}────┘
+//! ```
+//!
+//! - [`pump`] owns the replication connection: it reads frames, hands them on through a
+//!   bounded channel (so a slow client slows the reading from Postgres instead of
+//!   filling memory) and sends standby status updates for acks, on a timer and when
+//!   asked, also while the channel is full.
+//! - [`socket`] runs the websocket: the writer sends frames and pings, the reader
+//!   parses and checks acks ([`ack`]) and notices dead peers.
+//! - [`frame`] turns the plugin's bytes into what the client receives.
+//! - [`stop`] is how any stage (or `/v1/init`, or shutdown) ends all of them, with a
+//!   reason the client is told.
+
+pub mod ack;
+pub mod frame;
+pub mod pump;
+pub mod socket;
+pub mod stop;
+
+pub use stop::Stop;

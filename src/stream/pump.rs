@@ -1,0 +1,245 @@
+//! The pump: reads the replication stream, hands frames to the client side through a
+//! bounded channel, and keeps the slot's confirmed position moving.
+//!
+//! Which position may we confirm? Everything the client acked, and more when nothing
+//! is at stake: once the client has acked every transaction that carried changes,
+//! later empty transactions and (on a keepalive) the whole WAL the walsender has read
+//! so far hold nothing the client could lose. Confirming them keeps an idle slot from
+//! retaining WAL forever. A non-transactional message can only be covered by a later
+//! transaction's ack, so it blocks that shortcut until then.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::frame::{prepare_v1, FrameKind, OutFrame};
+use super::stop::{code, Stop};
+use crate::pg::replication::{ReplicationStream, StreamEvent};
+use crate::pg::frames::ServerFrame;
+use crate::types::Lsn;
+
+/// What the pump hands to the websocket side.
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(OutFrame),
+    /// Postgres ended the stream with this message; the client gets it as an error
+    /// frame and a close.
+    Fatal(String),
+}
+
+/// The positions the pump tracks, apart from the I/O so the rules can be tested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positions {
+    /// The client's last accepted ack.
+    pub acked: Lsn,
+    /// The highest `nextlsn` read from the stream.
+    pub read: Lsn,
+    /// The highest `nextlsn` of a transaction with changes.
+    pub must_ack: Lsn,
+    /// A non-transactional message was read and no transaction has followed it yet.
+    pub uncovered_message: bool,
+    /// What we last reported to Postgres as flushed.
+    pub confirmed: Lsn,
+}
+
+impl Positions {
+    pub fn new(start: Lsn) -> Positions {
+        Positions { acked: start, read: start, must_ack: start, uncovered_message: false, confirmed: start }
+    }
+
+    /// Notes a frame read from the stream.
+    pub fn on_frame(&mut self, frame: &OutFrame) {
+        match (frame.kind, frame.nextlsn) {
+            (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
+            (kind, Some(lsn)) => {
+                self.read = self.read.max(lsn);
+                if kind == FrameKind::Data || self.uncovered_message {
+                    self.must_ack = self.must_ack.max(lsn);
+                }
+                self.uncovered_message = false;
+            }
+        }
+    }
+
+    /// True when the client has acked everything that matters.
+    fn settled(&self) -> bool {
+        !self.uncovered_message && self.acked >= self.must_ack
+    }
+
+    /// The position that is safe to confirm now; `wal_end` is the walsender's position
+    /// from a keepalive (everything before it has been sent to us).
+    pub fn safe(&self, wal_end: Option<Lsn>) -> Lsn {
+        if self.settled() {
+            self.read.max(wal_end.unwrap_or(Lsn::ZERO)).max(self.acked)
+        } else {
+            self.acked
+        }
+    }
+}
+
+pub struct Pump {
+    pub slot: String,
+    pub stream: ReplicationStream,
+    pub start: Lsn,
+    pub out: mpsc::Sender<Outgoing>,
+    pub acks: mpsc::Receiver<Lsn>,
+    pub stop: Stop,
+    pub status_interval: Duration,
+}
+
+impl Pump {
+    /// Runs until the client goes, the stream is stopped, or Postgres ends it. Always
+    /// leaves the slot free: a final status update, CopyDone, then the connection closes.
+    pub async fn run(self) {
+        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval } = self;
+        let mut pos = Positions::new(start);
+        let mut pending: Option<Outgoing> = None;
+        let mut ticker = tokio::time::interval(status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fatal: Option<String> = None;
+
+        loop {
+            let mut report_now = false;
+            let mut wal_end = None;
+            tokio::select! {
+                biased;
+                _ = stop.stopped() => break,
+                ack = acks.recv() => match ack {
+                    Some(lsn) => pos.acked = pos.acked.max(lsn),
+                    None => break, // the reader is gone: the client left
+                },
+                _ = ticker.tick() => report_now = true,
+                permit = out.reserve(), if pending.is_some() => match permit {
+                    Ok(permit) => {
+                        if let Some(item) = pending.take() {
+                            permit.send(item);
+                        }
+                    }
+                    Err(_) => break,
+                },
+                event = stream.next(), if pending.is_none() => match event {
+                    Ok(Some(StreamEvent::Frame(ServerFrame::XLogData { data, .. }))) => {
+                        let frame = prepare_v1(data);
+                        pos.on_frame(&frame);
+                        pending = Some(Outgoing::Frame(frame));
+                    }
+                    Ok(Some(StreamEvent::Frame(ServerFrame::Keepalive { wal_end: end, reply_requested, .. }))) => {
+                        wal_end = Some(end);
+                        report_now = reply_requested;
+                    }
+                    Ok(Some(StreamEvent::Notice(notice))) => {
+                        tracing::warn!(slot = %slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
+                    }
+                    Ok(None) => {
+                        fatal = Some("Postgres ended the replication stream".into());
+                        break;
+                    }
+                    Err(e) => {
+                        fatal = Some(format!("replication stream failed: {e}"));
+                        break;
+                    }
+                },
+            }
+            let safe = pos.safe(wal_end);
+            if safe > pos.confirmed || report_now {
+                pos.confirmed = pos.confirmed.max(safe);
+                if let Err(e) = stream.send_status(pos.confirmed, false).await {
+                    fatal = Some(format!("replication stream failed: {e}"));
+                    break;
+                }
+                tracing::trace!(slot = %slot, confirmed = %pos.confirmed, "status update");
+            }
+        }
+
+        // Acks the reader accepted before the end still count.
+        while let Ok(lsn) = acks.try_recv() {
+            pos.acked = pos.acked.max(lsn);
+        }
+        if let Some(message) = fatal {
+            tracing::warn!(slot = %slot, error = %message, "stream ended by Postgres");
+            // Give the client the reason; don't wait long on a client that reads slowly.
+            let _ = tokio::time::timeout(Duration::from_secs(5), out.send(Outgoing::Fatal(message.clone()))).await;
+            stop.stop(code::INTERNAL, truncate_reason(&message));
+            return; // the connection is broken: nothing more to say to Postgres
+        }
+        let safe = pos.safe(None);
+        let finish = async {
+            stream.send_status(pos.confirmed.max(safe), false).await?;
+            let conn = stream.stop().await?;
+            conn.close().await;
+            Ok::<_, crate::pg::PgError>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), finish).await {
+            Ok(Ok(())) => tracing::debug!(slot = %slot, confirmed = %pos.confirmed.max(safe), "stream stopped"),
+            Ok(Err(e)) => tracing::warn!(slot = %slot, error = %e, "error while stopping the stream"),
+            Err(_) => tracing::warn!(slot = %slot, "timed out stopping the stream; connection dropped"),
+        }
+        stop.stop(code::NORMAL, "stream ended");
+    }
+}
+
+/// A close reason must fit in a control frame (123 bytes).
+pub fn truncate_reason(s: &str) -> String {
+    if s.len() <= 123 {
+        return s.to_owned();
+    }
+    let mut end = 120;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(kind: FrameKind, lsn: Option<u64>) -> OutFrame {
+        OutFrame { payload: Bytes::new(), nextlsn: lsn.map(Lsn), kind }
+    }
+
+    #[test]
+    fn idle_slot_follows_the_walsender() {
+        let p = Positions::new(Lsn(100));
+        assert_eq!(p.safe(Some(Lsn(500))), Lsn(500));
+    }
+
+    #[test]
+    fn unacked_changes_hold_the_slot() {
+        let mut p = Positions::new(Lsn(100));
+        p.on_frame(&frame(FrameKind::Data, Some(200)));
+        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100));
+        p.acked = Lsn(200);
+        assert_eq!(p.safe(Some(Lsn(500))), Lsn(500));
+    }
+
+    #[test]
+    fn empty_transactions_after_acked_changes_are_free() {
+        let mut p = Positions::new(Lsn(100));
+        p.on_frame(&frame(FrameKind::Data, Some(200)));
+        p.on_frame(&frame(FrameKind::Empty, Some(300)));
+        assert_eq!(p.safe(None), Lsn(100));
+        p.acked = Lsn(200);
+        assert_eq!(p.safe(None), Lsn(300));
+    }
+
+    #[test]
+    fn a_message_needs_a_later_ack() {
+        let mut p = Positions::new(Lsn(100));
+        p.on_frame(&frame(FrameKind::Unackable, None));
+        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100));
+        p.on_frame(&frame(FrameKind::Empty, Some(300)));
+        assert_eq!(p.safe(None), Lsn(100), "the empty transaction's ack is what covers the message");
+        p.acked = Lsn(300);
+        assert_eq!(p.safe(Some(Lsn(400))), Lsn(400));
+    }
+
+    #[test]
+    fn reasons_fit_a_control_frame() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "é".repeat(100);
+        let r = truncate_reason(&long);
+        assert!(r.len() <= 123 && r.ends_with("..."));
+    }
+}

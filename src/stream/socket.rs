@@ -1,0 +1,203 @@
+//! The websocket side of a stream: a writer and a reader, each a small loop.
+//!
+//! The writer sends the pump's frames in order, error frames for bad client input, and
+//! pings. The reader takes acks, checks them against what the writer has delivered and
+//! passes them to the pump. Either side, or the pump, can end the stream through
+//! [`Stop`]; the writer then tells the client why in a close frame.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use super::ack::{check_ack, parse_ack};
+use super::pump::{truncate_reason, Outgoing};
+use super::stop::{code, Stop};
+use crate::types::Lsn;
+
+#[derive(Debug, Clone)]
+pub struct SocketSettings {
+    /// How often we ping the client.
+    pub ping_interval: Duration,
+    /// A client that neither sends anything nor takes any data for this long is dead.
+    pub dead_after: Duration,
+}
+
+/// State the writer and the reader share.
+struct Shared {
+    /// The highest `nextlsn` written to the socket.
+    delivered: AtomicU64,
+    /// Milliseconds since `epoch` of the last sign of life: a message from the client,
+    /// or a data frame the socket accepted.
+    last_progress: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn progress(&self) {
+        self.last_progress.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_progress.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Runs the websocket until the stream stops. `start` is the slot's confirmed
+/// position when streaming began: the floor for acks.
+pub async fn serve(socket: WebSocket, slot: String, start: Lsn, frames: mpsc::Receiver<Outgoing>, acks: mpsc::Sender<Lsn>, stop: Stop, settings: SocketSettings) {
+    let shared = Arc::new(Shared { delivered: AtomicU64::new(start.0), last_progress: AtomicU64::new(0), epoch: Instant::now() });
+    let (sink, stream) = socket.split();
+    let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
+    let writer = write_loop(sink, frames, errors_rx, stop.clone(), shared.clone(), settings.ping_interval);
+    let reader = read_loop(stream, slot.clone(), start, acks, errors_tx, stop.clone(), shared, settings.dead_after);
+    tokio::join!(writer, reader);
+    tracing::info!(slot = %slot, reason = %stop.reason().1, "websocket closed");
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut frames: mpsc::Receiver<Outgoing>,
+    mut errors: mpsc::Receiver<String>,
+    stop: Stop,
+    shared: Arc<Shared>,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.stopped() => break,
+            Some(message) = errors.recv() => {
+                if sink.send(Message::Text(error_json(&message).into())).await.is_err() {
+                    stop.stop(code::GOING_AWAY, "client connection lost");
+                    break;
+                }
+            }
+            item = frames.recv() => match item {
+                Some(Outgoing::Frame(frame)) => {
+                    let text = match Utf8Bytes::try_from(frame.payload) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
+                            let msg = format!("the plugin produced text that is not UTF-8 ({e}); pgdeltastream needs a UTF8 database");
+                            let _ = sink.send(Message::Text(error_json(&msg).into())).await;
+                            stop.stop(code::INTERNAL, truncate_reason(&msg));
+                            break;
+                        }
+                    };
+                    if sink.send(Message::Text(text)).await.is_err() {
+                        stop.stop(code::GOING_AWAY, "client connection lost");
+                        break;
+                    }
+                    shared.progress();
+                    if let Some(lsn) = frame.nextlsn {
+                        shared.delivered.fetch_max(lsn.0, Ordering::Release);
+                    }
+                }
+                Some(Outgoing::Fatal(message)) => {
+                    let _ = sink.send(Message::Text(error_json(&message).into())).await;
+                    stop.stop(code::INTERNAL, truncate_reason(&message));
+                    break;
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(bytes::Bytes::from_static(b"pgdeltastream"))).await.is_err() {
+                    stop.stop(code::GOING_AWAY, "client connection lost");
+                    break;
+                }
+            }
+        }
+    }
+    let (code, reason) = stop.reason();
+    let close = Message::Close(Some(CloseFrame { code, reason: truncate_reason(&reason).into() }));
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = sink.send(close).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    slot: String,
+    start: Lsn,
+    acks: mpsc::Sender<Lsn>,
+    errors: mpsc::Sender<String>,
+    stop: Stop,
+    shared: Arc<Shared>,
+    dead_after: Duration,
+) {
+    let mut last_ack = start;
+    let check_every = (dead_after / 4).max(Duration::from_millis(50));
+    loop {
+        let message = tokio::select! {
+            _ = stop.stopped() => break,
+            m = tokio::time::timeout(check_every, stream.next()) => m,
+        };
+        let message = match message {
+            Err(_) => {
+                if shared.idle_for() > dead_after {
+                    tracing::info!(slot = %slot, "client stopped answering pings");
+                    stop.stop(code::GOING_AWAY, "no sign of life from the client");
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => {
+                stop.stop(code::NORMAL, "client went away");
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                let (c, reason) = match e.to_string() {
+                    s if s.contains("too long") || s.contains("too big") => (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned()),
+                    s => (code::GOING_AWAY, format!("client connection error: {s}")),
+                };
+                stop.stop(c, truncate_reason(&reason));
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        shared.progress();
+        match message {
+            Message::Text(text) => {
+                let delivered = Lsn(shared.delivered.load(Ordering::Acquire));
+                match parse_ack(text.as_str()).and_then(|lsn| check_ack(lsn, last_ack, delivered)) {
+                    Ok(lsn) => {
+                        last_ack = lsn;
+                        tracing::debug!(slot = %slot, lsn = %lsn, "ack");
+                        if acks.send(lsn).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(slot = %slot, error = %e, "refused client message");
+                        if errors.try_send(e.to_string()).is_err() {
+                            // The client floods us with bad input faster than we can answer.
+                            tracing::debug!(slot = %slot, "dropped an error reply");
+                        }
+                    }
+                }
+            }
+            Message::Binary(_) => {
+                let _ = errors.try_send("binary frames are not accepted: send acks as text, e.g. {\"lsn\":\"0/170FCB0\"}".to_owned());
+            }
+            Message::Close(_) => {
+                stop.stop(code::NORMAL, "client closed the connection");
+                break;
+            }
+            // Pings are answered by the websocket library; pongs are a sign of life.
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+}
+
+/// `{"error":"..."}`, the same shape as the HTTP API's errors.
+pub fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
