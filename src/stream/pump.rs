@@ -157,9 +157,12 @@ impl Pump {
         }
         if let Some(message) = fatal {
             tracing::warn!(slot = %slot, error = %message, "stream ended by Postgres");
-            // Give the client the reason; don't wait long on a client that reads slowly.
-            let _ = tokio::time::timeout(Duration::from_secs(5), out.send(Outgoing::Fatal(message.clone()))).await;
-            stop.stop(code::INTERNAL, truncate_reason(&message));
+            // The writer sends the reason after the frames before it, then closes. A
+            // client too slow to take it within a few seconds is just closed.
+            let sent = tokio::time::timeout(Duration::from_secs(5), out.send(Outgoing::Fatal(message.clone()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                stop.stop(code::INTERNAL, truncate_reason(&message));
+            }
             return; // the connection is broken: nothing more to say to Postgres
         }
         let safe = pos.safe(None);
