@@ -89,7 +89,9 @@ impl Error {
         let msg = crate::pg::snapshot::describe(e);
         match e.code().map(|c| c.code()) {
             Some("42501") => Error::new(ErrorKind::Forbidden, format!("permission denied: {msg}")),
-            Some("57P01" | "57P02" | "57P03") => Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}")),
+            Some("57P01" | "57P02" | "57P03") => {
+                Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"))
+            }
             Some(_) => Error::internal(format!("Postgres error: {msg}")),
             // No SQLSTATE: the connection itself failed.
             None => Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}")),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::http::{router, AppState};
+use crate::http::{AppState, router};
 use crate::pg::PgConfig;
 use crate::session::{Registry, SessionSettings};
 
@@ -18,7 +18,11 @@ pub struct Settings {
 
 /// Serves on `listener` until `shutdown` resolves; then ends every stream (close code
 /// 1001), releases snapshots, and returns once in-flight requests are done.
-pub async fn run(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let registry = Registry::new(settings.pg, settings.session);
     tokio::spawn(Arc::clone(&registry).sweep_idle_snapshots());
     let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit });

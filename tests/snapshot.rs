@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use support::*;
 
 async fn setup() -> (common::TestDb, tokio_postgres::Client, TestServer) {
@@ -51,15 +51,23 @@ async fn keys_keep_column_order_and_order_by_works() {
         .unwrap();
     server.init().await;
     // The raw body: a parsed serde_json map would sort the keys.
-    let (status, body) = raw_request(server.addr, "POST", "/v1/snapshot/data", &[], br#"{"table":"s.x"}"#.to_vec()).await;
+    let (status, body) =
+        raw_request(server.addr, "POST", "/v1/snapshot/data", &[], br#"{"table":"s.x"}"#.to_vec()).await;
     assert_eq!(status, 200);
     let body = String::from_utf8(body).unwrap();
-    assert_eq!(body, r#"[{"zeta":1,"alpha":"a","Mixed Case":10},{"zeta":2,"alpha":"b","Mixed Case":20},{"zeta":3,"alpha":"c","Mixed Case":30}]"#);
+    assert_eq!(
+        body,
+        r#"[{"zeta":1,"alpha":"a","Mixed Case":10},{"zeta":2,"alpha":"b","Mixed Case":20},{"zeta":3,"alpha":"c","Mixed Case":30}]"#
+    );
     let (_, rows) = server
-        .snapshot(json!({"table": "s.x", "offset": 1, "limit": 1, "order_by": {"column": "Mixed Case", "order": "DESC"}}))
+        .snapshot(
+            json!({"table": "s.x", "offset": 1, "limit": 1, "order_by": {"column": "Mixed Case", "order": "DESC"}}),
+        )
         .await;
     assert_eq!(rows, json!([{"zeta": 2, "alpha": "b", "Mixed Case": 20}]));
-    let (_, rows) = server.snapshot(json!({"table": "test_table", "limit": 2, "order_by": {"column": "name", "order": "desc"}})).await;
+    let (_, rows) = server
+        .snapshot(json!({"table": "test_table", "limit": 2, "order_by": {"column": "name", "order": "desc"}}))
+        .await;
     assert_eq!(rows, json!([{"id": 5, "name": "val2"}, {"id": 4, "name": "val1"}]));
     server.stop().await;
 }
@@ -149,7 +157,9 @@ async fn refusals_and_injection_attempts() {
 async fn content_type_is_optional_and_bodies_are_capped() {
     let (_db, _pg, server) = setup().await;
     server.init().await;
-    let (status, body) = raw_request(server.addr, "POST", "/v1/snapshot/data", &[], br#"{"table":"test_table","limit":1}"#.to_vec()).await;
+    let (status, body) =
+        raw_request(server.addr, "POST", "/v1/snapshot/data", &[], br#"{"table":"test_table","limit":1}"#.to_vec())
+            .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let huge = format!(r#"{{"table":"{}"}}"#, "a".repeat(100_000));
     let (status, body) = server.post("/v1/snapshot/data", &huge).await;

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -75,7 +75,10 @@ async fn init_creates_a_wal2json_slot() {
     let digits = rest.trim_start_matches(|c: char| c.is_ascii_lowercase());
     assert!(!digits.is_empty() && digits.len() < rest.len() && digits.chars().all(|c| c.is_ascii_digit()), "{slot}");
     let row = pg
-        .query_one("SELECT plugin::text, slot_type, database::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT plugin::text, slot_type, database::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "wal2json");
@@ -216,8 +219,8 @@ async fn bad_acks_get_error_frames_and_the_stream_goes_on() {
         "not json".to_owned(),
         r#"{"lsn":12}"#.to_owned(),
         r#"{"lsn":"zz/1"}"#.to_owned(),
-        r#"{"lsn":"0/1"}"#.to_owned(),          // backwards
-        r#"{"lsn":"FFFFFFFF/0"}"#.to_owned(),   // beyond what was delivered
+        r#"{"lsn":"0/1"}"#.to_owned(),        // backwards
+        r#"{"lsn":"FFFFFFFF/0"}"#.to_owned(), // beyond what was delivered
     ];
     for text in &bad {
         ws.send(Message::Text(text.clone().into())).await.unwrap();
@@ -230,7 +233,10 @@ async fn bad_acks_get_error_frames_and_the_stream_goes_on() {
     // The slot may move past the last ack on its own once the client is settled
     // (it follows the walsender then), but never to the bogus ack.
     let confirmed: bool = pg
-        .query_one("SELECT confirmed_flush_lsn < 'FFFFFFFF/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT confirmed_flush_lsn < 'FFFFFFFF/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0);
@@ -257,7 +263,13 @@ async fn an_idle_slot_keeps_up_with_the_wal() {
         pg.batch_execute(&format!("CREATE TABLE t{i} (a int); DROP TABLE t{i};")).await.unwrap();
     }
     let now: String = pg.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
-    await_slot(&pg, &slot, "caught up", &format!("confirmed_flush_lsn > '{start}'::pg_lsn AND confirmed_flush_lsn >= '{now}'::pg_lsn - 1024")).await;
+    await_slot(
+        &pg,
+        &slot,
+        "caught up",
+        &format!("confirmed_flush_lsn > '{start}'::pg_lsn AND confirmed_flush_lsn >= '{now}'::pg_lsn - 1024"),
+    )
+    .await;
     server.stop().await;
 }
 
@@ -305,7 +317,9 @@ async fn init_resets_only_the_default_session() {
     assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "new session");
     drop(ws);
     await_slot(&pg, &second, "inactive", "NOT active").await;
-    pg.batch_execute("SELECT pg_drop_replication_slot('delta_other7'); SELECT pg_drop_replication_slot('not_ours');").await.unwrap();
+    pg.batch_execute("SELECT pg_drop_replication_slot('delta_other7'); SELECT pg_drop_replication_slot('not_ours');")
+        .await
+        .unwrap();
     server.stop().await;
 }
 

@@ -1,8 +1,8 @@
 //! The API's one error type: `{"error":"..."}` with the status its kind calls for.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use crate::error::{Error, ErrorKind};
 

@@ -1,7 +1,7 @@
 //! `GET /v1/init`
 
-use axum::extract::State;
 use axum::Json;
+use axum::extract::State;
 use serde::Serialize;
 
 use super::{ApiError, AppState};

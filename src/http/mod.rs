@@ -17,11 +17,11 @@ pub mod stream;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use axum::Router;
 
 use crate::session::Registry;
 pub use error::ApiError;

@@ -1,11 +1,11 @@
 //! `POST /v1/snapshot/data` and `DELETE /v1/snapshot`
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
@@ -35,11 +35,14 @@ pub struct OrderBy {
 impl DataRequest {
     /// Checks the request; the table and column are checked against the catalog later.
     pub fn into_page(self, max_limit: u64) -> Result<PageRequest, Error> {
-        let table = TableRef::parse(&self.table)
-            .map_err(|e| Error::bad_request(format!("invalid table {:?}: it {e}; expected name or schema.name", self.table)))?;
+        let table = TableRef::parse(&self.table).map_err(|e| {
+            Error::bad_request(format!("invalid table {:?}: it {e}; expected name or schema.name", self.table))
+        })?;
         let limit = self.limit.unwrap_or(max_limit);
         if limit > max_limit {
-            return Err(Error::bad_request(format!("limit {limit} is above the maximum of {max_limit}; page through with offset")));
+            return Err(Error::bad_request(format!(
+                "limit {limit} is above the maximum of {max_limit}; page through with offset"
+            )));
         }
         if self.offset > i64::MAX as u64 {
             return Err(Error::bad_request(format!("offset {} is too large", self.offset)));
@@ -65,9 +68,16 @@ impl DataRequest {
 /// Reads the body ourselves rather than with `Json`, so that a client that sends no
 /// content-type (the original did not require one) still works, and every rejection
 /// is our JSON error.
-pub async fn data(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<impl IntoResponse, ApiError> {
+pub async fn data(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| {
-        let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::PayloadTooLarge } else { ErrorKind::BadRequest };
+        let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorKind::PayloadTooLarge
+        } else {
+            ErrorKind::BadRequest
+        };
         Error::new(kind, format!("cannot read the request body: {}", e.body_text()))
     })?;
     let request: DataRequest =
@@ -84,7 +94,10 @@ pub struct ReleaseQuery {
 }
 
 /// Releases a snapshot before its idle timeout (it holds back vacuum while held).
-pub async fn release(State(state): State<AppState>, query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>) -> Result<impl IntoResponse, ApiError> {
+pub async fn release(
+    State(state): State<AppState>,
+    query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = state.registry.release_snapshot(q.slot_name.as_deref())?;
     Ok(Json(serde_json::json!({ "slotName": slot, "released": true })))

@@ -1,8 +1,8 @@
 //! `GET /v1/lr/stream?slotName=NAME` (websocket)
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
@@ -28,7 +28,8 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
-    let upgrade = upgrade.map_err(|e| Error::bad_request(format!("this endpoint is a websocket: {}", e.body_text())))?;
+    let upgrade =
+        upgrade.map_err(|e| Error::bad_request(format!("this endpoint is a websocket: {}", e.body_text())))?;
     let open = state.registry.open_stream(&slot).await?;
     Ok(upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)

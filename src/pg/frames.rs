@@ -76,7 +76,13 @@ pub fn parse_server_frame(payload: Bytes) -> Result<ServerFrame, FrameError> {
 }
 
 /// The 34-byte standby status update payload (to be wrapped in a CopyData message).
-pub fn standby_status_update(write: Lsn, flush: Lsn, apply: Lsn, now: std::time::SystemTime, reply_requested: bool) -> Bytes {
+pub fn standby_status_update(
+    write: Lsn,
+    flush: Lsn,
+    apply: Lsn,
+    now: std::time::SystemTime,
+    reply_requested: bool,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(34);
     b.put_u8(b'r');
     b.put_u64(write.0);
@@ -110,7 +116,9 @@ mod tests {
         b.put_i64(42);
         b.put_slice(b"{\"change\":[]}");
         let payload = b.freeze();
-        let ServerFrame::XLogData { wal_start, wal_end, send_time, data } = parse_server_frame(payload.clone()).unwrap() else {
+        let ServerFrame::XLogData { wal_start, wal_end, send_time, data } =
+            parse_server_frame(payload.clone()).unwrap()
+        else {
             panic!("not XLogData")
         };
         assert_eq!(wal_start, Lsn(0x1_0000_0010));

@@ -147,7 +147,9 @@ pub fn quote_literal(s: &str) -> String {
 
 /// A replication slot name as Postgres accepts it: 1 to 63 of `[a-z0-9_]`.
 pub fn is_valid_slot_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_IDENT_BYTES && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    !s.is_empty()
+        && s.len() <= MAX_IDENT_BYTES
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// An exported snapshot id as Postgres prints it, e.g. `00000003-0000001B-1`.

@@ -25,9 +25,9 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::PgConfig;
 use super::error::{DbError, PgError};
 use super::frames::{self, ServerFrame};
-use super::PgConfig;
 use crate::types::Lsn;
 
 /// A TCP or Unix socket: whatever `PgConfig::host` names.
@@ -91,9 +91,7 @@ impl ReplicationConnection {
             let path = format!("{}/.s.PGSQL.{}", config.host, config.port);
             Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect_err)?)
         } else {
-            let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
-                .await
-                .map_err(connect_err)?;
+            let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await.map_err(connect_err)?;
             tcp.set_nodelay(true).map_err(connect_err)?;
             Box::new(tcp)
         };
@@ -130,10 +128,9 @@ impl ReplicationConnection {
 
     async fn authenticate(&mut self, config: &PgConfig) -> Result<(), PgError> {
         let password = || {
-            config
-                .password
-                .as_deref()
-                .ok_or_else(|| PgError::Auth("the server asks for a password and none is configured (PGPASSWORD)".into()))
+            config.password.as_deref().ok_or_else(|| {
+                PgError::Auth("the server asks for a password and none is configured (PGPASSWORD)".into())
+            })
         };
         loop {
             match self.read_message().await? {
@@ -150,14 +147,24 @@ impl ReplicationConnection {
                 Incoming::Message(Message::AuthenticationSasl(body)) => {
                     self.scram(&body, password()?).await?;
                 }
-                Incoming::Message(Message::ErrorResponse(body)) => return Err(PgError::Db(DbError::from_fields(body.fields()))),
+                Incoming::Message(Message::ErrorResponse(body)) => {
+                    return Err(PgError::Db(DbError::from_fields(body.fields())));
+                }
                 Incoming::Message(Message::NoticeResponse(_)) => {}
-                _ => return Err(PgError::Auth("unsupported authentication method (use trust, password, md5 or scram-sha-256)".into())),
+                _ => {
+                    return Err(PgError::Auth(
+                        "unsupported authentication method (use trust, password, md5 or scram-sha-256)".into(),
+                    ));
+                }
             }
         }
     }
 
-    async fn scram(&mut self, body: &postgres_protocol::message::backend::AuthenticationSaslBody, password: &str) -> Result<(), PgError> {
+    async fn scram(
+        &mut self,
+        body: &postgres_protocol::message::backend::AuthenticationSaslBody,
+        password: &str,
+    ) -> Result<(), PgError> {
         use fallible_iterator::FallibleIterator;
         let mut mechanisms = body.mechanisms();
         let mut supported = false;
@@ -222,13 +229,13 @@ impl ReplicationConnection {
                 Incoming::Message(Message::DataRow(row)) => {
                     use fallible_iterator::FallibleIterator;
                     let buf = row.buffer();
-                    let values = row
-                        .ranges()
-                        .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
-                        .collect()?;
+                    let values =
+                        row.ranges().map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()))).collect()?;
                     rows.push(TextRow { values });
                 }
-                Incoming::Message(Message::ErrorResponse(b)) => error = Some(PgError::Db(DbError::from_fields(b.fields()))),
+                Incoming::Message(Message::ErrorResponse(b)) => {
+                    error = Some(PgError::Db(DbError::from_fields(b.fields())))
+                }
                 Incoming::Message(Message::ReadyForQuery(_)) => return error.map_or(Ok(rows), Err),
                 Incoming::CopyBoth => return Err(PgError::Protocol("unexpected CopyBothResponse to a query".into())),
                 _ => {}
@@ -260,7 +267,12 @@ impl ReplicationConnection {
 
     /// Starts logical streaming from `start` (`Lsn::ZERO` = from the slot's confirmed
     /// position) with the plugin's `options`. Option names and values are quoted here.
-    pub async fn start_replication(mut self, slot: &str, start: Lsn, options: &[(&str, &str)]) -> Result<ReplicationStream, PgError> {
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<ReplicationStream, PgError> {
         let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", super::ident::quote_ident(slot));
         if !options.is_empty() {
             let opts: Vec<String> = options
@@ -273,7 +285,9 @@ impl ReplicationConnection {
         self.flush().await?;
         loop {
             match self.read_message().await? {
-                Incoming::CopyBoth => return Ok(ReplicationStream { conn: self, copy_done_sent: false, server_done: false }),
+                Incoming::CopyBoth => {
+                    return Ok(ReplicationStream { conn: self, copy_done_sent: false, server_done: false });
+                }
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     let e = PgError::Db(DbError::from_fields(b.fields()));
                     // Consume the ReadyForQuery that follows, so the connection stays usable.
@@ -328,7 +342,8 @@ impl ReplicationConnection {
         }
         // `Message::parse` does not know CopyBothResponse ('W'): peel it off here.
         if self.read_buf[0] == b'W' {
-            let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+            let len =
+                u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
             if len < 4 {
                 return Err(PgError::Protocol("invalid CopyBothResponse length".into()));
             }
@@ -371,19 +386,26 @@ impl ReplicationStream {
         loop {
             match self.conn.read_message().await? {
                 Incoming::Message(Message::CopyData(body)) => {
-                    let frame = frames::parse_server_frame(body.into_bytes())
-                        .map_err(|e| PgError::Protocol(e.to_string()))?;
+                    let frame =
+                        frames::parse_server_frame(body.into_bytes()).map_err(|e| PgError::Protocol(e.to_string()))?;
                     return Ok(Some(StreamEvent::Frame(frame)));
                 }
-                Incoming::Message(Message::NoticeResponse(b)) => return Ok(Some(StreamEvent::Notice(DbError::from_fields(b.fields())))),
-                Incoming::Message(Message::ErrorResponse(b)) => return Err(PgError::Db(DbError::from_fields(b.fields()))),
+                Incoming::Message(Message::NoticeResponse(b)) => {
+                    return Ok(Some(StreamEvent::Notice(DbError::from_fields(b.fields()))));
+                }
+                Incoming::Message(Message::ErrorResponse(b)) => {
+                    return Err(PgError::Db(DbError::from_fields(b.fields())));
+                }
                 Incoming::Message(Message::CopyDone) => {
                     self.server_done = true;
                     return Ok(None);
                 }
                 Incoming::Message(Message::ParameterStatus(_)) => {}
                 Incoming::Message(other) => {
-                    return Err(PgError::Protocol(format!("unexpected message in replication stream: {}", message_name(&other))));
+                    return Err(PgError::Protocol(format!(
+                        "unexpected message in replication stream: {}",
+                        message_name(&other)
+                    )));
                 }
                 Incoming::CopyBoth => return Err(PgError::Protocol("second CopyBothResponse".into())),
             }

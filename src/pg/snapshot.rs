@@ -14,7 +14,7 @@
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use super::ident::{quote_ident, quote_literal, TableRef};
+use super::ident::{TableRef, quote_ident, quote_literal};
 use crate::types::value::{write_json_string, write_value};
 
 /// Schemas that are never served: they hold the catalog and its secrets.
@@ -150,7 +150,8 @@ pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, S
                         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relname = $1";
     let row = match &t.schema {
         Some(schema) => {
-            let sql = format!("SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text {FROM} AND n.nspname = $2");
+            let sql =
+                format!("SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text {FROM} AND n.nspname = $2");
             client.query_opt(&sql, &[&t.name, schema]).await?
         }
         None => {
@@ -302,7 +303,11 @@ mod tests {
             r#"SELECT "id", "Name" FROM "public"."t" ORDER BY "Name" DESC, "id" OFFSET 10 LIMIT 5"#
         );
         // Unquoted folding: ID finds id.
-        assert!(select_sql(&table(&["id"], 'r'), &req(Some(("ID", Direction::Asc)))).unwrap().contains("ORDER BY \"id\" ASC"));
+        assert!(
+            select_sql(&table(&["id"], 'r'), &req(Some(("ID", Direction::Asc))))
+                .unwrap()
+                .contains("ORDER BY \"id\" ASC")
+        );
         assert!(matches!(
             select_sql(&table(&["id"], 'r'), &req(Some(("id; drop table t", Direction::Asc)))),
             Err(SnapshotError::NoSuchColumn { .. })

@@ -20,19 +20,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, OwnedMutexGuard};
+use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_postgres::Client;
 
 use crate::error::{Error, ErrorKind};
+use crate::pg::PgConfig;
 use crate::pg::ident::is_valid_slot_name;
 use crate::pg::pool::{self, Pool};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::pg::snapshot::{self, PageRequest, SnapshotError};
-use crate::pg::PgConfig;
+use crate::stream::Stop as StreamStop;
 use crate::stream::pump::Pump;
 use crate::stream::socket::SocketSettings;
-use crate::stream::stop::{code, Stop};
-use crate::stream::Stop as StreamStop;
+use crate::stream::stop::{Stop, code};
 use crate::types::Lsn;
 
 /// The output plugin our slots use.
@@ -243,7 +243,8 @@ impl Registry {
         // Import the snapshot before anything else runs on `conn`: the next command
         // there would end it.
         let held = async {
-            let exported = created.snapshot_name.as_deref().ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
+            let exported =
+                created.snapshot_name.as_deref().ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
             let client = pool::connect(&self.pg).await.map_err(|e| Error::from_tokio_pg(&e))?;
             let id = snapshot::hold_snapshot(&client, exported).await.map_err(|e| Error::from_tokio_pg(&e))?;
             Ok::<_, Error>(SnapshotHolder { _client: client, id, last_used: Instant::now() })
@@ -367,7 +368,10 @@ impl Registry {
         let info = self.slot_info(slot).await?;
         let info = info.ok_or_else(|| Error::not_found(format!("replication slot {slot} does not exist")))?;
         if info.database.as_deref() != Some(self.pg.dbname.as_str()) {
-            return Err(Error::not_found(format!("replication slot {slot} does not belong to database {}", self.pg.dbname)));
+            return Err(Error::not_found(format!(
+                "replication slot {slot} does not belong to database {}",
+                self.pg.dbname
+            )));
         }
         if info.plugin.as_deref() != Some(PLUGIN) {
             return Err(Error::bad_request(format!(
@@ -379,7 +383,9 @@ impl Registry {
             let mut sessions = lock(&self.sessions);
             sessions
                 .entry(slot.to_owned())
-                .or_insert_with(|| Arc::new(Session::new(slot.to_owned(), SnapshotState::Released("created by an earlier process"))))
+                .or_insert_with(|| {
+                    Arc::new(Session::new(slot.to_owned(), SnapshotState::Released("created by an earlier process")))
+                })
                 .clone()
         };
         let guard = session
@@ -399,7 +405,14 @@ impl Registry {
         let stop = StreamStop::new();
         *lock(&session.current_stream) = Some(stop.clone());
         tracing::info!(slot, start = %info.confirmed_flush, "stream started");
-        Ok(OpenStream { slot: slot.to_owned(), start: info.confirmed_flush, stream, stop, guard, settings: self.settings.clone() })
+        Ok(OpenStream {
+            slot: slot.to_owned(),
+            start: info.confirmed_flush,
+            stream,
+            stop,
+            guard,
+            settings: self.settings.clone(),
+        })
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
@@ -420,7 +433,9 @@ impl Registry {
             plugin: row.try_get(0).map_err(get)?,
             database: row.try_get(1).map_err(get)?,
             active_pid: row.try_get(2).map_err(get)?,
-            confirmed_flush: confirmed.parse().map_err(|_| Error::internal(format!("bad LSN {confirmed:?} from Postgres")))?,
+            confirmed_flush: confirmed
+                .parse()
+                .map_err(|_| Error::internal(format!("bad LSN {confirmed:?} from Postgres")))?,
         }))
     }
 
@@ -462,7 +477,8 @@ impl OpenStream {
             status_interval: settings.status_interval,
         };
         let pump = tokio::spawn(pump.run());
-        crate::stream::socket::serve(socket, slot.clone(), start, frames_rx, acks_tx, stop.clone(), settings.socket).await;
+        crate::stream::socket::serve(socket, slot.clone(), start, frames_rx, acks_tx, stop.clone(), settings.socket)
+            .await;
         let _ = pump.await;
         drop(guard);
     }

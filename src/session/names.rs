@@ -99,7 +99,16 @@ mod tests {
         for ok in ["delta_face56", "delta_mundane69", "delta_a0"] {
             assert!(is_ours(ok), "{ok}");
         }
-        for bad in ["delta_", "delta_56", "delta_face", "face56", "delta_Face56", "delta_face56x", "xdelta_face56", "delta_fa-ce56"] {
+        for bad in [
+            "delta_",
+            "delta_56",
+            "delta_face",
+            "face56",
+            "delta_Face56",
+            "delta_face56x",
+            "xdelta_face56",
+            "delta_fa-ce56",
+        ] {
             assert!(!is_ours(bad), "{bad}");
         }
     }

@@ -49,7 +49,9 @@ mod tests {
     fn parses_acks() {
         assert_eq!(parse_ack(r#"{"lsn":"0/170FCB0"}"#), Ok(Lsn(0x170_FCB0)));
         assert_eq!(parse_ack(r#" {"lsn" : "16/b374d848", "extra": 1} "#), Ok(Lsn(0x16_B374_D848)));
-        for bad in ["", "lsn", "{}", r#"{"lsn":1}"#, r#"{"lsn":"x"}"#, r#"{"lsn":"0/1""#, "[]", "null", r#"{"lsn":null}"#] {
+        for bad in
+            ["", "lsn", "{}", r#"{"lsn":1}"#, r#"{"lsn":"x"}"#, r#"{"lsn":"0/1""#, "[]", "null", r#"{"lsn":null}"#]
+        {
             assert!(matches!(parse_ack(bad), Err(AckError::Malformed(_))), "{bad:?}");
         }
     }

@@ -93,7 +93,10 @@ mod tests {
         let f = prepare_v1(Bytes::from_static(
             br#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#,
         ));
-        assert_eq!(&f.payload[..], br#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#);
+        assert_eq!(
+            &f.payload[..],
+            br#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#
+        );
         assert!(serde_json::from_slice::<serde_json::Value>(&f.payload).is_ok());
         assert_eq!(f.nextlsn, None);
         assert_eq!(f.kind, FrameKind::Unackable);
@@ -101,7 +104,8 @@ mod tests {
 
     #[test]
     fn nextlsn_inside_values_is_not_taken() {
-        let f = prepare_v1(Bytes::from_static(br#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
+        let f =
+            prepare_v1(Bytes::from_static(br#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
         assert_eq!(f.nextlsn, None);
     }
 

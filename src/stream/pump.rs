@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::frame::{prepare_v1, FrameKind, OutFrame};
-use super::stop::{code, Stop};
-use crate::pg::replication::{ReplicationStream, StreamEvent};
+use super::frame::{FrameKind, OutFrame, prepare_v1};
+use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
+use crate::pg::replication::{ReplicationStream, StreamEvent};
 use crate::types::Lsn;
 
 /// What the pump hands to the websocket side.
@@ -69,11 +69,7 @@ impl Positions {
     /// The position that is safe to confirm now; `wal_end` is the walsender's position
     /// from a keepalive (everything before it has been sent to us).
     pub fn safe(&self, wal_end: Option<Lsn>) -> Lsn {
-        if self.settled() {
-            self.read.max(wal_end.unwrap_or(Lsn::ZERO)).max(self.acked)
-        } else {
-            self.acked
-        }
+        if self.settled() { self.read.max(wal_end.unwrap_or(Lsn::ZERO)).max(self.acked) } else { self.acked }
     }
 }
 

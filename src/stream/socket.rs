@@ -14,8 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::ack::{check_ack, parse_ack};
-use super::pump::{truncate_reason, Outgoing};
-use super::stop::{code, Stop};
+use super::pump::{Outgoing, truncate_reason};
+use super::stop::{Stop, code};
 use crate::types::Lsn;
 
 #[derive(Debug, Clone)]
@@ -48,8 +48,20 @@ impl Shared {
 
 /// Runs the websocket until the stream stops. `start` is the slot's confirmed
 /// position when streaming began: the floor for acks.
-pub async fn serve(socket: WebSocket, slot: String, start: Lsn, frames: mpsc::Receiver<Outgoing>, acks: mpsc::Sender<Lsn>, stop: Stop, settings: SocketSettings) {
-    let shared = Arc::new(Shared { delivered: AtomicU64::new(start.0), last_progress: AtomicU64::new(0), epoch: Instant::now() });
+pub async fn serve(
+    socket: WebSocket,
+    slot: String,
+    start: Lsn,
+    frames: mpsc::Receiver<Outgoing>,
+    acks: mpsc::Sender<Lsn>,
+    stop: Stop,
+    settings: SocketSettings,
+) {
+    let shared = Arc::new(Shared {
+        delivered: AtomicU64::new(start.0),
+        last_progress: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
     let (sink, stream) = socket.split();
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
     let writer = write_loop(sink, frames, errors_rx, stop.clone(), shared.clone(), settings.ping_interval);
@@ -155,7 +167,9 @@ async fn read_loop(
             }
             Ok(Some(Err(e))) => {
                 let (c, reason) = match e.to_string() {
-                    s if s.contains("too long") || s.contains("too big") => (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned()),
+                    s if s.contains("too long") || s.contains("too big") => {
+                        (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned())
+                    }
                     s => (code::GOING_AWAY, format!("client connection error: {s}")),
                 };
                 stop.stop(c, truncate_reason(&reason));
@@ -185,7 +199,9 @@ async fn read_loop(
                 }
             }
             Message::Binary(_) => {
-                let _ = errors.try_send("binary frames are not accepted: send acks as text, e.g. {\"lsn\":\"0/170FCB0\"}".to_owned());
+                let _ = errors.try_send(
+                    "binary frames are not accepted: send acks as text, e.g. {\"lsn\":\"0/170FCB0\"}".to_owned(),
+                );
             }
             Message::Close(_) => {
                 stop.stop(code::NORMAL, "client closed the connection");

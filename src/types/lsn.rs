@@ -198,10 +198,7 @@ mod tests {
     #[test]
     fn error_message_names_input() {
         let err = "abc".parse::<Lsn>().unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            r#"invalid LSN "abc": expected X/Y with hexadecimal X and Y"#
-        );
+        assert_eq!(err.to_string(), r#"invalid LSN "abc": expected X/Y with hexadecimal X and Y"#);
     }
 
     #[test]

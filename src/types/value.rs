@@ -210,10 +210,7 @@ mod tests {
     fn numbers_are_bare_and_keep_their_digits() {
         assert_eq!(value(INT4OID, Some("1")), "1");
         assert_eq!(value(INT2OID, Some("-32768")), "-32768");
-        assert_eq!(
-            value(INT8OID, Some("9223372036854775807")),
-            "9223372036854775807"
-        );
+        assert_eq!(value(INT8OID, Some("9223372036854775807")), "9223372036854775807");
         assert_eq!(value(OIDOID, Some("4294967295")), "4294967295");
         assert_eq!(value(NUMERICOID, Some("3.540")), "3.540");
         assert_eq!(value(NUMERICOID, Some("-0.000001")), "-0.000001");
@@ -264,10 +261,7 @@ mod tests {
         // json/jsonb and arrays are strings too, as in wal2json.
         assert_eq!(value(3802, Some(r#"{"a": 1}"#)), r#""{\"a\": 1}""#);
         assert_eq!(value(1007, Some("{1,2,3}")), r#""{1,2,3}""#);
-        assert_eq!(
-            value(1184, Some("2026-11-24 13:55:54.462002+00")),
-            r#""2026-11-24 13:55:54.462002+00""#
-        );
+        assert_eq!(value(1184, Some("2026-11-24 13:55:54.462002+00")), r#""2026-11-24 13:55:54.462002+00""#);
         // An integer-looking text of a non-numeric type stays a string.
         assert_eq!(value(25, Some("42")), r#""42""#);
     }
@@ -291,15 +285,13 @@ mod tests {
 
     #[test]
     fn json_number_grammar() {
-        for good in [
-            "0", "-0", "1", "10", "-10", "0.0", "1.25", "1e5", "1E5", "1e+5", "1e-5", "1.5e10",
-            "0e0", "1e007",
-        ] {
+        for good in ["0", "-0", "1", "10", "-10", "0.0", "1.25", "1e5", "1E5", "1e+5", "1e-5", "1.5e10", "0e0", "1e007"]
+        {
             assert!(is_json_number(good), "{good:?} should be a number");
         }
         for bad in [
-            "", "-", "+1", "01", "-01", ".5", "5.", "1.e5", "1e", "1e+", "e5", "1 ", " 1", "1.2.3",
-            "0x10", "NaN", "Infinity", "1_000", "--1", "١",
+            "", "-", "+1", "01", "-01", ".5", "5.", "1.e5", "1e", "1e+", "e5", "1 ", " 1", "1.2.3", "0x10", "NaN",
+            "Infinity", "1_000", "--1", "١",
         ] {
             assert!(!is_json_number(bad), "{bad:?} should not be a number");
         }
@@ -311,11 +303,7 @@ mod tests {
             None => text.to_owned(),
             Some(at) => {
                 let (mantissa, exp) = (&text[..at], &text[at + 1..]);
-                let exp = if exp.starts_with(['+', '-']) {
-                    exp.to_owned()
-                } else {
-                    format!("+{exp}")
-                };
+                let exp = if exp.starts_with(['+', '-']) { exp.to_owned() } else { format!("+{exp}") };
                 format!("{mantissa}e{exp}")
             }
         }
@@ -324,8 +312,7 @@ mod tests {
     #[test]
     fn postgres_float_output_survives_serde_json_unchanged() {
         for text in ["1e+30", "1.5e-07", "-3.4028235e+38", "1e-310", "0.1"] {
-            let n: serde_json::Number =
-                serde_json::from_str(&value(FLOAT8OID, Some(text))).unwrap();
+            let n: serde_json::Number = serde_json::from_str(&value(FLOAT8OID, Some(text))).unwrap();
             assert_eq!(n.to_string(), text);
         }
     }

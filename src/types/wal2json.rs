@@ -112,10 +112,7 @@ pub struct RowChange {
 impl RowChange {
     /// The new row's `(column name, value)` pairs.
     pub fn values_by_name(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.columnnames
-            .iter()
-            .map(String::as_str)
-            .zip(&self.columnvalues)
+        self.columnnames.iter().map(String::as_str).zip(&self.columnvalues)
     }
 }
 
@@ -136,10 +133,7 @@ pub struct OldKeys {
 impl OldKeys {
     /// The old row's `(key column name, value)` pairs.
     pub fn values_by_name(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.keynames
-            .iter()
-            .map(String::as_str)
-            .zip(&self.keyvalues)
+        self.keynames.iter().map(String::as_str).zip(&self.keyvalues)
     }
 }
 
@@ -265,11 +259,7 @@ pub struct Column {
     pub name: String,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub type_name: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "signed_or_unsigned_oid"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "signed_or_unsigned_oid")]
     pub typeoid: Option<u32>,
     pub value: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,11 +277,7 @@ pub struct PkColumn {
     pub name: String,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub type_name: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "signed_or_unsigned_oid"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "signed_or_unsigned_oid")]
     pub typeoid: Option<u32>,
 }
 
@@ -466,9 +452,7 @@ impl<'de, T: Tagged> Visitor<'de> for TaggedVisitor<T> {
                 while let Some((key, value)) = map.next_entry::<String, Value>()? {
                     object.insert(key, value);
                 }
-                let tag = object
-                    .remove(T::TAG)
-                    .ok_or_else(|| de::Error::missing_field(T::TAG))?;
+                let tag = object.remove(T::TAG).ok_or_else(|| de::Error::missing_field(T::TAG))?;
                 let kind = T::Kind::deserialize(tag).map_err(de::Error::custom)?;
                 T::variant(kind, Value::Object(object)).map_err(de::Error::custom)
             }
@@ -501,11 +485,7 @@ impl Visitor<'_> for FirstKey {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-        Ok(if v == self.0 {
-            Key::Tag
-        } else {
-            Key::Other(v.to_owned())
-        })
+        Ok(if v == self.0 { Key::Tag } else { Key::Other(v.to_owned()) })
     }
 }
 
@@ -541,10 +521,7 @@ mod tests {
         let txn = assert_v1_round_trip(V1_TXN);
         assert_eq!(txn.xid, Some(1277));
         assert_eq!(txn.nextlsn, Some(Lsn(0x2562030)));
-        assert_eq!(
-            txn.timestamp.as_deref(),
-            Some("2026-11-24 13:55:54.462002+00")
-        );
+        assert_eq!(txn.timestamp.as_deref(), Some("2026-11-24 13:55:54.462002+00"));
         assert_eq!(txn.origin, None);
         assert_eq!(txn.change.len(), 3);
 
@@ -606,11 +583,7 @@ mod tests {
         );
         assert_eq!(
             txn.change[0],
-            Change::Message(MessageChange {
-                transactional: true,
-                prefix: "p".into(),
-                content: "c".into(),
-            })
+            Change::Message(MessageChange { transactional: true, prefix: "p".into(), content: "c".into() })
         );
         // Non-transactional: its own object, no header fields.
         let txn = assert_v1_round_trip(
@@ -643,24 +616,12 @@ mod tests {
         };
         assert_eq!(row.columntypeoids.as_deref(), Some(&[23, 1700, 1043][..]));
         assert_eq!(row.columnpositions.as_deref(), Some(&[1, 2, 3][..]));
-        assert_eq!(
-            row.columndefaults.as_ref().unwrap()[0].as_deref(),
-            Some("nextval('t_id_seq'::regclass)")
-        );
+        assert_eq!(row.columndefaults.as_ref().unwrap()[0].as_deref(), Some("nextval('t_id_seq'::regclass)"));
         // arbitrary_precision: the digits survive exactly.
         assert_eq!(row.columnvalues[0].to_string(), "9223372036854775807");
         assert_eq!(row.columnvalues[1].to_string(), "3.540");
-        assert_eq!(
-            row.pk,
-            Some(PrimaryKey {
-                pknames: vec!["id".into()],
-                pktypes: vec!["integer".into()],
-            })
-        );
-        assert_eq!(
-            row.oldkeys.as_ref().unwrap().keytypeoids.as_deref(),
-            Some(&[23][..])
-        );
+        assert_eq!(row.pk, Some(PrimaryKey { pknames: vec!["id".into()], pktypes: vec!["integer".into()] }));
+        assert_eq!(row.oldkeys.as_ref().unwrap().keytypeoids.as_deref(), Some(&[23][..]));
     }
 
     #[test]
@@ -676,10 +637,7 @@ mod tests {
     fn v1_pretty_printed_parses_like_compact() {
         let pretty = "{\n\t\"xid\": 1277,\n\t\"change\": [\n\t\t{\n\t\t\t\"kind\": \"insert\",\n\t\t\t\"schema\": \"public\",\n\t\t\t\"table\": \"t\",\n\t\t\t\"columnnames\": [\"a\"],\n\t\t\t\"columnvalues\": [1.50]\n\t\t}\n\t]\n}";
         let compact = r#"{"xid":1277,"change":[{"kind":"insert","schema":"public","table":"t","columnnames":["a"],"columnvalues":[1.50]}]}"#;
-        assert_eq!(
-            Transaction::parse(pretty.as_bytes()).unwrap(),
-            Transaction::parse(compact.as_bytes()).unwrap()
-        );
+        assert_eq!(Transaction::parse(pretty.as_bytes()).unwrap(), Transaction::parse(compact.as_bytes()).unwrap());
     }
 
     #[test]
@@ -722,10 +680,7 @@ mod tests {
             r#"{"xid":-1,"change":[]}"#,
             r#"{"change":[]} trailing"#,
         ] {
-            assert!(
-                Transaction::parse(bad.as_bytes()).is_err(),
-                "{bad:?} should fail"
-            );
+            assert!(Transaction::parse(bad.as_bytes()).is_err(), "{bad:?} should fail");
         }
         for bad in [
             "",
@@ -737,10 +692,7 @@ mod tests {
             r#"{"action":"B","xid":4294967296}"#,
             r#"{"lsn":"0/1"}"#,
         ] {
-            assert!(
-                Record::parse(bad.as_bytes()).is_err(),
-                "{bad:?} should fail"
-            );
+            assert!(Record::parse(bad.as_bytes()).is_err(), "{bad:?} should fail");
         }
     }
 
@@ -822,45 +774,30 @@ mod tests {
         assert_eq!(columns[0].typeoid, Some(23));
         assert_eq!(columns[0].position, Some(1));
         assert_eq!(columns[0].optional, Some(false));
-        assert_eq!(
-            columns[0].default,
-            Some(json!("nextval('t_id_seq'::regclass)"))
-        );
+        assert_eq!(columns[0].default, Some(json!("nextval('t_id_seq'::regclass)")));
         assert_eq!(columns[1].value.to_string(), "3.540");
         assert_eq!(
             row.pk.as_deref(),
-            Some(
-                &[PkColumn {
-                    name: "id".into(),
-                    type_name: Some("integer".into()),
-                    typeoid: Some(23),
-                }][..]
-            )
+            Some(&[PkColumn { name: "id".into(), type_name: Some("integer".into()), typeoid: Some(23) }][..])
         );
     }
 
     #[test]
     fn v2_negative_typeoid_is_reinterpreted() {
         // Format 2 prints typeoid with %d: OID 3000000000 arrives negative.
-        let record = Record::parse(
-            br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":-1294967296,"value":"x"}]}"#,
-        )
-        .unwrap();
+        let record =
+            Record::parse(br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":-1294967296,"value":"x"}]}"#)
+                .unwrap();
         let Record::I(row) = record else {
             panic!("expected insert");
         };
         assert_eq!(row.columns.unwrap()[0].typeoid, Some(3_000_000_000));
         assert!(
-            Record::parse(
-                br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":-2147483649,"value":1}]}"#
-            )
-            .is_err()
+            Record::parse(br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":-2147483649,"value":1}]}"#)
+                .is_err()
         );
         assert!(
-            Record::parse(
-                br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":null,"value":1}]}"#
-            )
-            .is_ok()
+            Record::parse(br#"{"action":"I","table":"t","columns":[{"name":"a","typeoid":null,"value":1}]}"#).is_ok()
         );
     }
 
@@ -878,13 +815,9 @@ mod tests {
                 table: "t".into(),
             })
         );
-        assert_v2_round_trip(
-            r#"{"action":"T","xid":5,"lsn":"0/30","schema":"public","table":"t"}"#,
-        );
+        assert_v2_round_trip(r#"{"action":"T","xid":5,"lsn":"0/30","schema":"public","table":"t"}"#);
 
-        let m = assert_v2_round_trip(
-            r#"{"action":"M","transactional":false,"prefix":"p","content":"c"}"#,
-        );
+        let m = assert_v2_round_trip(r#"{"action":"M","transactional":false,"prefix":"p","content":"c"}"#);
         let Record::M(msg) = &m else {
             panic!("expected message");
         };

@@ -127,12 +127,26 @@ impl TestServer {
 
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let (status, bytes) = raw_request(addr, method, path, &[("content-type", "application/json")], body.unwrap_or("").as_bytes().to_vec()).await;
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let (status, bytes) = raw_request(
+        addr,
+        method,
+        path,
+        &[("content-type", "application/json")],
+        body.unwrap_or("").as_bytes().to_vec(),
+    )
+    .await;
+    let json =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, json)
 }
 
-pub async fn raw_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Vec<u8>) {
+pub async fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
@@ -197,7 +211,11 @@ pub async fn await_confirmed(client: &tokio_postgres::Client, slot: &str, lsn: &
         if row.get::<_, bool>(0) {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "confirmed_flush_lsn {} never reached {lsn}", row.get::<_, String>(1));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "confirmed_flush_lsn {} never reached {lsn}",
+            row.get::<_, String>(1)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,0 +1,52 @@
+# Developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+CARGO ?= cargo
+PG_MAJOR := 15
+PG_BINDIR_SYS := /usr/lib/postgresql/$(PG_MAJOR)/bin
+WAL2JSON_SO := /usr/lib/postgresql/$(PG_MAJOR)/lib/wal2json.so
+DEV_PGPORT ?= 54329
+export DEV_PGPORT
+
+# sudo only when not root and sudo exists.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
+
+.PHONY: setup run test lint clean-dev
+
+## setup: install PostgreSQL $(PG_MAJOR) + wal2json if missing; check for cargo
+setup:
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "cargo not found. Install Rust with rustup (https://rustup.rs):"; \
+	  echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh"; \
+	  echo "then open a new shell (or: . \"\$$HOME/.cargo/env\") and re-run make."; \
+	  exit 1; }
+	@if [ ! -x $(PG_BINDIR_SYS)/postgres ] || [ ! -f $(WAL2JSON_SO) ]; then \
+	  if [ "$$(id -u)" != 0 ] && [ -z "$(SUDO)" ]; then \
+	    echo "PostgreSQL $(PG_MAJOR) / wal2json missing and not root without sudo: install postgresql-$(PG_MAJOR) postgresql-$(PG_MAJOR)-wal2json"; \
+	    exit 1; fi; \
+	  echo "Installing postgresql-$(PG_MAJOR) and postgresql-$(PG_MAJOR)-wal2json..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    postgresql-$(PG_MAJOR) postgresql-$(PG_MAJOR)-wal2json >/dev/null && \
+	  echo "Installed PostgreSQL $(PG_MAJOR) with wal2json."; \
+	fi
+
+## run: build the release server and run it against a throwaway dev Postgres (.dev/)
+run: setup
+	$(CARGO) build --release
+	scripts/run-dev.sh
+
+## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
+test: setup
+	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
+	$(CARGO) test --all-targets
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## clean-dev: stop and delete the dev Postgres cluster
+clean-dev:
+	scripts/dev-postgres.sh clean

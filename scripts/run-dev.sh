@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make run`: dev Postgres + the release server in the foreground. Ctrl-C (or the server
+# exiting) stops both.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PORT="${DEV_PGPORT:-54329}"
+SERVERPORT="${SERVERPORT:-12312}"
+BIN="target/release/pgdeltastream"
+[[ -x "$BIN" ]] || { echo "run-dev: $BIN missing; run 'cargo build --release'" >&2; exit 1; }
+
+cleanup() {
+    trap - EXIT INT TERM
+    echo >&2
+    scripts/dev-postgres.sh stop || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+scripts/dev-postgres.sh start
+
+cat <<EOF
+
+pgdeltastream on localhost:$SERVERPORT (Ctrl-C stops it and the dev Postgres). Try, in another shell:
+
+  # 1. init: create a replication slot, note its slotName
+  curl localhost:$SERVERPORT/v1/init
+
+  # 2. snapshot data as of the slot's creation
+  curl -X POST http://localhost:$SERVERPORT/v1/snapshot/data \\
+    -H 'content-type: application/json' \\
+    -d '{"table": "test_table", "offset":0, "limit":5}'
+
+  # 3. stream changes over a websocket (replace <slot> with the slotName from step 1)
+  websocat 'ws://localhost:$SERVERPORT/v1/lr/stream?slotName=<slot>'
+  #    or, without websocat (pip install websockets):
+  python3 -c 'import asyncio,sys,websockets as w;exec("async def m():\\n async with w.connect(sys.argv[1]) as c:\\n  async for x in c: print(x)");asyncio.run(m())' 'ws://localhost:$SERVERPORT/v1/lr/stream?slotName=<slot>'
+
+  # 4. make a change and watch it arrive on the websocket
+  psql -h 127.0.0.1 -p $PORT -U postgres -c "INSERT INTO test_table (name) VALUES ('newval1')"
+
+EOF
+
+# Foreground, so Ctrl-C reaches the server directly; the EXIT trap then stops Postgres.
+DBNAME=postgres PGUSER=postgres PGHOST=127.0.0.1 PGPORT="$PORT" \
+    SERVERHOST=localhost SERVERPORT="$SERVERPORT" "$BIN"

@@ -1,0 +1,819 @@
+//! Test harness shared by the integration test binaries (`mod common;`).
+//!
+//! Every test talks to a real PostgreSQL with `wal_level=logical` and the wal2json plugin.
+//! One cluster is started lazily per test binary (the first caller of [`cluster`] or
+//! [`fresh_db`] starts it; concurrent callers wait) and every test gets its own brand-new
+//! database from [`fresh_db`].
+//!
+//! Where the cluster comes from:
+//! - `TEST_PG=local`, or `TEST_PG` unset and no Docker engine detected: a throwaway local
+//!   cluster (`initdb` into a temp dir, `postgres` on a free port of 127.0.0.1). Binaries come
+//!   from `$PG_BINDIR`, else `pg_config --bindir` or the highest `/usr/lib/postgresql/*/bin`
+//!   (preferring one with wal2json). As root, initdb and postgres run as the `postgres` user.
+//!   The server is killed when the test binary exits (PR_SET_PDEATHSIG) and its temp dir
+//!   (data, `postgres.log`) is removed at exit (best effort; kept, and the server log with
+//!   it, when `TEST_PG_KEEP=1`), or by the next run.
+//! - `TEST_PG=docker`, or `TEST_PG` unset and a Docker engine detected: a testcontainers
+//!   container from an image built from `fixtures/Dockerfile` (postgres:16 + wal2json).
+//!   The container is removed at exit with the `docker` CLI (best effort).
+//!
+//! Restarting the cluster ([`Cluster::restart_immediate`]) disconnects every client of the
+//! shared cluster, so tests that restart belong in their own test binary.
+#![allow(dead_code)]
+
+use std::{
+    ffi::CString,
+    fs,
+    future::Future,
+    io,
+    net::TcpListener,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio_postgres::NoTls;
+
+/// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>`.
+const TMP_PREFIX: &str = "pgdeltastream-test-pg-";
+/// How long a starting or restarting server may take before we give up.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------------------
+
+/// A freshly created, empty database on the shared cluster.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+}
+
+impl TestDb {
+    /// A `tokio_postgres::Config` for this database (no replication mode).
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(pw) = &self.password {
+            cfg.password(pw);
+        }
+        cfg
+    }
+
+    /// A connected client; its connection task runs on the current runtime.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = self
+            .config()
+            .connect(NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to test database {}: {e}", self.conn_string()));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                eprintln!("test db connection ended: {e}");
+            }
+        });
+        client
+    }
+
+    /// libpq key/value connection string, e.g. `host=127.0.0.1 port=5432 user=postgres dbname=x`.
+    pub fn conn_string(&self) -> String {
+        let mut s = format!(
+            "host={} port={} user={} dbname={}",
+            kv_quote(&self.host),
+            self.port,
+            kv_quote(&self.user),
+            kv_quote(&self.dbname)
+        );
+        if let Some(pw) = &self.password {
+            s.push_str(&format!(" password={}", kv_quote(pw)));
+        }
+        s
+    }
+}
+
+/// Creates a brand-new empty database (unique name) on the shared cluster.
+pub async fn fresh_db() -> TestDb {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let c = cluster();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dbname = format!("test_{}_{n}", std::process::id());
+    let admin = TestDb {
+        host: c.host.clone(),
+        port: c.port,
+        user: c.user.clone(),
+        password: c.password.clone(),
+        dbname: "postgres".into(),
+    };
+    let client = admin.client().await;
+    client
+        .batch_execute(&format!("CREATE DATABASE \"{dbname}\""))
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {dbname}: {e:?}"));
+    TestDb { dbname, ..admin }
+}
+
+/// The shared cluster of this test binary, started on first use (from sync or async code).
+/// If starting fails, every caller panics with the first failure's message (no retries).
+pub fn cluster() -> &'static Cluster {
+    let started = CLUSTER.get_or_init(|| {
+        std::panic::catch_unwind(start_cluster).map_err(|payload| {
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into())
+        })
+    });
+    match started {
+        Ok(c) => c,
+        Err(msg) => panic!("the test Postgres cluster failed to start: {msg}"),
+    }
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+/// The PostgreSQL server the tests use.
+pub struct Cluster {
+    pub host: String,
+    pub port: u16,
+    /// Superuser name.
+    pub user: String,
+    pub password: Option<String>,
+    /// Directory of the PostgreSQL client/server binaries on this machine (may be empty on
+    /// the Docker path when no local installation exists).
+    pub bindir: PathBuf,
+    /// Data directory (on the Docker path: the path inside the container).
+    pub datadir: PathBuf,
+    /// Server log file (local path only).
+    pub logfile: Option<PathBuf>,
+    backend: Backend,
+    restart_lock: Mutex<()>,
+}
+
+impl Cluster {
+    /// Path of a PostgreSQL binary, e.g. `cluster().bin("pg_recvlogical")`.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        let p = self.bindir.join(name);
+        assert!(p.is_file(), "PostgreSQL binary {} not found (bindir {:?}; set PG_BINDIR)", name, self.bindir);
+        p
+    }
+
+    /// Crash-like restart: `pg_ctl stop -m immediate`, then start again on the same port
+    /// and wait until it accepts connections. Every existing connection is lost.
+    pub fn restart_immediate(&self) {
+        let _guard = self.restart_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match &self.backend {
+            Backend::Local(local) => local.restart_immediate(self),
+            Backend::Docker(docker) => {
+                let (tx, rx) = mpsc::channel();
+                docker.commands.send(DockerCommand::RestartImmediate(tx)).expect("docker owner thread is gone");
+                rx.recv()
+                    .expect("docker owner thread is gone")
+                    .unwrap_or_else(|e| panic!("restarting the Postgres container: {e}"));
+                wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None)
+                    .unwrap_or_else(|e| panic!("Postgres container did not come back: {e}"));
+            }
+        }
+    }
+
+    /// A `tokio_postgres::Config` for database `dbname` of this cluster.
+    pub fn config(&self, dbname: &str) -> tokio_postgres::Config {
+        TestDb {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password: self.password.clone(),
+            dbname: dbname.into(),
+        }
+        .config()
+    }
+
+    /// The server log so far (local path only; empty otherwise).
+    pub fn log(&self) -> String {
+        self.logfile.as_deref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Choosing a backend
+// ---------------------------------------------------------------------------------------
+
+enum Backend {
+    Local(LocalBackend),
+    Docker(DockerBackend),
+}
+
+fn start_cluster() -> Cluster {
+    match std::env::var("TEST_PG").ok().as_deref() {
+        Some("docker") => start_docker().unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
+        Some("local") | Some("") => start_local(),
+        Some(other) => panic!("TEST_PG={other:?}: expected `local` or `docker`"),
+        None if docker_engine_detected() => match start_docker() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "test harness: Docker engine detected but the Postgres container failed \
+                     ({e}); falling back to a local cluster (set TEST_PG=docker to make this fatal)"
+                );
+                start_local()
+            }
+        },
+        None => start_local(),
+    }
+}
+
+/// Cheap check: `DOCKER_HOST` set, or the default socket accepts a connection.
+fn docker_engine_detected() -> bool {
+    if std::env::var_os("DOCKER_HOST").is_some_and(|v| !v.is_empty()) {
+        return true;
+    }
+    std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Local cluster
+// ---------------------------------------------------------------------------------------
+
+struct LocalBackend {
+    /// (uid, gid) to run initdb/postgres/pg_ctl as (the `postgres` user when we are root).
+    run_as: Option<(u32, u32)>,
+    tmpdir: PathBuf,
+    postmaster: Mutex<Postmaster>,
+}
+
+struct Postmaster {
+    pid: u32,
+    /// Set by the owner thread once the process has exited.
+    exited: Arc<OnceLock<ExitStatus>>,
+}
+
+/// Directory holding `initdb`, `postgres`, `pg_ctl`: `$PG_BINDIR` if set; else, among
+/// `pg_config --bindir` and `/usr/lib/postgresql/*/bin` (highest version first), the first
+/// one whose installation has wal2json, or failing that the first one at all.
+fn find_bindir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("PG_BINDIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d));
+    }
+    let has_server = |d: &Path| d.join("postgres").is_file() && d.join("initdb").is_file();
+    let mut candidates: Vec<(PathBuf, bool)> = Vec::new();
+    let pg_config = |arg: &str| {
+        Command::new("pg_config")
+            .arg(arg)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    };
+    if let Some(d) = pg_config("--bindir").filter(|d| has_server(d)) {
+        let wal2json = pg_config("--pkglibdir").is_some_and(|l| l.join("wal2json.so").is_file());
+        candidates.push((d, wal2json));
+    }
+    let mut versions: Vec<(Vec<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let version = name.split('.').map(str::parse::<u32>).collect::<Result<Vec<_>, _>>().ok()?;
+            Some((version, entry.path()))
+        })
+        .collect();
+    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, dir) in versions {
+        let bin = dir.join("bin");
+        if has_server(&bin) {
+            let wal2json = dir.join("lib/wal2json.so").is_file();
+            candidates.push((bin, wal2json));
+        }
+    }
+    candidates.iter().find(|(_, wal2json)| *wal2json).or(candidates.first()).map(|(d, _)| d.clone())
+}
+
+/// uid/gid of the `postgres` system user.
+fn postgres_user() -> Option<(u32, u32)> {
+    let name = CString::new("postgres").unwrap();
+    // SAFETY: getpwnam returns a pointer to static storage or null; we copy the two ints
+    // out immediately. Callers are serialized by the OnceLock of `cluster()`.
+    unsafe {
+        let pw = libc::getpwnam(name.as_ptr());
+        if pw.is_null() { None } else { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("pick a free TCP port on 127.0.0.1")
+}
+
+/// Whether `pid` is a live process (a zombie, e.g. a killed test binary not yet reaped,
+/// counts as dead).
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Format: `pid (comm) state ...`; comm may contain spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Removes temp dirs left by earlier runs whose process no longer exists.
+fn remove_stale_tmpdirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl LocalBackend {
+    fn command(&self, bindir: &Path, name: &str) -> Command {
+        let mut cmd = Command::new(bindir.join(name));
+        cmd.current_dir(&self.tmpdir).stdin(Stdio::null());
+        // Keep the caller's libpq settings away from the server tools.
+        for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
+            cmd.env_remove(var);
+        }
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    fn spawn_postmaster(&self, cluster_bindir: &Path, datadir: &Path, logfile: &Path, port: u16) -> Postmaster {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logfile)
+            .unwrap_or_else(|e| panic!("open {}: {e}", logfile.display()));
+        let log2 = log.try_clone().expect("dup log fd");
+        let mut cmd = self.command(cluster_bindir, "postgres");
+        cmd.arg("-D").arg(datadir).arg("-p").arg(port.to_string()).arg("-k").arg(&self.tmpdir);
+        for setting in [
+            "listen_addresses=127.0.0.1",
+            "wal_level=logical",
+            "max_replication_slots=64",
+            "max_wal_senders=64",
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "max_connections=300",
+            "shared_buffers=128MB",
+        ] {
+            cmd.arg("-c").arg(setting);
+        }
+        // PostgreSQL 15.19+ (and the matching minors of later majors) trusts only the
+        // output plugins listed in output_plugin_libraries; older servers refuse the
+        // unknown setting, so add it only where it exists.
+        if supports_setting(cluster_bindir, "output_plugin_libraries") {
+            cmd.arg("-c").arg("output_plugin_libraries=pgoutput, test_decoding, wal2json");
+        }
+        cmd.stdout(log).stderr(log2);
+        let (pid, exited) =
+            spawn_owned(cmd).unwrap_or_else(|e| panic!("spawn {}: {e}", cluster_bindir.join("postgres").display()));
+        Postmaster { pid, exited }
+    }
+
+    fn restart_immediate(&self, c: &Cluster) {
+        let out = self
+            .command(&c.bindir, "pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(&c.datadir)
+            .args(["-m", "immediate", "-w", "-t", "60"])
+            .output()
+            .expect("run pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m immediate failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pm = self.postmaster.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pm.exited.get().is_none() {
+            assert!(Instant::now() < deadline, "postmaster (pid {}) did not exit after pg_ctl stop", pm.pid);
+            thread::sleep(Duration::from_millis(10));
+        }
+        let logfile = c.logfile.as_deref().expect("local cluster has a log file");
+        *pm = self.spawn_postmaster(&c.bindir, &c.datadir, logfile, c.port);
+        let exited = pm.exited.clone();
+        drop(pm);
+        wait_ready(&c.host, c.port, &c.user, None, || exited.get().copied()).unwrap_or_else(|e| {
+            panic!(
+                "Postgres did not come back after restart: {e}\n--- server log ({}) ---\n{}",
+                logfile.display(),
+                c.log()
+            )
+        });
+    }
+}
+
+/// Spawns `cmd` from a dedicated thread that then waits for it. The child gets
+/// PR_SET_PDEATHSIG=SIGKILL, which fires when the spawning *thread* exits: this thread
+/// lives as long as the child, i.e. until the test process ends (or the server stops).
+fn spawn_owned(mut cmd: Command) -> io::Result<(u32, Arc<OnceLock<ExitStatus>>)> {
+    let exited = Arc::new(OnceLock::new());
+    let exited2 = exited.clone();
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Runs after the uid/gid switch, which would otherwise clear the setting.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::other("test process exited before the server started"));
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new().name("test-postgres-owner".into()).spawn(move || match cmd.spawn() {
+        Ok(mut child) => {
+            let _ = tx.send(Ok(child.id()));
+            if let Ok(status) = child.wait() {
+                let _ = exited2.set(status);
+            }
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+        }
+    })?;
+    let pid = rx.recv().map_err(|_| io::Error::other("owner thread died"))??;
+    Ok((pid, exited))
+}
+
+/// What the atexit handler kills and removes: the first postmaster's pid and the temp dir
+/// (statics are never dropped). After a restart the current pid is read from the cluster.
+static LOCAL_EXIT_CLEANUP: OnceLock<(u32, PathBuf)> = OnceLock::new();
+
+extern "C" fn local_exit_cleanup() {
+    let Some((first_pid, tmpdir)) = LOCAL_EXIT_CLEANUP.get() else {
+        return;
+    };
+    let pid = match CLUSTER.get().and_then(|r| r.as_ref().ok()).map(|c| &c.backend) {
+        Some(Backend::Local(l)) => l.postmaster.try_lock().map(|pm| pm.pid).ok(),
+        _ => Some(*first_pid),
+    };
+    if let Some(pid) = pid.filter(|p| *p != 0) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
+        eprintln!("TEST_PG_KEEP: kept {}", tmpdir.display());
+        return;
+    }
+    // Backends notice the postmaster's death within moments; removal is best effort
+    // (a leftover is removed by the next run's remove_stale_tmpdirs).
+    thread::sleep(Duration::from_millis(100));
+    let _ = fs::remove_dir_all(tmpdir);
+}
+
+fn start_local() -> Cluster {
+    let bindir = find_bindir().unwrap_or_else(|| {
+        panic!(
+            "no PostgreSQL server binaries found (tried $PG_BINDIR, `pg_config --bindir`, \
+             /usr/lib/postgresql/*/bin). Run `make setup` (installs postgresql-15 and \
+             postgresql-15-wal2json), or set TEST_PG=docker with a Docker engine."
+        )
+    });
+    // SAFETY: geteuid has no preconditions.
+    let run_as = if unsafe { libc::geteuid() } == 0 {
+        Some(postgres_user().unwrap_or_else(|| {
+            panic!(
+                "running as root, but there is no `postgres` system user to run initdb/postgres \
+                 as (install the postgresql package, or run the tests as a normal user)"
+            )
+        }))
+    } else {
+        None
+    };
+
+    remove_stale_tmpdirs();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let tmpdir = std::env::temp_dir().join(format!("{TMP_PREFIX}{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&tmpdir).unwrap_or_else(|e| panic!("create {}: {e}", tmpdir.display()));
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(&tmpdir, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", tmpdir.display()));
+        fs::set_permissions(&tmpdir, fs::Permissions::from_mode(0o700))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", tmpdir.display()));
+    }
+    let datadir = tmpdir.join("data");
+    let logfile = tmpdir.join("postgres.log");
+
+    let backend = LocalBackend {
+        run_as,
+        tmpdir: tmpdir.clone(),
+        postmaster: Mutex::new(Postmaster { pid: 0, exited: Arc::new(OnceLock::new()) }),
+    };
+
+    let out = backend
+        .command(&bindir, "initdb")
+        .arg("-D")
+        .arg(&datadir)
+        .args(["--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C", "--no-sync"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bindir.join("initdb").display()));
+    if !out.status.success() {
+        panic!(
+            "initdb failed ({}) in {}{}:\n{}{}",
+            out.status,
+            datadir.display(),
+            if run_as.is_some() { " as user postgres (is the temp dir reachable for it? set TMPDIR)" } else { "" },
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // SAFETY: registering a plain extern "C" fn.
+    unsafe { libc::atexit(local_exit_cleanup) };
+
+    // The free port can be taken by someone else before postgres binds it: retry then.
+    let mut attempt = 0;
+    let port = loop {
+        attempt += 1;
+        let port = free_port();
+        let log_len = fs::metadata(&logfile).map(|m| m.len()).unwrap_or(0) as usize;
+        let pm = backend.spawn_postmaster(&bindir, &datadir, &logfile, port);
+        let exited = pm.exited.clone();
+        let _ = LOCAL_EXIT_CLEANUP.set((pm.pid, tmpdir.clone()));
+        *backend.postmaster.lock().unwrap() = pm;
+        match wait_ready("127.0.0.1", port, "postgres", None, || exited.get().copied()) {
+            Ok(()) => break port,
+            Err(e) => {
+                let log = fs::read_to_string(&logfile).unwrap_or_default();
+                let this_run = log.get(log_len..).unwrap_or(&log);
+                if attempt < 3 && this_run.contains("could not bind") {
+                    continue;
+                }
+                panic!(
+                    "local Postgres ({}) did not start: {e}\n--- server log ({}) ---\n{log}",
+                    bindir.display(),
+                    logfile.display(),
+                );
+            }
+        }
+    };
+
+    Cluster {
+        host: "127.0.0.1".into(),
+        port,
+        user: "postgres".into(),
+        password: None,
+        bindir,
+        datadir,
+        logfile: Some(logfile),
+        backend: Backend::Local(backend),
+        restart_lock: Mutex::new(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Readiness
+// ---------------------------------------------------------------------------------------
+
+/// Runs a future to completion on a fresh current-thread runtime in a helper thread, so it
+/// works from sync code and from inside another runtime alike.
+fn block_on_helper<F>(fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("build helper runtime")
+                .block_on(fut)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Polls until `SELECT 1` works, the server process exits (`exited`), or READY_TIMEOUT.
+fn wait_ready(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: Option<&str>,
+    exited: impl Fn() -> Option<ExitStatus> + Send + Sync,
+) -> Result<(), String> {
+    block_on_helper(async {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(host).port(port).user(user).dbname("postgres").connect_timeout(Duration::from_secs(2));
+        if let Some(pw) = password {
+            cfg.password(pw);
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(status) = exited() {
+                return Err(format!("the server exited ({status})"));
+            }
+            let err = match cfg.connect(NoTls).await {
+                Ok((client, conn)) => {
+                    let task = tokio::spawn(conn);
+                    let res = client.simple_query("SELECT 1").await;
+                    drop(client);
+                    let _ = task.await;
+                    match res {
+                        Ok(_) => return Ok(()),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(format!("not accepting connections on {host}:{port} after {READY_TIMEOUT:?}: {err}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Docker (testcontainers)
+// ---------------------------------------------------------------------------------------
+
+struct DockerBackend {
+    container_id: String,
+    commands: tokio::sync::mpsc::UnboundedSender<DockerCommand>,
+}
+
+enum DockerCommand {
+    RestartImmediate(mpsc::Sender<Result<(), String>>),
+}
+
+static DOCKER_CONTAINER_ID: OnceLock<String> = OnceLock::new();
+
+extern "C" fn docker_exit_cleanup() {
+    if let Some(id) = DOCKER_CONTAINER_ID.get() {
+        let _ = Command::new("docker")
+            .args(["rm", "--force", "--volumes", id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+const DOCKER_IMAGE_NAME: &str = "pgdeltastream-test-postgres";
+const DOCKER_IMAGE_TAG: &str = "16-wal2json";
+
+/// Builds the image from fixtures/Dockerfile and starts a container in a dedicated thread
+/// with its own runtime, which keeps the container (and the Docker client) alive until the
+/// test process exits.
+fn start_docker() -> Result<Cluster, String> {
+    use testcontainers_modules::testcontainers::{
+        GenericBuildableImage, ImageExt,
+        core::{IntoContainerPort, WaitFor},
+        runners::{AsyncBuilder, AsyncRunner},
+    };
+
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/Dockerfile");
+    if !dockerfile.is_file() {
+        return Err(format!("{} is missing", dockerfile.display()));
+    }
+    // A host port chosen here and mapped explicitly, so a restart keeps the same port.
+    let host_port = free_port();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String), String>>();
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel::<DockerCommand>();
+
+    thread::Builder::new()
+        .name("test-postgres-docker".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("build runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let started = async {
+                    let image = GenericBuildableImage::new(DOCKER_IMAGE_NAME, DOCKER_IMAGE_TAG)
+                        .with_dockerfile(dockerfile)
+                        .build_image()
+                        .await
+                        .map_err(|e| format!("build image from fixtures/Dockerfile: {e}"))?;
+                    let ready = "database system is ready to accept connections";
+                    let container = image
+                        // The entrypoint's temporary init server logs to stdout, the real
+                        // server to stderr (same as testcontainers-modules' Postgres).
+                        .with_wait_for(WaitFor::message_on_stderr(ready))
+                        .with_wait_for(WaitFor::message_on_stdout(ready))
+                        .with_exposed_port(5432.tcp())
+                        .with_mapped_port(host_port, 5432.tcp())
+                        .with_env_var("POSTGRES_PASSWORD", "postgres")
+                        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+                        .with_label("pgdeltastream.test-pid", std::process::id().to_string())
+                        .with_startup_timeout(Duration::from_secs(180))
+                        .start()
+                        .await
+                        .map_err(|e| format!("start container: {e}"))?;
+                    let host = container.get_host().await.map_err(|e| format!("container host: {e}"))?.to_string();
+                    Ok::<_, String>((container, host))
+                };
+                let container = match started.await {
+                    Ok((container, host)) => {
+                        let id = container.id().to_string();
+                        let _ = DOCKER_CONTAINER_ID.set(id.clone());
+                        // SAFETY: registering a plain extern "C" fn.
+                        unsafe { libc::atexit(docker_exit_cleanup) };
+                        let _ = ready_tx.send(Ok((host, id)));
+                        container
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(cmd) = cmd_rx.recv().await {
+                    match cmd {
+                        DockerCommand::RestartImmediate(reply) => {
+                            // `docker stop -t 0`: SIGKILL, like a crash.
+                            let res = async {
+                                container.stop_with_timeout(Some(0)).await.map_err(|e| format!("stop: {e}"))?;
+                                container.start().await.map_err(|e| format!("start: {e}"))
+                            }
+                            .await;
+                            let _ = reply.send(res);
+                        }
+                    }
+                }
+                // The Cluster lives in a static, so the sender never goes away; keep the
+                // container regardless.
+                std::future::pending::<()>().await;
+            });
+        })
+        .map_err(|e| format!("spawn docker thread: {e}"))?;
+
+    let (host, container_id) = ready_rx.recv().map_err(|_| "docker thread died".to_string())??;
+    wait_ready(&host, host_port, "postgres", Some("postgres"), || None)?;
+    Ok(Cluster {
+        host,
+        port: host_port,
+        user: "postgres".into(),
+        password: Some("postgres".into()),
+        bindir: find_bindir().unwrap_or_default(),
+        datadir: PathBuf::from("/var/lib/postgresql/data"),
+        logfile: None,
+        backend: Backend::Docker(DockerBackend { container_id, commands: cmd_tx }),
+        restart_lock: Mutex::new(()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// Quotes a libpq key/value connection string value when needed.
+fn kv_quote(v: &str) -> String {
+    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// True when this server knows the configuration parameter `name`.
+fn supports_setting(bindir: &Path, name: &str) -> bool {
+    Command::new(bindir.join("postgres"))
+        .arg("--describe-config")
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split('\t').next() == Some(name)))
+        .unwrap_or(false)
+}
