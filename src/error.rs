@@ -61,6 +61,11 @@ impl Error {
                 ErrorKind::Internal,
                 "the wal2json output plugin is not installed on the Postgres server (e.g. apt-get install postgresql-15-wal2json)",
             ),
+            Some("42501") if e.to_string().contains("may not be used as an output plugin") => (
+                ErrorKind::Internal,
+                "Postgres does not trust wal2json as an output plugin: add it to output_plugin_libraries in postgresql.conf \
+                 (e.g. output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload",
+            ),
             Some("42501") => (
                 ErrorKind::Internal,
                 "the configured user may not replicate: it needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) or superuser",

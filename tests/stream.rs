@@ -382,3 +382,27 @@ async fn one_frame_per_transaction() {
     let _: Value = frame;
     server.stop().await;
 }
+
+/// A client that stops reading (so it never answers pings) and takes no data is
+/// dropped after `dead_after`, and the slot is free again.
+#[tokio::test]
+async fn a_dead_client_is_dropped() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    let mut settings = fast_settings(&db);
+    settings.session.socket.ping_interval = Duration::from_millis(300);
+    settings.session.socket.dead_after = Duration::from_secs(2);
+    let server = TestServer::start_with(settings).await;
+    let slot = server.init().await;
+    let ws = server.connect(&slot).await;
+    await_slot(&pg, &slot, "active", "active").await;
+    // Hold the socket without ever reading it.
+    await_slot(&pg, &slot, "released by the server", "NOT active").await;
+    drop(ws);
+    let mut ws = server.connect(&slot).await;
+    pg.execute("SELECT 1", &[]).await.unwrap();
+    let (status, _) = server.connect_refused(&format!("?slotName={slot}")).await;
+    assert_eq!(status, 409, "the new client owns the slot");
+    ws.close(None).await.unwrap();
+    server.stop().await;
+}
