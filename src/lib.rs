@@ -7,6 +7,9 @@
 //! 4. [`http`]: the routes.
 //! 5. [`server`] and [`config`]: wiring and settings; `main.rs` is the CLI.
 
+// Input must never be able to panic the server: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod config;
 pub mod error;
 pub mod http;

@@ -1,5 +1,7 @@
 //! The `pgdeltastream` binary: parse settings, log, serve until Ctrl-C or SIGTERM.
 
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use clap::Parser;
 use pgdeltastream::config::Cli;
 use pgdeltastream::server::{self, Settings};
