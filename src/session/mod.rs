@@ -30,6 +30,7 @@ use crate::pg::pool::{self, Pool};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::pg::snapshot::{self, PageRequest, SnapshotError};
 use crate::stream::Stop as StreamStop;
+use crate::stream::progress::Progress;
 use crate::stream::pump::Pump;
 use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
@@ -85,6 +86,8 @@ pub struct Session {
     stream_lock: Arc<tokio::sync::Mutex<()>>,
     /// The running stream's stop handle, to end it from outside.
     current_stream: Mutex<Option<StreamStop>>,
+    /// Acks received on this slot's streams.
+    pub progress: Arc<Progress>,
 }
 
 impl Session {
@@ -94,6 +97,7 @@ impl Session {
             snapshot: Mutex::new(snapshot),
             stream_lock: Arc::new(tokio::sync::Mutex::new(())),
             current_stream: Mutex::new(None),
+            progress: Arc::new(Progress::default()),
         }
     }
 
@@ -158,6 +162,7 @@ pub struct OpenStream {
     stream: ReplicationStream,
     stop: StreamStop,
     guard: OwnedMutexGuard<()>,
+    progress: Arc<Progress>,
     settings: SessionSettings,
 }
 
@@ -411,6 +416,7 @@ impl Registry {
             stream,
             stop,
             guard,
+            progress: session.progress.clone(),
             settings: self.settings.clone(),
         })
     }
@@ -464,7 +470,7 @@ struct SlotInfo {
 impl OpenStream {
     /// Runs the stream over `socket` until it ends.
     pub async fn run(self, socket: axum::extract::ws::WebSocket) {
-        let OpenStream { slot, start, stream, stop, guard, settings } = self;
+        let OpenStream { slot, start, stream, stop, guard, progress, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
@@ -477,8 +483,17 @@ impl OpenStream {
             status_interval: settings.status_interval,
         };
         let pump = tokio::spawn(pump.run());
-        crate::stream::socket::serve(socket, slot.clone(), start, frames_rx, acks_tx, stop.clone(), settings.socket)
-            .await;
+        crate::stream::socket::serve(
+            socket,
+            slot.clone(),
+            start,
+            frames_rx,
+            acks_tx,
+            progress,
+            stop.clone(),
+            settings.socket,
+        )
+        .await;
         let _ = pump.await;
         drop(guard);
     }

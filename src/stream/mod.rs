@@ -18,6 +18,7 @@
 
 pub mod ack;
 pub mod frame;
+pub mod progress;
 pub mod pump;
 pub mod socket;
 pub mod stop;

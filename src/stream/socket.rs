@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::ack::{check_ack, parse_ack};
+use super::progress::Progress;
 use super::pump::{Outgoing, truncate_reason};
 use super::stop::{Stop, code};
 use crate::types::Lsn;
@@ -48,12 +49,14 @@ impl Shared {
 
 /// Runs the websocket until the stream stops. `start` is the slot's confirmed
 /// position when streaming began: the floor for acks.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     socket: WebSocket,
     slot: String,
     start: Lsn,
     frames: mpsc::Receiver<Outgoing>,
     acks: mpsc::Sender<Lsn>,
+    progress: Arc<Progress>,
     stop: Stop,
     settings: SocketSettings,
 ) {
@@ -65,7 +68,8 @@ pub async fn serve(
     let (sink, stream) = socket.split();
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
     let writer = write_loop(sink, frames, errors_rx, stop.clone(), shared.clone(), settings.ping_interval);
-    let reader = read_loop(stream, slot.clone(), start, acks, errors_tx, stop.clone(), shared, settings.dead_after);
+    let reader =
+        read_loop(stream, slot.clone(), start, acks, errors_tx, progress, stop.clone(), shared, settings.dead_after);
     tokio::join!(writer, reader);
     tracing::info!(slot = %slot, reason = %stop.reason().1, "websocket closed");
 }
@@ -141,6 +145,7 @@ async fn read_loop(
     start: Lsn,
     acks: mpsc::Sender<Lsn>,
     errors: mpsc::Sender<String>,
+    progress: Arc<Progress>,
     stop: Stop,
     shared: Arc<Shared>,
     dead_after: Duration,
@@ -184,6 +189,7 @@ async fn read_loop(
                 match parse_ack(text.as_str()).and_then(|lsn| check_ack(lsn, last_ack, delivered)) {
                     Ok(lsn) => {
                         last_ack = lsn;
+                        progress.record_ack(lsn);
                         tracing::debug!(slot = %slot, lsn = %lsn, "ack");
                         if acks.send(lsn).await.is_err() {
                             break;
