@@ -145,7 +145,7 @@ max_wal_senders = 16
 EOF
         # PostgreSQL 15.19+ trusts only the output plugins listed here; older
         # servers do not know the setting and must not get it.
-        if "$BINDIR/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+        if "$BINDIR/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
             echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'" >>"$data/pgdeltastream-dev.conf"
         fi
         ((IS_ROOT)) && chown postgres: "$data/pgdeltastream-dev.conf"
