@@ -14,6 +14,7 @@ pub mod error;
 pub mod init;
 pub mod snapshot;
 pub mod stream;
+pub mod upgrade;
 
 use std::sync::Arc;
 

@@ -1,19 +1,23 @@
-//! `GET /v1/lr/stream?slotName=NAME` (websocket)
+//! `GET /v1/lr/stream?slotName=NAME[&format=changes]` (websocket)
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
+use crate::stream::frame::Format;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
     #[serde(rename = "slotName")]
     slot_name: Option<String>,
+    /// `transactions` (default: one message per transaction, wal2json v1) or
+    /// `changes` (one message per begin/change/commit, wal2json v2).
+    format: Option<String>,
 }
 
 /// Largest message we take from a client: acks are tiny.
@@ -24,15 +28,22 @@ const MAX_CLIENT_MESSAGE: usize = 4096;
 pub async fn stream(
     State(state): State<AppState>,
     query: Result<Query<StreamQuery>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
-    let upgrade =
-        upgrade.map_err(|e| Error::bad_request(format!("this endpoint is a websocket: {}", e.body_text())))?;
-    let open = state.registry.open_stream(&slot).await?;
-    Ok(upgrade
-        .max_message_size(MAX_CLIENT_MESSAGE)
-        .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| open.run(socket)))
+    let format = match q.format.as_deref() {
+        None | Some("transactions") => Format::Transactions,
+        Some("changes") => Format::Changes,
+        Some(other) => {
+            return Err(
+                Error::bad_request(format!("unknown format {other:?}: use \"transactions\" or \"changes\"")).into()
+            );
+        }
+    };
+    let upgrade = upgrade?;
+    let open = state.registry.open_stream(&slot, format).await?;
+    let config =
+        WebSocketConfig::default().max_message_size(Some(MAX_CLIENT_MESSAGE)).max_frame_size(Some(MAX_CLIENT_MESSAGE));
+    Ok(upgrade.on_upgrade(config, move |socket| open.run(socket)))
 }

@@ -30,6 +30,7 @@ use crate::pg::pool::{self, Pool};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::pg::snapshot::{self, PageRequest, SnapshotError};
 use crate::stream::Stop as StreamStop;
+use crate::stream::frame::Format;
 use crate::stream::progress::Progress;
 use crate::stream::pump::Pump;
 use crate::stream::socket::SocketSettings;
@@ -38,10 +39,6 @@ use crate::types::Lsn;
 
 /// The output plugin our slots use.
 pub const PLUGIN: &str = "wal2json";
-
-/// The wal2json options of the v1 stream: one compact JSON object per transaction,
-/// with its end LSN as `nextlsn` (what clients ack).
-pub const V1_OPTIONS: &[(&str, &str)] = &[("include-lsn", "on"), ("pretty-print", "off")];
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -59,7 +56,7 @@ impl Default for SessionSettings {
         SessionSettings {
             snapshot_idle_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(10),
-            stream_buffer: 16,
+            stream_buffer: 64,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
         }
     }
@@ -163,6 +160,7 @@ pub struct OpenStream {
     stop: StreamStop,
     guard: OwnedMutexGuard<()>,
     progress: Arc<Progress>,
+    format: Format,
     settings: SessionSettings,
 }
 
@@ -361,7 +359,7 @@ impl Registry {
 
     /// Checks a slot and starts streaming it. Everything that can be refused is refused
     /// here, before the websocket upgrade, so the client gets an HTTP error.
-    pub async fn open_stream(&self, slot: &str) -> Result<OpenStream, Error> {
+    pub async fn open_stream(&self, slot: &str, format: Format) -> Result<OpenStream, Error> {
         if self.shutdown.is_stopped() {
             return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
         }
@@ -402,11 +400,12 @@ impl Registry {
             return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
         }
         let conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
-        let stream = conn.start_replication(slot, Lsn::ZERO, V1_OPTIONS).await.map_err(|e| match e.code() {
-            Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
-            Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
-            _ => Error::from_pg(&e),
-        })?;
+        let stream =
+            conn.start_replication(slot, Lsn::ZERO, format.plugin_options()).await.map_err(|e| match e.code() {
+                Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
+                Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
+                _ => Error::from_pg(&e),
+            })?;
         let stop = StreamStop::new();
         *lock(&session.current_stream) = Some(stop.clone());
         tracing::info!(slot, start = %info.confirmed_flush, "stream started");
@@ -417,6 +416,7 @@ impl Registry {
             stop,
             guard,
             progress: session.progress.clone(),
+            format,
             settings: self.settings.clone(),
         })
     }
@@ -469,8 +469,8 @@ struct SlotInfo {
 
 impl OpenStream {
     /// Runs the stream over `socket` until it ends.
-    pub async fn run(self, socket: axum::extract::ws::WebSocket) {
-        let OpenStream { slot, start, stream, stop, guard, progress, settings } = self;
+    pub async fn run(self, socket: crate::http::upgrade::Socket) {
+        let OpenStream { slot, start, stream, stop, guard, progress, format, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
@@ -481,6 +481,7 @@ impl OpenStream {
             acks: acks_rx,
             stop: stop.clone(),
             status_interval: settings.status_interval,
+            format,
         };
         let pump = tokio::spawn(pump.run());
         crate::stream::socket::serve(

@@ -1,40 +1,165 @@
-//! From the plugin's bytes to the client's frame, for wal2json format-version 1.
+//! From the plugin's bytes to what the client receives.
 //!
-//! The bytes are forwarded as they are (no parse, no re-serialisation); we only look
-//! at the head of the message for its `nextlsn`, and repair the one shape wal2json 2.5
-//! gets wrong.
+//! The bytes are forwarded as they are (no parse, no re-serialisation). The
+//! [`Assembler`] only looks at the head of each piece to know where it belongs:
+//!
+//! - [`Format::Transactions`] (the v1 API): wal2json format-version 1 with
+//!   `write-in-chunks`, so Postgres sends a transaction as a head
+//!   `{"nextlsn":"X/Y","change":[`, one piece per change, and a tail `]}`. The client
+//!   still sees one websocket *message* per transaction, sent as many frames, so
+//!   neither Postgres, nor we, nor the socket ever hold a whole transaction.
+//! - [`Format::Changes`] (opt-in): wal2json format-version 2, one message per
+//!   begin / change / commit record.
+//!
+//! It also repairs the one shape wal2json 2.5 gets wrong: a non-transactional logical
+//! message printed as `{"change":[,{...}]}`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::types::Lsn;
 
+/// The stream formats a client can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// One message per transaction, wal2json format-version 1 (the original's).
+    #[default]
+    Transactions,
+    /// One message per begin, change and commit, wal2json format-version 2.
+    Changes,
+}
+
+impl Format {
+    /// The wal2json options for `START_REPLICATION`.
+    pub fn plugin_options(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Format::Transactions => &[("include-lsn", "on"), ("pretty-print", "off"), ("write-in-chunks", "on")],
+            Format::Changes => &[("format-version", "2"), ("include-lsn", "on")],
+        }
+    }
+}
+
 /// What a frame means for acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
-    /// A transaction with changes: the client must ack its `nextlsn`.
+    /// The end of a transaction with changes: the client must ack its `nextlsn`.
     Data,
-    /// A transaction with no changes (DDL only, TRUNCATE, filtered): nothing to lose.
+    /// The end of a transaction with no changes (DDL only, TRUNCATE in v1, filtered):
+    /// nothing to lose.
     Empty,
     /// A non-transactional logical message: no `nextlsn`, so no ack can cover it by
     /// itself; a later transaction's ack does.
     Unackable,
+    /// A part of a transaction that is not its end: nothing to ack yet.
+    Inside,
+}
+
+impl FrameKind {
+    /// Whether the frame ends something the client can ack (its `nextlsn` counts as
+    /// delivered once it is sent).
+    pub fn is_ack_point(self) -> bool {
+        matches!(self, FrameKind::Data | FrameKind::Empty)
+    }
+}
+
+/// Where a frame sits in its websocket message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A message on its own.
+    Whole,
+    /// The first frame of a message sent in pieces.
+    First,
+    Middle,
+    /// The frame that completes the message.
+    Last,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutFrame {
     pub payload: Bytes,
+    pub fragment: Fragment,
+    /// The transaction's end LSN, on the frame that ends it.
     pub nextlsn: Option<Lsn>,
     pub kind: FrameKind,
 }
 
+/// Tracks where in a transaction the stream is.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    format: Format,
+    in_transaction: bool,
+    changes: u64,
+    nextlsn: Option<Lsn>,
+}
+
 const BROKEN_MESSAGE_HEAD: &[u8] = b"{\"change\":[,";
 const NEXTLSN_KEY: &[u8] = b"\"nextlsn\":\"";
+const CHUNKED_HEAD_END: &[u8] = b"\"change\":[";
+const CHUNKED_TAIL: &[u8] = b"]}";
+const V2_ACTION: &[u8] = b"{\"action\":\"";
 
-/// Prepares one wal2json v1 message (one transaction, or one non-transactional
-/// logical message) for the client.
+impl Assembler {
+    pub fn new(format: Format) -> Assembler {
+        Assembler { format, ..Assembler::default() }
+    }
+
+    /// Classifies one piece of plugin output (one XLogData payload).
+    pub fn push(&mut self, data: Bytes) -> OutFrame {
+        match self.format {
+            Format::Transactions => self.push_v1(data),
+            Format::Changes => self.push_v2(data),
+        }
+    }
+
+    fn push_v1(&mut self, data: Bytes) -> OutFrame {
+        if self.in_transaction {
+            if data[..] == *CHUNKED_TAIL {
+                self.in_transaction = false;
+                let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
+                return OutFrame { payload: data, fragment: Fragment::Last, nextlsn: self.nextlsn.take(), kind };
+            }
+            self.changes += 1;
+            return OutFrame { payload: data, fragment: Fragment::Middle, nextlsn: None, kind: FrameKind::Inside };
+        }
+        if data.starts_with(b"{") && data.ends_with(CHUNKED_HEAD_END) && !data.starts_with(BROKEN_MESSAGE_HEAD) {
+            self.in_transaction = true;
+            self.changes = 0;
+            self.nextlsn = find_nextlsn(&data);
+            return OutFrame { payload: data, fragment: Fragment::First, nextlsn: None, kind: FrameKind::Inside };
+        }
+        // A whole message: a transaction printed without chunks, or a
+        // non-transactional logical message.
+        prepare_v1(data)
+    }
+
+    fn push_v2(&mut self, data: Bytes) -> OutFrame {
+        let action = if data.starts_with(V2_ACTION) { data.get(V2_ACTION.len()).copied() } else { None };
+        let whole = |payload, nextlsn, kind| OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind };
+        match action {
+            Some(b'B') => {
+                self.in_transaction = true;
+                self.changes = 0;
+                // B carries the transaction's end LSN too, but acking it before the
+                // changes arrive would skip them: only C's counts.
+                whole(data, None, FrameKind::Inside)
+            }
+            Some(b'C') => {
+                self.in_transaction = false;
+                let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
+                let nextlsn = find_nextlsn(&data);
+                whole(data, nextlsn, kind)
+            }
+            Some(b'M') if !self.in_transaction => whole(data, None, FrameKind::Unackable),
+            _ => {
+                self.changes += 1;
+                whole(data, None, FrameKind::Inside)
+            }
+        }
+    }
+}
+
+/// Prepares one whole wal2json v1 message (one transaction, or one non-transactional
+/// logical message).
 pub fn prepare_v1(data: Bytes) -> OutFrame {
-    // wal2json 2.5 prints a non-transactional message as `{"change":[,{...}]}`: drop
-    // the stray comma so that every frame is valid JSON.
     let payload = if data.starts_with(BROKEN_MESSAGE_HEAD) {
         let mut fixed = BytesMut::with_capacity(data.len() - 1);
         fixed.put_slice(&data[..BROKEN_MESSAGE_HEAD.len() - 1]);
@@ -49,7 +174,7 @@ pub fn prepare_v1(data: Bytes) -> OutFrame {
         Some(_) if payload.ends_with(b"\"change\":[]}") => FrameKind::Empty,
         Some(_) => FrameKind::Data,
     };
-    OutFrame { payload, nextlsn, kind }
+    OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind }
 }
 
 /// The top-level `"nextlsn":"X/Y"`, which wal2json prints before `"change"` (after
@@ -72,47 +197,117 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
     #[test]
     fn transaction_is_forwarded_untouched() {
-        let raw = Bytes::from_static(br#"{"nextlsn":"0/170FCB0","change":[{"kind":"insert","schema":"public","table":"t","columnnames":["a"],"columntypes":["integer"],"columnvalues":[1]}]}"#);
+        let raw = b(
+            r#"{"nextlsn":"0/170FCB0","change":[{"kind":"insert","schema":"public","table":"t","columnnames":["a"],"columntypes":["integer"],"columnvalues":[1]}]}"#,
+        );
         let f = prepare_v1(raw.clone());
         assert_eq!(f.payload.as_ptr(), raw.as_ptr(), "no copy");
         assert_eq!(f.nextlsn, Some(Lsn(0x170_FCB0)));
-        assert_eq!(f.kind, FrameKind::Data);
+        assert_eq!((f.kind, f.fragment), (FrameKind::Data, Fragment::Whole));
     }
 
     #[test]
     fn empty_transaction() {
-        let f = prepare_v1(Bytes::from_static(br#"{"xid":7,"nextlsn":"1/A","change":[]}"#));
+        let f = prepare_v1(b(r#"{"xid":7,"nextlsn":"1/A","change":[]}"#));
         assert_eq!(f.nextlsn, Some(Lsn(0x1_0000_000A)));
         assert_eq!(f.kind, FrameKind::Empty);
     }
 
     #[test]
     fn repairs_non_transactional_message() {
-        let f = prepare_v1(Bytes::from_static(
-            br#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#,
-        ));
+        let f = prepare_v1(b(r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#));
         assert_eq!(
             &f.payload[..],
             br#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#
         );
-        assert!(serde_json::from_slice::<serde_json::Value>(&f.payload).is_ok());
-        assert_eq!(f.nextlsn, None);
-        assert_eq!(f.kind, FrameKind::Unackable);
+        assert_eq!((f.nextlsn, f.kind), (None, FrameKind::Unackable));
     }
 
     #[test]
     fn nextlsn_inside_values_is_not_taken() {
-        let f =
-            prepare_v1(Bytes::from_static(br#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
+        let f = prepare_v1(b(r#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
         assert_eq!(f.nextlsn, None);
+    }
+
+    /// Real chunked output of wal2json 2.5 (pg_logical_slot_peek_changes with
+    /// write-in-chunks): a transaction, a non-transactional message, an empty one.
+    #[test]
+    fn assembles_chunked_transactions() {
+        let mut a = Assembler::new(Format::Transactions);
+        let pieces = [
+            (r#"{"nextlsn":"0/15D0DB0","change":["#, Fragment::First, None, FrameKind::Inside),
+            (
+                r#"{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[1]}"#,
+                Fragment::Middle,
+                None,
+                FrameKind::Inside,
+            ),
+            (
+                r#",{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[2]}"#,
+                Fragment::Middle,
+                None,
+                FrameKind::Inside,
+            ),
+            ("]}", Fragment::Last, Some(Lsn(0x15D_0DB0)), FrameKind::Data),
+            (
+                r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"nontx"}]}"#,
+                Fragment::Whole,
+                None,
+                FrameKind::Unackable,
+            ),
+            (r#"{"nextlsn":"0/15D0F08","change":["#, Fragment::First, None, FrameKind::Inside),
+            ("]}", Fragment::Last, Some(Lsn(0x15D_0F08)), FrameKind::Empty),
+        ];
+        let mut message = Vec::new();
+        for (raw, fragment, nextlsn, kind) in pieces {
+            let f = a.push(b(raw));
+            assert_eq!((f.fragment, f.nextlsn, f.kind), (fragment, nextlsn, kind), "{raw}");
+            if f.fragment != Fragment::Whole {
+                message.extend_from_slice(&f.payload);
+            }
+            if f.fragment == Fragment::Last {
+                assert!(serde_json::from_slice::<serde_json::Value>(&message).is_ok());
+                message.clear();
+            }
+        }
+    }
+
+    #[test]
+    fn classifies_v2_records() {
+        let mut a = Assembler::new(Format::Changes);
+        let records = [
+            (r#"{"action":"B","lsn":"0/1","nextlsn":"0/9"}"#, None, FrameKind::Inside),
+            (r#"{"action":"I","lsn":"0/2","schema":"public","table":"t","columns":[]}"#, None, FrameKind::Inside),
+            (r#"{"action":"C","lsn":"0/8","nextlsn":"0/9"}"#, Some(Lsn(9)), FrameKind::Data),
+            (
+                r#"{"action":"M","lsn":"0/A","transactional":false,"prefix":"p","content":"c"}"#,
+                None,
+                FrameKind::Unackable,
+            ),
+            (r#"{"action":"B","lsn":"0/B","nextlsn":"0/C"}"#, None, FrameKind::Inside),
+            (r#"{"action":"C","lsn":"0/B","nextlsn":"0/C"}"#, Some(Lsn(12)), FrameKind::Empty),
+        ];
+        for (raw, nextlsn, kind) in records {
+            let f = a.push(b(raw));
+            assert_eq!((f.fragment, f.nextlsn, f.kind), (Fragment::Whole, nextlsn, kind), "{raw}");
+        }
     }
 
     proptest! {
         #[test]
-        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = prepare_v1(Bytes::from(bytes));
+        fn never_panics(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            for format in [Format::Transactions, Format::Changes] {
+                let mut a = Assembler::new(format);
+                for p in &pieces {
+                    let _ = a.push(Bytes::from(p.clone()));
+                }
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::frame::{FrameKind, OutFrame, prepare_v1};
+use super::frame::{Assembler, Format, FrameKind, OutFrame};
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{ReplicationStream, StreamEvent};
@@ -50,6 +50,7 @@ impl Positions {
     /// Notes a frame read from the stream.
     pub fn on_frame(&mut self, frame: &OutFrame) {
         match (frame.kind, frame.nextlsn) {
+            (FrameKind::Inside, _) => {}
             (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
             (kind, Some(lsn)) => {
                 self.read = self.read.max(lsn);
@@ -81,13 +82,15 @@ pub struct Pump {
     pub acks: mpsc::Receiver<Lsn>,
     pub stop: Stop,
     pub status_interval: Duration,
+    pub format: Format,
 }
 
 impl Pump {
     /// Runs until the client goes, the stream is stopped, or Postgres ends it. Always
     /// leaves the slot free: a final status update, CopyDone, then the connection closes.
     pub async fn run(self) {
-        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval } = self;
+        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format } = self;
+        let mut assembler = Assembler::new(format);
         let mut pos = Positions::new(start);
         let mut pending: Option<Outgoing> = None;
         let mut ticker = tokio::time::interval(status_interval);
@@ -115,7 +118,7 @@ impl Pump {
                 },
                 event = stream.next(), if pending.is_none() => match event {
                     Ok(Some(StreamEvent::Frame(ServerFrame::XLogData { data, .. }))) => {
-                        let frame = prepare_v1(data);
+                        let frame = assembler.push(data);
                         pos.on_frame(&frame);
                         pending = Some(Outgoing::Frame(frame));
                     }
@@ -195,7 +198,7 @@ mod tests {
     use bytes::Bytes;
 
     fn frame(kind: FrameKind, lsn: Option<u64>) -> OutFrame {
-        OutFrame { payload: Bytes::new(), nextlsn: lsn.map(Lsn), kind }
+        OutFrame { payload: Bytes::new(), fragment: crate::stream::frame::Fragment::Whole, nextlsn: lsn.map(Lsn), kind }
     }
 
     #[test]

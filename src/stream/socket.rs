@@ -1,22 +1,31 @@
 //! The websocket side of a stream: a writer and a reader, each a small loop.
 //!
-//! The writer sends the pump's frames in order, error frames for bad client input, and
-//! pings. The reader takes acks, checks them against what the writer has delivered and
-//! passes them to the pump. Either side, or the pump, can end the stream through
-//! [`Stop`]; the writer then tells the client why in a close frame.
+//! The writer sends the pump's frames in order (a transaction as one message in many
+//! frames), error messages for bad client input, and pings. It writes into the
+//! socket's buffer and flushes when no frame is waiting, so a burst costs one syscall
+//! per buffer, not per change. The reader takes acks, checks them against what the
+//! writer has delivered and passes them to the pump. Either side, or the pump, can end
+//! the stream through [`Stop`]; the writer then tells the client why in a close frame.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::ack::{check_ack, parse_ack};
+use super::frame::{Fragment, OutFrame};
 use super::progress::Progress;
 use super::pump::{Outgoing, truncate_reason};
 use super::stop::{Stop, code};
+use crate::http::upgrade::Socket;
 use crate::types::Lsn;
 
 #[derive(Debug, Clone)]
@@ -32,7 +41,7 @@ struct Shared {
     /// The highest `nextlsn` written to the socket.
     delivered: AtomicU64,
     /// Milliseconds since `epoch` of the last sign of life: a message from the client,
-    /// or a data frame the socket accepted.
+    /// or data the socket accepted.
     last_progress: AtomicU64,
     epoch: Instant,
 }
@@ -51,7 +60,7 @@ impl Shared {
 /// position when streaming began: the floor for acks.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
-    socket: WebSocket,
+    socket: Socket,
     slot: String,
     start: Lsn,
     frames: mpsc::Receiver<Outgoing>,
@@ -67,80 +76,105 @@ pub async fn serve(
     });
     let (sink, stream) = socket.split();
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
-    let writer = write_loop(sink, frames, errors_rx, stop.clone(), shared.clone(), settings.ping_interval);
+    let writer = Writer { sink, shared: shared.clone(), stop: stop.clone(), in_message: false };
+    let writer = writer.run(frames, errors_rx, settings.ping_interval);
     let reader =
         read_loop(stream, slot.clone(), start, acks, errors_tx, progress, stop.clone(), shared, settings.dead_after);
     tokio::join!(writer, reader);
     tracing::info!(slot = %slot, reason = %stop.reason().1, "websocket closed");
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut frames: mpsc::Receiver<Outgoing>,
-    mut errors: mpsc::Receiver<String>,
-    stop: Stop,
+struct Writer {
+    sink: SplitSink<Socket, Message>,
     shared: Arc<Shared>,
-    ping_interval: Duration,
-) {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.stopped() => break,
-            Some(message) = errors.recv() => {
-                if sink.send(Message::Text(error_json(&message).into())).await.is_err() {
-                    stop.stop(code::GOING_AWAY, "client connection lost");
-                    break;
-                }
+    stop: Stop,
+    /// A fragmented message is under way: no other data message may start until it ends.
+    in_message: bool,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut frames: mpsc::Receiver<Outgoing>,
+        mut errors: mpsc::Receiver<String>,
+        ping_every: Duration,
+    ) {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            // Flush once nothing more is ready to go (a no-op when nothing is buffered).
+            if frames.is_empty() && (self.in_message || errors.is_empty()) && self.sink.flush().await.is_err() {
+                self.lost();
+                break;
             }
-            item = frames.recv() => match item {
-                Some(Outgoing::Frame(frame)) => {
-                    let text = match Utf8Bytes::try_from(frame.payload) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
-                            let msg = format!("the plugin produced text that is not UTF-8 ({e}); pgdeltastream needs a UTF8 database");
-                            let _ = sink.send(Message::Text(error_json(&msg).into())).await;
-                            stop.stop(code::INTERNAL, truncate_reason(&msg));
-                            break;
+            let in_message = self.in_message;
+            let result = tokio::select! {
+                biased;
+                _ = self.stop.stopped() => break,
+                // Error replies wait for the end of a fragmented message.
+                Some(message) = errors.recv(), if !in_message => self.sink.feed(Message::Text(error_json(&message).into())).await,
+                item = frames.recv() => match item {
+                    Some(Outgoing::Frame(frame)) => self.send_frame(frame).await,
+                    Some(Outgoing::Fatal(message)) => {
+                        // Inside a fragmented message no other message may be sent: the
+                        // close frame alone carries the reason then.
+                        if !self.in_message {
+                            let _ = self.sink.feed(Message::Text(error_json(&message).into())).await;
                         }
-                    };
-                    if sink.send(Message::Text(text)).await.is_err() {
-                        stop.stop(code::GOING_AWAY, "client connection lost");
+                        self.stop.stop(code::INTERNAL, truncate_reason(&message));
                         break;
                     }
-                    shared.progress();
-                    if let Some(lsn) = frame.nextlsn {
-                        shared.delivered.fetch_max(lsn.0, Ordering::Release);
-                    }
-                }
-                Some(Outgoing::Fatal(message)) => {
-                    let _ = sink.send(Message::Text(error_json(&message).into())).await;
-                    stop.stop(code::INTERNAL, truncate_reason(&message));
-                    break;
-                }
-                None => break,
-            },
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(bytes::Bytes::from_static(b"pgdeltastream"))).await.is_err() {
-                    stop.stop(code::GOING_AWAY, "client connection lost");
-                    break;
-                }
+                    None => break,
+                },
+                _ = ping.tick() => self.sink.feed(Message::Ping(Bytes::from_static(b"pgdeltastream"))).await,
+            };
+            if result.is_err() {
+                self.lost();
+                break;
             }
         }
+        let (code, reason) = self.stop.reason();
+        let close =
+            Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() }));
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.sink.send(close).await;
+            let _ = self.sink.close().await;
+        })
+        .await;
     }
-    let (code, reason) = stop.reason();
-    let close = Message::Close(Some(CloseFrame { code, reason: truncate_reason(&reason).into() }));
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = sink.send(close).await;
-        let _ = sink.close().await;
-    })
-    .await;
+
+    fn lost(&self) {
+        self.stop.stop(code::GOING_AWAY, "client connection lost");
+    }
+
+    async fn send_frame(&mut self, frame: OutFrame) -> Result<(), WsError> {
+        if std::str::from_utf8(&frame.payload).is_err() {
+            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
+            let msg = "the plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database";
+            self.stop.stop(code::INTERNAL, msg);
+            return Ok(());
+        }
+        let message = match frame.fragment {
+            Fragment::Whole => match Utf8Bytes::try_from(frame.payload) {
+                Ok(text) => Message::Text(text),
+                Err(_) => return Ok(()), // checked above
+            },
+            Fragment::First => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Text), false)),
+            Fragment::Middle => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), false)),
+            Fragment::Last => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), true)),
+        };
+        self.in_message = matches!(frame.fragment, Fragment::First | Fragment::Middle);
+        self.sink.feed(message).await?;
+        self.shared.progress();
+        if let (Some(lsn), true) = (frame.nextlsn, frame.kind.is_ack_point()) {
+            self.shared.delivered.fetch_max(lsn.0, Ordering::Release);
+        }
+        Ok(())
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut stream: SplitStream<Socket>,
     slot: String,
     start: Lsn,
     acks: mpsc::Sender<Lsn>,
@@ -171,11 +205,9 @@ async fn read_loop(
                 break;
             }
             Ok(Some(Err(e))) => {
-                let (c, reason) = match e.to_string() {
-                    s if s.contains("too long") || s.contains("too big") => {
-                        (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned())
-                    }
-                    s => (code::GOING_AWAY, format!("client connection error: {s}")),
+                let (c, reason) = match e {
+                    WsError::Capacity(_) => (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned()),
+                    e => (code::GOING_AWAY, format!("client connection error: {e}")),
                 };
                 stop.stop(c, truncate_reason(&reason));
                 break;
@@ -214,7 +246,7 @@ async fn read_loop(
                 break;
             }
             // Pings are answered by the websocket library; pongs are a sign of life.
-            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
     }
 }

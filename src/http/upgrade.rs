@@ -1,0 +1,99 @@
+//! The websocket upgrade, done here rather than with axum's `WebSocketUpgrade` so that
+//! the stream gets tokio-tungstenite's socket itself: it can send a transaction as one
+//! message in many frames (fragmentation), which axum's `Message` cannot express.
+//!
+//! The handshake (RFC 6455 section 4.2): a GET with `Connection: upgrade`,
+//! `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a key; we answer 101 with
+//! `Sec-WebSocket-Accept` derived from the key, and hyper hands over the connection.
+
+use std::future::Future;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::ApiError;
+use crate::error::Error;
+
+/// The server side of an upgraded connection.
+pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A request that asks for a websocket, checked.
+pub struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let refuse = |why: &str| ApiError(Error::bad_request(format!("this endpoint is a websocket: {why}")));
+        if parts.method != Method::GET {
+            return Err(refuse("use GET"));
+        }
+        if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
+            return Err(refuse("the Connection header must contain \"upgrade\""));
+        }
+        if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
+            return Err(refuse("the Upgrade header must be \"websocket\""));
+        }
+        if parts.headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+            return Err(refuse("Sec-WebSocket-Version must be 13"));
+        }
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| refuse("this connection cannot be upgraded"))?;
+        Ok(Upgrade { key, on_upgrade })
+    }
+}
+
+impl Upgrade {
+    /// Answers 101 and runs `serve` on the socket once hyper has switched protocols.
+    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            match self.on_upgrade.await {
+                Ok(upgraded) => {
+                    let socket =
+                        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    serve(socket).await;
+                }
+                // The client went away during the handshake; `serve`'s resources drop here.
+                Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(self.key.as_bytes())) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        response
+    }
+}
+
+/// True when the comma-separated header contains `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+}
