@@ -1,0 +1,259 @@
+//! The catalogue of hostile and broken input. Each case gets the status and JSON
+//! error it must, the server keeps serving afterwards, and no table changes.
+
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Case {
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+    body: Vec<u8>,
+    status: u16,
+}
+
+fn post(body: impl Into<Vec<u8>>, status: u16) -> Case {
+    Case {
+        method: "POST",
+        path: "/v1/snapshot/data".into(),
+        headers: vec![("content-type", "application/json")],
+        body: body.into(),
+        status,
+    }
+}
+
+fn table(name: &str, status: u16) -> Case {
+    post(json!({ "table": name }).to_string(), status)
+}
+
+fn order_by(column: &str, status: u16) -> Case {
+    post(json!({ "table": "test_table", "order_by": { "column": column } }).to_string(), status)
+}
+
+fn req(method: &'static str, path: &str, status: u16) -> Case {
+    Case { method, path: path.into(), headers: vec![], body: vec![], status }
+}
+
+fn http_cases() -> Vec<Case> {
+    let long = "a".repeat(64);
+    vec![
+        // Malformed and truncated JSON.
+        post("", 400),
+        post("{", 400),
+        post("{\"table\": \"test_table\"", 400),
+        post("{\"table\": \"test_table\",}", 400),
+        post("nul", 400),
+        post("\"test_table\"", 400),
+        post(vec![0xff, 0xfe, 0x00], 400),
+        // Wrong types.
+        post("{\"table\": 1}", 400),
+        post("{\"table\": null}", 400),
+        post("{\"table\": [\"test_table\"]}", 400),
+        post("{\"table\": \"test_table\", \"offset\": \"1\"}", 400),
+        post("{\"table\": \"test_table\", \"limit\": true}", 400),
+        post("{\"table\": \"test_table\", \"order_by\": \"id\"}", 400),
+        post("{\"table\": \"test_table\", \"order_by\": {\"column\": 1}}", 400),
+        // Huge, negative and fractional numbers.
+        post("{\"table\": \"test_table\", \"offset\": -1}", 400),
+        post("{\"table\": \"test_table\", \"limit\": -1}", 400),
+        post("{\"table\": \"test_table\", \"limit\": 1e3}", 400),
+        post("{\"table\": \"test_table\", \"offset\": 18446744073709551616}", 400),
+        post("{\"table\": \"test_table\", \"offset\": 18446744073709551615}", 400),
+        post("{\"table\": \"test_table\", \"limit\": 1000000}", 400),
+        // Unknown fields.
+        post("{\"table\": \"test_table\", \"where\": \"1=1\"}", 400),
+        post("{\"table\": \"test_table\", \"order_by\": {\"column\": \"id\", \"nulls\": \"first\"}}", 400),
+        // Over the size cap.
+        post(format!("{{\"table\": \"{}\"}}", "x".repeat(70_000)), 413),
+        // Quotes, semicolons, comments, subqueries, unicode, long identifiers.
+        table("test_table'", 400),
+        table("\"test_table", 400),
+        table("test_table\"; DROP TABLE test_table; --", 400),
+        table("test_table; DROP TABLE test_table", 400),
+        table("test_table -- comment", 400),
+        table("test_table/* c */", 400),
+        table("(SELECT * FROM pg_shadow) x", 400),
+        table("pg_catalog.pg_authid", 403),
+        table("tést", 400),
+        table("\"tést\"", 404),
+        table("\u{0}", 400),
+        table(&long, 400),
+        table(&format!("public.{long}"), 400),
+        table("public.", 400),
+        table("", 400),
+        order_by("id; DROP TABLE test_table", 404),
+        order_by("(SELECT 1)", 404),
+        order_by("id -- x", 404),
+        order_by(&long, 400),
+        order_by("", 400),
+        post("{\"table\": \"test_table\", \"order_by\": {\"column\": \"id\", \"order\": \"ASC, (SELECT 1)\"}}", 400),
+        // Wrong methods and unknown paths.
+        req("POST", "/v1/init", 405),
+        req("DELETE", "/v1/init", 405),
+        req("GET", "/v1/snapshot/data", 405),
+        req("PUT", "/v1/lr/stream", 405),
+        req("GET", "/", 404),
+        req("GET", "/v1/../etc/passwd", 404),
+        req("GET", "/v2/init", 404),
+        // The websocket endpoint without upgrade headers, and odd slot names.
+        req("GET", "/v1/lr/stream?slotName=delta_face56", 400),
+        req("GET", "/v1/lr/stream", 400),
+        req("GET", "/v1/lr/stream?slotName=", 400),
+    ]
+}
+
+fn upgrade_headers() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ]
+}
+
+fn odd_slot_names() -> Vec<(String, u16)> {
+    vec![
+        ("delta_nosuch1".into(), 404),
+        ("DELTA_FACE56".into(), 400),
+        ("delta_face56'".into(), 400),
+        ("delta_face56%22%3B%20DROP".into(), 400),
+        ("pg_catalog".into(), 400),
+        ("not_ours".into(), 400),
+        ("delta_".into(), 400),
+        ("delta_%C3%A9t%C3%A91".into(), 400),
+        (format!("delta_{}1", "a".repeat(70)), 400),
+        ("delta_face56&slotName=delta_other1".into(), 400),
+        ("delta_face56&format=xml".into(), 400),
+    ]
+}
+
+async fn assert_still_serving(server: &TestServer, pg: &tokio_postgres::Client, after: &str) {
+    let (status, rows) = server.snapshot(json!({"table": "test_table", "limit": 1})).await;
+    assert_eq!((status, rows), (200, json!([{"id": 1, "name": "abc"}])), "after {after}");
+    let n: i64 = pg.query_one("SELECT count(*) FROM test_table", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2, "no table changed, after {after}");
+}
+
+#[tokio::test]
+async fn every_bad_http_request_gets_its_json_error() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE test_table (id serial PRIMARY KEY, name text); INSERT INTO test_table (name) VALUES ('abc'), ('abc1');")
+        .await
+        .unwrap();
+    let server = TestServer::start(&db).await;
+    server.init().await;
+    let mut cases = http_cases();
+    for (name, status) in odd_slot_names() {
+        cases.push(Case {
+            method: "GET",
+            path: format!("/v1/lr/stream?slotName={name}"),
+            headers: upgrade_headers(),
+            body: vec![],
+            status,
+        });
+    }
+    assert!(cases.len() >= 60, "the catalogue has {} cases", cases.len());
+    for case in &cases {
+        let (status, body) = raw_request(server.addr, case.method, &case.path, &case.headers, case.body.clone()).await;
+        let what = format!(
+            "{} {} {:?}",
+            case.method,
+            case.path,
+            String::from_utf8_lossy(&case.body[..case.body.len().min(80)])
+        );
+        let json: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("{what}: not JSON: {}", String::from_utf8_lossy(&body)));
+        assert_eq!(status, case.status, "{what}: {json}");
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {json}");
+        assert_still_serving(&server, &pg, &what).await;
+    }
+    server.stop().await;
+}
+
+/// Bad input on an open stream: each gets an error message (or, for what the protocol
+/// forbids, a close with a reason), and the stream or the next one goes on.
+#[tokio::test]
+async fn bad_websocket_input_is_answered_and_harmless() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE test_table (id serial PRIMARY KEY, name text); INSERT INTO test_table (name) VALUES ('abc'), ('abc1');")
+        .await
+        .unwrap();
+    let server = TestServer::start(&db).await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+    pg.execute("INSERT INTO test_table (name) VALUES ('x')", &[]).await.unwrap();
+    let first = next_changes(&mut ws).await;
+    let lsn = first["nextlsn"].as_str().unwrap().to_owned();
+    ack(&mut ws, &lsn).await;
+    await_confirmed(&pg, &slot, &lsn).await;
+
+    let bad_texts = [
+        "",
+        "{",
+        "{\"lsn\":",
+        "null",
+        "42",
+        "[\"0/1\"]",
+        "{\"lsn\": 12345}",
+        "{\"lsn\": null}",
+        "{\"LSN\": \"0/1\"}",
+        "{\"lsn\": \"\"}",
+        "{\"lsn\": \"0/\"}",
+        "{\"lsn\": \"/1\"}",
+        "{\"lsn\": \"0x1/1\"}",
+        "{\"lsn\": \"-1/1\"}",
+        "{\"lsn\": \"123456789/1\"}",
+        "{\"lsn\": \"0/1/2\"}",
+        "{\"lsn\": \"ü/1\"}",
+        "{\"lsn\": \"0/1\"}",
+        "{\"lsn\": \"FFFFFFFF/FFFFFFFF\"}",
+    ];
+    for text in bad_texts {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let reply = next_json(&mut ws).await;
+        assert!(reply["error"].as_str().is_some_and(|e| e.contains("ack")), "{text:?}: {reply}");
+    }
+    ws.send(Message::Binary(vec![0u8; 10].into())).await.unwrap();
+    assert!(next_json(&mut ws).await["error"].as_str().unwrap().contains("binary"));
+    // A ping flood: answered by pongs, nothing breaks.
+    for _ in 0..500 {
+        ws.feed(Message::Ping(vec![1, 2, 3].into())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    pg.execute("INSERT INTO test_table (name) VALUES ('after the flood')", &[]).await.unwrap();
+    let next = next_changes(&mut ws).await;
+    assert_eq!(next["change"][0]["columnvalues"][1], "after the flood");
+    assert!(confirmed_flush_below(&pg, &slot, "FFFFFFFF/0").await, "no bad ack was applied");
+    pg.execute("DELETE FROM test_table WHERE name IN ('x', 'after the flood')", &[]).await.unwrap();
+
+    // An oversized message: closed with 1009 and a reason; the slot is free again.
+    ws.send(Message::Text("x".repeat(100_000).into())).await.ok();
+    let (code, reason) = await_close(&mut ws).await;
+    assert_eq!(code, 1009, "{reason}");
+    drop(ws);
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+    let mut ws = server.connect(&slot).await;
+    let again = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("stream works again");
+    assert!(again.is_some());
+    assert_still_serving(&server, &pg, "websocket abuse").await;
+    server.stop().await;
+}
+
+async fn confirmed_flush_below(pg: &tokio_postgres::Client, slot: &str, lsn: &str) -> bool {
+    pg.query_one(
+        "SELECT confirmed_flush_lsn < $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot, &lsn],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
