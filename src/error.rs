@@ -111,3 +111,118 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::DbError;
+
+    fn db(code: &str, message: &str) -> PgError {
+        PgError::Db(DbError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            ..DbError::default()
+        })
+    }
+
+    /// Maps the error, checks its kind, and that the message carries both the advice
+    /// and what the server said.
+    #[track_caller]
+    fn check(e: PgError, kind: ErrorKind, advice: &str) -> Error {
+        let said = e.to_string();
+        let mapped = Error::from_pg(&e);
+        assert_eq!(mapped.kind, kind, "{mapped}");
+        assert!(mapped.message.contains(advice), "no {advice:?} in {:?}", mapped.message);
+        assert!(mapped.message.contains(&said), "the server's words {said:?} are lost in {:?}", mapped.message);
+        assert_eq!(mapped.to_string(), mapped.message);
+        mapped
+    }
+
+    #[test]
+    fn wal_level_off() {
+        check(
+            db("55000", "logical decoding requires wal_level >= logical"),
+            ErrorKind::Internal,
+            "set wal_level = logical",
+        );
+    }
+
+    #[test]
+    fn other_object_not_in_prerequisite_state_is_a_plain_postgres_error() {
+        let e = Error::from_pg(&db("55000", "replication slot \"x\" was not created in this database"));
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert_eq!(e.message, "Postgres error: replication slot \"x\" was not created in this database");
+    }
+
+    #[test]
+    fn plugin_not_installed() {
+        check(
+            db("58P01", "could not access file \"wal2json\": No such file or directory"),
+            ErrorKind::Internal,
+            "wal2json output plugin is not installed",
+        );
+    }
+
+    #[test]
+    fn plugin_not_trusted() {
+        let e = check(
+            db("42501", "permission denied: \"wal2json\" may not be used as an output plugin"),
+            ErrorKind::Internal,
+            "output_plugin_libraries",
+        );
+        assert!(!e.message.contains("REPLICATION attribute"), "{e}");
+    }
+
+    #[test]
+    fn role_may_not_replicate() {
+        // PostgreSQL 15 and earlier.
+        let e = check(
+            db("42501", "must be superuser or replication role to start walsender"),
+            ErrorKind::Internal,
+            "REPLICATION attribute",
+        );
+        assert!(!e.message.contains("output_plugin_libraries"), "{e}");
+        // PostgreSQL 16 and later.
+        check(
+            PgError::Db(DbError {
+                severity: "FATAL".into(),
+                code: "42501".into(),
+                message: "permission denied to start WAL sender".into(),
+                detail: Some("Only roles with the REPLICATION attribute may start a WAL sender process.".into()),
+                hint: None,
+            }),
+            ErrorKind::Internal,
+            "ALTER ROLE ... REPLICATION",
+        );
+    }
+
+    #[test]
+    fn out_of_replication_slots_is_unavailable() {
+        check(db("53400", "all replication slots are in use"), ErrorKind::Unavailable, "raise max_replication_slots");
+    }
+
+    #[test]
+    fn unreachable_server_is_unavailable() {
+        let e = PgError::Connect {
+            address: "127.0.0.1:1".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused"),
+        };
+        let mapped = Error::from_pg(&e);
+        assert_eq!(mapped.kind, ErrorKind::Unavailable);
+        assert!(mapped.message.starts_with("Postgres is unavailable: "), "{mapped}");
+        assert!(mapped.message.contains("127.0.0.1:1"), "{mapped}");
+        assert!(mapped.message.contains("Connection refused"), "{mapped}");
+    }
+
+    #[test]
+    fn lost_connection_and_shutdown_are_unavailable() {
+        let io = PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof"));
+        assert_eq!(Error::from_pg(&io).kind, ErrorKind::Unavailable);
+        for code in ["57P01", "57P02", "57P03"] {
+            let e = Error::from_pg(&db(code, "terminating connection"));
+            assert_eq!(e.kind, ErrorKind::Unavailable, "{code}");
+            assert!(e.message.starts_with("Postgres is unavailable: "), "{code}: {e}");
+        }
+    }
+}

@@ -78,7 +78,11 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
-        None => e.to_string(),
+        // "error connecting to server" alone says little: add the cause.
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
