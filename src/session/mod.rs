@@ -65,7 +65,7 @@ impl Default for SessionSettings {
 /// The transaction that keeps an exported snapshot alive.
 struct SnapshotHolder {
     /// Dropping the client ends the connection, and with it the transaction.
-    _client: Client,
+    client: Client,
     /// The id readers import (re-exported by the holder's transaction).
     id: String,
     last_used: Instant,
@@ -101,6 +101,10 @@ impl Session {
     /// The snapshot id to import, marking the snapshot as used.
     fn touch_snapshot(&self) -> Result<String, Error> {
         let mut state = lock(&self.snapshot);
+        if matches!(&*state, SnapshotState::Held(h) if h.client.is_closed()) {
+            tracing::warn!(slot = %self.slot, "the snapshot's connection to Postgres was lost");
+            *state = SnapshotState::Released("its connection to Postgres was lost; did Postgres restart?");
+        }
         match &mut *state {
             SnapshotState::Held(h) => {
                 h.last_used = Instant::now();
@@ -250,7 +254,7 @@ impl Registry {
                 created.snapshot_name.as_deref().ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
             let client = pool::connect(&self.pg).await.map_err(|e| Error::from_tokio_pg(&e))?;
             let id = snapshot::hold_snapshot(&client, exported).await.map_err(|e| Error::from_tokio_pg(&e))?;
-            Ok::<_, Error>(SnapshotHolder { _client: client, id, last_used: Instant::now() })
+            Ok::<_, Error>(SnapshotHolder { client, id, last_used: Instant::now() })
         }
         .await;
         conn.close().await;
