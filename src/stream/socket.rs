@@ -147,20 +147,27 @@ impl Writer {
     }
 
     async fn send_frame(&mut self, frame: OutFrame) -> Result<(), WsError> {
-        if std::str::from_utf8(&frame.payload).is_err() {
-            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
-            let msg = "the plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database";
-            self.stop.stop(code::INTERNAL, msg);
-            return Ok(());
-        }
+        let text = |payload: &Bytes| std::str::from_utf8(payload).is_ok();
         let message = match frame.fragment {
-            Fragment::Whole => match Utf8Bytes::try_from(frame.payload) {
-                Ok(text) => Message::Text(text),
-                Err(_) => return Ok(()), // checked above
-            },
-            Fragment::First => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Text), false)),
-            Fragment::Middle => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), false)),
-            Fragment::Last => Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), true)),
+            Fragment::Whole => Utf8Bytes::try_from(frame.payload).ok().map(Message::Text),
+            Fragment::First if text(&frame.payload) => {
+                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Text), false)))
+            }
+            Fragment::Middle if text(&frame.payload) => {
+                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), false)))
+            }
+            Fragment::Last if text(&frame.payload) => {
+                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), true)))
+            }
+            _ => None,
+        };
+        let Some(message) = message else {
+            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
+            self.stop.stop(
+                code::INTERNAL,
+                "the plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database",
+            );
+            return Ok(());
         };
         self.in_message = matches!(frame.fragment, Fragment::First | Fragment::Middle);
         self.sink.feed(message).await?;
