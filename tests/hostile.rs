@@ -134,6 +134,15 @@ fn odd_slot_names() -> Vec<(String, u16)> {
     ]
 }
 
+async fn setup() -> (tokio_postgres::Client, TestServer) {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE test_table (id serial PRIMARY KEY, name text); INSERT INTO test_table (name) VALUES ('abc'), ('abc1');")
+        .await
+        .unwrap();
+    (pg, TestServer::start(&db).await)
+}
+
 async fn assert_still_serving(server: &TestServer, pg: &tokio_postgres::Client, after: &str) {
     let (status, rows) = server.snapshot(json!({"table": "test_table", "limit": 1})).await;
     assert_eq!((status, rows), (200, json!([{"id": 1, "name": "abc"}])), "after {after}");
@@ -143,12 +152,7 @@ async fn assert_still_serving(server: &TestServer, pg: &tokio_postgres::Client, 
 
 #[tokio::test]
 async fn every_bad_http_request_gets_its_json_error() {
-    let db = common::fresh_db().await;
-    let pg = db.client().await;
-    pg.batch_execute("CREATE TABLE test_table (id serial PRIMARY KEY, name text); INSERT INTO test_table (name) VALUES ('abc'), ('abc1');")
-        .await
-        .unwrap();
-    let server = TestServer::start(&db).await;
+    let (pg, server) = setup().await;
     server.init().await;
     let mut cases = http_cases();
     for (name, status) in odd_slot_names() {
@@ -182,12 +186,7 @@ async fn every_bad_http_request_gets_its_json_error() {
 /// forbids, a close with a reason), and the stream or the next one goes on.
 #[tokio::test]
 async fn bad_websocket_input_is_answered_and_harmless() {
-    let db = common::fresh_db().await;
-    let pg = db.client().await;
-    pg.batch_execute("CREATE TABLE test_table (id serial PRIMARY KEY, name text); INSERT INTO test_table (name) VALUES ('abc'), ('abc1');")
-        .await
-        .unwrap();
-    let server = TestServer::start(&db).await;
+    let (pg, server) = setup().await;
     let slot = server.init().await;
     let mut ws = server.connect(&slot).await;
     pg.execute("INSERT INTO test_table (name) VALUES ('x')", &[]).await.unwrap();

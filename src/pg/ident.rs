@@ -117,31 +117,27 @@ fn check(ident: String, used: usize) -> Result<(String, usize), IdentError> {
 
 /// Quotes an identifier for SQL: `a"b` becomes `"a""b"`.
 pub fn quote_ident(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    quote(s, '"')
 }
 
 /// Quotes a string literal for SQL (standard_conforming_strings, on since 9.1):
 /// `it's` becomes `'it''s'`. Used only where the protocol allows no parameter
 /// (replication command options, `SET TRANSACTION SNAPSHOT`).
 pub fn quote_literal(s: &str) -> String {
+    quote(s, '\'')
+}
+
+/// Wraps `s` in `q`, doubling every `q` inside.
+fn quote(s: &str, q: char) -> String {
     let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
+    out.push(q);
     for c in s.chars() {
-        if c == '\'' {
-            out.push('\'');
+        if c == q {
+            out.push(q);
         }
         out.push(c);
     }
-    out.push('\'');
+    out.push(q);
     out
 }
 
