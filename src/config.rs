@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::pg::PgConfig;
-use crate::session::SessionSettings;
+use crate::session::{RetentionSettings, SessionSettings};
 use crate::stream::socket::SocketSettings;
 
 /// Stream PostgreSQL table changes to clients over websockets, using logical decoding
@@ -48,6 +48,15 @@ pub struct Cli {
     /// Drop a websocket client that shows no sign of life for this many seconds.
     #[arg(long, env = "PGDELTASTREAM_DEAD_AFTER", default_value_t = 60)]
     pub dead_after: u64,
+    /// Log a warning for a slot that retains more than this many bytes of WAL (0: never).
+    #[arg(long, env = "PGDELTASTREAM_RETENTION_WARN_BYTES", default_value_t = 1 << 30)]
+    pub retention_warn_bytes: u64,
+    /// Log a warning for a slot with no ack for this many seconds (0: never).
+    #[arg(long, env = "PGDELTASTREAM_RETENTION_WARN_IDLE", default_value_t = 3600)]
+    pub retention_warn_idle: u64,
+    /// Check the WAL retention of every slot, and log a summary, every this many seconds.
+    #[arg(long, env = "PGDELTASTREAM_RETENTION_CHECK_INTERVAL", default_value_t = 60)]
+    pub retention_check_interval: u64,
 }
 
 impl Cli {
@@ -72,6 +81,14 @@ impl Cli {
                 dead_after: Duration::from_secs(self.dead_after.max(2)),
             },
             ..SessionSettings::default()
+        }
+    }
+
+    pub fn retention_settings(&self) -> RetentionSettings {
+        RetentionSettings {
+            check_interval: Duration::from_secs(self.retention_check_interval.max(1)),
+            warn_bytes: self.retention_warn_bytes,
+            warn_idle: Duration::from_secs(self.retention_warn_idle),
         }
     }
 }

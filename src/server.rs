@@ -7,13 +7,14 @@ use tokio::net::TcpListener;
 
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
-use crate::session::{Registry, SessionSettings};
+use crate::session::{Registry, RetentionSettings, SessionSettings};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub pg: PgConfig,
     pub session: SessionSettings,
     pub max_limit: u64,
+    pub retention: RetentionSettings,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then ends every stream (close code
@@ -25,6 +26,12 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let registry = Registry::new(settings.pg, settings.session);
     tokio::spawn(Arc::clone(&registry).sweep_idle_snapshots());
+    let retention = &settings.retention;
+    tokio::spawn(Arc::clone(&registry).watch_retention(
+        retention.check_interval,
+        retention.warn_bytes,
+        retention.warn_idle,
+    ));
     let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit });
     let on_shutdown = {
         let registry = registry.clone();

@@ -6,12 +6,15 @@
 //! | `POST /v1/snapshot/data` | [`snapshot::data`]: a page of a table from the snapshot |
 //! | `DELETE /v1/snapshot` | [`snapshot::release`]: let go of the snapshot early |
 //! | `GET /v1/lr/stream?slotName=` | [`stream::stream`]: the websocket of changes |
+//! | `GET /v1/sessions` | [`sessions::list`]: every slot of ours, its WAL retention and last ack |
+//! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
 
 pub mod error;
 pub mod init;
+pub mod sessions;
 pub mod snapshot;
 pub mod stream;
 pub mod upgrade;
@@ -44,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/snapshot/data", post(snapshot::data))
         .route("/v1/snapshot", delete(snapshot::release))
         .route("/v1/lr/stream", get(stream::stream))
+        .route("/v1/sessions", get(sessions::list))
+        .route("/v1/sessions/{slot}", delete(sessions::drop_session))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

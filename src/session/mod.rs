@@ -15,6 +15,9 @@
 //! streamed.
 
 pub mod names;
+pub mod retention;
+
+pub use retention::{RetentionSettings, SlotReport};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,9 @@ use crate::types::Lsn;
 
 /// The output plugin our slots use.
 pub const PLUGIN: &str = "wal2json";
+
+/// Why a slot created by an earlier process has no snapshot here.
+const FROM_EARLIER_PROCESS: &str = "created by an earlier process";
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -391,7 +397,7 @@ impl Registry {
             sessions
                 .entry(slot.to_owned())
                 .or_insert_with(|| {
-                    Arc::new(Session::new(slot.to_owned(), SnapshotState::Released("created by an earlier process")))
+                    Arc::new(Session::new(slot.to_owned(), SnapshotState::Released(FROM_EARLIER_PROCESS)))
                 })
                 .clone()
         };

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use pgdeltastream::pg::PgConfig;
 use pgdeltastream::server::{self, Settings};
-use pgdeltastream::session::SessionSettings;
+use pgdeltastream::session::{RetentionSettings, SessionSettings};
 use pgdeltastream::stream::socket::SocketSettings;
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -32,6 +32,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             socket: SocketSettings { ping_interval: Duration::from_secs(1), dead_after: Duration::from_secs(10) },
         },
         max_limit: 1000,
+        retention: RetentionSettings::default(),
     }
 }
 

@@ -1,0 +1,388 @@
+//! WAL retention. A slot keeps every byte of WAL from its `restart_lsn` on, and only
+//! acks move that forward: a slot nobody reads or acks keeps WAL forever. This module
+//! reports, per slot of ours, what it retains and how long since its last ack
+//! (`GET /v1/sessions`), warns in the logs past configurable thresholds, and lets an
+//! operator drop a session's slot (`DELETE /v1/sessions/{slotName}`). Nothing here
+//! drops a slot on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::{FROM_EARLIER_PROCESS, PLUGIN, Registry, Session, SnapshotState, lock, names};
+use crate::error::{Error, ErrorKind};
+use crate::pg::ident::is_valid_slot_name;
+use crate::types::Lsn;
+
+/// When to warn about a slot's WAL retention, and how often to look.
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    /// How often retention is checked (and the summary logged).
+    pub check_interval: Duration,
+    /// Warn when a slot retains more than this many bytes of WAL; 0 never warns.
+    pub warn_bytes: u64,
+    /// Warn when a slot has had no ack for longer than this; zero never warns.
+    pub warn_idle: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            check_interval: Duration::from_secs(60),
+            warn_bytes: 1 << 30,
+            warn_idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What `GET /v1/sessions` says about one slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotReport {
+    pub slot_name: String,
+    /// A walsender is streaming the slot (ours or another process's).
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    /// The default session, the one `/v1/init` manages.
+    pub default: bool,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// WAL kept for this slot: from its restart_lsn to the current WAL position.
+    pub retained_bytes: Option<u64>,
+    /// pg_replication_slots.wal_status: reserved, extended, unreserved or lost.
+    pub wal_status: Option<String>,
+    /// The last ack any client sent on this slot since this process started.
+    pub last_ack_lsn: Option<Lsn>,
+    /// Its time, RFC 3339 in UTC.
+    pub last_ack_at: Option<String>,
+    pub seconds_since_last_ack: Option<u64>,
+    pub snapshot: SnapshotStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    /// Readable with `/v1/snapshot/data` (for the default session).
+    Held,
+    /// This process held it and let go of it.
+    Released,
+    /// This process never held a snapshot for the slot (an earlier process created it).
+    None,
+}
+
+/// Which thresholds a slot is past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Breach {
+    pub retained: bool,
+    pub idle: bool,
+}
+
+impl Breach {
+    pub fn any(self) -> bool {
+        self.retained || self.idle
+    }
+}
+
+/// The warning decision. `retained_bytes` is None when Postgres does not know it (the
+/// slot lost its WAL); `idle` is the time since the last ack. A zero threshold is off.
+pub fn check_thresholds(
+    retained_bytes: Option<u64>,
+    idle: Option<Duration>,
+    warn_bytes: u64,
+    warn_idle: Duration,
+) -> Breach {
+    Breach {
+        retained: warn_bytes > 0 && retained_bytes.is_some_and(|b| b > warn_bytes),
+        idle: !warn_idle.is_zero() && idle.is_some_and(|i| i > warn_idle),
+    }
+}
+
+/// Our slots in the configured database. The WAL position is the replay position on a
+/// standby (where pg_current_wal_lsn() fails). Filtered by name in Rust
+/// ([`names::is_ours`]).
+const REPORT_SQL: &str = "\
+    SELECT slot_name::text, active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \
+           greatest(pg_catalog.pg_wal_lsn_diff(\
+               CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                    ELSE pg_catalog.pg_current_wal_lsn() END, restart_lsn), 0)::bigint, \
+           wal_status::text \
+    FROM pg_catalog.pg_replication_slots \
+    WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = $1 \
+    ORDER BY slot_name";
+
+impl Registry {
+    /// One entry per slot of ours in the configured database, including slots an earlier
+    /// process created.
+    pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
+        let client = self.pool.get().await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let rows = client.query(REPORT_SQL, &[&PLUGIN]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        self.pool.put(client);
+        let default = lock(&self.default_slot).clone();
+        let now = SystemTime::now();
+        let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
+        let mut reports = Vec::with_capacity(rows.len());
+        for row in rows {
+            let slot_name: String = row.try_get(0).map_err(get)?;
+            if !names::is_ours(&slot_name) {
+                continue;
+            }
+            let session = self.get(&slot_name);
+            let last_ack = session.as_ref().and_then(|s| s.progress.last_ack());
+            let retained: Option<i64> = row.try_get(5).map_err(get)?;
+            reports.push(SlotReport {
+                default: default.as_deref() == Some(slot_name.as_str()),
+                active: row.try_get(1).map_err(get)?,
+                active_pid: row.try_get(2).map_err(get)?,
+                confirmed_flush_lsn: parse_lsn(row.try_get(3).map_err(get)?)?,
+                restart_lsn: parse_lsn(row.try_get(4).map_err(get)?)?,
+                retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
+                wal_status: row.try_get(6).map_err(get)?,
+                last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
+                last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
+                seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
+                snapshot: snapshot_status(session.as_deref()),
+                slot_name,
+            });
+        }
+        Ok(reports)
+    }
+
+    /// `DELETE /v1/sessions/{slot}`: stops the session's stream (close code 1000),
+    /// releases its snapshot and drops its slot, as `/v1/init` does for the default
+    /// session. Only for slots of ours in this database that no other process streams.
+    pub async fn drop_session(&self, slot: &str) -> Result<(), Error> {
+        if !is_valid_slot_name(slot) || !names::is_ours(slot) {
+            return Err(Error::bad_request(format!(
+                "invalid slotName {slot:?}: expected a slot created by /v1/init, like delta_face56"
+            )));
+        }
+        // Not while an init replaces the default session.
+        let _one_at_a_time = self.init_lock.lock().await;
+        if self.shutdown.is_stopped() {
+            return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
+        }
+        let info =
+            self.slot_info(slot).await?.filter(|i| i.database.as_deref() == Some(self.pg.dbname.as_str())).ok_or_else(
+                || Error::not_found(format!("replication slot {slot} does not exist in database {}", self.pg.dbname)),
+            )?;
+        if info.plugin.as_deref() != Some(PLUGIN) {
+            return Err(Error::bad_request(format!(
+                "replication slot {slot} uses plugin {}, not {PLUGIN}; it is not ours to drop",
+                info.plugin.as_deref().unwrap_or("(none)")
+            )));
+        }
+        let we_stream_it = self.get(slot).is_some_and(|s| s.stream_lock.try_lock().is_err());
+        if let Some(pid) = info.active_pid.filter(|_| !we_stream_it) {
+            return Err(Error::conflict(format!(
+                "slot {slot} is in use by another process (pid {pid}); stop that first, or retry if a client just left"
+            )));
+        }
+        self.end_session(slot, "slot dropped by operator").await?;
+        {
+            let mut default = lock(&self.default_slot);
+            if default.as_deref() == Some(slot) {
+                *default = None;
+            }
+        }
+        tracing::info!(slot, "session dropped by operator");
+        Ok(())
+    }
+
+    /// Checks WAL retention every `every` until shutdown: one warning per slot past a
+    /// threshold, and a summary. Only logs; never drops anything.
+    ///
+    /// A slot with no ack since this process started counts as idle from when this task
+    /// first saw it.
+    pub async fn watch_retention(self: Arc<Self>, every: Duration, warn_bytes: u64, warn_idle: Duration) {
+        let every = every.max(Duration::from_millis(100));
+        let mut first_seen: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.stopped() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let reports = match self.report().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL retention check failed");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            first_seen.retain(|slot, _| reports.iter().any(|r| &r.slot_name == slot));
+            let mut over = 0usize;
+            for r in &reports {
+                let seen = *first_seen.entry(r.slot_name.clone()).or_insert(now);
+                let idle = match r.seconds_since_last_ack {
+                    Some(s) => Duration::from_secs(s),
+                    None => now.duration_since(seen),
+                };
+                let breach = check_thresholds(r.retained_bytes, Some(idle), warn_bytes, warn_idle);
+                if !breach.any() {
+                    continue;
+                }
+                over += 1;
+                let since_ack = match r.seconds_since_last_ack {
+                    Some(s) => s.to_string(),
+                    None => format!("none since start (watched for {} s)", idle.as_secs()),
+                };
+                let retained = r.retained_bytes.map_or_else(|| "unknown".to_owned(), |b| b.to_string());
+                tracing::warn!(
+                    slot = %r.slot_name,
+                    retained_bytes = %retained,
+                    seconds_since_last_ack = %since_ack,
+                    over_bytes = breach.retained,
+                    over_idle = breach.idle,
+                    "slot retains WAL past the warning threshold; if no client will read it again, \
+                     drop it with DELETE /v1/sessions/{{slotName}}"
+                );
+            }
+            let total: u64 = reports.iter().filter_map(|r| r.retained_bytes).sum();
+            tracing::info!(slots = reports.len(), retained_bytes = total, over_threshold = over, "WAL retention");
+        }
+    }
+}
+
+fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
+    text.map(|t| t.parse().map_err(|_| Error::internal(format!("bad LSN {t:?} from Postgres")))).transpose()
+}
+
+fn snapshot_status(session: Option<&Session>) -> SnapshotStatus {
+    let Some(session) = session else { return SnapshotStatus::None };
+    match &*lock(&session.snapshot) {
+        SnapshotState::Held(h) if !h.client.is_closed() => SnapshotStatus::Held,
+        SnapshotState::Held(_) => SnapshotStatus::Released,
+        SnapshotState::Released(why) if *why == FROM_EARLIER_PROCESS => SnapshotStatus::None,
+        SnapshotState::Released(_) => SnapshotStatus::Released,
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2024-02-29T12:34:56.789Z`. Times before
+/// 1970 print as the epoch.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let rem = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day): Howard Hinnant's
+/// `civil_from_days`, for non-negative day numbers.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z / 146_097;
+    let doe = z % 146_097; // day of the 400-year era
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the year starting March 1st
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn warns_past_the_byte_threshold_only() {
+        assert_eq!(check_thresholds(Some(GIB), None, GIB, HOUR), Breach::default());
+        assert_eq!(check_thresholds(Some(GIB + 1), None, GIB, HOUR), Breach { retained: true, idle: false });
+        assert_eq!(check_thresholds(None, None, GIB, HOUR), Breach::default(), "unknown is not past");
+        assert!(!check_thresholds(Some(u64::MAX), None, 0, HOUR).any(), "0 turns it off");
+    }
+
+    #[test]
+    fn warns_past_the_idle_threshold_only() {
+        assert!(!check_thresholds(Some(0), Some(HOUR), GIB, HOUR).any());
+        assert_eq!(
+            check_thresholds(Some(0), Some(HOUR + Duration::from_millis(1)), GIB, HOUR),
+            Breach { retained: false, idle: true }
+        );
+        assert!(!check_thresholds(Some(0), None, GIB, HOUR).any());
+        assert!(!check_thresholds(Some(0), Some(Duration::MAX), GIB, Duration::ZERO).any(), "zero turns it off");
+    }
+
+    #[test]
+    fn warns_for_both_at_once() {
+        let b = check_thresholds(Some(2 * GIB), Some(2 * HOUR), GIB, HOUR);
+        assert_eq!(b, Breach { retained: true, idle: true });
+        assert!(b.any());
+    }
+
+    #[test]
+    fn formats_rfc3339_utc() {
+        let at = |secs: u64, millis: u64| UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
+        // Expected values from `date -u -d @SECS`.
+        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.005Z");
+        assert_eq!(rfc3339(at(1_234_567_890, 120)), "2009-02-13T23:31:30.120Z");
+        assert_eq!(rfc3339(at(1_709_210_096, 789)), "2024-02-29T12:34:56.789Z");
+        assert_eq!(rfc3339(at(4_107_542_399, 999)), "2100-02-28T23:59:59.999Z");
+        assert_eq!(rfc3339(at(253_402_300_799, 0)), "9999-12-31T23:59:59.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(1)), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn civil_dates_agree_with_a_day_by_day_count() {
+        let mut expected = (1970, 1, 1);
+        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        for days in 0..150_000 {
+            assert_eq!(civil_from_days(days), expected, "day {days}");
+            let (y, m, d) = expected;
+            let len = match m {
+                2 if leap(y) => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            expected = if d < len {
+                (y, m, d + 1)
+            } else if m < 12 {
+                (y, m + 1, 1)
+            } else {
+                (y + 1, 1, 1)
+            };
+        }
+    }
+
+    #[test]
+    fn report_serializes_with_camel_case_keys() {
+        let r = SlotReport {
+            slot_name: "delta_face56".into(),
+            active: false,
+            active_pid: None,
+            default: true,
+            confirmed_flush_lsn: Some(Lsn(0x1_6B37_4D48)),
+            restart_lsn: Some(Lsn(0x1_6B37_4D00)),
+            retained_bytes: Some(72),
+            wal_status: Some("reserved".into()),
+            last_ack_lsn: None,
+            last_ack_at: None,
+            seconds_since_last_ack: None,
+            snapshot: SnapshotStatus::Held,
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "slotName": "delta_face56", "active": false, "activePid": null, "default": true,
+                "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72,
+                "walStatus": "reserved", "lastAckLsn": null, "lastAckAt": null,
+                "secondsSinceLastAck": null, "snapshot": "held"
+            })
+        );
+    }
+}
