@@ -17,8 +17,9 @@
 //!   container from an image built from `fixtures/Dockerfile` (postgres:16 + wal2json).
 //!   The container is removed at exit with the `docker` CLI (best effort).
 //!
-//! Restarting the cluster ([`Cluster::restart_immediate`]) disconnects every client of the
-//! shared cluster, so tests that restart belong in their own test binary.
+//! Restarting the cluster ([`Cluster::restart_immediate`], or [`Cluster::stop_immediate`]
+//! then [`Cluster::start`]) disconnects every client of the shared cluster, so tests that
+//! restart belong in their own test binary.
 #![allow(dead_code)]
 
 use std::{
@@ -185,6 +186,31 @@ impl Cluster {
                 rx.recv()
                     .expect("docker owner thread is gone")
                     .unwrap_or_else(|e| panic!("restarting the Postgres container: {e}"));
+                wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None)
+                    .unwrap_or_else(|e| panic!("Postgres container did not come back: {e}"));
+            }
+        }
+    }
+
+    /// The first half of [`Cluster::restart_immediate`]: a crash-like stop (`pg_ctl stop -m
+    /// immediate`; on the Docker path `docker stop -t 0`). Postgres stays down until
+    /// [`Cluster::start`]. Every existing connection is lost.
+    pub fn stop_immediate(&self) {
+        let _guard = self.restart_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match &self.backend {
+            Backend::Local(local) => local.stop_immediate(self),
+            Backend::Docker(docker) => docker.command(DockerCommand::StopImmediate),
+        }
+    }
+
+    /// Starts the cluster again after [`Cluster::stop_immediate`], on the same port, and
+    /// waits until it accepts connections.
+    pub fn start(&self) {
+        let _guard = self.restart_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match &self.backend {
+            Backend::Local(local) => local.start(self),
+            Backend::Docker(docker) => {
+                docker.command(DockerCommand::Start);
                 wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None)
                     .unwrap_or_else(|e| panic!("Postgres container did not come back: {e}"));
             }
@@ -403,6 +429,11 @@ impl LocalBackend {
     }
 
     fn restart_immediate(&self, c: &Cluster) {
+        self.stop_immediate(c);
+        self.start(c);
+    }
+
+    fn stop_immediate(&self, c: &Cluster) {
         let out = self
             .command(&c.bindir, "pg_ctl")
             .arg("stop")
@@ -417,12 +448,17 @@ impl LocalBackend {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut pm = self.postmaster.lock().unwrap_or_else(|e| e.into_inner());
+        let pm = self.postmaster.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = Instant::now() + Duration::from_secs(30);
         while pm.exited.get().is_none() {
             assert!(Instant::now() < deadline, "postmaster (pid {}) did not exit after pg_ctl stop", pm.pid);
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    fn start(&self, c: &Cluster) {
+        let mut pm = self.postmaster.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(pm.exited.get().is_some(), "Postgres (pid {}) is still running: stop it first", pm.pid);
         let logfile = c.logfile.as_deref().expect("local cluster has a log file");
         *pm = self.spawn_postmaster(&c.bindir, &c.datadir, logfile, c.port);
         let exited = pm.exited.clone();
@@ -674,6 +710,17 @@ struct DockerBackend {
 
 enum DockerCommand {
     RestartImmediate(mpsc::Sender<Result<(), String>>),
+    StopImmediate(mpsc::Sender<Result<(), String>>),
+    Start(mpsc::Sender<Result<(), String>>),
+}
+
+impl DockerBackend {
+    /// Runs `make` (a command taking its reply channel) on the owner thread and waits.
+    fn command(&self, make: fn(mpsc::Sender<Result<(), String>>) -> DockerCommand) {
+        let (tx, rx) = mpsc::channel();
+        self.commands.send(make(tx)).expect("docker owner thread is gone");
+        rx.recv().expect("docker owner thread is gone").unwrap_or_else(|e| panic!("Postgres container: {e}"));
+    }
 }
 
 static DOCKER_CONTAINER_ID: OnceLock<String> = OnceLock::new();
@@ -770,6 +817,13 @@ fn start_docker() -> Result<Cluster, String> {
                             }
                             .await;
                             let _ = reply.send(res);
+                        }
+                        DockerCommand::StopImmediate(reply) => {
+                            let res = container.stop_with_timeout(Some(0)).await.map_err(|e| format!("stop: {e}"));
+                            let _ = reply.send(res);
+                        }
+                        DockerCommand::Start(reply) => {
+                            let _ = reply.send(container.start().await.map_err(|e| format!("start: {e}")));
                         }
                     }
                 }

@@ -82,6 +82,11 @@ impl TestServer {
             .expect("server result");
     }
 
+    /// True while the server task has not ended (it only ends through [`TestServer::stop`]).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         request(self.addr, "GET", path, None).await
     }
