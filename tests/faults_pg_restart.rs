@@ -114,7 +114,7 @@ async fn a_postgres_crash_is_reported_and_the_server_recovers() {
     }
 
     // The old slot streams again; every committed row that was not acked arrives, in
-    // commit order. (That acked ones do not: the ignored test below.)
+    // commit order. (That acked ones do not: the test below.)
     let mut ws = server.connect(&slot).await;
     let (rows, _) = read_until(&mut ws, 4..=9).await;
     assert!(rows.windows(2).all(|w| w[0] < w[1]), "out of order: {rows:?}");
@@ -143,9 +143,6 @@ async fn a_postgres_crash_is_reported_and_the_server_recovers() {
 /// After a Postgres crash, reconnecting resumes right after the last ack: nothing acked
 /// is sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: after a Postgres crash the slot's confirmed_flush_lsn falls back to its last on-disk value \
-            (Postgres keeps it in memory), and open_stream starts from the slot's position, not from the \
-            session's remembered last ack, so acked transactions are streamed again"]
 async fn acked_changes_are_not_sent_again_after_a_postgres_crash() {
     let _turn = CLUSTER_STOPS.lock().await;
     let (db, _pg, server, slot, ws, frames) = streaming_with_three_acked().await;

@@ -279,14 +279,18 @@ impl Registry {
 
     /// Stops a session's stream, releases its snapshot and drops its slot.
     async fn end_session(&self, slot: &str, why: &'static str) -> Result<(), Error> {
-        if let Some(s) = self.get(slot) {
+        let session = self.get(slot);
+        if let Some(s) = &session {
             s.stop_stream(code::NORMAL, why);
-            s.release_snapshot(why);
             if !s.wait_stream_ended(Duration::from_secs(10)).await {
                 tracing::warn!(slot, "stream did not end in time");
             }
         }
+        // The snapshot goes with the slot; if the drop fails the session stays whole.
         self.drop_slot(slot).await?;
+        if let Some(s) = &session {
+            s.release_snapshot(why);
+        }
         lock(&self.sessions).remove(slot);
         Ok(())
     }
@@ -409,19 +413,24 @@ impl Registry {
         if let Some(pid) = info.active_pid {
             return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
         }
+        // Postgres keeps a slot's confirmed position in memory and writes it to disk only
+        // at checkpoints: after a crash the slot may be behind the client's last ack.
+        // Start after whichever is later, so that an acked change never comes back.
+        let last_ack = session.progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
+        let start = info.confirmed_flush.max(last_ack);
         let conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
         let stream =
-            conn.start_replication(slot, Lsn::ZERO, format.plugin_options()).await.map_err(|e| match e.code() {
+            conn.start_replication(slot, start, format.plugin_options()).await.map_err(|e| match e.code() {
                 Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
                 Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
                 _ => Error::from_pg(&e),
             })?;
         let stop = StreamStop::new();
         *lock(&session.current_stream) = Some(stop.clone());
-        tracing::info!(slot, start = %info.confirmed_flush, "stream started");
+        tracing::info!(slot, %start, "stream started");
         Ok(OpenStream {
             slot: slot.to_owned(),
-            start: info.confirmed_flush,
+            start,
             stream,
             stop,
             guard,

@@ -38,17 +38,27 @@ pub struct Positions {
     pub must_ack: Lsn,
     /// A non-transactional message was read and no transaction has followed it yet.
     pub uncovered_message: bool,
+    /// Part of a transaction was read, but not its end.
+    pub in_transaction: bool,
     /// What we last reported to Postgres as flushed.
     pub confirmed: Lsn,
 }
 
 impl Positions {
     pub fn new(start: Lsn) -> Positions {
-        Positions { acked: start, read: start, must_ack: start, uncovered_message: false, confirmed: start }
+        Positions {
+            acked: start,
+            read: start,
+            must_ack: start,
+            uncovered_message: false,
+            in_transaction: false,
+            confirmed: start,
+        }
     }
 
     /// Notes a frame read from the stream.
     pub fn on_frame(&mut self, frame: &OutFrame) {
+        self.in_transaction = frame.kind == FrameKind::Inside;
         match (frame.kind, frame.nextlsn) {
             (FrameKind::Inside, _) => {}
             (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
@@ -64,7 +74,7 @@ impl Positions {
 
     /// True when the client has acked everything that matters.
     fn settled(&self) -> bool {
-        !self.uncovered_message && self.acked >= self.must_ack
+        !self.uncovered_message && !self.in_transaction && self.acked >= self.must_ack
     }
 
     /// The position that is safe to confirm now; `wal_end` is the walsender's position
@@ -235,6 +245,16 @@ mod tests {
         assert_eq!(p.safe(None), Lsn(100), "the empty transaction's ack is what covers the message");
         p.acked = Lsn(300);
         assert_eq!(p.safe(Some(Lsn(400))), Lsn(400));
+    }
+
+    #[test]
+    fn a_transaction_under_way_holds_the_slot() {
+        let mut p = Positions::new(Lsn(100));
+        p.on_frame(&frame(FrameKind::Inside, None));
+        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100), "the walsender may be in the middle of it");
+        p.on_frame(&frame(FrameKind::Data, Some(600)));
+        p.acked = Lsn(600);
+        assert_eq!(p.safe(Some(Lsn(700))), Lsn(700));
     }
 
     #[test]
