@@ -50,3 +50,29 @@ lint:
 ## clean-dev: stop and delete the dev Postgres cluster
 clean-dev:
 	scripts/dev-postgres.sh clean
+
+# ---------------------------------------------------------------------------------------
+# Benchmark (bench/, see bench/README.md). Not part of `make test`.
+.PHONY: bench bench-quick bench-fonts
+BENCH_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+
+## bench-fonts: the chart's font (fonts-dejavu-core) if missing
+bench-fonts:
+	@if [ ! -f $(BENCH_FONT) ]; then \
+	  echo "Installing fonts-dejavu-core (the bench chart's font)..."; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null 2>&1 || { \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null; } || \
+	  echo "fonts-dejavu-core not installed: the bench will skip its chart"; \
+	fi
+
+## bench: server vs pg_recvlogical throughput, memory and live latency (~5 min on 2 cores);
+## prints a markdown table, writes bench/results/latest.{json,png}
+bench: setup bench-fonts
+	$(CARGO) build --release
+	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream $(BENCH_ARGS)
+
+## bench-quick: smoke run, every workload 100x smaller (bench/results/quick.{json,png})
+bench-quick: setup bench-fonts
+	$(CARGO) build --release
+	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --quick $(BENCH_ARGS)

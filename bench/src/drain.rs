@@ -1,0 +1,256 @@
+//! Draining a slot: (a) through the server to a websocket client that acks every
+//! transaction, (b) with pg_recvlogical on a twin slot with the same wal2json options.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use memchr::memmem;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::Result;
+use crate::cluster::{Cluster, die_with_parent_tokio};
+
+/// What one change looks like in wal2json v1 output: counting these counts changes.
+pub const CHANGE_MARK: &[u8] = b"\"kind\":\"";
+const NEXTLSN_MARK: &[u8] = b"\"nextlsn\":\"";
+
+/// The wal2json options the server streams with (`Format::plugin_options` of
+/// src/stream/frame.rs), given to pg_recvlogical too.
+pub const PLUGIN_OPTIONS: &[&str] = &["include-lsn=on", "pretty-print=off", "write-in-chunks=on"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tool {
+    Server,
+    PgRecvlogical,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub tool: Tool,
+    pub slot: String,
+    /// 1-based position of this drain among the workload's drains.
+    pub order: usize,
+    pub changes: u64,
+    pub transactions: u64,
+    /// Plugin output bytes (pg_recvlogical: without the newline it adds per record).
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+impl Drain {
+    pub fn changes_per_sec(&self) -> f64 {
+        self.changes as f64 / self.secs
+    }
+    pub fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.secs
+    }
+}
+
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// The `nextlsn` of a v1 message, from its head.
+pub fn message_nextlsn(msg: &[u8]) -> Option<u64> {
+    let head = &msg[..msg.len().min(128)];
+    let at = memmem::find(head, NEXTLSN_MARK)? + NEXTLSN_MARK.len();
+    let len = memchr::memchr(b'"', &head[at..])?;
+    parse_lsn(std::str::from_utf8(&head[at..at + len]).ok()?)
+}
+
+pub fn ws_config() -> WebSocketConfig {
+    // A transaction is one message, however large (the 1M-row one is ~260 MB).
+    WebSocketConfig::default().max_message_size(None).max_frame_size(None)
+}
+
+/// Streams `slot` through the server until a message's nextlsn reaches `end`. Counts the
+/// messages whose nextlsn is <= `end` (the workload's), acks every nextlsn it receives.
+/// The clock runs from the websocket request to the last message.
+pub async fn through_server(port: u16, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
+    let url = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}");
+    let finder = memmem::Finder::new(CHANGE_MARK);
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + limit;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
+        .await
+        .map_err(|e| format!("websocket {url}: {e}"))?;
+    let (mut sink, mut stream) = ws.split();
+    // Acks go out from their own task, so a slow socket write never delays reading;
+    // every nextlsn is acked, several per flush when they arrive in a burst.
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+    let acker = tokio::spawn(async move {
+        while let Some(lsn) = ack_rx.recv().await {
+            let mut next = Some(lsn);
+            while let Some(lsn) = next {
+                sink.feed(Message::text(format!("{{\"lsn\":\"{}\"}}", format_lsn(lsn)))).await?;
+                next = ack_rx.try_recv().ok();
+            }
+            sink.flush().await?;
+        }
+        sink.send(Message::Close(None)).await?;
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+    });
+    let (mut changes, mut transactions, mut bytes) = (0u64, 0u64, 0u64);
+    let secs = loop {
+        let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(format!("server drain of {slot}: timed out after {limit:?}").into()),
+            Ok(None) => return Err(format!("server drain of {slot}: the socket ended").into()),
+            Ok(Some(Err(e))) => return Err(format!("server drain of {slot}: {e}").into()),
+            Ok(Some(Ok(m))) => m,
+        };
+        let data: &[u8] = match &msg {
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+            Message::Close(c) => return Err(format!("server drain of {slot}: closed by the server: {c:?}").into()),
+            _ => continue,
+        };
+        if data.starts_with(b"{\"error\"") {
+            return Err(format!("server drain of {slot}: {}", String::from_utf8_lossy(data)).into());
+        }
+        let Some(lsn) = message_nextlsn(data) else { continue };
+        let _ = ack_tx.send(lsn);
+        if lsn <= end {
+            transactions += 1;
+            bytes += data.len() as u64;
+            changes += finder.find_iter(data).count() as u64;
+        }
+        if lsn >= end {
+            break t0.elapsed().as_secs_f64();
+        }
+    };
+    drop(ack_tx);
+    // Let the acks and the close go out, then read until the server closes.
+    let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
+    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs })
+}
+
+/// `pg_recvlogical --start` on `slot` with the server's wal2json options, until `end`
+/// (`--endpos`), writing to a file in `scratch` (tmpfs) that is counted afterwards. The
+/// clock runs from spawning the process to its exit.
+pub async fn with_pg_recvlogical(
+    cluster: &Cluster,
+    db: &str,
+    slot: &str,
+    end: u64,
+    scratch: &Path,
+    limit: Duration,
+) -> Result<Drain> {
+    let out = scratch.join(format!("{db}-{slot}.out"));
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = cluster.tool("pg_recvlogical");
+    cmd.args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", db, "-S", slot])
+        .args(["--start", "--no-loop", "-F", "0"])
+        .arg(format!("--endpos={}", format_lsn(end)))
+        .arg("-f")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for o in PLUGIN_OPTIONS {
+        cmd.args(["-o", o]);
+    }
+    die_with_parent_tokio(&mut cmd);
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("pg_recvlogical: {e}"))?;
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .map_err(|_| format!("pg_recvlogical on {slot}: timed out after {limit:?}"))??;
+    let secs = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err).await;
+        }
+        return Err(format!("pg_recvlogical on {slot} failed ({status}): {err}").into());
+    }
+    let counted = count_file(&out)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(Drain {
+        tool: Tool::PgRecvlogical,
+        slot: slot.into(),
+        order: 0,
+        changes: counted.changes,
+        transactions: counted.transactions,
+        bytes: counted.bytes - counted.lines,
+        secs,
+    })
+}
+
+struct Counted {
+    changes: u64,
+    transactions: u64,
+    bytes: u64,
+    lines: u64,
+}
+
+/// Counts pg_recvlogical's output: one line per plugin record (wal2json escapes
+/// newlines inside strings, so every `\n` is pg_recvlogical's).
+fn count_file(path: &Path) -> Result<Counted> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 8 << 20];
+    let change = memmem::Finder::new(CHANGE_MARK);
+    let txn = memmem::Finder::new(NEXTLSN_MARK);
+    let mut c = Counted { changes: 0, transactions: 0, bytes: 0, lines: 0 };
+    // Marks can straddle two reads: keep the last bytes of each read in front of the next.
+    let keep = CHANGE_MARK.len().max(NEXTLSN_MARK.len()) - 1;
+    let mut carry = 0usize;
+    loop {
+        let n = f.read(&mut buf[carry..])?;
+        if n == 0 {
+            break;
+        }
+        let fresh = &buf[carry..carry + n];
+        c.bytes += n as u64;
+        c.lines += memchr::memchr_iter(b'\n', fresh).count() as u64;
+        let window = &buf[..carry + n];
+        // A match that ends inside the carried bytes was counted in the previous read.
+        c.changes += change.find_iter(window).filter(|&at| at + CHANGE_MARK.len() > carry).count() as u64;
+        c.transactions += txn.find_iter(window).filter(|&at| at + NEXTLSN_MARK.len() > carry).count() as u64;
+        let tail = keep.min(window.len());
+        let start = window.len() - tail;
+        buf.copy_within(start..start + tail, 0);
+        carry = tail;
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("1/2A"), Some((1 << 32) | 0x2a));
+        assert_eq!(format_lsn((1 << 32) | 0x2a), "1/2A");
+        assert_eq!(message_nextlsn(br#"{"nextlsn":"0/170FCB0","change":[]}"#), Some(0x170FCB0));
+        assert_eq!(message_nextlsn(br#"{"change":[]}"#), None);
+    }
+
+    #[test]
+    fn counting_across_reads() {
+        let dir = std::env::temp_dir().join(format!("bench-count-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out");
+        let mut text = String::new();
+        for i in 0..300_000 {
+            text.push_str(&format!("{{\"nextlsn\":\"0/{i:X}\",\"change\":[\n{{\"kind\":\"insert\",\"x\":{i}}}\n]}}\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let c = count_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((c.changes, c.transactions, c.lines, c.bytes), (300_000, 300_000, 900_000, text.len() as u64));
+    }
+}

@@ -1,0 +1,440 @@
+//! `pgdeltastream-bench`: how close the server comes to the speed at which Postgres
+//! decodes (pg_recvlogical on a twin slot), how much memory it needs, and the live
+//! latency from commit to a client. See bench/README.md.
+
+mod chart;
+mod cluster;
+mod drain;
+mod latency;
+mod report;
+mod server;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use cluster::Cluster;
+use drain::{Drain, Tool};
+use latency::{Clocks, Percentiles};
+use report::{LatencyResult, Results, WorkloadResult};
+use server::Server;
+use workload::Workload;
+
+pub type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+
+/// An error with its causes (tokio-postgres says only "db error" on its own).
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+/// Throughput and latency of pgdeltastream against pg_recvlogical, on a throwaway
+/// Postgres the bench starts itself.
+#[derive(Parser, Debug)]
+#[command(name = "pgdeltastream-bench")]
+struct Args {
+    /// The server binary to measure (build it first: `cargo build --release`).
+    #[arg(long, default_value = "target/release/pgdeltastream")]
+    server: PathBuf,
+    /// Smoke run: every workload 100x smaller, 1 s of latency per rate, one drain each.
+    #[arg(long)]
+    quick: bool,
+    /// Drains per tool and workload (alternating which tool goes first); the best counts.
+    /// Default 2 (1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Seconds of live latency per rate (default 5, 1 with --quick).
+    #[arg(long)]
+    latency_secs: Option<u64>,
+    /// Latency rates in transactions per second.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    rates: Vec<u64>,
+    /// Only these workloads (one_big_tx, tx_of_100, tx_of_1, wide_rows; `none` for none).
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Where latest.json and latest.png go (quick.json / quick.png with --quick).
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+    /// PostgreSQL binaries (default: the highest /usr/lib/postgresql/*/bin with wal2json).
+    #[arg(long)]
+    pg_bindir: Option<PathBuf>,
+    /// TTF font for the chart's text.
+    #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    font: PathBuf,
+    /// Keep the cluster's directory (data, postgres.log, server logs) at exit.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let started = Instant::now();
+    latency::now_ns();
+    if !args.server.is_file() {
+        eprintln!("bench: server binary {} not found: run `cargo build --release` first", args.server.display());
+        return ExitCode::FAILURE;
+    }
+    let Some(bindir) = cluster::find_bindir(args.pg_bindir.clone()) else {
+        eprintln!("bench: no PostgreSQL with wal2json found (apt-get install postgresql-15 postgresql-15-wal2json)");
+        return ExitCode::FAILURE;
+    };
+    // Long-lived children (postgres, the servers, pg_recvlogical) are spawned from this
+    // thread, which lives until the end: they die with it (PR_SET_PDEATHSIG).
+    let cluster = match Cluster::start(&bindir, args.keep) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("bench: {} on port {} ({})", cluster.version, cluster.port, cluster.tmpdir.display());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(&args, &cluster));
+    drop(rt);
+    let _ = std::fs::remove_dir_all(cluster::scratch_dir());
+    match result {
+        Ok(failed) => {
+            eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Err(e) => {
+            eprintln!("bench: {}\n--- postgres log (tail) ---\n{}", describe(&*e), cluster.log_tail());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs everything and writes the results; true when a run failed.
+async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
+    let started = Instant::now();
+    let quick = args.quick;
+    let runs = args.runs.unwrap_or(if quick { 1 } else { 2 }).max(1);
+    let latency_secs = args.latency_secs.unwrap_or(if quick { 1 } else { 5 });
+    let scale = if quick { 100 } else { 1 };
+    let scratch = cluster::scratch_dir();
+    std::fs::create_dir_all(&scratch)?;
+    let mut results = Results::new(cluster, quick, runs, latency_secs, &args.server);
+
+    let workloads: Vec<Workload> = workload::all(scale)
+        .into_iter()
+        .filter(|w| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == w.name)))
+        .collect();
+    let mut failed = false;
+    for (i, w) in workloads.iter().enumerate() {
+        eprintln!("bench: {} ({})", w.name, w.describe());
+        let r = match run_workload(args, cluster, w, i, runs, &scratch).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = describe(&*e);
+                eprintln!("bench: {} failed: {e}", w.name);
+                WorkloadResult::failed(w, e)
+            }
+        };
+        failed |= r.error.is_some();
+        results.workloads.push(r);
+    }
+    let run_latency = args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == "latency"));
+    if run_latency || args.only.is_none() {
+        for &rate in &args.rates {
+            eprintln!("bench: live latency at {rate} tx/s for {latency_secs} s");
+            let r = match latency_run(cluster, args, rate, latency_secs).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = describe(&*e);
+                    eprintln!("bench: latency at {rate} tx/s failed: {e}");
+                    LatencyResult::failed(rate, latency_secs, e)
+                }
+            };
+            failed |= r.error.is_some();
+            results.latency.push(r);
+        }
+    }
+    results.finish(started.elapsed());
+
+    std::fs::create_dir_all(&args.out_dir)?;
+    let stem = if quick { "quick" } else { "latest" };
+    let json_path = args.out_dir.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
+    let png_path = args.out_dir.join(format!("{stem}.png"));
+    let chart = match std::fs::read(&args.font) {
+        Ok(font) => chart::draw(&results, font, &png_path).map(|()| png_path.display().to_string()),
+        Err(e) => Err(format!(
+            "no chart: font {}: {e} (apt-get install fonts-dejavu-core, or pass --font)",
+            args.font.display()
+        )
+        .into()),
+    };
+    println!("{}", report::markdown(&results));
+    eprintln!("bench: wrote {}", json_path.display());
+    match chart {
+        Ok(p) => eprintln!("bench: wrote {p}"),
+        Err(e) => eprintln!("bench: {e}"),
+    }
+    Ok(failed)
+}
+
+async fn admin(cluster: &Cluster) -> Result<tokio_postgres::Client> {
+    cluster.client("postgres").await
+}
+
+async fn fresh_db(cluster: &Cluster, db: &str) -> Result<tokio_postgres::Client> {
+    let admin = admin(cluster).await?;
+    // One statement per query: a multi-statement query is one transaction, which DROP
+    // and CREATE DATABASE refuse.
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+    cluster.client(db).await
+}
+
+/// Drops the database's slots and the database, and checkpoints so that the next
+/// workload starts without dirty buffers to write.
+async fn cleanup_db(cluster: &Cluster, db: &str) -> Result<()> {
+    let admin = admin(cluster).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = admin
+            .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&db])
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+    admin.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
+/// The current WAL write position: with synchronous_commit=on, past every commit so far.
+async fn wal_lsn(client: &tokio_postgres::Client) -> Result<u64> {
+    let row = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?;
+    let s: String = row.get(0);
+    drain::parse_lsn(&s).ok_or_else(|| format!("bad LSN {s}").into())
+}
+
+async fn run_workload(
+    args: &Args,
+    cluster: &Cluster,
+    w: &Workload,
+    index: usize,
+    runs: usize,
+    scratch: &std::path::Path,
+) -> Result<WorkloadResult> {
+    let db = format!("bench_{}", w.name);
+    let client = fresh_db(cluster, &db).await?;
+    workload::create_tables(&client).await?;
+    client.batch_execute("CREATE TABLE marker (id int)").await?;
+    let server = Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?;
+    let outcome = async {
+        // Every slot exists before the first write: the server's first one from /v1/init,
+        // more as SQL-created slots with names the server accepts, and the twins.
+        let first = server.init().await?;
+        let (status, body) = server.delete("/v1/snapshot").await?;
+        if status != 200 {
+            return Err(format!("DELETE /v1/snapshot answered {status}: {body}").into());
+        }
+        let mut server_slots = vec![first];
+        let mut twin_slots = Vec::new();
+        for r in 0..runs {
+            if r > 0 {
+                let name = format!("delta_benchrun{r}");
+                client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&name]).await?;
+                server_slots.push(name);
+            }
+            let twin = format!("twin_{r}");
+            client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&twin]).await?;
+            twin_slots.push(twin);
+        }
+
+        let t = Instant::now();
+        workload::write(&client, w).await?;
+        let write_secs = t.elapsed().as_secs_f64();
+        let end = wal_lsn(&client).await?;
+        // A transaction past `end`, so pg_recvlogical --endpos stops as soon as it reads
+        // past the workload rather than at the next keepalive.
+        client.batch_execute("INSERT INTO marker VALUES (1)").await?;
+        eprintln!("bench:   wrote {} rows in {write_secs:.1} s, end {}", w.rows(), drain::format_lsn(end));
+
+        let limit = Duration::from_secs(if args.quick { 120 } else { 600 });
+        let mut drains: Vec<Drain> = Vec::new();
+        for r in 0..runs {
+            let order = if (r + index) % 2 == 0 {
+                [Tool::Server, Tool::PgRecvlogical]
+            } else {
+                [Tool::PgRecvlogical, Tool::Server]
+            };
+            for tool in order {
+                let mut d = match tool {
+                    Tool::Server => drain::through_server(server.port, &server_slots[r], end, limit).await?,
+                    Tool::PgRecvlogical => {
+                        drain::with_pg_recvlogical(cluster, &db, &twin_slots[r], end, scratch, limit).await?
+                    }
+                };
+                d.order = drains.len() + 1;
+                eprintln!(
+                    "bench:   {:?} {}: {} changes, {:.1} MB in {:.2} s = {:.0} changes/s, {:.1} MB/s",
+                    d.tool,
+                    d.slot,
+                    d.changes,
+                    d.bytes as f64 / 1e6,
+                    d.secs,
+                    d.changes_per_sec(),
+                    d.mb_per_sec()
+                );
+                drains.push(d);
+            }
+        }
+        let peak = server.peak_rss_kib();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((write_secs, end, drains, peak))
+    }
+    .await;
+    let sampled = server.max_sampled_rss_kib.load(Ordering::Relaxed);
+    let stopped = server.stop().await;
+    cleanup_db(cluster, &db).await?;
+    let (write_secs, end, drains, peak) = outcome?;
+    stopped?;
+    Ok(WorkloadResult::new(w, write_secs, end, drains, peak, sampled))
+}
+
+async fn latency_run(cluster: &Cluster, args: &Args, rate: u64, secs: u64) -> Result<LatencyResult> {
+    let db = format!("bench_latency_{rate}");
+    let client = fresh_db(cluster, &db).await?;
+    client.batch_execute(latency::TABLE_SQL).await?;
+    let server = Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?;
+    let outcome = async {
+        let slot = server.init().await?;
+        server.delete("/v1/snapshot").await?;
+        let n = (rate * secs) as usize;
+        let warmup = 20usize;
+        let clocks = Arc::new(Clocks::new(n + warmup));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = latency::spawn_client(server.port, slot, clocks.clone(), stop.clone(), tx);
+        let connected = tokio::task::spawn_blocking(move || rx.recv()).await?;
+        let body = async {
+            connected.map_err(|_| "latency client died")??;
+            // Warm-up rows (ids n..n+warmup), one at a time, until the client has them all.
+            for id in n..n + warmup {
+                client.execute("INSERT INTO pings VALUES ($1, 0, 'warm-up')", &[&(id as i64)]).await?;
+            }
+            wait_received(&clocks, warmup as u64, Duration::from_secs(20)).await?;
+
+            let workers = if rate >= 5_000 { 8 } else { 2 };
+            let configs = (0..workers).map(|_| cluster.config(&db)).collect();
+            let writer = latency::spawn_writer(configs, rate, 0, n, clocks.clone());
+            let started = latency::now_ns();
+            tokio::task::spawn_blocking(move || writer.join()).await?.map_err(|_| "writer panicked")??;
+            let written = latency::now_ns();
+            let all = wait_received(&clocks, (n + warmup) as u64, Duration::from_secs(30)).await;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((started, written, all.is_ok()))
+        }
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let read = tokio::task::spawn_blocking(move || reader.join()).await?.map_err(|_| "client panicked")?;
+        let (started, written, _) = body?;
+        read?;
+        let peak = server.peak_rss_kib();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency_result(
+            rate, secs, n, &clocks, started, written, peak,
+        ))
+    }
+    .await;
+    let sampled = server.max_sampled_rss_kib.load(Ordering::Relaxed);
+    let stopped = server.stop().await;
+    cleanup_db(cluster, &db).await?;
+    let mut r = outcome?;
+    stopped?;
+    r.server_max_sampled_rss_mib = sampled as f64 / 1024.0;
+    Ok(r)
+}
+
+async fn wait_received(clocks: &Clocks, count: u64, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while clocks.received_count.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the client received {} of {count} rows within {limit:?}",
+                clocks.received_count.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn latency_result(
+    rate: u64,
+    secs: u64,
+    n: usize,
+    clocks: &Clocks,
+    started: u64,
+    written: u64,
+    peak_kib: Option<u64>,
+) -> LatencyResult {
+    let load = |v: &[std::sync::atomic::AtomicU64], i: usize| v[i].load(Ordering::Relaxed);
+    let mut from_commit = Vec::with_capacity(n);
+    let mut from_send = Vec::with_capacity(n);
+    let (mut committed, mut received, mut last_commit) = (0u64, 0u64, 0u64);
+    for id in 0..n {
+        let (c, r) = (load(&clocks.committed, id), load(&clocks.received, id));
+        if c > 0 {
+            committed += 1;
+            last_commit = last_commit.max(c);
+        }
+        if r > 0 {
+            received += 1;
+        }
+        if c > 0 && r > 0 {
+            from_commit.push(r as i64 - c as i64);
+            let sent_ns = load(&clocks.sent_in_row_us, id) as i64 * 1000;
+            from_send.push(r as i64 - sent_ns);
+        }
+    }
+    // The client may see a row before the writer's task has noticed its COMMIT return.
+    let early = from_commit.iter().filter(|&&d| d < 0).count() as u64;
+    let span = (last_commit.max(started) - started) as f64 / 1e9;
+    let achieved = if span > 0.0 { committed as f64 / span } else { 0.0 };
+    let commit_to_receipt = Percentiles::of(from_commit.iter().map(|&d| d.max(0)).collect());
+    let send_to_receipt = Percentiles::of(from_send);
+    let kept_up = received == n as u64
+        && achieved >= 0.95 * rate as f64
+        && commit_to_receipt.as_ref().is_some_and(|p| p.p99_ms <= report::KEEP_UP_P99_MS);
+    let _ = written;
+    LatencyResult {
+        rate,
+        secs,
+        rows: n as u64,
+        committed,
+        received,
+        achieved_rate: achieved,
+        commit_to_receipt,
+        send_to_receipt,
+        received_before_commit_returned: early,
+        kept_up,
+        server_peak_rss_mib: peak_kib.map(|k| k as f64 / 1024.0),
+        server_max_sampled_rss_mib: 0.0,
+        error: None,
+    }
+}

@@ -1,0 +1,417 @@
+//! The figures: what goes into the JSON file, the markdown table and the chart.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cluster::{Cluster, SETTINGS};
+use crate::drain::{Drain, PLUGIN_OPTIONS, Tool, format_lsn};
+use crate::latency::Percentiles;
+use crate::workload::{Workload, thousands};
+
+/// Targets of the issue.
+pub const TARGET_RATIO: f64 = 0.95;
+pub const TARGET_P99_MS: f64 = 5.0;
+pub const TARGET_RSS_MIB: f64 = 64.0;
+/// "Keeping up": every row arrived, the writer held the rate, and p99 stayed below this
+/// (a backlog that grows during the run shows up in the top percentile).
+pub const KEEP_UP_P99_MS: f64 = 100.0;
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    pub os: String,
+    pub kernel: String,
+    pub postgres: String,
+    pub wal2json: String,
+    /// 1-minute load average when the bench started and ended: other work on the
+    /// machine shows here.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    pub quick: bool,
+    pub runs_per_tool: usize,
+    pub latency_secs: u64,
+    pub postgres_settings: Vec<String>,
+    pub wal2json_options: Vec<String>,
+    pub server_binary: String,
+    /// `git describe --always --dirty` where the bench ran (the repository root under make).
+    pub server_commit: String,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// UTC, when the bench started.
+    pub date: String,
+    pub duration_secs: f64,
+    pub machine: Machine,
+    pub setup: Setup,
+    pub workloads: Vec<WorkloadResult>,
+    pub latency: Vec<LatencyResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Best {
+    pub changes: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub changes_per_sec: f64,
+    pub mb_per_sec: f64,
+}
+
+impl Best {
+    fn of(drains: &[Drain], tool: Tool) -> Option<Best> {
+        let d = drains.iter().filter(|d| d.tool == tool).min_by(|a, b| a.secs.total_cmp(&b.secs))?;
+        Some(Best {
+            changes: d.changes,
+            bytes: d.bytes,
+            secs: d.secs,
+            changes_per_sec: d.changes_per_sec(),
+            mb_per_sec: d.mb_per_sec(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadResult {
+    pub name: String,
+    pub description: String,
+    pub transactions: u64,
+    pub rows: u64,
+    pub write_secs: f64,
+    pub end_lsn: String,
+    /// Every drain, in the order they ran.
+    pub drains: Vec<Drain>,
+    /// The fastest drain of each tool.
+    pub server: Option<Best>,
+    pub pg_recvlogical: Option<Best>,
+    /// server changes/s ÷ pg_recvlogical changes/s (best of each).
+    pub ratio: Option<f64>,
+    /// VmHWM of the server process, which served this workload only.
+    pub server_peak_rss_mib: Option<f64>,
+    /// Highest VmRSS seen by a 20 ms sampler.
+    pub server_max_sampled_rss_mib: f64,
+    pub error: Option<String>,
+}
+
+impl WorkloadResult {
+    pub fn new(
+        w: &Workload,
+        write_secs: f64,
+        end: u64,
+        drains: Vec<Drain>,
+        peak_kib: Option<u64>,
+        sampled_kib: u64,
+    ) -> WorkloadResult {
+        let server = Best::of(&drains, Tool::Server);
+        let recv = Best::of(&drains, Tool::PgRecvlogical);
+        let ratio = match (&server, &recv) {
+            (Some(s), Some(r)) if r.changes_per_sec > 0.0 => Some(s.changes_per_sec / r.changes_per_sec),
+            _ => None,
+        };
+        let mut error = None;
+        for d in &drains {
+            if d.changes != w.rows() {
+                error = Some(format!("{:?} on {} saw {} changes, expected {}", d.tool, d.slot, d.changes, w.rows()));
+            }
+        }
+        if let (Some(s), Some(r)) = (&server, &recv)
+            && s.bytes != r.bytes
+        {
+            error.get_or_insert(format!("server delivered {} bytes, pg_recvlogical {}", s.bytes, r.bytes));
+        }
+        WorkloadResult {
+            name: w.name.into(),
+            description: w.describe(),
+            transactions: w.transactions,
+            rows: w.rows(),
+            write_secs,
+            end_lsn: format_lsn(end),
+            drains,
+            server,
+            pg_recvlogical: recv,
+            ratio,
+            server_peak_rss_mib: peak_kib.map(|k| k as f64 / 1024.0),
+            server_max_sampled_rss_mib: sampled_kib as f64 / 1024.0,
+            error,
+        }
+    }
+
+    pub fn failed(w: &Workload, error: String) -> WorkloadResult {
+        WorkloadResult {
+            name: w.name.into(),
+            description: w.describe(),
+            transactions: w.transactions,
+            rows: w.rows(),
+            write_secs: 0.0,
+            end_lsn: String::new(),
+            drains: Vec::new(),
+            server: None,
+            pg_recvlogical: None,
+            ratio: None,
+            server_peak_rss_mib: None,
+            server_max_sampled_rss_mib: 0.0,
+            error: Some(error),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyResult {
+    /// Target rate, one-row transactions per second.
+    pub rate: u64,
+    pub secs: u64,
+    pub rows: u64,
+    pub committed: u64,
+    pub received: u64,
+    /// Commits per second the writer achieved.
+    pub achieved_rate: f64,
+    /// Client receipt minus the writer's commit completion (negative clamped to 0).
+    pub commit_to_receipt: Option<Percentiles>,
+    /// Client receipt minus the send time carried in the row.
+    pub send_to_receipt: Option<Percentiles>,
+    /// Rows the client had before the writer saw their INSERT return.
+    pub received_before_commit_returned: u64,
+    pub kept_up: bool,
+    pub server_peak_rss_mib: Option<f64>,
+    pub server_max_sampled_rss_mib: f64,
+    pub error: Option<String>,
+}
+
+impl LatencyResult {
+    pub fn failed(rate: u64, secs: u64, error: String) -> LatencyResult {
+        LatencyResult {
+            rate,
+            secs,
+            rows: rate * secs,
+            committed: 0,
+            received: 0,
+            achieved_rate: 0.0,
+            commit_to_receipt: None,
+            send_to_receipt: None,
+            received_before_commit_returned: 0,
+            kept_up: false,
+            server_peak_rss_mib: None,
+            server_max_sampled_rss_mib: 0.0,
+            error: Some(error),
+        }
+    }
+}
+
+impl Results {
+    pub fn new(cluster: &Cluster, quick: bool, runs: usize, latency_secs: u64, server: &Path) -> Results {
+        Results {
+            date: utc_now(),
+            duration_secs: 0.0,
+            machine: Machine {
+                cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                cpu: proc_field("/proc/cpuinfo", "model name").unwrap_or_default(),
+                memory_gib: proc_field("/proc/meminfo", "MemTotal")
+                    .and_then(|v| v.trim_end_matches("kB").trim().parse::<f64>().ok())
+                    .map_or(0.0, |kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0),
+                os: std::fs::read_to_string("/etc/os-release")
+                    .ok()
+                    .and_then(|s| {
+                        s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+                    })
+                    .unwrap_or_default(),
+                kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+                postgres: cluster.version.clone(),
+                wal2json: output("dpkg-query", &["-W", "-f", "${Version}", "postgresql-15-wal2json"], None)
+                    .unwrap_or_else(|| "unknown".into()),
+                loadavg_start: loadavg(),
+                loadavg_end: String::new(),
+            },
+            setup: Setup {
+                quick,
+                runs_per_tool: runs,
+                latency_secs,
+                postgres_settings: SETTINGS.iter().map(|s| s.to_string()).collect(),
+                wal2json_options: PLUGIN_OPTIONS.iter().map(|s| s.to_string()).collect(),
+                server_binary: server.display().to_string(),
+                server_commit: output("git", &["describe", "--always", "--dirty"], None)
+                    .unwrap_or_else(|| "unknown".into()),
+                notes: vec![
+                    "changes/s and MB/s: wall clock from opening the stream (websocket request; spawning \
+                     pg_recvlogical) to the last transaction of the workload; the fastest of the runs of each \
+                     tool counts, the tools alternate which goes first"
+                        .into(),
+                    "MB = 10^6 bytes of wal2json output (the same bytes both ways; pg_recvlogical's newlines \
+                     are not counted); RSS in MiB (VmHWM of a server process that served only that workload)"
+                        .into(),
+                    "the websocket client acks every transaction's nextlsn; pg_recvlogical writes to tmpfs".into(),
+                    "latency: client receipt minus commit completion as the writer saw it (INSERT returned, \
+                     synchronous_commit=on), one monotonic clock; p50/p99/max over every row of the run"
+                        .into(),
+                ],
+            },
+            workloads: Vec::new(),
+            latency: Vec::new(),
+        }
+    }
+
+    pub fn finish(&mut self, took: Duration) {
+        self.duration_secs = (took.as_secs_f64() * 10.0).round() / 10.0;
+        self.machine.loadavg_end = loadavg();
+    }
+
+    /// One line about the machine and the run, for under the table and the chart.
+    pub fn machine_line(&self) -> String {
+        let m = &self.machine;
+        format!(
+            "{} cores ({}), {} GiB, {}; {}, wal2json {}; server {}; {} UTC; load avg {} → {}",
+            m.cores,
+            m.cpu,
+            m.memory_gib,
+            m.os,
+            m.postgres.replace("postgres (PostgreSQL) ", "PostgreSQL "),
+            m.wal2json,
+            self.setup.server_commit,
+            self.date.replace('T', " ").trim_end_matches('Z'),
+            m.loadavg_start,
+            m.loadavg_end
+        )
+    }
+}
+
+fn fmt_rate(x: f64) -> String {
+    thousands(x.round() as u64)
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "" } else { " ✗" }
+}
+
+/// The markdown report (stdout, README).
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "| workload | changes | server changes/s | server MB/s | pg_recvlogical changes/s | pg_recvlogical MB/s | ratio (≥ {TARGET_RATIO}) | server peak RSS MiB (≤ {TARGET_RSS_MIB:.0}) |\n"
+    ));
+    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for w in &r.workloads {
+        let rss = w.server_peak_rss_mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)));
+        match (&w.server, &w.pg_recvlogical, w.ratio) {
+            (Some(sv), Some(rl), Some(ratio)) => s.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {} | {:.1} | {:.2}{} | {rss} |\n",
+                w.description,
+                thousands(w.rows),
+                fmt_rate(sv.changes_per_sec),
+                sv.mb_per_sec,
+                fmt_rate(rl.changes_per_sec),
+                rl.mb_per_sec,
+                ratio,
+                mark(ratio >= TARGET_RATIO)
+            )),
+            _ => s.push_str(&format!("| {} | {} | – | – | – | – | – | {rss} |\n", w.description, thousands(w.rows))),
+        }
+    }
+    if !r.latency.is_empty() {
+        s.push('\n');
+        s.push_str(&format!(
+            "| live latency, commit → client | achieved tx/s | received | p50 ms | p99 ms (≤ {TARGET_P99_MS:.0}) | max ms | send → client p99 ms | kept up | server peak RSS MiB |\n"
+        ));
+        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n");
+        for l in &r.latency {
+            let rss = l.server_peak_rss_mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)));
+            match &l.commit_to_receipt {
+                Some(p) => s.push_str(&format!(
+                    "| {} one-row tx/s for {} s | {} | {} of {} | {:.2} | {:.2}{} | {:.1} | {} | {} | {rss} |\n",
+                    thousands(l.rate),
+                    l.secs,
+                    fmt_rate(l.achieved_rate),
+                    thousands(l.received),
+                    thousands(l.rows),
+                    p.p50_ms,
+                    p.p99_ms,
+                    if l.rate <= 1000 { mark(p.p99_ms <= TARGET_P99_MS) } else { "" },
+                    p.max_ms,
+                    l.send_to_receipt.as_ref().map_or("–".into(), |p| format!("{:.2}", p.p99_ms)),
+                    if l.kept_up { "yes" } else { "no ✗" },
+                )),
+                None => s.push_str(&format!(
+                    "| {} one-row tx/s | – | – | – | – | – | – | no ✗ | {rss} |\n",
+                    thousands(l.rate)
+                )),
+            }
+        }
+    }
+    let errors: Vec<String> = r
+        .workloads
+        .iter()
+        .filter_map(|w| w.error.as_ref().map(|e| format!("{}: {e}", w.name)))
+        .chain(r.latency.iter().filter_map(|l| l.error.as_ref().map(|e| format!("latency {}: {e}", l.rate))))
+        .collect();
+    if !errors.is_empty() {
+        s.push_str("\nErrors:\n");
+        for e in errors {
+            s.push_str(&format!("- {e}\n"));
+        }
+    }
+    s.push_str(&format!(
+        "\n{}{}. Best of {} drain(s) per tool; ✗ = misses the target.\n",
+        if r.setup.quick { "QUICK RUN (workloads 100x smaller): " } else { "" },
+        r.machine_line(),
+        r.setup.runs_per_tool
+    ));
+    s
+}
+
+fn proc_field(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_default()
+}
+
+fn output(cmd: &str, args: &[&str], dir: Option<&Path>) -> Option<String> {
+    let mut c = Command::new(cmd);
+    c.args(args);
+    if let Some(d) = dir {
+        c.current_dir(d);
+    }
+    let out = c.output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Now in UTC as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, no date crate).
+fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn date_format() {
+        let d = super::utc_now();
+        assert_eq!(d.len(), 20);
+        assert!(d.starts_with("20"));
+    }
+}
