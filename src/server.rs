@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::http::{AppState, router};
@@ -41,5 +42,11 @@ pub async fn run(
             registry.shutdown().await;
         }
     };
+    // Frames are small and latency matters: no Nagle delay on client sockets.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(on_shutdown).await
 }
