@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Result;
 use crate::cluster::{Cluster, die_with_parent_tokio};
+use crate::cpu::{CpuUse, Snapshot};
 
 /// What one change looks like in wal2json v1 output: counting these counts changes.
 pub const CHANGE_MARK: &[u8] = b"\"kind\":\"";
@@ -41,6 +42,8 @@ pub struct Drain {
     /// Plugin output bytes (pg_recvlogical: without the newline it adds per record).
     pub bytes: u64,
     pub secs: f64,
+    /// CPU seconds spent during the drain, by process.
+    pub cpu: Option<CpuUse>,
 }
 
 impl Drain {
@@ -71,15 +74,19 @@ pub fn message_nextlsn(msg: &[u8]) -> Option<u64> {
 
 pub fn ws_config() -> WebSocketConfig {
     // A transaction is one message, however large (the 1M-row one is ~260 MB).
-    WebSocketConfig::default().max_message_size(None).max_frame_size(None)
+    // tungstenite zero-fills `read_buffer_size` bytes before every read attempt (128 KiB
+    // by default), which made that memset the client's biggest cost; a server frame is a
+    // change, mostly a few hundred bytes.
+    WebSocketConfig::default().max_message_size(None).max_frame_size(None).read_buffer_size(16 * 1024)
 }
 
 /// Streams `slot` through the server until a message's nextlsn reaches `end`. Counts the
 /// messages whose nextlsn is <= `end` (the workload's), acks every nextlsn it receives.
 /// The clock runs from the websocket request to the last message.
-pub async fn through_server(port: u16, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
+pub async fn through_server(port: u16, pid: u32, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
     let url = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}");
     let finder = memmem::Finder::new(CHANGE_MARK);
+    let cpu0 = Snapshot::take(Some(pid));
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + limit;
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
@@ -129,11 +136,13 @@ pub async fn through_server(port: u16, slot: &str, end: u64, limit: Duration) ->
             break t0.elapsed().as_secs_f64();
         }
     };
+    let (client_secs, tool_secs) = Snapshot::take(Some(pid)).since(&cpu0);
     drop(ack_tx);
     // Let the acks and the close go out, then read until the server closes.
     let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
-    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs })
+    let cpu = Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs });
+    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
 }
 
 /// `pg_recvlogical --start` on `slot` with the server's wal2json options, until `end`
@@ -162,12 +171,14 @@ pub async fn with_pg_recvlogical(
         cmd.args(["-o", o]);
     }
     die_with_parent_tokio(&mut cmd);
+    let cpu0 = Snapshot::take(None);
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("pg_recvlogical: {e}"))?;
     let status = tokio::time::timeout(limit, child.wait())
         .await
         .map_err(|_| format!("pg_recvlogical on {slot}: timed out after {limit:?}"))??;
     let secs = t0.elapsed().as_secs_f64();
+    let (client_secs, tool_secs) = Snapshot::take(None).since(&cpu0);
     if !status.success() {
         let mut err = String::new();
         if let Some(mut e) = child.stderr.take() {
@@ -185,6 +196,7 @@ pub async fn with_pg_recvlogical(
         transactions: counted.transactions,
         bytes: counted.bytes - counted.lines,
         secs,
+        cpu: Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs }),
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod chart;
 mod cluster;
+mod cpu;
 mod drain;
 mod latency;
 mod report;
@@ -277,6 +278,8 @@ async fn run_workload(
         eprintln!("bench:   wrote {} rows in {write_secs:.1} s, end {}", w.rows(), drain::format_lsn(end));
 
         let limit = Duration::from_secs(if args.quick { 120 } else { 600 });
+        // Its own connection: it polls while the drains run.
+        let watcher = Arc::new(cluster.client(&db).await?);
         let mut drains: Vec<Drain> = Vec::new();
         for r in 0..runs {
             let order = if (r + index) % 2 == 0 {
@@ -285,22 +288,34 @@ async fn run_workload(
                 [Tool::PgRecvlogical, Tool::Server]
             };
             for tool in order {
-                let mut d = match tool {
-                    Tool::Server => drain::through_server(server.port, &server_slots[r], end, limit).await?,
-                    Tool::PgRecvlogical => {
-                        drain::with_pg_recvlogical(cluster, &db, &twin_slots[r], end, scratch, limit).await?
-                    }
+                let slot = match tool {
+                    Tool::Server => &server_slots[r],
+                    Tool::PgRecvlogical => &twin_slots[r],
                 };
+                let walsender = cpu::WalsenderWatch::start(watcher.clone(), slot.clone());
+                let mut d = match tool {
+                    Tool::Server => drain::through_server(server.port, server.pid, slot, end, limit).await?,
+                    Tool::PgRecvlogical => drain::with_pg_recvlogical(cluster, &db, slot, end, scratch, limit).await?,
+                };
+                if let (Some(c), Some(w)) = (d.cpu.as_mut(), walsender.finish()) {
+                    c.walsender_secs = w;
+                }
                 d.order = drains.len() + 1;
+                let c = d.cpu.unwrap_or(cpu::CpuUse { walsender_secs: 0.0, tool_secs: 0.0, client_secs: 0.0 });
                 eprintln!(
-                    "bench:   {:?} {}: {} changes, {:.1} MB in {:.2} s = {:.0} changes/s, {:.1} MB/s",
+                    "bench:   {:?} {}: {} changes, {:.1} MB in {:.2} s = {:.0} changes/s, {:.1} MB/s; \
+                     CPU s: walsender {:.2}, {:?} {:.2}, bench {:.2}",
                     d.tool,
                     d.slot,
                     d.changes,
                     d.bytes as f64 / 1e6,
                     d.secs,
                     d.changes_per_sec(),
-                    d.mb_per_sec()
+                    d.mb_per_sec(),
+                    c.walsender_secs,
+                    d.tool,
+                    c.tool_secs,
+                    c.client_secs
                 );
                 drains.push(d);
             }
