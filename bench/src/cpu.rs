@@ -38,6 +38,11 @@ fn rusage_secs(who: libc::c_int) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU seconds of the bench process so far.
+pub fn own_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_SELF)
+}
+
 /// CPU counters at one moment.
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {

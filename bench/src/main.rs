@@ -340,6 +340,7 @@ async fn latency_run(cluster: &Cluster, args: &Args, rate: u64, secs: u64) -> Re
     let outcome = async {
         let slot = server.init().await?;
         server.delete("/v1/snapshot").await?;
+        let slot_name = slot.clone();
         let n = (rate * secs) as usize;
         let warmup = 20usize;
         let clocks = Arc::new(Clocks::new(n + warmup));
@@ -355,24 +356,38 @@ async fn latency_run(cluster: &Cluster, args: &Args, rate: u64, secs: u64) -> Re
             }
             wait_received(&clocks, warmup as u64, Duration::from_secs(20)).await?;
 
+            let walsender: Option<i32> = client
+                .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot_name])
+                .await?
+                .get(0);
+            let walsender = walsender.map(|p| p as u32);
+            let cpu_of = |pid: Option<u32>| pid.and_then(cpu::process_secs).unwrap_or(0.0);
+            let before = (cpu_of(walsender), cpu_of(Some(server.pid)), cpu::own_secs());
+
             let workers = if rate >= 5_000 { 8 } else { 2 };
             let configs = (0..workers).map(|_| cluster.config(&db)).collect();
             let writer = latency::spawn_writer(configs, rate, 0, n, clocks.clone());
             let started = latency::now_ns();
             tokio::task::spawn_blocking(move || writer.join()).await?.map_err(|_| "writer panicked")??;
-            let written = latency::now_ns();
             let all = wait_received(&clocks, (n + warmup) as u64, Duration::from_secs(30)).await;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((started, written, all.is_ok()))
+            let cpu = report::LatencyCpu {
+                wall_secs: (latency::now_ns() - started) as f64 / 1e9,
+                walsender_secs: cpu_of(walsender) - before.0,
+                server_secs: cpu_of(Some(server.pid)) - before.1,
+                bench_secs: cpu::own_secs() - before.2,
+            };
+            let _ = all;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((started, cpu))
         }
         .await;
         stop.store(true, Ordering::Relaxed);
         let read = tokio::task::spawn_blocking(move || reader.join()).await?.map_err(|_| "client panicked")?;
-        let (started, written, _) = body?;
+        let (started, cpu) = body?;
         read?;
         let peak = server.peak_rss_kib();
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latency_result(
-            rate, secs, n, &clocks, started, written, peak,
-        ))
+        let mut r = latency_result(rate, secs, n, &clocks, started, peak);
+        r.cpu = Some(cpu);
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(r)
     }
     .await;
     let sampled = server.max_sampled_rss_kib.load(Ordering::Relaxed);
@@ -405,7 +420,6 @@ fn latency_result(
     n: usize,
     clocks: &Clocks,
     started: u64,
-    written: u64,
     peak_kib: Option<u64>,
 ) -> LatencyResult {
     let load = |v: &[std::sync::atomic::AtomicU64], i: usize| v[i].load(Ordering::Relaxed);
@@ -436,7 +450,6 @@ fn latency_result(
     let kept_up = received == n as u64
         && achieved >= 0.95 * rate as f64
         && commit_to_receipt.as_ref().is_some_and(|p| p.p99_ms <= report::KEEP_UP_P99_MS);
-    let _ = written;
     LatencyResult {
         rate,
         secs,
@@ -450,6 +463,7 @@ fn latency_result(
         kept_up,
         server_peak_rss_mib: peak_kib.map(|k| k as f64 / 1024.0),
         server_max_sampled_rss_mib: 0.0,
+        cpu: None,
         error: None,
     }
 }

@@ -183,7 +183,18 @@ pub struct LatencyResult {
     pub kept_up: bool,
     pub server_peak_rss_mib: Option<f64>,
     pub server_max_sampled_rss_mib: f64,
+    /// CPU seconds from the writer's start until the client had every row.
+    pub cpu: Option<LatencyCpu>,
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyCpu {
+    pub wall_secs: f64,
+    pub walsender_secs: f64,
+    pub server_secs: f64,
+    /// The bench process: the writer's client side and the websocket client.
+    pub bench_secs: f64,
 }
 
 impl LatencyResult {
@@ -201,6 +212,7 @@ impl LatencyResult {
             kept_up: false,
             server_peak_rss_mib: None,
             server_max_sampled_rss_mib: 0.0,
+            cpu: None,
             error: Some(error),
         }
     }
@@ -344,6 +356,7 @@ pub fn markdown(r: &Results) -> String {
             }
         }
     }
+    s.push_str(&cpu_table(r));
     let errors: Vec<String> = r
         .workloads
         .iter()
@@ -363,6 +376,51 @@ pub fn markdown(r: &Results) -> String {
         r.setup.runs_per_tool
     ));
     s
+}
+
+/// CPU seconds of the fastest drain of each tool: which process was busy, and how much
+/// of the wall time the walsender could decode.
+fn cpu_table(r: &Results) -> String {
+    let mut rows = String::new();
+    for w in &r.workloads {
+        for tool in [Tool::Server, Tool::PgRecvlogical] {
+            let best = w.drains.iter().filter(|d| d.tool == tool).min_by(|a, b| a.secs.total_cmp(&b.secs));
+            let Some(d) = best else { continue };
+            let Some(c) = d.cpu else { continue };
+            let (name, client) = match tool {
+                Tool::Server => ("server", format!("{:.2}", c.client_secs)),
+                Tool::PgRecvlogical => ("pg_recvlogical", "–".to_string()),
+            };
+            rows.push_str(&format!(
+                "| {} | {name} | {:.2} | {:.2} ({:.0}%) | {:.2} | {client} |\n",
+                w.description,
+                d.secs,
+                c.walsender_secs,
+                100.0 * c.walsender_secs / d.secs,
+                c.tool_secs
+            ));
+        }
+    }
+    for l in &r.latency {
+        let Some(c) = &l.cpu else { continue };
+        rows.push_str(&format!(
+            "| live, {} one-row tx/s | server | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} (with the writer) |\n",
+            thousands(l.rate),
+            c.wall_secs,
+            c.walsender_secs,
+            100.0 * c.walsender_secs / c.wall_secs,
+            c.server_secs,
+            c.bench_secs
+        ));
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nCPU seconds during the fastest drain of each tool (walsender % = its CPU ÷ wall time):\n\n\
+         | workload | drained by | wall s | walsender CPU s | server or pg_recvlogical CPU s | bench client CPU s |\n\
+         | --- | --- | ---: | ---: | ---: | ---: |\n{rows}"
+    )
 }
 
 fn proc_field(path: &str, key: &str) -> Option<String> {
