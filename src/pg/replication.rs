@@ -323,17 +323,23 @@ impl ReplicationConnection {
             if let Some(m) = self.parse_buffered()? {
                 return Ok(m);
             }
-            if self.read_buf.capacity() - self.read_buf.len() < 8 * 1024 {
-                self.read_buf.reserve(64 * 1024);
-            }
-            let n = self.socket.read_buf(&mut self.read_buf).await?;
-            if n == 0 {
-                return Err(PgError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
+            self.fill_buf().await?;
         }
+    }
+
+    /// Reads whatever the socket has into `read_buf`. Cancel-safe.
+    async fn fill_buf(&mut self) -> Result<(), PgError> {
+        if self.read_buf.capacity() - self.read_buf.len() < 8 * 1024 {
+            self.read_buf.reserve(64 * 1024);
+        }
+        let n = self.socket.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(PgError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
     }
 
     fn parse_buffered(&mut self) -> Result<Option<Incoming>, PgError> {
@@ -368,6 +374,16 @@ pub enum StreamEvent {
     Notice(DbError),
 }
 
+/// What [`ReplicationStream::try_next`] found in the read buffer.
+#[derive(Debug)]
+pub enum Buffered {
+    Event(StreamEvent),
+    /// The server ended the stream (CopyDone).
+    Ended,
+    /// Nothing complete yet.
+    Empty,
+}
+
 /// A connection in CopyBoth mode after `START_REPLICATION`.
 pub struct ReplicationStream {
     conn: ReplicationConnection,
@@ -380,25 +396,38 @@ impl ReplicationStream {
     /// (CopyDone). An ErrorResponse (slot dropped, server shutting down) is an `Err`.
     /// Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<StreamEvent>, PgError> {
+        loop {
+            match self.try_next()? {
+                Buffered::Event(e) => return Ok(Some(e)),
+                Buffered::Ended => return Ok(None),
+                Buffered::Empty => self.conn.fill_buf().await?,
+            }
+        }
+    }
+
+    /// The next event if it is already buffered, without waiting: lets a caller take a
+    /// whole burst of frames in one go.
+    pub fn try_next(&mut self) -> Result<Buffered, PgError> {
         if self.server_done {
-            return Ok(None);
+            return Ok(Buffered::Ended);
         }
         loop {
-            match self.conn.read_message().await? {
+            let Some(incoming) = self.conn.parse_buffered()? else { return Ok(Buffered::Empty) };
+            match incoming {
                 Incoming::Message(Message::CopyData(body)) => {
                     let frame =
                         frames::parse_server_frame(body.into_bytes()).map_err(|e| PgError::Protocol(e.to_string()))?;
-                    return Ok(Some(StreamEvent::Frame(frame)));
+                    return Ok(Buffered::Event(StreamEvent::Frame(frame)));
                 }
                 Incoming::Message(Message::NoticeResponse(b)) => {
-                    return Ok(Some(StreamEvent::Notice(DbError::from_fields(b.fields()))));
+                    return Ok(Buffered::Event(StreamEvent::Notice(DbError::from_fields(b.fields()))));
                 }
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     return Err(PgError::Db(DbError::from_fields(b.fields())));
                 }
                 Incoming::Message(Message::CopyDone) => {
                     self.server_done = true;
-                    return Ok(None);
+                    return Ok(Buffered::Ended);
                 }
                 Incoming::Message(Message::ParameterStatus(_)) => {}
                 Incoming::Message(other) => {

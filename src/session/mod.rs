@@ -52,7 +52,7 @@ pub struct SessionSettings {
     pub snapshot_idle_timeout: Duration,
     /// Standby status updates go out at least this often.
     pub status_interval: Duration,
-    /// Frames buffered between the pump and a client.
+    /// Batches of frames buffered between the pump and a client.
     pub stream_buffer: usize,
     pub socket: SocketSettings,
 }
@@ -62,7 +62,7 @@ impl Default for SessionSettings {
         SessionSettings {
             snapshot_idle_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(10),
-            stream_buffer: 64,
+            stream_buffer: 8,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
         }
     }

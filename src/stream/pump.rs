@@ -15,13 +15,19 @@ use tokio::sync::mpsc;
 use super::frame::{Assembler, Format, FrameKind, OutFrame};
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
-use crate::pg::replication::{ReplicationStream, StreamEvent};
+use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
 use crate::types::Lsn;
+
+/// A batch ends at this many frames or bytes, whichever comes first: it bounds the
+/// memory a batch holds while keeping per-frame overhead (channel sends, wake-ups) low.
+const MAX_BATCH_FRAMES: usize = 256;
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// What the pump hands to the websocket side.
 #[derive(Debug)]
 pub enum Outgoing {
-    Frame(OutFrame),
+    /// Frames in stream order.
+    Frames(Vec<OutFrame>),
     /// Postgres ended the stream with this message; the client gets it as an error
     /// frame and a close.
     Fatal(String),
@@ -127,17 +133,39 @@ impl Pump {
                     Err(_) => break,
                 },
                 event = stream.next(), if pending.is_none() => match event {
-                    Ok(Some(StreamEvent::Frame(ServerFrame::XLogData { data, .. }))) => {
-                        let frame = assembler.push(data);
-                        pos.on_frame(&frame);
-                        pending = Some(Outgoing::Frame(frame));
-                    }
-                    Ok(Some(StreamEvent::Frame(ServerFrame::Keepalive { wal_end: end, reply_requested, .. }))) => {
-                        wal_end = Some(end);
-                        report_now = reply_requested;
-                    }
-                    Ok(Some(StreamEvent::Notice(notice))) => {
-                        tracing::warn!(slot = %slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
+                    Ok(Some(event)) => {
+                        // Take the whole burst that is already buffered, up to a batch:
+                        // one channel send and one wake-up for many frames.
+                        let mut batch = Vec::new();
+                        let mut bytes = 0;
+                        let mut next = Some(event);
+                        while let Some(event) = next.take() {
+                            match event {
+                                StreamEvent::Frame(ServerFrame::XLogData { data, .. }) => {
+                                    let frame = assembler.push(data);
+                                    pos.on_frame(&frame);
+                                    bytes += frame.payload.len();
+                                    batch.push(frame);
+                                }
+                                StreamEvent::Frame(ServerFrame::Keepalive { wal_end: end, reply_requested, .. }) => {
+                                    wal_end = Some(end);
+                                    report_now |= reply_requested;
+                                }
+                                StreamEvent::Notice(notice) => {
+                                    tracing::warn!(slot = %slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
+                                }
+                            }
+                            if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
+                                break;
+                            }
+                            // Whatever ends the stream is found again by the next `next()`.
+                            if let Ok(Buffered::Event(event)) = stream.try_next() {
+                                next = Some(event);
+                            }
+                        }
+                        if !batch.is_empty() {
+                            pending = Some(Outgoing::Frames(batch));
+                        }
                     }
                     Ok(None) => {
                         fatal = Some("Postgres ended the replication stream".into());

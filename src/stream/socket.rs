@@ -113,7 +113,7 @@ impl Writer {
                 // Error replies wait for the end of a fragmented message.
                 Some(message) = errors.recv(), if !in_message => self.sink.feed(Message::Text(error_json(&message).into())).await,
                 item = frames.recv() => match item {
-                    Some(Outgoing::Frame(frame)) => self.send_frame(frame).await,
+                    Some(Outgoing::Frames(frames)) => self.send_frames(frames).await,
                     Some(Outgoing::Fatal(message)) => {
                         // Inside a fragmented message no other message may be sent: the
                         // close frame alone carries the reason then.
@@ -144,6 +144,16 @@ impl Writer {
 
     fn lost(&self) {
         self.stop.stop(code::GOING_AWAY, "client connection lost");
+    }
+
+    async fn send_frames(&mut self, frames: Vec<OutFrame>) -> Result<(), WsError> {
+        for frame in frames {
+            self.send_frame(frame).await?;
+            if self.stop.is_stopped() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn send_frame(&mut self, frame: OutFrame) -> Result<(), WsError> {
