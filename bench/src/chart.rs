@@ -54,7 +54,7 @@ pub fn draw(r: &Results, font: Vec<u8>, path: &Path) -> Result<()> {
             footer_style,
         ))
         .map_err(err)?;
-    let (left, right) = body.split_horizontally(W * 56 / 100);
+    let (left, right) = body.split_horizontally(W * 47 / 100);
     ratios(r, &left)?;
     latency(r, &right)?;
     root.present().map_err(err)?;
@@ -96,7 +96,7 @@ fn ratios(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
         .caption("Throughput, server ÷ pg_recvlogical (changes/s; higher is better)", (FONT, 20))
         .margin(16)
-        .x_label_area_size(40)
+        .x_label_area_size(48)
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..n as f64, 0f64..top)
         .map_err(err)?;
@@ -172,16 +172,17 @@ fn latency(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> 
         .iter()
         .map(|l| {
             format!(
-                "{} tx/s{}",
+                "{} tx/s\n{}{}",
                 crate::workload::thousands(l.rate),
-                if l.kept_up { " (kept up)" } else { " (fell behind)" }
+                l.via.label(),
+                if l.kept_up { "" } else { "\nfell behind" }
             )
         })
         .collect();
     let mut chart = ChartBuilder::on(area)
         .caption("Live latency, commit → client (ms, log scale)", (FONT, 20))
         .margin(16)
-        .x_label_area_size(40)
+        .x_label_area_size(64)
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..n as f64, (lo..hi).log_scale())
         .map_err(err)?;
@@ -197,7 +198,8 @@ fn latency(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> 
         .map_err(err)?;
     category_labels(area, &labels, |i| chart.backend_coord(&(i as f64 + 0.5, lo)))?;
     let label = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
-    let inside = TextStyle::from((FONT, 15).into_font()).color(&WHITE).pos(Pos::new(HPos::Center, VPos::Top));
+    let inside = TextStyle::from((FONT, 14).into_font()).color(&WHITE).pos(Pos::new(HPos::Center, VPos::Top));
+    let small = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
     let mut legend_done = false;
     for (i, l) in r.latency.iter().enumerate() {
         let x = i as f64;
@@ -213,8 +215,8 @@ fn latency(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> 
                 s.label(name).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
             }
             // Inside the bar's top (the max tick sits just above p99), above a short bar.
-            let (at, style) = if v > lo * 4.0 { (v / 1.08, inside.clone()) } else { (v * 1.06, label.clone()) };
-            chart.draw_series([Text::new(format!("{name} {}", ms(v)), ((x0 + x1) / 2.0, at), style)]).map_err(err)?;
+            let (at, style) = if v > lo * 4.0 { (v / 1.15, inside.clone()) } else { (v * 1.06, label.clone()) };
+            chart.draw_series([Text::new(ms(v), ((x0 + x1) / 2.0, at), style)]).map_err(err)?;
         }
         // max: a black tick over the p99 bar.
         let s = chart
@@ -224,7 +226,7 @@ fn latency(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> 
             s.label("max").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(3)));
         }
         chart
-            .draw_series([Text::new(format!("max {}", ms(p.max_ms)), (x + 0.7, p.max_ms * 1.06), label.clone())])
+            .draw_series([Text::new(format!("max {}", ms(p.max_ms)), (x + 0.7, p.max_ms * 1.05), small.clone())])
             .map_err(err)?;
         legend_done = true;
     }
@@ -260,7 +262,10 @@ fn category_labels(
     let style = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
     for (i, l) in labels.iter().enumerate() {
         let (x, y) = pixel(i);
-        area.draw(&Text::new(l.clone(), (x - bx, y - by + 10), style.clone())).map_err(err)?;
+        for (k, line) in l.lines().enumerate() {
+            area.draw(&Text::new(line.to_string(), (x - bx, y - by + 8 + 18 * k as i32), style.clone()))
+                .map_err(err)?;
+        }
     }
     Ok(())
 }

@@ -31,6 +31,15 @@ pub enum Tool {
     PgRecvlogical,
 }
 
+impl Tool {
+    pub fn label(self) -> &'static str {
+        match self {
+            Tool::Server => "server",
+            Tool::PgRecvlogical => "pg_recvlogical",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
     pub tool: Tool,

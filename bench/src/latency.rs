@@ -206,3 +206,45 @@ pub fn spawn_writer(
         })
         .expect("spawn the latency writer thread")
 }
+
+/// The baseline client: pg_recvlogical's output (one plugin record per line; a change
+/// is `{"kind":...}` or `,{"kind":...}` on its own line with write-in-chunks), read as it
+/// comes. Ends at EOF, when pg_recvlogical is stopped.
+pub fn spawn_line_client(
+    stdout: std::process::ChildStdout,
+    clocks: Arc<Clocks>,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::Builder::new()
+        .name("latency-recvlogical".into())
+        .spawn(move || {
+            use std::io::BufRead;
+            let mut input = std::io::BufReader::with_capacity(64 * 1024, stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if input.read_until(b'\n', &mut line)? == 0 {
+                    return Ok(());
+                }
+                let at = now_ns();
+                let text = line.strip_prefix(b",").unwrap_or(&line);
+                if !text.starts_with(b"{\"kind\"") {
+                    continue;
+                }
+                let change: serde_json::Value = serde_json::from_slice(text)?;
+                if change["table"] != "pings" {
+                    continue;
+                }
+                let values = &change["columnvalues"];
+                let (Some(id), Some(sent_us)) = (values[0].as_u64(), values[1].as_u64()) else {
+                    return Err(format!("pg_recvlogical client: unexpected row {change}").into());
+                };
+                let id = id as usize;
+                if id < clocks.received.len() && clocks.received[id].load(Ordering::Relaxed) == 0 {
+                    clocks.received[id].store(at, Ordering::Relaxed);
+                    clocks.sent_in_row_us[id].store(sent_us, Ordering::Relaxed);
+                    clocks.received_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .expect("spawn the pg_recvlogical reader thread")
+}

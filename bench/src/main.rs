@@ -64,6 +64,9 @@ struct Args {
     /// Latency rates in transactions per second.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     rates: Vec<u64>,
+    /// Writer connections of the latency runs (default: 2 below 5,000 tx/s, else 8).
+    #[arg(long)]
+    writers: Option<usize>,
     /// Only these workloads (one_big_tx, tx_of_100, tx_of_1, wide_rows; `none` for none).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
@@ -157,17 +160,25 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
     let run_latency = args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == "latency"));
     if run_latency || args.only.is_none() {
         for &rate in &args.rates {
-            eprintln!("bench: live latency at {rate} tx/s for {latency_secs} s");
-            let r = match latency_run(cluster, args, rate, latency_secs).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let e = describe(&*e);
-                    eprintln!("bench: latency at {rate} tx/s failed: {e}");
-                    LatencyResult::failed(rate, latency_secs, e)
+            for via in [Tool::Server, Tool::PgRecvlogical] {
+                eprintln!("bench: live latency at {rate} tx/s for {latency_secs} s through {via:?}");
+                let r = match latency_case(cluster, args, rate, latency_secs, via).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let e = describe(&*e);
+                        eprintln!("bench: latency at {rate} tx/s through {via:?} failed: {e}");
+                        LatencyResult::failed(rate, latency_secs, via, e)
+                    }
+                };
+                if let Some(p) = &r.commit_to_receipt {
+                    eprintln!(
+                        "bench:   {} of {} rows, writer {:.0} tx/s; p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                        r.received, r.rows, r.achieved_rate, p.p50_ms, p.p99_ms, p.max_ms
+                    );
                 }
-            };
-            failed |= r.error.is_some();
-            results.latency.push(r);
+                failed |= r.error.is_some();
+                results.latency.push(r);
+            }
         }
     }
     results.finish(started.elapsed());
@@ -332,70 +343,136 @@ async fn run_workload(
     Ok(WorkloadResult::new(w, write_secs, end, drains, peak, sampled))
 }
 
-async fn latency_run(cluster: &Cluster, args: &Args, rate: u64, secs: u64) -> Result<LatencyResult> {
-    let db = format!("bench_latency_{rate}");
-    let client = fresh_db(cluster, &db).await?;
-    client.batch_execute(latency::TABLE_SQL).await?;
-    let server = Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?;
-    let outcome = async {
-        let slot = server.init().await?;
-        server.delete("/v1/snapshot").await?;
-        let slot_name = slot.clone();
-        let n = (rate * secs) as usize;
-        let warmup = 20usize;
-        let clocks = Arc::new(Clocks::new(n + warmup));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = latency::spawn_client(server.port, slot, clocks.clone(), stop.clone(), tx);
-        let connected = tokio::task::spawn_blocking(move || rx.recv()).await?;
-        let body = async {
-            connected.map_err(|_| "latency client died")??;
-            // Warm-up rows (ids n..n+warmup), one at a time, until the client has them all.
-            for id in n..n + warmup {
-                client.execute("INSERT INTO pings VALUES ($1, 0, 'warm-up')", &[&(id as i64)]).await?;
-            }
-            wait_received(&clocks, warmup as u64, Duration::from_secs(20)).await?;
+/// What the live-latency client is: the server's websocket, or pg_recvlogical's output
+/// (the baseline: the same walsender work without the server).
+struct Consumer {
+    reader: std::thread::JoinHandle<Result<()>>,
+    /// pg_recvlogical, killed at the end (the reader then sees EOF).
+    child: Option<std::process::Child>,
+    slot: String,
+    /// The process whose CPU counts as the tool's.
+    pid: u32,
+}
 
-            let walsender: Option<i32> = client
-                .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot_name])
-                .await?
-                .get(0);
-            let walsender = walsender.map(|p| p as u32);
-            let cpu_of = |pid: Option<u32>| pid.and_then(cpu::process_secs).unwrap_or(0.0);
-            let before = (cpu_of(walsender), cpu_of(Some(server.pid)), cpu::own_secs());
-
-            let workers = if rate >= 5_000 { 8 } else { 2 };
-            let configs = (0..workers).map(|_| cluster.config(&db)).collect();
-            let writer = latency::spawn_writer(configs, rate, 0, n, clocks.clone());
-            let started = latency::now_ns();
-            tokio::task::spawn_blocking(move || writer.join()).await?.map_err(|_| "writer panicked")??;
-            let all = wait_received(&clocks, (n + warmup) as u64, Duration::from_secs(30)).await;
-            let cpu = report::LatencyCpu {
-                wall_secs: (latency::now_ns() - started) as f64 / 1e9,
-                walsender_secs: cpu_of(walsender) - before.0,
-                server_secs: cpu_of(Some(server.pid)) - before.1,
-                bench_secs: cpu::own_secs() - before.2,
-            };
-            let _ = all;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((started, cpu))
+async fn latency_run(
+    cluster: &Cluster,
+    args: &Args,
+    rate: u64,
+    secs: u64,
+    via: Tool,
+    server: Option<&Server>,
+) -> Result<LatencyResult> {
+    let db = match via {
+        Tool::Server => format!("bench_latency_{rate}"),
+        Tool::PgRecvlogical => format!("bench_latency_{rate}_recv"),
+    };
+    let n = (rate * secs) as usize;
+    let warmup = 20usize;
+    let clocks = Arc::new(Clocks::new(n + warmup));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = cluster.client(&db).await?;
+    let mut consumer = match (via, server) {
+        (Tool::Server, Some(server)) => {
+            let slot = server.init().await?;
+            server.delete("/v1/snapshot").await?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = latency::spawn_client(server.port, slot.clone(), clocks.clone(), stop.clone(), tx);
+            tokio::task::spawn_blocking(move || rx.recv()).await?.map_err(|_| "latency client died")??;
+            Consumer { reader, child: None, slot, pid: server.pid }
         }
-        .await;
-        stop.store(true, Ordering::Relaxed);
-        let read = tokio::task::spawn_blocking(move || reader.join()).await?.map_err(|_| "client panicked")?;
-        let (started, cpu) = body?;
-        read?;
-        let peak = server.peak_rss_kib();
-        let mut r = latency_result(rate, secs, n, &clocks, started, peak);
-        r.cpu = Some(cpu);
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(r)
+        (Tool::Server, None) => return Err("no server".into()),
+        (Tool::PgRecvlogical, _) => {
+            let slot = "twin_live".to_string();
+            client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&slot]).await?;
+            let mut cmd = std::process::Command::new(cluster.bin("pg_recvlogical"));
+            cmd.args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", &db])
+                .args(["-S", &slot, "--start", "--no-loop", "-F", "0", "-f", "-"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null());
+            for o in drain::PLUGIN_OPTIONS {
+                cmd.args(["-o", o]);
+            }
+            cluster::die_with_parent(&mut cmd);
+            let mut child = cmd.spawn().map_err(|e| format!("pg_recvlogical: {e}"))?;
+            let stdout = child.stdout.take().ok_or("pg_recvlogical: no stdout")?;
+            let reader = latency::spawn_line_client(stdout, clocks.clone());
+            let pid = child.id();
+            Consumer { reader, child: Some(child), slot, pid }
+        }
+    };
+    let body = async {
+        // Warm-up rows (ids n..n+warmup), one at a time, until the client has them all:
+        // the stream is live from end to end before the clock starts.
+        for id in n..n + warmup {
+            client.execute("INSERT INTO pings VALUES ($1, 0, 'warm-up')", &[&(id as i64)]).await?;
+        }
+        wait_received(&clocks, warmup as u64, Duration::from_secs(20)).await?;
+        let walsender: Option<i32> = client
+            .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&consumer.slot])
+            .await?
+            .get(0);
+        let walsender = walsender.map(|p| p as u32);
+        let cpu_of = |pid: Option<u32>| pid.and_then(cpu::process_secs).unwrap_or(0.0);
+        let before = (cpu_of(walsender), cpu_of(Some(consumer.pid)), cpu::own_secs());
+
+        let workers = args.writers.unwrap_or(if rate >= 5_000 { 8 } else { 2 }).max(1);
+        let configs = (0..workers).map(|_| cluster.config(&db)).collect();
+        let writer = latency::spawn_writer(configs, rate, 0, n, clocks.clone());
+        let started = latency::now_ns();
+        tokio::task::spawn_blocking(move || writer.join()).await?.map_err(|_| "writer panicked")??;
+        // Missing rows show in the result (received < rows), not as an error.
+        let _ = wait_received(&clocks, (n + warmup) as u64, Duration::from_secs(30)).await;
+        let cpu = report::LatencyCpu {
+            wall_secs: (latency::now_ns() - started) as f64 / 1e9,
+            walsender_secs: cpu_of(walsender) - before.0,
+            tool_secs: cpu_of(Some(consumer.pid)) - before.1,
+            bench_secs: cpu::own_secs() - before.2,
+        };
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((started, cpu))
     }
     .await;
-    let sampled = server.max_sampled_rss_kib.load(Ordering::Relaxed);
-    let stopped = server.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(child) = consumer.child.as_mut() {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    let reader = consumer.reader;
+    let read = tokio::task::spawn_blocking(move || reader.join()).await?.map_err(|_| "client panicked")?;
+    let (started, cpu) = body?;
+    read?;
+    let peak = server.and_then(Server::peak_rss_kib);
+    let mut r = latency_result(rate, secs, n, &clocks, started, peak);
+    r.via = via;
+    r.cpu = Some(cpu);
+    Ok(r)
+}
+
+/// One live-latency run in a fresh database: a fresh server process for the server's
+/// run; pg_recvlogical needs none.
+async fn latency_case(cluster: &Cluster, args: &Args, rate: u64, secs: u64, via: Tool) -> Result<LatencyResult> {
+    let db = match via {
+        Tool::Server => format!("bench_latency_{rate}"),
+        Tool::PgRecvlogical => format!("bench_latency_{rate}_recv"),
+    };
+    let client = fresh_db(cluster, &db).await?;
+    client.batch_execute(latency::TABLE_SQL).await?;
+    drop(client);
+    let server = match via {
+        Tool::Server => Some(Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?),
+        Tool::PgRecvlogical => None,
+    };
+    let outcome = latency_run(cluster, args, rate, secs, via, server.as_ref()).await;
+    let sampled = server.as_ref().map(|s| s.max_sampled_rss_kib.load(Ordering::Relaxed));
+    let stopped = match server {
+        Some(s) => s.stop().await,
+        None => Ok(()),
+    };
     cleanup_db(cluster, &db).await?;
     let mut r = outcome?;
     stopped?;
-    r.server_max_sampled_rss_mib = sampled as f64 / 1024.0;
+    r.server_max_sampled_rss_mib = sampled.unwrap_or(0) as f64 / 1024.0;
     Ok(r)
 }
 
@@ -425,6 +502,8 @@ fn latency_result(
     let load = |v: &[std::sync::atomic::AtomicU64], i: usize| v[i].load(Ordering::Relaxed);
     let mut from_commit = Vec::with_capacity(n);
     let mut from_send = Vec::with_capacity(n);
+    // Latencies by commit time, in 100 ms buckets: stalls and a growing backlog show here.
+    let mut buckets: Vec<Vec<i64>> = Vec::new();
     let (mut committed, mut received, mut last_commit) = (0u64, 0u64, 0u64);
     for id in 0..n {
         let (c, r) = (load(&clocks.committed, id), load(&clocks.received, id));
@@ -437,6 +516,11 @@ fn latency_result(
         }
         if c > 0 && r > 0 {
             from_commit.push(r as i64 - c as i64);
+            let b = (c.saturating_sub(started) / 100_000_000) as usize;
+            if buckets.len() <= b {
+                buckets.resize_with(b + 1, Vec::new);
+            }
+            buckets[b].push((r as i64 - c as i64).max(0));
             let sent_ns = load(&clocks.sent_in_row_us, id) as i64 * 1000;
             from_send.push(r as i64 - sent_ns);
         }
@@ -446,6 +530,19 @@ fn latency_result(
     let span = (last_commit.max(started) - started) as f64 / 1e9;
     let achieved = if span > 0.0 { committed as f64 / span } else { 0.0 };
     let commit_to_receipt = Percentiles::of(from_commit.iter().map(|&d| d.max(0)).collect());
+    let timeline = buckets
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, b)| {
+            let rows = b.len() as u64;
+            Percentiles::of(b).map(|p| report::Bucket {
+                at_ms: i as u64 * 100,
+                rows,
+                p50_ms: p.p50_ms,
+                max_ms: p.max_ms,
+            })
+        })
+        .collect();
     let send_to_receipt = Percentiles::of(from_send);
     let kept_up = received == n as u64
         && achieved >= 0.95 * rate as f64
@@ -463,7 +560,9 @@ fn latency_result(
         kept_up,
         server_peak_rss_mib: peak_kib.map(|k| k as f64 / 1024.0),
         server_max_sampled_rss_mib: 0.0,
+        via: Tool::Server,
         cpu: None,
+        timeline,
         error: None,
     }
 }

@@ -168,6 +168,8 @@ impl WorkloadResult {
 pub struct LatencyResult {
     /// Target rate, one-row transactions per second.
     pub rate: u64,
+    /// Who received the rows: the server's websocket client, or pg_recvlogical (baseline).
+    pub via: Tool,
     pub secs: u64,
     pub rows: u64,
     pub committed: u64,
@@ -185,22 +187,34 @@ pub struct LatencyResult {
     pub server_max_sampled_rss_mib: f64,
     /// CPU seconds from the writer's start until the client had every row.
     pub cpu: Option<LatencyCpu>,
+    /// By commit time, 100 ms per bucket: rows committed then, their p50 and max latency.
+    pub timeline: Vec<Bucket>,
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bucket {
+    pub at_ms: u64,
+    pub rows: u64,
+    pub p50_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencyCpu {
     pub wall_secs: f64,
     pub walsender_secs: f64,
-    pub server_secs: f64,
+    /// The server process, or pg_recvlogical.
+    pub tool_secs: f64,
     /// The bench process: the writer's client side and the websocket client.
     pub bench_secs: f64,
 }
 
 impl LatencyResult {
-    pub fn failed(rate: u64, secs: u64, error: String) -> LatencyResult {
+    pub fn failed(rate: u64, secs: u64, via: Tool, error: String) -> LatencyResult {
         LatencyResult {
             rate,
+            via,
             secs,
             rows: rate * secs,
             committed: 0,
@@ -213,6 +227,7 @@ impl LatencyResult {
             server_peak_rss_mib: None,
             server_max_sampled_rss_mib: 0.0,
             cpu: None,
+            timeline: Vec::new(),
             error: Some(error),
         }
     }
@@ -329,29 +344,38 @@ pub fn markdown(r: &Results) -> String {
     if !r.latency.is_empty() {
         s.push('\n');
         s.push_str(&format!(
-            "| live latency, commit → client | achieved tx/s | received | p50 ms | p99 ms (≤ {TARGET_P99_MS:.0}) | max ms | send → client p99 ms | kept up | server peak RSS MiB |\n"
+            "| live latency, commit → client | received by | achieved tx/s | received | p50 ms | p99 ms (≤ {TARGET_P99_MS:.0}) | max ms | send → client p99 ms | kept up | server peak RSS MiB |\n"
         ));
-        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n");
+        s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n");
         for l in &r.latency {
             let rss = l.server_peak_rss_mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)));
+            let kept = if l.kept_up {
+                "yes"
+            } else if l.via == Tool::Server {
+                "no ✗"
+            } else {
+                "no"
+            };
             match &l.commit_to_receipt {
                 Some(p) => s.push_str(&format!(
-                    "| {} one-row tx/s for {} s | {} | {} of {} | {:.2} | {:.2}{} | {:.1} | {} | {} | {rss} |\n",
+                    "| {} one-row tx/s for {} s | {} | {} | {} of {} | {:.2} | {:.2}{} | {:.1} | {} | {} | {rss} |\n",
                     thousands(l.rate),
                     l.secs,
+                    l.via.label(),
                     fmt_rate(l.achieved_rate),
                     thousands(l.received),
                     thousands(l.rows),
                     p.p50_ms,
                     p.p99_ms,
-                    if l.rate <= 1000 { mark(p.p99_ms <= TARGET_P99_MS) } else { "" },
+                    if l.rate <= 1000 && l.via == Tool::Server { mark(p.p99_ms <= TARGET_P99_MS) } else { "" },
                     p.max_ms,
                     l.send_to_receipt.as_ref().map_or("–".into(), |p| format!("{:.2}", p.p99_ms)),
-                    if l.kept_up { "yes" } else { "no ✗" },
+                    kept,
                 )),
                 None => s.push_str(&format!(
-                    "| {} one-row tx/s | – | – | – | – | – | – | no ✗ | {rss} |\n",
-                    thousands(l.rate)
+                    "| {} one-row tx/s | {} | – | – | – | – | – | – | no ✗ | {rss} |\n",
+                    thousands(l.rate),
+                    l.via.label()
                 )),
             }
         }
@@ -361,7 +385,11 @@ pub fn markdown(r: &Results) -> String {
         .workloads
         .iter()
         .filter_map(|w| w.error.as_ref().map(|e| format!("{}: {e}", w.name)))
-        .chain(r.latency.iter().filter_map(|l| l.error.as_ref().map(|e| format!("latency {}: {e}", l.rate))))
+        .chain(
+            r.latency
+                .iter()
+                .filter_map(|l| l.error.as_ref().map(|e| format!("latency {} via {}: {e}", l.rate, l.via.label()))),
+        )
         .collect();
     if !errors.is_empty() {
         s.push_str("\nErrors:\n");
@@ -404,12 +432,13 @@ fn cpu_table(r: &Results) -> String {
     for l in &r.latency {
         let Some(c) = &l.cpu else { continue };
         rows.push_str(&format!(
-            "| live, {} one-row tx/s | server | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} (with the writer) |\n",
+            "| live, {} one-row tx/s | {} | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} (with the writer) |\n",
             thousands(l.rate),
+            l.via.label(),
             c.wall_secs,
             c.walsender_secs,
             100.0 * c.walsender_secs / c.wall_secs,
-            c.server_secs,
+            c.tool_secs,
             c.bench_secs
         ));
     }
