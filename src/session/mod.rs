@@ -502,8 +502,7 @@ impl OpenStream {
             status_interval: settings.status_interval,
             format,
         };
-        let pump = tokio::spawn(pump.run());
-        crate::stream::socket::serve(
+        let socket = crate::stream::socket::serve(
             socket,
             slot.clone(),
             start,
@@ -512,9 +511,11 @@ impl OpenStream {
             progress,
             stop.clone(),
             settings.socket,
-        )
-        .await;
-        let _ = pump.await;
+        );
+        // The stages run in this one task rather than as tasks of their own: handing a
+        // frame from one stage to the next is then a poll in the same thread, not a
+        // wake-up of another worker (which cost more than the forwarding itself).
+        tokio::join!(pump.run(), socket);
         drop(guard);
     }
 }

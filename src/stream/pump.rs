@@ -23,6 +23,9 @@ use crate::types::Lsn;
 const MAX_BATCH_FRAMES: usize = 256;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
+/// Status updates that only report progress go out at most this often.
+const STATUS_WINDOW: Duration = Duration::from_millis(10);
+
 /// What the pump hands to the websocket side.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -48,6 +51,9 @@ pub struct Positions {
     pub in_transaction: bool,
     /// What we last reported to Postgres as flushed.
     pub confirmed: Lsn,
+    /// The walsender's position from its last keepalive: everything before it has
+    /// been sent to us.
+    pub walsender_end: Lsn,
 }
 
 impl Positions {
@@ -59,6 +65,7 @@ impl Positions {
             uncovered_message: false,
             in_transaction: false,
             confirmed: start,
+            walsender_end: start,
         }
     }
 
@@ -83,10 +90,9 @@ impl Positions {
         !self.uncovered_message && !self.in_transaction && self.acked >= self.must_ack
     }
 
-    /// The position that is safe to confirm now; `wal_end` is the walsender's position
-    /// from a keepalive (everything before it has been sent to us).
-    pub fn safe(&self, wal_end: Option<Lsn>) -> Lsn {
-        if self.settled() { self.read.max(wal_end.unwrap_or(Lsn::ZERO)).max(self.acked) } else { self.acked }
+    /// The position that is safe to confirm now.
+    pub fn safe(&self) -> Lsn {
+        if self.settled() { self.read.max(self.walsender_end).max(self.acked) } else { self.acked }
     }
 }
 
@@ -112,10 +118,11 @@ impl Pump {
         let mut ticker = tokio::time::interval(status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fatal: Option<String> = None;
+        let mut last_status = tokio::time::Instant::now() - STATUS_WINDOW;
+        let mut status_due: Option<tokio::time::Instant> = None;
 
         loop {
             let mut report_now = false;
-            let mut wal_end = None;
             tokio::select! {
                 biased;
                 _ = stop.stopped() => break,
@@ -124,6 +131,9 @@ impl Pump {
                     None => break, // the reader is gone: the client left
                 },
                 _ = ticker.tick() => report_now = true,
+                _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)), if status_due.is_some() => {
+                    report_now = true;
+                }
                 permit = out.reserve(), if pending.is_some() => match permit {
                     Ok(permit) => {
                         if let Some(item) = pending.take() {
@@ -147,8 +157,8 @@ impl Pump {
                                     bytes += frame.payload.len();
                                     batch.push(frame);
                                 }
-                                StreamEvent::Frame(ServerFrame::Keepalive { wal_end: end, reply_requested, .. }) => {
-                                    wal_end = Some(end);
+                                StreamEvent::Frame(ServerFrame::Keepalive { wal_end, reply_requested, .. }) => {
+                                    pos.walsender_end = pos.walsender_end.max(wal_end);
                                     report_now |= reply_requested;
                                 }
                                 StreamEvent::Notice(notice) => {
@@ -177,14 +187,22 @@ impl Pump {
                     }
                 },
             }
-            let safe = pos.safe(wal_end);
-            if safe > pos.confirmed || report_now {
+            // Confirm progress at once, but at most once per STATUS_WINDOW: a client
+            // acking 10,000 transactions a second must not cost the walsender 10,000
+            // replies to process.
+            let safe = pos.safe();
+            let now = tokio::time::Instant::now();
+            if report_now || (safe > pos.confirmed && now >= last_status + STATUS_WINDOW) {
                 pos.confirmed = pos.confirmed.max(safe);
                 if let Err(e) = stream.send_status(pos.confirmed, false).await {
                     fatal = Some(format!("replication stream failed: {e}"));
                     break;
                 }
+                last_status = now;
+                status_due = None;
                 tracing::trace!(slot = %slot, confirmed = %pos.confirmed, "status update");
+            } else if safe > pos.confirmed && status_due.is_none() {
+                status_due = Some(last_status + STATUS_WINDOW);
             }
         }
 
@@ -202,7 +220,7 @@ impl Pump {
             }
             return; // the connection is broken: nothing more to say to Postgres
         }
-        let safe = pos.safe(None);
+        let safe = pos.safe();
         let finish = async {
             stream.send_status(pos.confirmed.max(safe), false).await?;
             let conn = stream.stop().await?;
@@ -241,17 +259,19 @@ mod tests {
 
     #[test]
     fn idle_slot_follows_the_walsender() {
-        let p = Positions::new(Lsn(100));
-        assert_eq!(p.safe(Some(Lsn(500))), Lsn(500));
+        let mut p = Positions::new(Lsn(100));
+        p.walsender_end = Lsn(500);
+        assert_eq!(p.safe(), Lsn(500));
     }
 
     #[test]
     fn unacked_changes_hold_the_slot() {
         let mut p = Positions::new(Lsn(100));
         p.on_frame(&frame(FrameKind::Data, Some(200)));
-        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100));
+        p.walsender_end = Lsn(500);
+        assert_eq!(p.safe(), Lsn(100));
         p.acked = Lsn(200);
-        assert_eq!(p.safe(Some(Lsn(500))), Lsn(500));
+        assert_eq!(p.safe(), Lsn(500));
     }
 
     #[test]
@@ -259,30 +279,34 @@ mod tests {
         let mut p = Positions::new(Lsn(100));
         p.on_frame(&frame(FrameKind::Data, Some(200)));
         p.on_frame(&frame(FrameKind::Empty, Some(300)));
-        assert_eq!(p.safe(None), Lsn(100));
+        assert_eq!(p.safe(), Lsn(100));
         p.acked = Lsn(200);
-        assert_eq!(p.safe(None), Lsn(300));
+        assert_eq!(p.safe(), Lsn(300));
     }
 
     #[test]
     fn a_message_needs_a_later_ack() {
         let mut p = Positions::new(Lsn(100));
         p.on_frame(&frame(FrameKind::Unackable, None));
-        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100));
+        p.walsender_end = Lsn(250);
+        assert_eq!(p.safe(), Lsn(100));
         p.on_frame(&frame(FrameKind::Empty, Some(300)));
-        assert_eq!(p.safe(None), Lsn(100), "the empty transaction's ack is what covers the message");
+        assert_eq!(p.safe(), Lsn(100), "the empty transaction's ack is what covers the message");
         p.acked = Lsn(300);
-        assert_eq!(p.safe(Some(Lsn(400))), Lsn(400));
+        p.walsender_end = Lsn(400);
+        assert_eq!(p.safe(), Lsn(400));
     }
 
     #[test]
     fn a_transaction_under_way_holds_the_slot() {
         let mut p = Positions::new(Lsn(100));
         p.on_frame(&frame(FrameKind::Inside, None));
-        assert_eq!(p.safe(Some(Lsn(500))), Lsn(100), "the walsender may be in the middle of it");
+        p.walsender_end = Lsn(500);
+        assert_eq!(p.safe(), Lsn(100), "the walsender may be in the middle of it");
         p.on_frame(&frame(FrameKind::Data, Some(600)));
         p.acked = Lsn(600);
-        assert_eq!(p.safe(Some(Lsn(700))), Lsn(700));
+        p.walsender_end = Lsn(700);
+        assert_eq!(p.safe(), Lsn(700));
     }
 
     #[test]
