@@ -119,7 +119,7 @@ fn ratios(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> {
                 let color = if v >= TARGET_RATIO { GOOD } else { BAD };
                 chart.draw_series([Rectangle::new([(x + 0.2, 0.0), (x + 0.8, v)], color.filled())]).map_err(err)?;
                 chart
-                    .draw_series([Text::new(format!("{v:.2}"), (x + 0.5, v + top * 0.012), center.clone())])
+                    .draw_series([Text::new(format!("{v:.3}"), (x + 0.5, v + top * 0.012), center.clone())])
                     .map_err(err)?;
                 if let Some(rss) = w.server_peak_rss_mib {
                     chart

@@ -328,7 +328,7 @@ pub fn markdown(r: &Results) -> String {
         let rss = w.server_peak_rss_mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)));
         match (&w.server, &w.pg_recvlogical, w.ratio) {
             (Some(sv), Some(rl), Some(ratio)) => s.push_str(&format!(
-                "| {} | {} | {} | {:.1} | {} | {:.1} | {:.2}{} | {rss} |\n",
+                "| {} | {} | {} | {:.1} | {} | {:.1} | {:.3}{} | {rss} |\n",
                 w.description,
                 thousands(w.rows),
                 fmt_rate(sv.changes_per_sec),
