@@ -76,3 +76,20 @@ bench: setup bench-fonts
 bench-quick: setup bench-fonts
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --quick $(BENCH_ARGS)
+
+## fuzz: run each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 60); not part of test
+# cargo-fuzz needs nightly flags (-Zsanitizer, sancov): RUSTC_BOOTSTRAP=1 lets the
+# stable toolchain take them. New inputs go to fuzz/target/corpus/, crashes to
+# fuzz/artifacts/; the committed seeds in fuzz/corpus/ are only read.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := lsn wal2json client_message
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  mkdir -p target/corpus/$$t && \
+	  RUSTC_BOOTSTRAP=1 nice -n 10 $(CARGO) fuzz run $$t target/corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    $$([ -f $$t.dict ] && echo -dict=$$t.dict) || exit 1; \
+	done
