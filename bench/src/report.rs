@@ -42,7 +42,8 @@ pub struct Setup {
     pub postgres_settings: Vec<String>,
     pub wal2json_options: Vec<String>,
     pub server_binary: String,
-    /// `git describe --always --dirty` where the bench ran (the repository root under make).
+    /// The commit the bench ran at (the repository root under make), `-dirty` when the
+    /// server's sources (src/, Cargo.toml, Cargo.lock) differ from it.
     pub server_commit: String,
     pub notes: Vec<String>,
 }
@@ -277,8 +278,7 @@ impl Results {
                 postgres_settings: SETTINGS.iter().map(|s| s.to_string()).collect(),
                 wal2json_options: PLUGIN_OPTIONS.iter().map(|s| s.to_string()).collect(),
                 server_binary: server.display().to_string(),
-                server_commit: output("git", &["describe", "--always", "--dirty"], None)
-                    .unwrap_or_else(|| "unknown".into()),
+                server_commit: server_commit(),
                 notes: vec![
                     "changes/s and MB/s: wall clock from opening the stream (websocket request; spawning \
                      pg_recvlogical) to the last transaction of the workload; the fastest of the runs of each \
@@ -479,6 +479,12 @@ fn loadavg() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(String::from))
         .unwrap_or_default()
+}
+
+fn server_commit() -> String {
+    let Some(head) = output("git", &["rev-parse", "--short", "HEAD"], None) else { return "unknown".into() };
+    let changed = output("git", &["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"], None);
+    if changed.is_some() { format!("{head}-dirty") } else { head }
 }
 
 fn output(cmd: &str, args: &[&str], dir: Option<&Path>) -> Option<String> {
