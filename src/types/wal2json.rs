@@ -348,7 +348,8 @@ fn signed_or_unsigned_oid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>
 // wal2json always writes the tag first, so we read the first key: if it is
 // the tag, we read the tag and hand the rest of the same map straight to the
 // variant's derived `Deserialize`. Only if some other producer puts the tag
-// later do we fall back to buffering, into a `serde_json::Value`.
+// later do we fall back to buffering, into a `serde_json::Value` (read back
+// as text).
 
 /// An enum whose variant is chosen by a string field inside the object.
 trait Tagged: Sized {
@@ -454,7 +455,11 @@ impl<'de, T: Tagged> Visitor<'de> for TaggedVisitor<T> {
                 }
                 let tag = object.remove(T::TAG).ok_or_else(|| de::Error::missing_field(T::TAG))?;
                 let kind = T::Kind::deserialize(tag).map_err(de::Error::custom)?;
-                T::variant(kind, Value::Object(object)).map_err(de::Error::custom)
+                // Not `T::variant(kind, Value::Object(object))`: with arbitrary_precision,
+                // deserializing from a `Value` rewrites some numbers (`-0`, which Postgres
+                // prints for a float8 negative zero, becomes `0`). Text keeps them exact.
+                let rest = serde_json::to_string(&object).map_err(de::Error::custom)?;
+                T::variant(kind, &mut serde_json::Deserializer::from_str(&rest)).map_err(de::Error::custom)
             }
         }
     }
@@ -661,6 +666,20 @@ mod tests {
                 nextlsn: Some(Lsn(0x20)),
             })
         );
+    }
+
+    #[test]
+    fn tag_not_first_keeps_numbers_exact() {
+        // Found by fuzzing (fuzz/, target wal2json): the late-tag path went through
+        // `Value`'s deserializer, which turned `-0` into `0`.
+        let late =
+            r#"{"change":[{"table":"t","columnnames":["a","b","c"],"columnvalues":[-0,1.50,-0.0],"kind":"insert"}]}"#;
+        let early =
+            r#"{"change":[{"kind":"insert","table":"t","columnnames":["a","b","c"],"columnvalues":[-0,1.50,-0.0]}]}"#;
+        assert_eq!(serde_json::to_string(&Transaction::parse(late.as_bytes()).unwrap()).unwrap(), early);
+        let late = r#"{"table":"t","columns":[{"name":"a","value":-0}],"action":"I"}"#;
+        let early = r#"{"action":"I","table":"t","columns":[{"name":"a","value":-0}]}"#;
+        assert_eq!(serde_json::to_string(&Record::parse(late.as_bytes()).unwrap()).unwrap(), early);
     }
 
     #[test]
