@@ -43,7 +43,11 @@ pub async fn stream(
     };
     let upgrade = upgrade?;
     let open = state.registry.open_stream(&slot, format).await?;
-    let config =
-        WebSocketConfig::default().max_message_size(Some(MAX_CLIENT_MESSAGE)).max_frame_size(Some(MAX_CLIENT_MESSAGE));
+    // tungstenite zeroes its read buffer before every read (128 KiB by default); a
+    // client sends only small acks, and one read per ack must not cost a large memset.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(MAX_CLIENT_MESSAGE)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
     Ok(upgrade.on_upgrade(config, move |socket| open.run(socket)))
 }
