@@ -143,17 +143,6 @@ fn nextlsn(frame: &Value) -> u64 {
     parse_lsn(frame["nextlsn"].as_str().unwrap_or_else(|| panic!("no nextlsn in {frame}")))
 }
 
-/// The first column of every insert of the frame (the tests' row numbers).
-fn row_numbers(frame: &Value) -> Vec<i64> {
-    frame["change"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no change array in {frame}"))
-        .iter()
-        .filter(|c| c["kind"] == "insert")
-        .map(|c| c["columnvalues"][0].as_i64().unwrap_or_else(|| panic!("no row number in {c}")))
-        .collect()
-}
-
 async fn confirmed(pg: &tokio_postgres::Client, slot: &str) -> u64 {
     parse_lsn(&confirmed_flush(pg, slot).await.expect("the slot exists"))
 }

@@ -13,16 +13,6 @@ use tokio::time::Instant;
 /// Held by each test for its whole run: they all stop the cluster.
 static CLUSTER_STOPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn row_numbers(frame: &Value) -> Vec<i64> {
-    frame["change"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no change array in {frame}"))
-        .iter()
-        .filter(|c| c["kind"] == "insert")
-        .map(|c| c["columnvalues"][0].as_i64().unwrap_or_else(|| panic!("no row number in {c}")))
-        .collect()
-}
-
 /// A fresh database with `t (n int PRIMARY KEY)`, a client whose commits survive a crash
 /// (the cluster runs with synchronous_commit=off), our server, and a stream of a new
 /// slot that has received rows 1..=6 (one transaction each) and acked rows 1..=3.

@@ -260,3 +260,14 @@ pub async fn await_close(ws: &mut Ws) -> (u16, String) {
         }
     }
 }
+
+/// The first column of every insert of the frame (the tests' row numbers).
+pub fn row_numbers(frame: &Value) -> Vec<i64> {
+    frame["change"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no change array in {frame}"))
+        .iter()
+        .filter(|c| c["kind"] == "insert")
+        .map(|c| c["columnvalues"][0].as_i64().unwrap_or_else(|| panic!("no row number in {c}")))
+        .collect()
+}
