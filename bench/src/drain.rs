@@ -81,6 +81,31 @@ pub fn message_nextlsn(msg: &[u8]) -> Option<u64> {
     parse_lsn(std::str::from_utf8(&head[at..at + len]).ok()?)
 }
 
+/// Sends every nextlsn it is given as an ack, several per flush when they come in a
+/// burst, from its own task so that a slow socket write never delays reading; closes
+/// the socket when the sender is dropped.
+pub fn spawn_acker<S>(
+    mut sink: S,
+) -> (mpsc::UnboundedSender<u64>, tokio::task::JoinHandle<std::result::Result<(), tokio_tungstenite::tungstenite::Error>>)
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin + Send + 'static,
+{
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+    let acker = tokio::spawn(async move {
+        while let Some(lsn) = ack_rx.recv().await {
+            let mut next = Some(lsn);
+            while let Some(lsn) = next {
+                sink.feed(Message::text(format!("{{\"lsn\":\"{}\"}}", format_lsn(lsn)))).await?;
+                next = ack_rx.try_recv().ok();
+            }
+            sink.flush().await?;
+        }
+        sink.send(Message::Close(None)).await?;
+        Ok(())
+    });
+    (ack_tx, acker)
+}
+
 pub fn ws_config() -> WebSocketConfig {
     // A transaction is one message, however large (the 1M-row one is ~260 MB).
     // tungstenite zero-fills `read_buffer_size` bytes before every read attempt (128 KiB
@@ -101,22 +126,10 @@ pub async fn through_server(port: u16, pid: u32, slot: &str, end: u64, limit: Du
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
         .await
         .map_err(|e| format!("websocket {url}: {e}"))?;
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     // Acks go out from their own task, so a slow socket write never delays reading;
     // every nextlsn is acked, several per flush when they arrive in a burst.
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
-    let acker = tokio::spawn(async move {
-        while let Some(lsn) = ack_rx.recv().await {
-            let mut next = Some(lsn);
-            while let Some(lsn) = next {
-                sink.feed(Message::text(format!("{{\"lsn\":\"{}\"}}", format_lsn(lsn)))).await?;
-                next = ack_rx.try_recv().ok();
-            }
-            sink.flush().await?;
-        }
-        sink.send(Message::Close(None)).await?;
-        Ok::<_, tokio_tungstenite::tungstenite::Error>(())
-    });
+    let (ack_tx, acker) = spawn_acker(sink);
     let (mut changes, mut transactions, mut bytes) = (0u64, 0u64, 0u64);
     let secs = loop {
         let msg = match tokio::time::timeout_at(deadline, stream.next()).await {

@@ -11,13 +11,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::Result;
-use crate::drain::{format_lsn, message_nextlsn, ws_config};
+use crate::drain::{message_nextlsn, spawn_acker, ws_config};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
@@ -94,20 +93,8 @@ pub fn spawn_client(
                         return Err(msg.into());
                     }
                 };
-                let (mut sink, mut stream) = ws.split();
-                let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
-                let acker = tokio::spawn(async move {
-                    while let Some(lsn) = ack_rx.recv().await {
-                        let mut next = Some(lsn);
-                        while let Some(lsn) = next {
-                            sink.feed(Message::text(format!("{{\"lsn\":\"{}\"}}", format_lsn(lsn)))).await?;
-                            next = ack_rx.try_recv().ok();
-                        }
-                        sink.flush().await?;
-                    }
-                    sink.send(Message::Close(None)).await?;
-                    Ok::<_, tokio_tungstenite::tungstenite::Error>(())
-                });
+                let (sink, mut stream) = ws.split();
+                let (ack_tx, acker) = spawn_acker(sink);
                 let mut check = tokio::time::interval(Duration::from_millis(20));
                 loop {
                     let msg = tokio::select! {
