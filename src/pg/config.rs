@@ -30,6 +30,28 @@ impl std::fmt::Debug for PgConfig {
     }
 }
 
+/// The settings that decide how values are printed, pinned on every connection we open
+/// (replication and ordinary), so that the stream and the snapshot print a value alike
+/// whatever the database, the role or postgresql.conf set. `bytea_output = escape`, say,
+/// would make wal2json pass escape text on as if it were hex.
+pub const PINNED_SETTINGS: &[(&str, &str)] = &[
+    ("bytea_output", "hex"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "1"),
+];
+
+/// [`PINNED_SETTINGS`] as the `options` startup parameter (`-c name=value ...`), in
+/// which a space inside a value is escaped with a backslash.
+pub fn pinned_options() -> String {
+    PINNED_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("-c {name}={}", value.replace(' ', "\\ ")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl PgConfig {
     /// True when `host` names a Unix socket directory rather than a TCP host.
     pub fn is_unix_socket(&self) -> bool {
@@ -53,10 +75,24 @@ impl PgConfig {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
+            .options(pinned_options())
             .connect_timeout(self.connect_timeout);
         if let Some(p) = &self.password {
             c.password(p);
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_escape_spaces() {
+        assert_eq!(
+            pinned_options(),
+            "-c bytea_output=hex -c DateStyle=ISO,\\ MDY -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=1"
+        );
     }
 }

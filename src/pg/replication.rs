@@ -109,7 +109,9 @@ impl ReplicationConnection {
             ("application_name", config.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
-        frontend::startup_message(params.iter().copied(), &mut conn.write_buf)?;
+        // Startup parameters set settings directly; no `options` string needed here.
+        let pinned = super::config::PINNED_SETTINGS.iter();
+        frontend::startup_message(params.iter().chain(pinned).copied(), &mut conn.write_buf)?;
         conn.flush().await?;
         conn.authenticate(config).await?;
         conn.wait_ready().await?;
