@@ -54,6 +54,8 @@ pub struct SessionSettings {
     pub status_interval: Duration,
     /// Batches of frames buffered between the pump and a client.
     pub stream_buffer: usize,
+    /// The size of the websocket frames a transaction is cut into.
+    pub frame_bytes: usize,
     pub socket: SocketSettings,
 }
 
@@ -63,6 +65,7 @@ impl Default for SessionSettings {
             snapshot_idle_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(10),
             stream_buffer: 8,
+            frame_bytes: crate::stream::frame::DEFAULT_FRAME_BYTES,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
         }
     }
@@ -87,8 +90,8 @@ pub struct Session {
     snapshot: Mutex<SnapshotState>,
     /// Held by the stream of this slot while it runs: one client at a time.
     stream_lock: Arc<tokio::sync::Mutex<()>>,
-    /// The running stream's stop handle, to end it from outside.
-    current_stream: Mutex<Option<StreamStop>>,
+    /// Who streams the session, and whether it is being ended.
+    stream: Mutex<StreamState>,
     /// Acks received on this slot's streams.
     pub progress: Arc<Progress>,
 }
@@ -99,7 +102,7 @@ impl Session {
             slot,
             snapshot: Mutex::new(snapshot),
             stream_lock: Arc::new(tokio::sync::Mutex::new(())),
-            current_stream: Mutex::new(None),
+            stream: Mutex::new(StreamState::default()),
             progress: Arc::new(Progress::default()),
         }
     }
@@ -133,16 +136,55 @@ impl Session {
         was_held
     }
 
+    /// Takes the session's one stream. Checked and taken under one lock, so that a
+    /// stream that is still opening is seen, and stopped, by [`Session::begin_end`].
+    fn claim_stream(&self) -> Result<(OwnedMutexGuard<()>, StreamStop), Error> {
+        let mut state = lock(&self.stream);
+        if let Some(why) = state.closing {
+            return Err(Error::conflict(format!("session {} is being ended ({why})", self.slot)));
+        }
+        let guard =
+            self.stream_lock.clone().try_lock_owned().map_err(|_| {
+                Error::conflict(format!("slot {} is already being streamed by another client", self.slot))
+            })?;
+        let stop = StreamStop::new();
+        state.stop = Some(stop.clone());
+        Ok((guard, stop))
+    }
+
+    /// Stops the stream, running or opening, and lets no new one start until
+    /// [`Session::cancel_end`].
+    fn begin_end(&self, code: u16, why: &'static str) {
+        let mut state = lock(&self.stream);
+        state.closing = Some(why);
+        if let Some(stop) = &state.stop {
+            stop.stop(code, why);
+        }
+    }
+
+    fn cancel_end(&self) {
+        lock(&self.stream).closing = None;
+    }
+
     fn stop_stream(&self, code: u16, reason: &str) {
-        if let Some(stop) = lock(&self.current_stream).as_ref() {
+        if let Some(stop) = &lock(&self.stream).stop {
             stop.stop(code, reason);
         }
     }
 
-    /// Waits until no stream runs on this session's slot (bounded).
-    async fn wait_stream_ended(&self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.stream_lock.lock()).await.is_ok()
+    /// Waits until no stream runs on this session's slot (bounded), and keeps it so.
+    async fn wait_stream_ended(&self, limit: Duration) -> Option<OwnedMutexGuard<()>> {
+        tokio::time::timeout(limit, self.stream_lock.clone().lock_owned()).await.ok()
     }
+}
+
+/// A session's stream, from outside it.
+#[derive(Default)]
+struct StreamState {
+    /// The stop handle of the stream that runs or is opening (or last ran).
+    stop: Option<StreamStop>,
+    /// Why the session is being ended: no new stream may start.
+    closing: Option<&'static str>,
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain data; the
@@ -200,25 +242,45 @@ impl Registry {
         self.get(&slot)
     }
 
-    /// `/v1/init`: ends the default session (its stream, snapshot and slot), then
-    /// creates a new slot with an exported snapshot and makes it the default.
-    pub async fn init(&self) -> Result<Arc<Session>, Error> {
+    /// `/v1/init`: creates a new slot with an exported snapshot, then ends the default
+    /// session (its stream, snapshot and slot) and makes the new one the default.
+    ///
+    /// It runs to completion in a task of its own, whatever the client does: a client
+    /// that gives up half way must not leave behind a slot nobody owns, which would
+    /// retain WAL forever.
+    pub async fn init(self: &Arc<Self>) -> Result<Arc<Session>, Error> {
+        let registry = Arc::clone(self);
+        tokio::spawn(async move { registry.replace_default().await })
+            .await
+            .map_err(|e| Error::internal(format!("init failed: {e}")))?
+    }
+
+    async fn replace_default(&self) -> Result<Arc<Session>, Error> {
         let _one_at_a_time = self.init_lock.lock().await;
         if self.shutdown.is_stopped() {
             return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
         }
+        // The new slot first: if anything fails, the previous session is still whole.
+        let session = Arc::new(self.create_session().await?);
         let previous = lock(&self.default_slot).clone();
         if let Some(slot) = previous {
-            // On failure the previous session stays the default, so the next init
-            // tries again: a slot we lose track of would retain WAL forever.
-            self.end_session(&slot, "session reset by /v1/init").await?;
-            *lock(&self.default_slot) = None;
+            if let Err(e) = self.end_session(&slot, "session reset by /v1/init").await {
+                self.discard(&session).await;
+                return Err(e);
+            }
         }
-        let session = Arc::new(self.create_session().await?);
         lock(&self.sessions).insert(session.slot.clone(), session.clone());
         *lock(&self.default_slot) = Some(session.slot.clone());
         tracing::info!(slot = %session.slot, "session created");
         Ok(session)
+    }
+
+    /// Undoes a session that was created but never registered.
+    async fn discard(&self, session: &Session) {
+        session.release_snapshot("init failed");
+        if let Err(e) = self.drop_slot(&session.slot).await {
+            tracing::error!(slot = %session.slot, error = %e, "cannot drop the slot of a failed init; drop it with DELETE /v1/sessions/{{slotName}}");
+        }
     }
 
     async fn create_session(&self) -> Result<Session, Error> {
@@ -280,14 +342,21 @@ impl Registry {
     /// Stops a session's stream, releases its snapshot and drops its slot.
     async fn end_session(&self, slot: &str, why: &'static str) -> Result<(), Error> {
         let session = self.get(slot);
+        let mut _no_stream = None;
         if let Some(s) = &session {
-            s.stop_stream(code::NORMAL, why);
-            if !s.wait_stream_ended(Duration::from_secs(10)).await {
+            s.begin_end(code::NORMAL, why);
+            _no_stream = s.wait_stream_ended(Duration::from_secs(10)).await;
+            if _no_stream.is_none() {
                 tracing::warn!(slot, "stream did not end in time");
             }
         }
         // The snapshot goes with the slot; if the drop fails the session stays whole.
-        self.drop_slot(slot).await?;
+        if let Err(e) = self.drop_slot(slot).await {
+            if let Some(s) = &session {
+                s.cancel_end();
+            }
+            return Err(e);
+        }
         if let Some(s) = &session {
             s.release_snapshot(why);
         }
@@ -405,11 +474,7 @@ impl Registry {
                 })
                 .clone()
         };
-        let guard = session
-            .stream_lock
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| Error::conflict(format!("slot {slot} is already being streamed by another client")))?;
+        let (guard, stop) = session.claim_stream()?;
         if let Some(pid) = info.active_pid {
             return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
         }
@@ -419,14 +484,28 @@ impl Registry {
         let last_ack = session.progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
         let start = info.confirmed_flush.max(last_ack);
         let conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
+        if let Some(encoding) = conn.parameter("server_encoding").filter(|e| *e != "UTF8") {
+            let encoding = encoding.to_owned();
+            conn.close().await;
+            return Err(Error::internal(format!(
+                "database {} is encoded in {encoding}: pgdeltastream streams only UTF8 databases",
+                self.pg.dbname
+            )));
+        }
         let stream =
             conn.start_replication(slot, start, format.plugin_options()).await.map_err(|e| match e.code() {
                 Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
                 Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
                 _ => Error::from_pg(&e),
             })?;
-        let stop = StreamStop::new();
-        *lock(&session.current_stream) = Some(stop.clone());
+        if stop.is_stopped() {
+            // Ended (by /v1/init or DELETE) while it was opening: the dropped stream
+            // closes its connection, which frees the slot for whoever ended it.
+            return Err(Error::conflict(format!(
+                "the stream of slot {slot} was ended as it opened: {}",
+                stop.reason().1
+            )));
+        }
         tracing::info!(slot, %start, "stream started");
         Ok(OpenStream {
             slot: slot.to_owned(),
@@ -501,6 +580,7 @@ impl OpenStream {
             stop: stop.clone(),
             status_interval: settings.status_interval,
             format,
+            frame_bytes: settings.frame_bytes,
         };
         let socket = crate::stream::socket::serve(
             socket,
