@@ -12,7 +12,7 @@ export DEV_PGPORT
 # sudo only when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: setup run test lint clean-dev
+.PHONY: setup clients run test lint clean-dev
 
 ## setup: install PostgreSQL $(PG_MAJOR) + wal2json if missing; check for cargo
 setup:
@@ -32,13 +32,39 @@ setup:
 	  echo "Installed PostgreSQL $(PG_MAJOR) with wal2json."; \
 	fi
 
+## clients: the websocket clients the tests drive, as their users run them: Python
+## websockets in a venv and Node ws, pinned, in .tools/ (ignored by git)
+TOOLS := .tools
+PY_WEBSOCKETS := 17.4
+NODE_WS := 8.23.0
+clients: $(TOOLS)/venv/.websockets-$(PY_WEBSOCKETS) $(TOOLS)/node/.ws-$(NODE_WS)
+
+$(TOOLS)/venv/.websockets-$(PY_WEBSOCKETS):
+	@python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || { \
+	  echo "Installing python3-venv..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; }
+	rm -rf $(TOOLS)/venv
+	python3 -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install -q --disable-pip-version-check websockets==$(PY_WEBSOCKETS)
+	touch $@
+
+$(TOOLS)/node/.ws-$(NODE_WS):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "Installing nodejs and npm..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	mkdir -p $(TOOLS)/node
+	cd $(TOOLS)/node && npm install --silent --no-audit --no-fund ws@$(NODE_WS)
+	touch $@
+
 ## run: build the release server and run it against a throwaway dev Postgres (.dev/)
 run: setup
 	$(CARGO) build --release
 	scripts/run-dev.sh
 
 ## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
-test: setup
+test: setup clients
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 

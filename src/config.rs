@@ -48,6 +48,12 @@ pub struct Cli {
     /// Drop a websocket client that shows no sign of life for this many seconds.
     #[arg(long, env = "PGDELTASTREAM_DEAD_AFTER", default_value_t = 60)]
     pub dead_after: u64,
+    /// Size in bytes of the websocket frames a transaction is cut into (at most 1 MiB).
+    /// Clients limit how many frames a message may have (Python websockets: 4,096), so
+    /// larger frames allow larger transactions.
+    #[arg(long, env = "PGDELTASTREAM_FRAME_SIZE", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    pub frame_size: u32,
     /// Log a warning for a slot that retains more than this many bytes of WAL (0: never).
     #[arg(long, env = "PGDELTASTREAM_RETENTION_WARN_BYTES", default_value_t = 1 << 30)]
     pub retention_warn_bytes: u64,
@@ -80,6 +86,7 @@ impl Cli {
                 ping_interval: Duration::from_secs(self.ping_interval.max(1)),
                 dead_after: Duration::from_secs(self.dead_after.max(2)),
             },
+            frame_bytes: self.frame_size as usize,
             ..SessionSettings::default()
         }
     }

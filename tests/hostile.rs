@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 struct Case {
@@ -255,4 +256,70 @@ async fn confirmed_flush_below(pg: &tokio_postgres::Client, slot: &str, lsn: &st
     .await
     .unwrap()
     .get(0)
+}
+
+/// Frames that break RFC 6455 get the close code it names (section 7.4.1): 1002 for a
+/// protocol violation, 1007 for a text message that is not UTF-8. Each close is on
+/// record in `/v1/sessions`, and the slot is free again.
+#[tokio::test]
+async fn broken_frames_get_the_close_codes_of_rfc_6455() {
+    let (pg, server) = setup().await;
+    let slot = server.init().await;
+    // Frames from a client are masked; a zero mask leaves the payload as it is.
+    let not_utf8 = [0x81, 0x82, 0, 0, 0, 0, 0xff, 0xfe];
+    let reserved_bit = [0xC1, 0x80, 0, 0, 0, 0];
+    for (frame, expected) in [(&not_utf8[..], 1007), (&reserved_bit[..], 1002)] {
+        let mut tcp = raw_websocket(&server, &slot).await;
+        tcp.write_all(frame).await.unwrap();
+        let (code, reason) = read_close(&mut tcp).await;
+        assert_eq!(code, expected, "{reason}");
+        await_slot(&pg, &slot, "inactive", "NOT active").await;
+        let (_, sessions) = server.get("/v1/sessions").await;
+        let close = &sessions[0]["lastClose"];
+        assert_eq!((&close["by"], &close["code"]), (&json!("server"), &json!(expected)), "{sessions}");
+    }
+    assert_still_serving(&server, &pg, "broken frames").await;
+    server.stop().await;
+}
+
+/// A websocket opened by hand, to send what no client library would.
+async fn raw_websocket(server: &TestServer, slot: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut request = format!("GET /v1/lr/stream?slotName={slot} HTTP/1.1\r\nhost: {}\r\n", server.addr);
+    for (name, value) in upgrade_headers() {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp
+}
+
+/// Reads the server's (unmasked) frames until its close frame: its code and reason.
+async fn read_close(tcp: &mut tokio::net::TcpStream) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let mut head = [0u8; 2];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = match head[1] & 0x7f {
+                126 => u64::from(tcp.read_u16().await.unwrap()),
+                127 => tcp.read_u64().await.unwrap(),
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; len as usize];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if head[0] & 0x0f == 0x8 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+    })
+    .await
+    .expect("a close frame within 20 s")
 }

@@ -169,6 +169,60 @@ async fn non_transactional_messages_are_valid_json() {
     server.stop().await;
 }
 
+/// `pg_logical_emit_message` takes any bytes and any role may call it: a message whose
+/// content is not UTF-8 is delivered with its exact bytes in `content_base64` (and
+/// `content` decoded lossily), in both formats, and the stream goes on. It used to
+/// close every stream of the database with 1011, on every reconnect.
+#[tokio::test]
+async fn binary_logical_messages_are_delivered_with_their_exact_bytes() {
+    let (_db, pg, server) = setup().await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+    pg.batch_execute(
+        "BEGIN; INSERT INTO test_table (name) VALUES ('with a message');
+         SELECT pg_logical_emit_message(true, 'bin', '\\xff41fe0a22'::bytea); COMMIT;
+         SELECT pg_logical_emit_message(false, 'bin', '\\xff'::bytea);",
+    )
+    .await
+    .unwrap();
+    let tx = next_changes(&mut ws).await;
+    assert_eq!(tx["change"][0]["columnvalues"][1], "with a message");
+    assert_eq!(
+        tx["change"][1],
+        json!({"kind": "message", "transactional": true, "prefix": "bin",
+               "content": "\u{FFFD}A\u{FFFD}\n\"", "content_base64": "/0H+CiI="})
+    );
+    let lone = next_json(&mut ws).await;
+    assert_eq!(
+        lone,
+        json!({"change": [{"kind": "message", "transactional": false, "prefix": "bin",
+                           "content": "\u{FFFD}", "content_base64": "/w=="}]})
+    );
+    let lsn = tx["nextlsn"].as_str().unwrap().to_owned();
+    ack(&mut ws, &lsn).await;
+    await_confirmed(&pg, &slot, &lsn).await;
+    pg.execute("INSERT INTO test_table (name) VALUES ('after')", &[]).await.unwrap();
+    assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "after");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+
+    // Format 2: the same fields on the M record. The non-transactional message after
+    // the last ack comes again, then the new one.
+    let url = format!("{}&format=changes", server.stream_url(&slot));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    pg.execute("SELECT pg_logical_emit_message(false, 'bin', '\\xfe'::bytea)", &[]).await.unwrap();
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        let v = next_json(&mut ws).await;
+        if v["action"] == "M" {
+            records.push((v["content"].clone(), v["content_base64"].clone()));
+        }
+    }
+    assert_eq!(records, [(json!("\u{FFFD}"), json!("/w==")), (json!("\u{FFFD}"), json!("/g=="))]);
+    server.stop().await;
+}
+
 /// Defects 11 and 8: refusals are HTTP errors before the upgrade, never a silent
 /// socket, and a second client cannot steal a stream.
 #[tokio::test]
@@ -407,8 +461,8 @@ async fn a_dead_client_is_dropped() {
     server.stop().await;
 }
 
-/// A large transaction is still one websocket message (sent in many frames, each
-/// change its own, so that no one holds the whole transaction).
+/// A large transaction is still one websocket message (sent in frames of at most 256
+/// KiB, so that no one holds the whole transaction).
 #[tokio::test]
 async fn a_large_transaction_is_one_message() {
     let (_db, pg, server) = setup().await;

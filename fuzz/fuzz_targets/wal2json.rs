@@ -18,7 +18,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use pgdeltastream::stream::frame::{Assembler, Format, Fragment, FrameKind};
+use pgdeltastream::stream::frame::{Assembler, Format, Fragment, FrameKind, Framer};
 use pgdeltastream::types::wal2json::{Record, Transaction};
 use serde_json::Value;
 
@@ -100,8 +100,19 @@ fn round_trip_v2(data: &[u8]) {
 fn assemble_v1(chunks: &[Bytes]) {
     let mut assembler = Assembler::new(Format::Transactions);
     let mut in_message = false;
+    let mut framer = Framer::new(64);
+    let (mut pieces, mut frames) = (Vec::new(), Vec::new());
     for chunk in chunks {
-        let frame = assembler.push(chunk.clone());
+        // Not UTF-8 and not a mendable logical message: refused, nothing forwarded.
+        let Ok(frame) = assembler.push(chunk.clone()) else { continue };
+        assert!(std::str::from_utf8(&frame.payload).is_ok(), "{frame:?}");
+        pieces.extend_from_slice(&frame.payload);
+        let mut out = Vec::new();
+        framer.push(frame.clone(), &mut out);
+        for f in out {
+            assert!(f.payload.len() <= 64 && std::str::from_utf8(&f.payload).is_ok(), "{f:?}");
+            frames.extend_from_slice(&f.payload);
+        }
         if in_message {
             assert!(matches!(frame.fragment, Fragment::Middle | Fragment::Last), "{frame:?} inside a message");
         } else {
@@ -120,18 +131,23 @@ fn assemble_v1(chunks: &[Bytes]) {
             assert_eq!(frame.payload.len(), chunk.len() - 1);
             assert_eq!(frame.payload[..head], chunk[..head]);
             assert_eq!(frame.payload[head..], chunk[head + 1..]);
-        } else {
+        } else if std::str::from_utf8(chunk).is_ok() {
             assert_eq!(frame.payload, *chunk, "forwarded as it came");
         }
+    }
+    if !in_message {
+        assert_eq!(frames, pieces, "the framer forwards every byte, in order");
     }
 }
 
 fn assemble_v2(chunks: &[Bytes]) {
     let mut assembler = Assembler::new(Format::Changes);
     for chunk in chunks {
-        let frame = assembler.push(chunk.clone());
+        let Ok(frame) = assembler.push(chunk.clone()) else { continue };
         assert_eq!(frame.fragment, Fragment::Whole);
-        assert_eq!(frame.payload, *chunk, "forwarded as it came");
+        if std::str::from_utf8(chunk).is_ok() {
+            assert_eq!(frame.payload, *chunk, "forwarded as it came");
+        }
         if frame.nextlsn.is_some() {
             assert!(frame.kind.is_ack_point(), "{frame:?}");
         }

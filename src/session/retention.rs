@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::{FROM_EARLIER_PROCESS, PLUGIN, Registry, Session, SnapshotState, lock, names};
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::is_valid_slot_name;
+use crate::stream::progress::{Close, Closer};
 use crate::types::Lsn;
 
 /// When to warn about a slot's WAL retention, and how often to look.
@@ -59,6 +60,23 @@ pub struct SlotReport {
     pub last_ack_at: Option<String>,
     pub seconds_since_last_ack: Option<u64>,
     pub snapshot: SnapshotStatus,
+    /// How the last stream of the slot ended, since this process started.
+    pub last_close: Option<LastClose>,
+}
+
+/// `{"by":"client","code":1009,"reason":"...","at":"2024-02-29T12:34:56.789Z"}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastClose {
+    pub by: Closer,
+    pub code: u16,
+    pub reason: String,
+    pub at: String,
+}
+
+impl From<Close> for LastClose {
+    fn from(c: Close) -> LastClose {
+        LastClose { by: c.by, code: c.code, reason: c.reason, at: rfc3339(c.at) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,6 +161,7 @@ impl Registry {
                 last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
                 seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
                 snapshot: snapshot_status(session.as_deref()),
+                last_close: session.as_ref().and_then(|s| s.progress.last_close()).map(LastClose::from),
                 slot_name,
             });
         }
@@ -374,6 +393,12 @@ mod tests {
             last_ack_at: None,
             seconds_since_last_ack: None,
             snapshot: SnapshotStatus::Held,
+            last_close: Some(LastClose {
+                by: Closer::Client,
+                code: 1009,
+                reason: "message too big".into(),
+                at: "2024-02-29T12:34:56.789Z".into(),
+            }),
         };
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
@@ -381,7 +406,8 @@ mod tests {
                 "slotName": "delta_face56", "active": false, "activePid": null, "default": true,
                 "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72,
                 "walStatus": "reserved", "lastAckLsn": null, "lastAckAt": null,
-                "secondsSinceLastAck": null, "snapshot": "held"
+                "secondsSinceLastAck": null, "snapshot": "held",
+                "lastClose": {"by": "client", "code": 1009, "reason": "message too big", "at": "2024-02-29T12:34:56.789Z"}
             })
         );
     }

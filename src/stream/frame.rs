@@ -14,8 +14,9 @@
 //! It also repairs the one shape wal2json 2.5 gets wrong: a non-transactional logical
 //! message printed as `{"change":[,{...}]}`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::binary_message;
 use crate::types::Lsn;
 
 /// The stream formats a client can ask for.
@@ -82,6 +83,12 @@ pub struct OutFrame {
     pub kind: FrameKind,
 }
 
+/// Plugin output that is not UTF-8 and not a logical message: only a database whose
+/// encoding is not UTF8 produces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the output plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database")]
+pub struct NotUtf8;
+
 /// Tracks where in a transaction the stream is.
 #[derive(Debug, Default)]
 pub struct Assembler {
@@ -102,12 +109,18 @@ impl Assembler {
         Assembler { format, ..Assembler::default() }
     }
 
-    /// Classifies one piece of plugin output (one XLogData payload).
-    pub fn push(&mut self, data: Bytes) -> OutFrame {
-        match self.format {
+    /// Classifies one piece of plugin output (one XLogData payload). Every piece that
+    /// comes out is UTF-8: a logical message with binary content is mended
+    /// ([`binary_message`]); anything else that is not UTF-8 is refused.
+    pub fn push(&mut self, data: Bytes) -> Result<OutFrame, NotUtf8> {
+        let data = match std::str::from_utf8(&data) {
+            Ok(_) => data,
+            Err(_) => binary_message::repair(&data).ok_or(NotUtf8)?,
+        };
+        Ok(match self.format {
             Format::Transactions => self.push_v1(data),
             Format::Changes => self.push_v2(data),
-        }
+        })
     }
 
     fn push_v1(&mut self, data: Bytes) -> OutFrame {
@@ -155,6 +168,92 @@ impl Assembler {
             }
         }
     }
+}
+
+/// The default size of the frames a message is cut into.
+pub const DEFAULT_FRAME_BYTES: usize = 256 * 1024;
+/// The largest frame we send: some clients refuse larger ones.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Cuts the assembler's pieces into websocket frames sized by bytes.
+///
+/// Clients limit the number of *fragments* of a message (Python `websockets`: 4,096,
+/// Node `ws`: 16,384), not only its size, so a frame per change would make any large
+/// transaction undeliverable to them, and an undeliverable transaction comes back on
+/// every reconnect. Frames of `frame_bytes` keep a 1 GB message under 4,096 frames,
+/// while memory stays bounded by one frame. A message that fits goes out as one frame.
+/// A piece is only ever cut at a UTF-8 character boundary, so every frame is valid text.
+#[derive(Debug)]
+pub struct Framer {
+    frame_bytes: usize,
+    buf: BytesMut,
+    /// A frame of the current message has gone out already.
+    started: bool,
+}
+
+impl Framer {
+    pub fn new(frame_bytes: usize) -> Framer {
+        let frame_bytes = frame_bytes.clamp(16, MAX_FRAME_BYTES);
+        Framer { frame_bytes, buf: BytesMut::new(), started: false }
+    }
+
+    /// Takes one piece; appends the frames that are complete to `out`.
+    pub fn push(&mut self, piece: OutFrame, out: &mut Vec<OutFrame>) {
+        match piece.fragment {
+            Fragment::Whole if piece.payload.len() <= self.frame_bytes && !self.started && self.buf.is_empty() => {
+                out.push(piece)
+            }
+            Fragment::First | Fragment::Middle => self.append(piece.payload, out),
+            Fragment::Whole | Fragment::Last => {
+                self.append(piece.payload, out);
+                let payload = self.buf.split().freeze();
+                let fragment = if self.started { Fragment::Last } else { Fragment::Whole };
+                self.started = false;
+                out.push(OutFrame { payload, fragment, nextlsn: piece.nextlsn, kind: piece.kind });
+            }
+        }
+    }
+
+    /// Adds bytes to the frame being filled, sending out each frame that fills up.
+    /// Large pieces are cut into frames without being copied.
+    fn append(&mut self, mut data: Bytes, out: &mut Vec<OutFrame>) {
+        loop {
+            let room = self.frame_bytes - self.buf.len();
+            if data.len() <= room {
+                self.buf.extend_from_slice(&data);
+                return;
+            }
+            let mut cut = char_floor(&data, room);
+            if cut == 0 && self.buf.is_empty() {
+                cut = room; // not UTF-8 at all: any cut beats none
+            }
+            // With less room than the next character, the frame goes out as it is.
+            let payload = if self.buf.is_empty() {
+                data.split_to(cut)
+            } else {
+                self.buf.extend_from_slice(&data[..cut]);
+                data.advance(cut);
+                self.buf.split().freeze()
+            };
+            self.emit_inside(payload, out);
+        }
+    }
+
+    fn emit_inside(&mut self, payload: Bytes, out: &mut Vec<OutFrame>) {
+        let fragment = if self.started { Fragment::Middle } else { Fragment::First };
+        self.started = true;
+        out.push(OutFrame { payload, fragment, nextlsn: None, kind: FrameKind::Inside });
+    }
+}
+
+/// The largest cut at or before `n` that falls between two UTF-8 characters of `data`.
+fn char_floor(data: &[u8], n: usize) -> usize {
+    let mut n = n.min(data.len());
+    // Continuation bytes are 0b10xx_xxxx; a character is at most 4 bytes.
+    while n > 0 && data.get(n).is_some_and(|b| b & 0xC0 == 0x80) {
+        n -= 1;
+    }
+    n
 }
 
 /// Prepares one whole wal2json v1 message (one transaction, or one non-transactional
@@ -266,7 +365,7 @@ mod tests {
         ];
         let mut message = Vec::new();
         for (raw, fragment, nextlsn, kind) in pieces {
-            let f = a.push(b(raw));
+            let f = a.push(b(raw)).unwrap();
             assert_eq!((f.fragment, f.nextlsn, f.kind), (fragment, nextlsn, kind), "{raw}");
             if f.fragment != Fragment::Whole {
                 message.extend_from_slice(&f.payload);
@@ -294,9 +393,64 @@ mod tests {
             (r#"{"action":"C","lsn":"0/B","nextlsn":"0/C"}"#, Some(Lsn(12)), FrameKind::Empty),
         ];
         for (raw, nextlsn, kind) in records {
-            let f = a.push(b(raw));
+            let f = a.push(b(raw)).unwrap();
             assert_eq!((f.fragment, f.nextlsn, f.kind), (Fragment::Whole, nextlsn, kind), "{raw}");
         }
+    }
+
+    fn piece(text: &str, fragment: Fragment) -> OutFrame {
+        let (nextlsn, kind) = match fragment {
+            Fragment::Last | Fragment::Whole => (Some(Lsn(42)), FrameKind::Data),
+            _ => (None, FrameKind::Inside),
+        };
+        OutFrame { payload: Bytes::copy_from_slice(text.as_bytes()), fragment, nextlsn, kind }
+    }
+
+    fn shape(frames: &[OutFrame]) -> Vec<(Fragment, String)> {
+        frames.iter().map(|f| (f.fragment, String::from_utf8(f.payload.to_vec()).unwrap())).collect()
+    }
+
+    #[test]
+    fn a_small_transaction_is_one_frame() {
+        let mut framer = Framer::new(64);
+        let mut out = Vec::new();
+        for (t, f) in [
+            ("{\"change\":[", Fragment::First),
+            ("1", Fragment::Middle),
+            (",2", Fragment::Middle),
+            ("]}", Fragment::Last),
+        ] {
+            framer.push(piece(t, f), &mut out);
+        }
+        assert_eq!(shape(&out), [(Fragment::Whole, "{\"change\":[1,2]}".to_owned())]);
+        assert_eq!((out[0].nextlsn, out[0].kind), (Some(Lsn(42)), FrameKind::Data));
+    }
+
+    #[test]
+    fn frames_fill_up_and_cut_between_characters() {
+        let mut framer = Framer::new(16);
+        let mut out = Vec::new();
+        framer.push(piece("0123456789", Fragment::First), &mut out);
+        assert!(out.is_empty(), "nothing goes out before a frame is full");
+        framer.push(piece("abcdé€xyz", Fragment::Middle), &mut out);
+        framer.push(piece("]", Fragment::Last), &mut out);
+        assert_eq!(
+            shape(&out),
+            [(Fragment::First, "0123456789abcdé".to_owned()), (Fragment::Last, "€xyz]".to_owned()),]
+        );
+        assert!(out[0].nextlsn.is_none() && out[1].nextlsn == Some(Lsn(42)));
+    }
+
+    #[test]
+    fn a_large_whole_message_is_cut_without_copies() {
+        let mut framer = Framer::new(16);
+        let mut out = Vec::new();
+        let big = piece(&"x".repeat(40), Fragment::Whole);
+        let at = big.payload.as_ptr();
+        framer.push(big, &mut out);
+        let sizes: Vec<_> = out.iter().map(|f| (f.fragment, f.payload.len())).collect();
+        assert_eq!(sizes, [(Fragment::First, 16), (Fragment::Middle, 16), (Fragment::Last, 8)]);
+        assert_eq!(out[0].payload.as_ptr(), at, "the first frame is a slice of the piece");
     }
 
     proptest! {
@@ -308,6 +462,47 @@ mod tests {
                     let _ = a.push(Bytes::from(p.clone()));
                 }
             }
+        }
+
+        /// Whatever the pieces and the frame size: each message's frames join to its
+        /// pieces, every frame is UTF-8 and at most the frame size, only the last frame of a
+        /// message carries its LSN, and every frame but the last is full.
+        #[test]
+        fn framing_keeps_messages_whole(
+            messages in proptest::collection::vec(proptest::collection::vec("[a-zé€😀]{0,40}", 1..6), 0..6),
+            frame_bytes in 16usize..64,
+        ) {
+            let mut framer = Framer::new(frame_bytes);
+            let mut out = Vec::new();
+            for pieces in &messages {
+                let n = pieces.len();
+                for (i, text) in pieces.iter().enumerate() {
+                    let fragment = match (i, n) {
+                        (_, 1) => Fragment::Whole,
+                        (0, _) => Fragment::First,
+                        (i, n) if i == n - 1 => Fragment::Last,
+                        _ => Fragment::Middle,
+                    };
+                    framer.push(piece(text, fragment), &mut out);
+                }
+            }
+            let mut frames = out.iter();
+            for pieces in &messages {
+                let mut joined = String::new();
+                loop {
+                    let f = frames.next().expect("a frame for every message");
+                    prop_assert!(f.payload.len() <= frame_bytes);
+                    joined.push_str(std::str::from_utf8(&f.payload).expect("UTF-8 frame"));
+                    if matches!(f.fragment, Fragment::Whole | Fragment::Last) {
+                        prop_assert_eq!(f.nextlsn, Some(Lsn(42)));
+                        break;
+                    }
+                    prop_assert!(f.nextlsn.is_none());
+                    prop_assert!(f.payload.len() + 4 > frame_bytes, "a frame that is not full went out");
+                }
+                prop_assert_eq!(joined, pieces.concat());
+            }
+            prop_assert!(frames.next().is_none());
         }
     }
 }

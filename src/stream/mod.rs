@@ -12,11 +12,14 @@
 //!   asked, also while the channel is full.
 //! - [`socket`] runs the websocket: the writer sends frames and pings, the reader
 //!   parses and checks acks ([`ack`]) and notices dead peers.
-//! - [`frame`] turns the plugin's bytes into what the client receives.
+//! - [`frame`] turns the plugin's bytes into what the client receives: pieces
+//!   classified by the assembler, cut into frames sized by bytes by the framer;
+//!   [`binary_message`] mends logical messages whose content is not UTF-8.
 //! - [`stop`] is how any stage (or `/v1/init`, or shutdown) ends all of them, with a
 //!   reason the client is told.
 
 pub mod ack;
+pub mod binary_message;
 pub mod frame;
 pub mod progress;
 pub mod pump;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::frame::{Assembler, Format, FrameKind, OutFrame};
+use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame};
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
@@ -105,134 +105,182 @@ pub struct Pump {
     pub stop: Stop,
     pub status_interval: Duration,
     pub format: Format,
+    /// The size of the websocket frames a message is cut into.
+    pub frame_bytes: usize,
+}
+
+/// Turns what the replication stream brings into frames, and tracks positions.
+struct Decoder {
+    slot: String,
+    assembler: Assembler,
+    framer: Framer,
+    pos: Positions,
+    /// Postgres asked for a status update.
+    reply_requested: bool,
+}
+
+impl Decoder {
+    /// Takes `first` and whatever else is already buffered, up to a batch: one channel
+    /// send and one wake-up for many frames. Frames still being filled stay in the
+    /// framer; the batch may be empty.
+    fn read_burst(&mut self, first: StreamEvent, stream: &mut ReplicationStream) -> Result<Vec<OutFrame>, String> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            match event {
+                StreamEvent::Frame(ServerFrame::XLogData { data, .. }) => {
+                    bytes += data.len();
+                    let piece = self.assembler.push(data).map_err(|e| e.to_string())?;
+                    self.pos.on_frame(&piece);
+                    self.framer.push(piece, &mut batch);
+                }
+                StreamEvent::Frame(ServerFrame::Keepalive { wal_end, reply_requested, .. }) => {
+                    self.pos.walsender_end = self.pos.walsender_end.max(wal_end);
+                    self.reply_requested |= reply_requested;
+                }
+                StreamEvent::Notice(notice) => {
+                    tracing::warn!(slot = %self.slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
+                }
+            }
+            if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            // Whatever ends the stream is found again by the next `next()`.
+            if let Ok(Buffered::Event(event)) = stream.try_next() {
+                next = Some(event);
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// When to send standby status updates: at once when asked or on the timer, and for
+/// progress at most once per [`STATUS_WINDOW`], so that a client acking 10,000
+/// transactions a second does not cost the walsender 10,000 replies to process.
+struct StatusTimer {
+    last: tokio::time::Instant,
+    due: Option<tokio::time::Instant>,
+}
+
+impl StatusTimer {
+    /// Whether to report `safe` now; otherwise a report is scheduled if there is news.
+    fn report_now(&mut self, asked: bool, safe: Lsn, confirmed: Lsn) -> bool {
+        let now = tokio::time::Instant::now();
+        if asked || (safe > confirmed && now >= self.last + STATUS_WINDOW) {
+            self.last = now;
+            self.due = None;
+            return true;
+        }
+        if safe > confirmed && self.due.is_none() {
+            self.due = Some(self.last + STATUS_WINDOW);
+        }
+        false
+    }
+
+    async fn wait_due(&self) {
+        match self.due {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 impl Pump {
     /// Runs until the client goes, the stream is stopped, or Postgres ends it. Always
     /// leaves the slot free: a final status update, CopyDone, then the connection closes.
     pub async fn run(self) {
-        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format } = self;
-        let mut assembler = Assembler::new(format);
-        let mut pos = Positions::new(start);
+        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format, frame_bytes } = self;
+        let mut decoder = Decoder {
+            slot: slot.clone(),
+            assembler: Assembler::new(format),
+            framer: Framer::new(frame_bytes),
+            pos: Positions::new(start),
+            reply_requested: false,
+        };
         let mut pending: Option<Outgoing> = None;
         let mut ticker = tokio::time::interval(status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut fatal: Option<String> = None;
-        let mut last_status = tokio::time::Instant::now() - STATUS_WINDOW;
-        let mut status_due: Option<tokio::time::Instant> = None;
-
-        loop {
-            let mut report_now = false;
+        let mut status = StatusTimer { last: tokio::time::Instant::now() - STATUS_WINDOW, due: None };
+        let fatal = loop {
+            let mut asked = false;
             tokio::select! {
                 biased;
-                _ = stop.stopped() => break,
+                _ = stop.stopped() => break None,
                 ack = acks.recv() => match ack {
-                    Some(lsn) => pos.acked = pos.acked.max(lsn),
-                    None => break, // the reader is gone: the client left
+                    Some(lsn) => decoder.pos.acked = decoder.pos.acked.max(lsn),
+                    None => break None, // the reader is gone: the client left
                 },
-                _ = ticker.tick() => report_now = true,
-                _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)), if status_due.is_some() => {
-                    report_now = true;
-                }
+                _ = ticker.tick() => asked = true,
+                _ = status.wait_due() => asked = true,
                 permit = out.reserve(), if pending.is_some() => match permit {
                     Ok(permit) => {
                         if let Some(item) = pending.take() {
                             permit.send(item);
                         }
                     }
-                    Err(_) => break,
+                    Err(_) => break None,
                 },
                 event = stream.next(), if pending.is_none() => match event {
-                    Ok(Some(event)) => {
-                        // Take the whole burst that is already buffered, up to a batch:
-                        // one channel send and one wake-up for many frames.
-                        let mut batch = Vec::new();
-                        let mut bytes = 0;
-                        let mut next = Some(event);
-                        while let Some(event) = next.take() {
-                            match event {
-                                StreamEvent::Frame(ServerFrame::XLogData { data, .. }) => {
-                                    let frame = assembler.push(data);
-                                    pos.on_frame(&frame);
-                                    bytes += frame.payload.len();
-                                    batch.push(frame);
-                                }
-                                StreamEvent::Frame(ServerFrame::Keepalive { wal_end, reply_requested, .. }) => {
-                                    pos.walsender_end = pos.walsender_end.max(wal_end);
-                                    report_now |= reply_requested;
-                                }
-                                StreamEvent::Notice(notice) => {
-                                    tracing::warn!(slot = %slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
-                                }
-                            }
-                            if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
-                                break;
-                            }
-                            // Whatever ends the stream is found again by the next `next()`.
-                            if let Ok(Buffered::Event(event)) = stream.try_next() {
-                                next = Some(event);
-                            }
-                        }
-                        if !batch.is_empty() {
-                            pending = Some(Outgoing::Frames(batch));
-                        }
-                    }
-                    Ok(None) => {
-                        fatal = Some("Postgres ended the replication stream".into());
-                        break;
-                    }
-                    Err(e) => {
-                        fatal = Some(format!("replication stream failed: {e}"));
-                        break;
-                    }
+                    Ok(Some(event)) => match decoder.read_burst(event, &mut stream) {
+                        Ok(batch) if batch.is_empty() => {}
+                        Ok(batch) => pending = Some(Outgoing::Frames(batch)),
+                        Err(message) => break Some(message),
+                    },
+                    Ok(None) => break Some("Postgres ended the replication stream".into()),
+                    Err(e) => break Some(format!("replication stream failed: {e}")),
                 },
             }
-            // Confirm progress at once, but at most once per STATUS_WINDOW: a client
-            // acking 10,000 transactions a second must not cost the walsender 10,000
-            // replies to process.
-            let safe = pos.safe();
-            let now = tokio::time::Instant::now();
-            if report_now || (safe > pos.confirmed && now >= last_status + STATUS_WINDOW) {
-                pos.confirmed = pos.confirmed.max(safe);
+            asked |= std::mem::take(&mut decoder.reply_requested);
+            let pos = &mut decoder.pos;
+            if status.report_now(asked, pos.safe(), pos.confirmed) {
+                pos.confirmed = pos.confirmed.max(pos.safe());
                 if let Err(e) = stream.send_status(pos.confirmed, false).await {
-                    fatal = Some(format!("replication stream failed: {e}"));
-                    break;
+                    break Some(format!("replication stream failed: {e}"));
                 }
-                last_status = now;
-                status_due = None;
                 tracing::trace!(slot = %slot, confirmed = %pos.confirmed, "status update");
-            } else if safe > pos.confirmed && status_due.is_none() {
-                status_due = Some(last_status + STATUS_WINDOW);
             }
-        }
+        };
 
         // Acks the reader accepted before the end still count.
         while let Ok(lsn) = acks.try_recv() {
-            pos.acked = pos.acked.max(lsn);
+            decoder.pos.acked = decoder.pos.acked.max(lsn);
         }
-        if let Some(message) = fatal {
-            tracing::warn!(slot = %slot, error = %message, "stream ended by Postgres");
-            // The writer sends the reason after the frames before it, then closes. A
-            // client too slow to take it within a few seconds is just closed.
-            let sent = tokio::time::timeout(Duration::from_secs(5), out.send(Outgoing::Fatal(message.clone()))).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                stop.stop(code::INTERNAL, truncate_reason(&message));
+        match fatal {
+            // The writer stops the stream once it has told the client.
+            Some(message) => report_fatal(&slot, message, &out, &stop).await,
+            None => {
+                finish(&slot, stream, &decoder.pos).await;
+                stop.stop(code::NORMAL, "stream ended");
             }
-            return; // the connection is broken: nothing more to say to Postgres
         }
-        let safe = pos.safe();
-        let finish = async {
-            stream.send_status(pos.confirmed.max(safe), false).await?;
-            let conn = stream.stop().await?;
-            conn.close().await;
-            Ok::<_, crate::pg::PgError>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(5), finish).await {
-            Ok(Ok(())) => tracing::debug!(slot = %slot, confirmed = %pos.confirmed.max(safe), "stream stopped"),
-            Ok(Err(e)) => tracing::warn!(slot = %slot, error = %e, "error while stopping the stream"),
-            Err(_) => tracing::warn!(slot = %slot, "timed out stopping the stream; connection dropped"),
-        }
-        stop.stop(code::NORMAL, "stream ended");
+    }
+}
+
+/// Postgres ended the stream (or sent what we cannot forward): the writer sends the
+/// reason after the frames before it, then closes. A client too slow to take it within
+/// a few seconds is just closed. The connection is broken: nothing more to tell Postgres.
+async fn report_fatal(slot: &str, message: String, out: &mpsc::Sender<Outgoing>, stop: &Stop) {
+    tracing::warn!(slot = %slot, error = %message, "stream ended by Postgres");
+    let sent = tokio::time::timeout(Duration::from_secs(5), out.send(Outgoing::Fatal(message.clone()))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        stop.stop(code::INTERNAL, truncate_reason(&message));
+    }
+}
+
+/// A last status update, CopyDone, and a polite close: the slot is free at once.
+async fn finish(slot: &str, mut stream: ReplicationStream, pos: &Positions) {
+    let confirmed = pos.confirmed.max(pos.safe());
+    let finish = async {
+        stream.send_status(confirmed, false).await?;
+        let conn = stream.stop().await?;
+        conn.close().await;
+        Ok::<_, crate::pg::PgError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), finish).await {
+        Ok(Ok(())) => tracing::debug!(slot = %slot, confirmed = %confirmed, "stream stopped"),
+        Ok(Err(e)) => tracing::warn!(slot = %slot, error = %e, "error while stopping the stream"),
+        Err(_) => tracing::warn!(slot = %slot, "timed out stopping the stream; connection dropped"),
     }
 }
 

@@ -18,11 +18,11 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::ack::{check_ack, parse_ack};
 use super::frame::{Fragment, OutFrame};
-use super::progress::Progress;
+use super::progress::{Closer, Progress};
 use super::pump::{Outgoing, truncate_reason};
 use super::stop::{Stop, code};
 use crate::http::upgrade::Socket;
@@ -78,10 +78,29 @@ pub async fn serve(
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
     let writer = Writer { sink, shared: shared.clone(), stop: stop.clone(), in_message: false };
     let writer = writer.run(frames, errors_rx, settings.ping_interval);
-    let reader =
-        read_loop(stream, slot.clone(), start, acks, errors_tx, progress, stop.clone(), shared, settings.dead_after);
-    tokio::join!(writer, reader);
-    tracing::info!(slot = %slot, reason = %stop.reason().1, "websocket closed");
+    let reader = Reader {
+        stream,
+        slot: slot.clone(),
+        last_ack: start,
+        acks,
+        errors: errors_tx,
+        progress: progress.clone(),
+        stop: stop.clone(),
+        shared,
+        dead_after: settings.dead_after,
+    };
+    let ((), client_close) = tokio::join!(writer, reader.run());
+    match client_close {
+        Some((code, reason)) => {
+            tracing::info!(slot = %slot, code, reason = %reason, "websocket closed by the client");
+            progress.record_close(Closer::Client, code, &reason);
+        }
+        None => {
+            let (code, reason) = stop.reason();
+            tracing::info!(slot = %slot, code, reason = %reason, "websocket closed");
+            progress.record_close(Closer::Server, code, &reason);
+        }
+    }
 }
 
 struct Writer {
@@ -102,8 +121,7 @@ impl Writer {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         loop {
             // Flush once nothing more is ready to go (a no-op when nothing is buffered).
-            if frames.is_empty() && (self.in_message || errors.is_empty()) && self.sink.flush().await.is_err() {
-                self.lost();
+            if frames.is_empty() && (self.in_message || errors.is_empty()) && self.io(Io::Flush).await.is_err() {
                 break;
             }
             let in_message = self.in_message;
@@ -111,76 +129,76 @@ impl Writer {
                 biased;
                 _ = self.stop.stopped() => break,
                 // Error replies wait for the end of a fragmented message.
-                Some(message) = errors.recv(), if !in_message => self.sink.feed(Message::Text(error_json(&message).into())).await,
+                Some(message) = errors.recv(), if !in_message => self.io(Io::Feed(Message::Text(error_json(&message).into()))).await,
                 item = frames.recv() => match item {
                     Some(Outgoing::Frames(frames)) => self.send_frames(frames).await,
                     Some(Outgoing::Fatal(message)) => {
                         // Inside a fragmented message no other message may be sent: the
                         // close frame alone carries the reason then.
                         if !self.in_message {
-                            let _ = self.sink.feed(Message::Text(error_json(&message).into())).await;
+                            let _ = self.io(Io::Feed(Message::Text(error_json(&message).into()))).await;
                         }
                         self.stop.stop(code::INTERNAL, truncate_reason(&message));
                         break;
                     }
                     None => break,
                 },
-                _ = ping.tick() => self.sink.feed(Message::Ping(Bytes::from_static(b"pgdeltastream"))).await,
+                _ = ping.tick() => self.io(Io::Feed(Message::Ping(Bytes::from_static(b"pgdeltastream")))).await,
             };
             if result.is_err() {
-                self.lost();
                 break;
             }
         }
         let (code, reason) = self.stop.reason();
         let close =
             Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() }));
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // A client that stopped reading may never take the close frame: don't wait for it.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = self.sink.send(close).await;
             let _ = self.sink.close().await;
         })
         .await;
     }
 
-    fn lost(&self) {
-        self.stop.stop(code::GOING_AWAY, "client connection lost");
+    /// One write to the socket, given up as soon as the stream is stopped: a client that
+    /// stops reading fills the socket, and the write would otherwise wait for it forever
+    /// while the session's slot stays taken.
+    async fn io(&mut self, io: Io) -> Result<(), ()> {
+        let write = async {
+            match io {
+                Io::Feed(message) => self.sink.feed(message).await,
+                Io::Flush => self.sink.flush().await,
+            }
+        };
+        let result = tokio::select! {
+            biased;
+            _ = self.stop.stopped() => return Err(()),
+            result = write => result,
+        };
+        result.map_err(|e| {
+            tracing::debug!(error = %e, "websocket write failed");
+            self.stop.stop(code::GOING_AWAY, "client connection lost");
+        })
     }
 
-    async fn send_frames(&mut self, frames: Vec<OutFrame>) -> Result<(), WsError> {
+    async fn send_frames(&mut self, frames: Vec<OutFrame>) -> Result<(), ()> {
         for frame in frames {
             self.send_frame(frame).await?;
-            if self.stop.is_stopped() {
-                break;
-            }
         }
         Ok(())
     }
 
-    async fn send_frame(&mut self, frame: OutFrame) -> Result<(), WsError> {
-        let text = |payload: &Bytes| std::str::from_utf8(payload).is_ok();
-        let message = match frame.fragment {
-            Fragment::Whole => Utf8Bytes::try_from(frame.payload).ok().map(Message::Text),
-            Fragment::First if text(&frame.payload) => {
-                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Text), false)))
-            }
-            Fragment::Middle if text(&frame.payload) => {
-                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), false)))
-            }
-            Fragment::Last if text(&frame.payload) => {
-                Some(Message::Frame(Frame::message(frame.payload, OpCode::Data(Data::Continue), true)))
-            }
-            _ => None,
+    /// Sends one frame of a text message. Its bytes are UTF-8: the assembler checked
+    /// every piece, and the framer cuts only between characters.
+    async fn send_frame(&mut self, frame: OutFrame) -> Result<(), ()> {
+        let (opcode, fin) = match frame.fragment {
+            Fragment::Whole => (Data::Text, true),
+            Fragment::First => (Data::Text, false),
+            Fragment::Middle => (Data::Continue, false),
+            Fragment::Last => (Data::Continue, true),
         };
-        let Some(message) = message else {
-            // Only a non-UTF-8 database can produce this; say so, don't send garbage.
-            self.stop.stop(
-                code::INTERNAL,
-                "the plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database",
-            );
-            return Ok(());
-        };
-        self.in_message = matches!(frame.fragment, Fragment::First | Fragment::Middle);
-        self.sink.feed(message).await?;
+        self.in_message = !fin;
+        self.io(Io::Feed(Message::Frame(Frame::message(frame.payload, OpCode::Data(opcode), fin)))).await?;
         self.shared.progress();
         if let (Some(lsn), true) = (frame.nextlsn, frame.kind.is_ack_point()) {
             self.shared.delivered.fetch_max(lsn.0, Ordering::Release);
@@ -189,82 +207,113 @@ impl Writer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_loop(
-    mut stream: SplitStream<Socket>,
+enum Io {
+    Feed(Message),
+    Flush,
+}
+
+/// How long the close frame may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The client's side: acks in, signs of life, and how the client ends the stream.
+struct Reader {
+    stream: SplitStream<Socket>,
     slot: String,
-    start: Lsn,
+    last_ack: Lsn,
     acks: mpsc::Sender<Lsn>,
     errors: mpsc::Sender<String>,
     progress: Arc<Progress>,
     stop: Stop,
     shared: Arc<Shared>,
     dead_after: Duration,
-) {
-    let mut last_ack = start;
-    let check_every = (dead_after / 4).max(Duration::from_millis(50));
-    loop {
-        let message = tokio::select! {
-            _ = stop.stopped() => break,
-            m = tokio::time::timeout(check_every, stream.next()) => m,
-        };
-        let message = match message {
-            Err(_) => {
-                if shared.idle_for() > dead_after {
-                    tracing::info!(slot = %slot, "client stopped answering pings");
-                    stop.stop(code::GOING_AWAY, "no sign of life from the client");
-                    break;
+}
+
+impl Reader {
+    /// Reads until the stream stops. Returns the client's close code and reason when
+    /// the client ended it with a close frame.
+    async fn run(mut self) -> Option<(u16, String)> {
+        let check_every = (self.dead_after / 4).max(Duration::from_millis(50));
+        loop {
+            let message = tokio::select! {
+                _ = self.stop.stopped() => return None,
+                m = tokio::time::timeout(check_every, self.stream.next()) => m,
+            };
+            let message = match message {
+                Err(_) if self.shared.idle_for() > self.dead_after => {
+                    tracing::info!(slot = %self.slot, "client stopped answering pings");
+                    self.stop.stop(code::GOING_AWAY, "no sign of life from the client");
+                    return None;
                 }
-                continue;
-            }
-            Ok(None) => {
-                stop.stop(code::NORMAL, "client went away");
-                break;
-            }
-            Ok(Some(Err(e))) => {
-                let (c, reason) = match e {
-                    WsError::Capacity(_) => (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned()),
-                    e => (code::GOING_AWAY, format!("client connection error: {e}")),
-                };
-                stop.stop(c, truncate_reason(&reason));
-                break;
-            }
-            Ok(Some(Ok(m))) => m,
-        };
-        shared.progress();
-        match message {
-            Message::Text(text) => {
-                let delivered = Lsn(shared.delivered.load(Ordering::Acquire));
-                match parse_ack(text.as_str()).and_then(|lsn| check_ack(lsn, last_ack, delivered)) {
-                    Ok(lsn) => {
-                        last_ack = lsn;
-                        progress.record_ack(lsn);
-                        tracing::debug!(slot = %slot, lsn = %lsn, "ack");
-                        if acks.send(lsn).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::info!(slot = %slot, error = %e, "refused client message");
-                        if errors.try_send(e.to_string()).is_err() {
-                            // The client floods us with bad input faster than we can answer.
-                            tracing::debug!(slot = %slot, "dropped an error reply");
-                        }
+                Err(_) => continue,
+                Ok(None) => {
+                    self.stop.stop(code::NORMAL, "client went away");
+                    return None;
+                }
+                Ok(Some(Err(e))) => {
+                    let (c, reason) = refusal(e);
+                    self.stop.stop(c, truncate_reason(&reason));
+                    return None;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            self.shared.progress();
+            match message {
+                Message::Text(text) => {
+                    if !self.on_text(text.as_str()).await {
+                        return None;
                     }
                 }
-            }
-            Message::Binary(_) => {
-                let _ = errors.try_send(
+                Message::Binary(_) => self.reply(
                     "binary frames are not accepted: send acks as text, e.g. {\"lsn\":\"0/170FCB0\"}".to_owned(),
-                );
+                ),
+                Message::Close(frame) => {
+                    let (c, reason) =
+                        frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    // Answer with the client's code where one may be sent back.
+                    let answer = if matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999) { c } else { code::NORMAL };
+                    self.stop.stop(answer, "client closed the connection");
+                    return Some((c, reason));
+                }
+                // Pings are answered by the websocket library; pongs are a sign of life.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
-            Message::Close(_) => {
-                stop.stop(code::NORMAL, "client closed the connection");
-                break;
-            }
-            // Pings are answered by the websocket library; pongs are a sign of life.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
+    }
+
+    /// Checks and forwards an ack; false when the pump is gone.
+    async fn on_text(&mut self, text: &str) -> bool {
+        let delivered = Lsn(self.shared.delivered.load(Ordering::Acquire));
+        match parse_ack(text).and_then(|lsn| check_ack(lsn, self.last_ack, delivered)) {
+            Ok(lsn) => {
+                self.last_ack = lsn;
+                self.progress.record_ack(lsn);
+                tracing::debug!(slot = %self.slot, lsn = %lsn, "ack");
+                self.acks.send(lsn).await.is_ok()
+            }
+            Err(e) => {
+                tracing::info!(slot = %self.slot, error = %e, "refused client message");
+                self.reply(e.to_string());
+                true
+            }
+        }
+    }
+
+    fn reply(&self, error: String) {
+        if self.errors.try_send(error).is_err() {
+            // The client floods us with bad input faster than we can answer.
+            tracing::debug!(slot = %self.slot, "dropped an error reply");
+        }
+    }
+}
+
+/// The close code and reason for what the client sent that we cannot take
+/// (RFC 6455 section 7.4.1).
+fn refusal(e: WsError) -> (u16, String) {
+    match e {
+        WsError::Capacity(_) => (code::TOO_BIG, "message too big: acks are small JSON objects".to_owned()),
+        WsError::Utf8(e) => (code::INVALID_DATA, format!("a text message that is not UTF-8: {e}")),
+        WsError::Protocol(e) => (code::PROTOCOL_ERROR, format!("websocket protocol error: {e}")),
+        e => (code::GOING_AWAY, format!("client connection error: {e}")),
     }
 }
 

@@ -10,6 +10,10 @@ pub mod code {
     pub const NORMAL: u16 = 1000;
     /// Going away: the server shuts down, or the peer stopped answering.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the websocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// A message too big for us.
     pub const TOO_BIG: u16 = 1009;
     /// Internal error: Postgres ended the stream.

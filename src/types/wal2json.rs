@@ -152,6 +152,10 @@ pub struct MessageChange {
     pub transactional: bool,
     pub prefix: String,
     pub content: String,
+    /// The content's exact bytes in base64, when they are not UTF-8 (added by
+    /// pgdeltastream; `content` then holds them decoded lossily).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -312,6 +316,10 @@ pub struct Message {
     pub transactional: bool,
     pub prefix: String,
     pub content: String,
+    /// The content's exact bytes in base64, when they are not UTF-8 (added by
+    /// pgdeltastream; `content` then holds them decoded lossily).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
 }
 
 /// Reads a type OID printed either as unsigned or as signed 32-bit.
@@ -588,7 +596,12 @@ mod tests {
         );
         assert_eq!(
             txn.change[0],
-            Change::Message(MessageChange { transactional: true, prefix: "p".into(), content: "c".into() })
+            Change::Message(MessageChange {
+                transactional: true,
+                prefix: "p".into(),
+                content: "c".into(),
+                content_base64: None
+            })
         );
         // Non-transactional: its own object, no header fields.
         let txn = assert_v1_round_trip(

@@ -29,6 +29,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             snapshot_idle_timeout: Duration::from_secs(600),
             status_interval: Duration::from_millis(500),
             stream_buffer: 16,
+            frame_bytes: pgdeltastream::stream::frame::DEFAULT_FRAME_BYTES,
             socket: SocketSettings { ping_interval: Duration::from_secs(1), dead_after: Duration::from_secs(10) },
         },
         max_limit: 1000,
