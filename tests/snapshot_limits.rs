@@ -452,3 +452,83 @@ async fn big_pages_are_streamed_not_held() {
     assert!(growth < 100 << 20, "peak RSS grew by {} MiB for 20 pages of 40 MB", growth >> 20);
     eprintln!("peak RSS grew by {} KiB", growth >> 10);
 }
+
+/// A read that fails once the page has started cannot become a JSON error any more:
+/// the body is cut short, without its closing bracket, and the client sees an error.
+#[tokio::test]
+async fn an_error_after_the_first_rows_breaks_the_body() {
+    let (db, pg) = setup().await;
+    // An index scan in id order that fails after some 500 wide rows (half a megabyte,
+    // well past the first chunk).
+    pg.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY);
+         INSERT INTO big SELECT generate_series(1, 100000);
+         ANALYZE big;
+         CREATE VIEW failing AS SELECT id, repeat('x', 1000) AS pad, 1 / (id - 500) AS boom FROM big;",
+    )
+    .await
+    .unwrap();
+    let server = TestServer::start(&db).await;
+    server.init().await;
+    let body = json!({"table": "failing", "limit": 1000, "order_by": {"column": "id"}}).to_string();
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/snapshot/data")
+        .header("host", server.addr.to_string())
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut received = Vec::new();
+    let failed = loop {
+        match resp.body_mut().frame().await {
+            Some(Ok(frame)) => received.extend_from_slice(&frame.into_data().unwrap_or_default()),
+            Some(Err(e)) => break e.to_string(),
+            None => panic!("the body ended as if whole after {} bytes", received.len()),
+        }
+    };
+    assert!(received.len() > 100_000, "only {} bytes before the error ({failed})", received.len());
+    assert!(received.starts_with(b"[{\"id\":1,"), "{}", String::from_utf8_lossy(&received[..50]));
+    assert_ne!(received.last(), Some(&b']'));
+    // The connection it failed on is fine for the next page.
+    let (status, rows) = server.snapshot(json!({"table": "test_table", "limit": 1})).await;
+    assert_eq!((status, rows), (200, json!([{"id": 1, "name": "abc"}])));
+    server.stop().await;
+}
+
+/// Postgres refusing a connection for lack of slots (53300) is a 503 to retry, not a 500.
+#[tokio::test]
+async fn postgres_out_of_connections_is_503() {
+    let (db, pg) = setup().await;
+    let role = format!("limited_{}", db.dbname);
+    pg.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION CONNECTION LIMIT 2;
+         GRANT SELECT ON test_table TO {role};
+         CREATE VIEW sleepy AS SELECT 1 AS x FROM pg_sleep(3);
+         GRANT SELECT ON sleepy TO {role};"
+    ))
+    .await
+    .unwrap();
+    let mut settings = fast_settings(&db);
+    settings.pg.user = role.clone();
+    let server = Arc::new(TestServer::start_with(settings).await);
+    // The snapshot holder is one connection of the role, a page in progress the second.
+    server.init().await;
+    let slow = {
+        let server = server.clone();
+        tokio::spawn(async move { server.snapshot(json!({"table": "sleepy"})).await })
+    };
+    let running = format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND query LIKE '%sleepy%'");
+    await_count(&pg, &running, 1, "the slow page never started").await;
+    let (status, retry, body) = request_with_headers(server.addr, &json!({"table": "test_table"}).to_string()).await;
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_error(status, &body, 503, &["no free connection", "too many connections"]);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(slow.await.unwrap().0, 200);
+    if let Ok(server) = Arc::try_unwrap(server) {
+        server.stop().await;
+    }
+}
