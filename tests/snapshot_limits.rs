@@ -108,6 +108,7 @@ async fn renamed_dropped_and_repartitioned_tables_are_named() {
          CREATE TABLE replaced (id int PRIMARY KEY); INSERT INTO replaced VALUES (1);
          CREATE TABLE dropped (id int PRIMARY KEY); INSERT INTO dropped VALUES (1);
          CREATE TABLE narrowed (id int PRIMARY KEY, gone text); INSERT INTO narrowed VALUES (1, 'x');
+         CREATE SCHEMA s1; CREATE TABLE s1.moved (id int PRIMARY KEY); INSERT INTO s1.moved VALUES (1);
          CREATE TABLE parts (id int) PARTITION BY RANGE (id);
          CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (10);
          CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (10) TO (20);
@@ -122,7 +123,8 @@ async fn renamed_dropped_and_repartitioned_tables_are_named() {
          ALTER TABLE replaced RENAME TO replaced_old; CREATE TABLE replaced (id int PRIMARY KEY);
          DROP TABLE dropped;
          ALTER TABLE narrowed DROP COLUMN gone;
-         ALTER TABLE parts DETACH PARTITION parts_2;",
+         ALTER TABLE parts DETACH PARTITION parts_2;
+         ALTER SCHEMA s1 RENAME TO s2;",
     )
     .await
     .unwrap();
@@ -130,6 +132,8 @@ async fn renamed_dropped_and_repartitioned_tables_are_named() {
     assert_error(status, &body, 409, &["renamed to \"Renamed Now\"", "/v1/init"]);
     let (status, body) = server.snapshot(json!({"table": "replaced"})).await;
     assert_error(status, &body, 409, &["renamed to replaced_old"]);
+    let (status, body) = server.snapshot(json!({"table": "s1.moved"})).await;
+    assert_error(status, &body, 409, &["renamed to s2.moved"]);
     let (status, body) = server.snapshot(json!({"table": "dropped"})).await;
     assert_error(status, &body, 404, &["dropped after the snapshot", "/v1/init"]);
     let (status, body) = server.snapshot(json!({"table": "narrowed"})).await;

@@ -366,7 +366,10 @@ async fn check_unchanged(client: &Client, table: &TableInfo) -> Result<(), Snaps
     let moved = || SnapshotError::Moved { oid: table.oid, table: name.clone() };
     match client.batch_execute(&lock).await {
         Ok(()) => {}
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Err(moved()),
+        // No such table or schema (any more): renamed or dropped.
+        Err(e) if [&SqlState::UNDEFINED_TABLE, &SqlState::INVALID_SCHEMA_NAME].iter().any(|c| e.code() == Some(c)) => {
+            return Err(moved());
+        }
         Err(e) => return Err(e.into()),
     }
     let row = client.query_one(CHANGED_SQL, &[&table.oid, &name]).await?;
