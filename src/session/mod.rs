@@ -487,8 +487,9 @@ fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
         SnapshotError::Db(db) if db.code() == Some(&SqlState::QUERY_CANCELED) => Error::new(
             ErrorKind::Timeout,
             format!(
-                "the page took longer than the statement timeout of {} s (--snapshot-statement-timeout); \
-                 ask for a smaller limit (server said: {})",
+                "the page took longer than the statement timeout of {} s (--snapshot-statement-timeout), \
+                 waiting for the table's lock and sending the rows included; ask for a smaller limit \
+                 (server said: {})",
                 statement_timeout.as_secs_f64(),
                 snapshot::describe(&db)
             ),
