@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::pg::PgConfig;
+use crate::pg::pool::PoolSettings;
 use crate::session::{RetentionSettings, SessionSettings};
 use crate::stream::socket::SocketSettings;
 
@@ -36,6 +37,17 @@ pub struct Cli {
     /// Largest `limit` a snapshot page may ask for (also the default limit).
     #[arg(long, env = "PGDELTASTREAM_MAX_LIMIT", default_value_t = 10_000)]
     pub max_limit: u64,
+    /// At most this many ordinary connections to Postgres at once (snapshot reads, slot
+    /// queries); the snapshot holders and streams have their own, one per session.
+    #[arg(long, env = "PGDELTASTREAM_PG_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub pg_pool_size: u64,
+    /// Refuse a request (503) that waited this many seconds for a free connection.
+    #[arg(long, env = "PGDELTASTREAM_PG_POOL_TIMEOUT", default_value_t = 5)]
+    pub pg_pool_timeout: u64,
+    /// Cancel a snapshot page that takes longer than this many seconds, sending it
+    /// included (504; 0: no limit).
+    #[arg(long, env = "PGDELTASTREAM_SNAPSHOT_STATEMENT_TIMEOUT", default_value_t = 60)]
+    pub snapshot_statement_timeout: u64,
     /// Release a snapshot nobody has read for this many seconds (it holds back vacuum).
     #[arg(long, env = "PGDELTASTREAM_SNAPSHOT_IDLE_TIMEOUT", default_value_t = 600)]
     pub snapshot_idle_timeout: u64,
@@ -88,6 +100,14 @@ impl Cli {
             },
             frame_bytes: self.frame_size as usize,
             ..SessionSettings::default()
+        }
+    }
+
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            size: usize::try_from(self.pg_pool_size).unwrap_or(usize::MAX),
+            acquire_timeout: Duration::from_secs(self.pg_pool_timeout),
+            statement_timeout: Duration::from_secs(self.snapshot_statement_timeout),
         }
     }
 

@@ -3,7 +3,10 @@
 
 use std::fmt;
 
+use tokio_postgres::error::SqlState;
+
 use crate::pg::PgError;
+use crate::pg::pool::PoolError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -19,6 +22,8 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// Postgres cannot be reached or is out of a resource; try again later (503).
     Unavailable,
+    /// A query ran past its statement timeout (504).
+    Timeout,
     /// Anything else, with the database's message (500).
     Internal,
 }
@@ -92,14 +97,32 @@ impl Error {
     /// An error from an ordinary tokio-postgres connection.
     pub fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
         let msg = crate::pg::snapshot::describe(e);
-        match e.code().map(|c| c.code()) {
-            Some("42501") => Error::new(ErrorKind::Forbidden, format!("permission denied: {msg}")),
-            Some("57P01" | "57P02" | "57P03") => {
-                Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"))
-            }
-            Some(_) => Error::internal(format!("Postgres error: {msg}")),
+        let Some(code) = e.code() else {
             // No SQLSTATE: the connection itself failed.
-            None => Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}")),
+            return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"));
+        };
+        let unavailable = [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW];
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            Error::new(ErrorKind::Forbidden, format!("permission denied: {msg}"))
+        } else if unavailable.contains(code) {
+            Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"))
+        } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "Postgres has no free connection: raise max_connections, or lower --pg-pool-size (server said: {msg})"
+                ),
+            )
+        } else {
+            Error::internal(format!("Postgres error: {msg}"))
+        }
+    }
+
+    /// No connection from the pool: all busy (503, retry), or a new one failed.
+    pub fn from_pool(e: &PoolError) -> Error {
+        match e {
+            PoolError::Busy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
+            PoolError::Connect(e) => Error::from_tokio_pg(e),
         }
     }
 }

@@ -24,8 +24,13 @@ async fn main() -> std::process::ExitCode {
     };
     let pg = cli.pg_config();
     tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, "pgdeltastream serving");
-    let settings =
-        Settings { pg, session: cli.session_settings(), max_limit: cli.max_limit, retention: cli.retention_settings() };
+    let settings = Settings {
+        pg,
+        session: cli.session_settings(),
+        max_limit: cli.max_limit,
+        retention: cli.retention_settings(),
+        pool: cli.pool_settings(),
+    };
     match server::run(listener, settings, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

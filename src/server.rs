@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
+use crate::pg::pool::PoolSettings;
 use crate::session::{Registry, RetentionSettings, SessionSettings};
 
 #[derive(Debug, Clone)]
@@ -16,6 +17,9 @@ pub struct Settings {
     pub session: SessionSettings,
     pub max_limit: u64,
     pub retention: RetentionSettings,
+    /// Ordinary connections to Postgres: how many, how long to wait for one, and how
+    /// long a snapshot read may run.
+    pub pool: PoolSettings,
 }
 
 /// Serves on `listener` until `shutdown` resolves; then ends every stream (close code
@@ -25,7 +29,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let registry = Registry::new(settings.pg, settings.session);
+    let registry = Registry::new(settings.pg, settings.session, settings.pool);
     tokio::spawn(Arc::clone(&registry).sweep_idle_snapshots());
     let retention = &settings.retention;
     tokio::spawn(Arc::clone(&registry).watch_retention(

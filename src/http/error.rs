@@ -1,10 +1,13 @@
 //! The API's one error type: `{"error":"..."}` with the status its kind calls for.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{Error, ErrorKind};
+
+/// What a 503's `Retry-After` says.
+const RETRY_AFTER_SECONDS: &str = "1";
 
 #[derive(Debug)]
 pub struct ApiError(pub Error);
@@ -24,6 +27,7 @@ impl ApiError {
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -35,7 +39,12 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self.0, "request failed");
         }
-        (status, Json(serde_json::json!({ "error": self.0.message }))).into_response()
+        let mut response = (status, Json(serde_json::json!({ "error": self.0.message }))).into_response();
+        // Every 503 is worth retrying: Postgres is restarting, or out of connections.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 

@@ -1,11 +1,12 @@
 //! `POST /v1/snapshot/data` and `DELETE /v1/snapshot`
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
+use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
@@ -84,7 +85,10 @@ pub async fn data(
         serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
     let page = request.into_page(state.max_limit)?;
     let rows = state.registry.snapshot_page(&page).await?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], rows))
+    // The status is sent with the first chunk; a later error can only cut the body
+    // short, which the client sees as a broken response rather than a whole page.
+    let rows = rows.inspect_err(|e| tracing::warn!(error = %e, "snapshot page failed after it started"));
+    Ok(([(header::CONTENT_TYPE, "application/json")], Body::from_stream(rows)))
 }
 
 #[derive(Deserialize)]

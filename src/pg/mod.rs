@@ -7,7 +7,7 @@
 //! - [`ident`]: SQL identifiers as users type them, parsed, checked and quoted.
 //! - [`snapshot`]: reading table pages from an exported snapshot, encoded exactly as
 //!   wal2json encodes the same values in the stream.
-//! - [`pool`]: a tiny pool of ordinary (tokio-postgres) connections.
+//! - [`pool`]: a bounded pool of ordinary (tokio-postgres) connections.
 //!
 //! Nothing in here knows about HTTP or sessions.
 

@@ -1,74 +1,208 @@
-//! A tiny pool of ordinary tokio-postgres connections.
+//! A small, bounded pool of ordinary tokio-postgres connections.
 //!
-//! Snapshot reads are short and bursty; opening a backend per call costs a fork on the
-//! server. Connections that come back healthy are kept (up to `max_idle`); anything
-//! that went wrong on a connection closes it instead of returning it, so one failed
-//! call can never poison the next.
+//! Every ordinary query (snapshot reads, slot queries) runs on a connection from here,
+//! so the server never holds more than `size` of them, whatever the load: a burst of
+//! requests waits for a permit instead of exhausting Postgres's `max_connections` for
+//! every other application. A request that waits longer than `acquire_timeout` is
+//! refused ([`PoolError::Busy`]), and the caller answers 503.
+//!
+//! A connection goes back to the pool only through [`PooledClient::release`], which the
+//! caller uses when its last command succeeded outside any transaction. A connection
+//! dropped any other way may be mid-query (the client went away): its query is
+//! cancelled and the connection closed, and its permit is only given back once the
+//! backend is gone, so the bound holds for Postgres too, not just for us.
 
-use std::sync::Mutex;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 use super::PgConfig;
 
-pub struct Pool {
+/// How long a dropped connection may take to end before its permit is handed on anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// At most this many ordinary connections are open at once.
+    pub size: usize,
+    /// How long a request waits for a free connection before it is refused.
+    pub acquire_timeout: Duration,
+    /// The longest a snapshot read may run, sending its rows included (zero: no limit).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings { size: 10, acquire_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "all {size} connections to Postgres are in use and none was free within {} ms; retry shortly \
+         (or raise --pg-pool-size)",
+        .waited.as_millis()
+    )]
+    Busy { size: usize, waited: Duration },
+    #[error(transparent)]
+    Connect(#[from] tokio_postgres::Error),
+}
+
+/// A connection and the task that drives it, which ends once the backend is gone.
+struct Conn {
+    client: Client,
+    driver: JoinHandle<()>,
+}
+
+struct Shared {
     config: PgConfig,
-    idle: Mutex<Vec<Client>>,
-    max_idle: usize,
+    settings: PoolSettings,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
 }
 
 impl Pool {
-    pub fn new(config: PgConfig, max_idle: usize) -> Pool {
-        Pool { config, idle: Mutex::new(Vec::new()), max_idle }
+    pub fn new(config: PgConfig, settings: PoolSettings) -> Pool {
+        let size = settings.size.max(1);
+        let settings = PoolSettings { size, ..settings };
+        Pool {
+            shared: Arc::new(Shared {
+                config,
+                settings,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(size)),
+            }),
+        }
     }
 
     pub fn config(&self) -> &PgConfig {
-        &self.config
+        &self.shared.config
     }
 
-    /// An idle connection, or a new one.
-    pub async fn get(&self) -> Result<Client, tokio_postgres::Error> {
-        loop {
-            let client = match self.idle.lock() {
-                Ok(mut idle) => idle.pop(),
-                Err(_) => None,
-            };
-            match client {
-                Some(c) if !c.is_closed() => return Ok(c),
+    pub fn settings(&self) -> &PoolSettings {
+        &self.shared.settings
+    }
+
+    /// A connection: an idle one, or a new one if fewer than `size` are open. Waits at
+    /// most `acquire_timeout` for one to come free.
+    pub async fn get(&self) -> Result<PooledClient, PoolError> {
+        let wait = self.shared.settings.acquire_timeout;
+        let busy = || PoolError::Busy { size: self.shared.settings.size, waited: wait };
+        let permit = match tokio::time::timeout(wait, self.shared.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            // The semaphore is never closed; a closed one would mean no connection ever.
+            Ok(Err(_)) | Err(_) => return Err(busy()),
+        };
+        // Idle connections count against the permits too: whoever holds a permit may
+        // take one, so idle + in use never exceeds `size`.
+        let conn = loop {
+            match self.shared.take_idle() {
+                Some(c) if !c.client.is_closed() => break c,
                 Some(_) => continue,
-                None => return connect(&self.config).await,
+                None => break open(&self.shared.config).await?,
+            }
+        };
+        Ok(PooledClient { conn: Some(conn), permit: Some(permit), shared: self.shared.clone() })
+    }
+}
+
+impl Shared {
+    fn take_idle(&self) -> Option<Conn> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+}
+
+/// A connection taken from the pool, with its permit. See the module doc for what
+/// dropping it does.
+pub struct PooledClient {
+    conn: Option<Conn>,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+}
+
+impl PooledClient {
+    /// Gives the connection back for the next caller. Only for a connection whose last
+    /// command succeeded and that is outside any transaction.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !conn.client.is_closed() {
+                self.shared.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
             }
         }
     }
 
-    /// Gives a connection back. Only hand back connections whose last use succeeded
-    /// and that are outside any transaction.
-    pub fn put(&self, client: Client) {
-        if client.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.max_idle {
-                idle.push(client);
-            }
-        }
-    }
-
-    /// Closes every idle connection (used when Postgres went away).
-    pub fn clear(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
+    /// Closes the connection (it failed, or is in an unknown state) without cancelling
+    /// anything.
+    pub fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            close(conn, self.permit.take(), false);
         }
     }
 }
 
-/// Opens one connection and drives it on a task of its own.
+impl Deref for PooledClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        match &self.conn {
+            Some(c) => &c.client,
+            // `conn` is only taken by `release`, `discard` and `drop`, which consume self.
+            None => unreachable!("a PooledClient is used after it was given back"),
+        }
+    }
+}
+
+impl Drop for PooledClient {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            close(conn, self.permit.take(), true);
+        }
+    }
+}
+
+/// Ends a connection in the background: cancels its query if asked, lets the driver
+/// finish (it sends Terminate once the pending replies are in), then frees the permit.
+fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
+    let Conn { client, driver } = conn;
+    let token = (cancel && !client.is_closed()).then(|| client.cancel_token());
+    drop(client);
+    // Without a runtime (the process is ending) everything goes with it.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        if let Some(token) = token {
+            if let Err(e) = token.cancel_query(NoTls).await {
+                tracing::debug!(error = %e, "cannot cancel the query of an abandoned connection");
+            }
+        }
+        if tokio::time::timeout(CLOSE_WAIT, driver).await.is_err() {
+            tracing::warn!("an abandoned Postgres connection did not end in time");
+        }
+        drop(permit);
+    });
+}
+
+/// Opens one connection and drives it on a task of its own (for callers outside the
+/// pool, such as the snapshot holders).
 pub async fn connect(config: &PgConfig) -> Result<Client, tokio_postgres::Error> {
+    Ok(open(config).await?.client)
+}
+
+async fn open(config: &PgConfig) -> Result<Conn, tokio_postgres::Error> {
     let (client, connection) = config.tokio_config().connect(NoTls).await?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }
     });
-    Ok(client)
+    Ok(Conn { client, driver })
 }

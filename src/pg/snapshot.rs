@@ -10,11 +10,24 @@
 //! Rows come back through the simple-query protocol, which returns each value as its
 //! type's text output, the very text wal2json starts from; [`crate::types::value`]
 //! then encodes it the way wal2json does, so a snapshot row equals the stream's
-//! `columnvalues` of the same row.
+//! `columnvalues` of the same row. They are encoded and sent as they arrive: a page is
+//! never whole in memory, and Postgres only sends as fast as the client reads.
+//!
+//! Before reading, the table is locked and checked against the snapshot (see
+//! `check_unchanged`): a table rewritten, renamed or dropped since would otherwise
+//! read as empty, or fail with a confusing error.
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow, SimpleQueryStream};
 
 use super::ident::{TableRef, quote_ident, quote_literal};
+use super::pool::PooledClient;
 use crate::types::value::{write_json_string, write_value};
 
 /// Schemas that are never served: they hold the catalog and its secrets.
@@ -29,6 +42,7 @@ pub struct Column {
 /// A table (or view, materialized view, foreign or partitioned table) as the snapshot sees it.
 #[derive(Debug, Clone)]
 pub struct TableInfo {
+    pub oid: u32,
     pub schema: String,
     pub name: String,
     pub relkind: char,
@@ -61,6 +75,23 @@ pub enum SnapshotError {
     NoSuchColumn { table: String, column: String },
     #[error("the snapshot is no longer valid: {0}")]
     SnapshotGone(String),
+    /// The table's name no longer leads to it (a step before [`SnapshotError::Renamed`]
+    /// or [`SnapshotError::Dropped`]).
+    #[error("table {table} was renamed or dropped after the snapshot")]
+    Moved { oid: u32, table: String },
+    #[error("table {table} was renamed to {now} after the snapshot")]
+    Renamed { table: String, now: String },
+    #[error("table {0} was dropped after the snapshot")]
+    Dropped(String),
+    #[error(
+        "table {table} was rewritten after the snapshot (by TRUNCATE, VACUUM FULL, CLUSTER, REFRESH MATERIALIZED VIEW \
+         or an ALTER TABLE that rewrites it; changed: {relations}), so its rows as of the snapshot can no longer be read"
+    )]
+    Rewritten { table: String, relations: String },
+    #[error("the partitions of table {0} were attached, detached or dropped after the snapshot")]
+    Repartitioned(String),
+    #[error("the columns of table {table} changed after the snapshot ({message})")]
+    ColumnsChanged { table: String, message: String },
     #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
@@ -86,60 +117,295 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Reads one page of `req.table` as a JSON array of objects, keys in column order.
-pub async fn read_page(client: &Client, snapshot_id: &str, req: &PageRequest) -> Result<String, SnapshotError> {
+/// Rows are sent in chunks of about this many bytes (more when a single row is larger).
+const CHUNK: usize = 64 * 1024;
+
+/// A page's body: the JSON array, in chunks, as Postgres sends the rows. An error after
+/// the first chunk ends the body early, so the client never takes a truncated page for
+/// a whole one.
+pub type PageBody = BoxStream<'static, Result<Bytes, SnapshotError>>;
+
+/// Starts reading one page of `req.table` as a JSON array of objects, keys in column
+/// order. Everything that can be refused is found out before this returns: the table,
+/// its columns, whether it changed since the snapshot, and the query's first row. The
+/// body then streams the rest, holding `conn` until it ends.
+pub async fn open_page(
+    conn: PooledClient,
+    snapshot_id: &str,
+    req: &PageRequest,
+    statement_timeout: Duration,
+) -> Result<PageBody, SnapshotError> {
     if !super::ident::is_valid_snapshot_id(snapshot_id) {
+        conn.release();
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
-    // The snapshot id cannot be a bind parameter; it is checked above and quoted.
-    let begin = format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        quote_literal(snapshot_id)
-    );
-    if let Err(e) = client.batch_execute(&begin).await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        // 22023 invalid_parameter_value: "invalid snapshot identifier" — the exporting
-        // transaction is gone.
-        return Err(match e.code().map(|c| c.code()) {
-            Some("22023") => SnapshotError::SnapshotGone(describe(&e)),
-            _ => SnapshotError::Db(e),
-        });
-    }
-    let result = read_in_transaction(client, req).await;
-    // Read-only: ROLLBACK and COMMIT are the same; ROLLBACK also ends an aborted one.
-    match client.batch_execute("ROLLBACK").await {
-        Ok(()) => result,
-        Err(e) => result.and(Err(SnapshotError::Db(e))),
+    match start_page(&conn, snapshot_id, req, statement_timeout).await {
+        Ok((table, rows)) => first_rows(conn, table, rows).await,
+        Err(e) => Err(abandon(conn, e).await),
     }
 }
 
-async fn read_in_transaction(client: &Client, req: &PageRequest) -> Result<String, SnapshotError> {
-    let table = resolve_table(client, &req.table).await?;
-    let sql = select_sql(&table, req)?;
-    let messages = client.simple_query(&sql).await?;
-    let mut out = String::with_capacity(256);
-    out.push('[');
-    let mut first = true;
-    for m in &messages {
-        let SimpleQueryMessage::Row(row) = m else { continue };
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        out.push('{');
-        for (i, col) in table.columns.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            write_json_string(&mut out, &col.name);
-            out.push(':');
-            write_value(&mut out, col.type_oid, row.get(i));
-        }
-        out.push('}');
+/// Opens the transaction, checks the table and starts the SELECT.
+async fn start_page(
+    client: &Client,
+    snapshot_id: &str,
+    req: &PageRequest,
+    statement_timeout: Duration,
+) -> Result<(TableInfo, SimpleQueryStream), SnapshotError> {
+    // The snapshot id cannot be a bind parameter; it is checked above and quoted. The
+    // timeout covers every statement from here on, sending the rows included, so a
+    // client that stops reading cannot hold a connection for longer either.
+    let begin = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+         SET LOCAL statement_timeout = {}",
+        quote_literal(snapshot_id),
+        statement_timeout.as_millis().min(i32::MAX as u128)
+    );
+    if let Err(e) = client.batch_execute(&begin).await {
+        // "invalid snapshot identifier": the exporting transaction is gone.
+        return Err(match e.code() {
+            Some(c) if *c == SqlState::INVALID_PARAMETER_VALUE => SnapshotError::SnapshotGone(describe(&e)),
+            _ => SnapshotError::Db(e),
+        });
     }
-    out.push(']');
-    Ok(out)
+    let table = resolve_table(client, &req.table).await?;
+    check_unchanged(client, &table).await?;
+    let sql = select_sql(&table, req)?;
+    let rows = client.simple_query_raw(&sql).await?;
+    Ok((table, rows))
 }
+
+/// Waits for the first row (or the end) before the body starts: an error before it,
+/// even one Postgres reports after describing the columns, is still an HTTP error.
+async fn first_rows(conn: PooledClient, table: TableInfo, rows: SimpleQueryStream) -> Result<PageBody, SnapshotError> {
+    let name = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name));
+    let mut page =
+        Page { conn: Some(conn), rows: Box::pin(rows), columns: table.columns, buf: String::from("["), rows_out: 0 };
+    loop {
+        match page.rows.next().await {
+            Some(Ok(SimpleQueryMessage::Row(row))) => {
+                page.push(&row);
+                break;
+            }
+            Some(Ok(SimpleQueryMessage::RowDescription(_))) => continue,
+            Some(Ok(_)) | None => {
+                // An empty page: answer it whole, the connection goes back first.
+                let chunk = page.finish().await?;
+                return Ok(futures_util::stream::once(async { Ok(chunk) }).boxed());
+            }
+            Some(Err(e)) => {
+                if let Some(conn) = page.conn.take() {
+                    end(conn).await;
+                }
+                // The SELECT names the columns the snapshot has: one that is missing now
+                // was dropped or renamed since.
+                if e.code() == Some(&SqlState::UNDEFINED_COLUMN) {
+                    return Err(SnapshotError::ColumnsChanged { table: name, message: describe(&e) });
+                }
+                return Err(SnapshotError::Db(e));
+            }
+        }
+    }
+    Ok(futures_util::stream::unfold(Some(page), |page| async move {
+        let mut page = page?;
+        match page.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok(chunk), Some(page))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+    .boxed())
+}
+
+/// A page being sent: the rows still to come, and the connection they come on.
+struct Page {
+    /// Taken when the page ends; dropped with the body otherwise, which cancels the query.
+    conn: Option<PooledClient>,
+    rows: Pin<Box<SimpleQueryStream>>,
+    columns: Vec<Column>,
+    buf: String,
+    rows_out: u64,
+}
+
+impl Page {
+    fn push(&mut self, row: &SimpleQueryRow) {
+        if self.rows_out > 0 {
+            self.buf.push(',');
+        }
+        self.rows_out += 1;
+        self.buf.push('{');
+        for (i, col) in self.columns.iter().enumerate() {
+            if i > 0 {
+                self.buf.push(',');
+            }
+            write_json_string(&mut self.buf, &col.name);
+            self.buf.push(':');
+            write_value(&mut self.buf, col.type_oid, row.get(i));
+        }
+        self.buf.push('}');
+    }
+
+    /// The rows that have arrived, at least one unless the page is over; None after the
+    /// last chunk.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, SnapshotError> {
+        if self.conn.is_none() {
+            return Ok(None);
+        }
+        while self.buf.len() < CHUNK {
+            // Wait only when there is nothing to send; otherwise take what has arrived.
+            let next = if self.buf.is_empty() {
+                self.rows.next().await
+            } else {
+                match self.rows.next().now_or_never() {
+                    Some(next) => next,
+                    None => break,
+                }
+            };
+            match next {
+                Some(Ok(SimpleQueryMessage::Row(row))) => self.push(&row),
+                Some(Ok(SimpleQueryMessage::RowDescription(_))) => {}
+                Some(Ok(_)) | None => return self.finish().await.map(Some),
+                Some(Err(e)) => {
+                    if let Some(conn) = self.conn.take() {
+                        end(conn).await;
+                    }
+                    return Err(SnapshotError::Db(e));
+                }
+            }
+        }
+        Ok(Some(Bytes::from(std::mem::replace(&mut self.buf, String::with_capacity(CHUNK + 1024)).into_bytes())))
+    }
+
+    /// Closes the array once the transaction has ended well: the last byte is only sent
+    /// when the page is known to be whole.
+    async fn finish(&mut self) -> Result<Bytes, SnapshotError> {
+        // Take the SELECT's last reply (ReadyForQuery) before the next command.
+        while let Some(message) = self.rows.next().await {
+            if let Err(e) = message {
+                if let Some(conn) = self.conn.take() {
+                    end(conn).await;
+                }
+                return Err(e.into());
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            rollback(conn).await?;
+        }
+        self.buf.push(']');
+        Ok(Bytes::from(std::mem::take(&mut self.buf).into_bytes()))
+    }
+}
+
+/// Ends the transaction (read-only: ROLLBACK and COMMIT are the same; ROLLBACK also ends
+/// an aborted one) and gives the connection back, or closes it if that failed.
+async fn rollback(conn: PooledClient) -> Result<(), tokio_postgres::Error> {
+    match conn.batch_execute("ROLLBACK").await {
+        Ok(()) => {
+            conn.release();
+            Ok(())
+        }
+        Err(e) => {
+            conn.discard();
+            Err(e)
+        }
+    }
+}
+
+/// After a failure: ends the transaction, whatever state it is in.
+async fn end(conn: PooledClient) {
+    if let Err(e) = rollback(conn).await {
+        tracing::debug!(error = %e, "cannot end a failed snapshot read");
+    }
+}
+
+/// Ends the transaction after `e`; for a table that is gone from its name, finds out
+/// (now that the snapshot no longer applies) whether it was renamed or dropped.
+async fn abandon(conn: PooledClient, e: SnapshotError) -> SnapshotError {
+    let SnapshotError::Moved { oid, table } = e else {
+        end(conn).await;
+        return e;
+    };
+    if let Err(e) = conn.batch_execute("ROLLBACK").await {
+        conn.discard();
+        return SnapshotError::Db(e);
+    }
+    // Outside a transaction, regclass names the relation as it is now; a dropped one
+    // prints as its bare number (a relation named like a number prints quoted).
+    let now = conn.query_one("SELECT $1::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text", &[&oid]).await;
+    let e = match now {
+        Ok(row) => match row.try_get::<_, String>(0) {
+            Ok(name) if name == oid.to_string() => SnapshotError::Dropped(table),
+            Ok(name) => SnapshotError::Renamed { table, now: name },
+            Err(e) => SnapshotError::Db(e),
+        },
+        Err(e) => SnapshotError::Db(e),
+    };
+    end(conn).await;
+    e
+}
+
+/// The table's rows as of the snapshot are only readable from the files it had then:
+/// TRUNCATE and the rewriting ALTER TABLEs give it new files whose rows are all newer
+/// than the snapshot (so it would read as empty), and VACUUM FULL, CLUSTER and REFRESH
+/// MATERIALIZED VIEW move its rows (so pages in physical order would overlap or skip).
+/// Partitions attached or detached since then would add or hide rows.
+///
+/// Inside the snapshot's transaction, catalog rows read by SQL are as of the snapshot,
+/// while `pg_relation_filenode`, `pg_partition_tree` and `to_regclass` see the catalog as
+/// it is now. The lock is taken first (the SELECT would take it anyway): once it is
+/// held, nothing can rewrite, rename or drop the table until the page has been read, so
+/// what is checked here is what the SELECT reads.
+async fn check_unchanged(client: &Client, table: &TableInfo) -> Result<(), SnapshotError> {
+    let name = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name));
+    // LOCK refuses materialized views and foreign tables; EXPLAIN takes the same lock
+    // without running anything.
+    let lock = match table.relkind {
+        'm' | 'f' => format!("EXPLAIN SELECT FROM {name}"),
+        _ => format!("LOCK TABLE {name} IN ACCESS SHARE MODE"),
+    };
+    let moved = || SnapshotError::Moved { oid: table.oid, table: name.clone() };
+    match client.batch_execute(&lock).await {
+        Ok(()) => {}
+        // No such table or schema (any more): renamed or dropped.
+        Err(e) if [&SqlState::UNDEFINED_TABLE, &SqlState::INVALID_SCHEMA_NAME].iter().any(|c| e.code() == Some(c)) => {
+            return Err(moved());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let row = client.query_one(CHANGED_SQL, &[&table.oid, &name]).await?;
+    if row.try_get::<_, Option<u32>>(0)? != Some(table.oid) {
+        // Renamed or dropped, and another table has its old name.
+        return Err(moved());
+    }
+    let rewritten: Vec<String> = row.try_get(1)?;
+    let repartitioned: bool = row.try_get(2)?;
+    if !rewritten.is_empty() {
+        return Err(SnapshotError::Rewritten { table: name, relations: rewritten.join(", ") });
+    }
+    if repartitioned {
+        return Err(SnapshotError::Repartitioned(name));
+    }
+    Ok(())
+}
+
+/// $1: the table's oid as of the snapshot, $2: its quoted name. Answers the oid that
+/// name has now; the relations of the table's tree (itself, its partitions or
+/// inheritance children as of the snapshot) whose file changed or that are gone; and
+/// whether its partitions are not those of the snapshot. Relations without storage
+/// have no file on either side (relfilenode 0, pg_relation_filenode NULL).
+const CHANGED_SQL: &str = "\
+    WITH RECURSIVE snap(relid) AS ( \
+        SELECT $1::pg_catalog.oid \
+        UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN snap s ON i.inhparent = s.relid), \
+    now AS (SELECT relid::pg_catalog.oid FROM pg_catalog.pg_partition_tree($1::pg_catalog.oid::pg_catalog.regclass)) \
+    SELECT pg_catalog.to_regclass($2)::pg_catalog.oid, \
+        ARRAY(SELECT s.relid::pg_catalog.regclass::pg_catalog.text FROM snap s \
+              JOIN pg_catalog.pg_class c ON c.oid = s.relid \
+              WHERE NULLIF(c.relfilenode, 0) IS DISTINCT FROM pg_catalog.pg_relation_filenode(s.relid) \
+              ORDER BY s.relid), \
+        EXISTS (SELECT FROM now) AND EXISTS ( \
+            (SELECT relid FROM snap EXCEPT SELECT relid FROM now) \
+            UNION ALL (SELECT relid FROM now EXCEPT SELECT relid FROM snap))";
 
 /// Looks the table up in the catalog (as of the snapshot), honouring search_path for
 /// unqualified names.
@@ -199,7 +465,7 @@ pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, S
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<Vec<String>, _>>()?;
-    Ok(TableInfo { schema, name, relkind: relkind.chars().next().unwrap_or('r'), columns, primary_key })
+    Ok(TableInfo { oid, schema, name, relkind: relkind.chars().next().unwrap_or('r'), columns, primary_key })
 }
 
 /// The page's SELECT. Only catalog names (quoted) and integers we produced go in.
@@ -268,6 +534,7 @@ mod tests {
 
     fn table(pk: &[&str], relkind: char) -> TableInfo {
         TableInfo {
+            oid: 1,
             schema: "public".into(),
             name: "t".into(),
             relkind,

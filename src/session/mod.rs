@@ -25,13 +25,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
 use crate::pg::ident::is_valid_slot_name;
-use crate::pg::pool::{self, Pool};
+use crate::pg::pool::{self, Pool, PoolSettings};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
-use crate::pg::snapshot::{self, PageRequest, SnapshotError};
+use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 use crate::stream::Stop as StreamStop;
 use crate::stream::frame::Format;
 use crate::stream::progress::Progress;
@@ -217,9 +218,9 @@ pub struct OpenStream {
 }
 
 impl Registry {
-    pub fn new(pg: PgConfig, settings: SessionSettings) -> Arc<Registry> {
+    pub fn new(pg: PgConfig, settings: SessionSettings, pool: PoolSettings) -> Arc<Registry> {
         Arc::new(Registry {
-            pool: Pool::new(pg.clone(), 8),
+            pool: Pool::new(pg.clone(), pool),
             pg,
             settings,
             sessions: Mutex::new(HashMap::new()),
@@ -366,7 +367,7 @@ impl Registry {
 
     /// Drops a slot, waiting a little for a walsender that is still letting go of it.
     async fn drop_slot(&self, slot: &str) -> Result<(), Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let result = client
@@ -378,11 +379,11 @@ impl Registry {
             match result {
                 Ok(_) => {
                     tracing::info!(slot, "slot dropped");
-                    self.pool.put(client);
+                    client.release();
                     return Ok(());
                 }
-                // 55006 object_in_use: the walsender has not exited yet.
-                Err(e) if e.code().map(|c| c.code()) == Some("55006") && Instant::now() < deadline => {
+                // The walsender has not exited yet.
+                Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(Error::from_tokio_pg(&e)),
@@ -390,25 +391,17 @@ impl Registry {
         }
     }
 
-    /// `/v1/snapshot/data`: one page from the default session's snapshot.
-    pub async fn snapshot_page(&self, req: &PageRequest) -> Result<String, Error> {
+    /// `/v1/snapshot/data`: one page from the default session's snapshot. Refusals come
+    /// here; the body streams the rows on a pooled connection that it holds until it
+    /// ends (or is dropped, which cancels the query).
+    pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
         let session = self
             .default_session()
             .ok_or_else(|| Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))?;
         let id = session.touch_snapshot()?;
-        let client = self.pool.get().await.map_err(|e| Error::from_tokio_pg(&e))?;
-        let result = snapshot::read_page(&client, &id, req).await;
-        // read_page ends its transaction; a connection that failed at that is closed.
-        match &result {
-            Err(SnapshotError::Db(e)) if e.code().is_none() => self.pool.clear(),
-            _ => self.pool.put(client),
-        }
-        result.map_err(|e| match e {
-            SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
-            SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
-            SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; call /v1/init for a new session")),
-            SnapshotError::Db(db) => Error::from_tokio_pg(&db),
-        })
+        let conn = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let timeout = self.pool.settings().statement_timeout;
+        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout))
     }
 
     /// Releases a session's snapshot (the default session's when `slot` is None).
@@ -520,7 +513,7 @@ impl Registry {
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
         let row = client
             .query_opt(
                 "SELECT plugin::text, database::text, active_pid, coalesce(confirmed_flush_lsn, '0/0')::text \
@@ -529,7 +522,7 @@ impl Registry {
             )
             .await
             .map_err(|e| Error::from_tokio_pg(&e))?;
-        self.pool.put(client);
+        client.release();
         let Some(row) = row else { return Ok(None) };
         let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
         let confirmed: String = row.try_get(3).map_err(get)?;
@@ -555,6 +548,32 @@ impl Registry {
         for s in &sessions {
             s.wait_stream_ended(Duration::from_secs(5)).await;
         }
+    }
+}
+
+/// What a failed snapshot read tells the client.
+fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
+    let again = "call /v1/init for a new snapshot";
+    match e {
+        SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
+        SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
+        SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
+        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; call /v1/init for a new session")),
+        SnapshotError::Renamed { .. }
+        | SnapshotError::Rewritten { .. }
+        | SnapshotError::Repartitioned(_)
+        | SnapshotError::ColumnsChanged { .. } => Error::conflict(format!("{e}; {again}")),
+        SnapshotError::Db(db) if db.code() == Some(&SqlState::QUERY_CANCELED) => Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the page took longer than the statement timeout of {} s (--snapshot-statement-timeout), \
+                 waiting for the table's lock and sending the rows included; ask for a smaller limit \
+                 (server said: {})",
+                statement_timeout.as_secs_f64(),
+                snapshot::describe(&db)
+            ),
+        ),
+        SnapshotError::Db(db) => Error::from_tokio_pg(&db),
     }
 }
 

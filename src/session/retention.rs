@@ -134,9 +134,9 @@ impl Registry {
     /// One entry per slot of ours in the configured database, including slots an earlier
     /// process created.
     pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
         let rows = client.query(REPORT_SQL, &[&PLUGIN]).await.map_err(|e| Error::from_tokio_pg(&e))?;
-        self.pool.put(client);
+        client.release();
         let default = lock(&self.default_slot).clone();
         let now = SystemTime::now();
         let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);

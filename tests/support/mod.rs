@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use pgdeltastream::pg::PgConfig;
+use pgdeltastream::pg::pool::PoolSettings;
 use pgdeltastream::server::{self, Settings};
 use pgdeltastream::session::{RetentionSettings, SessionSettings};
 use pgdeltastream::stream::socket::SocketSettings;
@@ -34,6 +35,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
         },
         max_limit: 1000,
         retention: RetentionSettings::default(),
+        pool: PoolSettings::default(),
     }
 }
 
