@@ -2,6 +2,8 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use pgdeltastream::config::Cli;
 use pgdeltastream::server::{self, Settings};
@@ -10,7 +12,11 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr (stdout is left to nothing), coloured only for a person at a
+    // terminal: escapes would litter a file or a journal.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
 
