@@ -20,6 +20,7 @@ async fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
 
+    let open_files = server::limits::raise_open_files_limit();
     let addr = format!("{}:{}", cli.serverhost, cli.serverport);
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
@@ -29,9 +30,15 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let pg = cli.pg_config();
-    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, "pgdeltastream serving");
-    let settings =
-        Settings { pg, session: cli.session_settings(), max_limit: cli.max_limit, retention: cli.retention_settings() };
+    let open_files = open_files.map_or_else(|| "unknown".into(), |n| n.to_string());
+    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, %open_files, "pgdeltastream serving");
+    let settings = Settings {
+        pg,
+        session: cli.session_settings(),
+        max_limit: cli.max_limit,
+        retention: cli.retention_settings(),
+        http: cli.http_settings(),
+    };
     match server::run(listener, settings, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

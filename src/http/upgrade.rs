@@ -115,8 +115,7 @@ fn is_websocket_key(key: &[u8]) -> bool {
     let Some((data, b"==")) = key.split_at_checked(22) else {
         return false;
     };
-    data.iter().all(|&c| sextet(c).is_some())
-        && data.last().and_then(|&c| sextet(c)).is_some_and(|s| s & 0x0f == 0)
+    data.iter().all(|&c| sextet(c).is_some()) && data.last().and_then(|&c| sextet(c)).is_some_and(|s| s & 0x0f == 0)
 }
 
 #[cfg(test)]

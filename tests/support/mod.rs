@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use pgdeltastream::pg::PgConfig;
-use pgdeltastream::server::{self, Settings};
+use pgdeltastream::server::{self, HttpSettings, Settings};
 use pgdeltastream::session::{RetentionSettings, SessionSettings};
 use pgdeltastream::stream::socket::SocketSettings;
 use serde_json::Value;
@@ -33,6 +33,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
         },
         max_limit: 1000,
         retention: RetentionSettings::default(),
+        http: HttpSettings::default(),
     }
 }
 
