@@ -312,3 +312,20 @@ async fn the_binary_with_few_open_files_outlives_a_flood_of_idle_connections() {
     let cap_lines = log.lines().filter(|l| l.contains("connection cap")).count();
     assert!((1..=10).contains(&cap_lines), "{cap_lines} lines about the cap: {log}");
 }
+
+/// Shutdown ends idle connections at once, without waiting for any timeout.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_at_once() {
+    let db = common::fresh_db().await;
+    let http = HttpSettings { header_timeout: secs(60), idle_timeout: secs(60), ..HttpSettings::default() };
+    let server = server_with(&db, http).await;
+    let mut fresh = TcpStream::connect(server.addr).await.unwrap();
+    let mut kept = TcpStream::connect(server.addr).await.unwrap();
+    kept.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200 "));
+    let started = Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < secs(10), "shutdown took {:?}", started.elapsed());
+    assert_closed(&mut fresh, secs(5), "a connection that sent nothing").await;
+    assert_closed(&mut kept, secs(5), "a kept-alive connection").await;
+}
