@@ -6,6 +6,7 @@ use clap::Parser;
 
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
+use crate::server::HttpSettings;
 use crate::session::{RetentionSettings, SessionSettings};
 use crate::stream::socket::SocketSettings;
 
@@ -75,6 +76,18 @@ pub struct Cli {
     /// Check the WAL retention of every slot, and log a summary, every this many seconds.
     #[arg(long, env = "PGDELTASTREAM_RETENTION_CHECK_INTERVAL", default_value_t = 60)]
     pub retention_check_interval: u64,
+    /// Close a connection whose request head has not arrived within this many seconds
+    /// (also how long a kept-alive connection may wait for its next request).
+    #[arg(long, env = "PGDELTASTREAM_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Shut down a connection on which nothing moved for this many seconds (a request
+    /// in flight may finish); close it if it stays silent as long again.
+    #[arg(long, env = "PGDELTASTREAM_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Client connections at once, websockets included; more get 503. Lowered at start
+    /// to what the limit on open files allows.
+    #[arg(long, env = "PGDELTASTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 impl Cli {
@@ -108,6 +121,14 @@ impl Cli {
             size: usize::try_from(self.pg_pool_size).unwrap_or(usize::MAX),
             acquire_timeout: Duration::from_secs(self.pg_pool_timeout),
             statement_timeout: Duration::from_secs(self.snapshot_statement_timeout),
+        }
+    }
+
+    pub fn http_settings(&self) -> HttpSettings {
+        HttpSettings {
+            header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            max_connections: self.max_connections.max(1),
         }
     }
 

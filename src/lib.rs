@@ -5,7 +5,8 @@
 //! 2. [`pg`]: Postgres — our replication client, snapshot reads.
 //! 3. [`session`] and [`stream`]: slots, snapshots and the streaming pipeline.
 //! 4. [`http`]: the routes.
-//! 5. [`server`] and [`config`]: wiring and settings; `main.rs` is the CLI.
+//! 5. [`server`] and [`config`]: wiring, our accept loop and its limits, settings;
+//!    `main.rs` is the CLI.
 
 // Input must never be able to panic the server: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]

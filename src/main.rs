@@ -2,6 +2,8 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use pgdeltastream::config::Cli;
 use pgdeltastream::server::{self, Settings};
@@ -10,10 +12,15 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr (stdout is left to nothing), coloured only for a person at a
+    // terminal: escapes would litter a file or a journal.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
 
+    let open_files = server::limits::raise_open_files_limit();
     let addr = format!("{}:{}", cli.serverhost, cli.serverport);
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
@@ -23,13 +30,15 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let pg = cli.pg_config();
-    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, "pgdeltastream serving");
+    let open_files = open_files.map_or_else(|| "unknown".into(), |n| n.to_string());
+    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, %open_files, "pgdeltastream serving");
     let settings = Settings {
         pg,
         session: cli.session_settings(),
         max_limit: cli.max_limit,
         retention: cli.retention_settings(),
         pool: cli.pool_settings(),
+        http: cli.http_settings(),
     };
     match server::run(listener, settings, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,10 +1,17 @@
-//! Putting it together: a registry, the routes, a listener, and a clean shutdown.
+//! Putting it together: a registry, the routes, our accept loop, and a clean shutdown.
+
+mod accept;
+mod conn;
+mod hyper_errors;
+mod io;
+pub mod limits;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
@@ -20,10 +27,36 @@ pub struct Settings {
     /// Ordinary connections to Postgres: how many, how long to wait for one, and how
     /// long a snapshot read may run.
     pub pool: PoolSettings,
+    pub http: HttpSettings,
 }
 
-/// Serves on `listener` until `shutdown` resolves; then ends every stream (close code
-/// 1001), releases snapshots, and returns once in-flight requests are done.
+/// How long clients may take, and how many may be connected.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// A request head must arrive within this; also how long a kept-alive connection
+    /// may wait for its next request.
+    pub header_timeout: Duration,
+    /// A connection on which nothing moves for this long is shut down (a request in
+    /// flight may finish), and closed if it stays silent as long again.
+    pub idle_timeout: Duration,
+    /// Client connections (websockets included) at once; lowered to what the limit on
+    /// open files allows.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves; then stops accepting, closes idle
+/// connections, ends every stream (close code 1001), releases snapshots, and returns
+/// once in-flight requests are done.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
@@ -38,19 +71,35 @@ pub async fn run(
         retention.warn_idle,
     ));
     let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit });
+    let cap = connection_cap(settings.http.max_connections);
+    let stop = CancellationToken::new();
     let on_shutdown = {
-        let registry = registry.clone();
+        let stop = stop.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down");
+            stop.cancel();
             registry.shutdown().await;
         }
     };
-    // Frames are small and latency matters: no Nagle delay on client sockets.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(on_shutdown).await
+    tokio::join!(accept::serve(listener, app, settings.http, cap, stop), on_shutdown);
+    Ok(())
+}
+
+/// `wanted`, or less if the open files would not suffice.
+fn connection_cap(wanted: usize) -> usize {
+    let Some(open_files) = limits::open_files_limit() else {
+        return wanted.max(1);
+    };
+    let budget = limits::connection_budget(open_files);
+    if wanted > budget {
+        tracing::warn!(
+            wanted,
+            cap = budget,
+            open_files,
+            "the limit on open files allows fewer connections; capping there"
+        );
+        return budget;
+    }
+    wanted.max(1)
 }

@@ -14,7 +14,8 @@ fn help_lists_every_setting_with_its_environment_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for var in ["DBNAME", "PGUSER", "PGPASS", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"] {
+    let http = ["PGDELTASTREAM_HEADER_TIMEOUT", "PGDELTASTREAM_IDLE_TIMEOUT", "PGDELTASTREAM_MAX_CONNECTIONS"];
+    for var in ["DBNAME", "PGUSER", "PGPASS", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"].into_iter().chain(http) {
         assert!(help.contains(&format!("env: {var}")), "--help does not mention {var}:\n{help}");
     }
     assert!(help.contains("12312"), "default port shown");

@@ -323,3 +323,64 @@ async fn read_close(tcp: &mut tokio::net::TcpStream) -> (u16, String) {
     .await
     .expect("a close frame within 20 s")
 }
+
+/// Only GET creates a session: axum answers HEAD with the GET handler unless told.
+#[tokio::test]
+async fn head_on_init_is_refused_and_leaves_the_session_alone() {
+    let (pg, server) = setup().await;
+    let slot = server.init().await;
+    let reply = exchange(server.addr, b"HEAD /v1/init HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 405 "), "{reply}");
+    assert_eq!(header(&reply, "allow"), Some("GET"), "{reply}");
+    assert_eq!(header(&reply, "content-type"), Some("application/json"), "{reply}");
+    // Every other method gets the same answer.
+    let (status, body) = raw_request(server.addr, "PUT", "/v1/init", &[], vec![]).await;
+    assert_eq!(status, 405);
+    assert!(String::from_utf8_lossy(&body).contains("method PUT is not allowed"));
+
+    let (status, sessions) = server.get("/v1/sessions").await;
+    assert_eq!(status, 200, "{sessions}");
+    let sessions = sessions.as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "HEAD created a slot: {sessions:?}");
+    assert_eq!(sessions[0]["slotName"], slot.as_str());
+    assert_eq!(sessions[0]["default"], true);
+    assert_eq!(sessions[0]["snapshot"], "held");
+    assert_still_serving(&server, &pg, "HEAD /v1/init").await;
+    server.stop().await;
+}
+
+/// RFC 6455 4.2.1: the key must be the base64 of 16 bytes.
+#[tokio::test]
+async fn a_bad_websocket_key_is_refused() {
+    let (pg, server) = setup().await;
+    let slot = server.init().await;
+    let path = format!("/v1/lr/stream?slotName={slot}");
+    let bad_keys = [
+        "",
+        "x",
+        "dGhlIHNhbXBsZSBub25jZQ",
+        "dGhlIHNhbXBsZSBub25jZQ=",
+        "dGhlIHNhbXBsZSBub25jZR==",
+        "dGhlIHNhbXBsZSBub25j-Q==",
+        "dGhlIHNhbXBsZSBub25jZSBub25jZQ==",
+        "not base64 at all, not!!",
+    ];
+    for key in bad_keys {
+        let mut headers = upgrade_headers();
+        headers.retain(|(k, _)| *k != "sec-websocket-key");
+        headers.push(("sec-websocket-key", key));
+        let (status, body) = raw_request(server.addr, "GET", &path, &headers, vec![]).await;
+        let json: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("{key:?}: not JSON: {}", String::from_utf8_lossy(&body)));
+        assert_eq!(status, 400, "{key:?}: {json}");
+        assert!(json["error"].as_str().is_some_and(|e| e.contains("Sec-WebSocket-Key")), "{key:?}: {json}");
+    }
+    // A good key still upgrades, and the refusals left the slot free.
+    let (status, _) = raw_request(server.addr, "GET", &path, &upgrade_headers(), vec![]).await;
+    assert_eq!(status, 101);
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+    let mut ws = server.connect(&slot).await;
+    pg.execute("INSERT INTO test_table (name) VALUES ('keyed')", &[]).await.unwrap();
+    assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "keyed");
+    server.stop().await;
+}

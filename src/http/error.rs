@@ -56,3 +56,23 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
     let body = Json(serde_json::json!({ "error": format!("method {method} is not allowed on {}", uri.path()) }));
     (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
 }
+
+/// Wrong methods on `/v1/init`. axum would answer HEAD with the GET handler, and only
+/// GET may create a session, so HEAD is refused too, and `Allow` says just GET.
+pub async fn get_only(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let mut response = method_not_allowed(method, uri).await;
+    response.headers_mut().insert(axum::http::header::ALLOW, axum::http::HeaderValue::from_static("GET"));
+    response
+}
+
+/// A declared body over `limit` is refused before any of it is read (and before a
+/// `100 Continue` invites it); `Connection: close` because the body stays unread.
+pub fn body_too_large(length: u64, limit: usize) -> Response {
+    let e = ApiError(Error::new(
+        ErrorKind::PayloadTooLarge,
+        format!("the request body is {length} bytes; at most {limit} are accepted"),
+    ));
+    let mut response = e.into_response();
+    response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    response
+}

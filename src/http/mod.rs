@@ -43,7 +43,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/init", get(init::init))
+        .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))
         .route("/v1/snapshot", delete(snapshot::release))
         .route("/v1/lr/stream", get(stream::stream))
@@ -52,8 +52,24 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// A `Content-Length` over [`BODY_LIMIT`] gets 413 at once: reading the body (or
+/// answering `Expect: 100-continue`) first would only invite the upload.
+/// Chunked bodies are still cut at the limit by [`DefaultBodyLimit`].
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > BODY_LIMIT as u64 => error::body_too_large(length, BODY_LIMIT),
+        _ => next.run(req).await,
+    }
 }
 
 /// One log line per request: method, path (never the query or body), status, time.

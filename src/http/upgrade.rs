@@ -52,6 +52,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .get(header::SEC_WEBSOCKET_KEY)
             .cloned()
             .ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
+        if !is_websocket_key(key.as_bytes()) {
+            return Err(refuse("Sec-WebSocket-Key must be the base64 of 16 bytes (24 characters ending in ==)"));
+        }
         let on_upgrade = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
@@ -96,4 +99,50 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .get_all(name)
         .iter()
         .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+}
+
+/// RFC 6455 4.2.1: the key is the base64 of 16 random bytes: 22 characters of the
+/// alphabet, the last of which carries 2 bits and 4 zero bits of padding, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let sextet = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let Some((data, b"==")) = key.split_at_checked(22) else {
+        return false;
+    };
+    data.iter().all(|&c| sextet(c).is_some()) && data.last().and_then(|&c| sextet(c)).is_some_and(|s| s & 0x0f == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_websocket_key;
+
+    #[test]
+    fn websocket_keys() {
+        // The RFC's example, and the extremes of the alphabet.
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_websocket_key(b"AAAAAAAAAAAAAAAAAAAAAA=="));
+        assert!(is_websocket_key(b"/////////////////////w=="));
+        for bad in [
+            &b""[..],
+            b"x",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZQ=",
+            b"dGhlIHNhbXBsZSBub25jZQ===",
+            b"dGhlIHNhbXBsZSBub25jZQ==\0",
+            b"dGhlIHNhbXBsZSBub25jZR==",
+            b"dGhlIHNhbXBsZSBub25jZ===",
+            b"dGhlIHNhbXBsZSBub25j-Q==",
+            b"dGhlIHNhbXBsZSBub25j Q==",
+            b"dGhlIHNhbXBsZSBub25jZQAA",
+            b"dGhlIHNhbXBsZSBub25jZSBub25jZQ==",
+        ] {
+            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

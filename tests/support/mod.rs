@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use pgdeltastream::pg::PgConfig;
 use pgdeltastream::pg::pool::PoolSettings;
-use pgdeltastream::server::{self, Settings};
+use pgdeltastream::server::{self, HttpSettings, Settings};
 use pgdeltastream::session::{RetentionSettings, SessionSettings};
 use pgdeltastream::stream::socket::SocketSettings;
 use serde_json::Value;
@@ -36,6 +36,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
         max_limit: 1000,
         retention: RetentionSettings::default(),
         pool: PoolSettings::default(),
+        http: HttpSettings::default(),
     }
 }
 
@@ -167,6 +168,44 @@ pub async fn raw_request(
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, bytes.to_vec())
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes it (at
+/// most 20 s); returns what came back. A reset after the answer ends it like a close.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before it has read everything (that is the point
+    // of some tests), so a failed write is not an error here.
+    let _ = stream.write_all(request).await;
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server did not close within 20 s; it sent {:?}", String::from_utf8_lossy(&reply));
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// The JSON body of a whole HTTP/1.1 response as [`exchange`] returns it.
+pub fn json_body(reply: &str) -> Value {
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {reply:?}"))
+}
+
+/// The value of the response header `name` (case-insensitive).
+pub fn header<'a>(reply: &'a str, name: &str) -> Option<&'a str> {
+    let head = reply.split_once("\r\n\r\n").map(|(h, _)| h).unwrap_or(reply);
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 /// What the client gets next, skipping pings and pongs (bounded wait).
