@@ -10,6 +10,7 @@ use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::stream::frame::Format;
+use crate::stream::socket::WebSocket;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
@@ -49,5 +50,6 @@ pub async fn stream(
         .read_buffer_size(MAX_CLIENT_MESSAGE)
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    Ok(upgrade.on_upgrade(config, move |socket| open.run(socket)))
+    let settings = state.registry.settings().socket.clone();
+    Ok(upgrade.on_upgrade(config, move |socket| open.run(WebSocket::new(socket, settings))))
 }

@@ -273,7 +273,7 @@ impl ReplicationConnection {
         mut self,
         slot: &str,
         start: Lsn,
-        options: &[(&str, &str)],
+        options: &[(&str, String)],
     ) -> Result<ReplicationStream, PgError> {
         let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", super::ident::quote_ident(slot));
         if !options.is_empty() {

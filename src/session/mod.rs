@@ -35,14 +35,16 @@ use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 use crate::stream::Stop as StreamStop;
 use crate::stream::frame::Format;
+use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::pump::Pump;
+use crate::stream::sink::{Link, Sink};
 use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
 use crate::types::Lsn;
 
-/// The output plugin our slots use.
-pub const PLUGIN: &str = "wal2json";
+/// The output plugin new slots use.
+pub const PLUGIN: Plugin = Plugin::Wal2json;
 
 /// Why a slot created by an earlier process has no snapshot here.
 const FROM_EARLIER_PROCESS: &str = "created by an earlier process";
@@ -214,6 +216,7 @@ pub struct OpenStream {
     guard: OwnedMutexGuard<()>,
     progress: Arc<Progress>,
     format: Format,
+    plugin: Plugin,
     settings: SessionSettings,
 }
 
@@ -299,7 +302,7 @@ impl Registry {
                 if existing.contains(&name) {
                     continue;
                 }
-                match conn.create_logical_slot(&name, PLUGIN).await {
+                match conn.create_logical_slot(&name, PLUGIN.name()).await {
                     Ok(slot) => return Ok(slot),
                     // 42710 duplicate_object: someone took the name meanwhile; pick another.
                     Err(e) if e.code() == Some("42710") => last_err = Some(e),
@@ -439,25 +442,7 @@ impl Registry {
         if self.shutdown.is_stopped() {
             return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
         }
-        if !is_valid_slot_name(slot) || !names::is_ours(slot) {
-            return Err(Error::bad_request(format!(
-                "invalid slotName {slot:?}: expected a slot created by /v1/init, like delta_face56"
-            )));
-        }
-        let info = self.slot_info(slot).await?;
-        let info = info.ok_or_else(|| Error::not_found(format!("replication slot {slot} does not exist")))?;
-        if info.database.as_deref() != Some(self.pg.dbname.as_str()) {
-            return Err(Error::not_found(format!(
-                "replication slot {slot} does not belong to database {}",
-                self.pg.dbname
-            )));
-        }
-        if info.plugin.as_deref() != Some(PLUGIN) {
-            return Err(Error::bad_request(format!(
-                "replication slot {slot} uses plugin {}, not {PLUGIN}",
-                info.plugin.as_deref().unwrap_or("(none)")
-            )));
-        }
+        let info = self.our_slot(slot).await?;
         let session = {
             let mut sessions = lock(&self.sessions);
             sessions
@@ -486,10 +471,12 @@ impl Registry {
             )));
         }
         let stream =
-            conn.start_replication(slot, start, format.plugin_options()).await.map_err(|e| match e.code() {
-                Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
-                Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
-                _ => Error::from_pg(&e),
+            conn.start_replication(slot, start, &info.plugin.start_options(format)).await.map_err(|e| {
+                match e.code() {
+                    Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
+                    Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
+                    _ => Error::from_pg(&e),
+                }
             })?;
         if stop.is_stopped() {
             // Ended (by /v1/init or DELETE) while it was opening: the dropped stream
@@ -508,8 +495,35 @@ impl Registry {
             guard,
             progress: session.progress.clone(),
             format,
+            plugin: info.plugin,
             settings: self.settings.clone(),
         })
+    }
+
+    /// The one answer to "is this slot ours, which plugin, who streams it": one of our
+    /// names, in the configured database, decoded by a plugin we read. Refusals are the
+    /// client's errors (400, 404).
+    pub(crate) async fn our_slot(&self, slot: &str) -> Result<OurSlot, Error> {
+        if !is_valid_slot_name(slot) || !names::is_ours(slot) {
+            return Err(Error::bad_request(format!(
+                "invalid slotName {slot:?}: expected a slot created by /v1/init, like delta_face56"
+            )));
+        }
+        let info = self.slot_info(slot).await?;
+        let info = info.ok_or_else(|| Error::not_found(format!("replication slot {slot} does not exist")))?;
+        if info.database.as_deref() != Some(self.pg.dbname.as_str()) {
+            return Err(Error::not_found(format!(
+                "replication slot {slot} does not belong to database {}",
+                self.pg.dbname
+            )));
+        }
+        let plugin = info.plugin.as_deref().and_then(Plugin::from_name).ok_or_else(|| {
+            Error::bad_request(format!(
+                "replication slot {slot} uses plugin {}, which pgdeltastream does not read",
+                info.plugin.as_deref().unwrap_or("(none)")
+            ))
+        })?;
+        Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush })
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
@@ -577,6 +591,14 @@ fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
     }
 }
 
+/// A slot of ours, as Postgres sees it now.
+pub(crate) struct OurSlot {
+    pub plugin: Plugin,
+    /// The walsender streaming it, ours or another process's.
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Lsn,
+}
+
 struct SlotInfo {
     plugin: Option<String>,
     database: Option<String>,
@@ -585,9 +607,9 @@ struct SlotInfo {
 }
 
 impl OpenStream {
-    /// Runs the stream over `socket` until it ends.
-    pub async fn run(self, socket: crate::http::upgrade::Socket) {
-        let OpenStream { slot, start, stream, stop, guard, progress, format, settings } = self;
+    /// Runs the stream into `sink` until it ends.
+    pub async fn run(self, sink: impl Sink) {
+        let OpenStream { slot, start, stream, stop, guard, progress, format, plugin, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
@@ -599,22 +621,14 @@ impl OpenStream {
             stop: stop.clone(),
             status_interval: settings.status_interval,
             format,
+            plugin,
             frame_bytes: settings.frame_bytes,
         };
-        let socket = crate::stream::socket::serve(
-            socket,
-            slot.clone(),
-            start,
-            frames_rx,
-            acks_tx,
-            progress,
-            stop.clone(),
-            settings.socket,
-        );
+        let link = Link { slot, start, frames: frames_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a
         // frame from one stage to the next is then a poll in the same thread, not a
         // wake-up of another worker (which cost more than the forwarding itself).
-        tokio::join!(pump.run(), socket);
+        tokio::join!(pump.run(), sink.run(link));
         drop(guard);
     }
 }

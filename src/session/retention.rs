@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::{FROM_EARLIER_PROCESS, PLUGIN, Registry, Session, SnapshotState, lock, names};
+use super::{FROM_EARLIER_PROCESS, Registry, Session, SnapshotState, lock, names};
 use crate::error::{Error, ErrorKind};
-use crate::pg::ident::is_valid_slot_name;
+use crate::stream::plugin::Plugin;
 use crate::stream::progress::{Close, Closer};
 use crate::types::Lsn;
 
@@ -127,7 +127,7 @@ const REPORT_SQL: &str = "\
                     ELSE pg_catalog.pg_current_wal_lsn() END, restart_lsn), 0)::bigint, \
            wal_status::text \
     FROM pg_catalog.pg_replication_slots \
-    WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = $1 \
+    WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = ANY ($1) \
     ORDER BY slot_name";
 
 impl Registry {
@@ -135,7 +135,8 @@ impl Registry {
     /// process created.
     pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
         let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
-        let rows = client.query(REPORT_SQL, &[&PLUGIN]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
+        let rows = client.query(REPORT_SQL, &[&plugins]).await.map_err(|e| Error::from_tokio_pg(&e))?;
         client.release();
         let default = lock(&self.default_slot).clone();
         let now = SystemTime::now();
@@ -172,26 +173,12 @@ impl Registry {
     /// releases its snapshot and drops its slot, as `/v1/init` does for the default
     /// session. Only for slots of ours in this database that no other process streams.
     pub async fn drop_session(&self, slot: &str) -> Result<(), Error> {
-        if !is_valid_slot_name(slot) || !names::is_ours(slot) {
-            return Err(Error::bad_request(format!(
-                "invalid slotName {slot:?}: expected a slot created by /v1/init, like delta_face56"
-            )));
-        }
         // Not while an init replaces the default session.
         let _one_at_a_time = self.init_lock.lock().await;
         if self.shutdown.is_stopped() {
             return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
         }
-        let info =
-            self.slot_info(slot).await?.filter(|i| i.database.as_deref() == Some(self.pg.dbname.as_str())).ok_or_else(
-                || Error::not_found(format!("replication slot {slot} does not exist in database {}", self.pg.dbname)),
-            )?;
-        if info.plugin.as_deref() != Some(PLUGIN) {
-            return Err(Error::bad_request(format!(
-                "replication slot {slot} uses plugin {}, not {PLUGIN}; it is not ours to drop",
-                info.plugin.as_deref().unwrap_or("(none)")
-            )));
-        }
+        let info = self.our_slot(slot).await?;
         let we_stream_it = self.get(slot).is_some_and(|s| s.stream_lock.try_lock().is_err());
         if let Some(pid) = info.active_pid.filter(|_| !we_stream_it) {
             return Err(Error::conflict(format!(

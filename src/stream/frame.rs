@@ -29,16 +29,6 @@ pub enum Format {
     Changes,
 }
 
-impl Format {
-    /// The wal2json options for `START_REPLICATION`.
-    pub fn plugin_options(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Format::Transactions => &[("include-lsn", "on"), ("pretty-print", "off"), ("write-in-chunks", "on")],
-            Format::Changes => &[("format-version", "2"), ("include-lsn", "on")],
-        }
-    }
-}
-
 /// What a frame means for acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {

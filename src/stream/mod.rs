@@ -10,19 +10,22 @@
 //!   bounded channel (so a slow client slows the reading from Postgres instead of
 //!   filling memory) and sends standby status updates for acks, on a timer and when
 //!   asked, also while the channel is full.
-//! - [`socket`] runs the websocket: the writer sends frames and pings, the reader
+//! - [`sink`] is the far end of the pipeline; [`socket`], a websocket client, is one: the writer sends frames and pings, the reader
 //!   parses and checks acks ([`ack`]) and notices dead peers.
 //! - [`frame`] turns the plugin's bytes into what the client receives: pieces
 //!   classified by the assembler, cut into frames sized by bytes by the framer;
 //!   [`binary_message`] mends logical messages whose content is not UTF-8.
+//! - [`plugin`] is the output plugin: its name, its start options, its decoder.
 //! - [`stop`] is how any stage (or `/v1/init`, or shutdown) ends all of them, with a
 //!   reason the client is told.
 
 pub mod ack;
 pub mod binary_message;
 pub mod frame;
+pub mod plugin;
 pub mod progress;
 pub mod pump;
+pub mod sink;
 pub mod socket;
 pub mod stop;
 

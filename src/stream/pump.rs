@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame};
+use super::plugin::Plugin;
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
@@ -105,6 +106,7 @@ pub struct Pump {
     pub stop: Stop,
     pub status_interval: Duration,
     pub format: Format,
+    pub plugin: Plugin,
     /// The size of the websocket frames a message is cut into.
     pub frame_bytes: usize,
 }
@@ -190,10 +192,10 @@ impl Pump {
     /// Runs until the client goes, the stream is stopped, or Postgres ends it. Always
     /// leaves the slot free: a final status update, CopyDone, then the connection closes.
     pub async fn run(self) {
-        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format, frame_bytes } = self;
+        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format, plugin, frame_bytes } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
-            assembler: Assembler::new(format),
+            assembler: plugin.assembler(format),
             framer: Framer::new(frame_bytes),
             pos: Positions::new(start),
             reply_requested: false,

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -24,8 +26,8 @@ use super::ack::{check_ack, parse_ack};
 use super::frame::{Fragment, OutFrame};
 use super::progress::{Closer, Progress};
 use super::pump::{Outgoing, truncate_reason};
+use super::sink::{Link, Sink};
 use super::stop::{Stop, code};
-use crate::http::upgrade::Socket;
 use crate::types::Lsn;
 
 #[derive(Debug, Clone)]
@@ -56,19 +58,27 @@ impl Shared {
     }
 }
 
-/// Runs the websocket until the stream stops. `start` is the slot's confirmed
-/// position when streaming began: the floor for acks.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    socket: Socket,
-    slot: String,
-    start: Lsn,
-    frames: mpsc::Receiver<Outgoing>,
-    acks: mpsc::Sender<Lsn>,
-    progress: Arc<Progress>,
-    stop: Stop,
+/// A websocket client as the sink of a stream.
+pub struct WebSocket<S> {
+    socket: WebSocketStream<S>,
     settings: SocketSettings,
-) {
+}
+
+impl<S> WebSocket<S> {
+    pub fn new(socket: WebSocketStream<S>, settings: SocketSettings) -> Self {
+        WebSocket { socket, settings }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Sink for WebSocket<S> {
+    async fn run(self, link: Link) {
+        serve(self.socket, link, self.settings).await
+    }
+}
+
+/// Runs the websocket until the stream stops.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, link: Link, settings: SocketSettings) {
+    let Link { slot, start, frames, acks, progress, stop } = link;
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(start.0),
         last_progress: AtomicU64::new(0),
@@ -103,15 +113,15 @@ pub async fn serve(
     }
 }
 
-struct Writer {
-    sink: SplitSink<Socket, Message>,
+struct Writer<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
     shared: Arc<Shared>,
     stop: Stop,
     /// A fragmented message is under way: no other data message may start until it ends.
     in_message: bool,
 }
 
-impl Writer {
+impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
     async fn run(
         mut self,
         mut frames: mpsc::Receiver<Outgoing>,
@@ -216,8 +226,8 @@ enum Io {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The client's side: acks in, signs of life, and how the client ends the stream.
-struct Reader {
-    stream: SplitStream<Socket>,
+struct Reader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
     slot: String,
     last_ack: Lsn,
     acks: mpsc::Sender<Lsn>,
@@ -228,7 +238,7 @@ struct Reader {
     dead_after: Duration,
 }
 
-impl Reader {
+impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
     /// Reads until the stream stops. Returns the client's close code and reason when
     /// the client ended it with a close frame.
     async fn run(mut self) -> Option<(u16, String)> {
