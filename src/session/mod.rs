@@ -14,6 +14,7 @@
 //! other slot. Slots created by an earlier process get a session entry when first
 //! streamed.
 
+pub mod definition;
 pub mod names;
 pub mod retention;
 
@@ -34,6 +35,7 @@ use crate::pg::pool::{self, Pool, PoolSettings};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 use crate::stream::Stop as StreamStop;
+use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
 use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
@@ -470,13 +472,13 @@ impl Registry {
                 self.pg.dbname
             )));
         }
-        let stream =
-            conn.start_replication(slot, start, &info.plugin.start_options(format)).await.map_err(|e| {
-                match e.code() {
-                    Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
-                    Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
-                    _ => Error::from_pg(&e),
-                }
+        let stream = conn
+            .start_replication(slot, start, &info.plugin.start_options(format, &Filter::default()))
+            .await
+            .map_err(|e| match e.code() {
+                Some("55006") => Error::conflict(format!("slot {slot} is in use by another process: {e}")),
+                Some("42704") => Error::not_found(format!("replication slot {slot} does not exist")),
+                _ => Error::from_pg(&e),
             })?;
         if stop.is_stopped() {
             // Ended (by /v1/init or DELETE) while it was opening: the dropped stream

@@ -21,6 +21,7 @@
 
 pub mod ack;
 pub mod binary_message;
+pub mod filter;
 pub mod frame;
 pub mod plugin;
 pub mod progress;

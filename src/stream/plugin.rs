@@ -5,7 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::filter::{Action, Filter};
 use super::frame::{Assembler, Format};
+
+/// A table pattern no table matches (a schema name Postgres reserves for itself).
+const NO_TABLE: &str = "pg_pgdeltastream_none.none";
+/// A message prefix no application uses.
+const NO_PREFIX: &str = "pgdeltastream: no messages for this session";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,15 +33,40 @@ impl Plugin {
         Plugin::ALL.iter().copied().find(|p| p.name() == name)
     }
 
-    /// The options for `START_REPLICATION`.
-    pub fn start_options(self, format: Format) -> Vec<(&'static str, String)> {
+    /// The options for `START_REPLICATION`: the format, and the filter applied inside
+    /// Postgres.
+    pub fn start_options(self, format: Format, filter: &Filter) -> Vec<(&'static str, String)> {
         let fixed: &[(&str, &str)] = match (self, format) {
             (Plugin::Wal2json, Format::Transactions) => {
                 &[("include-lsn", "on"), ("pretty-print", "off"), ("write-in-chunks", "on")]
             }
             (Plugin::Wal2json, Format::Changes) => &[("format-version", "2"), ("include-lsn", "on")],
         };
-        fixed.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+        let mut options: Vec<_> = fixed.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        let mut tables = filter.tables.as_ref().map(|tables| {
+            let patterns: Vec<String> = tables.iter().map(|(s, t)| wal2json_pattern(s, t.as_deref())).collect();
+            patterns.join(",")
+        });
+        if filter.actions.len() < Action::ALL.len() {
+            let rows: Vec<&str> = filter.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
+            if rows.is_empty() {
+                // wal2json refuses an empty list: keep inserts, of a table that no
+                // table is.
+                options.push(("actions", "insert".into()));
+                tables = Some(NO_TABLE.into());
+            } else {
+                options.push(("actions", rows.join(",")));
+            }
+            if !filter.wants(Action::Message) {
+                // wal2json cannot leave out every message, only pass those of listed
+                // prefixes: list one no message uses.
+                options.push(("add-msg-prefixes", NO_PREFIX.into()));
+            }
+        }
+        if let Some(tables) = tables {
+            options.push(("add-tables", tables));
+        }
+        options
     }
 
     /// What turns the plugin's output into pieces of wal2json messages.
@@ -43,6 +74,25 @@ impl Plugin {
         match self {
             Plugin::Wal2json => Assembler::new(format),
         }
+    }
+}
+
+/// A table or a schema's tables as wal2json's `add-tables` takes them: `schema.table` or
+/// `schema.*`, with `\` before each character its list syntax gives a meaning to.
+pub fn wal2json_pattern(schema: &str, table: Option<&str>) -> String {
+    let escape = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if matches!(c, ',' | '.' | '*' | '\\' | ' ') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
+    match table {
+        Some(t) => format!("{}.{}", escape(schema), escape(t)),
+        None => format!("{}.*", escape(schema)),
     }
 }
 
@@ -63,5 +113,28 @@ mod tests {
             assert_eq!(serde_json::to_value(p).unwrap(), p.name());
         }
         assert_eq!(Plugin::from_name("pgoutput"), None);
+    }
+
+    #[test]
+    fn wal2json_escaping() {
+        assert_eq!(wal2json_pattern("public", Some("orders")), "public.orders");
+        assert_eq!(wal2json_pattern("audit", None), "audit.*");
+        assert_eq!(wal2json_pattern("a.b", Some("c,d*")), "a\\.b.c\\,d\\*");
+        assert_eq!(wal2json_pattern("s p", Some("t\\")), "s\\ p.t\\\\");
+    }
+
+    #[test]
+    fn options_carry_the_filter() {
+        let all = Plugin::Wal2json.start_options(Format::Transactions, &Filter::default());
+        assert!(all.iter().all(|(k, _)| !["add-tables", "actions", "add-msg-prefixes"].contains(k)), "{all:?}");
+        let filter = Filter {
+            tables: Some(vec![("public".into(), Some("orders".into())), ("audit".into(), None)]),
+            actions: vec![Action::Insert, Action::Delete],
+        };
+        let some = Plugin::Wal2json.start_options(Format::Changes, &filter);
+        let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("add-tables"), Some("public.orders,audit.*"));
+        assert_eq!(get("actions"), Some("insert,delete"));
+        assert_eq!(get("add-msg-prefixes"), Some(NO_PREFIX));
     }
 }
