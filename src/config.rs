@@ -67,6 +67,9 @@ pub struct Cli {
     #[arg(long, env = "PGDELTASTREAM_FRAME_SIZE", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
     pub frame_size: u32,
+    /// Schema of the table that stores session definitions (created on first use).
+    #[arg(long, env = "PGDELTASTREAM_SCHEMA", default_value = "pgdeltastream")]
+    pub schema: String,
     /// Log a warning for a slot that retains more than this many bytes of WAL (0: never).
     #[arg(long, env = "PGDELTASTREAM_RETENTION_WARN_BYTES", default_value_t = 1 << 30)]
     pub retention_warn_bytes: u64,
@@ -112,6 +115,7 @@ impl Cli {
                 dead_after: Duration::from_secs(self.dead_after.max(2)),
             },
             frame_bytes: self.frame_size as usize,
+            schema: self.schema.clone(),
             ..SessionSettings::default()
         }
     }

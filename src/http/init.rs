@@ -15,5 +15,5 @@ pub struct InitResponse {
 /// Replaces the default session with a new slot and snapshot.
 pub async fn init(State(state): State<AppState>) -> Result<Json<InitResponse>, ApiError> {
     let session = state.registry.init().await?;
-    Ok(Json(InitResponse { slot_name: session.slot.clone() }))
+    Ok(Json(InitResponse { slot_name: session.slot_name }))
 }

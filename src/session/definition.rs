@@ -37,7 +37,7 @@ impl Definition {
                 })
                 .collect()
         });
-        Filter { tables, actions: self.actions.clone() }
+        Filter { tables, actions: self.actions.clone(), hidden_schemas: Vec::new() }
     }
 }
 

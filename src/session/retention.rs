@@ -11,8 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::{FROM_EARLIER_PROCESS, Registry, Session, SnapshotState, lock, names};
-use crate::error::{Error, ErrorKind};
+use super::definition::DEFAULT_NAME;
+pub use super::snapshots::SnapshotStatus;
+use super::{Registry, names};
+use crate::error::Error;
 use crate::stream::plugin::Plugin;
 use crate::stream::progress::{Close, Closer};
 use crate::types::Lsn;
@@ -79,15 +81,15 @@ impl From<Close> for LastClose {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotStatus {
-    /// Readable with `/v1/snapshot/data` (for the default session).
-    Held,
-    /// This process held it and let go of it.
-    Released,
-    /// This process never held a snapshot for the slot (an earlier process created it).
-    None,
+/// One row of `pg_replication_slots`, for a slot of ours.
+pub(super) struct SlotRow {
+    pub slot_name: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    pub retained_bytes: Option<u64>,
+    pub wal_status: Option<String>,
 }
 
 /// Which thresholds a slot is past.
@@ -134,66 +136,59 @@ impl Registry {
     /// One entry per slot of ours in the configured database, including slots an earlier
     /// process created.
     pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
+        let now = SystemTime::now();
+        let mut reports = Vec::new();
+        for row in self.slot_rows().await? {
+            let here = self.with(|s| {
+                s.by_slot(&row.slot_name)
+                    .map(|e| (e.def.name == DEFAULT_NAME, e.progress.clone(), e.snapshot.status().0))
+            });
+            let progress = here.as_ref().map(|(_, p, _)| p.clone());
+            let last_ack = progress.as_ref().and_then(|p| p.last_ack());
+            reports.push(SlotReport {
+                default: here.as_ref().is_some_and(|(default, _, _)| *default),
+                active: row.active,
+                active_pid: row.active_pid,
+                confirmed_flush_lsn: row.confirmed_flush_lsn,
+                restart_lsn: row.restart_lsn,
+                retained_bytes: row.retained_bytes,
+                wal_status: row.wal_status,
+                last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
+                last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
+                seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
+                snapshot: here.as_ref().map_or(SnapshotStatus::None, |(_, _, status)| *status),
+                last_close: progress.as_ref().and_then(|p| p.last_close()).map(LastClose::from),
+                slot_name: row.slot_name,
+            });
+        }
+        Ok(reports)
+    }
+
+    /// What Postgres says about every slot of ours in the configured database.
+    pub(super) async fn slot_rows(&self) -> Result<Vec<SlotRow>, Error> {
         let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
         let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
         let rows = client.query(REPORT_SQL, &[&plugins]).await.map_err(|e| Error::from_tokio_pg(&e))?;
         client.release();
-        let default = lock(&self.default_slot).clone();
-        let now = SystemTime::now();
         let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
-        let mut reports = Vec::with_capacity(rows.len());
+        let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let slot_name: String = row.try_get(0).map_err(get)?;
             if !names::is_ours(&slot_name) {
                 continue;
             }
-            let session = self.get(&slot_name);
-            let last_ack = session.as_ref().and_then(|s| s.progress.last_ack());
             let retained: Option<i64> = row.try_get(5).map_err(get)?;
-            reports.push(SlotReport {
-                default: default.as_deref() == Some(slot_name.as_str()),
+            out.push(SlotRow {
+                slot_name,
                 active: row.try_get(1).map_err(get)?,
                 active_pid: row.try_get(2).map_err(get)?,
                 confirmed_flush_lsn: parse_lsn(row.try_get(3).map_err(get)?)?,
                 restart_lsn: parse_lsn(row.try_get(4).map_err(get)?)?,
                 retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
                 wal_status: row.try_get(6).map_err(get)?,
-                last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
-                last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
-                seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
-                snapshot: snapshot_status(session.as_deref()),
-                last_close: session.as_ref().and_then(|s| s.progress.last_close()).map(LastClose::from),
-                slot_name,
             });
         }
-        Ok(reports)
-    }
-
-    /// `DELETE /v1/sessions/{slot}`: stops the session's stream (close code 1000),
-    /// releases its snapshot and drops its slot, as `/v1/init` does for the default
-    /// session. Only for slots of ours in this database that no other process streams.
-    pub async fn drop_session(&self, slot: &str) -> Result<(), Error> {
-        // Not while an init replaces the default session.
-        let _one_at_a_time = self.init_lock.lock().await;
-        if self.shutdown.is_stopped() {
-            return Err(Error::new(ErrorKind::Unavailable, "the server is shutting down"));
-        }
-        let info = self.our_slot(slot).await?;
-        let we_stream_it = self.get(slot).is_some_and(|s| s.stream_lock.try_lock().is_err());
-        if let Some(pid) = info.active_pid.filter(|_| !we_stream_it) {
-            return Err(Error::conflict(format!(
-                "slot {slot} is in use by another process (pid {pid}); stop that first, or retry if a client just left"
-            )));
-        }
-        self.end_session(slot, "slot dropped by operator").await?;
-        {
-            let mut default = lock(&self.default_slot);
-            if default.as_deref() == Some(slot) {
-                *default = None;
-            }
-        }
-        tracing::info!(slot, "session dropped by operator");
-        Ok(())
+        Ok(out)
     }
 
     /// Checks WAL retention every `every` until shutdown: one warning per slot past a
@@ -253,16 +248,6 @@ impl Registry {
 
 fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
     text.map(|t| t.parse().map_err(|_| Error::internal(format!("bad LSN {t:?} from Postgres")))).transpose()
-}
-
-fn snapshot_status(session: Option<&Session>) -> SnapshotStatus {
-    let Some(session) = session else { return SnapshotStatus::None };
-    match &*lock(&session.snapshot) {
-        SnapshotState::Held(h) if !h.client.is_closed() => SnapshotStatus::Held,
-        SnapshotState::Held(_) => SnapshotStatus::Released,
-        SnapshotState::Released(why) if *why == FROM_EARLIER_PROCESS => SnapshotStatus::None,
-        SnapshotState::Released(_) => SnapshotStatus::Released,
-    }
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2024-02-29T12:34:56.789Z`. Times before

@@ -35,12 +35,14 @@ pub struct Filter {
     /// every table.
     pub tables: Option<Vec<(String, Option<String>)>>,
     pub actions: Vec<Action>,
+    /// Schemas never streamed, whatever `tables` says: pgdeltastream's own.
+    pub hidden_schemas: Vec<String>,
 }
 
 impl Default for Filter {
     /// Everything.
     fn default() -> Self {
-        Filter { tables: None, actions: Action::ALL.to_vec() }
+        Filter { tables: None, actions: Action::ALL.to_vec(), hidden_schemas: Vec::new() }
     }
 }
 

@@ -66,6 +66,10 @@ impl Plugin {
         if let Some(tables) = tables {
             options.push(("add-tables", tables));
         }
+        if !filter.hidden_schemas.is_empty() {
+            let hidden: Vec<String> = filter.hidden_schemas.iter().map(|s| wal2json_pattern(s, None)).collect();
+            options.push(("filter-tables", hidden.join(",")));
+        }
         options
     }
 
@@ -130,11 +134,13 @@ mod tests {
         let filter = Filter {
             tables: Some(vec![("public".into(), Some("orders".into())), ("audit".into(), None)]),
             actions: vec![Action::Insert, Action::Delete],
+            hidden_schemas: vec!["pgdeltastream".into()],
         };
         let some = Plugin::Wal2json.start_options(Format::Changes, &filter);
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("add-tables"), Some("public.orders,audit.*"));
         assert_eq!(get("actions"), Some("insert,delete"));
         assert_eq!(get("add-msg-prefixes"), Some(NO_PREFIX));
+        assert_eq!(get("filter-tables"), Some("pgdeltastream.*"));
     }
 }

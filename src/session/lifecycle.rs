@@ -1,0 +1,353 @@
+//! Creating and ending sessions. Each runs to completion in a task of its own, whatever
+//! the client does: a client that hangs up half way must not leave behind a slot that
+//! nobody owns, which would retain WAL forever. They run one at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::definition::{Action, DEFAULT_NAME, Definition, TablePattern, check_name, display_pattern};
+use super::snapshots::SnapshotState;
+use super::{Entry, PLUGIN, Registry};
+use crate::error::Error;
+use crate::pg::ident::TableRef;
+use crate::stream::plugin::Plugin;
+use crate::stream::stop::code;
+use crate::types::Lsn;
+
+/// What `POST /v2/sessions` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub name: String,
+    /// None: every table.
+    pub tables: Option<Vec<String>>,
+    /// None: every action.
+    pub actions: Option<Vec<Action>>,
+    pub plugin: Option<Plugin>,
+}
+
+impl Registry {
+    /// `/v1/init`: a new slot and snapshot for the session named `default`, which then
+    /// replaces the previous one (its stream is closed, its snapshot released, its slot
+    /// dropped). On failure the previous session stays as it was.
+    pub async fn init(self: &Arc<Self>) -> Result<Definition, Error> {
+        let registry = Arc::clone(self);
+        run_to_completion(async move { registry.replace_default().await }).await
+    }
+
+    /// `POST /v2/sessions`: the definition, and the slot's consistent point.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
+        check_name(&req.name)?;
+        let registry = Arc::clone(self);
+        run_to_completion(async move { registry.create_new(req).await }).await
+    }
+
+    /// `DELETE /v2/sessions/{name}`: closes its stream (1000), releases its snapshot,
+    /// drops its slot and forgets its definition.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), Error> {
+        let registry = Arc::clone(self);
+        let name = name.to_owned();
+        run_to_completion(async move {
+            let _one_at_a_time = registry.admin.lock().await;
+            registry.refuse_when_stopping()?;
+            let def = registry.known(&name).await?;
+            registry.refuse_if_streamed_elsewhere(&def).await?;
+            registry.end(&def, "session dropped").await
+        })
+        .await
+    }
+
+    /// `DELETE /v1/sessions/{slotName}`: the same, for the session that reads the slot.
+    pub async fn drop_session(self: &Arc<Self>, slot: &str) -> Result<(), Error> {
+        let registry = Arc::clone(self);
+        let slot = slot.to_owned();
+        run_to_completion(async move {
+            let _one_at_a_time = registry.admin.lock().await;
+            registry.refuse_when_stopping()?;
+            let info = registry.our_slot(&slot).await?;
+            let known = registry.with(|s| s.by_slot(&slot).map(|e| e.def.clone()));
+            let def = match known {
+                Some(def) => def,
+                None => match registry.store_lookup_slot(&slot).await {
+                    Some(def) => def,
+                    None => Definition {
+                        name: slot.clone(),
+                        slot_name: slot.clone(),
+                        plugin: info.plugin,
+                        tables: None,
+                        actions: Action::ALL.to_vec(),
+                    },
+                },
+            };
+            registry.refuse_if_streamed_elsewhere(&def).await?;
+            registry.end(&def, "slot dropped by operator").await?;
+            tracing::info!(slot, "session dropped by operator");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn replace_default(&self) -> Result<Definition, Error> {
+        let _one_at_a_time = self.admin.lock().await;
+        self.refuse_when_stopping()?;
+        let def = self.define(DEFAULT_NAME, None, None, None).await?;
+        let previous = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone()));
+        // Stored before the slot exists, so that the write is not in the slot's stream.
+        // v1 works without the store: a role that may not create it still streams.
+        let stored = match self.store_put(&def).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the default session is not stored: it will not be listed after a restart");
+                false
+            }
+        };
+        // The new slot first: if anything fails, the previous session is still whole.
+        let made = async {
+            let new = self.create_slot(&def.slot_name, def.plugin).await?;
+            if let Some(previous) = &previous {
+                if let Err(e) = self.end(previous, "session reset by /v1/init").await {
+                    self.discard(&def.slot_name, SnapshotState::Held(new.holder)).await;
+                    return Err(e);
+                }
+            }
+            Ok(new)
+        }
+        .await;
+        let new = match made {
+            Ok(new) => new,
+            Err(e) => {
+                if stored {
+                    self.restore_default(previous.as_ref()).await;
+                }
+                return Err(e);
+            }
+        };
+        let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), stored);
+        self.with(|s| s.sessions.insert(def.name.clone(), entry));
+        tracing::info!(session = DEFAULT_NAME, slot = %def.slot_name, "session created");
+        Ok(def)
+    }
+
+    /// Puts back the stored default session after a failed init.
+    async fn restore_default(&self, previous: Option<&Definition>) {
+        let restored = match previous {
+            Some(def) => self.store_put(def).await,
+            None => self.store_delete(DEFAULT_NAME).await,
+        };
+        if let Err(e) = restored {
+            tracing::warn!(error = %e, "cannot restore the stored default session");
+        }
+    }
+
+    async fn create_new(&self, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
+        let _one_at_a_time = self.admin.lock().await;
+        self.refuse_when_stopping()?;
+        if self.with(|s| s.sessions.contains_key(&req.name)) {
+            return Err(taken(&req.name));
+        }
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let tables = match &req.tables {
+            Some(patterns) => Some(resolve_tables(&client, patterns).await?),
+            None => None,
+        };
+        self.store.create(&client).await?;
+        client.release();
+        let def = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
+        // Stored first: that reserves the name across processes, and keeps the write
+        // out of the new slot's stream.
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let inserted = self.store.insert(&client, &def).await;
+        client.release();
+        if !inserted? {
+            return Err(taken(&req.name));
+        }
+        let new = match self.create_slot(&def.slot_name, def.plugin).await {
+            Ok(new) => new,
+            Err(e) => {
+                if let Err(e) = self.store_delete(&def.name).await {
+                    tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
+                }
+                return Err(e);
+            }
+        };
+        let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), true);
+        self.with(|s| s.sessions.insert(def.name.clone(), entry));
+        tracing::info!(session = %def.name, slot = %def.slot_name, "session created");
+        Ok((def, new.consistent_point))
+    }
+
+    /// A definition with a slot name nobody uses yet.
+    async fn define(
+        &self,
+        name: &str,
+        tables: Option<Vec<String>>,
+        actions: Option<Vec<Action>>,
+        plugin: Option<Plugin>,
+    ) -> Result<Definition, Error> {
+        let mut actions = actions.unwrap_or_else(|| Action::ALL.to_vec());
+        actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
+        actions.dedup();
+        Ok(Definition {
+            name: name.to_owned(),
+            slot_name: self.fresh_slot_name().await?,
+            plugin: plugin.unwrap_or(PLUGIN),
+            tables,
+            actions,
+        })
+    }
+
+    /// Stops the session's stream (running or opening), drops its slot, releases its
+    /// snapshot, and forgets it. If the slot cannot be dropped the session stays whole.
+    pub(super) async fn end(&self, def: &Definition, why: &'static str) -> Result<(), Error> {
+        let name = def.name.as_str();
+        self.with(|s| {
+            if let Some(e) = s.sessions.get_mut(name) {
+                e.stream.closing = Some(why);
+                if let Some(stop) = &e.stream.running {
+                    stop.stop(code::NORMAL, why);
+                }
+            }
+        });
+        if !self.wait_stream_ended(name, Duration::from_secs(10)).await {
+            tracing::warn!(session = name, "stream did not end in time");
+        }
+        if let Err(e) = self.drop_slot(&def.slot_name).await {
+            self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.closing = None));
+            return Err(e);
+        }
+        if let Err(e) = self.store_delete(name).await {
+            tracing::warn!(session = name, error = %e, "cannot remove the stored definition");
+        }
+        self.with(|s| {
+            if let Some(mut e) = s.sessions.remove(name) {
+                e.snapshot.release(name, why);
+            }
+        });
+        Ok(())
+    }
+
+    /// Undoes a slot made for a session that was never registered.
+    async fn discard(&self, slot: &str, mut snapshot: SnapshotState) {
+        snapshot.release(slot, "the session was not created");
+        if let Err(e) = self.drop_slot(slot).await {
+            tracing::error!(slot, error = %e, "cannot drop the slot of a failed create; drop it with DELETE /v1/sessions/{{slotName}}");
+        }
+    }
+
+    /// Another process streams the session: ending it here would cut off its client.
+    async fn refuse_if_streamed_elsewhere(&self, def: &Definition) -> Result<(), Error> {
+        let Ok(info) = self.our_slot(&def.slot_name).await else { return Ok(()) };
+        let ours = self.with(|s| s.sessions.get(&def.name).is_some_and(|e| e.stream.running.is_some()));
+        match info.active_pid {
+            Some(pid) if !ours => Err(Error::conflict(format!(
+                "slot {} is in use by another process (pid {pid}); stop that first, or retry if a client just left",
+                def.slot_name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The definition of session `name`: known here, or stored by another process
+    /// (then known here from now on).
+    pub(super) async fn known(&self, name: &str) -> Result<Definition, Error> {
+        if let Some(def) = self.with(|s| s.sessions.get(name).map(|e| e.def.clone())) {
+            return Ok(def);
+        }
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let stored = self.store.get(&client, name).await;
+        client.release();
+        match stored? {
+            Some(def) => {
+                self.adopt(def.clone(), true);
+                Ok(def)
+            }
+            None => Err(Error::not_found(format!("no session named {name}"))),
+        }
+    }
+
+    pub(super) async fn store_lookup_slot(&self, slot: &str) -> Option<Definition> {
+        let client = self.pool.get().await.ok()?;
+        let def = self.store.by_slot(&client, slot).await;
+        client.release();
+        def.ok().flatten()
+    }
+
+    async fn store_put(&self, def: &Definition) -> Result<(), Error> {
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        self.store.create(&client).await?;
+        self.store.put(&client, def).await?;
+        client.release();
+        Ok(())
+    }
+
+    async fn store_delete(&self, name: &str) -> Result<(), Error> {
+        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        self.store.delete(&client, name).await?;
+        client.release();
+        Ok(())
+    }
+}
+
+fn taken(name: &str) -> Error {
+    Error::conflict(format!("a session named {name} exists already"))
+}
+
+/// Runs `work` in a task of its own and waits for it: if the caller goes away, the work
+/// still finishes.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work).await.map_err(|e| Error::internal(format!("the request failed: {e}")))?
+}
+
+/// Resolves a session's table patterns against the catalog: unqualified names through
+/// the search_path, every table and schema checked. 404 for what does not exist.
+async fn resolve_tables(client: &Client, patterns: &[String]) -> Result<Vec<String>, Error> {
+    let mut resolved = Vec::with_capacity(patterns.len());
+    for p in patterns {
+        let shown = match TablePattern::parse(p)? {
+            TablePattern::Schema(schema) => {
+                let found = client
+                    .query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema])
+                    .await
+                    .map_err(|e| Error::from_tokio_pg(&e))?;
+                if found.is_none() {
+                    return Err(Error::not_found(format!("schema {schema:?} does not exist")));
+                }
+                display_pattern(&schema, None)
+            }
+            TablePattern::Table(t) => {
+                let (schema, table) = resolve_table(client, &t).await?;
+                display_pattern(&schema, Some(&table))
+            }
+        };
+        if !resolved.contains(&shown) {
+            resolved.push(shown);
+        }
+    }
+    Ok(resolved)
+}
+
+async fn resolve_table(client: &Client, t: &TableRef) -> Result<(String, String), Error> {
+    const FROM: &str = "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                        WHERE c.relkind IN ('r', 'p') AND c.relname = $1";
+    let row = match &t.schema {
+        Some(schema) => {
+            let sql = format!("SELECT n.nspname::text, c.relname::text {FROM} AND n.nspname = $2");
+            client.query_opt(&sql, &[&t.name, schema]).await
+        }
+        None => {
+            let sql = format!(
+                "SELECT n.nspname::text, c.relname::text {FROM} \
+                 AND n.nspname = ANY (pg_catalog.current_schemas(false)) \
+                 ORDER BY pg_catalog.array_position(pg_catalog.current_schemas(false), n.nspname) LIMIT 1"
+            );
+            client.query_opt(&sql, &[&t.name]).await
+        }
+    }
+    .map_err(|e| Error::from_tokio_pg(&e))?;
+    let row = row.ok_or_else(|| Error::not_found(format!("table {t} does not exist")))?;
+    let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
+    Ok((row.try_get(0).map_err(get)?, row.try_get(1).map_err(get)?))
+}

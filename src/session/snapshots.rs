@@ -1,0 +1,171 @@
+//! A session's snapshot: the transaction that keeps it importable, and the reads from
+//! it. It is held from the session's creation until it is released: on request, after
+//! the idle timeout, when the session ends, or when its connection dies. It never
+//! outlives the process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use super::Registry;
+use super::definition::DEFAULT_NAME;
+use crate::error::{Error, ErrorKind};
+use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
+
+/// Why a session this process did not create has no snapshot here.
+pub(super) const NOT_HERE: &str =
+    "a snapshot does not survive a restart of pgdeltastream, and only the process that created the session holds it";
+
+/// The transaction that keeps an exported snapshot alive.
+pub(super) struct SnapshotHolder {
+    /// Dropping the client ends the connection, and with it the transaction.
+    pub client: Client,
+    /// The id readers import (re-exported by the holder's transaction).
+    pub id: String,
+    pub last_used: Instant,
+}
+
+pub(super) enum SnapshotState {
+    Held(SnapshotHolder),
+    Released(&'static str),
+}
+
+/// What the API says about a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    /// Readable.
+    Held,
+    /// This process held it and let go of it.
+    Released,
+    /// This process never held it (another process, or one before a restart, did).
+    None,
+}
+
+impl SnapshotState {
+    /// The snapshot id to import, marking the snapshot as used.
+    pub fn touch(&mut self, name: &str) -> Result<String, Error> {
+        if matches!(self, SnapshotState::Held(h) if h.client.is_closed()) {
+            tracing::warn!(session = name, "the snapshot's connection to Postgres was lost");
+            *self = SnapshotState::Released("its connection to Postgres was lost; did Postgres restart?");
+        }
+        match self {
+            SnapshotState::Held(h) => {
+                h.last_used = Instant::now();
+                Ok(h.id.clone())
+            }
+            SnapshotState::Released(why) => {
+                let again =
+                    if name == DEFAULT_NAME { "call /v1/init for a new session" } else { "create a new session" };
+                Err(Error::conflict(format!("the snapshot of session {name} was released ({why}); {again}")))
+            }
+        }
+    }
+
+    pub fn release(&mut self, name: &str, why: &'static str) -> bool {
+        let was_held = matches!(self, SnapshotState::Held(_));
+        if was_held {
+            tracing::info!(session = name, reason = why, "snapshot released");
+            *self = SnapshotState::Released(why);
+        }
+        was_held
+    }
+
+    pub fn status(&self) -> (SnapshotStatus, Option<&'static str>) {
+        match self {
+            SnapshotState::Held(h) if !h.client.is_closed() => (SnapshotStatus::Held, None),
+            SnapshotState::Held(_) => (SnapshotStatus::Released, Some("its connection to Postgres was lost")),
+            SnapshotState::Released(why) if *why == NOT_HERE => (SnapshotStatus::None, Some(why)),
+            SnapshotState::Released(why) => (SnapshotStatus::Released, Some(why)),
+        }
+    }
+}
+
+impl Registry {
+    /// The id to import the snapshot of session `name`.
+    pub(super) fn snapshot_id(&self, name: &str) -> Result<String, Error> {
+        self.with(|s| match s.sessions.get_mut(name) {
+            Some(e) => e.snapshot.touch(name),
+            None if name == DEFAULT_NAME => {
+                Err(Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))
+            }
+            None => Err(Error::not_found(format!("no session named {name}"))),
+        })
+    }
+
+    /// `/v1/snapshot/data`: one page from the default session's snapshot. Refusals come
+    /// here; the body streams the rows on a pooled connection that it holds until it
+    /// ends (or is dropped, which cancels the query).
+    pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
+        let id = self.snapshot_id(DEFAULT_NAME)?;
+        let conn = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let timeout = self.pool.settings().statement_timeout;
+        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout))
+    }
+
+    /// Releases a session's snapshot: by slot name, or the default session's.
+    pub fn release_snapshot(&self, slot: Option<&str>) -> Result<String, Error> {
+        self.with(|s| {
+            let entry = match slot {
+                Some(slot) => s
+                    .sessions
+                    .values_mut()
+                    .find(|e| e.def.slot_name == slot)
+                    .ok_or_else(|| Error::not_found(format!("no session for slot {slot}")))?,
+                None => s
+                    .sessions
+                    .get_mut(DEFAULT_NAME)
+                    .ok_or_else(|| Error::conflict("no session: call /v1/init first"))?,
+            };
+            entry.snapshot.release(&entry.def.name, "released on request");
+            Ok(entry.def.slot_name.clone())
+        })
+    }
+
+    /// Releases snapshots nobody has read for the idle timeout. Runs until shutdown.
+    pub async fn sweep_idle_snapshots(self: Arc<Self>) {
+        let timeout = self.settings.snapshot_idle_timeout;
+        let period = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.stopped() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            self.with(|s| {
+                for e in s.sessions.values_mut() {
+                    if matches!(&e.snapshot, SnapshotState::Held(h) if h.last_used.elapsed() >= timeout) {
+                        e.snapshot.release(&e.def.name, "idle timeout");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// What a failed snapshot read tells the client.
+pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
+    let again = "call /v1/init for a new snapshot";
+    match e {
+        SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
+        SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
+        SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
+        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; call /v1/init for a new session")),
+        SnapshotError::Renamed { .. }
+        | SnapshotError::Rewritten { .. }
+        | SnapshotError::Repartitioned(_)
+        | SnapshotError::ColumnsChanged { .. } => Error::conflict(format!("{e}; {again}")),
+        SnapshotError::Db(db) if db.code() == Some(&SqlState::QUERY_CANCELED) => Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the page took longer than the statement timeout of {} s (--snapshot-statement-timeout), \
+                 waiting for the table's lock and sending the rows included; ask for a smaller limit \
+                 (server said: {})",
+                statement_timeout.as_secs_f64(),
+                snapshot::describe(&db)
+            ),
+        ),
+        SnapshotError::Db(db) => Error::from_tokio_pg(&db),
+    }
+}

@@ -1,0 +1,211 @@
+//! A session's one stream: claimed, started on Postgres, then run into a sink.
+//! Everything that can be refused is refused before the sink exists, so that a
+//! websocket client gets an HTTP error rather than a socket that closes.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+
+use super::definition::Definition;
+use super::snapshots::{NOT_HERE, SnapshotState};
+use super::{Entry, Registry, SessionSettings};
+use crate::error::Error;
+use crate::pg::replication::{ReplicationConnection, ReplicationStream};
+use crate::stream::Stop as StreamStop;
+use crate::stream::filter::{Action, Filter};
+use crate::stream::frame::Format;
+use crate::stream::plugin::Plugin;
+use crate::stream::progress::Progress;
+use crate::stream::pump::Pump;
+use crate::stream::sink::{Link, Sink};
+use crate::types::Lsn;
+
+/// A stream that has started on Postgres and waits for its sink.
+pub struct OpenStream {
+    pub slot: String,
+    pub start: Lsn,
+    stream: ReplicationStream,
+    claim: Claim,
+    progress: Arc<Progress>,
+    format: Format,
+    plugin: Plugin,
+    settings: SessionSettings,
+}
+
+/// The session's stream, taken: given back when dropped.
+struct Claim {
+    registry: Arc<Registry>,
+    name: String,
+    stop: StreamStop,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.registry.with(|s| {
+            if let Some(e) = s.sessions.get_mut(&self.name) {
+                e.stream.running = None;
+            }
+        });
+        self.registry.stream_ended.notify_waiters();
+    }
+}
+
+impl Registry {
+    /// `/v1/lr/stream?slotName=`: the session that reads `slot` (a slot of ours that no
+    /// definition names streams as a session of its own, unfiltered).
+    pub async fn open_stream(self: &Arc<Self>, slot: &str, format: Format) -> Result<OpenStream, Error> {
+        self.refuse_when_stopping()?;
+        let info = self.our_slot(slot).await?;
+        let known = self.with(|s| s.by_slot(slot).map(|e| e.def.name.clone()));
+        let name = match known {
+            Some(name) => name,
+            None => match self.store_lookup_slot(slot).await {
+                Some(def) => self.adopt(def, true),
+                None => self.adopt(unstored(slot, info.plugin), false),
+            },
+        };
+        self.start(&name, format).await
+    }
+
+    /// `/v2/sessions/{name}/stream`.
+    pub async fn open_session_stream(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
+        self.refuse_when_stopping()?;
+        self.known(name).await?;
+        self.start(name, format).await
+    }
+
+    /// Registers a session this process did not create (from the store, or a slot of
+    /// an earlier version) unless it is known already; returns its name.
+    pub(super) fn adopt(&self, def: Definition, stored: bool) -> String {
+        self.with(|s| {
+            let name = def.name.clone();
+            s.sessions
+                .entry(name.clone())
+                .or_insert_with(|| Entry::new(def, SnapshotState::Released(NOT_HERE), None, stored));
+            name
+        })
+    }
+
+    async fn start(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
+        let (def, progress, stop) = self.claim(name)?;
+        let claim = Claim { registry: Arc::clone(self), name: name.to_owned(), stop: stop.clone() };
+        let slot = def.slot_name.as_str();
+        let info = self.our_slot(slot).await?;
+        if let Some(pid) = info.active_pid {
+            return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
+        }
+        // Postgres keeps a slot's confirmed position in memory and writes it to disk only
+        // at checkpoints: after a crash the slot may be behind the client's last ack.
+        // Start after whichever is later, so that an acked change never comes back.
+        let last_ack = progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
+        let start = info.confirmed_flush.max(last_ack);
+        // The store's own writes are never a client's business.
+        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let stream = self.start_replication(slot, start, info.plugin.start_options(format, &filter)).await?;
+        if stop.is_stopped() {
+            // Ended (by an init or a drop) while it was opening: the dropped stream
+            // closes its connection, which frees the slot for whoever ended it.
+            return Err(Error::conflict(format!(
+                "the stream of slot {slot} was ended as it opened: {}",
+                stop.reason().1
+            )));
+        }
+        tracing::info!(session = name, slot, %start, "stream started");
+        Ok(OpenStream {
+            slot: slot.to_owned(),
+            start,
+            stream,
+            claim,
+            progress,
+            format,
+            plugin: info.plugin,
+            settings: self.settings.clone(),
+        })
+    }
+
+    /// Takes the session's one stream. Checked and taken under the state's lock, so
+    /// that a stream still opening is seen, and stopped, by whoever ends the session.
+    fn claim(&self, name: &str) -> Result<(Definition, Arc<Progress>, StreamStop), Error> {
+        self.with(|s| {
+            let e = s.sessions.get_mut(name).ok_or_else(|| Error::not_found(format!("no session named {name}")))?;
+            if let Some(why) = e.stream.closing {
+                return Err(Error::conflict(format!("session {name} is being ended ({why})")));
+            }
+            if e.stream.running.is_some() {
+                return Err(Error::conflict(format!(
+                    "slot {} is already being streamed by another client",
+                    e.def.slot_name
+                )));
+            }
+            let stop = StreamStop::new();
+            e.stream.running = Some(stop.clone());
+            Ok((e.def.clone(), e.progress.clone(), stop))
+        })
+    }
+
+    async fn start_replication(
+        &self,
+        slot: &str,
+        start: Lsn,
+        options: Vec<(&str, String)>,
+    ) -> Result<ReplicationStream, Error> {
+        let conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
+        if let Some(encoding) = conn.parameter("server_encoding").filter(|e| *e != "UTF8") {
+            let encoding = encoding.to_owned();
+            conn.close().await;
+            return Err(Error::internal(format!(
+                "database {} is encoded in {encoding}: pgdeltastream streams only UTF8 databases",
+                self.pg.dbname
+            )));
+        }
+        conn.start_replication(slot, start, &options).await.map_err(|e| match e.code() {
+            Some(c) if c == SqlState::OBJECT_IN_USE.code() => {
+                Error::conflict(format!("slot {slot} is in use by another process: {e}"))
+            }
+            Some(c) if c == SqlState::UNDEFINED_OBJECT.code() => {
+                Error::not_found(format!("replication slot {slot} does not exist"))
+            }
+            _ => Error::from_pg(&e),
+        })
+    }
+}
+
+/// The definition of a slot of ours that no stored definition names.
+fn unstored(slot: &str, plugin: Plugin) -> Definition {
+    Definition {
+        name: slot.to_owned(),
+        slot_name: slot.to_owned(),
+        plugin,
+        tables: None,
+        actions: Action::ALL.to_vec(),
+    }
+}
+
+impl OpenStream {
+    /// Runs the stream into `sink` until it ends.
+    pub async fn run(self, sink: impl Sink) {
+        let OpenStream { slot, start, stream, claim, progress, format, plugin, settings } = self;
+        let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
+        let (acks_tx, acks_rx) = mpsc::channel(64);
+        let stop = claim.stop.clone();
+        let pump = Pump {
+            slot: slot.clone(),
+            stream,
+            start,
+            out: frames_tx,
+            acks: acks_rx,
+            stop: stop.clone(),
+            status_interval: settings.status_interval,
+            format,
+            plugin,
+            frame_bytes: settings.frame_bytes,
+        };
+        let link = Link { slot, start, frames: frames_rx, acks: acks_tx, progress, stop };
+        // The stages run in this one task rather than as tasks of their own: handing a
+        // frame from one stage to the next is then a poll in the same thread, not a
+        // wake-up of another worker (which cost more than the forwarding itself).
+        tokio::join!(pump.run(), sink.run(link));
+        drop(claim);
+    }
+}
