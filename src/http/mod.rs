@@ -8,6 +8,7 @@
 //! | `GET /v1/lr/stream?slotName=` | [`stream::stream`]: the websocket of changes |
 //! | `GET /v1/sessions` | [`sessions::list`]: every slot of ours, its WAL retention and last ack |
 //! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
+//! | `/v2/sessions...` | [`v2`]: named sessions with their own tables and actions |
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
@@ -18,6 +19,7 @@ pub mod sessions;
 pub mod snapshot;
 pub mod stream;
 pub mod upgrade;
+pub mod v2;
 
 use std::sync::Arc;
 
@@ -49,6 +51,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/lr/stream", get(stream::stream))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{slot}", delete(sessions::drop_session))
+        .route("/v2/sessions", post(v2::create).get(v2::list))
+        .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
+        .route("/v2/sessions/{name}/stream", get(v2::stream))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

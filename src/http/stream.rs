@@ -9,6 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
+use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::socket::WebSocket;
 
@@ -33,17 +34,25 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
-    let format = match q.format.as_deref() {
-        None | Some("transactions") => Format::Transactions,
-        Some("changes") => Format::Changes,
-        Some(other) => {
-            return Err(
-                Error::bad_request(format!("unknown format {other:?}: use \"transactions\" or \"changes\"")).into()
-            );
-        }
-    };
+    let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_stream(&slot, format).await?;
+    Ok(serve(&state, upgrade, open))
+}
+
+/// `transactions` (the default) or `changes`.
+pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
+    match format {
+        None | Some("transactions") => Ok(Format::Transactions),
+        Some("changes") => Ok(Format::Changes),
+        Some(other) => {
+            Err(Error::bad_request(format!("unknown format {other:?}: use \"transactions\" or \"changes\"")))
+        }
+    }
+}
+
+/// Answers the upgrade and runs the stream on the websocket.
+pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
     // tungstenite zeroes its read buffer before every read (128 KiB by default); a
     // client sends only small acks, and one read per ack must not cost a large memset.
     let config = WebSocketConfig::default()
@@ -51,5 +60,5 @@ pub async fn stream(
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE));
     let settings = state.registry.settings().socket.clone();
-    Ok(upgrade.on_upgrade(config, move |socket| open.run(WebSocket::new(socket, settings))))
+    upgrade.on_upgrade(config, move |socket| open.run(WebSocket::new(socket, settings)))
 }

@@ -251,6 +251,7 @@ impl Registry {
     /// The definition of session `name`: known here, or stored by another process
     /// (then known here from now on).
     pub(super) async fn known(&self, name: &str) -> Result<Definition, Error> {
+        check_name(name)?;
         if let Some(def) = self.with(|s| s.sessions.get(name).map(|e| e.def.clone())) {
             return Ok(def);
         }

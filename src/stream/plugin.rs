@@ -11,7 +11,7 @@ use super::frame::{Assembler, Format};
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
 const NO_TABLE: &str = "pg_pgdeltastream_none.none";
 /// A message prefix no application uses.
-const NO_PREFIX: &str = "pgdeltastream: no messages for this session";
+const NO_PREFIX: &str = "pgdeltastream_no_messages";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,96 @@
+//! The v2 API: named sessions, each with its own slot, snapshot, tables and actions.
+//!
+//! | route | handler |
+//! | --- | --- |
+//! | `POST /v2/sessions` | [`create`]: a session, its slot and its snapshot (201) |
+//! | `GET /v2/sessions` | [`list`]: every session, with its state |
+//! | `GET /v2/sessions/{name}` | [`get_one`] |
+//! | `DELETE /v2/sessions/{name}` | [`delete_one`]: ends its stream, drops its slot |
+//! | `GET /v2/sessions/{name}/stream` | [`stream`]: the websocket, only its changes |
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::stream::{parse_format, serve};
+use super::upgrade::Upgrade;
+use super::{ApiError, AppState};
+use crate::error::Error;
+use crate::session::CreateRequest;
+use crate::session::definition::Action;
+use crate::session::retention::SnapshotStatus;
+use crate::session::views::{Created, SessionView};
+use crate::stream::plugin::Plugin;
+
+/// The body of `POST /v2/sessions`. Unknown fields are refused, so that a typo is an
+/// error rather than a session that streams more than wanted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    pub name: String,
+    pub tables: Option<Vec<String>>,
+    pub actions: Option<Vec<Action>>,
+    pub plugin: Option<Plugin>,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    let body = body.map_err(|e| Error::bad_request(format!("cannot read the request body: {}", e.body_text())))?;
+    let body: CreateBody =
+        serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
+    if body.tables.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::bad_request("tables is empty: leave it out for every table").into());
+    }
+    if body.actions.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::bad_request("actions is empty: leave it out for every action").into());
+    }
+    let req = CreateRequest { name: body.name, tables: body.tables, actions: body.actions, plugin: body.plugin };
+    let (definition, consistent_point) = state.registry.create(req).await?;
+    Ok((StatusCode::CREATED, Json(Created { definition, consistent_point, snapshot: SnapshotStatus::Held })))
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SessionView>>, ApiError> {
+    Ok(Json(state.registry.list().await?))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<SessionView>, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    Ok(Json(state.registry.view_one(&name).await?))
+}
+
+pub async fn delete_one(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    state.registry.delete(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "dropped": true })))
+}
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    format: Option<String>,
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+    upgrade: Result<Upgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let format = parse_format(q.format.as_deref())?;
+    let upgrade = upgrade?;
+    let open = state.registry.open_session_stream(&name, format).await?;
+    Ok(serve(&state, upgrade, open))
+}
