@@ -2,6 +2,7 @@
 //! HTTP layer turns into a status code, and a message written for the person reading it.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
 
@@ -28,15 +29,31 @@ pub enum ErrorKind {
     Internal,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    /// What went wrong underneath, for logs and `Error::source`.
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+/// Two errors are the same when they say the same: the source is detail.
+impl PartialEq for Error {
+    fn eq(&self, other: &Error) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+
+impl Eq for Error {}
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into() }
+        Error { kind, message: message.into(), source: None }
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.source = Some(Arc::new(source));
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::BadRequest, message)
@@ -57,39 +74,52 @@ impl Error {
         if e.is_unavailable() {
             return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {e}"));
         }
-        let (kind, advice) = match e.code() {
-            Some("55000") if e.to_string().contains("wal_level") => (
+        let said = e.to_string();
+        let Some(code) = e.code().map(SqlState::from_code) else {
+            return Error::internal(format!("Postgres error: {e}"));
+        };
+        let (kind, advice) = if code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE && said.contains("wal_level") {
+            (
                 ErrorKind::Internal,
                 "logical decoding is off on the Postgres server: set wal_level = logical in postgresql.conf and restart Postgres",
-            ),
-            Some("58P01") => (
+            )
+        } else if code == SqlState::UNDEFINED_FILE {
+            (
                 ErrorKind::Internal,
                 "the wal2json output plugin is not installed on the Postgres server (e.g. apt-get install postgresql-15-wal2json)",
-            ),
-            Some("42501") if e.to_string().contains("may not be used as an output plugin") => (
+            )
+        } else if code == SqlState::INSUFFICIENT_PRIVILEGE && said.contains("may not be used as an output plugin") {
+            (
                 ErrorKind::Internal,
                 "Postgres does not trust wal2json as an output plugin: add it to output_plugin_libraries in postgresql.conf \
                  (e.g. output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload",
-            ),
-            Some("42501") => (
+            )
+        } else if code == SqlState::INSUFFICIENT_PRIVILEGE {
+            (
                 ErrorKind::Internal,
                 "the configured user may not replicate: it needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) or superuser",
-            ),
-            Some("28000") => (
+            )
+        } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            (
                 ErrorKind::Internal,
                 "Postgres refused the replication connection: pg_hba.conf needs a 'replication' line for this user and host",
-            ),
-            Some("53400") => (
+            )
+        } else if code == SqlState::CONFIGURATION_LIMIT_EXCEEDED {
+            (
                 ErrorKind::Unavailable,
                 "all replication slots are in use: drop unused slots or raise max_replication_slots",
-            ),
-            Some("53300") => (
+            )
+        } else if code == SqlState::TOO_MANY_CONNECTIONS {
+            (
                 ErrorKind::Unavailable,
                 "Postgres has no free connection or WAL sender: raise max_connections / max_wal_senders",
-            ),
-            Some("3D000") => (ErrorKind::Internal, "the configured database does not exist (DBNAME)"),
-            Some("28P01") => (ErrorKind::Internal, "password authentication failed (PGUSER / PGPASSWORD)"),
-            _ => return Error::internal(format!("Postgres error: {e}")),
+            )
+        } else if code == SqlState::INVALID_CATALOG_NAME {
+            (ErrorKind::Internal, "the configured database does not exist (DBNAME)")
+        } else if code == SqlState::INVALID_PASSWORD {
+            (ErrorKind::Internal, "password authentication failed (PGUSER / PGPASSWORD)")
+        } else {
+            return Error::internal(format!("Postgres error: {e}"));
         };
         Error::new(kind, format!("{advice} (server said: {e})"))
     }
@@ -133,7 +163,29 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<PgError> for Error {
+    fn from(e: PgError) -> Error {
+        Error::from_pg(&e).with_source(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        Error::from_tokio_pg(&e).with_source(e)
+    }
+}
+
+impl From<PoolError> for Error {
+    fn from(e: PoolError) -> Error {
+        Error::from_pool(&e).with_source(e)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -80,8 +80,11 @@ impl PgError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             PgError::Connect { .. } | PgError::Io(_) => true,
-            // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now.
-            PgError::Db(e) => matches!(e.code.as_str(), "57P01" | "57P02" | "57P03"),
+            PgError::Db(e) => {
+                use tokio_postgres::error::SqlState;
+                let code = SqlState::from_code(&e.code);
+                [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW].contains(&code)
+            }
             _ => false,
         }
     }

@@ -146,7 +146,7 @@ impl Registry {
         if self.with(|s| s.sessions.contains_key(&req.name)) {
             return Err(taken(&req.name));
         }
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let tables = match &req.tables {
             Some(patterns) => Some(resolve_tables(&client, patterns).await?),
             None => None,
@@ -156,7 +156,7 @@ impl Registry {
         let def = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let inserted = self.store.insert(&client, &def).await;
         client.release();
         if !inserted? {
@@ -255,7 +255,7 @@ impl Registry {
         if let Some(def) = self.with(|s| s.sessions.get(name).map(|e| e.def.clone())) {
             return Ok(def);
         }
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let stored = self.store.get(&client, name).await;
         client.release();
         match stored? {
@@ -275,7 +275,7 @@ impl Registry {
     }
 
     async fn store_put(&self, def: &Definition) -> Result<(), Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         self.store.create(&client).await?;
         self.store.put(&client, def).await?;
         client.release();
@@ -283,7 +283,7 @@ impl Registry {
     }
 
     async fn store_delete(&self, name: &str) -> Result<(), Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         self.store.delete(&client, name).await?;
         client.release();
         Ok(())
@@ -309,10 +309,8 @@ async fn resolve_tables(client: &Client, patterns: &[String]) -> Result<Vec<Stri
     for p in patterns {
         let shown = match TablePattern::parse(p)? {
             TablePattern::Schema(schema) => {
-                let found = client
-                    .query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema])
-                    .await
-                    .map_err(|e| Error::from_tokio_pg(&e))?;
+                let found =
+                    client.query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema]).await?;
                 if found.is_none() {
                     return Err(Error::not_found(format!("schema {schema:?} does not exist")));
                 }
@@ -346,9 +344,7 @@ async fn resolve_table(client: &Client, t: &TableRef) -> Result<(String, String)
             );
             client.query_opt(&sql, &[&t.name]).await
         }
-    }
-    .map_err(|e| Error::from_tokio_pg(&e))?;
+    }?;
     let row = row.ok_or_else(|| Error::not_found(format!("table {t} does not exist")))?;
-    let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
-    Ok((row.try_get(0).map_err(get)?, row.try_get(1).map_err(get)?))
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }

@@ -166,26 +166,25 @@ impl Registry {
 
     /// What Postgres says about every slot of ours in the configured database.
     pub(super) async fn slot_rows(&self) -> Result<Vec<SlotRow>, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
-        let rows = client.query(REPORT_SQL, &[&plugins]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let rows = client.query(REPORT_SQL, &[&plugins]).await?;
         client.release();
-        let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let slot_name: String = row.try_get(0).map_err(get)?;
+            let slot_name: String = row.try_get(0)?;
             if !names::is_ours(&slot_name) {
                 continue;
             }
-            let retained: Option<i64> = row.try_get(5).map_err(get)?;
+            let retained: Option<i64> = row.try_get(5)?;
             out.push(SlotRow {
                 slot_name,
-                active: row.try_get(1).map_err(get)?,
-                active_pid: row.try_get(2).map_err(get)?,
-                confirmed_flush_lsn: parse_lsn(row.try_get(3).map_err(get)?)?,
-                restart_lsn: parse_lsn(row.try_get(4).map_err(get)?)?,
+                active: row.try_get(1)?,
+                active_pid: row.try_get(2)?,
+                confirmed_flush_lsn: parse_lsn(row.try_get(3)?)?,
+                restart_lsn: parse_lsn(row.try_get(4)?)?,
                 retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
-                wal_status: row.try_get(6).map_err(get)?,
+                wal_status: row.try_get(6)?,
             });
         }
         Ok(out)

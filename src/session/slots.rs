@@ -40,11 +40,8 @@ struct SlotInfo {
 impl Registry {
     /// A slot name no slot of the cluster has (`delta_<word><number>`).
     pub(super) async fn fresh_slot_name(&self) -> Result<String, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
-        let rows = client
-            .query("SELECT slot_name::text FROM pg_catalog.pg_replication_slots", &[])
-            .await
-            .map_err(|e| Error::from_tokio_pg(&e))?;
+        let client = self.pool.get().await?;
+        let rows = client.query("SELECT slot_name::text FROM pg_catalog.pg_replication_slots", &[]).await?;
         client.release();
         let taken: Vec<String> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         (0..100)
@@ -56,12 +53,12 @@ impl Registry {
     /// Creates slot `name` and holds the snapshot it exports. Leaves nothing behind
     /// when it fails.
     pub(super) async fn create_slot(&self, name: &str, plugin: Plugin) -> Result<NewSlot, Error> {
-        let mut conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
+        let mut conn = ReplicationConnection::connect(&self.pg).await?;
         let created = match conn.create_logical_slot(name, plugin.name()).await {
             Ok(c) => c,
             Err(e) => {
                 conn.close().await;
-                return Err(Error::from_pg(&e));
+                return Err(e.into());
             }
         };
         // Import the snapshot before anything else runs on `conn`: the next command
@@ -83,7 +80,7 @@ impl Registry {
     /// Drops a slot if it exists, waiting a little for a walsender that is still
     /// letting go of it.
     pub(super) async fn drop_slot(&self, slot: &str) -> Result<(), Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let result = client
@@ -102,7 +99,7 @@ impl Registry {
                 Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => return Err(Error::from_tokio_pg(&e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -134,23 +131,21 @@ impl Registry {
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let row = client
             .query_opt(
                 "SELECT plugin::text, database::text, active_pid, coalesce(confirmed_flush_lsn, '0/0')::text \
                  FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
-            .await
-            .map_err(|e| Error::from_tokio_pg(&e))?;
+            .await?;
         client.release();
         let Some(row) = row else { return Ok(None) };
-        let get = |e: tokio_postgres::Error| Error::from_tokio_pg(&e);
-        let confirmed: String = row.try_get(3).map_err(get)?;
+        let confirmed: String = row.try_get(3)?;
         Ok(Some(SlotInfo {
-            plugin: row.try_get(0).map_err(get)?,
-            database: row.try_get(1).map_err(get)?,
-            active_pid: row.try_get(2).map_err(get)?,
+            plugin: row.try_get(0)?,
+            database: row.try_get(1)?,
+            active_pid: row.try_get(2)?,
             confirmed_flush: confirmed
                 .parse()
                 .map_err(|_| Error::internal(format!("bad LSN {confirmed:?} from Postgres")))?,
@@ -161,7 +156,7 @@ impl Registry {
 /// Holds an exported snapshot on a connection of its own.
 async fn hold(pg: &PgConfig, exported: Option<&str>) -> Result<SnapshotHolder, Error> {
     let exported = exported.ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
-    let client = pool::connect(pg).await.map_err(|e| Error::from_tokio_pg(&e))?;
-    let id = snapshot::hold_snapshot(&client, exported).await.map_err(|e| Error::from_tokio_pg(&e))?;
+    let client = pool::connect(pg).await?;
+    let id = snapshot::hold_snapshot(&client, exported).await?;
     Ok(SnapshotHolder { client, id, last_used: Instant::now() })
 }

@@ -100,7 +100,7 @@ impl Registry {
     /// ends (or is dropped, which cancels the query).
     pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
         let id = self.snapshot_id(DEFAULT_NAME)?;
-        let conn = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let conn = self.pool.get().await?;
         let timeout = self.pool.settings().statement_timeout;
         snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout))
     }

@@ -48,7 +48,7 @@ impl Store {
     /// Stores a new definition; false when its name is taken.
     pub async fn insert(&self, client: &Client, def: &Definition) -> Result<bool, Error> {
         let sql = format!("INSERT INTO {} (name, definition) VALUES ($1, $2) ON CONFLICT DO NOTHING", self.table);
-        let n = client.execute(&sql, &[&def.name, &to_json(def)?]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        let n = client.execute(&sql, &[&def.name, &to_json(def)?]).await?;
         Ok(n == 1)
     }
 
@@ -59,7 +59,7 @@ impl Store {
              ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, created_at = now()",
             self.table
         );
-        client.execute(&sql, &[&def.name, &to_json(def)?]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        client.execute(&sql, &[&def.name, &to_json(def)?]).await?;
         Ok(())
     }
 
@@ -68,7 +68,7 @@ impl Store {
             return Ok(());
         }
         let sql = format!("DELETE FROM {} WHERE name = $1", self.table);
-        client.execute(&sql, &[&name]).await.map_err(|e| Error::from_tokio_pg(&e))?;
+        client.execute(&sql, &[&name]).await?;
         Ok(())
     }
 
@@ -93,11 +93,10 @@ impl Store {
         let rows = match arg {
             Some(a) => client.query(&sql, &[&a]).await,
             None => client.query(&sql, &[]).await,
-        }
-        .map_err(|e| Error::from_tokio_pg(&e))?;
+        }?;
         let mut defs = Vec::with_capacity(rows.len());
         for row in rows {
-            let json: serde_json::Value = row.try_get(0).map_err(|e| Error::from_tokio_pg(&e))?;
+            let json: serde_json::Value = row.try_get(0)?;
             match serde_json::from_value::<Definition>(json) {
                 Ok(def) => defs.push(def),
                 // Someone edited the table by hand: say so, and serve the rest.
@@ -110,11 +109,8 @@ impl Store {
     }
 
     async fn exists(&self, client: &Client) -> Result<bool, Error> {
-        let row = client
-            .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&self.table])
-            .await
-            .map_err(|e| Error::from_tokio_pg(&e))?;
-        row.try_get(0).map_err(|e| Error::from_tokio_pg(&e))
+        let row = client.query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&self.table]).await?;
+        Ok(row.try_get(0)?)
     }
 }
 

@@ -150,7 +150,7 @@ impl Registry {
         start: Lsn,
         options: Vec<(&str, String)>,
     ) -> Result<ReplicationStream, Error> {
-        let conn = ReplicationConnection::connect(&self.pg).await.map_err(|e| Error::from_pg(&e))?;
+        let conn = ReplicationConnection::connect(&self.pg).await?;
         if let Some(encoding) = conn.parameter("server_encoding").filter(|e| *e != "UTF8") {
             let encoding = encoding.to_owned();
             conn.close().await;

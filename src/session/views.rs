@@ -52,7 +52,7 @@ impl Registry {
     /// `GET /v2/sessions`: every stored session (stored by any process) and every
     /// session only this process knows, by name.
     pub async fn list(&self) -> Result<Vec<SessionView>, Error> {
-        let client = self.pool.get().await.map_err(|e| Error::from_pool(&e))?;
+        let client = self.pool.get().await?;
         let stored = self.store.load(&client).await;
         client.release();
         let stored = stored?;
