@@ -7,6 +7,7 @@
 //! | `GET /v2/sessions/{name}` | [`get_one`] |
 //! | `DELETE /v2/sessions/{name}` | [`delete_one`]: ends its stream, drops its slot |
 //! | `GET /v2/sessions/{name}/stream` | [`stream`]: the websocket, only its changes |
+//! | `DELETE /v2/sessions/{name}/snapshot` | [`release_snapshot`]: let go of its snapshot |
 
 use axum::Json;
 use axum::body::Bytes;
@@ -74,6 +75,16 @@ pub async fn delete_one(
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.delete(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "dropped": true })))
+}
+
+/// `DELETE /v2/sessions/{name}/snapshot`.
+pub async fn release_snapshot(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    let was_held = state.registry.release_named_snapshot(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "released": true, "wasHeld": was_held })))
 }
 
 #[derive(Deserialize)]

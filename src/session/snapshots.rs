@@ -102,7 +102,14 @@ impl Registry {
         let id = self.snapshot_id(DEFAULT_NAME)?;
         let conn = self.pool.get().await?;
         let timeout = self.pool.settings().statement_timeout;
-        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout))
+        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+    }
+
+    /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
+    /// back vacuum while held). True when it was held.
+    pub async fn release_named_snapshot(&self, name: &str) -> Result<bool, Error> {
+        self.known(name).await?;
+        Ok(self.with(|s| s.sessions.get_mut(name).is_some_and(|e| e.snapshot.release(name, "released on request"))))
     }
 
     /// Releases a session's snapshot: by slot name, or the default session's.
@@ -144,14 +151,18 @@ impl Registry {
     }
 }
 
-/// What a failed snapshot read tells the client.
-pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
-    let again = "call /v1/init for a new snapshot";
+/// What a failed snapshot read of session `name` tells the client.
+pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> Error {
+    let again = if name == DEFAULT_NAME {
+        "call /v1/init for a new snapshot"
+    } else {
+        "create a new session for a new snapshot"
+    };
     match e {
         SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
         SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
         SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
-        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; call /v1/init for a new session")),
+        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; {again}")),
         SnapshotError::Renamed { .. }
         | SnapshotError::Rewritten { .. }
         | SnapshotError::Repartitioned(_)
