@@ -122,6 +122,11 @@ async fn create_list_get_delete_and_their_shapes() {
     let (_, v1) = server.get("/v1/sessions").await;
     assert_eq!(v1[0]["slotName"], slot.as_str());
 
+    let (status, released) = raw_delete(&server, "/v2/sessions/orders/snapshot").await;
+    assert_eq!((status, released), (200, json!({"name": "orders", "released": true, "wasHeld": true})));
+    let (_, one) = server.get("/v2/sessions/orders").await;
+    assert_eq!((&one["snapshot"], &one["snapshotReason"]), (&json!("released"), &json!("released on request")));
+
     let mut ws = connect(&server, "orders").await;
     let (status, refused) = server.post("/v2/sessions", &json!({"name": "orders"}).to_string()).await;
     assert_eq!(status, 409, "{refused}");
