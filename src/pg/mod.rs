@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod frames;
+pub mod keyset;
 pub mod ident;
 pub mod pool;
 pub mod replication;
