@@ -126,7 +126,8 @@ pub async fn open_keyset_page(
     let limit = req.limit.max(1);
     match start_keyset(&conn, snapshot_id, &req.table, after.as_ref(), limit, statement_timeout).await {
         Ok((table, key, rows)) => {
-            let framing = KeysetFraming { limit, oid: table.oid, key_at: key_at(&table, &key), last: vec![], more: false };
+            let framing =
+                KeysetFraming { limit, oid: table.oid, key_at: key_at(&table, &key), last: vec![], more: false };
             first_rows(conn, &table, rows, Framing::Keyset(framing)).await
         }
         Err(e) => Err(abandon(conn, e).await),
@@ -141,6 +142,23 @@ async fn start_keyset(
     limit: u64,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, Key, SimpleQueryStream), SnapshotError> {
+    let (table, key, sql, values) = prepare_keyset(client, snapshot_id, table, after, limit, statement_timeout).await?;
+    let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    declare(client, &table, &sql, &params).await?;
+    let rows = client.simple_query_raw(&format!("FETCH ALL FROM {CURSOR}")).await?;
+    Ok((table, key, rows))
+}
+
+/// Opens the transaction, checks the table and the cursor; answers the page's SELECT
+/// and its parameters.
+async fn prepare_keyset(
+    client: &Client,
+    snapshot_id: &str,
+    table: &TableRef,
+    after: Option<&Cursor>,
+    limit: u64,
+    statement_timeout: Duration,
+) -> Result<(TableInfo, Key, String, Vec<String>), SnapshotError> {
     begin_read(client, snapshot_id, statement_timeout).await?;
     let table = resolve_table(client, table).await?;
     check_unchanged(client, &table).await?;
@@ -149,10 +167,32 @@ async fn start_keyset(
         check_cursor(client, &table, &key, c).await?;
     }
     let (sql, values) = page_sql(&table, &key, after, limit);
-    let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-    declare(client, &table, &sql, &params).await?;
-    let rows = client.simple_query_raw(&format!("FETCH ALL FROM {CURSOR}")).await?;
-    Ok((table, key, rows))
+    Ok((table, key, sql, values))
+}
+
+/// The plan Postgres makes for the page `req` asks for (`EXPLAIN` of its query, with
+/// the same parameters), for an operator wondering why a page is slow, and for tests.
+/// Takes a connection outside any transaction and leaves it so.
+pub async fn explain_keyset_page(
+    client: &Client,
+    snapshot_id: &str,
+    req: &KeysetRequest,
+) -> Result<String, SnapshotError> {
+    let after = req.after.as_deref().map(Cursor::decode).transpose()?;
+    if !is_valid_snapshot_id(snapshot_id) {
+        return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
+    }
+    let plan = async {
+        let (_, _, sql, values) =
+            prepare_keyset(client, snapshot_id, &req.table, after.as_ref(), req.limit.max(1), Duration::ZERO).await?;
+        let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let rows = client.query(&format!("EXPLAIN DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}"), &params).await?;
+        let lines = rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, SnapshotError>(lines.join("\n"))
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await?;
+    plan
 }
 
 /// Starts reading all of `table` as NDJSON: one JSON object per row, each followed by
@@ -237,7 +277,11 @@ async fn find_key(client: &Client, table: &TableInfo) -> Result<Key, SnapshotErr
                     &[&table.columns[index].type_oid],
                 )
                 .await?;
-            let type_name = format!("{}.{}", quote_ident(&row.try_get::<_, String>(0)?), quote_ident(&row.try_get::<_, String>(1)?));
+            let type_name = format!(
+                "{}.{}",
+                quote_ident(&row.try_get::<_, String>(0)?),
+                quote_ident(&row.try_get::<_, String>(1)?)
+            );
             columns.push(KeyColumn { index, name: quote_ident(name), type_name });
         }
         return Ok(Key::Columns(columns));
@@ -270,7 +314,10 @@ async fn position_key(client: &Client, table: &TableInfo) -> Result<Key, Snapsho
         let name = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
         if relkind == "f" {
             // Its rows have no position either, and leaving them out would lose them.
-            return Err(SnapshotError::NoKey { table: format!("{} (through {name})", display(table)), relation: "foreign table" });
+            return Err(SnapshotError::NoKey {
+                table: format!("{} (through {name})", display(table)),
+                relation: "foreign table",
+            });
         }
         relations.push(Relation { oid: row.try_get(0)?, name });
     }
@@ -287,7 +334,8 @@ async fn check_cursor(client: &Client, table: &TableInfo, key: &Key, c: &Cursor)
     let types: Vec<&str> = match key {
         Key::Columns(columns) => columns.iter().map(|k| k.type_name.as_str()).collect(),
         Key::Position(relations) => {
-            let of_table = c.key.first().and_then(|o| o.parse::<u32>().ok()).is_some_and(|o| relations.iter().any(|r| r.oid == o));
+            let of_table =
+                c.key.first().and_then(|o| o.parse::<u32>().ok()).is_some_and(|o| relations.iter().any(|r| r.oid == o));
             if c.key.len() == 2 && !of_table {
                 return Err(bad(format!("its row is not in {}", display(table))));
             }
@@ -297,7 +345,8 @@ async fn check_cursor(client: &Client, table: &TableInfo, key: &Key, c: &Cursor)
     if c.key.len() != types.len() {
         return Err(bad(format!("it has {} key values, {} has {}", c.key.len(), display(table), types.len())));
     }
-    let casts: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::pg_catalog.text::{t}", i + 1)).collect();
+    let casts: Vec<String> =
+        types.iter().enumerate().map(|(i, t)| format!("${}::pg_catalog.text::{t}", i + 1)).collect();
     let params: Vec<&(dyn ToSql + Sync)> = c.key.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
     match client.execute(&format!("SELECT {}", casts.join(", ")), &params).await {
         Ok(_) => Ok(()),

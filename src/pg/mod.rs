@@ -14,8 +14,8 @@
 pub mod config;
 pub mod error;
 pub mod frames;
-pub mod keyset;
 pub mod ident;
+pub mod keyset;
 pub mod pool;
 pub mod replication;
 pub mod snapshot;
