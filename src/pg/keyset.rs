@@ -449,3 +449,130 @@ fn export_sql(table: &TableInfo, key: Option<&Key>) -> String {
     }
     sql
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::pg::snapshot::Column;
+
+    fn table(columns: &[&str], pk: &[&str], relkind: char) -> TableInfo {
+        TableInfo {
+            oid: 42,
+            schema: "public".into(),
+            name: "T t".into(),
+            relkind,
+            columns: columns.iter().map(|c| Column { name: c.to_string(), type_oid: 23 }).collect(),
+            primary_key: pk.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn key_columns(names: &[(&str, usize)]) -> Key {
+        Key::Columns(
+            names
+                .iter()
+                .map(|(n, i)| KeyColumn {
+                    index: *i,
+                    name: quote_ident(n),
+                    type_name: "\"pg_catalog\".\"int4\"".into(),
+                })
+                .collect(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn cursors_round_trip(oid in any::<u32>(), key in proptest::collection::vec(any::<String>(), 0..4)) {
+            let c = Cursor::new(oid, key);
+            let s = c.encode();
+            prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{s}");
+            prop_assert_eq!(Cursor::decode(&s).unwrap(), c);
+        }
+
+        #[test]
+        fn garbage_is_a_bad_cursor(s in any::<String>()) {
+            match Cursor::decode(&s) {
+                Ok(c) => prop_assert_eq!(c.encode(), s),
+                Err(e) => prop_assert!(matches!(e, SnapshotError::BadCursor(_))),
+            }
+        }
+
+        #[test]
+        fn garbage_json_is_a_bad_cursor(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let s = URL_SAFE_NO_PAD.encode(&bytes);
+            if let Err(e) = Cursor::decode(&s) {
+                prop_assert!(matches!(e, SnapshotError::BadCursor(_)));
+            }
+        }
+    }
+
+    #[test]
+    fn cursors_of_another_shape_are_refused() {
+        for json in [r#"{"t":1}"#, r#"{"t":-1,"k":[]}"#, r#"{"t":1,"k":[1]}"#, r#"{"t":1,"k":[],"x":0}"#, "null", ""] {
+            assert!(
+                matches!(Cursor::decode(&URL_SAFE_NO_PAD.encode(json)), Err(SnapshotError::BadCursor(_))),
+                "{json}"
+            );
+        }
+        assert_eq!(Cursor::decode("eyJ0IjoxLCJrIjpbImEiXX0").unwrap(), Cursor::new(1, vec!["a".into()]));
+    }
+
+    #[test]
+    fn primary_key_pages_compare_rows_and_bind_the_cursor() {
+        let t = table(&["a", "B", "v"], &["a", "B"], 'r');
+        let key = key_columns(&[("a", 0), ("B", 1)]);
+        let (sql, params) = page_sql(&t, &key, None, 10);
+        assert_eq!(sql, r#"SELECT "a", "B", "v" FROM "public"."T t" ORDER BY "a", "B" LIMIT 11"#);
+        assert!(params.is_empty());
+        let after = Cursor::new(42, vec!["1'; DROP TABLE x --".into(), "2".into()]);
+        let (sql, params) = page_sql(&t, &key, Some(&after), 10);
+        assert_eq!(
+            sql,
+            r#"SELECT "a", "B", "v" FROM "public"."T t" WHERE ("a", "B") > ($1::pg_catalog.text::"pg_catalog"."int4", $2::pg_catalog.text::"pg_catalog"."int4") ORDER BY "a", "B" LIMIT 11"#
+        );
+        assert_eq!(params, after.key);
+        assert_eq!(key_at(&t, &key), [0, 1]);
+        assert!(page_sql(&t, &key, None, u64::MAX).0.ends_with(&format!("LIMIT {}", u64::MAX)));
+    }
+
+    #[test]
+    fn position_pages_start_at_the_cursors_relation() {
+        let t = table(&["v"], &[], 'p');
+        let key = Key::Position(vec![
+            Relation { oid: 10, name: "\"public\".\"p1\"".into() },
+            Relation { oid: 20, name: "\"public\".\"p2\"".into() },
+            Relation { oid: 30, name: "\"public\".\"p3\"".into() },
+        ]);
+        assert_eq!(key_at(&t, &key), [1, 2]);
+        let (sql, params) = page_sql(&t, &key, None, 4);
+        assert!(params.is_empty());
+        assert_eq!(sql.matches("UNION ALL").count(), 2, "{sql}");
+        assert!(!sql.contains('$'), "{sql}");
+        assert!(sql.starts_with("SELECT * FROM ((SELECT \"v\", tableoid, ctid FROM ONLY \"public\".\"p1\" WHERE ctid > '(0,0)'::pg_catalog.tid AND ctid <= (SELECT pg_catalog.max(ctid) FROM (SELECT ctid FROM ONLY \"public\".\"p1\" WHERE ctid > '(0,0)'::pg_catalog.tid LIMIT 5) p) ORDER BY ctid LIMIT 5)"), "{sql}");
+        assert!(sql.ends_with(") page ORDER BY 2, 3 LIMIT 5"), "{sql}");
+
+        let (sql, params) = page_sql(&t, &key, Some(&Cursor::new(42, vec!["20".into(), "(3,4)".into()])), 4);
+        assert_eq!(params, ["(3,4)"]);
+        assert!(!sql.contains("p1"), "{sql}");
+        assert_eq!(sql.matches("$1::pg_catalog.text::pg_catalog.tid").count(), 2, "{sql}");
+        assert_eq!(sql.matches("FROM ONLY \"public\".\"p3\" WHERE ctid > '(0,0)'").count(), 2, "{sql}");
+
+        // The last relation alone needs no union.
+        let (sql, _) = page_sql(&t, &key, Some(&Cursor::new(42, vec!["30".into(), "(3,4)".into()])), 4);
+        assert!(sql.starts_with("(SELECT \"v\", tableoid, ctid FROM ONLY \"public\".\"p3\" WHERE ctid > $1"), "{sql}");
+        assert!(page_sql(&t, &Key::Position(vec![]), None, 4).0.ends_with("WHERE false"));
+    }
+
+    #[test]
+    fn exports_follow_the_pages_order() {
+        let t = table(&["a", "v"], &["a"], 'r');
+        assert_eq!(
+            export_sql(&t, Some(&key_columns(&[("a", 0)]))),
+            r#"SELECT "a", "v" FROM "public"."T t" ORDER BY "a""#
+        );
+        assert!(export_sql(&t, Some(&Key::Position(vec![]))).ends_with("ORDER BY tableoid, ctid"));
+        assert_eq!(export_sql(&t, None), r#"SELECT "a", "v" FROM "public"."T t""#);
+        assert_eq!(export_sql(&table(&[], &[], 'r'), None), r#"SELECT  FROM "public"."T t""#);
+    }
+}
