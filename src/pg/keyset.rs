@@ -33,7 +33,7 @@ use super::snapshot::{
 };
 
 /// What to read: the page of `table` after the cursor `after` (from the start without
-/// one), at most `limit` rows (0 is read as 1).
+/// one), at most `limit` rows (0 is read as 1; the HTTP layer sets the real bound).
 #[derive(Debug, Clone)]
 pub struct KeysetRequest {
     pub table: TableRef,
@@ -123,7 +123,7 @@ pub async fn open_keyset_page(
         conn.release();
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
-    let limit = req.limit.max(1);
+    let limit = page_limit(req.limit);
     match start_keyset(&conn, snapshot_id, &req.table, after.as_ref(), limit, statement_timeout).await {
         Ok((table, key, rows)) => {
             let framing =
@@ -184,7 +184,8 @@ pub async fn explain_keyset_page(
     }
     let plan = async {
         let (_, _, sql, values) =
-            prepare_keyset(client, snapshot_id, &req.table, after.as_ref(), req.limit.max(1), Duration::ZERO).await?;
+            prepare_keyset(client, snapshot_id, &req.table, after.as_ref(), page_limit(req.limit), Duration::ZERO)
+                .await?;
         let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         let rows = client.query(&format!("EXPLAIN DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}"), &params).await?;
         let lines = rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<Vec<_>, _>>()?;
@@ -350,12 +351,19 @@ async fn check_cursor(client: &Client, table: &TableInfo, key: &Key, c: &Cursor)
     let params: Vec<&(dyn ToSql + Sync)> = c.key.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
     match client.execute(&format!("SELECT {}", casts.join(", ")), &params).await {
         Ok(_) => Ok(()),
-        // Class 22, data exception: a value its type does not take.
-        Err(e) if e.code().is_some_and(|s| s.code().starts_with("22")) => {
+        // Class 22, data exception: a value its type does not take; class 23: one its
+        // domain's constraints refuse.
+        Err(e) if e.code().is_some_and(|s| ["22", "23"].iter().any(|c| s.code().starts_with(c))) => {
             Err(bad(format!("a key value does not fit {}: {}", display(table), describe(&e))))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// At least one row (a page of none would have no row to continue after), and one row
+/// more must still fit Postgres's LIMIT, a bigint.
+fn page_limit(limit: u64) -> u64 {
+    limit.clamp(1, i64::MAX as u64 - 1)
 }
 
 /// Where the page's SELECT puts each key value.
@@ -533,7 +541,8 @@ mod tests {
         );
         assert_eq!(params, after.key);
         assert_eq!(key_at(&t, &key), [0, 1]);
-        assert!(page_sql(&t, &key, None, u64::MAX).0.ends_with(&format!("LIMIT {}", u64::MAX)));
+        assert_eq!((page_limit(0), page_limit(7)), (1, 7));
+        assert!(page_sql(&t, &key, None, page_limit(u64::MAX)).0.ends_with(&format!("LIMIT {}", i64::MAX)));
     }
 
     #[test]
