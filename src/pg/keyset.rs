@@ -251,10 +251,9 @@ async fn declare(
     let sql = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR {select}");
     match client.execute(&sql, params).await {
         Ok(_) => Ok(()),
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => Err(SnapshotError::ColumnsChanged {
-            table: format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name)),
-            message: describe(&e),
-        }),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+            Err(SnapshotError::ColumnsChanged { table: display(table), message: describe(&e) })
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -263,9 +262,16 @@ fn display(table: &TableInfo) -> String {
     format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name))
 }
 
-/// The table's key as the snapshot has it.
+/// The table's key as the snapshot has it. The primary key of a table with inheritance
+/// children only holds in the table itself (children may repeat its values), so such
+/// a tree is read by position.
 async fn find_key(client: &Client, table: &TableInfo) -> Result<Key, SnapshotError> {
-    if !table.primary_key.is_empty() {
+    let inherited = table.relkind == 'r'
+        && client
+            .query_one("SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhparent = $1)", &[&table.oid])
+            .await?
+            .try_get::<_, bool>(0)?;
+    if !table.primary_key.is_empty() && !inherited {
         let mut columns = Vec::with_capacity(table.primary_key.len());
         for name in &table.primary_key {
             let index = table.columns.iter().position(|c| &c.name == name).ok_or_else(|| {
