@@ -13,6 +13,9 @@
 //! `columnvalues` of the same row. They are encoded and sent as they arrive: a page is
 //! never whole in memory, and Postgres only sends as fast as the client reads.
 //!
+//! The same reads serve [`super::keyset`]'s pages and exports, framed differently
+//! (see `Framing`).
+//!
 //! Before reading, the table is locked and checked against the snapshot (see
 //! `check_unchanged`): a table rewritten, renamed or dropped since would otherwise
 //! read as empty, or fail with a confusing error.
