@@ -36,7 +36,8 @@ fn pool_for(db: &common::TestDb, size: usize) -> Pool {
         application_name: "keyset-test".into(),
         connect_timeout: Duration::from_secs(10),
     };
-    Pool::new(config, PoolSettings { size, ..PoolSettings::default() })
+    // Generous: a busy machine must not make a test fail for want of a connection.
+    Pool::new(config, PoolSettings { size, acquire_timeout: Duration::from_secs(60), ..PoolSettings::default() })
 }
 
 /// Runs `setup`, then takes the snapshot.
