@@ -162,6 +162,7 @@ pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name
         SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
         SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
         SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
+        SnapshotError::BadCursor(_) | SnapshotError::NoKey { .. } => Error::bad_request(e.to_string()),
         SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; {again}")),
         SnapshotError::Renamed { .. }
         | SnapshotError::Rewritten { .. }
