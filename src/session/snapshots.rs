@@ -12,6 +12,8 @@ use tokio_postgres::error::SqlState;
 use super::Registry;
 use super::definition::DEFAULT_NAME;
 use crate::error::{Error, ErrorKind};
+use crate::pg::ident::TableRef;
+use crate::pg::keyset::{self, KeysetRequest};
 use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 
 /// Why a session this process did not create has no snapshot here.
@@ -103,6 +105,25 @@ impl Registry {
         let conn = self.pool.get().await?;
         let timeout = self.pool.settings().statement_timeout;
         snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+    }
+
+    /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
+    /// snapshot, `{"rows":[...],"next":...}`, streamed as `snapshot_page` is.
+    pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
+        self.known(name).await?;
+        let id = self.snapshot_id(name)?;
+        let conn = self.pool.get().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_keyset_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+
+    /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
+    pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
+        self.known(name).await?;
+        let id = self.snapshot_id(name)?;
+        let conn = self.pool.get().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_export(conn, &id, table, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
     }
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
