@@ -5,7 +5,9 @@ mod common;
 mod support;
 
 use std::process::{Command, Stdio};
+
 use std::time::Duration;
+use support::server_command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgdeltastream");
 
@@ -38,20 +40,7 @@ impl Drop for Child {
 async fn serves_with_no_arguments_configured_by_the_environment() {
     let db = common::fresh_db().await;
     let port = free_port();
-    let child = Child(
-        Command::new(BIN)
-            .env_clear()
-            .env("DBNAME", &db.dbname)
-            .env("PGUSER", &db.user)
-            .env("PGHOST", &db.host)
-            .env("PGPORT", db.port.to_string())
-            .env("SERVERHOST", "127.0.0.1")
-            .env("SERVERPORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = Child(server_command(&db, port).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {

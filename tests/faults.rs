@@ -13,7 +13,7 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,8 +22,6 @@ use serde_json::Value;
 use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgdeltastream");
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -43,15 +41,8 @@ impl ServerProcess {
     /// Starts the binary and waits (bounded) until it listens. Status updates go out every
     /// second, so the walsender timeout of the slow-client test is never approached.
     async fn start(db: &common::TestDb, port: u16) -> ServerProcess {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("DBNAME", &db.dbname)
-            .env("PGUSER", &db.user)
-            .env("PGHOST", &db.host)
-            .env("PGPORT", db.port.to_string())
-            .env("SERVERHOST", "127.0.0.1")
-            .env("SERVERPORT", port.to_string())
-            .env("PGDELTASTREAM_STATUS_INTERVAL", "1")
+        let mut cmd = server_command(db, port);
+        cmd.env("PGDELTASTREAM_STATUS_INTERVAL", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -236,25 +236,15 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn the_binary_with_few_open_files_outlives_a_flood_of_idle_connections() {
     use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
     pgdeltastream::server::limits::raise_open_files_limit();
     let db = common::fresh_db().await;
     let port = free_port();
     let log_path = std::env::temp_dir().join(format!("pgdeltastream-flood-{}-{port}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pgdeltastream"));
-    command
-        .env_clear()
-        .env("DBNAME", &db.dbname)
-        .env("PGUSER", &db.user)
-        .env("PGHOST", &db.host)
-        .env("PGPORT", db.port.to_string())
-        .env("SERVERHOST", "127.0.0.1")
-        .env("SERVERPORT", port.to_string())
-        .env("PGDELTASTREAM_HEADER_TIMEOUT", "2")
-        .stdout(Stdio::null())
-        .stderr(log);
+    let mut command = server_command(&db, port);
+    command.env("PGDELTASTREAM_HEADER_TIMEOUT", "2").stdout(Stdio::null()).stderr(log);
     // SAFETY: only setrlimit between fork and exec.
     unsafe {
         command.pre_exec(|| {

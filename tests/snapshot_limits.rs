@@ -349,8 +349,6 @@ async fn a_client_that_leaves_mid_body_cancels_its_query() {
     server.stop().await;
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgdeltastream");
-
 /// The real binary, so that its memory is its own. Killed when dropped.
 struct ServerProcess {
     child: std::process::Child,
@@ -360,15 +358,8 @@ struct ServerProcess {
 impl ServerProcess {
     async fn start(db: &common::TestDb, env: &[(&str, &str)]) -> ServerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.env_clear()
-            .env("DBNAME", &db.dbname)
-            .env("PGUSER", &db.user)
-            .env("PGHOST", &db.host)
-            .env("PGPORT", db.port.to_string())
-            .env("SERVERHOST", "127.0.0.1")
-            .env("SERVERPORT", port.to_string())
-            .envs(env.iter().copied())
+        let mut cmd = server_command(db, port);
+        cmd.envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

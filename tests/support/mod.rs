@@ -314,3 +314,17 @@ pub fn row_numbers(frame: &Value) -> Vec<i64> {
         .map(|c| c["columnvalues"][0].as_i64().unwrap_or_else(|| panic!("no row number in {c}")))
         .collect()
 }
+
+/// The server binary, set up to serve `db` on 127.0.0.1:`port`, with nothing else from
+/// the environment: the tests that need a real process (signals, memory, file limits).
+pub fn server_command(db: &TestDb, port: u16) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgdeltastream"));
+    cmd.env_clear()
+        .env("DBNAME", &db.dbname)
+        .env("PGUSER", &db.user)
+        .env("PGHOST", &db.host)
+        .env("PGPORT", db.port.to_string())
+        .env("SERVERHOST", "127.0.0.1")
+        .env("SERVERPORT", port.to_string());
+    cmd
+}
