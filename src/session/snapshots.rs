@@ -14,6 +14,7 @@ use super::definition::DEFAULT_NAME;
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::{self, KeysetRequest};
+use crate::pg::pool::PooledClient;
 use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 
 /// Why a session this process did not create has no snapshot here.
@@ -110,20 +111,22 @@ impl Registry {
     /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
     /// snapshot, `{"rows":[...],"next":...}`, streamed as `snapshot_page` is.
     pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
-        self.known(name).await?;
-        let id = self.snapshot_id(name)?;
-        let conn = self.pool.get().await?;
-        let timeout = self.pool.settings().statement_timeout;
+        let (id, conn, timeout) = self.open_read(name).await?;
         keyset::open_keyset_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
     }
 
     /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
     pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
+        let (id, conn, timeout) = self.open_read(name).await?;
+        keyset::open_export(conn, &id, table, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+
+    /// What a read of session `name`'s snapshot needs: the snapshot id, a connection,
+    /// and the statement timeout.
+    async fn open_read(&self, name: &str) -> Result<(String, PooledClient, Duration), Error> {
         self.known(name).await?;
         let id = self.snapshot_id(name)?;
-        let conn = self.pool.get().await?;
-        let timeout = self.pool.settings().statement_timeout;
-        keyset::open_export(conn, &id, table, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+        Ok((id, self.pool.get().await?, self.pool.settings().statement_timeout))
     }
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
