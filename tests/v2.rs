@@ -214,6 +214,40 @@ async fn each_session_gets_exactly_its_tables_and_actions() {
     server.stop().await;
 }
 
+/// A v2 session is not sent the transactions its filter empties (every other
+/// transaction of the database), in either format; the first message is its change.
+#[tokio::test]
+async fn transactions_with_nothing_for_the_session_are_not_sent() {
+    let (_db, pg, server) = setup().await;
+    create(&server, json!({"name": "narrow", "tables": ["orders"]})).await;
+    let mut ws = connect(&server, "narrow").await;
+    for _ in 0..3 {
+        pg.execute("INSERT INTO other DEFAULT VALUES", &[]).await.unwrap();
+    }
+    pg.execute("CREATE TABLE ddl_only (x int)", &[]).await.unwrap();
+    pg.execute("INSERT INTO orders (item) VALUES ('wanted')", &[]).await.unwrap();
+    let first = next_json(&mut ws).await;
+    assert_eq!(first["change"][0]["columnvalues"][1], "wanted", "{first}");
+    ack(&mut ws, first["nextlsn"].as_str().unwrap()).await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+
+    let (mut ws, _) = loop {
+        match tokio_tungstenite::connect_async(stream_url(&server, "narrow", "?format=changes")).await {
+            Ok(ok) => break ok,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    pg.execute("INSERT INTO other DEFAULT VALUES", &[]).await.unwrap();
+    pg.execute("INSERT INTO orders (item) VALUES ('again')", &[]).await.unwrap();
+    let mut actions = Vec::new();
+    while actions.last().is_none_or(|a| a != "C") {
+        actions.push(next_json(&mut ws).await["action"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(actions, ["B", "I", "C"]);
+    server.stop().await;
+}
+
 /// A session whose tables see no change for a long time still moves its slot: the
 /// WAL of other tables is not retained for it.
 #[tokio::test]

@@ -30,6 +30,9 @@ pub struct OpenStream {
     progress: Arc<Progress>,
     format: Format,
     plugin: Plugin,
+    /// v2 sessions are not sent transactions with no change for them; v1 ones are, as
+    /// the original sent them.
+    skip_empty: bool,
     settings: SessionSettings,
 }
 
@@ -65,14 +68,14 @@ impl Registry {
                 None => self.adopt(unstored(slot, info.plugin), false),
             },
         };
-        self.start(&name, format).await
+        self.start(&name, format, false).await
     }
 
     /// `/v2/sessions/{name}/stream`.
     pub async fn open_session_stream(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         self.known(name).await?;
-        self.start(name, format).await
+        self.start(name, format, true).await
     }
 
     /// Registers a session this process did not create (from the store, or a slot of
@@ -87,7 +90,7 @@ impl Registry {
         })
     }
 
-    async fn start(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
+    async fn start(self: &Arc<Self>, name: &str, format: Format, skip_empty: bool) -> Result<OpenStream, Error> {
         let (def, progress, stop) = self.claim(name)?;
         let claim = Claim { registry: Arc::clone(self), name: name.to_owned(), stop: stop.clone() };
         let slot = def.slot_name.as_str();
@@ -120,6 +123,7 @@ impl Registry {
             progress,
             format,
             plugin: info.plugin,
+            skip_empty,
             settings: self.settings.clone(),
         })
     }
@@ -185,7 +189,7 @@ fn unstored(slot: &str, plugin: Plugin) -> Definition {
 impl OpenStream {
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, claim, progress, format, plugin, settings } = self;
+        let OpenStream { slot, start, stream, claim, progress, format, plugin, skip_empty, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let stop = claim.stop.clone();
@@ -200,6 +204,7 @@ impl OpenStream {
             format,
             plugin,
             frame_bytes: settings.frame_bytes,
+            skip_empty,
         };
         let link = Link { slot, start, frames: frames_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a

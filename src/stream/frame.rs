@@ -42,6 +42,8 @@ pub enum FrameKind {
     Unackable,
     /// A part of a transaction that is not its end: nothing to ack yet.
     Inside,
+    /// The begin record of a transaction (format 2): like [`FrameKind::Inside`].
+    Begin,
 }
 
 impl FrameKind {
@@ -143,7 +145,7 @@ impl Assembler {
                 self.changes = 0;
                 // B carries the transaction's end LSN too, but acking it before the
                 // changes arrive would skip them: only C's counts.
-                whole(data, None, FrameKind::Inside)
+                whole(data, None, FrameKind::Begin)
             }
             Some(b'C') => {
                 self.in_transaction = false;
@@ -233,6 +235,33 @@ impl Framer {
         let fragment = if self.started { Fragment::Middle } else { Fragment::First };
         self.started = true;
         out.push(OutFrame { payload, fragment, nextlsn: None, kind: FrameKind::Inside });
+    }
+}
+
+/// Leaves out transactions with no change for the client. A session's filter makes
+/// every other transaction of the database one (wal2json still prints its begin and
+/// commit), and a client that asked for one table should not be sent all of them. The
+/// slot moves past them all the same: the pump has read them.
+#[derive(Debug, Default)]
+pub struct SkipEmpty {
+    /// A begin record (format 2), held until it is known whether a change follows.
+    begin: Option<OutFrame>,
+}
+
+impl SkipEmpty {
+    pub fn filter(&mut self, frames: Vec<OutFrame>) -> Vec<OutFrame> {
+        let mut out = Vec::with_capacity(frames.len());
+        for frame in frames {
+            match (frame.kind, frame.fragment) {
+                (FrameKind::Begin, _) => out.extend(self.begin.replace(frame)),
+                (FrameKind::Empty, Fragment::Whole) => self.begin = None,
+                _ => {
+                    out.extend(self.begin.take());
+                    out.push(frame);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -371,7 +400,7 @@ mod tests {
     fn classifies_v2_records() {
         let mut a = Assembler::new(Format::Changes);
         let records = [
-            (r#"{"action":"B","lsn":"0/1","nextlsn":"0/9"}"#, None, FrameKind::Inside),
+            (r#"{"action":"B","lsn":"0/1","nextlsn":"0/9"}"#, None, FrameKind::Begin),
             (r#"{"action":"I","lsn":"0/2","schema":"public","table":"t","columns":[]}"#, None, FrameKind::Inside),
             (r#"{"action":"C","lsn":"0/8","nextlsn":"0/9"}"#, Some(Lsn(9)), FrameKind::Data),
             (
@@ -379,7 +408,7 @@ mod tests {
                 None,
                 FrameKind::Unackable,
             ),
-            (r#"{"action":"B","lsn":"0/B","nextlsn":"0/C"}"#, None, FrameKind::Inside),
+            (r#"{"action":"B","lsn":"0/B","nextlsn":"0/C"}"#, None, FrameKind::Begin),
             (r#"{"action":"C","lsn":"0/B","nextlsn":"0/C"}"#, Some(Lsn(12)), FrameKind::Empty),
         ];
         for (raw, nextlsn, kind) in records {
@@ -441,6 +470,36 @@ mod tests {
         let sizes: Vec<_> = out.iter().map(|f| (f.fragment, f.payload.len())).collect();
         assert_eq!(sizes, [(Fragment::First, 16), (Fragment::Middle, 16), (Fragment::Last, 8)]);
         assert_eq!(out[0].payload.as_ptr(), at, "the first frame is a slice of the piece");
+    }
+
+    #[test]
+    fn empty_transactions_are_left_out_in_both_formats() {
+        let mut a = Assembler::new(Format::Changes);
+        let mut skip = SkipEmpty::default();
+        let records = [
+            r#"{"action":"B","lsn":"0/1","nextlsn":"0/2"}"#,
+            r#"{"action":"C","lsn":"0/1","nextlsn":"0/2"}"#,
+            r#"{"action":"B","lsn":"0/3","nextlsn":"0/4"}"#,
+            r#"{"action":"I","lsn":"0/3","schema":"public","table":"t","columns":[]}"#,
+            r#"{"action":"C","lsn":"0/3","nextlsn":"0/4"}"#,
+        ];
+        let mut kept = Vec::new();
+        for r in records {
+            // One record at a time: a held begin waits across batches.
+            kept.extend(skip.filter(vec![a.push(b(r)).unwrap()]));
+        }
+        let kept: Vec<_> = kept.iter().map(|f| String::from_utf8(f.payload.to_vec()).unwrap()).collect();
+        assert_eq!(kept, &records[2..]);
+
+        let mut a = Assembler::new(Format::Transactions);
+        let mut framer = Framer::new(1024);
+        let mut frames = Vec::new();
+        for p in [r#"{"nextlsn":"0/2","change":["#, "]}", r#"{"nextlsn":"0/4","change":["#, "{}", "]}"] {
+            framer.push(a.push(b(p)).unwrap(), &mut frames);
+        }
+        let kept = SkipEmpty::default().filter(frames);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(&kept[0].payload[..], br#"{"nextlsn":"0/4","change":[{}]}"#);
     }
 
     proptest! {

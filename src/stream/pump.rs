@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame};
+use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame, SkipEmpty};
 use super::plugin::Plugin;
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
@@ -72,9 +72,9 @@ impl Positions {
 
     /// Notes a frame read from the stream.
     pub fn on_frame(&mut self, frame: &OutFrame) {
-        self.in_transaction = frame.kind == FrameKind::Inside;
+        self.in_transaction = matches!(frame.kind, FrameKind::Inside | FrameKind::Begin);
         match (frame.kind, frame.nextlsn) {
-            (FrameKind::Inside, _) => {}
+            (FrameKind::Inside | FrameKind::Begin, _) => {}
             (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
             (kind, Some(lsn)) => {
                 self.read = self.read.max(lsn);
@@ -109,6 +109,8 @@ pub struct Pump {
     pub plugin: Plugin,
     /// The size of the websocket frames a message is cut into.
     pub frame_bytes: usize,
+    /// Leave out transactions with no change for the client (v2 sessions).
+    pub skip_empty: bool,
 }
 
 /// Turns what the replication stream brings into frames, and tracks positions.
@@ -116,6 +118,7 @@ struct Decoder {
     slot: String,
     assembler: Assembler,
     framer: Framer,
+    skip_empty: Option<SkipEmpty>,
     pos: Positions,
     /// Postgres asked for a status update.
     reply_requested: bool,
@@ -153,7 +156,10 @@ impl Decoder {
                 next = Some(event);
             }
         }
-        Ok(batch)
+        Ok(match &mut self.skip_empty {
+            Some(skip) => skip.filter(batch),
+            None => batch,
+        })
     }
 }
 
@@ -192,11 +198,24 @@ impl Pump {
     /// Runs until the client goes, the stream is stopped, or Postgres ends it. Always
     /// leaves the slot free: a final status update, CopyDone, then the connection closes.
     pub async fn run(self) {
-        let Pump { slot, mut stream, start, out, mut acks, stop, status_interval, format, plugin, frame_bytes } = self;
+        let Pump {
+            slot,
+            mut stream,
+            start,
+            out,
+            mut acks,
+            stop,
+            status_interval,
+            format,
+            plugin,
+            frame_bytes,
+            skip_empty,
+        } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
             assembler: plugin.assembler(format),
             framer: Framer::new(frame_bytes),
+            skip_empty: skip_empty.then(SkipEmpty::default),
             pos: Positions::new(start),
             reply_requested: false,
         };
