@@ -40,6 +40,13 @@ pgdeltastream on localhost:$SERVERPORT (Ctrl-C stops it and the dev Postgres). T
   # 4. make a change and watch it arrive on the websocket
   psql -h 127.0.0.1 -p $PORT -U postgres -c "INSERT INTO test_table (name) VALUES ('newval1')"
 
+  # v2: a named session of its own tables and actions, its snapshot a page at a time,
+  # and its stream
+  curl -X POST localhost:$SERVERPORT/v2/sessions -H 'content-type: application/json' \
+    -d '{"name": "inserts", "tables": ["test_table"], "actions": ["insert"]}'
+  curl 'localhost:$SERVERPORT/v2/sessions/inserts/snapshot/test_table?limit=2'
+  websocat 'ws://localhost:$SERVERPORT/v2/sessions/inserts/stream'
+
 EOF
 
 # Foreground, so Ctrl-C reaches the server directly; the EXIT trap then stops Postgres.

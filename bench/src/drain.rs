@@ -20,8 +20,8 @@ use crate::cpu::{CpuUse, Snapshot};
 pub const CHANGE_MARK: &[u8] = b"\"kind\":\"";
 const NEXTLSN_MARK: &[u8] = b"\"nextlsn\":\"";
 
-/// The wal2json options the server streams with (`Format::plugin_options` of
-/// src/stream/frame.rs), given to pg_recvlogical too.
+/// The wal2json options the server streams with (`Plugin::start_options` of
+/// src/stream/plugin.rs), given to pg_recvlogical too.
 pub const PLUGIN_OPTIONS: &[&str] = &["include-lsn=on", "pretty-print=off", "write-in-chunks=on"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -54,6 +54,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions", post(v2::create).get(v2::list))
         .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
         .route("/v2/sessions/{name}/stream", get(v2::stream))
+        .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
+        .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

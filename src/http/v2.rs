@@ -7,19 +7,26 @@
 //! | `GET /v2/sessions/{name}` | [`get_one`] |
 //! | `DELETE /v2/sessions/{name}` | [`delete_one`]: ends its stream, drops its slot |
 //! | `GET /v2/sessions/{name}/stream` | [`stream`]: the websocket, only its changes |
+//! | `GET /v2/sessions/{name}/snapshot/{table}` | [`snapshot`]: keyset pages, or NDJSON |
+//! | `DELETE /v2/sessions/{name}/snapshot` | [`release_snapshot`]: let go of its snapshot |
 
 use axum::Json;
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::stream::{parse_format, serve};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
+use crate::pg::ident::TableRef;
+use crate::pg::keyset::KeysetRequest;
 use crate::session::CreateRequest;
 use crate::session::definition::Action;
 use crate::session::retention::SnapshotStatus;
@@ -74,6 +81,63 @@ pub async fn delete_one(
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.delete(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "dropped": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<u64>,
+    after: Option<String>,
+}
+
+/// `GET /v2/sessions/{name}/snapshot/{table}?limit=N&after=CURSOR`: a keyset page, or
+/// with `Accept: application/x-ndjson` the whole table, a row per line.
+pub async fn snapshot(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path((name, table)) = path.map_err(|e| Error::bad_request(e.body_text()))?;
+    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let table = TableRef::parse(&table)
+        .map_err(|e| Error::bad_request(format!("invalid table {table:?}: it {e}; expected name or schema.name")))?;
+    let ndjson = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)));
+    let (rows, content_type) = if ndjson {
+        if q.limit.is_some() || q.after.is_some() {
+            return Err(Error::bad_request("the NDJSON export is the whole table: leave out limit and after").into());
+        }
+        (state.registry.export(&name, &table).await?, NDJSON)
+    } else {
+        let limit = q.limit.unwrap_or(DEFAULT_PAGE).min(state.max_limit);
+        if q.limit.is_some_and(|l| l == 0 || l > state.max_limit) {
+            return Err(Error::bad_request(format!("limit must be 1 to {}", state.max_limit)).into());
+        }
+        let req = KeysetRequest { table, after: q.after, limit };
+        (state.registry.keyset_page(&name, &req).await?, "application/json")
+    };
+    // The status goes with the first chunk; a later error can only cut the body short,
+    // which the client sees as a broken response rather than a whole page.
+    let rows = rows.inspect_err(|e| tracing::warn!(error = %e, "snapshot read failed after it started"));
+    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
+}
+
+const NDJSON: &str = "application/x-ndjson";
+/// Rows per page when `limit` is left out.
+const DEFAULT_PAGE: u64 = 1000;
+
+/// `DELETE /v2/sessions/{name}/snapshot`.
+pub async fn release_snapshot(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    let was_held = state.registry.release_named_snapshot(&name).await?;
+    Ok(Json(serde_json::json!({ "name": name, "released": true, "wasHeld": was_held })))
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,8 @@
 //! - [`ident`]: SQL identifiers as users type them, parsed, checked and quoted.
 //! - [`snapshot`]: reading table pages from an exported snapshot, encoded exactly as
 //!   wal2json encodes the same values in the stream.
+//! - [`keyset`]: keyset pages (by primary key, else row position) and the NDJSON
+//!   export of a table, from the same snapshot reads.
 //! - [`pool`]: a bounded pool of ordinary (tokio-postgres) connections.
 //!
 //! Nothing in here knows about HTTP or sessions.
@@ -15,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod frames;
 pub mod ident;
+pub mod keyset;
 pub mod pool;
 pub mod replication;
 pub mod snapshot;

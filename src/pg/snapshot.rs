@@ -13,6 +13,9 @@
 //! `columnvalues` of the same row. They are encoded and sent as they arrive: a page is
 //! never whole in memory, and Postgres only sends as fast as the client reads.
 //!
+//! The same reads serve [`super::keyset`]'s pages and exports, framed differently
+//! (see `Framing`).
+//!
 //! Before reading, the table is locked and checked against the snapshot (see
 //! `check_unchanged`): a table rewritten, renamed or dropped since would otherwise
 //! read as empty, or fail with a confusing error.
@@ -92,6 +95,16 @@ pub enum SnapshotError {
     Repartitioned(String),
     #[error("the columns of table {table} changed after the snapshot ({message})")]
     ColumnsChanged { table: String, message: String },
+    /// A keyset cursor that is not one of ours, or not for this table as the snapshot
+    /// has it (see [`super::keyset`]).
+    #[error("bad cursor: {0}; pass back the \"next\" value of the previous page unchanged")]
+    BadCursor(String),
+    /// Keyset paging needs a key or a row position, which views and foreign tables lack.
+    #[error(
+        "{relation} {table} has neither a primary key nor a row position to page by; \
+         read it whole with the NDJSON export instead"
+    )]
+    NoKey { table: String, relation: &'static str },
     #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
@@ -140,7 +153,7 @@ pub async fn open_page(
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
     match start_page(&conn, snapshot_id, req, statement_timeout).await {
-        Ok((table, rows)) => first_rows(conn, table, rows).await,
+        Ok((table, rows)) => first_rows(conn, &table, rows, Framing::Array).await,
         Err(e) => Err(abandon(conn, e).await),
     }
 }
@@ -152,9 +165,24 @@ async fn start_page(
     req: &PageRequest,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, SimpleQueryStream), SnapshotError> {
-    // The snapshot id cannot be a bind parameter; it is checked above and quoted. The
-    // timeout covers every statement from here on, sending the rows included, so a
-    // client that stops reading cannot hold a connection for longer either.
+    begin_read(client, snapshot_id, statement_timeout).await?;
+    let table = resolve_table(client, &req.table).await?;
+    check_unchanged(client, &table).await?;
+    let sql = select_sql(&table, req)?;
+    let rows = client.simple_query_raw(&sql).await?;
+    Ok((table, rows))
+}
+
+/// Opens the read's transaction on the snapshot, `snapshot_id` checked by the caller.
+pub(super) async fn begin_read(
+    client: &Client,
+    snapshot_id: &str,
+    statement_timeout: Duration,
+) -> Result<(), SnapshotError> {
+    // The snapshot id cannot be a bind parameter; it is checked by the caller and
+    // quoted. The timeout covers every statement from here on, sending the rows
+    // included, so a client that stops reading cannot hold a connection for longer
+    // either.
     let begin = format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
          SET LOCAL statement_timeout = {}",
@@ -168,19 +196,73 @@ async fn start_page(
             _ => SnapshotError::Db(e),
         });
     }
-    let table = resolve_table(client, &req.table).await?;
-    check_unchanged(client, &table).await?;
-    let sql = select_sql(&table, req)?;
-    let rows = client.simple_query_raw(&sql).await?;
-    Ok((table, rows))
+    Ok(())
+}
+
+/// How a body frames its rows.
+pub(super) enum Framing {
+    /// `[row,row]`: a v1 page.
+    Array,
+    /// `{"rows":[row,row],"next":cursor}`: the query returns one row more than `limit`
+    /// when there is a next page, which is not sent but tells that there is one.
+    Keyset(KeysetFraming),
+    /// `row\n` for each row: an export.
+    Ndjson,
+}
+
+pub(super) struct KeysetFraming {
+    pub limit: u64,
+    pub oid: u32,
+    /// Where the key values are in each row (the key's columns, or the trailing
+    /// `tableoid`, `ctid` the query adds).
+    pub key_at: Vec<usize>,
+    /// The key of the last row sent.
+    pub last: Vec<String>,
+    pub more: bool,
+}
+
+impl Framing {
+    fn opening(&self) -> &'static str {
+        match self {
+            Framing::Array => "[",
+            Framing::Keyset(_) => "{\"rows\":[",
+            Framing::Ndjson => "",
+        }
+    }
+
+    fn closing(&self, out: &mut String) {
+        match self {
+            Framing::Array => out.push(']'),
+            Framing::Keyset(k) => {
+                out.push_str("],\"next\":");
+                match k.more {
+                    true => write_json_string(out, &super::keyset::Cursor::new(k.oid, k.last.clone()).encode()),
+                    false => out.push_str("null"),
+                }
+                out.push('}');
+            }
+            Framing::Ndjson => {}
+        }
+    }
 }
 
 /// Waits for the first row (or the end) before the body starts: an error before it,
 /// even one Postgres reports after describing the columns, is still an HTTP error.
-async fn first_rows(conn: PooledClient, table: TableInfo, rows: SimpleQueryStream) -> Result<PageBody, SnapshotError> {
+pub(super) async fn first_rows(
+    conn: PooledClient,
+    table: &TableInfo,
+    rows: SimpleQueryStream,
+    framing: Framing,
+) -> Result<PageBody, SnapshotError> {
     let name = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name));
-    let mut page =
-        Page { conn: Some(conn), rows: Box::pin(rows), columns: table.columns, buf: String::from("["), rows_out: 0 };
+    let mut page = Page {
+        conn: Some(conn),
+        rows: Box::pin(rows),
+        columns: table.columns.clone(),
+        buf: String::from(framing.opening()),
+        framing,
+        rows_out: 0,
+    };
     loop {
         match page.rows.next().await {
             Some(Ok(SimpleQueryMessage::Row(row))) => {
@@ -224,12 +306,23 @@ struct Page {
     rows: Pin<Box<SimpleQueryStream>>,
     columns: Vec<Column>,
     buf: String,
+    framing: Framing,
     rows_out: u64,
 }
 
 impl Page {
     fn push(&mut self, row: &SimpleQueryRow) {
-        if self.rows_out > 0 {
+        if let Framing::Keyset(k) = &mut self.framing {
+            if self.rows_out >= k.limit {
+                k.more = true;
+                return;
+            }
+            if self.rows_out + 1 == k.limit {
+                // Key columns are NOT NULL, tableoid and ctid never are.
+                k.last = k.key_at.iter().map(|&i| row.get(i).unwrap_or_default().to_owned()).collect();
+            }
+        }
+        if self.rows_out > 0 && !matches!(self.framing, Framing::Ndjson) {
             self.buf.push(',');
         }
         self.rows_out += 1;
@@ -243,6 +336,9 @@ impl Page {
             write_value(&mut self.buf, col.type_oid, row.get(i));
         }
         self.buf.push('}');
+        if matches!(self.framing, Framing::Ndjson) {
+            self.buf.push('\n');
+        }
     }
 
     /// The rows that have arrived, at least one unless the page is over; None after the
@@ -291,7 +387,7 @@ impl Page {
         if let Some(conn) = self.conn.take() {
             rollback(conn).await?;
         }
-        self.buf.push(']');
+        self.framing.closing(&mut self.buf);
         Ok(Bytes::from(std::mem::take(&mut self.buf).into_bytes()))
     }
 }
@@ -320,7 +416,7 @@ async fn end(conn: PooledClient) {
 
 /// Ends the transaction after `e`; for a table that is gone from its name, finds out
 /// (now that the snapshot no longer applies) whether it was renamed or dropped.
-async fn abandon(conn: PooledClient, e: SnapshotError) -> SnapshotError {
+pub(super) async fn abandon(conn: PooledClient, e: SnapshotError) -> SnapshotError {
     let SnapshotError::Moved { oid, table } = e else {
         end(conn).await;
         return e;
@@ -355,7 +451,7 @@ async fn abandon(conn: PooledClient, e: SnapshotError) -> SnapshotError {
 /// it is now. The lock is taken first (the SELECT would take it anyway): once it is
 /// held, nothing can rewrite, rename or drop the table until the page has been read, so
 /// what is checked here is what the SELECT reads.
-async fn check_unchanged(client: &Client, table: &TableInfo) -> Result<(), SnapshotError> {
+pub(super) async fn check_unchanged(client: &Client, table: &TableInfo) -> Result<(), SnapshotError> {
     let name = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name));
     // LOCK refuses materialized views and foreign tables; EXPLAIN takes the same lock
     // without running anything.

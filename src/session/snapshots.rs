@@ -12,6 +12,8 @@ use tokio_postgres::error::SqlState;
 use super::Registry;
 use super::definition::DEFAULT_NAME;
 use crate::error::{Error, ErrorKind};
+use crate::pg::ident::TableRef;
+use crate::pg::keyset::{self, KeysetRequest};
 use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
 
 /// Why a session this process did not create has no snapshot here.
@@ -102,7 +104,33 @@ impl Registry {
         let id = self.snapshot_id(DEFAULT_NAME)?;
         let conn = self.pool.get().await?;
         let timeout = self.pool.settings().statement_timeout;
-        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout))
+        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+    }
+
+    /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
+    /// snapshot, `{"rows":[...],"next":...}`, streamed as `snapshot_page` is.
+    pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
+        self.known(name).await?;
+        let id = self.snapshot_id(name)?;
+        let conn = self.pool.get().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_keyset_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+
+    /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
+    pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
+        self.known(name).await?;
+        let id = self.snapshot_id(name)?;
+        let conn = self.pool.get().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_export(conn, &id, table, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+
+    /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
+    /// back vacuum while held). True when it was held.
+    pub async fn release_named_snapshot(&self, name: &str) -> Result<bool, Error> {
+        self.known(name).await?;
+        Ok(self.with(|s| s.sessions.get_mut(name).is_some_and(|e| e.snapshot.release(name, "released on request"))))
     }
 
     /// Releases a session's snapshot: by slot name, or the default session's.
@@ -144,14 +172,19 @@ impl Registry {
     }
 }
 
-/// What a failed snapshot read tells the client.
-pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration) -> Error {
-    let again = "call /v1/init for a new snapshot";
+/// What a failed snapshot read of session `name` tells the client.
+pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> Error {
+    let again = if name == DEFAULT_NAME {
+        "call /v1/init for a new snapshot"
+    } else {
+        "create a new session for a new snapshot"
+    };
     match e {
         SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
         SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
         SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
-        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; call /v1/init for a new session")),
+        SnapshotError::BadCursor(_) | SnapshotError::NoKey { .. } => Error::bad_request(e.to_string()),
+        SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; {again}")),
         SnapshotError::Renamed { .. }
         | SnapshotError::Rewritten { .. }
         | SnapshotError::Repartitioned(_)
