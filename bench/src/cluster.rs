@@ -21,9 +21,11 @@ const TMP_PREFIX: &str = "pgdeltastream-bench-";
 pub const SETTINGS: &[&str] = &[
     "listen_addresses=127.0.0.1",
     "wal_level=logical",
-    "max_replication_slots=32",
-    "max_wal_senders=32",
-    "max_connections=100",
+    // sessions_50: 51 slots, 50 walsenders at once, and per session a connection that
+    // holds its snapshot, next to the server's pool.
+    "max_replication_slots=64",
+    "max_wal_senders=64",
+    "max_connections=200",
     "shared_buffers=256MB",
     // Throwaway cluster: no durability, no checkpoints or autovacuum in the middle of a
     // measurement (the bench checkpoints between workloads itself).

@@ -119,52 +119,111 @@ pub fn ws_config() -> WebSocketConfig {
 /// The clock runs from the websocket request to the last message.
 pub async fn through_server(port: u16, pid: u32, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
     let url = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}");
-    let finder = memmem::Finder::new(CHANGE_MARK);
     let cpu0 = Snapshot::take(Some(pid));
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + limit;
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
+    let (got, open) = receive(&url, slot, Until::Lsn(end), deadline).await?;
+    let secs = got.finished.duration_since(t0).as_secs_f64();
+    let (client_secs, tool_secs) = Snapshot::take(Some(pid)).since(&cpu0);
+    open.close().await;
+    let cpu = Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs });
+    let Received { changes, transactions, bytes, .. } = got;
+    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
+}
+
+/// When a websocket drain stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// At the first message whose nextlsn reaches this LSN; later messages are not counted.
+    Lsn(u64),
+    /// Once this many changes arrived (a session filtered to the workload's table never
+    /// sees the marker past the workload, so its drain stops on the count); only
+    /// transactions with changes are counted.
+    Changes(u64),
+}
+
+/// What a websocket client received before it stopped.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub changes: u64,
+    pub transactions: u64,
+    /// Message bytes (wal2json output) of the counted messages.
+    pub bytes: u64,
+    /// When the last counted message arrived.
+    pub finished: Instant,
+}
+
+/// A drained websocket, still open (its slot still streaming) until [`Open::close`].
+pub struct Open {
+    stream: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    >,
+    ack_tx: mpsc::UnboundedSender<u64>,
+    acker: tokio::task::JoinHandle<std::result::Result<(), tokio_tungstenite::tungstenite::Error>>,
+}
+
+impl Open {
+    /// Lets the acks and the close go out, then reads until the server closes.
+    pub async fn close(self) {
+        let Open { mut stream, ack_tx, acker } = self;
+        drop(ack_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
+    }
+}
+
+/// Opens the websocket at `url` and reads it until `until`, acking every nextlsn it
+/// receives (from its own task, several per flush when they arrive in a burst, so that
+/// a slow socket write never delays reading). `label` names the drain in errors.
+pub async fn receive(url: &str, label: &str, until: Until, deadline: tokio::time::Instant) -> Result<(Received, Open)> {
+    let finder = memmem::Finder::new(CHANGE_MARK);
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true);
+    let (ws, _) = tokio::time::timeout_at(deadline, connect)
         .await
+        .map_err(|_| format!("websocket {url}: no answer in time"))?
         .map_err(|e| format!("websocket {url}: {e}"))?;
     let (sink, mut stream) = ws.split();
-    // Acks go out from their own task, so a slow socket write never delays reading;
-    // every nextlsn is acked, several per flush when they arrive in a burst.
     let (ack_tx, acker) = spawn_acker(sink);
     let (mut changes, mut transactions, mut bytes) = (0u64, 0u64, 0u64);
-    let secs = loop {
+    loop {
         let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err(format!("server drain of {slot}: timed out after {limit:?}").into()),
-            Ok(None) => return Err(format!("server drain of {slot}: the socket ended").into()),
-            Ok(Some(Err(e))) => return Err(format!("server drain of {slot}: {e}").into()),
+            Err(_) => return Err(format!("drain of {label}: timed out ({changes} changes so far)").into()),
+            Ok(None) => return Err(format!("drain of {label}: the socket ended").into()),
+            Ok(Some(Err(e))) => return Err(format!("drain of {label}: {e}").into()),
             Ok(Some(Ok(m))) => m,
         };
         let data: &[u8] = match &msg {
             Message::Text(t) => t.as_bytes(),
             Message::Binary(b) => b,
-            Message::Close(c) => return Err(format!("server drain of {slot}: closed by the server: {c:?}").into()),
+            Message::Close(c) => return Err(format!("drain of {label}: closed by the server: {c:?}").into()),
             _ => continue,
         };
         if data.starts_with(b"{\"error\"") {
-            return Err(format!("server drain of {slot}: {}", String::from_utf8_lossy(data)).into());
+            return Err(format!("drain of {label}: {}", String::from_utf8_lossy(data)).into());
         }
         let Some(lsn) = message_nextlsn(data) else { continue };
         let _ = ack_tx.send(lsn);
-        if lsn <= end {
+        let n = finder.find_iter(data).count() as u64;
+        let counted = match until {
+            Until::Lsn(end) => lsn <= end,
+            // Transactions of other tables come filtered to `"change":[]`: creating the
+            // later sessions wrote some, which only the earlier sessions' slots see.
+            Until::Changes(_) => n > 0,
+        };
+        if counted {
             transactions += 1;
             bytes += data.len() as u64;
-            changes += finder.find_iter(data).count() as u64;
+            changes += n;
         }
-        if lsn >= end {
-            break t0.elapsed().as_secs_f64();
+        let done = match until {
+            Until::Lsn(end) => lsn >= end,
+            Until::Changes(n) => changes >= n,
+        };
+        if done {
+            let got = Received { changes, transactions, bytes, finished: Instant::now() };
+            return Ok((got, Open { stream, ack_tx, acker }));
         }
-    };
-    let (client_secs, tool_secs) = Snapshot::take(Some(pid)).since(&cpu0);
-    drop(ack_tx);
-    // Let the acks and the close go out, then read until the server closes.
-    let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while stream.next().await.is_some() {} }).await;
-    let cpu = Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs });
-    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
+    }
 }
 
 /// `pg_recvlogical --start` on `slot` with the server's wal2json options, until `end`

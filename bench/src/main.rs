@@ -6,9 +6,12 @@ mod chart;
 mod cluster;
 mod cpu;
 mod drain;
+mod export;
 mod latency;
+mod ndjson;
 mod report;
 mod server;
+mod sessions;
 mod workload;
 
 use std::path::PathBuf;
@@ -67,7 +70,8 @@ struct Args {
     /// Writer connections of the latency runs (default: 2 below 5,000 tx/s, else 8).
     #[arg(long)]
     writers: Option<usize>,
-    /// Only these workloads (one_big_tx, tx_of_100, tx_of_1, wide_rows; `none` for none).
+    /// Only these (one_big_tx, tx_of_100, tx_of_1, wide_rows, sessions_50, export_1m,
+    /// latency; `none` for none).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Where latest.json and latest.png go (quick.json / quick.png with --quick).
@@ -157,8 +161,30 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
         failed |= r.error.is_some();
         results.workloads.push(r);
     }
-    let run_latency = args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == "latency"));
-    if run_latency || args.only.is_none() {
+    let wanted = |name: &str| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+    let limit = Duration::from_secs(if quick { 120 } else { 600 });
+    if wanted(sessions::NAME) {
+        let w = sessions::workload(scale);
+        eprintln!("bench: {} (50 v2 sessions, then 1 alone, of {})", w.name, w.describe());
+        let r = sessions::run(cluster, &args.server, scale, limit).await.unwrap_or_else(|e| {
+            let e = describe(&*e);
+            eprintln!("bench: {} failed: {e}", sessions::NAME);
+            sessions::SessionsResult::failed(scale, e)
+        });
+        failed |= r.error.is_some();
+        results.sessions = Some(r);
+    }
+    if wanted(export::NAME) {
+        eprintln!("bench: {} (a v2 session's snapshot of items as NDJSON, against COPY of row_to_json)", export::NAME);
+        let r = export::run(cluster, &args.server, scale, runs, limit).await.unwrap_or_else(|e| {
+            let e = describe(&*e);
+            eprintln!("bench: {} failed: {e}", export::NAME);
+            export::ExportResult::failed(scale, e)
+        });
+        failed |= r.error.is_some();
+        results.export = Some(r);
+    }
+    if wanted("latency") {
         for &rate in &args.rates {
             for via in [Tool::Server, Tool::PgRecvlogical] {
                 eprintln!("bench: live latency at {rate} tx/s for {latency_secs} s through {via:?}");

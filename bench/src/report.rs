@@ -8,13 +8,19 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, SETTINGS};
 use crate::drain::{Drain, PLUGIN_OPTIONS, Tool, format_lsn};
+use crate::export::ExportResult;
 use crate::latency::Percentiles;
+use crate::sessions::SessionsResult;
 use crate::workload::{Workload, thousands};
 
 /// Targets of the issue.
 pub const TARGET_RATIO: f64 = 0.95;
 pub const TARGET_P99_MS: f64 = 5.0;
 pub const TARGET_RSS_MIB: f64 = 64.0;
+/// Issue 10: 50 sessions at once reach this share of one session's changes/s.
+pub const TARGET_SESSIONS_RATIO: f64 = 0.8;
+/// Issue 10: a snapshot export as NDJSON, rows per second.
+pub const TARGET_EXPORT_ROWS_PER_SEC: f64 = 150_000.0;
 /// "Keeping up": every row arrived, the writer held the rate, and p99 stayed below this
 /// (a backlog that grows during the run shows up in the top percentile).
 pub const KEEP_UP_P99_MS: f64 = 100.0;
@@ -56,6 +62,10 @@ pub struct Results {
     pub machine: Machine,
     pub setup: Setup,
     pub workloads: Vec<WorkloadResult>,
+    /// `sessions_50`: 50 v2 sessions streaming at once against one alone.
+    pub sessions: Option<SessionsResult>,
+    /// `export_1m`: a session's snapshot as NDJSON against COPY of row_to_json.
+    pub export: Option<ExportResult>,
     pub latency: Vec<LatencyResult>,
 }
 
@@ -294,6 +304,8 @@ impl Results {
                 ],
             },
             workloads: Vec::new(),
+            sessions: None,
+            export: None,
             latency: Vec::new(),
         }
     }
@@ -322,21 +334,23 @@ impl Results {
     }
 }
 
-fn fmt_rate(x: f64) -> String {
+pub fn fmt_rate(x: f64) -> String {
     thousands(x.round() as u64)
 }
 
-fn mark(ok: bool) -> &'static str {
+pub fn mark(ok: bool) -> &'static str {
     if ok { "" } else { " ✗" }
 }
 
 /// The markdown report (stdout, README).
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
-    s.push_str(&format!(
-        "| workload | changes | server changes/s | server MB/s | pg_recvlogical changes/s | pg_recvlogical MB/s | ratio (≥ {TARGET_RATIO}) | server peak RSS MiB (≤ {TARGET_RSS_MIB:.0}) |\n"
-    ));
-    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    if !r.workloads.is_empty() {
+        s.push_str(&format!(
+            "| workload | changes | server changes/s | server MB/s | pg_recvlogical changes/s | pg_recvlogical MB/s | ratio (≥ {TARGET_RATIO}) | server peak RSS MiB (≤ {TARGET_RSS_MIB:.0}) |\n"
+        ));
+        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    }
     for w in &r.workloads {
         let rss = w.server_peak_rss_mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)));
         match (&w.server, &w.pg_recvlogical, w.ratio) {
@@ -353,6 +367,12 @@ pub fn markdown(r: &Results) -> String {
             )),
             _ => s.push_str(&format!("| {} | {} | – | – | – | – | – | {rss} |\n", w.description, thousands(w.rows))),
         }
+    }
+    if let Some(x) = &r.sessions {
+        s.push_str(&sessions_table(x));
+    }
+    if let Some(x) = &r.export {
+        s.push_str(&export_table(x));
     }
     if !r.latency.is_empty() {
         s.push('\n');
@@ -398,6 +418,8 @@ pub fn markdown(r: &Results) -> String {
         .workloads
         .iter()
         .filter_map(|w| w.error.as_ref().map(|e| format!("{}: {e}", w.name)))
+        .chain(r.sessions.iter().filter_map(|x| x.error.as_ref().map(|e| format!("{}: {e}", x.name))))
+        .chain(r.export.iter().filter_map(|x| x.error.as_ref().map(|e| format!("{}: {e}", x.name))))
         .chain(
             r.latency
                 .iter()
@@ -417,6 +439,81 @@ pub fn markdown(r: &Results) -> String {
         r.machine_line(),
         r.setup.runs_per_tool
     ));
+    s
+}
+
+fn rss_cell(mib: Option<f64>) -> String {
+    mib.map_or("–".into(), |m| format!("{m:.1}{}", mark(m <= TARGET_RSS_MIB)))
+}
+
+/// One session alone, then fifty at once, on the same workload, in one server process.
+fn sessions_table(x: &SessionsResult) -> String {
+    let mut s = format!(
+        "\n| {} | sessions | changes | wall s | aggregate changes/s | MB/s | first session done s | walsenders CPU s | server CPU s | bench CPU s | ratio to 1 session (≥ {TARGET_SESSIONS_RATIO}) | server peak RSS MiB (≤ {TARGET_RSS_MIB:.0}) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        x.description
+    );
+    let groups = [("1 session alone", &x.solo), ("all at once", &x.concurrent)];
+    for (i, (what, g)) in groups.into_iter().enumerate() {
+        let Some(g) = g else {
+            s.push_str(&format!("| {what} | – | – | – | – | – | – | – | – | – | – | – |\n"));
+            continue;
+        };
+        let ratio = match (i, x.ratio) {
+            (1, Some(v)) => format!("{v:.3}{}", mark(v >= TARGET_SESSIONS_RATIO)),
+            _ => "–".into(),
+        };
+        s.push_str(&format!(
+            "| {what} | {} | {} | {:.2} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {ratio} | {} |\n",
+            g.sessions,
+            thousands(g.changes),
+            g.secs,
+            fmt_rate(g.changes_per_sec),
+            g.mb_per_sec,
+            g.first_done_secs,
+            g.walsenders_cpu_secs,
+            g.server_cpu_secs,
+            g.bench_cpu_secs,
+            rss_cell(g.server_peak_rss_mib)
+        ));
+    }
+    s
+}
+
+/// The snapshot export through the server, and Postgres's own JSON rows.
+fn export_table(x: &ExportResult) -> String {
+    let mut s = format!(
+        "\n| {} | rows/s (≥ {}) | MB/s | wall s | first byte s | Postgres CPU s | server CPU s | bench CPU s | server peak RSS MiB (≤ {TARGET_RSS_MIB:.0}) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        x.description,
+        fmt_rate(TARGET_EXPORT_ROWS_PER_SEC)
+    );
+    for (best, via) in [(&x.server, crate::export::Via::Server), (&x.copy, crate::export::Via::CopyRowToJson)] {
+        let Some(b) = best else {
+            s.push_str(&format!("| {} | – | – | – | – | – | – | – | – |\n", via.label()));
+            continue;
+        };
+        let (target, rss) = match via {
+            crate::export::Via::Server => {
+                (mark(b.rows_per_sec >= TARGET_EXPORT_ROWS_PER_SEC), rss_cell(x.server_peak_rss_mib))
+            }
+            crate::export::Via::CopyRowToJson => ("", "–".into()),
+        };
+        s.push_str(&format!(
+            "| {} | {}{target} | {:.1} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {rss} |\n",
+            via.label(),
+            fmt_rate(b.rows_per_sec),
+            b.mb_per_sec,
+            b.secs,
+            b.first_byte_secs,
+            b.postgres_cpu_secs,
+            b.server_cpu_secs,
+            b.bench_cpu_secs
+        ));
+    }
+    if let Some(r) = x.ratio {
+        s.push_str(&format!("\nExport: server rows/s ÷ COPY rows/s = {r:.3} (best of each).\n"));
+    }
     s
 }
 

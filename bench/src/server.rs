@@ -82,11 +82,22 @@ impl Server {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
-        http(self.port, "GET", path).await
+        http(self.port, "GET", path, None).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<(u16, String)> {
-        http(self.port, "DELETE", path).await
+        http(self.port, "DELETE", path, None).await
+    }
+
+    /// `POST /v2/sessions` with `tables` (every action): the new session's slot name.
+    pub async fn create_session(&self, name: &str, tables: &[&str]) -> Result<String> {
+        let body = serde_json::json!({ "name": name, "tables": tables }).to_string();
+        let (status, reply) = http(self.port, "POST", "/v2/sessions", Some(&body)).await?;
+        if status != 201 {
+            return Err(format!("POST /v2/sessions {body} answered {status}: {reply}").into());
+        }
+        let v: serde_json::Value = serde_json::from_str(&reply)?;
+        Ok(v["slotName"].as_str().ok_or("POST /v2/sessions: no slotName")?.to_string())
     }
 
     /// `/v1/init`: the new slot's name.
@@ -121,10 +132,16 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }
 
-/// A minimal HTTP/1.1 request (Connection: close); returns status and body.
-async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
+/// A minimal HTTP/1.1 request (Connection: close), with a JSON body if given; returns
+/// status and body.
+async fn http(port: u16, method: &str, path: &str, json: Option<&str>) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    if let Some(body) = json {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    } else {
+        req.push_str("\r\n");
+    }
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await.map_err(|_| "HTTP timeout")??;
