@@ -13,7 +13,7 @@
 
 pub mod config;
 pub mod error;
-pub mod http;
+pub(crate) mod http;
 pub mod pg;
 pub mod server;
 pub mod session;

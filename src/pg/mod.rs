@@ -19,7 +19,7 @@ pub mod frames;
 pub mod ident;
 pub mod keyset;
 pub mod pool;
-pub mod replication;
+pub(crate) mod replication;
 pub mod snapshot;
 
 pub use config::PgConfig;

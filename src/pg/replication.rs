@@ -53,7 +53,6 @@ pub struct CreatedSlot {
     pub consistent_point: Lsn,
     /// Valid only until the next command on the connection that created it.
     pub snapshot_name: Option<String>,
-    pub output_plugin: String,
 }
 
 /// A `replication=database` connection in command mode.
@@ -63,7 +62,6 @@ pub struct ReplicationConnection {
     write_buf: BytesMut,
     /// ParameterStatus values the server reported (server_version, server_encoding, ...).
     params: HashMap<String, String>,
-    backend_pid: i32,
 }
 
 /// One complete message from the server.
@@ -100,7 +98,6 @@ impl ReplicationConnection {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             params: HashMap::new(),
-            backend_pid: 0,
         };
         let params = [
             ("user", config.user.as_str()),
@@ -116,11 +113,6 @@ impl ReplicationConnection {
         conn.authenticate(config).await?;
         conn.wait_ready().await?;
         Ok(conn)
-    }
-
-    /// The server's process id of this connection (`pg_stat_replication.pid`).
-    pub fn backend_pid(&self) -> i32 {
-        self.backend_pid
     }
 
     /// A run-time parameter the server reported at startup, e.g. `server_encoding`.
@@ -205,7 +197,6 @@ impl ReplicationConnection {
                         self.params.insert(k.to_owned(), v.to_owned());
                     }
                 }
-                Incoming::Message(Message::BackendKeyData(k)) => self.backend_pid = k.process_id(),
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     let e = DbError::from_fields(b.fields());
                     // A FATAL error at startup ends the connection: there is no ReadyForQuery.
@@ -263,7 +254,6 @@ impl ReplicationConnection {
             slot_name: row.get(0).unwrap_or(name).to_owned(),
             consistent_point,
             snapshot_name: row.get(2).map(str::to_owned),
-            output_plugin: row.get(3).unwrap_or(plugin).to_owned(),
         })
     }
 

@@ -22,15 +22,15 @@
 //! - [`streams`]: claiming a session's one stream and running it.
 //! - [`views`] and [`retention`]: what the API reports.
 
-pub mod definition;
+pub(crate) mod definition;
 mod lifecycle;
-pub mod names;
+pub(crate) mod names;
 pub mod retention;
 mod slots;
 mod snapshots;
 pub mod store;
 mod streams;
-pub mod views;
+pub(crate) mod views;
 
 pub use lifecycle::CreateRequest;
 pub use retention::{RetentionSettings, SlotReport};

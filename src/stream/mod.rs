@@ -20,14 +20,14 @@
 //!   reason the client is told.
 
 pub mod ack;
-pub mod binary_message;
-pub mod filter;
+pub(crate) mod binary_message;
+pub(crate) mod filter;
 pub mod frame;
-pub mod plugin;
-pub mod progress;
-pub mod pump;
-pub mod sink;
+pub(crate) mod plugin;
+pub(crate) mod progress;
+pub(crate) mod pump;
+pub(crate) mod sink;
 pub mod socket;
-pub mod stop;
+pub(crate) mod stop;
 
 pub use stop::Stop;
