@@ -264,6 +264,28 @@ async fn the_slot_advances_when_nothing_matches() {
     server.stop().await;
 }
 
+/// After a non-transactional message only a later transaction's `nextlsn` can be
+/// acked past it: the next transaction is sent even when it has nothing for the
+/// session, so that the slot does not wait on a change that may never come.
+#[tokio::test]
+async fn a_lone_message_is_followed_by_a_transaction_to_ack() {
+    let (_db, pg, server) = setup().await;
+    let (_, created) = create(&server, json!({"name": "notes", "tables": ["items"]})).await;
+    let slot = created["slotName"].as_str().unwrap().to_owned();
+    let mut ws = connect(&server, "notes").await;
+    pg.execute("SELECT pg_logical_emit_message(false, 'note', 'hello')", &[]).await.unwrap();
+    pg.execute("INSERT INTO orders (item) VALUES ('not for notes')", &[]).await.unwrap();
+    let message = next_json(&mut ws).await;
+    assert_eq!(message["change"][0]["prefix"], "note", "{message}");
+    let cover = next_json(&mut ws).await;
+    assert_eq!(cover["change"], json!([]), "{cover}");
+    ack(&mut ws, cover["nextlsn"].as_str().unwrap()).await;
+    pg.execute("INSERT INTO orders (item) SELECT 'x' FROM generate_series(1, 100)", &[]).await.unwrap();
+    let now: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    await_confirmed(&pg, &slot, &now).await;
+    server.stop().await;
+}
+
 /// Sessions outlive the process: after a restart they are listed, their streams resume
 /// after the last ack, and their snapshots are gone with a 409 that says so.
 #[tokio::test]

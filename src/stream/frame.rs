@@ -246,6 +246,10 @@ impl Framer {
 pub struct SkipEmpty {
     /// A begin record (format 2), held until it is known whether a change follows.
     begin: Option<OutFrame>,
+    /// A non-transactional message went out and no ack point has followed it: only a
+    /// later transaction's `nextlsn` can cover it, so the next one goes out even if it is
+    /// empty, or the slot could not move past the message until a change came.
+    uncovered: bool,
 }
 
 impl SkipEmpty {
@@ -254,8 +258,13 @@ impl SkipEmpty {
         for frame in frames {
             match (frame.kind, frame.fragment) {
                 (FrameKind::Begin, _) => out.extend(self.begin.replace(frame)),
-                (FrameKind::Empty, Fragment::Whole) => self.begin = None,
-                _ => {
+                (FrameKind::Empty, Fragment::Whole) if !self.uncovered => self.begin = None,
+                (kind, _) => {
+                    match kind {
+                        FrameKind::Unackable => self.uncovered = true,
+                        k if k.is_ack_point() => self.uncovered = false,
+                        _ => {}
+                    }
                     out.extend(self.begin.take());
                     out.push(frame);
                 }
@@ -500,6 +509,26 @@ mod tests {
         let kept = SkipEmpty::default().filter(frames);
         assert_eq!(kept.len(), 1);
         assert_eq!(&kept[0].payload[..], br#"{"nextlsn":"0/4","change":[{}]}"#);
+    }
+
+    #[test]
+    fn an_empty_transaction_after_a_lone_message_is_kept_to_be_acked() {
+        let mut a = Assembler::new(Format::Transactions);
+        let mut framer = Framer::new(1024);
+        let mut frames = Vec::new();
+        let pieces = [
+            r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#,
+            r#"{"nextlsn":"0/2","change":["#,
+            "]}",
+            r#"{"nextlsn":"0/4","change":["#,
+            "]}",
+        ];
+        for p in pieces {
+            framer.push(a.push(b(p)).unwrap(), &mut frames);
+        }
+        let kept = SkipEmpty::default().filter(frames);
+        let nextlsns: Vec<_> = kept.iter().map(|f| f.nextlsn).collect();
+        assert_eq!(nextlsns, [None, Some(Lsn(2))], "the message, then the transaction that covers it; no more");
     }
 
     proptest! {
