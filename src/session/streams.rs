@@ -105,7 +105,7 @@ impl Registry {
         let start = info.confirmed_flush.max(last_ack);
         // The store's own writes are never a client's business.
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-        let stream = self.start_replication(slot, start, info.plugin.start_options(format, &filter)).await?;
+        let stream = self.start_replication(slot, start, info.plugin.start_options(format, &filter, slot)).await?;
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.

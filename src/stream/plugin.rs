@@ -1,7 +1,10 @@
 //! The output plugin a slot decodes with, behind one type: its name (what a slot is
 //! created with and what marks a slot as one we can read), the options a stream starts
-//! with, and how its bytes become frames. wal2json is the one there is; another plugin
-//! is another variant here, and nothing else in the server names a plugin.
+//! with, and how its bytes become frames. Nothing else in the server names a plugin.
+//!
+//! wal2json's output is forwarded as it is. pgoutput's binary messages are rendered
+//! into exactly the pieces wal2json would have sent ([`super::pgoutput`]), so that
+//! everything after the plugin is the same for both.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,68 +20,90 @@ const NO_PREFIX: &str = "pgdeltastream_no_messages";
 #[serde(rename_all = "lowercase")]
 pub enum Plugin {
     Wal2json,
+    /// Built into Postgres; needs a publication (one per session, named as its slot).
+    Pgoutput,
 }
 
 impl Plugin {
-    pub const ALL: &'static [Plugin] = &[Plugin::Wal2json];
+    pub const ALL: &'static [Plugin] = &[Plugin::Wal2json, Plugin::Pgoutput];
 
     /// The name Postgres knows it by (`pg_replication_slots.plugin`).
     pub fn name(self) -> &'static str {
         match self {
             Plugin::Wal2json => "wal2json",
+            Plugin::Pgoutput => "pgoutput",
         }
+    }
+
+    /// The publication a pgoutput slot reads: named as the slot, created before it and
+    /// dropped after it.
+    pub fn publication_name(slot: &str) -> &str {
+        slot
     }
 
     pub fn from_name(name: &str) -> Option<Plugin> {
         Plugin::ALL.iter().copied().find(|p| p.name() == name)
     }
 
-    /// The options for `START_REPLICATION`: the format, and the filter applied inside
-    /// Postgres.
-    pub fn start_options(self, format: Format, filter: &Filter) -> Vec<(&'static str, String)> {
-        let fixed: &[(&str, &str)] = match (self, format) {
-            (Plugin::Wal2json, Format::Transactions) => {
-                &[("include-lsn", "on"), ("pretty-print", "off"), ("write-in-chunks", "on")]
-            }
-            (Plugin::Wal2json, Format::Changes) => &[("format-version", "2"), ("include-lsn", "on")],
-        };
-        let mut options: Vec<_> = fixed.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
-        let mut tables = filter.tables.as_ref().map(|tables| {
-            let patterns: Vec<String> = tables.iter().map(|(s, t)| wal2json_pattern(s, t.as_deref())).collect();
-            patterns.join(",")
-        });
-        if filter.actions.len() < Action::ALL.len() {
-            let rows: Vec<&str> = filter.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
-            if rows.is_empty() {
-                // wal2json refuses an empty list: keep inserts, of a table that no
-                // table is.
-                options.push(("actions", "insert".into()));
-                tables = Some(NO_TABLE.into());
-            } else {
-                options.push(("actions", rows.join(",")));
-            }
-            if !filter.wants(Action::Message) {
-                // wal2json cannot leave out every message, only pass those of listed
-                // prefixes: list one no message uses.
-                options.push(("add-msg-prefixes", NO_PREFIX.into()));
-            }
+    /// The options for `START_REPLICATION` of `slot`: the format, and the filter applied
+    /// inside Postgres.
+    pub fn start_options(self, format: Format, filter: &Filter, slot: &str) -> Vec<(&'static str, String)> {
+        match self {
+            Plugin::Wal2json => wal2json_options(format, filter),
+            Plugin::Pgoutput => pgoutput_options(filter, slot),
         }
-        if let Some(tables) = tables {
-            options.push(("add-tables", tables));
-        }
-        if !filter.hidden_schemas.is_empty() {
-            let hidden: Vec<String> = filter.hidden_schemas.iter().map(|s| wal2json_pattern(s, None)).collect();
-            options.push(("filter-tables", hidden.join(",")));
-        }
-        options
     }
 
     /// What turns the plugin's output into pieces of wal2json messages.
     pub fn assembler(self, format: Format) -> Assembler {
-        match self {
-            Plugin::Wal2json => Assembler::new(format),
+        Assembler::new(format)
+    }
+}
+
+/// pgoutput's filter is its publication (tables, actions); the format is ours to render.
+fn pgoutput_options(filter: &Filter, slot: &str) -> Vec<(&'static str, String)> {
+    let publication = Plugin::publication_name(slot).replace('"', "\"\"");
+    vec![
+        ("proto_version", "1".into()),
+        ("publication_names", format!("\"{publication}\"")),
+        ("messages", if filter.wants(Action::Message) { "true" } else { "false" }.into()),
+    ]
+}
+
+fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, String)> {
+    let fixed: &[(&str, &str)] = match format {
+        Format::Transactions => &[("include-lsn", "on"), ("pretty-print", "off"), ("write-in-chunks", "on")],
+        Format::Changes => &[("format-version", "2"), ("include-lsn", "on")],
+    };
+    let mut options: Vec<_> = fixed.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    let mut tables = filter.tables.as_ref().map(|tables| {
+        let patterns: Vec<String> = tables.iter().map(|(s, t)| wal2json_pattern(s, t.as_deref())).collect();
+        patterns.join(",")
+    });
+    if filter.actions.len() < Action::ALL.len() {
+        let rows: Vec<&str> = filter.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
+        if rows.is_empty() {
+            // wal2json refuses an empty list: keep inserts, of a table that no
+            // table is.
+            options.push(("actions", "insert".into()));
+            tables = Some(NO_TABLE.into());
+        } else {
+            options.push(("actions", rows.join(",")));
+        }
+        if !filter.wants(Action::Message) {
+            // wal2json cannot leave out every message, only pass those of listed
+            // prefixes: list one no message uses.
+            options.push(("add-msg-prefixes", NO_PREFIX.into()));
         }
     }
+    if let Some(tables) = tables {
+        options.push(("add-tables", tables));
+    }
+    if !filter.hidden_schemas.is_empty() {
+        let hidden: Vec<String> = filter.hidden_schemas.iter().map(|s| wal2json_pattern(s, None)).collect();
+        options.push(("filter-tables", hidden.join(",")));
+    }
+    options
 }
 
 /// A table or a schema's tables as wal2json's `add-tables` takes them: `schema.table` or
@@ -116,7 +141,7 @@ mod tests {
             assert_eq!(Plugin::from_name(p.name()), Some(*p));
             assert_eq!(serde_json::to_value(p).unwrap(), p.name());
         }
-        assert_eq!(Plugin::from_name("pgoutput"), None);
+        assert_eq!(Plugin::from_name("test_decoding"), None);
     }
 
     #[test]
@@ -129,14 +154,14 @@ mod tests {
 
     #[test]
     fn options_carry_the_filter() {
-        let all = Plugin::Wal2json.start_options(Format::Transactions, &Filter::default());
+        let all = Plugin::Wal2json.start_options(Format::Transactions, &Filter::default(), "s");
         assert!(all.iter().all(|(k, _)| !["add-tables", "actions", "add-msg-prefixes"].contains(k)), "{all:?}");
         let filter = Filter {
             tables: Some(vec![("public".into(), Some("orders".into())), ("audit".into(), None)]),
             actions: vec![Action::Insert, Action::Delete],
             hidden_schemas: vec!["pgdeltastream".into()],
         };
-        let some = Plugin::Wal2json.start_options(Format::Changes, &filter);
+        let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s");
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("add-tables"), Some("public.orders,audit.*"));
         assert_eq!(get("actions"), Some("insert,delete"));
