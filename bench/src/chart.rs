@@ -1,4 +1,5 @@
-//! The PNG: throughput ratios per workload (target line at 0.95) and live latency
+//! The PNG: throughput ratios per workload against the fastest pg_recvlogical baseline
+//! (the server on wal2json and on pgoutput, target lines at 0.8 and 0.9) and live latency
 //! p50/p99 per rate (target line at 5 ms), with the machine underneath.
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::Result;
-use crate::report::{Results, TARGET_P99_MS, TARGET_RATIO, TARGET_RSS_MIB};
+use crate::report::{Results, TARGET_P99_MS, TARGET_RATIO, TARGET_RATIO_PGOUTPUT, TARGET_RSS_MIB};
 
 const FONT: &str = "sans-serif";
 const W: u32 = 1500;
@@ -91,10 +92,15 @@ fn short(name: &str, description: &str) -> String {
 
 fn ratios(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> {
     let n = r.workloads.len().max(1);
-    let top = r.workloads.iter().filter_map(|w| w.ratio).fold(1.2f64, |a, b| a.max(b * 1.15));
+    let top = r
+        .workloads
+        .iter()
+        .flat_map(|w| [w.ratio_to_fastest, w.pgoutput_ratio_to_fastest])
+        .flatten()
+        .fold(1.2f64, |a, b| a.max(b * 1.15));
     let labels: Vec<String> = r.workloads.iter().map(|w| short(&w.name, &w.description)).collect();
     let mut chart = ChartBuilder::on(area)
-        .caption("Throughput, server ÷ pg_recvlogical (changes/s; higher is better)", (FONT, 20))
+        .caption("Throughput ÷ the fastest pg_recvlogical (left wal2json, right pgoutput)", (FONT, 20))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(56)
@@ -113,27 +119,34 @@ fn ratios(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> {
     let center = TextStyle::from((FONT, 17).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
     let inside = TextStyle::from((FONT, 14).into_font()).color(&WHITE).pos(Pos::new(HPos::Center, VPos::Bottom));
     for (i, w) in r.workloads.iter().enumerate() {
-        let x = i as f64;
-        match w.ratio {
-            Some(v) => {
-                let color = if v >= TARGET_RATIO { GOOD } else { BAD };
-                chart.draw_series([Rectangle::new([(x + 0.2, 0.0), (x + 0.8, v)], color.filled())]).map_err(err)?;
-                chart
-                    .draw_series([Text::new(format!("{v:.3}"), (x + 0.5, v + top * 0.012), center.clone())])
-                    .map_err(err)?;
-                if let Some(rss) = w.server_peak_rss_mib {
-                    chart
-                        .draw_series([Text::new(format!("RSS {rss:.0} MiB"), (x + 0.5, top * 0.03), inside.clone())])
-                        .map_err(err)?;
-                }
-            }
-            None => {
-                chart
-                    .draw_series([Text::new("failed".to_string(), (x + 0.5, top * 0.05), center.clone())])
-                    .map_err(err)?;
-            }
+        let bars = [(0.1, w.ratio_to_fastest, TARGET_RATIO), (0.5, w.pgoutput_ratio_to_fastest, TARGET_RATIO_PGOUTPUT)];
+        for (left, ratio, target) in bars {
+            let x = i as f64 + left;
+            let Some(v) = ratio else {
+                chart.draw_series([Text::new("–".to_string(), (x + 0.2, top * 0.05), center.clone())]).map_err(err)?;
+                continue;
+            };
+            let color = if v >= target { GOOD } else { BAD };
+            chart.draw_series([Rectangle::new([(x, 0.0), (x + 0.4, v)], color.filled())]).map_err(err)?;
+            chart
+                .draw_series([Text::new(format!("{v:.2}"), (x + 0.2, v + top * 0.012), center.clone())])
+                .map_err(err)?;
+        }
+        if let Some(rss) = w.server_peak_rss_mib {
+            let at = (i as f64 + 0.5, top * 0.03);
+            chart.draw_series([Text::new(format!("RSS {rss:.0} MiB"), at, inside.clone())]).map_err(err)?;
         }
     }
+    chart
+        .draw_series([DashedPathElement::new(
+            vec![(0.0, TARGET_RATIO_PGOUTPUT), (n as f64, TARGET_RATIO_PGOUTPUT)],
+            8,
+            5,
+            P99.stroke_width(2),
+        )])
+        .map_err(err)?
+        .label(format!("pgoutput target ≥ {TARGET_RATIO_PGOUTPUT}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], P99.stroke_width(2)));
     chart
         .draw_series([DashedPathElement::new(
             vec![(0.0, TARGET_RATIO), (n as f64, TARGET_RATIO)],
@@ -142,7 +155,7 @@ fn ratios(r: &Results, area: &DrawingArea<BitMapBackend, Shift>) -> Result<()> {
             TARGET.stroke_width(2),
         )])
         .map_err(err)?
-        .label(format!("target ≥ {TARGET_RATIO}"))
+        .label(format!("wal2json target ≥ {TARGET_RATIO}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], TARGET.stroke_width(2)));
     chart
         .configure_series_labels()

@@ -1,5 +1,7 @@
 //! Draining a slot: (a) through the server to a websocket client that acks every
-//! transaction, (b) with pg_recvlogical on a twin slot with the same wal2json options.
+//! transaction, on a wal2json slot and on a pgoutput slot; (b) with pg_recvlogical on
+//! twin slots, in Postgres's three ways to produce the changes: wal2json with the
+//! server's options, wal2json's default one message per transaction, and pgoutput.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,19 +25,69 @@ const NEXTLSN_MARK: &[u8] = b"\"nextlsn\":\"";
 /// The wal2json options the server streams with (`Plugin::start_options` of
 /// src/stream/plugin.rs), given to pg_recvlogical too.
 pub const PLUGIN_OPTIONS: &[&str] = &["include-lsn=on", "pretty-print=off", "write-in-chunks=on"];
+/// wal2json's default output (one message per transaction), with the `nextlsn` a
+/// client needs to ack.
+pub const WHOLE_OPTIONS: &[&str] = &["include-lsn=on"];
+/// The publication every pgoutput slot of a bench database reads (FOR ALL TABLES); the
+/// server's pgoutput slots read one named as the slot.
+pub const PUBLICATION: &str = "bench_all";
 
+/// Who drains a slot, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tool {
+    /// The server, on a wal2json slot.
     Server,
+    /// The server, on a pgoutput slot: the same JSON, rendered by the server.
+    ServerPgoutput,
+    /// pg_recvlogical with wal2json and the server's options (`write-in-chunks`).
     PgRecvlogical,
+    /// pg_recvlogical with wal2json's default output: one message per transaction.
+    PgRecvlogicalWhole,
+    /// pg_recvlogical draining pgoutput itself (binary; no JSON at all).
+    PgRecvlogicalPgoutput,
 }
 
 impl Tool {
+    /// Every tool a throughput workload is drained by.
+    pub const THROUGHPUT: [Tool; 5] = [
+        Tool::Server,
+        Tool::ServerPgoutput,
+        Tool::PgRecvlogical,
+        Tool::PgRecvlogicalWhole,
+        Tool::PgRecvlogicalPgoutput,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Tool::Server => "server",
+            Tool::ServerPgoutput => "server on pgoutput",
             Tool::PgRecvlogical => "pg_recvlogical",
+            Tool::PgRecvlogicalWhole => "pg_recvlogical, one message per tx",
+            Tool::PgRecvlogicalPgoutput => "pg_recvlogical, pgoutput",
+        }
+    }
+
+    pub fn is_server(self) -> bool {
+        matches!(self, Tool::Server | Tool::ServerPgoutput)
+    }
+
+    /// The plugin its slot decodes with.
+    pub fn plugin(self) -> &'static str {
+        match self {
+            Tool::ServerPgoutput | Tool::PgRecvlogicalPgoutput => "pgoutput",
+            _ => "wal2json",
+        }
+    }
+
+    /// pg_recvlogical's `-o` options.
+    fn options(self) -> Vec<String> {
+        match self {
+            Tool::PgRecvlogicalWhole => WHOLE_OPTIONS.iter().map(|o| o.to_string()).collect(),
+            Tool::PgRecvlogicalPgoutput => {
+                vec!["proto_version=1".into(), format!("publication_names={PUBLICATION}"), "messages=true".into()]
+            }
+            _ => PLUGIN_OPTIONS.iter().map(|o| o.to_string()).collect(),
         }
     }
 }
@@ -117,7 +169,7 @@ pub fn ws_config() -> WebSocketConfig {
 /// Streams `slot` through the server until a message's nextlsn reaches `end`. Counts the
 /// messages whose nextlsn is <= `end` (the workload's), acks every nextlsn it receives.
 /// The clock runs from the websocket request to the last message.
-pub async fn through_server(port: u16, pid: u32, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
+pub async fn through_server(tool: Tool, port: u16, pid: u32, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
     let url = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}");
     let cpu0 = Snapshot::take(Some(pid));
     let t0 = Instant::now();
@@ -128,7 +180,7 @@ pub async fn through_server(port: u16, pid: u32, slot: &str, end: u64, limit: Du
     open.close().await;
     let cpu = Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs });
     let Received { changes, transactions, bytes, .. } = got;
-    Ok(Drain { tool: Tool::Server, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
+    Ok(Drain { tool, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
 }
 
 /// When a websocket drain stops.
@@ -226,10 +278,15 @@ pub async fn receive(url: &str, label: &str, until: Until, deadline: tokio::time
     }
 }
 
-/// `pg_recvlogical --start` on `slot` with the server's wal2json options, until `end`
-/// (`--endpos`), writing to a file in `scratch` (tmpfs) that is counted afterwards. The
-/// clock runs from spawning the process to its exit.
+/// `pg_recvlogical --start` on `slot` with `tool`'s options, until `end` (`--endpos`),
+/// writing to a file in `scratch` (tmpfs) that is counted afterwards. The clock runs from
+/// spawning the process to its exit. pgoutput's binary output cannot be counted by
+/// pattern: its drain reports the workload's `expected` changes (it ran to `end`, past
+/// all of them) and its bytes.
+#[allow(clippy::too_many_arguments)]
 pub async fn with_pg_recvlogical(
+    tool: Tool,
+    expected: (u64, u64),
     cluster: &Cluster,
     db: &str,
     slot: &str,
@@ -248,8 +305,8 @@ pub async fn with_pg_recvlogical(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    for o in PLUGIN_OPTIONS {
-        cmd.args(["-o", o]);
+    for o in tool.options() {
+        cmd.args(["-o", &o]);
     }
     die_with_parent_tokio(&mut cmd);
     let cpu0 = Snapshot::take(None);
@@ -267,10 +324,13 @@ pub async fn with_pg_recvlogical(
         }
         return Err(format!("pg_recvlogical on {slot} failed ({status}): {err}").into());
     }
-    let counted = count_file(&out)?;
+    let mut counted = count_file(&out)?;
     let _ = std::fs::remove_file(&out);
+    if tool == Tool::PgRecvlogicalPgoutput {
+        (counted.changes, counted.transactions) = expected;
+    }
     Ok(Drain {
-        tool: Tool::PgRecvlogical,
+        tool,
         slot: slot.into(),
         order: 0,
         changes: counted.changes,

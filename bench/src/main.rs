@@ -186,7 +186,7 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
     }
     if wanted("latency") {
         for &rate in &args.rates {
-            for via in [Tool::Server, Tool::PgRecvlogical] {
+            for via in [Tool::Server, Tool::ServerPgoutput, Tool::PgRecvlogical] {
                 eprintln!("bench: live latency at {rate} tx/s for {latency_secs} s through {via:?}");
                 let r = match latency_case(cluster, args, rate, latency_secs, via).await {
                     Ok(r) => r,
@@ -292,18 +292,7 @@ async fn run_workload(
         if status != 200 {
             return Err(format!("DELETE /v1/snapshot answered {status}: {body}").into());
         }
-        let mut server_slots = vec![first];
-        let mut twin_slots = Vec::new();
-        for r in 0..runs {
-            if r > 0 {
-                let name = format!("delta_benchrun{r}");
-                client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&name]).await?;
-                server_slots.push(name);
-            }
-            let twin = format!("twin_{r}");
-            client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&twin]).await?;
-            twin_slots.push(twin);
-        }
+        let slots = create_slots(&client, first, runs).await?;
 
         let t = Instant::now();
         workload::write(&client, w).await?;
@@ -318,21 +307,18 @@ async fn run_workload(
         // Its own connection: it polls while the drains run.
         let watcher = Arc::new(cluster.client(&db).await?);
         let mut drains: Vec<Drain> = Vec::new();
+        let expected = (w.rows(), w.transactions);
         for r in 0..runs {
-            let order = if (r + index) % 2 == 0 {
-                [Tool::Server, Tool::PgRecvlogical]
-            } else {
-                [Tool::PgRecvlogical, Tool::Server]
-            };
+            // Alternate which tool goes first, so none always drains a cold or warm cache.
+            let mut order = Tool::THROUGHPUT;
+            order.rotate_left((r + index) % Tool::THROUGHPUT.len());
             for tool in order {
-                let slot = match tool {
-                    Tool::Server => &server_slots[r],
-                    Tool::PgRecvlogical => &twin_slots[r],
-                };
+                let slot = slots.of(tool, r);
                 let walsender = cpu::WalsenderWatch::start(watcher.clone(), slot.clone());
-                let mut d = match tool {
-                    Tool::Server => drain::through_server(server.port, server.pid, slot, end, limit).await?,
-                    Tool::PgRecvlogical => drain::with_pg_recvlogical(cluster, &db, slot, end, scratch, limit).await?,
+                let mut d = if tool.is_server() {
+                    drain::through_server(tool, server.port, server.pid, &slot, end, limit).await?
+                } else {
+                    drain::with_pg_recvlogical(tool, expected, cluster, &db, &slot, end, scratch, limit).await?
                 };
                 if let (Some(c), Some(w)) = (d.cpu.as_mut(), walsender.finish()) {
                     c.walsender_secs = w;
@@ -340,9 +326,9 @@ async fn run_workload(
                 d.order = drains.len() + 1;
                 let c = d.cpu.unwrap_or(cpu::CpuUse { walsender_secs: 0.0, tool_secs: 0.0, client_secs: 0.0 });
                 eprintln!(
-                    "bench:   {:?} {}: {} changes, {:.1} MB in {:.2} s = {:.0} changes/s, {:.1} MB/s; \
-                     CPU s: walsender {:.2}, {:?} {:.2}, bench {:.2}",
-                    d.tool,
+                    "bench:   {} {}: {} changes, {:.1} MB in {:.2} s = {:.0} changes/s, {:.1} MB/s; \
+                     CPU s: walsender {:.2}, {} {:.2}, bench {:.2}",
+                    d.tool.label(),
                     d.slot,
                     d.changes,
                     d.bytes as f64 / 1e6,
@@ -350,7 +336,7 @@ async fn run_workload(
                     d.changes_per_sec(),
                     d.mb_per_sec(),
                     c.walsender_secs,
-                    d.tool,
+                    d.tool.label(),
                     c.tool_secs,
                     c.client_secs
                 );
@@ -367,6 +353,50 @@ async fn run_workload(
     let (write_secs, end, drains, peak) = outcome?;
     stopped?;
     Ok(WorkloadResult::new(w, write_secs, end, drains, peak, sampled))
+}
+
+/// The slots of a workload's drains: one per tool and run.
+struct Slots {
+    names: Vec<(Tool, usize, String)>,
+}
+
+impl Slots {
+    fn of(&self, tool: Tool, run: usize) -> String {
+        let found = self.names.iter().find(|(t, r, _)| *t == tool && *r == run);
+        found.map(|(_, _, name)| name.clone()).unwrap_or_default()
+    }
+}
+
+/// Every slot exists before the first write: the server's first one from /v1/init, more
+/// as SQL-created slots with names the server accepts (a pgoutput one with a publication
+/// of its own name, as the server makes them), and pg_recvlogical's twins. Publications
+/// come first, so that they exist for every change their slots decode.
+async fn create_slots(client: &tokio_postgres::Client, first: String, runs: usize) -> Result<Slots> {
+    client.batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", drain::PUBLICATION)).await?;
+    let mut planned = Vec::new();
+    for r in 0..runs {
+        for tool in Tool::THROUGHPUT {
+            let name = match tool {
+                Tool::Server if r == 0 => {
+                    planned.push((tool, r, first.clone()));
+                    continue;
+                }
+                Tool::Server => format!("delta_benchrun{r}"),
+                Tool::ServerPgoutput => format!("delta_benchpgo{r}"),
+                other => format!("twin_{}_{r}", format!("{other:?}").to_lowercase()),
+            };
+            if tool == Tool::ServerPgoutput {
+                client.batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES")).await?;
+            }
+            planned.push((tool, r, name));
+        }
+    }
+    for (tool, _, name) in &planned {
+        if name != &first {
+            client.execute("SELECT pg_create_logical_replication_slot($1, $2)", &[name, &tool.plugin()]).await?;
+        }
+    }
+    Ok(Slots { names: planned })
 }
 
 /// What the live-latency client is: the server's websocket, or pg_recvlogical's output
@@ -388,26 +418,31 @@ async fn latency_run(
     via: Tool,
     server: Option<&Server>,
 ) -> Result<LatencyResult> {
-    let db = match via {
-        Tool::Server => format!("bench_latency_{rate}"),
-        Tool::PgRecvlogical => format!("bench_latency_{rate}_recv"),
-    };
+    let db = latency_db(rate, via);
     let n = (rate * secs) as usize;
     let warmup = 20usize;
     let clocks = Arc::new(Clocks::new(n + warmup));
     let stop = Arc::new(AtomicBool::new(false));
     let client = cluster.client(&db).await?;
     let mut consumer = match (via, server) {
-        (Tool::Server, Some(server)) => {
-            let slot = server.init().await?;
-            server.delete("/v1/snapshot").await?;
+        (Tool::Server | Tool::ServerPgoutput, Some(server)) => {
+            let slot = if via == Tool::Server {
+                let slot = server.init().await?;
+                server.delete("/v1/snapshot").await?;
+                slot
+            } else {
+                let slot = "delta_livepgo".to_string();
+                client.batch_execute(&format!("CREATE PUBLICATION {slot} FOR ALL TABLES")).await?;
+                client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+                slot
+            };
             let (tx, rx) = std::sync::mpsc::channel();
             let reader = latency::spawn_client(server.port, slot.clone(), clocks.clone(), stop.clone(), tx);
             tokio::task::spawn_blocking(move || rx.recv()).await?.map_err(|_| "latency client died")??;
             Consumer { reader, child: None, slot, pid: server.pid }
         }
-        (Tool::Server, None) => return Err("no server".into()),
-        (Tool::PgRecvlogical, _) => {
+        (Tool::Server | Tool::ServerPgoutput, None) => return Err("no server".into()),
+        (_, _) => {
             let slot = "twin_live".to_string();
             client.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&slot]).await?;
             let mut cmd = std::process::Command::new(cluster.bin("pg_recvlogical"));
@@ -478,16 +513,13 @@ async fn latency_run(
 /// One live-latency run in a fresh database: a fresh server process for the server's
 /// run; pg_recvlogical needs none.
 async fn latency_case(cluster: &Cluster, args: &Args, rate: u64, secs: u64, via: Tool) -> Result<LatencyResult> {
-    let db = match via {
-        Tool::Server => format!("bench_latency_{rate}"),
-        Tool::PgRecvlogical => format!("bench_latency_{rate}_recv"),
-    };
+    let db = latency_db(rate, via);
     let client = fresh_db(cluster, &db).await?;
     client.batch_execute(latency::TABLE_SQL).await?;
     drop(client);
-    let server = match via {
-        Tool::Server => Some(Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?),
-        Tool::PgRecvlogical => None,
+    let server = match via.is_server() {
+        true => Some(Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?),
+        false => None,
     };
     let outcome = latency_run(cluster, args, rate, secs, via, server.as_ref()).await;
     let sampled = server.as_ref().map(|s| s.max_sampled_rss_kib.load(Ordering::Relaxed));
@@ -500,6 +532,14 @@ async fn latency_case(cluster: &Cluster, args: &Args, rate: u64, secs: u64, via:
     stopped?;
     r.server_max_sampled_rss_mib = sampled.unwrap_or(0) as f64 / 1024.0;
     Ok(r)
+}
+
+fn latency_db(rate: u64, via: Tool) -> String {
+    match via {
+        Tool::Server => format!("bench_latency_{rate}"),
+        Tool::ServerPgoutput => format!("bench_latency_{rate}_pgoutput"),
+        _ => format!("bench_latency_{rate}_recv"),
+    }
 }
 
 async fn wait_received(clocks: &Clocks, count: u64, limit: Duration) -> Result<()> {
