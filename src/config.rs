@@ -7,7 +7,8 @@ use clap::Parser;
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::server::HttpSettings;
-use crate::session::{RetentionSettings, SessionSettings};
+use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
+use crate::stream::plugin::Plugin;
 use crate::stream::socket::SocketSettings;
 
 /// Stream PostgreSQL table changes to clients over websockets, using logical decoding
@@ -67,6 +68,11 @@ pub struct Cli {
     #[arg(long, env = "PGDELTASTREAM_FRAME_SIZE", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
     pub frame_size: u32,
+    /// Output plugin of /v1/init and of a v2 session that names none: auto takes
+    /// wal2json when the database can load it, pgoutput (built into Postgres, with a
+    /// publication per session) otherwise.
+    #[arg(long, env = "PGDELTASTREAM_PLUGIN", value_enum, default_value_t = PluginArg::Auto)]
+    pub plugin: PluginArg,
     /// Schema of the table that stores session definitions (created on first use).
     #[arg(long, env = "PGDELTASTREAM_SCHEMA", default_value = "pgdeltastream")]
     pub schema: String,
@@ -93,6 +99,23 @@ pub struct Cli {
     pub max_connections: usize,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginArg {
+    Auto,
+    Wal2json,
+    Pgoutput,
+}
+
+impl From<PluginArg> for PluginChoice {
+    fn from(p: PluginArg) -> PluginChoice {
+        match p {
+            PluginArg::Auto => PluginChoice::Auto,
+            PluginArg::Wal2json => PluginChoice::Fixed(Plugin::Wal2json),
+            PluginArg::Pgoutput => PluginChoice::Fixed(Plugin::Pgoutput),
+        }
+    }
+}
+
 impl Cli {
     pub fn pg_config(&self) -> PgConfig {
         PgConfig {
@@ -116,6 +139,7 @@ impl Cli {
             },
             frame_bytes: self.frame_size as usize,
             schema: self.schema.clone(),
+            plugin: self.plugin.into(),
             ..SessionSettings::default()
         }
     }
