@@ -148,11 +148,12 @@ impl Registry {
             return Err(taken(&req.name));
         }
         let client = self.pool.get().await?;
+        // The store first: its schema is one a session may name (and never gets).
+        self.store.create(&client).await?;
         let tables = match &req.tables {
             Some(patterns) => Some(resolve_tables(&client, patterns).await?),
             None => None,
         };
-        self.store.create(&client).await?;
         client.release();
         let (mut def, auto) = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
         // Stored first: that reserves the name across processes, and keeps the write

@@ -38,6 +38,8 @@ pub(crate) mod views;
 pub use lifecycle::CreateRequest;
 pub use retention::{RetentionSettings, SlotReport};
 pub use streams::OpenStream;
+/// The output plugins, as the settings name them.
+pub use crate::stream::plugin::Plugin;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,7 +51,6 @@ use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
 use crate::pg::pool::{Pool, PoolSettings};
 use crate::stream::Stop as StreamStop;
-use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
