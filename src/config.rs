@@ -168,3 +168,17 @@ impl Cli {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_defaults_to_auto() {
+        let plugin = |args: &[&str]| Cli::try_parse_from(args).unwrap().session_settings().plugin;
+        assert_eq!(plugin(&["pgdeltastream"]), PluginChoice::Auto);
+        assert_eq!(plugin(&["pgdeltastream", "--plugin", "pgoutput"]), PluginChoice::Fixed(Plugin::Pgoutput));
+        assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
+        assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
+    }
+}

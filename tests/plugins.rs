@@ -233,11 +233,8 @@ async fn auto_takes_pgoutput_where_the_database_cannot_load_wal2json() {
     let (status, created) = create(&server, json!({"name": "v2auto", "tables": ["orders"]})).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["plugin"], "pgoutput");
-    let stored: Value = pg
-        .query_one("SELECT definition FROM pgdeltastream.sessions WHERE name = 'v2auto'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stored: Value =
+        pg.query_one("SELECT definition FROM pgdeltastream.sessions WHERE name = 'v2auto'", &[]).await.unwrap().get(0);
     assert_eq!(stored["plugin"], "pgoutput", "{stored}");
     // Asking for wal2json there is Postgres's error, with nothing left behind.
     let (status, body) = create(&server, json!({"name": "w", "plugin": "wal2json"})).await;
@@ -292,7 +289,8 @@ async fn row_filters_and_column_lists_are_the_publications_and_shown_as_given() 
     let (status, created) = create(&server, json!({"name": "big", "tables": tables, "actions": ["insert"]})).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["plugin"], "pgoutput", "auto takes pgoutput for a row filter: {created}");
-    let shown = json!([{"table": "public.orders", "where": "amount > 100", "columns": ["id", "amount"]}, "public.items"]);
+    let shown =
+        json!([{"table": "public.orders", "where": "amount > 100", "columns": ["id", "amount"]}, "public.items"]);
     assert_eq!(created["tables"], shown);
     let slot = slot_of(&created);
     let row = pg
@@ -360,7 +358,8 @@ async fn a_column_list_without_the_key_is_refused_while_it_would_break_updates()
     let (status, body) = create(&server, json!({"name": "rows", "tables": filtered, "actions": ["delete"]})).await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("replica identity"), "{body}");
-    let (status, body) = create(&server, json!({"name": "keyed", "tables": [{"table": "orders", "where": "id > 1"}]})).await;
+    let (status, body) =
+        create(&server, json!({"name": "keyed", "tables": [{"table": "orders", "where": "id > 1"}]})).await;
     assert_eq!(status, 201, "a filter of the key breaks nothing: {body}");
     let (status, body) = delete(&server, "/v2/sessions/keyed").await;
     assert_eq!(status, 200, "{body}");
@@ -424,10 +423,7 @@ async fn no_publication_is_left_when_the_slot_cannot_be_made() {
     let previous = server.init().await;
     // Take every free replication slot of the cluster.
     let free: i64 = pg
-        .query_one(
-            "SELECT current_setting('max_replication_slots')::int - count(*) FROM pg_replication_slots",
-            &[],
-        )
+        .query_one("SELECT current_setting('max_replication_slots')::int - count(*) FROM pg_replication_slots", &[])
         .await
         .unwrap()
         .get(0);

@@ -35,11 +35,11 @@ pub mod store;
 mod streams;
 pub(crate) mod views;
 
+/// The output plugins, as the settings name them.
+pub use crate::stream::plugin::Plugin;
 pub use lifecycle::CreateRequest;
 pub use retention::{RetentionSettings, SlotReport};
 pub use streams::OpenStream;
-/// The output plugins, as the settings name them.
-pub use crate::stream::plugin::Plugin;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
