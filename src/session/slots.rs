@@ -196,3 +196,29 @@ async fn hold(pg: &PgConfig, exported: Option<&str>) -> Result<SnapshotHolder, E
     let id = snapshot::hold_snapshot(&client, exported).await?;
     Ok(SnapshotHolder { client, id, last_used: Instant::now() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::DbError;
+
+    fn failed(code: &str, message: &str) -> Error {
+        let e = PgError::Db(DbError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            ..DbError::default()
+        });
+        e.into()
+    }
+
+    #[test]
+    fn a_plugin_postgres_cannot_load_is_told_from_other_failures() {
+        let missing = failed("58P01", "could not access file \"wal2json\": No such file or directory");
+        assert!(plugin_cannot_load(&missing, Plugin::Wal2json));
+        let untrusted = failed("42501", "permission denied: \"wal2json\" may not be used as an output plugin");
+        assert!(plugin_cannot_load(&untrusted, Plugin::Wal2json));
+        assert!(!plugin_cannot_load(&failed("53400", "all replication slots are in use"), Plugin::Wal2json));
+        assert!(!plugin_cannot_load(&Error::internal("wal2json"), Plugin::Wal2json), "only Postgres's word counts");
+    }
+}
