@@ -107,7 +107,7 @@ async fn a_pgoutput_session_has_its_publication_of_its_tables_and_actions_until_
     assert_eq!(created["plugin"], "pgoutput");
     assert_eq!(created["publication"], slot.as_str(), "{created}");
     assert_eq!(slots(&pg).await, [(slot.clone(), "pgoutput".to_owned())]);
-    assert_eq!(publications(&pg).await, [slot.clone()]);
+    assert_eq!(publications(&pg).await, [slot.as_str()]);
     // insert and delete; the store's schema is never listed.
     assert_eq!(publication_flags(&pg, &slot).await, [false, true, false, true, false]);
     assert_eq!(published(&pg, &slot).await, ["audit.log", "public.orders"]);
@@ -169,10 +169,10 @@ async fn v1_init_replaces_the_slot_and_the_publication_of_the_session_before() {
     let _shared = SLOTS.read().await;
     let (_db, pg, server) = setup(PluginChoice::Fixed(Plugin::Pgoutput)).await;
     let first = server.init().await;
-    assert_eq!(publications(&pg).await, [first.clone()]);
+    assert_eq!(publications(&pg).await, [first.as_str()]);
     let second = server.init().await;
     assert_eq!(slots(&pg).await, [(second.clone(), "pgoutput".to_owned())]);
-    assert_eq!(publications(&pg).await, [second.clone()]);
+    assert_eq!(publications(&pg).await, [second.as_str()]);
     let (status, view) = server.get("/v2/sessions/default").await;
     assert_eq!(status, 200, "{view}");
     assert_eq!((view["plugin"].as_str(), view["publication"].as_str()), (Some("pgoutput"), Some(second.as_str())));
@@ -236,7 +236,7 @@ async fn auto_takes_pgoutput_where_the_database_cannot_load_wal2json() {
     let server = server_with(&db, PluginChoice::Auto).await;
     let first = server.init().await;
     assert_eq!(slots(&pg).await, [(first.clone(), "pgoutput".to_owned())]);
-    assert_eq!(publications(&pg).await, [first.clone()]);
+    assert_eq!(publications(&pg).await, [first.as_str()]);
     // A snapshot read works as with wal2json.
     let (status, rows) = server.snapshot(json!({"table": "orders", "offset": 0, "limit": 10})).await;
     assert_eq!(status, 200, "{rows}");
@@ -244,7 +244,7 @@ async fn auto_takes_pgoutput_where_the_database_cannot_load_wal2json() {
     // Nothing is remembered: the next init tries wal2json again, and falls back again.
     let second = server.init().await;
     assert_eq!(slots(&pg).await, [(second.clone(), "pgoutput".to_owned())]);
-    assert_eq!(publications(&pg).await, [second.clone()]);
+    assert_eq!(publications(&pg).await, [second.as_str()]);
     let (_, v1) = server.get("/v1/sessions").await;
     assert_eq!(v1[0]["plugin"], "pgoutput", "{v1}");
     // v2 with auto: also pgoutput; the stored definition says so.
@@ -456,7 +456,7 @@ async fn no_publication_is_left_when_the_slot_cannot_be_made() {
     let (status, body) = server.get("/v1/init").await;
     assert_eq!(status, 503, "{body}");
     // The failed creates left nothing; the session before the failed init is whole.
-    assert_eq!(publications(&pg).await, [previous.clone()]);
+    assert_eq!(publications(&pg).await, [previous.as_str()]);
     let (status, _) = server.get("/v2/sessions/late").await;
     assert_eq!(status, 404);
     let (status, view) = server.get("/v2/sessions/default").await;
