@@ -12,7 +12,7 @@ use crate::stream::plugin::Plugin;
 use crate::stream::socket::SocketSettings;
 
 /// Stream PostgreSQL table changes to clients over websockets, using logical decoding
-/// (wal2json).
+/// (wal2json, or pgoutput with a publication per session).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "pgdeltastream", version, about)]
 pub struct Cli {
