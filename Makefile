@@ -58,10 +58,12 @@ $(TOOLS)/node/.ws-$(NODE_WS):
 	cd $(TOOLS)/node && npm install --silent --no-audit --no-fund ws@$(NODE_WS)
 	touch $@
 
-## run: build the release server and run it against a throwaway dev Postgres (.dev/)
+## run: build the release server and run it against a throwaway dev Postgres (.dev/);
+## PLUGIN=auto (default), wal2json or pgoutput
+PLUGIN ?= auto
 run: setup
 	$(CARGO) build --release
-	scripts/run-dev.sh
+	PLUGIN=$(PLUGIN) scripts/run-dev.sh
 
 ## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
 test: setup clients

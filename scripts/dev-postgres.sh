@@ -5,6 +5,7 @@
 #   scripts/dev-postgres.sh stop      pg_ctl stop -m fast
 #   scripts/dev-postgres.sh status
 #   scripts/dev-postgres.sh clean     stop and delete the cluster
+#   scripts/dev-postgres.sh plugin    the plugin `--plugin auto` takes on the running cluster
 #
 # Data lives in .dev/ (gitignored) at the repository root. As root, the server runs as the
 # `postgres` user; if that user cannot reach .dev/ (e.g. the repository lives under /root),
@@ -201,6 +202,18 @@ cmd_status() {
     as_pg "$BINDIR/pg_ctl" -D "$base/data" status
 }
 
+# What `--plugin auto` does, on the running cluster: wal2json when Postgres can load it
+# (tried with a temporary slot, gone with the session), pgoutput otherwise.
+cmd_plugin() {
+    if "$BINDIR/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -c \
+        "SELECT 1 FROM pg_create_logical_replication_slot('pgdeltastream_probe_' || pg_backend_pid(), 'wal2json', true)" \
+        >/dev/null 2>&1; then
+        echo wal2json
+    else
+        echo pgoutput
+    fi
+}
+
 cmd_clean() {
     cmd_stop
     local b
@@ -217,8 +230,9 @@ start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 clean) cmd_clean ;;
+plugin) cmd_plugin ;;
 *)
-    echo "usage: $0 [start|stop|status|clean]" >&2
+    echo "usage: $0 [start|stop|status|clean|plugin]" >&2
     exit 2
     ;;
 esac

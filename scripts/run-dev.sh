@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PORT="${DEV_PGPORT:-54329}"
 SERVERPORT="${SERVERPORT:-12312}"
 BIN="target/release/pgdeltastream"
+# auto, wal2json or pgoutput (`make run PLUGIN=pgoutput`).
+PLUGIN="${PLUGIN:-auto}"
 [[ -x "$BIN" ]] || { echo "run-dev: $BIN missing; run 'cargo build --release'" >&2; exit 1; }
 
 cleanup() {
@@ -20,12 +22,30 @@ trap 'exit 143' TERM
 
 scripts/dev-postgres.sh start
 
+case "$PLUGIN" in
+auto)
+    CHOSEN="$(scripts/dev-postgres.sh plugin)"
+    if [[ "$CHOSEN" == wal2json ]]; then
+        OTHER="pgoutput (built into Postgres, a publication per session): make run PLUGIN=pgoutput"
+    else
+        OTHER="wal2json: install postgresql-15-wal2json (make setup), then make run"
+    fi
+    PLUGIN_LINE="Plugin: auto takes $CHOSEN on this Postgres. To try $OTHER"
+    ;;
+wal2json) PLUGIN_LINE="Plugin: wal2json (--plugin wal2json). Back to the default: make run" ;;
+pgoutput) PLUGIN_LINE="Plugin: pgoutput (--plugin pgoutput), a publication per session. Back to the default: make run" ;;
+*) echo "run-dev: PLUGIN=$PLUGIN: expected auto, wal2json or pgoutput" >&2; exit 2 ;;
+esac
+
 cat <<EOF
+
+$PLUGIN_LINE
 
 pgdeltastream on localhost:$SERVERPORT (Ctrl-C stops it and the dev Postgres). Try, in another shell:
 
-  # 1. init: create a replication slot, note its slotName
+  # 1. init: create a replication slot, note its slotName (/v1/sessions shows its plugin)
   curl localhost:$SERVERPORT/v1/init
+  curl localhost:$SERVERPORT/v1/sessions
 
   # 2. snapshot data as of the slot's creation
   curl -X POST http://localhost:$SERVERPORT/v1/snapshot/data \\
@@ -51,4 +71,4 @@ EOF
 
 # Foreground, so Ctrl-C reaches the server directly; the EXIT trap then stops Postgres.
 DBNAME=postgres PGUSER=postgres PGHOST=127.0.0.1 PGPORT="$PORT" \
-    SERVERHOST=localhost SERVERPORT="$SERVERPORT" "$BIN"
+    SERVERHOST=localhost SERVERPORT="$SERVERPORT" "$BIN" --plugin "$PLUGIN"

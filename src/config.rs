@@ -7,11 +7,12 @@ use clap::Parser;
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::server::HttpSettings;
-use crate::session::{RetentionSettings, SessionSettings};
+use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
+use crate::stream::plugin::Plugin;
 use crate::stream::socket::SocketSettings;
 
 /// Stream PostgreSQL table changes to clients over websockets, using logical decoding
-/// (wal2json).
+/// (wal2json, or pgoutput with a publication per session).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "pgdeltastream", version, about)]
 pub struct Cli {
@@ -67,6 +68,11 @@ pub struct Cli {
     #[arg(long, env = "PGDELTASTREAM_FRAME_SIZE", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
     pub frame_size: u32,
+    /// Output plugin of /v1/init and of a v2 session that names none: auto takes
+    /// wal2json when the database can load it, pgoutput (built into Postgres, with a
+    /// publication per session) otherwise.
+    #[arg(long, env = "PGDELTASTREAM_PLUGIN", value_enum, default_value_t = PluginArg::Auto)]
+    pub plugin: PluginArg,
     /// Schema of the table that stores session definitions (created on first use).
     #[arg(long, env = "PGDELTASTREAM_SCHEMA", default_value = "pgdeltastream")]
     pub schema: String,
@@ -93,6 +99,23 @@ pub struct Cli {
     pub max_connections: usize,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginArg {
+    Auto,
+    Wal2json,
+    Pgoutput,
+}
+
+impl From<PluginArg> for PluginChoice {
+    fn from(p: PluginArg) -> PluginChoice {
+        match p {
+            PluginArg::Auto => PluginChoice::Auto,
+            PluginArg::Wal2json => PluginChoice::Fixed(Plugin::Wal2json),
+            PluginArg::Pgoutput => PluginChoice::Fixed(Plugin::Pgoutput),
+        }
+    }
+}
+
 impl Cli {
     pub fn pg_config(&self) -> PgConfig {
         PgConfig {
@@ -116,6 +139,7 @@ impl Cli {
             },
             frame_bytes: self.frame_size as usize,
             schema: self.schema.clone(),
+            plugin: self.plugin.into(),
             ..SessionSettings::default()
         }
     }
@@ -142,5 +166,19 @@ impl Cli {
             warn_bytes: self.retention_warn_bytes,
             warn_idle: Duration::from_secs(self.retention_warn_idle),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_defaults_to_auto() {
+        let plugin = |args: &[&str]| Cli::try_parse_from(args).unwrap().session_settings().plugin;
+        assert_eq!(plugin(&["pgdeltastream"]), PluginChoice::Auto);
+        assert_eq!(plugin(&["pgdeltastream", "--plugin", "pgoutput"]), PluginChoice::Fixed(Plugin::Pgoutput));
+        assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
+        assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
     }
 }

@@ -16,7 +16,12 @@ fn help_lists_every_setting_with_its_environment_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    let http = ["PGDELTASTREAM_HEADER_TIMEOUT", "PGDELTASTREAM_IDLE_TIMEOUT", "PGDELTASTREAM_MAX_CONNECTIONS"];
+    let http = [
+        "PGDELTASTREAM_HEADER_TIMEOUT",
+        "PGDELTASTREAM_IDLE_TIMEOUT",
+        "PGDELTASTREAM_MAX_CONNECTIONS",
+        "PGDELTASTREAM_PLUGIN",
+    ];
     for var in ["DBNAME", "PGUSER", "PGPASS", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"].into_iter().chain(http) {
         assert!(help.contains(&format!("env: {var}")), "--help does not mention {var}:\n{help}");
     }
@@ -74,6 +79,10 @@ fn bad_settings_are_reported_not_panicked() {
     let out = Command::new(BIN).args(["--pgport", "notaport"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pgport"));
+    let out = Command::new(BIN).args(["--plugin", "decoderbufs"]).output().unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("auto") && said.contains("pgoutput") && said.contains("wal2json"), "{said}");
     let port = free_port();
     let _hold = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let out = Command::new(BIN).env("SERVERHOST", "127.0.0.1").env("SERVERPORT", port.to_string()).output().unwrap();

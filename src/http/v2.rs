@@ -28,8 +28,7 @@ use crate::error::Error;
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::KeysetRequest;
 use crate::session::CreateRequest;
-use crate::session::definition::Action;
-use crate::session::retention::SnapshotStatus;
+use crate::session::definition::{Action, TableEntry, TableSpec};
 use crate::session::views::{Created, SessionView};
 use crate::stream::plugin::Plugin;
 
@@ -39,7 +38,8 @@ use crate::stream::plugin::Plugin;
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     pub name: String,
-    pub tables: Option<Vec<String>>,
+    /// Each a string (`schema.table`, `schema.*`) or `{"table", "where", "columns"}`.
+    pub tables: Option<Vec<serde_json::Value>>,
     pub actions: Option<Vec<Action>>,
     pub plugin: Option<Plugin>,
 }
@@ -57,9 +57,29 @@ pub async fn create(
     if body.actions.as_ref().is_some_and(Vec::is_empty) {
         return Err(Error::bad_request("actions is empty: leave it out for every action").into());
     }
-    let req = CreateRequest { name: body.name, tables: body.tables, actions: body.actions, plugin: body.plugin };
+    let tables = body.tables.map(|t| t.into_iter().map(table_entry).collect::<Result<Vec<_>, _>>()).transpose()?;
+    let req = CreateRequest { name: body.name, tables, actions: body.actions, plugin: body.plugin };
     let (definition, consistent_point) = state.registry.create(req).await?;
-    Ok((StatusCode::CREATED, Json(Created { definition, consistent_point, snapshot: SnapshotStatus::Held })))
+    Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))
+}
+
+/// One entry of `tables`, with an error that says which.
+fn table_entry(value: serde_json::Value) -> Result<TableEntry, Error> {
+    let shown = value.to_string();
+    let entry = match value {
+        serde_json::Value::String(s) => return Ok(TableEntry::Pattern(s)),
+        serde_json::Value::Object(_) => serde_json::from_value::<TableSpec>(value)
+            .map_err(|e| Error::bad_request(format!("invalid table {shown}: {e}")))?,
+        _ => {
+            return Err(Error::bad_request(format!(
+                "invalid table {shown}: expected a string or {{\"table\": ..., \"where\": ..., \"columns\": [...]}}"
+            )));
+        }
+    };
+    if entry.columns.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::bad_request(format!("columns of {} is empty: leave it out for every column", entry.table)));
+    }
+    Ok(TableEntry::Table(entry))
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SessionView>>, ApiError> {

@@ -20,17 +20,66 @@ pub struct Definition {
     pub slot_name: String,
     pub plugin: Plugin,
     /// `schema.table` and `schema.*` patterns as resolved at creation; None: every table.
-    pub tables: Option<Vec<String>>,
+    pub tables: Option<Vec<TableEntry>>,
     pub actions: Vec<Action>,
 }
 
+/// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
+/// filter and column list its publication applies. Stored and shown as given, so that
+/// the definitions stored before entries could be objects load as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TableEntry {
+    Pattern(String),
+    Table(TableSpec),
+}
+
+/// `{"table": "public.orders", "where": "amount > 100", "columns": ["id", "amount"]}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    pub table: String,
+    /// SQL by design: Postgres checks it as the publication's row filter.
+    #[serde(rename = "where", default, skip_serializing_if = "Option::is_none")]
+    pub row_filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+}
+
+impl TableEntry {
+    pub fn pattern(&self) -> &str {
+        match self {
+            TableEntry::Pattern(p) => p,
+            TableEntry::Table(t) => &t.table,
+        }
+    }
+
+    /// A row filter or a column list, which only a publication can apply.
+    pub fn narrows(&self) -> bool {
+        matches!(self, TableEntry::Table(t) if t.row_filter.is_some() || t.columns.is_some())
+    }
+
+    /// The same entry for another (resolved) pattern.
+    pub fn with_pattern(&self, pattern: String) -> TableEntry {
+        match self {
+            TableEntry::Pattern(_) => TableEntry::Pattern(pattern),
+            TableEntry::Table(t) => TableEntry::Table(TableSpec { table: pattern, ..t.clone() }),
+        }
+    }
+}
+
 impl Definition {
+    /// The publication its slot reads (pgoutput).
+    pub fn publication(&self) -> Option<String> {
+        (self.plugin == Plugin::Pgoutput).then(|| Plugin::publication_name(&self.slot_name).to_owned())
+    }
+
     /// What reaches the session's client, for the plugin.
     pub fn filter(&self) -> Filter {
         let tables = self.tables.as_ref().map(|patterns| {
             patterns
                 .iter()
-                .filter_map(|p| match TablePattern::parse(p) {
+                .filter_map(|e| match TablePattern::parse(e.pattern()) {
                     Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, Some(t.name))),
                     Ok(TablePattern::Schema(s)) => Some((s, None)),
                     Err(_) => None,
@@ -134,12 +183,29 @@ mod tests {
                 name: "n".into(),
                 slot_name: "delta_x1".into(),
                 plugin: Plugin::Wal2json,
-                tables: Some(vec![shown.clone()]),
+                tables: Some(vec![TableEntry::Pattern(shown.clone())]),
                 actions: Action::ALL.to_vec(),
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");
         }
         assert_eq!(display_pattern("public", Some("orders")), "public.orders");
+    }
+
+    #[test]
+    fn table_entries_round_trip_as_given() {
+        let stored = serde_json::json!({
+            "name": "n", "slotName": "delta_x1", "plugin": "pgoutput", "actions": ["insert"],
+            "tables": ["public.a", {"table": "public.b", "where": "x > 1"}, {"table": "public.c", "columns": ["Id"]}]
+        });
+        let def: Definition = serde_json::from_value(stored.clone()).unwrap();
+        let tables = def.tables.as_ref().unwrap();
+        assert_eq!(tables[0], TableEntry::Pattern("public.a".into()));
+        assert!(!tables[0].narrows() && tables[1].narrows() && tables[2].narrows());
+        assert_eq!(serde_json::to_value(&def).unwrap(), stored);
+        let old = serde_json::json!({
+            "name": "n", "slotName": "delta_x1", "plugin": "wal2json", "actions": ["insert"], "tables": ["public.a"]
+        });
+        assert_eq!(serde_json::to_value(serde_json::from_value::<Definition>(old.clone()).unwrap()).unwrap(), old);
     }
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::definition::{Action, DEFAULT_NAME, Definition, TablePattern, check_name, display_pattern};
+use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, TablePattern, check_name, display_pattern};
+use super::slots::{NewSlot, plugin_cannot_load};
 use super::snapshots::SnapshotState;
-use super::{Entry, PLUGIN, Registry};
+use super::{Entry, PluginChoice, Registry};
 use crate::error::Error;
 use crate::pg::ident::TableRef;
 use crate::stream::plugin::Plugin;
@@ -21,7 +22,7 @@ use crate::types::Lsn;
 pub struct CreateRequest {
     pub name: String,
     /// None: every table.
-    pub tables: Option<Vec<String>>,
+    pub tables: Option<Vec<TableEntry>>,
     /// None: every action.
     pub actions: Option<Vec<Action>>,
     pub plugin: Option<Plugin>,
@@ -91,7 +92,7 @@ impl Registry {
     async fn replace_default(&self) -> Result<Definition, Error> {
         let _one_at_a_time = self.admin.lock().await;
         self.refuse_when_stopping()?;
-        let def = self.define(DEFAULT_NAME, None, None, None).await?;
+        let (mut def, auto) = self.define(DEFAULT_NAME, None, None, None).await?;
         let previous = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone()));
         // Stored before the slot exists, so that the write is not in the slot's stream.
         // v1 works without the store: a role that may not create it still streams.
@@ -104,10 +105,10 @@ impl Registry {
         };
         // The new slot first: if anything fails, the previous session is still whole.
         let made = async {
-            let new = self.create_slot(&def.slot_name, def.plugin).await?;
+            let new = self.create_session_slot(&mut def, auto, stored).await?;
             if let Some(previous) = &previous {
                 if let Err(e) = self.end(previous, "session reset by /v1/init").await {
-                    self.discard(&def.slot_name, SnapshotState::Held(new.holder)).await;
+                    self.discard(&def, SnapshotState::Held(new.holder)).await;
                     return Err(e);
                 }
             }
@@ -125,7 +126,7 @@ impl Registry {
         };
         let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), stored);
         self.with(|s| s.sessions.insert(def.name.clone(), entry));
-        tracing::info!(session = DEFAULT_NAME, slot = %def.slot_name, "session created");
+        tracing::info!(session = DEFAULT_NAME, slot = %def.slot_name, plugin = %def.plugin, "session created");
         Ok(def)
     }
 
@@ -147,13 +148,14 @@ impl Registry {
             return Err(taken(&req.name));
         }
         let client = self.pool.get().await?;
+        // The store first: its schema is one a session may name (and never gets).
+        self.store.create(&client).await?;
         let tables = match &req.tables {
             Some(patterns) => Some(resolve_tables(&client, patterns).await?),
             None => None,
         };
-        self.store.create(&client).await?;
         client.release();
-        let def = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
+        let (mut def, auto) = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
         let client = self.pool.get().await?;
@@ -162,7 +164,7 @@ impl Registry {
         if !inserted? {
             return Err(taken(&req.name));
         }
-        let new = match self.create_slot(&def.slot_name, def.plugin).await {
+        let new = match self.create_session_slot(&mut def, auto, true).await {
             Ok(new) => new,
             Err(e) => {
                 if let Err(e) = self.store_delete(&def.name).await {
@@ -173,28 +175,66 @@ impl Registry {
         };
         let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), true);
         self.with(|s| s.sessions.insert(def.name.clone(), entry));
-        tracing::info!(session = %def.name, slot = %def.slot_name, "session created");
+        tracing::info!(session = %def.name, slot = %def.slot_name, plugin = %def.plugin, "session created");
         Ok((def, new.consistent_point))
     }
 
-    /// A definition with a slot name nobody uses yet.
+    /// A definition with a slot name nobody uses yet; true when its plugin is only a
+    /// first try (`auto`: wal2json, pgoutput if the database cannot load it).
     async fn define(
         &self,
         name: &str,
-        tables: Option<Vec<String>>,
+        tables: Option<Vec<TableEntry>>,
         actions: Option<Vec<Action>>,
         plugin: Option<Plugin>,
-    ) -> Result<Definition, Error> {
+    ) -> Result<(Definition, bool), Error> {
         let mut actions = actions.unwrap_or_else(|| Action::ALL.to_vec());
         actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
         actions.dedup();
-        Ok(Definition {
-            name: name.to_owned(),
-            slot_name: self.fresh_slot_name().await?,
-            plugin: plugin.unwrap_or(PLUGIN),
-            tables,
-            actions,
-        })
+        let narrows = tables.iter().flatten().any(TableEntry::narrows);
+        let (plugin, auto) = match (plugin, self.settings.plugin) {
+            (Some(p), _) | (None, PluginChoice::Fixed(p)) => (p, false),
+            // Only a publication applies a row filter or a column list.
+            (None, PluginChoice::Auto) if narrows => (Plugin::Pgoutput, false),
+            (None, PluginChoice::Auto) => (Plugin::Wal2json, true),
+        };
+        if narrows && plugin != Plugin::Pgoutput {
+            return Err(Error::bad_request(format!(
+                "a row filter (where) or a column list (columns) needs the pgoutput plugin: {plugin} cannot apply them"
+            )));
+        }
+        let def =
+            Definition { name: name.to_owned(), slot_name: self.fresh_slot_name().await?, plugin, tables, actions };
+        Ok((def, auto))
+    }
+
+    /// Creates the session's publication (pgoutput) and then its slot, leaving nothing
+    /// behind when either fails. With `auto`, a database that cannot load wal2json gets
+    /// pgoutput instead; the definition then says so, in the store too when `stored`
+    /// (before the slot exists, so that the write is not in its stream).
+    async fn create_session_slot(&self, def: &mut Definition, auto: bool, stored: bool) -> Result<NewSlot, Error> {
+        match self.create_plugin_slot(def).await {
+            Err(e) if auto && def.plugin == Plugin::Wal2json && plugin_cannot_load(&e, def.plugin) => {
+                tracing::info!(slot = %def.slot_name, error = %e, "the database cannot load wal2json: using pgoutput");
+                def.plugin = Plugin::Pgoutput;
+                if stored {
+                    self.store_put(def).await?;
+                }
+                self.create_plugin_slot(def).await
+            }
+            made => made,
+        }
+    }
+
+    async fn create_plugin_slot(&self, def: &Definition) -> Result<NewSlot, Error> {
+        if def.plugin == Plugin::Pgoutput {
+            self.create_publication(def).await?;
+        }
+        let made = self.create_slot(&def.slot_name, def.plugin).await;
+        if made.is_err() {
+            self.drop_publication_of(&def.slot_name, def.plugin).await;
+        }
+        made
     }
 
     /// Stops the session's stream (running or opening), drops its slot, releases its
@@ -216,6 +256,7 @@ impl Registry {
             self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.closing = None));
             return Err(e);
         }
+        self.drop_publication_of(&def.slot_name, def.plugin).await;
         if let Err(e) = self.store_delete(name).await {
             tracing::warn!(session = name, error = %e, "cannot remove the stored definition");
         }
@@ -227,11 +268,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Undoes a slot made for a session that was never registered.
-    async fn discard(&self, slot: &str, mut snapshot: SnapshotState) {
+    /// Undoes a slot (and publication) made for a session that was never registered.
+    async fn discard(&self, def: &Definition, mut snapshot: SnapshotState) {
+        let slot = def.slot_name.as_str();
         snapshot.release(slot, "the session was not created");
-        if let Err(e) = self.drop_slot(slot).await {
-            tracing::error!(slot, error = %e, "cannot drop the slot of a failed create; drop it with DELETE /v1/sessions/{{slotName}}");
+        match self.drop_slot(slot).await {
+            Ok(()) => self.drop_publication_of(slot, def.plugin).await,
+            Err(e) => {
+                tracing::error!(slot, error = %e, "cannot drop the slot of a failed create; drop it with DELETE /v1/sessions/{{slotName}}")
+            }
         }
     }
 
@@ -304,10 +349,10 @@ async fn run_to_completion<T: Send + 'static>(
 
 /// Resolves a session's table patterns against the catalog: unqualified names through
 /// the search_path, every table and schema checked. 404 for what does not exist.
-async fn resolve_tables(client: &Client, patterns: &[String]) -> Result<Vec<String>, Error> {
-    let mut resolved = Vec::with_capacity(patterns.len());
-    for p in patterns {
-        let shown = match TablePattern::parse(p)? {
+async fn resolve_tables(client: &Client, entries: &[TableEntry]) -> Result<Vec<TableEntry>, Error> {
+    let mut resolved = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let shown = match TablePattern::parse(entry.pattern())? {
             TablePattern::Schema(schema) => {
                 let found =
                     client.query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema]).await?;
@@ -321,6 +366,7 @@ async fn resolve_tables(client: &Client, patterns: &[String]) -> Result<Vec<Stri
                 display_pattern(&schema, Some(&table))
             }
         };
+        let shown = entry.with_pattern(shown);
         if !resolved.contains(&shown) {
             resolved.push(shown);
         }

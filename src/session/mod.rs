@@ -18,6 +18,8 @@
 //!
 //! - [`lifecycle`]: creating and ending sessions.
 //! - [`slots`]: replication slots: create with a snapshot, check, drop.
+//! - [`publications`]: the publication of a pgoutput session, created before its slot
+//!   and dropped after it.
 //! - [`snapshots`]: the held snapshot and reading from it.
 //! - [`streams`]: claiming a session's one stream and running it.
 //! - [`views`] and [`retention`]: what the API reports.
@@ -25,6 +27,7 @@
 pub(crate) mod definition;
 mod lifecycle;
 pub(crate) mod names;
+mod publications;
 pub mod retention;
 mod slots;
 mod snapshots;
@@ -32,6 +35,8 @@ pub mod store;
 mod streams;
 pub(crate) mod views;
 
+/// The output plugins, as the settings name them.
+pub use crate::stream::plugin::Plugin;
 pub use lifecycle::CreateRequest;
 pub use retention::{RetentionSettings, SlotReport};
 pub use streams::OpenStream;
@@ -46,7 +51,6 @@ use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
 use crate::pg::pool::{Pool, PoolSettings};
 use crate::stream::Stop as StreamStop;
-use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
@@ -55,8 +59,15 @@ use definition::Definition;
 use snapshots::SnapshotState;
 use store::Store;
 
-/// The output plugin new slots use.
-pub const PLUGIN: Plugin = Plugin::Wal2json;
+/// The plugin of a session that does not name one (`--plugin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PluginChoice {
+    /// wal2json when the database can load it, pgoutput otherwise: found out by creating
+    /// each slot, so nothing is remembered that could go stale.
+    #[default]
+    Auto,
+    Fixed(Plugin),
+}
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -71,6 +82,8 @@ pub struct SessionSettings {
     pub socket: SocketSettings,
     /// The schema of the table that stores session definitions.
     pub schema: String,
+    /// The plugin of `/v1/init`, and of a v2 session that names none.
+    pub plugin: PluginChoice,
 }
 
 impl Default for SessionSettings {
@@ -82,6 +95,7 @@ impl Default for SessionSettings {
             frame_bytes: crate::stream::frame::DEFAULT_FRAME_BYTES,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
             schema: store::DEFAULT_SCHEMA.to_owned(),
+            plugin: PluginChoice::Auto,
         }
     }
 }

@@ -45,6 +45,10 @@ impl Default for RetentionSettings {
 #[serde(rename_all = "camelCase")]
 pub struct SlotReport {
     pub slot_name: String,
+    pub plugin: Plugin,
+    /// The publication a pgoutput slot reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
     /// A walsender is streaming the slot (ours or another process's).
     pub active: bool,
     pub active_pid: Option<i32>,
@@ -84,6 +88,7 @@ impl From<Close> for LastClose {
 /// One row of `pg_replication_slots`, for a slot of ours.
 pub(super) struct SlotRow {
     pub slot_name: String,
+    pub plugin: Plugin,
     pub active: bool,
     pub active_pid: Option<i32>,
     pub confirmed_flush_lsn: Option<Lsn>,
@@ -127,18 +132,24 @@ const REPORT_SQL: &str = "\
            greatest(pg_catalog.pg_wal_lsn_diff(\
                CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
                     ELSE pg_catalog.pg_current_wal_lsn() END, restart_lsn), 0)::bigint, \
-           wal_status::text \
+           wal_status::text, plugin::text \
     FROM pg_catalog.pg_replication_slots \
     WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = ANY ($1) \
     ORDER BY slot_name";
 
 impl Registry {
     /// One entry per slot of ours in the configured database, including slots an earlier
-    /// process created.
+    /// process created. A pgoutput slot is ours only when a session names it: a
+    /// subscriber's is none of our business.
     pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
         let now = SystemTime::now();
         let mut reports = Vec::new();
+        let stored = self.stored_slots().await;
         for row in self.slot_rows().await? {
+            let named = stored.contains(&row.slot_name) || self.with(|s| s.by_slot(&row.slot_name).is_some());
+            if row.plugin == Plugin::Pgoutput && !named {
+                continue;
+            }
             let here = self.with(|s| {
                 s.by_slot(&row.slot_name)
                     .map(|e| (e.def.name == DEFAULT_NAME, e.progress.clone(), e.snapshot.status().0))
@@ -158,10 +169,28 @@ impl Registry {
                 seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
                 snapshot: here.as_ref().map_or(SnapshotStatus::None, |(_, _, status)| *status),
                 last_close: progress.as_ref().and_then(|p| p.last_close()).map(LastClose::from),
+                plugin: row.plugin,
+                publication: (row.plugin == Plugin::Pgoutput)
+                    .then(|| Plugin::publication_name(&row.slot_name).to_owned()),
                 slot_name: row.slot_name,
             });
         }
         Ok(reports)
+    }
+
+    /// The slots the stored definitions name; none when the store cannot be read (the
+    /// sessions of this process are still known).
+    async fn stored_slots(&self) -> Vec<String> {
+        let Ok(client) = self.pool.get().await else { return Vec::new() };
+        let defs = self.store.load(&client).await;
+        client.release();
+        match defs {
+            Ok(defs) => defs.into_iter().map(|d| d.slot_name).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored sessions");
+                Vec::new()
+            }
+        }
     }
 
     /// What Postgres says about every slot of ours in the configured database.
@@ -177,7 +206,10 @@ impl Registry {
                 continue;
             }
             let retained: Option<i64> = row.try_get(5)?;
+            let plugin: String = row.try_get(7)?;
+            let Some(plugin) = Plugin::from_name(&plugin) else { continue };
             out.push(SlotRow {
+                plugin,
                 slot_name,
                 active: row.try_get(1)?,
                 active_pid: row.try_get(2)?,
@@ -353,6 +385,8 @@ mod tests {
     fn report_serializes_with_camel_case_keys() {
         let r = SlotReport {
             slot_name: "delta_face56".into(),
+            plugin: Plugin::Pgoutput,
+            publication: Some("delta_face56".into()),
             active: false,
             active_pid: None,
             default: true,
@@ -374,7 +408,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({
-                "slotName": "delta_face56", "active": false, "activePid": null, "default": true,
+                "slotName": "delta_face56", "plugin": "pgoutput", "publication": "delta_face56", "active": false, "activePid": null, "default": true,
                 "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72,
                 "walStatus": "reserved", "lastAckLsn": null, "lastAckAt": null,
                 "secondsSinceLastAck": null, "snapshot": "held",

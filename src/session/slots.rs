@@ -7,8 +7,9 @@ use tokio_postgres::error::SqlState;
 
 use super::snapshots::SnapshotHolder;
 use super::{Registry, names};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
+use crate::pg::PgError;
 use crate::pg::ident::is_valid_slot_name;
 use crate::pg::pool;
 use crate::pg::replication::ReplicationConnection;
@@ -41,7 +42,14 @@ impl Registry {
     /// A slot name no slot of the cluster has (`delta_<word><number>`).
     pub(super) async fn fresh_slot_name(&self) -> Result<String, Error> {
         let client = self.pool.get().await?;
-        let rows = client.query("SELECT slot_name::text FROM pg_catalog.pg_replication_slots", &[]).await?;
+        // A publication is named as its slot: neither may be taken.
+        let rows = client
+            .query(
+                "SELECT slot_name::text FROM pg_catalog.pg_replication_slots \
+                 UNION SELECT pubname::text FROM pg_catalog.pg_publication",
+                &[],
+            )
+            .await?;
         client.release();
         let taken: Vec<String> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         (0..100)
@@ -127,7 +135,27 @@ impl Registry {
                 info.plugin.as_deref().unwrap_or("(none)")
             ))
         })?;
+        if plugin == Plugin::Pgoutput && !self.names_slot(slot).await? {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "replication slot {slot} is a pgoutput slot that no session of pgdeltastream names (a subscriber's?): \
+                     it is not streamed here"
+                ),
+            ));
+        }
         Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush })
+    }
+
+    /// A session of this process or a stored definition reads `slot`.
+    pub(super) async fn names_slot(&self, slot: &str) -> Result<bool, Error> {
+        if self.with(|s| s.by_slot(slot).is_some()) {
+            return Ok(true);
+        }
+        let client = self.pool.get().await?;
+        let def = self.store.by_slot(&client, slot).await;
+        client.release();
+        Ok(def?.is_some())
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
@@ -153,10 +181,44 @@ impl Registry {
     }
 }
 
+/// Postgres could not load `plugin` (not installed, not on the database's
+/// dynamic_library_path, not a trusted output plugin): another plugin may do.
+pub(super) fn plugin_cannot_load(e: &Error, plugin: Plugin) -> bool {
+    let source = std::error::Error::source(e).and_then(|s| s.downcast_ref::<PgError>());
+    let Some(PgError::Db(db)) = source else { return false };
+    db.code == tokio_postgres::error::SqlState::UNDEFINED_FILE.code() || db.message.contains(plugin.name())
+}
+
 /// Holds an exported snapshot on a connection of its own.
 async fn hold(pg: &PgConfig, exported: Option<&str>) -> Result<SnapshotHolder, Error> {
     let exported = exported.ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
     let client = pool::connect(pg).await?;
     let id = snapshot::hold_snapshot(&client, exported).await?;
     Ok(SnapshotHolder { client, id, last_used: Instant::now() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::DbError;
+
+    fn failed(code: &str, message: &str) -> Error {
+        let e = PgError::Db(DbError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            ..DbError::default()
+        });
+        e.into()
+    }
+
+    #[test]
+    fn a_plugin_postgres_cannot_load_is_told_from_other_failures() {
+        let missing = failed("58P01", "could not access file \"wal2json\": No such file or directory");
+        assert!(plugin_cannot_load(&missing, Plugin::Wal2json));
+        let untrusted = failed("42501", "permission denied: \"wal2json\" may not be used as an output plugin");
+        assert!(plugin_cannot_load(&untrusted, Plugin::Wal2json));
+        assert!(!plugin_cannot_load(&failed("53400", "all replication slots are in use"), Plugin::Wal2json));
+        assert!(!plugin_cannot_load(&Error::internal("wal2json"), Plugin::Wal2json), "only Postgres's word counts");
+    }
 }

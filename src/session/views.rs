@@ -18,8 +18,17 @@ use crate::types::Lsn;
 pub struct Created {
     #[serde(flatten)]
     pub definition: Definition,
+    /// The publication of a pgoutput session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
     pub consistent_point: Lsn,
     pub snapshot: SnapshotStatus,
+}
+
+impl Created {
+    pub fn new(definition: Definition, consistent_point: Lsn) -> Created {
+        Created { publication: definition.publication(), definition, consistent_point, snapshot: SnapshotStatus::Held }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +36,9 @@ pub struct Created {
 pub struct SessionView {
     #[serde(flatten)]
     pub definition: Definition,
+    /// The publication of a pgoutput session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
     /// Known to the process that created the session, until it restarts.
     pub consistent_point: Option<Lsn>,
     pub snapshot: SnapshotStatus,
@@ -86,6 +98,7 @@ impl Registry {
         let last_ack = progress.as_ref().and_then(|p| p.last_ack());
         let now = SystemTime::now();
         SessionView {
+            publication: definition.publication(),
             consistent_point,
             snapshot: status,
             snapshot_reason: reason,

@@ -32,6 +32,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             stream_buffer: 16,
             frame_bytes: pgdeltastream::stream::frame::DEFAULT_FRAME_BYTES,
             schema: pgdeltastream::session::store::DEFAULT_SCHEMA.into(),
+            plugin: pgdeltastream::session::PluginChoice::Auto,
             socket: SocketSettings { ping_interval: Duration::from_secs(1), dead_after: Duration::from_secs(10) },
         },
         max_limit: 1000,

@@ -1,0 +1,381 @@
+//! A pgoutput session's publication: the tables and actions its slot decodes, named as
+//! the slot, created before it (publications are looked up in the historic catalog of
+//! each change) and dropped after it.
+//!
+//! A publication that publishes updates or deletes of a table without a replica
+//! identity makes the application's own UPDATE and DELETE of that table fail. So the
+//! publication is created in a transaction, checked there against Postgres's own view
+//! of what it covers, and committed only when it breaks no table.
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use super::Registry;
+use super::definition::{Action, Definition, TableEntry, TablePattern};
+use crate::error::{Error, ErrorKind};
+use crate::pg::ident::{quote_ident, quote_literal};
+use crate::stream::plugin::Plugin;
+
+/// At most this many table names in a refusal.
+const NAMES_SHOWN: usize = 20;
+
+impl Registry {
+    /// Creates the publication of pgoutput session `def`, or refuses with nothing left
+    /// behind: 409 when it would break the application's updates or deletes, 403 when
+    /// the role may not create it, 400 when Postgres refuses a row filter or a column.
+    pub(super) async fn create_publication(&self, def: &Definition) -> Result<(), Error> {
+        let plan = Plan::new(def, &self.settings.schema)?;
+        let client = self.pool.get().await?;
+        client.batch_execute("BEGIN").await?;
+        match plan.create_checked(&client).await {
+            Ok(()) => {
+                client.batch_execute("COMMIT").await?;
+                client.release();
+            }
+            Err(e) => {
+                if client.batch_execute("ROLLBACK").await.is_ok() {
+                    client.release();
+                }
+                return Err(e);
+            }
+        }
+        if plan.all_tables {
+            tracing::warn!(
+                publication = %plan.name,
+                "publication created FOR ALL TABLES: it covers tables created later too, and their UPDATE and DELETE \
+                 fail while they have no replica identity"
+            );
+        } else {
+            tracing::info!(publication = %plan.name, "publication created");
+        }
+        Ok(())
+    }
+
+    /// Drops a publication if it exists.
+    pub(super) async fn drop_publication(&self, name: &str) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))).await?;
+        client.release();
+        tracing::info!(publication = name, "publication dropped");
+        Ok(())
+    }
+
+    /// Drops the publication of a slot just dropped, if its plugin has one; a failure
+    /// is logged with what to run by hand.
+    pub(super) async fn drop_publication_of(&self, slot: &str, plugin: Plugin) {
+        if plugin != Plugin::Pgoutput {
+            return;
+        }
+        let name = Plugin::publication_name(slot);
+        if let Err(e) = self.drop_publication(name).await {
+            tracing::error!(publication = name, error = %e, "cannot drop the publication: run DROP PUBLICATION {}", quote_ident(name));
+        }
+    }
+}
+
+/// The publication to create, and what Postgres must say it covers.
+#[derive(Debug)]
+struct Plan {
+    name: String,
+    sql: String,
+    all_tables: bool,
+    /// (schema, table) listed, sorted.
+    tables: Vec<(String, String)>,
+    schemas: Vec<String>,
+    /// Tables with a row filter or a column list, quoted.
+    narrowed: Vec<String>,
+    /// Publishes updates or deletes: tables without a replica identity break.
+    needs_identity: bool,
+    publishes_delete: bool,
+}
+
+impl Plan {
+    fn new(def: &Definition, hidden_schema: &str) -> Result<Plan, Error> {
+        let name = Plugin::publication_name(&def.slot_name).to_owned();
+        let mut plan = Plan {
+            sql: String::new(),
+            all_tables: def.tables.is_none(),
+            tables: Vec::new(),
+            schemas: Vec::new(),
+            narrowed: Vec::new(),
+            needs_identity: def.actions.iter().any(|a| matches!(a, Action::Update | Action::Delete)),
+            publishes_delete: def.actions.contains(&Action::Delete),
+            name,
+        };
+        let mut items = Vec::new();
+        for entry in def.tables.iter().flatten() {
+            if let Some(item) = plan.item(entry, hidden_schema)? {
+                items.push(item);
+            }
+        }
+        plan.tables.sort();
+        plan.tables.dedup();
+        plan.schemas.sort();
+        plan.schemas.dedup();
+        let target = if plan.all_tables {
+            " FOR ALL TABLES".to_owned()
+        } else if items.is_empty() {
+            // Every listed table is the store's own: a publication of nothing.
+            String::new()
+        } else {
+            format!(" FOR {}", items.join(", "))
+        };
+        let publish: Vec<&str> = def.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
+        plan.sql = format!(
+            "CREATE PUBLICATION {}{target} WITH (publish = {})",
+            quote_ident(&plan.name),
+            quote_literal(&publish.join(", "))
+        );
+        Ok(plan)
+    }
+
+    /// One item of `FOR ...`; None for the store's schema, which is never streamed.
+    fn item(&mut self, entry: &TableEntry, hidden_schema: &str) -> Result<Option<String>, Error> {
+        match TablePattern::parse(entry.pattern())? {
+            TablePattern::Schema(schema) => {
+                if entry.narrows() {
+                    return Err(Error::bad_request(format!(
+                        "{}: a row filter or a column list applies to one table, not to every table of a schema",
+                        entry.pattern()
+                    )));
+                }
+                if schema == hidden_schema {
+                    return Ok(None);
+                }
+                let item = format!("TABLES IN SCHEMA {}", quote_ident(&schema));
+                self.schemas.push(schema);
+                Ok(Some(item))
+            }
+            TablePattern::Table(t) => {
+                let schema = t.schema.ok_or_else(|| Error::internal(format!("table {} is not resolved", t.name)))?;
+                if schema == hidden_schema {
+                    return Ok(None);
+                }
+                let table = format!("{}.{}", quote_ident(&schema), quote_ident(&t.name));
+                let mut item = format!("TABLE {table}");
+                if let TableEntry::Table(spec) = entry {
+                    if let Some(columns) = &spec.columns {
+                        let quoted: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+                        item.push_str(&format!(" ({})", quoted.join(", ")));
+                    }
+                    if let Some(filter) = &spec.row_filter {
+                        item.push_str(&format!(" WHERE ({filter})"));
+                    }
+                }
+                if entry.narrows() {
+                    self.narrowed.push(table);
+                }
+                self.tables.push((schema, t.name));
+                Ok(Some(item))
+            }
+        }
+    }
+
+    /// Runs in the caller's transaction.
+    async fn create_checked(&self, client: &Client) -> Result<(), Error> {
+        // The extended protocol runs one statement, whatever a row filter's text holds.
+        client.execute(&self.sql, &[]).await.map_err(|e| refused(&self.name, &e))?;
+        self.check_covers(client).await?;
+        if self.needs_identity {
+            self.check_identities(client).await?;
+            self.check_narrowed(client).await?;
+        }
+        Ok(())
+    }
+
+    /// A row filter is SQL in the middle of the statement: make sure it added no table
+    /// or schema of its own.
+    async fn check_covers(&self, client: &Client) -> Result<(), Error> {
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_publication p \
+                 JOIN pg_catalog.pg_publication_rel r ON r.prpubid = p.oid \
+                 JOIN pg_catalog.pg_class c ON c.oid = r.prrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1 ORDER BY 1, 2",
+                &[&self.name],
+            )
+            .await?;
+        let tables: Vec<(String, String)> =
+            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, tokio_postgres::Error>>()?;
+        let rows = client
+            .query(
+                "SELECT n.nspname::text FROM pg_catalog.pg_publication p \
+                 JOIN pg_catalog.pg_publication_namespace pn ON pn.pnpubid = p.oid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = pn.pnnspid \
+                 WHERE p.pubname = $1 ORDER BY 1",
+                &[&self.name],
+            )
+            .await?;
+        let schemas: Vec<String> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        if tables != self.tables || schemas != self.schemas {
+            return Err(Error::bad_request(
+                "a row filter (where) must be one SQL expression: Postgres read it as more of the publication",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tables the publication covers (as Postgres counts them: future ones of FOR
+    /// ALL TABLES aside) whose UPDATE and DELETE it would break.
+    async fn check_identities(&self, client: &Client) -> Result<(), Error> {
+        let rows = client
+            .query(
+                "SELECT pg_catalog.format('%I.%I', pt.schemaname, pt.tablename) \
+                 FROM pg_catalog.pg_publication_tables pt \
+                 JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
+                 JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+                 WHERE pt.pubname = $1 AND (c.relreplident = 'n' OR (c.relreplident IN ('d', 'i') AND NOT EXISTS ( \
+                     SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid \
+                     AND CASE c.relreplident WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END))) \
+                 ORDER BY 1",
+                &[&self.name],
+            )
+            .await?;
+        let broken: Vec<String> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        if broken.is_empty() {
+            return Ok(());
+        }
+        let mut shown = broken.iter().take(NAMES_SHOWN).cloned().collect::<Vec<_>>().join(", ");
+        if broken.len() > NAMES_SHOWN {
+            shown.push_str(&format!(" and {} more", broken.len() - NAMES_SHOWN));
+        }
+        Err(Error::conflict(format!(
+            "refusing to create publication {}: it publishes updates or deletes of tables without a replica identity \
+             ({shown}), which would make the application's own UPDATE and DELETE of them fail. Fix: give them one \
+             (ALTER TABLE ... REPLICA IDENTITY FULL, or a primary key), list the session's tables without them, \
+             leave update and delete out of its actions, or use \"plugin\": \"wal2json\"",
+            self.name
+        )))
+    }
+
+    /// A row filter or column list must cover the replica identity, or Postgres refuses
+    /// the table's UPDATE and DELETE; it checks that when it plans one, so plan one.
+    async fn check_narrowed(&self, client: &Client) -> Result<(), Error> {
+        for table in &self.narrowed {
+            let sql = if self.publishes_delete {
+                format!("EXPLAIN DELETE FROM {table}")
+            } else {
+                let row = client
+                    .query_opt(
+                        "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
+                         AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum LIMIT 1",
+                        &[table],
+                    )
+                    .await?;
+                let Some(row) = row else { continue };
+                let column = quote_ident(&row.try_get::<_, String>(0)?);
+                format!("EXPLAIN UPDATE {table} SET {column} = {column}")
+            };
+            client.batch_execute("SAVEPOINT narrowed").await?;
+            match client.batch_execute(&sql).await {
+                Ok(()) => client.batch_execute("RELEASE SAVEPOINT narrowed").await?,
+                // May not write the table: Postgres will check the writers, not us.
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    client.batch_execute("ROLLBACK TO SAVEPOINT narrowed").await?
+                }
+                Err(e) => {
+                    return Err(Error::conflict(format!(
+                        "refusing to create publication {}: with its row filter or column list, the application's \
+                         own UPDATE and DELETE of {table} would fail ({}). Fix: filter and list only replica identity \
+                         columns, give the table REPLICA IDENTITY FULL, or leave update and delete out of the actions",
+                        self.name,
+                        crate::pg::snapshot::describe(&e)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Postgres refused `CREATE PUBLICATION`.
+fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
+    let said = crate::pg::snapshot::describe(e);
+    let Some(code) = e.code() else { return Error::from_tokio_pg(e) };
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        return Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "the configured user may not create publication {name}: {said}. In PostgreSQL 15 a publication FOR ALL \
+                 TABLES (a session without tables) or FOR TABLES IN SCHEMA (schema.*) needs a superuser, one FOR \
+                 TABLE needs the owner of each table and CREATE on the database; or use \"plugin\": \"wal2json\""
+            ),
+        );
+    }
+    // The request's tables, row filters and columns: Postgres's reason is the answer.
+    let class = &code.code()[..2];
+    if ["42", "22", "0A", "55"].contains(&class) {
+        return Error::bad_request(format!("Postgres refused the publication: {said}"));
+    }
+    Error::from_tokio_pg(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::definition::TableSpec;
+
+    fn def(tables: Option<Vec<TableEntry>>, actions: &[Action]) -> Definition {
+        Definition {
+            name: "n".into(),
+            slot_name: "delta_amber1".into(),
+            plugin: Plugin::Pgoutput,
+            tables,
+            actions: actions.to_vec(),
+        }
+    }
+
+    #[test]
+    fn every_table_and_every_action() {
+        let plan = Plan::new(&def(None, &Action::ALL), "pgdeltastream").unwrap();
+        assert_eq!(
+            plan.sql,
+            "CREATE PUBLICATION \"delta_amber1\" FOR ALL TABLES WITH (publish = 'insert, update, delete, truncate')"
+        );
+        assert!(plan.all_tables && plan.needs_identity);
+    }
+
+    #[test]
+    fn tables_schemas_filters_and_columns() {
+        let tables = vec![
+            TableEntry::Pattern("public.orders".into()),
+            TableEntry::Pattern("audit.*".into()),
+            TableEntry::Pattern("pgdeltastream.*".into()),
+            TableEntry::Pattern("pgdeltastream.sessions".into()),
+            TableEntry::Table(TableSpec {
+                table: "\"Odd\".t".into(),
+                row_filter: Some("amount > 100".into()),
+                columns: Some(vec!["id".into(), "Amount".into()]),
+            }),
+        ];
+        let plan = Plan::new(&def(Some(tables), &[Action::Insert, Action::Message]), "pgdeltastream").unwrap();
+        assert_eq!(
+            plan.sql,
+            "CREATE PUBLICATION \"delta_amber1\" FOR TABLE \"public\".\"orders\", TABLES IN SCHEMA \"audit\", \
+             TABLE \"Odd\".\"t\" (\"id\", \"Amount\") WHERE (amount > 100) WITH (publish = 'insert')"
+        );
+        assert_eq!(plan.tables, [("Odd".to_owned(), "t".to_owned()), ("public".into(), "orders".into())]);
+        assert_eq!(plan.schemas, ["audit"]);
+        assert_eq!(plan.narrowed, ["\"Odd\".\"t\""]);
+        assert!(!plan.all_tables && !plan.needs_identity);
+    }
+
+    #[test]
+    fn no_row_action_publishes_nothing_and_the_store_alone_is_no_table() {
+        let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
+        let plan = Plan::new(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
+        assert_eq!(plan.sql, "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '')");
+    }
+
+    #[test]
+    fn a_schema_cannot_be_narrowed() {
+        let tables = vec![TableEntry::Table(TableSpec {
+            table: "audit.*".into(),
+            row_filter: Some("true".into()),
+            columns: None,
+        })];
+        let e = Plan::new(&def(Some(tables), &Action::ALL), "pgdeltastream").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+    }
+}

@@ -1,0 +1,479 @@
+//! The choice of output plugin, and the publication of each pgoutput session: created
+//! before its slot, dropped after it, refused when it would break the application's
+//! updates and deletes, and never left behind. Checked through Postgres's catalogs.
+
+mod common;
+mod support;
+
+use std::path::PathBuf;
+
+use pgdeltastream::session::{Plugin, PluginChoice};
+use serde_json::{Value, json};
+use support::*;
+use tokio::sync::RwLock;
+
+/// The test that fills every replication slot of the cluster runs alone; the others
+/// share it.
+static SLOTS: RwLock<()> = RwLock::const_new(());
+
+async fn server_with(db: &common::TestDb, plugin: PluginChoice) -> TestServer {
+    let mut settings = fast_settings(db);
+    settings.session.plugin = plugin;
+    TestServer::start_with(settings).await
+}
+
+async fn setup(plugin: PluginChoice) -> (common::TestDb, tokio_postgres::Client, TestServer) {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute(
+        "CREATE TABLE orders (id serial PRIMARY KEY, amount int, note text);
+         INSERT INTO orders (amount) VALUES (50), (150);
+         CREATE TABLE items (id serial PRIMARY KEY, name text);
+         CREATE SCHEMA audit; CREATE TABLE audit.log (id serial PRIMARY KEY, what text);",
+    )
+    .await
+    .unwrap();
+    let server = server_with(&db, plugin).await;
+    (db, pg, server)
+}
+
+async fn create(server: &TestServer, body: Value) -> (u16, Value) {
+    server.post("/v2/sessions", &body.to_string()).await
+}
+
+async fn delete(server: &TestServer, path: &str) -> (u16, Value) {
+    request(server.addr, "DELETE", path, None).await
+}
+
+/// The publications of the database.
+async fn publications(pg: &tokio_postgres::Client) -> Vec<String> {
+    let rows = pg.query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// The plugins of the database's slots.
+async fn slots(pg: &tokio_postgres::Client) -> Vec<(String, String)> {
+    let rows = pg
+        .query(
+            "SELECT slot_name::text, plugin::text FROM pg_replication_slots \
+             WHERE database = current_database() ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// puballtables, pubinsert, pubupdate, pubdelete, pubtruncate.
+async fn publication_flags(pg: &tokio_postgres::Client, name: &str) -> [bool; 5] {
+    let r = pg
+        .query_one(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)]
+}
+
+/// `schema.table` of every table the publication covers, as Postgres counts them.
+async fn published(pg: &tokio_postgres::Client, name: &str) -> Vec<String> {
+    let rows = pg
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn slot_of(v: &Value) -> String {
+    v["slotName"].as_str().unwrap_or_else(|| panic!("no slotName in {v}")).to_owned()
+}
+
+#[tokio::test]
+async fn a_pgoutput_session_has_its_publication_of_its_tables_and_actions_until_it_is_deleted() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    let (status, created) = create(
+        &server,
+        json!({"name": "orders", "plugin": "pgoutput", "tables": ["orders", "audit.*", "pgdeltastream.*"],
+               "actions": ["insert", "delete", "message"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let slot = slot_of(&created);
+    assert_eq!(created["plugin"], "pgoutput");
+    assert_eq!(created["publication"], slot.as_str(), "{created}");
+    assert_eq!(slots(&pg).await, [(slot.clone(), "pgoutput".to_owned())]);
+    assert_eq!(publications(&pg).await, [slot.as_str()]);
+    // insert and delete; the store's schema is never listed.
+    assert_eq!(publication_flags(&pg, &slot).await, [false, true, false, true, false]);
+    assert_eq!(published(&pg, &slot).await, ["audit.log", "public.orders"]);
+
+    let (status, one) = server.get("/v2/sessions/orders").await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!((one["plugin"].as_str(), one["publication"].as_str()), (Some("pgoutput"), Some(slot.as_str())));
+    let (status, v1) = server.get("/v1/sessions").await;
+    assert_eq!(status, 200, "{v1}");
+    assert_eq!(v1[0]["plugin"], "pgoutput", "{v1}");
+    assert_eq!(v1[0]["publication"], slot.as_str(), "{v1}");
+
+    shape("pgoutput_created", created);
+    shape("pgoutput_view", one);
+
+    let (status, body) = delete(&server, "/v2/sessions/orders").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(slots(&pg).await.is_empty());
+    assert!(publications(&pg).await.is_empty());
+}
+
+/// The answer's shape, without what changes from run to run.
+fn shape(name: &str, mut v: Value) {
+    for key in ["slotName", "publication"] {
+        v[key] = json!(format!("[{key}]"));
+    }
+    for key in ["consistentPoint", "confirmedFlushLsn", "retainedBytes"] {
+        if !v[key].is_null() {
+            v[key] = json!("[varies]");
+        }
+    }
+    insta::with_settings!({ snapshot_path => "../snapshots" }, {
+        insta::assert_json_snapshot!(name, v);
+    });
+}
+
+#[tokio::test]
+async fn every_table_is_for_all_tables_and_v1_drop_takes_the_publication_too() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Fixed(Plugin::Pgoutput)).await;
+    let (status, created) = create(&server, json!({"name": "all", "actions": ["insert", "truncate"]})).await;
+    assert_eq!(status, 201, "{created}");
+    let slot = slot_of(&created);
+    assert_eq!(created["plugin"], "pgoutput", "the server's --plugin is the default");
+    assert_eq!(publication_flags(&pg, &slot).await, [true, true, false, false, true]);
+    let (status, body) = delete(&server, &format!("/v1/sessions/{slot}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(slots(&pg).await.is_empty());
+    assert!(publications(&pg).await.is_empty());
+
+    // No row action at all: a publication that publishes nothing.
+    let (status, created) = create(&server, json!({"name": "messages", "actions": ["message"]})).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(publication_flags(&pg, &slot_of(&created)).await, [true, false, false, false, false]);
+}
+
+#[tokio::test]
+async fn v1_init_replaces_the_slot_and_the_publication_of_the_session_before() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Fixed(Plugin::Pgoutput)).await;
+    let first = server.init().await;
+    assert_eq!(publications(&pg).await, [first.as_str()]);
+    let second = server.init().await;
+    assert_eq!(slots(&pg).await, [(second.clone(), "pgoutput".to_owned())]);
+    assert_eq!(publications(&pg).await, [second.as_str()]);
+    let (status, view) = server.get("/v2/sessions/default").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!((view["plugin"].as_str(), view["publication"].as_str()), (Some("pgoutput"), Some(second.as_str())));
+}
+
+#[tokio::test]
+async fn auto_takes_wal2json_where_the_database_loads_it() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    let slot = server.init().await;
+    assert_eq!(slots(&pg).await, [(slot, "wal2json".to_owned())]);
+    assert!(publications(&pg).await.is_empty());
+}
+
+/// A directory that holds only pgoutput: a database whose dynamic_library_path is this
+/// directory cannot load wal2json, as if it were not installed.
+fn pgoutput_only_dir() -> PathBuf {
+    let bindir = common::cluster().bindir.clone();
+    let pkglibdir = std::process::Command::new(bindir.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_else(|| bindir.join("../lib"));
+    let so = pkglibdir.join("pgoutput.so");
+    assert!(so.is_file(), "{} not found", so.display());
+    let dir = std::env::temp_dir().join(format!("pgdeltastream-no-wal2json-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = dir.join("pgoutput.so");
+    if !link.exists() {
+        std::os::unix::fs::symlink(&so, &link).unwrap();
+    }
+    dir
+}
+
+#[tokio::test]
+async fn auto_takes_pgoutput_where_the_database_cannot_load_wal2json() {
+    let _shared = SLOTS.read().await;
+    if common::cluster().logfile.is_none() {
+        // The Docker path: the server's files are not this machine's.
+        eprintln!("skipped: needs a local cluster, to give a database a library directory without wal2json");
+        return;
+    }
+    let db = common::fresh_db().await;
+    let dir = pgoutput_only_dir();
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET dynamic_library_path = '{}';
+             CREATE TABLE orders (id serial PRIMARY KEY, amount int);
+             INSERT INTO orders (amount) VALUES (1), (2), (3);",
+            db.dbname,
+            dir.display()
+        ))
+        .await
+        .unwrap();
+    // A new connection takes the database's settings.
+    let pg = db.client().await;
+    let refused = pg.query_one("SELECT pg_create_logical_replication_slot('probe_wal2json', 'wal2json')", &[]).await;
+    let e = refused.expect_err("wal2json loads: the test database does not stand for a Postgres without it");
+    assert!(format!("{e:?}").contains("wal2json"), "{e:?}");
+
+    let server = server_with(&db, PluginChoice::Auto).await;
+    let first = server.init().await;
+    assert_eq!(slots(&pg).await, [(first.clone(), "pgoutput".to_owned())]);
+    assert_eq!(publications(&pg).await, [first.as_str()]);
+    // A snapshot read works as with wal2json.
+    let (status, rows) = server.snapshot(json!({"table": "orders", "offset": 0, "limit": 10})).await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows.as_array().map(Vec::len), Some(3), "{rows}");
+    // Nothing is remembered: the next init tries wal2json again, and falls back again.
+    let second = server.init().await;
+    assert_eq!(slots(&pg).await, [(second.clone(), "pgoutput".to_owned())]);
+    assert_eq!(publications(&pg).await, [second.as_str()]);
+    let (_, v1) = server.get("/v1/sessions").await;
+    assert_eq!(v1[0]["plugin"], "pgoutput", "{v1}");
+    // v2 with auto: also pgoutput; the stored definition says so.
+    let (status, created) = create(&server, json!({"name": "v2auto", "tables": ["orders"]})).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["plugin"], "pgoutput");
+    let stored: Value =
+        pg.query_one("SELECT definition FROM pgdeltastream.sessions WHERE name = 'v2auto'", &[]).await.unwrap().get(0);
+    assert_eq!(stored["plugin"], "pgoutput", "{stored}");
+    // Asking for wal2json there is Postgres's error, with nothing left behind.
+    let (status, body) = create(&server, json!({"name": "w", "plugin": "wal2json"})).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("wal2json"), "{body}");
+    assert_eq!(slots(&pg).await.len(), 2);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_publication_that_would_break_updates_is_refused_with_the_tables_and_the_fixes() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Fixed(Plugin::Pgoutput)).await;
+    pg.batch_execute(
+        "CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x');
+         CREATE TABLE nothing (id int PRIMARY KEY); ALTER TABLE nothing REPLICA IDENTITY NOTHING;",
+    )
+    .await
+    .unwrap();
+    let (status, body) = create(&server, json!({"name": "all"})).await;
+    assert_eq!(status, 409, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    for needle in ["public.nokey", "public.nothing", "REPLICA IDENTITY FULL", "wal2json"] {
+        assert!(msg.contains(needle), "no {needle:?} in {msg}");
+    }
+    assert!(!msg.contains("public.orders"), "{msg}");
+    let (status, body) = server.get("/v1/init").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(publications(&pg).await.is_empty());
+    assert!(slots(&pg).await.is_empty());
+    let (status, _) = server.get("/v2/sessions/all").await;
+    assert_eq!(status, 404, "the refused session is not stored");
+    pg.execute("UPDATE nokey SET b = 'y'", &[]).await.expect("the application's UPDATE still works");
+
+    // Inserts only, or tables that have an identity: no refusal.
+    let (status, body) = create(&server, json!({"name": "inserts", "actions": ["insert", "truncate"]})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = create(&server, json!({"name": "orders", "tables": ["orders", "items"]})).await;
+    assert_eq!(status, 201, "{body}");
+    pg.execute("UPDATE nokey SET b = 'z'", &[]).await.expect("the application's UPDATE still works");
+    // FULL is an identity.
+    pg.batch_execute("ALTER TABLE nokey REPLICA IDENTITY FULL; DROP TABLE nothing").await.unwrap();
+    let (status, body) = create(&server, json!({"name": "all"})).await;
+    assert_eq!(status, 201, "{body}");
+    pg.execute("UPDATE nokey SET b = 'w'", &[]).await.expect("the application's UPDATE still works");
+}
+
+#[tokio::test]
+async fn row_filters_and_column_lists_are_the_publications_and_shown_as_given() {
+    let _shared = SLOTS.read().await;
+    let (db, pg, server) = setup(PluginChoice::Auto).await;
+    let tables = json!([{"table": "orders", "where": "amount > 100", "columns": ["id", "amount"]}, "items"]);
+    let (status, created) = create(&server, json!({"name": "big", "tables": tables, "actions": ["insert"]})).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["plugin"], "pgoutput", "auto takes pgoutput for a row filter: {created}");
+    let shown =
+        json!([{"table": "public.orders", "where": "amount > 100", "columns": ["id", "amount"]}, "public.items"]);
+    assert_eq!(created["tables"], shown);
+    let slot = slot_of(&created);
+    let row = pg
+        .query_one(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'orders'",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<String>>(0), ["id", "amount"]);
+    assert_eq!(row.get::<_, String>(1), "(amount > 100)");
+    // Another process reads the stored definition back as it was given.
+    let other = TestServer::start(&db).await;
+    let (status, view) = other.get("/v2/sessions/big").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["tables"], shown);
+    assert_eq!(view["publication"], slot.as_str());
+}
+
+#[tokio::test]
+async fn a_row_filter_postgres_refuses_is_a_400_with_its_reason_and_nothing_left() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    let cases = [
+        (json!({"table": "orders", "where": "amount >"}), "syntax error"),
+        (json!({"table": "orders", "where": "nosuch > 1"}), "nosuch"),
+        (json!({"table": "orders", "where": "random() > 0.5"}), "WHERE"),
+        (json!({"table": "orders", "columns": ["id", "nosuch"]}), "nosuch"),
+        // A filter that reads as more of the statement.
+        (json!({"table": "orders", "where": "amount > 1), TABLE items WHERE (true"}), "one SQL expression"),
+        (json!({"table": "orders", "where": "true), TABLES IN SCHEMA pgdeltastream, TABLE items WHERE (true"}), ""),
+        (json!({"table": "audit.*", "where": "true"}), "one table"),
+        (json!({"table": "orders", "columns": []}), "empty"),
+        (json!({"table": "orders", "colums": ["id"]}), "colums"),
+        (json!(42), "expected a string"),
+    ];
+    for (i, (entry, needle)) in cases.into_iter().enumerate() {
+        let (status, body) = create(&server, json!({"name": format!("f{i}"), "tables": [entry]})).await;
+        assert_eq!(status, 400, "{entry}: {body}");
+        let msg = body["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "{entry}: no {needle:?} in {msg}");
+        let (status, _) = server.get(&format!("/v2/sessions/f{i}")).await;
+        assert_eq!(status, 404, "{entry}: the refused session is not stored");
+    }
+    let (status, body) = create(
+        &server,
+        json!({"name": "w", "plugin": "wal2json", "tables": [{"table": "orders", "where": "amount > 1"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("pgoutput"), "{body}");
+    assert!(publications(&pg).await.is_empty());
+    assert!(slots(&pg).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_column_list_without_the_key_is_refused_while_it_would_break_updates() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    let tables = json!([{"table": "orders", "columns": ["amount"]}]);
+    let (status, body) = create(&server, json!({"name": "cols", "tables": tables})).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("orders"), "{body}");
+    let filtered = json!([{"table": "orders", "where": "amount > 100"}]);
+    let (status, body) = create(&server, json!({"name": "rows", "tables": filtered, "actions": ["delete"]})).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("replica identity"), "{body}");
+    let (status, body) =
+        create(&server, json!({"name": "keyed", "tables": [{"table": "orders", "where": "id > 1"}]})).await;
+    assert_eq!(status, 201, "a filter of the key breaks nothing: {body}");
+    let (status, body) = delete(&server, "/v2/sessions/keyed").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(publications(&pg).await.is_empty());
+    pg.execute("UPDATE orders SET amount = amount + 1", &[]).await.expect("the application's UPDATE still works");
+    let (status, body) = create(&server, json!({"name": "cols", "tables": tables, "actions": ["insert"]})).await;
+    assert_eq!(status, 201, "inserts only break nothing: {body}");
+}
+
+#[tokio::test]
+async fn a_pgoutput_slot_no_session_names_is_not_ours() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    pg.batch_execute("CREATE PUBLICATION subscriber FOR TABLE orders").await.unwrap();
+    pg.batch_execute("SELECT pg_create_logical_replication_slot('delta_amber17', 'pgoutput')").await.unwrap();
+    let (status, body) = server.connect_refused("?slotName=delta_amber17").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("pgoutput"), "{body}");
+    let (status, body) = delete(&server, "/v1/sessions/delta_amber17").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(slots(&pg).await.len(), 1, "the subscriber's slot stays");
+    let (status, list) = server.get("/v1/sessions").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list, json!([]), "a subscriber's slot is not listed");
+}
+
+#[tokio::test]
+async fn a_role_that_may_not_publish_every_table_gets_a_403_with_the_reason() {
+    let _shared = SLOTS.read().await;
+    let db = common::fresh_db().await;
+    let admin = db.client().await;
+    let role = format!("pubs_{}", db.dbname);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN REPLICATION; GRANT CREATE ON DATABASE \"{0}\" TO \"{role}\";
+             GRANT CREATE ON SCHEMA public TO \"{role}\";",
+            db.dbname
+        ))
+        .await
+        .unwrap();
+    let as_role = common::TestDb { user: role.clone(), ..db.clone() };
+    let pg = as_role.client().await;
+    pg.batch_execute("CREATE TABLE mine (id int PRIMARY KEY)").await.unwrap();
+    let server = server_with(&as_role, PluginChoice::Fixed(Plugin::Pgoutput)).await;
+    let (status, body) = create(&server, json!({"name": "all"})).await;
+    assert_eq!(status, 403, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("superuser") && msg.contains("FOR ALL TABLES"), "{msg}");
+    let (status, body) = create(&server, json!({"name": "schema", "tables": ["public.*"]})).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("FOR TABLES IN SCHEMA"), "{body}");
+    let (status, body) = create(&server, json!({"name": "mine", "tables": ["mine"]})).await;
+    assert_eq!(status, 201, "the owner of a table may publish it: {body}");
+    assert_eq!(publications(&pg).await, [slot_of(&body)]);
+    let (status, body) = delete(&server, "/v2/sessions/mine").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(publications(&pg).await.is_empty());
+}
+
+#[tokio::test]
+async fn no_publication_is_left_when_the_slot_cannot_be_made() {
+    let _alone = SLOTS.write().await;
+    let (_db, pg, server) = setup(PluginChoice::Fixed(Plugin::Pgoutput)).await;
+    let previous = server.init().await;
+    // Take every free replication slot of the cluster.
+    let free: i64 = pg
+        .query_one("SELECT current_setting('max_replication_slots')::int - count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for i in 0..free {
+        pg.execute("SELECT pg_create_physical_replication_slot($1)", &[&format!("filler_{i}")]).await.unwrap();
+    }
+    let (status, body) = create(&server, json!({"name": "late", "tables": ["orders"]})).await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = server.get("/v1/init").await;
+    assert_eq!(status, 503, "{body}");
+    // The failed creates left nothing; the session before the failed init is whole.
+    assert_eq!(publications(&pg).await, [previous.as_str()]);
+    let (status, _) = server.get("/v2/sessions/late").await;
+    assert_eq!(status, 404);
+    let (status, view) = server.get("/v2/sessions/default").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["slotName"], previous.as_str());
+    pg.batch_execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'filler\\_%'",
+    )
+    .await
+    .unwrap();
+    let (status, body) = create(&server, json!({"name": "late", "tables": ["orders"]})).await;
+    assert_eq!(status, 201, "{body}");
+}
