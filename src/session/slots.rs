@@ -147,15 +147,21 @@ impl Registry {
         Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush })
     }
 
-    /// A session of this process or a stored definition reads `slot`.
+    /// A session of this process or a stored definition reads `slot`, or it reads a
+    /// publication named as itself, the way pgdeltastream makes them (so that a slot
+    /// made by hand for a tool or a test streams as v1 slots always have). A
+    /// subscriber's slot has neither.
     pub(super) async fn names_slot(&self, slot: &str) -> Result<bool, Error> {
         if self.with(|s| s.by_slot(slot).is_some()) {
             return Ok(true);
         }
         let client = self.pool.get().await?;
         let def = self.store.by_slot(&client, slot).await;
+        let publication = client
+            .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&Plugin::publication_name(slot)])
+            .await;
         client.release();
-        Ok(def?.is_some())
+        Ok(def?.is_some() || publication?.is_some())
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
