@@ -211,17 +211,14 @@ async fn a_million_row_transaction_streams_in_bounded_memory() {
     let (pgo, _) = slots(3);
     let db = common::fresh_db().await;
     let pg = db.client().await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE big (id int PRIMARY KEY, v text);
-         CREATE PUBLICATION {pgo} FOR TABLE big;
-         SELECT pg_create_logical_replication_slot('{pgo}', 'pgoutput');"
-    ))
-    .await
-    .unwrap();
+    pg.batch_execute(&format!("CREATE TABLE big (id int PRIMARY KEY, v text); CREATE PUBLICATION {pgo} FOR TABLE big"))
+        .await
+        .unwrap();
+    pg.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&pgo]).await.unwrap();
     pg.batch_execute(&format!("INSERT INTO big SELECT i, 'row ' || i FROM generate_series(1, {ROWS}) i"))
         .await
         .unwrap();
-    let after: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let after: String = pg.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
 
     let server = TestServer::start(&db).await;
     // The peak is reset to what is resident now (Linux 4.0+), so the peak below is
@@ -231,11 +228,14 @@ async fn a_million_row_transaction_streams_in_bounded_memory() {
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("{}&format=changes", server.stream_url(&pgo))).await.expect("stream");
     let mut next = async || -> String {
-        // Postgres decodes the whole transaction before its first message.
-        let m = tokio::time::timeout(Duration::from_secs(300), ws.next()).await.expect("a record in time");
-        match m.expect("open").expect("a message") {
-            Message::Text(t) => t.as_str().to_owned(),
-            other => panic!("expected text, got {other:?}"),
+        loop {
+            // Postgres decodes the whole transaction before its first message.
+            let m = tokio::time::timeout(Duration::from_secs(300), ws.next()).await.expect("a record in time");
+            match m.expect("open").expect("a message") {
+                Message::Text(t) => return t.as_str().to_owned(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
         }
     };
     let begin: serde_json::Value = serde_json::from_str(&next().await).unwrap();
