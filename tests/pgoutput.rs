@@ -155,11 +155,17 @@ fn without_empty(messages: Vec<String>, v2: bool) -> (Vec<String>, Vec<String>) 
     (kept, empty)
 }
 
-async fn differential(n: u32, format: &str) {
+/// `search_path`: set for the database's new sessions (the walsenders and our pool's
+/// connections), which changes how a type outside it is named.
+async fn differential(n: u32, format: &str, search_path: Option<&str>) {
     let v2 = !format.is_empty();
     let (pgo, wjs) = slots(n);
     let db = common::fresh_db().await;
     prepare(&db, &pgo, &wjs).await;
+    if let Some(path) = search_path {
+        let pg = db.client().await;
+        pg.batch_execute(&format!("ALTER DATABASE \"{}\" SET search_path = {path}", db.dbname)).await.unwrap();
+    }
     let server = TestServer::start(&db).await;
     let url = |slot: &str| format!("{}{format}", server.stream_url(slot));
     let (mut pgo, _) = tokio_tungstenite::connect_async(url(&pgo)).await.expect("pgoutput stream");
@@ -174,6 +180,8 @@ async fn differential(n: u32, format: &str) {
         assert!(theirs_empty.contains(e), "{e} is not among wal2json's empty transactions {theirs_empty:#?}");
     }
     assert!(ours.len() > 20, "the workload came through: {ours:#?}");
+    let color = if search_path.is_some() { r#""type":"color""# } else { r#""type":"other.color""# };
+    assert!(ours.iter().any(|m| m.contains(color) || m.contains(&color.replace("\"type\":", ""))), "{color}");
     assert!(!ours_empty.is_empty(), "truncates (v1) and hidden changes make empty transactions");
     drop((pgo, wjs));
     server.stop().await;
@@ -181,12 +189,19 @@ async fn differential(n: u32, format: &str) {
 
 #[tokio::test]
 async fn transactions_match_wal2json() {
-    differential(1, "").await;
+    differential(1, "", None).await;
 }
 
 #[tokio::test]
 async fn changes_match_wal2json() {
-    differential(2, "&format=changes").await;
+    differential(2, "&format=changes", None).await;
+}
+
+/// wal2json names `other.color` as `color` when `other` is on the walsender's
+/// search_path: the pool's connections see the same search_path.
+#[tokio::test]
+async fn type_names_follow_the_search_path() {
+    differential(4, "&format=changes", Some("other, public")).await;
 }
 
 /// Resident set size and its peak, in kB (Linux).
