@@ -115,9 +115,16 @@ async fn prepare(db: &common::TestDb, pgo: &str, wjs: &str) {
     pg.batch_execute(&format!("CREATE PUBLICATION {pgo} FOR ALL TABLES")).await.unwrap();
     pg.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&pgo]).await.unwrap();
     pg.execute("SELECT pg_create_logical_replication_slot($1, 'wal2json')", &[&wjs]).await.unwrap();
-    for statement in WORKLOAD {
+    let (done, workload) = WORKLOAD.split_last().unwrap();
+    for statement in workload {
         pg.batch_execute(statement).await.unwrap_or_else(|e| panic!("{statement}: {e:?}"));
     }
+    // Interleaved transactions come in commit order.
+    let other = db.client().await;
+    pg.batch_execute("BEGIN; INSERT INTO kv VALUES (50, 'first to begin')").await.unwrap();
+    other.batch_execute("BEGIN; INSERT INTO kv VALUES (51, 'first to commit'); COMMIT").await.unwrap();
+    pg.batch_execute("INSERT INTO kv VALUES (52, 'last'); COMMIT").await.unwrap();
+    pg.batch_execute(done).await.unwrap();
 }
 
 /// The messages of a stream up to the transaction of the `done` table.
