@@ -46,6 +46,11 @@ const SCHEMA: &str = r#"
     CREATE TABLE part (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
     CREATE TABLE part_1 PARTITION OF part FOR VALUES FROM (0) TO (100);
     CREATE TABLE "Odd ""Name""" (id int PRIMARY KEY, "x y" text);
+    CREATE TYPE pair AS (x int, label text);
+    CREATE TABLE misc (id int PRIMARY KEY, p pair, ch "char", r int4range, tr tstzrange, x xml,
+        tt timetz, nm name, vb varbit, ts tsvector, js jsonb[], mood_arr mood[], big numeric(30,10)[],
+        vc varchar(5)[]);
+    CREATE TABLE nocols ();
     CREATE TABLE done (id int PRIMARY KEY);
     CREATE SCHEMA IF NOT EXISTS pgdeltastream;
     CREATE TABLE pgdeltastream.probe (id int PRIMARY KEY);
@@ -105,6 +110,14 @@ const WORKLOAD: &[&str] = &[
     "BEGIN; INSERT INTO kv VALUES (30, 's'); SAVEPOINT p; INSERT INTO kv VALUES (31, 'rolled back'); ROLLBACK TO p; INSERT INTO kv VALUES (32, 't'); COMMIT",
     "INSERT INTO pgdeltastream.probe VALUES (1)",
     "BEGIN; INSERT INTO pgdeltastream.probe VALUES (2); INSERT INTO kv VALUES (40, 'beside a hidden change'); COMMIT",
+    r#"INSERT INTO misc VALUES (1, '(1,"a b")', 'c', '[1,5)', '[2026-01-01,2026-02-01)', '<a>x</a>',
+        '12:00+02', 'nm', B'1', 'a fat cat', '{"{\"a\":1}"}', '{happy,sad}', '{1.5,NaN}', '{ab,"c d"}')"#,
+    "INSERT INTO nocols DEFAULT VALUES",
+    "INSERT INTO kv VALUES (60, 'conflict') ON CONFLICT (id) DO UPDATE SET v = 'x'",
+    "INSERT INTO kv VALUES (60, 'conflict') ON CONFLICT (id) DO UPDATE SET v = 'updated'",
+    "ALTER TABLE kv RENAME COLUMN v TO value",
+    "ALTER TABLE kv ALTER COLUMN extra TYPE bigint",
+    "UPDATE kv SET value = 'renamed', extra = 9 WHERE id = 60",
     "INSERT INTO done VALUES (1)",
 ];
 
