@@ -12,6 +12,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use pgdeltastream::stream::pgoutput::DEFAULT_HOLD_MEMORY;
 use support::{TestServer, Ws, next_message};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -177,9 +178,9 @@ fn without_empty(messages: Vec<String>, v2: bool) -> (Vec<String>, Vec<String>) 
     (kept, empty)
 }
 
-/// `search_path`: set for the database's new sessions (the walsenders and our pool's
+/// `hold_memory`: what a pgoutput stream holds in memory. `search_path`: set for the database's new sessions (the walsenders and our pool's
 /// connections), which changes how a type outside it is named.
-async fn differential(n: u32, format: &str, search_path: Option<&str>) {
+async fn differential(n: u32, format: &str, search_path: Option<&str>, hold_memory: usize) {
     let v2 = !format.is_empty();
     let (pgo, wjs) = slots(n);
     let db = common::fresh_db().await;
@@ -188,7 +189,10 @@ async fn differential(n: u32, format: &str, search_path: Option<&str>) {
         let pg = db.client().await;
         pg.batch_execute(&format!("ALTER DATABASE \"{}\" SET search_path = {path}", db.dbname)).await.unwrap();
     }
-    let server = TestServer::start(&db).await;
+    let mut settings = support::fast_settings(&db);
+    // With little memory, more transactions go through the temporary file.
+    settings.session.pgoutput_memory = hold_memory;
+    let server = TestServer::start_with(settings).await;
     let url = |slot: &str| format!("{}{format}", server.stream_url(slot));
     let (mut pgo, _) = tokio_tungstenite::connect_async(url(&pgo)).await.expect("pgoutput stream");
     let (mut wjs, _) = tokio_tungstenite::connect_async(url(&wjs)).await.expect("wal2json stream");
@@ -211,19 +215,19 @@ async fn differential(n: u32, format: &str, search_path: Option<&str>) {
 
 #[tokio::test]
 async fn transactions_match_wal2json() {
-    differential(1, "", None).await;
+    differential(1, "", None, 65536).await;
 }
 
 #[tokio::test]
 async fn changes_match_wal2json() {
-    differential(2, "&format=changes", None).await;
+    differential(2, "&format=changes", None, DEFAULT_HOLD_MEMORY).await;
 }
 
 /// wal2json names `other.color` as `color` when `other` is on the walsender's
 /// search_path: the pool's connections see the same search_path.
 #[tokio::test]
 async fn type_names_follow_the_search_path() {
-    differential(4, "&format=changes", Some("other, public")).await;
+    differential(4, "&format=changes", Some("other, public"), DEFAULT_HOLD_MEMORY).await;
 }
 
 /// Resident set size and its peak, in kB (Linux).
