@@ -119,6 +119,11 @@ const WORKLOAD: &[&str] = &[
     "ALTER TABLE kv RENAME COLUMN v TO value",
     "ALTER TABLE kv ALTER COLUMN extra TYPE bigint",
     "UPDATE kv SET value = 'renamed', extra = 9 WHERE id = 60",
+    // The relation changes inside the transaction: pgoutput describes it again.
+    "BEGIN; INSERT INTO dropped VALUES (2, 'before'); ALTER TABLE dropped ADD COLUMN added text; \
+     INSERT INTO dropped VALUES (3, 'after', 'new'); ALTER TABLE dropped DROP COLUMN kept; \
+     INSERT INTO dropped VALUES (4, 'last'); COMMIT",
+    "BEGIN; CREATE TABLE born (id int PRIMARY KEY, m mood); INSERT INTO born VALUES (1, 'sad'); COMMIT",
     "INSERT INTO done VALUES (1)",
 ];
 
