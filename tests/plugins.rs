@@ -252,6 +252,20 @@ async fn auto_takes_pgoutput_where_the_database_cannot_load_wal2json() {
     assert_eq!(publications(&pg).await, [second.as_str()]);
     let (_, v1) = server.get("/v1/sessions").await;
     assert_eq!(v1[0]["plugin"], "pgoutput", "{v1}");
+    // A v1 client streams as it would from wal2json: the same message, the same ack.
+    let mut ws = server.connect(&second).await;
+    pg.batch_execute("INSERT INTO orders (amount) VALUES (4)").await.unwrap();
+    let tx = next_changes(&mut ws).await;
+    assert_eq!(
+        tx["change"],
+        json!([{"kind": "insert", "schema": "public", "table": "orders", "columnnames": ["id", "amount"],
+                "columntypes": ["integer", "integer"], "columnvalues": [4, 4]}]),
+        "{tx}"
+    );
+    let nextlsn = tx["nextlsn"].as_str().expect("nextlsn").to_owned();
+    ack(&mut ws, &nextlsn).await;
+    await_confirmed(&pg, &second, &nextlsn).await;
+    drop(ws);
     // v2 with auto: also pgoutput; the stored definition says so.
     let (status, created) = create(&server, json!({"name": "v2auto", "tables": ["orders"]})).await;
     assert_eq!(status, 201, "{created}");
@@ -333,6 +347,35 @@ async fn row_filters_and_column_lists_are_the_publications_and_shown_as_given() 
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["tables"], shown);
     assert_eq!(view["publication"], slot.as_str());
+    // The stream carries what the filter and the column list let through, nothing else.
+    let url = format!("ws://{}/v2/sessions/big/stream", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
+    pg.batch_execute(
+        "INSERT INTO orders (amount, note) VALUES (7, 'small');
+         INSERT INTO orders (amount, note) VALUES (700, 'big');
+         UPDATE orders SET amount = amount + 1;
+         INSERT INTO items (name) VALUES ('pen');",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let tx = next_changes(&mut ws).await;
+        got.extend(
+            tx["change"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["table"].clone(), c["columnnames"].clone(), c["columnvalues"].clone())),
+        );
+    }
+    assert_eq!(
+        got,
+        [
+            (json!("orders"), json!(["id", "amount"]), json!([4, 700])),
+            (json!("items"), json!(["id", "name"]), json!([1, "pen"])),
+        ]
+    );
 }
 
 #[tokio::test]
