@@ -51,6 +51,14 @@ impl PluginDecoder {
         }
     }
 
+    /// Part of a transaction was read and is held here, none of it handed out.
+    pub fn holds_transaction(&self) -> bool {
+        match self {
+            PluginDecoder::Wal2json(_) => false,
+            PluginDecoder::Pgoutput(p) => p.converter.holds_transaction(),
+        }
+    }
+
     pub fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
         match self {
             PluginDecoder::Wal2json(pieces) => Ok(pieces.pop_front()),

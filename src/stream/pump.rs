@@ -170,6 +170,9 @@ impl Decoder {
                 }
             }
         }
+        // A transaction the decoder holds is under way as much as one whose pieces
+        // went out: the walsender may have sent keepalives past its start.
+        self.pos.in_transaction |= self.plugin.holds_transaction();
         Ok(match &mut self.skip_empty {
             Some(skip) => skip.filter(batch),
             None => batch,

@@ -112,6 +112,12 @@ impl Converter {
         self.types.insert(oid, typmod, name);
     }
 
+    /// A transaction has begun and is held until its commit: nothing of it has been
+    /// handed out yet.
+    pub fn holds_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
     /// Whether pieces are waiting for [`Converter::next_piece`]. Nothing more should be
     /// pushed until they are all taken.
     pub fn has_output(&self) -> bool {
