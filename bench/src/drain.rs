@@ -324,7 +324,7 @@ pub async fn with_pg_recvlogical(
         }
         return Err(format!("pg_recvlogical on {slot} failed ({status}): {err}").into());
     }
-    let mut counted = count_file(&out)?;
+    let mut counted = count_file(&out, end)?;
     let _ = std::fs::remove_file(&out);
     if tool == Tool::PgRecvlogicalPgoutput {
         (counted.changes, counted.transactions) = expected;
@@ -348,34 +348,32 @@ struct Counted {
     lines: u64,
 }
 
-/// Counts pg_recvlogical's output: one line per plugin record (wal2json escapes
-/// newlines inside strings, so every `\n` is pg_recvlogical's).
-fn count_file(path: &Path) -> Result<Counted> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 8 << 20];
+/// Counts pg_recvlogical's output up to `end`: one line per plugin record (wal2json
+/// escapes newlines inside strings, so every `\n` is pg_recvlogical's). A transaction
+/// counts when its `nextlsn` is at most `end`: `--endpos` may let the marker past it
+/// through (wal2json's one-message-per-transaction output does). Records of a
+/// transaction follow the one with its `nextlsn` (write-in-chunks), or are that record.
+fn count_file(path: &Path, end: u64) -> Result<Counted> {
+    use std::io::BufRead;
+    let mut f = std::io::BufReader::with_capacity(8 << 20, std::fs::File::open(path)?);
     let change = memmem::Finder::new(CHANGE_MARK);
-    let txn = memmem::Finder::new(NEXTLSN_MARK);
     let mut c = Counted { changes: 0, transactions: 0, bytes: 0, lines: 0 };
-    // Marks can straddle two reads: keep the last bytes of each read in front of the next.
-    let keep = CHANGE_MARK.len().max(NEXTLSN_MARK.len()) - 1;
-    let mut carry = 0usize;
+    let mut line = Vec::new();
+    let mut counting = true;
     loop {
-        let n = f.read(&mut buf[carry..])?;
-        if n == 0 {
+        line.clear();
+        if f.read_until(b'\n', &mut line)? == 0 {
             break;
         }
-        let fresh = &buf[carry..carry + n];
-        c.bytes += n as u64;
-        c.lines += memchr::memchr_iter(b'\n', fresh).count() as u64;
-        let window = &buf[..carry + n];
-        // A match that ends inside the carried bytes was counted in the previous read.
-        c.changes += change.find_iter(window).filter(|&at| at + CHANGE_MARK.len() > carry).count() as u64;
-        c.transactions += txn.find_iter(window).filter(|&at| at + NEXTLSN_MARK.len() > carry).count() as u64;
-        let tail = keep.min(window.len());
-        let start = window.len() - tail;
-        buf.copy_within(start..start + tail, 0);
-        carry = tail;
+        if let Some(lsn) = message_nextlsn(&line) {
+            counting = lsn <= end;
+            c.transactions += u64::from(counting);
+        }
+        if counting {
+            c.bytes += line.len() as u64;
+            c.lines += u64::from(line.ends_with(b"\n"));
+            c.changes += change.find_iter(&line).count() as u64;
+        }
     }
     Ok(c)
 }
@@ -393,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn counting_across_reads() {
+    fn counting_stops_at_end() {
         let dir = std::env::temp_dir().join(format!("bench-count-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out");
@@ -401,8 +399,9 @@ mod tests {
         for i in 0..300_000 {
             text.push_str(&format!("{{\"nextlsn\":\"0/{i:X}\",\"change\":[\n{{\"kind\":\"insert\",\"x\":{i}}}\n]}}\n"));
         }
-        std::fs::write(&path, &text).unwrap();
-        let c = count_file(&path).unwrap();
+        let past = "{\"nextlsn\":\"1/0\",\"change\":[{\"kind\":\"insert\",\"x\":0}]}\n";
+        std::fs::write(&path, format!("{text}{past}")).unwrap();
+        let c = count_file(&path, 300_000).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!((c.changes, c.transactions, c.lines, c.bytes), (300_000, 300_000, 900_000, text.len() as u64));
     }

@@ -286,7 +286,10 @@ async fn run_workload(
     let server = Server::start(&args.server, cluster, &db, &cluster.tmpdir).await?;
     let outcome = async {
         // Every slot exists before the first write: the server's first one from /v1/init,
-        // more as SQL-created slots with names the server accepts, and the twins.
+        // more as SQL-created slots with names the server accepts, and the twins. The
+        // publications come first: created after a slot, each would be an empty
+        // transaction in its stream that the later slots do not see.
+        create_publications(&client, runs).await?;
         let first = server.init().await?;
         let (status, body) = server.delete("/v1/snapshot").await?;
         if status != 200 {
@@ -367,12 +370,20 @@ impl Slots {
     }
 }
 
-/// Every slot exists before the first write: the server's first one from /v1/init, more
-/// as SQL-created slots with names the server accepts (a pgoutput one with a publication
-/// of its own name, as the server makes them), and pg_recvlogical's twins. Publications
-/// come first, so that they exist for every change their slots decode.
-async fn create_slots(client: &tokio_postgres::Client, first: String, runs: usize) -> Result<Slots> {
+/// The publications of the pgoutput slots, which must exist for every change their slots
+/// decode: pg_recvlogical's, and one per server slot, named as the slot (as the server
+/// makes them).
+async fn create_publications(client: &tokio_postgres::Client, runs: usize) -> Result<()> {
     client.batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", drain::PUBLICATION)).await?;
+    for r in 0..runs {
+        client.batch_execute(&format!("CREATE PUBLICATION delta_benchpgo{r} FOR ALL TABLES")).await?;
+    }
+    Ok(())
+}
+
+/// Every slot of a workload: the server's first one from /v1/init, more as SQL-created
+/// slots with names the server accepts, and pg_recvlogical's twins.
+async fn create_slots(client: &tokio_postgres::Client, first: String, runs: usize) -> Result<Slots> {
     let mut planned = Vec::new();
     for r in 0..runs {
         for tool in Tool::THROUGHPUT {
@@ -385,9 +396,6 @@ async fn create_slots(client: &tokio_postgres::Client, first: String, runs: usiz
                 Tool::ServerPgoutput => format!("delta_benchpgo{r}"),
                 other => format!("twin_{}_{r}", format!("{other:?}").to_lowercase()),
             };
-            if tool == Tool::ServerPgoutput {
-                client.batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES")).await?;
-            }
             planned.push((tool, r, name));
         }
     }
