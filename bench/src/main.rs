@@ -439,7 +439,7 @@ async fn latency_run(
                 server.delete("/v1/snapshot").await?;
                 slot
             } else {
-                let slot = "delta_livepgo".to_string();
+                let slot = "delta_livepgo1".to_string();
                 client.batch_execute(&format!("CREATE PUBLICATION {slot} FOR ALL TABLES")).await?;
                 client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
                 slot
