@@ -68,6 +68,17 @@ impl Tool {
         }
     }
 
+    /// Its name in `--drains` and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Server => "server",
+            Tool::ServerPgoutput => "server_pgoutput",
+            Tool::PgRecvlogical => "pg_recvlogical",
+            Tool::PgRecvlogicalWhole => "pg_recvlogical_whole",
+            Tool::PgRecvlogicalPgoutput => "pg_recvlogical_pgoutput",
+        }
+    }
+
     pub fn is_server(self) -> bool {
         matches!(self, Tool::Server | Tool::ServerPgoutput)
     }

@@ -83,6 +83,11 @@ struct Args {
     /// TTF font for the chart's text.
     #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
     font: PathBuf,
+    /// Only these drains of the throughput workloads (server, server_pgoutput,
+    /// pg_recvlogical, pg_recvlogical_whole, pg_recvlogical_pgoutput), e.g. to measure
+    /// a server built without pgoutput.
+    #[arg(long, value_delimiter = ',')]
+    drains: Option<Vec<String>>,
     /// Keep the cluster's directory (data, postgres.log, server logs) at exit.
     #[arg(long)]
     keep: bool,
@@ -315,7 +320,9 @@ async fn run_workload(
             // Alternate which tool goes first, so none always drains a cold or warm cache.
             let mut order = Tool::THROUGHPUT;
             order.rotate_left((r + index) % Tool::THROUGHPUT.len());
-            for tool in order {
+            for tool in
+                order.into_iter().filter(|t| args.drains.as_ref().is_none_or(|d| d.iter().any(|n| *n == t.name())))
+            {
                 let slot = slots.of(tool, r);
                 let walsender = cpu::WalsenderWatch::start(watcher.clone(), slot.clone());
                 let mut d = if tool.is_server() {
