@@ -1,0 +1,541 @@
+//! The workload: a model of the tables the generator made (so that updates and deletes
+//! find rows, and DDL knows the columns) and the steps it emits.
+//!
+//! The model may be stale (a cascade deletes child rows, a truncate empties a table): an
+//! UPDATE or DELETE of a row that is gone changes nothing, on both plugins alike. What the
+//! model must never allow is a statement that fails unexpectedly.
+
+use super::values::{self, COMMON, Ty};
+use super::{Rng, ident, lit};
+
+/// The prefix of the transactional message that ends every workload.
+pub const END_PREFIX: &str = "conformance-end";
+
+/// One step, run as one simple-query batch.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Sql(String),
+    /// A statement that must fail with an error containing the text.
+    Fails(String, &'static str),
+}
+
+impl Step {
+    pub fn sql(&self) -> &str {
+        match self {
+            Step::Sql(s) | Step::Fails(s, _) => s,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Identity {
+    /// REPLICA IDENTITY DEFAULT with a primary key on `id`.
+    Pk,
+    /// DEFAULT with a two-column key `(id, sub)`.
+    PkPair,
+    /// FULL (the table also has a primary key, or none).
+    Full { pk: bool },
+    /// USING INDEX: a unique index on `code`.
+    Index,
+    /// NOTHING, despite a primary key.
+    Nothing,
+    /// DEFAULT, without any key.
+    NoKey,
+}
+
+impl Identity {
+    /// Whether updates and deletes are allowed with a publication for updates and deletes.
+    fn identifies(self) -> bool {
+        !matches!(self, Identity::Nothing | Identity::NoKey)
+    }
+
+    fn has_pk(self) -> bool {
+        matches!(self, Identity::Pk | Identity::PkPair | Identity::Nothing | Identity::Full { pk: true })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    /// Range-partitioned on `id` into `<name>_lo` (ids below [`HIGH`]) and `<name>_hi`.
+    Partitioned,
+    /// Referenced by `FkChild` tables (ON DELETE/UPDATE CASCADE); has a bigserial `n`.
+    FkParent,
+    FkChild { parent: usize },
+    /// Large, incompressible values stored out of line.
+    Toast,
+}
+
+/// Ids from here on go to a partitioned table's `_hi` partition.
+const HIGH: i64 = 1_000_000;
+
+#[derive(Clone, Debug)]
+struct Column {
+    name: String,
+    ty: Ty,
+}
+
+#[derive(Clone, Debug)]
+struct Table {
+    schema: String,
+    name: String,
+    identity: Identity,
+    kind: Kind,
+    /// The generated columns (not the fixed `id`, `sub`, `code`, `p`, `n`).
+    cols: Vec<Column>,
+    ids: Vec<i64>,
+    dropped: bool,
+}
+
+impl Table {
+    fn qname(&self) -> String {
+        format!("{}.{}", ident(&self.schema), ident(&self.name))
+    }
+
+    /// The fixed columns and their values for a new row `id`.
+    fn fixed(&self, id: i64) -> Vec<(&'static str, String)> {
+        let mut v = vec![("id", id.to_string())];
+        match self.identity {
+            Identity::PkPair => v.push(("sub", (id % 7).to_string())),
+            Identity::Index => v.push(("code", lit(&format!("c{id}")))),
+            _ => {}
+        }
+        if let Kind::FkChild { .. } = self.kind {
+            v.push(("p", format!("(SELECT id FROM {{parent}} ORDER BY id DESC LIMIT 1 OFFSET {})", id % 3)));
+        }
+        v
+    }
+}
+
+#[derive(Clone)]
+struct Model {
+    tables: Vec<Table>,
+    next_id: i64,
+    next_name: usize,
+}
+
+pub struct Generator {
+    rng: Rng,
+    model: Model,
+    steps: Vec<Step>,
+    pub seed: u64,
+}
+
+/// Where tables go: the default schema, one with quotes, a dot and spaces, one in unicode.
+const SCHEMAS: &[&str] = &["public", "we\"ird.sch ema", "schéma_ü"];
+
+const TABLE_NAMES: &[&str] = &["t", "Mixed Case", "quo\"te", "dot.ted", "ünï", "sp ace"];
+
+/// The workload of `seed`: about `transactions` transactions after the setup, then the end
+/// marker.
+pub fn generate(seed: u64, transactions: usize) -> Vec<Step> {
+    let mut g = Generator {
+        rng: Rng::new(seed),
+        model: Model { tables: Vec::new(), next_id: 1, next_name: 0 },
+        steps: Vec::new(),
+        seed,
+    };
+    g.setup();
+    for _ in 0..transactions {
+        g.one_step();
+    }
+    g.steps.push(Step::Sql(format!("SELECT pg_logical_emit_message(true, {}, {})", lit(END_PREFIX), lit(&seed.to_string()))));
+    g.steps
+}
+
+impl Generator {
+    fn setup(&mut self) {
+        let mut sql = String::new();
+        for s in SCHEMAS.iter().chain([&values::TYPES_SCHEMA]) {
+            if *s != "public" {
+                sql.push_str(&format!("CREATE SCHEMA {};\n", ident(s)));
+            }
+        }
+        sql.push_str(&values::create_types_sql());
+        self.steps.push(Step::Sql(sql));
+        // One of each kind and identity, then a few random ones.
+        let kinds = [
+            (Kind::Plain, Identity::Pk),
+            (Kind::Plain, Identity::PkPair),
+            (Kind::Plain, Identity::Full { pk: false }),
+            (Kind::Plain, Identity::Index),
+            (Kind::Plain, Identity::Nothing),
+            (Kind::Plain, Identity::NoKey),
+            (Kind::Partitioned, Identity::Pk),
+            (Kind::FkParent, Identity::Pk),
+            (Kind::Toast, Identity::Pk),
+            (Kind::Toast, Identity::Full { pk: true }),
+        ];
+        for (kind, identity) in kinds {
+            self.create_table(kind, identity);
+        }
+        let parent = self.model.tables.iter().position(|t| t.kind == Kind::FkParent).unwrap_or(0);
+        self.create_table(Kind::FkChild { parent }, Identity::Full { pk: true });
+    }
+
+    fn fresh_name(&mut self) -> String {
+        let base = self.rng.pick(TABLE_NAMES);
+        self.model.next_name += 1;
+        format!("{base}{}", self.model.next_name)
+    }
+
+    fn random_cols(&mut self, n: usize) -> Vec<Column> {
+        (0..n).map(|i| Column { name: self.col_name(i), ty: *self.rng.pick(COMMON) }).collect()
+    }
+
+    fn col_name(&mut self, i: usize) -> String {
+        let base = self.rng.pick(&["c", "Col", "c\"q", "c.d", "c e", "ç"]);
+        self.model.next_name += 1;
+        format!("{base}{i}_{}", self.model.next_name)
+    }
+
+    fn create_table(&mut self, kind: Kind, identity: Identity) {
+        let schema = self.rng.pick(SCHEMAS).to_string();
+        let name = self.fresh_name();
+        let mut cols = match kind {
+            Kind::Toast => vec![
+                Column { name: "big".into(), ty: Ty::BigText },
+                Column { name: "blob".into(), ty: Ty::BigBytea },
+                Column { name: "note".into(), ty: Ty::Text },
+            ],
+            _ => Vec::new(),
+        };
+        let n = self.rng.range(2, 8) as usize;
+        cols.extend(self.random_cols(n));
+        let table = Table { schema, name, identity, kind, cols, ids: Vec::new(), dropped: false };
+        let sql = self.create_sql(&table);
+        self.model.tables.push(table);
+        self.steps.push(Step::Sql(sql));
+    }
+
+    fn create_sql(&self, t: &Table) -> String {
+        let q = t.qname();
+        let mut defs = vec!["id int8 NOT NULL".to_string()];
+        match t.identity {
+            Identity::PkPair => defs.push("sub int2 NOT NULL".into()),
+            Identity::Index => defs.push("code text NOT NULL".into()),
+            _ => {}
+        }
+        if let Kind::FkChild { parent } = t.kind {
+            defs.push(format!("p int8 REFERENCES {} ON DELETE CASCADE ON UPDATE CASCADE", self.model.tables[parent].qname()));
+        }
+        if t.kind == Kind::FkParent {
+            defs.push("n bigserial".into());
+        }
+        for c in &t.cols {
+            defs.push(format!("{} {}", ident(&c.name), c.ty.sql()));
+        }
+        match t.identity {
+            Identity::PkPair => defs.push("PRIMARY KEY (id, sub)".into()),
+            i if i.has_pk() => defs.push("PRIMARY KEY (id)".into()),
+            _ => {}
+        }
+        let mut sql = format!("CREATE TABLE {q} ({})", defs.join(", "));
+        if t.kind == Kind::Partitioned {
+            sql.push_str(" PARTITION BY RANGE (id);\n");
+            for (suffix, bounds) in [("_lo", format!("MINVALUE) TO ({HIGH}")), ("_hi", format!("{HIGH}) TO (MAXVALUE"))] {
+                let part = format!("{}.{}", ident(&t.schema), ident(&format!("{}{suffix}", t.name)));
+                sql.push_str(&format!("CREATE TABLE {part} PARTITION OF {q} FOR VALUES FROM ({bounds});\n"));
+            }
+        } else {
+            sql.push_str(";\n");
+        }
+        match t.identity {
+            Identity::Full { .. } => sql.push_str(&format!("ALTER TABLE {q} REPLICA IDENTITY FULL;\n")),
+            Identity::Nothing => sql.push_str(&format!("ALTER TABLE {q} REPLICA IDENTITY NOTHING;\n")),
+            Identity::Index => {
+                let index = ident(&format!("{}_code", t.name));
+                sql.push_str(&format!(
+                    "CREATE UNIQUE INDEX {index} ON {q} (code);\nALTER TABLE {q} REPLICA IDENTITY USING INDEX {index};\n"
+                ));
+            }
+            _ => {}
+        }
+        if t.kind == Kind::Toast {
+            sql.push_str(&format!(
+                "ALTER TABLE {q} ALTER COLUMN big SET STORAGE EXTERNAL, ALTER COLUMN blob SET STORAGE EXTERNAL;\n"
+            ));
+        }
+        sql
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.model.tables.len()).filter(|&i| !self.model.tables[i].dropped).collect()
+    }
+
+    fn random_table(&mut self) -> usize {
+        let live = self.live();
+        *self.rng.pick(&live)
+    }
+
+    /// One step: mostly a transaction; sometimes DDL, a message outside any
+    /// transaction, or a statement that must fail.
+    fn one_step(&mut self) {
+        match self.rng.below(100) {
+            0..=11 => self.ddl(),
+            12..=17 => {
+                let m = self.message(false);
+                self.steps.push(Step::Sql(m));
+            }
+            18..=20 => self.forbidden_change(),
+            _ => self.transaction(),
+        }
+    }
+
+    /// An UPDATE or DELETE of a table that cannot identify rows: with a publication of
+    /// updates and deletes, Postgres refuses it (and nothing is decoded).
+    fn forbidden_change(&mut self) {
+        let candidates: Vec<usize> =
+            self.live().into_iter().filter(|&i| !self.model.tables[i].identity.identifies()).collect();
+        if candidates.is_empty() {
+            return self.transaction();
+        }
+        let t = &self.model.tables[*self.rng.pick(&candidates)];
+        let sql = if self.rng.chance(50) {
+            format!("UPDATE {} SET id = id WHERE id > 0", t.qname())
+        } else {
+            format!("DELETE FROM {}", t.qname())
+        };
+        self.steps.push(Step::Fails(sql, "does not have a replica identity"));
+    }
+
+    fn transaction(&mut self) {
+        let mut sql = String::from("BEGIN;\n");
+        let saved = self.model.clone();
+        let n = self.rng.range(1, 6);
+        for _ in 0..n {
+            self.op_or_savepoint(&mut sql, 0);
+        }
+        if self.rng.chance(8) {
+            sql.push_str("ROLLBACK;\n");
+            self.model = saved;
+        } else {
+            sql.push_str("COMMIT;\n");
+        }
+        self.steps.push(Step::Sql(sql));
+    }
+
+    fn op_or_savepoint(&mut self, sql: &mut String, depth: usize) {
+        if depth < 2 && self.rng.chance(12) {
+            let name = ident(&format!("sp {depth}"));
+            sql.push_str(&format!("SAVEPOINT {name};\n"));
+            let saved = self.model.clone();
+            for _ in 0..self.rng.range(1, 3) {
+                self.op_or_savepoint(sql, depth + 1);
+            }
+            if self.rng.chance(50) {
+                sql.push_str(&format!("ROLLBACK TO SAVEPOINT {name};\n"));
+                self.model = saved;
+            } else {
+                sql.push_str(&format!("RELEASE SAVEPOINT {name};\n"));
+            }
+            return;
+        }
+        let op = match self.rng.below(100) {
+            0..=34 => self.insert(),
+            35..=54 => self.update(),
+            55..=64 => self.delete(),
+            65..=69 => self.update_key(),
+            70..=74 => self.update_many(),
+            75..=80 => self.truncate(),
+            81..=89 => self.message(true),
+            _ => self.message(false),
+        };
+        sql.push_str(&op);
+        sql.push_str(";\n");
+    }
+
+    fn new_id(&mut self, kind: Kind) -> i64 {
+        self.model.next_id += 1;
+        let id = self.model.next_id;
+        if kind == Kind::Partitioned && self.rng.chance(50) { id + HIGH } else { id }
+    }
+
+    fn insert(&mut self) -> String {
+        let ti = self.random_table();
+        let rows = if self.rng.chance(10) { self.rng.range(5, 40) } else { self.rng.range(1, 3) };
+        let kind = self.model.tables[ti].kind;
+        let mut names: Vec<String> = Vec::new();
+        let mut tuples = Vec::new();
+        for _ in 0..rows {
+            let id = self.new_id(kind);
+            let t = &self.model.tables[ti];
+            let parent = match t.kind {
+                Kind::FkChild { parent } => self.model.tables[parent].qname(),
+                _ => String::new(),
+            };
+            let fixed = t.fixed(id);
+            let cols = t.cols.clone();
+            names = fixed.iter().map(|(n, _)| ident(n)).chain(cols.iter().map(|c| ident(&c.name))).collect();
+            let mut vals: Vec<String> = fixed.into_iter().map(|(_, v)| v.replace("{parent}", &parent)).collect();
+            for c in &cols {
+                vals.push(c.ty.value_or_null(&mut self.rng, 15));
+            }
+            tuples.push(format!("({})", vals.join(", ")));
+            self.model.tables[ti].ids.push(id);
+        }
+        format!("INSERT INTO {} ({}) VALUES {}", self.model.tables[ti].qname(), names.join(", "), tuples.join(",\n  "))
+    }
+
+    /// A table that identifies rows and has some, with one of its ids.
+    fn target(&mut self) -> Option<(usize, i64)> {
+        let candidates: Vec<usize> = self
+            .live()
+            .into_iter()
+            .filter(|&i| self.model.tables[i].identity.identifies() && !self.model.tables[i].ids.is_empty())
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let ti = *self.rng.pick(&candidates);
+        let id = *self.rng.pick(&self.model.tables[ti].ids);
+        Some((ti, id))
+    }
+
+    fn set_list(&mut self, ti: usize) -> String {
+        let cols = self.model.tables[ti].cols.clone();
+        let mut sets: Vec<String> = Vec::new();
+        for c in &cols {
+            // Big values are mostly left alone: that is the unchanged-TOAST case.
+            let pct = if matches!(c.ty, Ty::BigText | Ty::BigBytea) { 10 } else { 40 };
+            if self.rng.chance(pct) {
+                sets.push(format!("{} = {}", ident(&c.name), c.ty.value_or_null(&mut self.rng, 15)));
+            }
+        }
+        if sets.is_empty() {
+            // An UPDATE that changes nothing is still an update.
+            sets.push("id = id".into());
+        }
+        sets.join(", ")
+    }
+
+    fn update(&mut self) -> String {
+        let Some((ti, id)) = self.target() else { return self.insert() };
+        let sets = self.set_list(ti);
+        format!("UPDATE {} SET {sets} WHERE id = {id}", self.model.tables[ti].qname())
+    }
+
+    fn update_many(&mut self) -> String {
+        let Some((ti, _)) = self.target() else { return self.insert() };
+        let sets = self.set_list(ti);
+        let m = self.rng.range(2, 4);
+        format!("UPDATE {} SET {sets} WHERE id % {m} = 0", self.model.tables[ti].qname())
+    }
+
+    /// Changes the key: the old key goes in `oldkeys`. In a partitioned table the row may
+    /// move to the other partition (a delete and an insert).
+    fn update_key(&mut self) -> String {
+        let Some((ti, id)) = self.target() else { return self.insert() };
+        let kind = self.model.tables[ti].kind;
+        let new = self.new_id(kind);
+        let t = &mut self.model.tables[ti];
+        t.ids.retain(|&i| i != id);
+        t.ids.push(new);
+        let sets = match t.identity {
+            Identity::PkPair => format!("id = {new}, sub = {}", new % 7),
+            Identity::Index => format!("id = {new}, code = {}", lit(&format!("c{new}"))),
+            _ => format!("id = {new}"),
+        };
+        format!("UPDATE {} SET {sets} WHERE id = {id}", t.qname())
+    }
+
+    fn delete(&mut self) -> String {
+        let Some((ti, id)) = self.target() else { return self.insert() };
+        let t = &mut self.model.tables[ti];
+        t.ids.retain(|&i| i != id);
+        format!("DELETE FROM {} WHERE id = {id}", t.qname())
+    }
+
+    fn truncate(&mut self) -> String {
+        let live = self.live();
+        let n = self.rng.range(1, 3) as usize;
+        let mut picked: Vec<usize> = (0..n).map(|_| *self.rng.pick(&live)).collect();
+        picked.sort_unstable();
+        picked.dedup();
+        // A referenced table needs CASCADE, or its referencing tables in the same list.
+        let cascade = picked.iter().any(|&i| self.model.tables[i].kind == Kind::FkParent);
+        let names: Vec<String> = picked.iter().map(|&i| self.model.tables[i].qname()).collect();
+        let restart = if self.rng.chance(40) { " RESTART IDENTITY" } else { "" };
+        for &i in &picked {
+            self.model.tables[i].ids.clear();
+        }
+        format!("TRUNCATE {}{restart}{}", names.join(", "), if cascade { " CASCADE" } else { "" })
+    }
+
+    fn message(&mut self, transactional: bool) -> String {
+        let prefix = *self.rng.pick(&["app", "", "we'ird \\pre\"fix", "préfixe 😀", "a.b,c*", "{\"json\":1}"]);
+        let content = match self.rng.below(5) {
+            0 => "''".to_string(),
+            1 => format!("'\\x{:016x}00ff'::bytea", self.rng.next_u64()),
+            2 => "'\\xc328e282'::bytea".to_string(),
+            _ => lit(&values::text(&mut self.rng, 4)),
+        };
+        format!("SELECT pg_logical_emit_message({transactional}, {}, {content})", lit(prefix))
+    }
+
+    fn ddl(&mut self) {
+        let ti = self.random_table();
+        let t = self.model.tables[ti].clone();
+        let q = t.qname();
+        // Partitioned and referenced tables keep their shape (their DDL has rules of
+        // its own); they still get new columns.
+        let simple = matches!(t.kind, Kind::Plain | Kind::Toast);
+        let sql = match self.rng.below(9) {
+            0 | 1 => {
+                let ty = *self.rng.pick(COMMON);
+                let name = self.col_name(t.cols.len());
+                let default =
+                    if self.rng.chance(40) { format!(" DEFAULT {}", ty.value(&mut self.rng)) } else { String::new() };
+                self.model.tables[ti].cols.push(Column { name: name.clone(), ty });
+                format!("ALTER TABLE {q} ADD COLUMN {} {}{default}", ident(&name), ty.sql())
+            }
+            2 if simple && t.cols.len() > 1 => {
+                let ci = self.droppable(&t);
+                let c = self.model.tables[ti].cols.remove(ci);
+                format!("ALTER TABLE {q} DROP COLUMN {}", ident(&c.name))
+            }
+            3 if simple => {
+                let Some(ci) = t.cols.iter().position(|c| values::widened(c.ty).is_some()) else {
+                    return self.create_table(Kind::Plain, Identity::Pk);
+                };
+                let to = values::widened(t.cols[ci].ty).unwrap_or(Ty::Text);
+                self.model.tables[ti].cols[ci].ty = to;
+                format!("ALTER TABLE {q} ALTER COLUMN {} TYPE {}", ident(&t.cols[ci].name), to.sql())
+            }
+            4 if !t.cols.is_empty() => {
+                let ci = self.rng.below(t.cols.len());
+                let name = self.col_name(ci);
+                let old = std::mem::replace(&mut self.model.tables[ti].cols[ci].name, name.clone());
+                format!("ALTER TABLE {q} RENAME COLUMN {} TO {}", ident(&old), ident(&name))
+            }
+            5 if simple => {
+                let name = self.fresh_name();
+                self.model.tables[ti].name = name.clone();
+                format!("ALTER TABLE {q} RENAME TO {}", ident(&name))
+            }
+            6 if simple && t.identity.has_pk() && t.kind == Kind::Plain => {
+                // DEFAULT <-> FULL: the old row in updates and deletes changes shape.
+                let (to, word) = match t.identity {
+                    Identity::Full { pk: true } => (Identity::Pk, "DEFAULT"),
+                    _ => (Identity::Full { pk: true }, "FULL"),
+                };
+                self.model.tables[ti].identity = to;
+                format!("ALTER TABLE {q} REPLICA IDENTITY {word}")
+            }
+            7 if simple && self.live().len() > 8 => {
+                self.model.tables[ti].dropped = true;
+                format!("DROP TABLE {q}")
+            }
+            _ => {
+                let kinds = [Identity::Pk, Identity::PkPair, Identity::Full { pk: false }, Identity::Index, Identity::NoKey];
+                let identity = *self.rng.pick(&kinds);
+                return self.create_table(Kind::Plain, identity);
+            }
+        };
+        self.steps.push(Step::Sql(sql));
+    }
+
+    fn droppable(&mut self, t: &Table) -> usize {
+        self.rng.below(t.cols.len())
+    }
+}

@@ -1,0 +1,232 @@
+//! Differential conformance: the same random workload decoded by a wal2json slot and by a
+//! pgoutput slot (rendered by the server into wal2json's JSON) must stream byte-identical
+//! messages, in order, in both formats. The generator is in `tests/conform/`.
+//!
+//! `cargo test --test conformance` runs one fixed seed. `make conformance SEED=.. N=..`
+//! runs N workloads from SEED on (`CONFORMANCE_SEED`, default random; `CONFORMANCE_N`,
+//! default 20; `CONFORMANCE_SIZE` transactions each, default 150). `CONFORMANCE_AGAINST=
+//! wal2json` compares two wal2json slots instead, which checks the harness itself.
+
+mod common;
+mod conform;
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use conform::compare::{self, Streamed};
+use conform::workload::{self, END_PREFIX, Step};
+use futures_util::{SinkExt, StreamExt};
+use pgdeltastream::types::wal2json::{Change, Record, Transaction};
+use support::{TestServer, Ws, await_slot};
+use tokio_tungstenite::tungstenite::Message;
+
+const FIXED_SEED: u64 = 20_261_129;
+const DEFAULT_SIZE: usize = 150;
+/// How long a stream may stay silent before the test gives up on it (generous: the
+/// machine is shared).
+const SILENCE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_seed_streams_the_same_from_both_plugins() {
+    if let Err(report) = run(FIXED_SEED, size()).await {
+        panic!("{report}");
+    }
+}
+
+/// `make conformance`: many seeds; every failing seed is reported, then the test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by `make conformance`"]
+async fn random_seeds_stream_the_same_from_both_plugins() {
+    let first = env_u64("CONFORMANCE_SEED").unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        now.as_nanos() as u64 % 1_000_000_000
+    });
+    let n = env_u64("CONFORMANCE_N").unwrap_or(20);
+    let mut failed = Vec::new();
+    for seed in first..first + n {
+        eprintln!("conformance: seed {seed} ({} transactions, against {})", size(), against());
+        if let Err(report) = run(seed, size()).await {
+            eprintln!("{report}");
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "conformance failed for seeds {failed:?} (of {first}..{})", first + n);
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v:?}")))
+}
+
+fn size() -> usize {
+    env_u64("CONFORMANCE_SIZE").map_or(DEFAULT_SIZE, |n| n as usize)
+}
+
+/// The plugin of the slot under test: pgoutput, unless `CONFORMANCE_AGAINST=wal2json`.
+fn against() -> String {
+    std::env::var("CONFORMANCE_AGAINST").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "pgoutput".into())
+}
+
+/// One workload through both slots; the report of what went wrong.
+async fn run(seed: u64, size: usize) -> Result<(), String> {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let against = against();
+    // One slot per plugin and format: the server confirms a slot's leading empty
+    // transactions on its own, so a second stream of the same slot would start later.
+    let reference = Slots { v1: format!("delta_wjstx{n}"), v2: format!("delta_wjsch{n}") };
+    let (candidate, plugin) = match against.as_str() {
+        "pgoutput" => (Slots { v1: format!("delta_pgotx{n}"), v2: format!("delta_pgoch{n}") }, "pgoutput"),
+        "wal2json" => (Slots { v1: format!("delta_selftx{n}"), v2: format!("delta_selfch{n}") }, "wal2json"),
+        other => panic!("CONFORMANCE_AGAINST={other:?}: pgoutput or wal2json"),
+    };
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    // The server reads a pgoutput slot's publication by the slot's name. They exist
+    // before the slots, so that every change the slots decode sees them.
+    for slot in [&candidate.v1, &candidate.v2] {
+        pg.batch_execute(&format!("CREATE PUBLICATION {slot} FOR ALL TABLES")).await.map_err(|e| e.to_string())?;
+    }
+    for (slot, plugin) in
+        [(&candidate.v1, plugin), (&candidate.v2, plugin), (&reference.v1, "wal2json"), (&reference.v2, "wal2json")]
+    {
+        pg.execute("SELECT pg_create_logical_replication_slot($1, $2)", &[slot, &plugin])
+            .await
+            .map_err(|e| format!("creating slot {slot}: {e}"))?;
+    }
+
+    let steps = workload::generate(seed, size);
+    let sql_file = save_workload(seed, &steps);
+    let fail = |what: String| format!("conformance seed {seed} (against {against}; workload in {sql_file}):\n{what}");
+    for (i, step) in steps.iter().enumerate() {
+        run_step(&pg, step).await.map_err(|e| fail(format!("step {i} of the workload: {e}\n{}", step.sql())))?;
+    }
+
+    let server = TestServer::start(&db).await;
+    let theirs = stream_both(&server, &pg, &reference).await.map_err(fail)?;
+    let ours = stream_both(&server, &pg, &candidate).await.map_err(fail)?;
+    server.stop().await;
+    for slot in [&reference.v1, &reference.v2, &candidate.v1, &candidate.v2] {
+        pg.execute("SELECT pg_drop_replication_slot($1)", &[slot]).await.map_err(|e| e.to_string())?;
+    }
+
+    save_streams(seed, "wal2json", &theirs);
+    save_streams(seed, if against == "wal2json" { "wal2json-self" } else { &against }, &ours);
+    compare::check_parse("wal2json", &theirs).map_err(fail)?;
+    compare::check_parse(&against, &ours).map_err(fail)?;
+    let theirs = compare::drop_empty_transactions(&theirs);
+    let ours = if against == "wal2json" { compare::drop_empty_transactions(&ours) } else { ours };
+    for (what, expected, actual) in
+        [("format=transactions", &theirs.v1, &ours.v1), ("format=changes", &theirs.v2, &ours.v2)]
+    {
+        if let Some(diff) = compare::first_difference(what, expected, actual) {
+            return Err(fail(format!("wal2json (expected) and {against} (actual) differ in {diff}")));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the workload's SQL where a failing seed can be read and replayed.
+fn save_workload(seed: u64, steps: &[Step]) -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    let path = dir.join(format!("seed-{seed}.sql"));
+    let mut text = String::new();
+    for step in steps {
+        match step {
+            Step::Sql(sql) => text.push_str(sql),
+            Step::Fails(sql, _) => text.push_str(&format!("-- fails:\n{sql}")),
+        }
+        text.push_str(if text.ends_with('\n') { "\n" } else { ";\n\n" });
+    }
+    let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text));
+    path.display().to_string()
+}
+
+/// Writes what a slot streamed next to the workload, one message a line.
+fn save_streams(seed: u64, plugin: &str, s: &Streamed) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance");
+    for (format, messages) in [("v1", &s.v1), ("v2", &s.v2)] {
+        let path = dir.join(format!("seed-{seed}.{plugin}.{format}.jsonl"));
+        let _ = std::fs::write(path, messages.join("\n"));
+    }
+}
+
+async fn run_step(pg: &tokio_postgres::Client, step: &Step) -> Result<(), String> {
+    match step {
+        Step::Sql(sql) => pg.batch_execute(sql).await.map_err(|e| describe(&e)),
+        Step::Fails(sql, expected) => match pg.batch_execute(sql).await {
+            Ok(()) => Err(format!("succeeded; expected an error with {expected:?}")),
+            Err(e) if describe(&e).contains(expected) => Ok(()),
+            Err(e) => Err(format!("failed with {}; expected {expected:?}", describe(&e))),
+        },
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(|| e.to_string(), |db| format!("{}: {}", db.code().code(), db.message()))
+}
+
+/// The two slots of one plugin: one streamed in each format.
+struct Slots {
+    v1: String,
+    v2: String,
+}
+
+async fn stream_both(server: &TestServer, pg: &tokio_postgres::Client, slots: &Slots) -> Result<Streamed, String> {
+    let v1 = stream(server, pg, &slots.v1, "").await?;
+    let v2 = stream(server, pg, &slots.v2, "&format=changes").await?;
+    Ok(Streamed { v1, v2 })
+}
+
+/// Every message of the stream up to the workload's end marker (its transaction in
+/// format 1, up to its commit in format 2); then the stream is closed and the slot free.
+async fn stream(server: &TestServer, pg: &tokio_postgres::Client, slot: &str, query: &str) -> Result<Vec<String>, String> {
+    let url = format!("{}{query}", server.stream_url(slot));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| format!("{url}: {e}"))?;
+    let mut messages = Vec::new();
+    let mut marker_seen = false;
+    loop {
+        let text = next_text(&mut ws).await.map_err(|e| {
+            format!("{url}: {e} after {} messages, the last: {}", messages.len(), messages.last().map_or("-", String::as_str))
+        })?;
+        let done = if query.is_empty() {
+            Transaction::parse(text.as_bytes()).is_ok_and(|t| t.change.iter().any(is_end_marker))
+        } else {
+            match Record::parse(text.as_bytes()) {
+                Ok(Record::M(m)) if m.prefix == END_PREFIX => {
+                    marker_seen = true;
+                    false
+                }
+                Ok(Record::C(_)) => marker_seen,
+                _ => false,
+            }
+        };
+        messages.push(text);
+        if done {
+            break;
+        }
+    }
+    let _ = ws.close(None).await;
+    await_slot(pg, slot, "free", "NOT active").await;
+    Ok(messages)
+}
+
+fn is_end_marker(change: &Change) -> bool {
+    matches!(change, Change::Message(m) if m.prefix == END_PREFIX)
+}
+
+async fn next_text(ws: &mut Ws) -> Result<String, String> {
+    loop {
+        let next = tokio::time::timeout(SILENCE, ws.next()).await.map_err(|_| format!("silent for {SILENCE:?}"))?;
+        match next {
+            None => return Err("the stream ended".into()),
+            Some(Err(e)) => return Err(format!("websocket error {e}")),
+            Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+            Some(Ok(Message::Ping(p))) => {
+                let _ = ws.send(Message::Pong(p)).await;
+            }
+            Some(Ok(Message::Pong(_))) => {}
+            Some(Ok(other)) => return Err(format!("unexpected {other:?}")),
+        }
+    }
+}
