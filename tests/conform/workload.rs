@@ -513,7 +513,7 @@ impl Generator {
                 self.model.tables[ti].name = name.clone();
                 format!("ALTER TABLE {q} RENAME TO {}", ident(&name))
             }
-            6 if simple && t.identity.has_pk() && t.kind == Kind::Plain => {
+            6 if t.kind == Kind::Plain && matches!(t.identity, Identity::Pk | Identity::Full { pk: true }) => {
                 // DEFAULT <-> FULL: the old row in updates and deletes changes shape.
                 let (to, word) = match t.identity {
                     Identity::Full { pk: true } => (Identity::Pk, "DEFAULT"),
