@@ -10,6 +10,7 @@
 //! - [`keyset`]: keyset pages (by primary key, else row position) and the NDJSON
 //!   export of a table, from the same snapshot reads.
 //! - [`pool`]: a bounded pool of ordinary (tokio-postgres) connections.
+//! - [`pgoutput`]: the messages of Postgres's built-in output plugin, parsed.
 //!
 //! Nothing in here knows about HTTP or sessions.
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod frames;
 pub mod ident;
 pub mod keyset;
+pub mod pgoutput;
 pub mod pool;
 pub(crate) mod replication;
 pub mod snapshot;

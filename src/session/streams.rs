@@ -13,6 +13,7 @@ use super::{Entry, Registry, SessionSettings};
 use crate::error::Error;
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::stream::Stop as StreamStop;
+use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
 use crate::stream::plugin::Plugin;
@@ -29,7 +30,8 @@ pub struct OpenStream {
     claim: Claim,
     progress: Arc<Progress>,
     format: Format,
-    plugin: Plugin,
+    /// The plugin's output as wal2json pieces.
+    decoder: PluginDecoder,
     /// v2 sessions are not sent transactions with no change for them; v1 ones are, as
     /// the original sent them.
     skip_empty: bool,
@@ -122,7 +124,7 @@ impl Registry {
             claim,
             progress,
             format,
-            plugin: info.plugin,
+            decoder: info.plugin.decoder(format, &filter, &self.pool),
             skip_empty,
             settings: self.settings.clone(),
         })
@@ -189,7 +191,7 @@ fn unstored(slot: &str, plugin: Plugin) -> Definition {
 impl OpenStream {
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, claim, progress, format, plugin, skip_empty, settings } = self;
+        let OpenStream { slot, start, stream, claim, progress, format, decoder, skip_empty, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let stop = claim.stop.clone();
@@ -202,7 +204,7 @@ impl OpenStream {
             stop: stop.clone(),
             status_interval: settings.status_interval,
             format,
-            plugin,
+            decoder,
             frame_bytes: settings.frame_bytes,
             skip_empty,
         };

@@ -15,14 +15,17 @@
 //! - [`frame`] turns the plugin's bytes into what the client receives: pieces
 //!   classified by the assembler, cut into frames sized by bytes by the framer;
 //!   [`binary_message`] mends logical messages whose content is not UTF-8.
-//! - [`plugin`] is the output plugin: its name, its start options, its decoder.
+//! - [`plugin`] is the output plugin: its name, its start options, its decoder
+//!   ([`decode`]); [`pgoutput`] renders pgoutput's messages as wal2json's pieces.
 //! - [`stop`] is how any stage (or `/v1/init`, or shutdown) ends all of them, with a
 //!   reason the client is told.
 
 pub mod ack;
 pub(crate) mod binary_message;
+pub mod decode;
 pub(crate) mod filter;
 pub mod frame;
+pub mod pgoutput;
 pub(crate) mod plugin;
 pub(crate) mod progress;
 pub(crate) mod pump;

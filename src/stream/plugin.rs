@@ -8,8 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::decode::PluginDecoder;
 use super::filter::{Action, Filter};
-use super::frame::{Assembler, Format};
+use super::frame::Format;
+use super::pgoutput::{Converter, DEFAULT_HOLD_MEMORY};
+use crate::pg::pool::Pool;
 
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
 const NO_TABLE: &str = "pg_pgdeltastream_none.none";
@@ -54,9 +57,17 @@ impl Plugin {
         }
     }
 
-    /// What turns the plugin's output into pieces of wal2json messages.
-    pub fn assembler(self, format: Format) -> Assembler {
-        Assembler::new(format)
+    /// What turns the plugin's output into pieces of wal2json messages. pgoutput's
+    /// decoder drops the changes of `filter`'s hidden schemas (a publication FOR ALL
+    /// TABLES cannot leave them out) and names column types through `pool`.
+    pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool) -> PluginDecoder {
+        match self {
+            Plugin::Wal2json => PluginDecoder::wal2json(),
+            Plugin::Pgoutput => PluginDecoder::pgoutput(
+                Converter::new(format, &filter.hidden_schemas, DEFAULT_HOLD_MEMORY),
+                pool.clone(),
+            ),
+        }
     }
 }
 

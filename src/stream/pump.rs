@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::decode::PluginDecoder;
 use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame, SkipEmpty};
-use super::plugin::Plugin;
 use super::stop::{Stop, code};
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
@@ -106,7 +106,8 @@ pub struct Pump {
     pub stop: Stop,
     pub status_interval: Duration,
     pub format: Format,
-    pub plugin: Plugin,
+    /// The plugin's output as wal2json pieces.
+    pub decoder: PluginDecoder,
     /// The size of the websocket frames a message is cut into.
     pub frame_bytes: usize,
     /// Leave out transactions with no change for the client (v2 sessions).
@@ -116,6 +117,7 @@ pub struct Pump {
 /// Turns what the replication stream brings into frames, and tracks positions.
 struct Decoder {
     slot: String,
+    plugin: PluginDecoder,
     assembler: Assembler,
     framer: Framer,
     skip_empty: Option<SkipEmpty>,
@@ -125,20 +127,39 @@ struct Decoder {
 }
 
 impl Decoder {
-    /// Takes `first` and whatever else is already buffered, up to a batch: one channel
-    /// send and one wake-up for many frames. Frames still being filled stay in the
-    /// framer; the batch may be empty.
-    fn read_burst(&mut self, first: StreamEvent, stream: &mut ReplicationStream) -> Result<Vec<OutFrame>, String> {
+    /// Hands on the pieces the plugin's decoder holds, then takes `first` and whatever
+    /// else is already buffered, up to a batch: one channel send and one wake-up for
+    /// many frames. Frames still being filled stay in the framer; the batch may be
+    /// empty. Pieces beyond a batch stay in the decoder for the next call.
+    async fn read_burst(
+        &mut self,
+        first: Option<StreamEvent>,
+        stream: &mut ReplicationStream,
+    ) -> Result<Vec<OutFrame>, String> {
         let mut batch = Vec::new();
         let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(event) = next.take() {
+        let mut next = first;
+        'burst: loop {
+            while let Some(piece) = self.plugin.next_piece()? {
+                bytes += piece.len();
+                let piece = self.assembler.push(piece).map_err(|e| e.to_string())?;
+                self.pos.on_frame(&piece);
+                self.framer.push(piece, &mut batch);
+                if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
+                    break 'burst;
+                }
+            }
+            // Whatever ends the stream is found again by the next `next()`.
+            let event = match next.take() {
+                Some(event) => event,
+                None => match stream.try_next() {
+                    Ok(Buffered::Event(event)) => event,
+                    _ => break,
+                },
+            };
             match event {
-                StreamEvent::Frame(ServerFrame::XLogData { data, .. }) => {
-                    bytes += data.len();
-                    let piece = self.assembler.push(data).map_err(|e| e.to_string())?;
-                    self.pos.on_frame(&piece);
-                    self.framer.push(piece, &mut batch);
+                StreamEvent::Frame(ServerFrame::XLogData { wal_start, data, .. }) => {
+                    self.plugin.feed(wal_start, data).await?;
                 }
                 StreamEvent::Frame(ServerFrame::Keepalive { wal_end, reply_requested, .. }) => {
                     self.pos.walsender_end = self.pos.walsender_end.max(wal_end);
@@ -147,13 +168,6 @@ impl Decoder {
                 StreamEvent::Notice(notice) => {
                     tracing::warn!(slot = %self.slot, severity = %notice.severity, notice = %notice, "Postgres notice in the stream");
                 }
-            }
-            if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
-                break;
-            }
-            // Whatever ends the stream is found again by the next `next()`.
-            if let Ok(Buffered::Event(event)) = stream.try_next() {
-                next = Some(event);
             }
         }
         Ok(match &mut self.skip_empty {
@@ -207,13 +221,14 @@ impl Pump {
             stop,
             status_interval,
             format,
-            plugin,
+            decoder: plugin,
             frame_bytes,
             skip_empty,
         } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
-            assembler: plugin.assembler(format),
+            plugin,
+            assembler: Assembler::new(format),
             framer: Framer::new(frame_bytes),
             skip_empty: skip_empty.then(SkipEmpty::default),
             pos: Positions::new(start),
@@ -242,8 +257,17 @@ impl Pump {
                     }
                     Err(_) => break None,
                 },
-                event = stream.next(), if pending.is_none() => match event {
-                    Ok(Some(event)) => match decoder.read_burst(event, &mut stream) {
+                // A committed transaction still being handed out comes before more
+                // of the stream.
+                _ = std::future::ready(()), if pending.is_none() && decoder.plugin.has_output() => {
+                    match decoder.read_burst(None, &mut stream).await {
+                        Ok(batch) if batch.is_empty() => {}
+                        Ok(batch) => pending = Some(Outgoing::Frames(batch)),
+                        Err(message) => break Some(message),
+                    }
+                }
+                event = stream.next(), if pending.is_none() && !decoder.plugin.has_output() => match event {
+                    Ok(Some(event)) => match decoder.read_burst(Some(event), &mut stream).await {
                         Ok(batch) if batch.is_empty() => {}
                         Ok(batch) => pending = Some(Outgoing::Frames(batch)),
                         Err(message) => break Some(message),

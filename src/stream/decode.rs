@@ -1,0 +1,74 @@
+//! The plugin's output as wal2json pieces, whatever the plugin: the one place the pump
+//! meets the difference. wal2json's payloads are pieces already; pgoutput's messages
+//! go through the [`Converter`], which may hold a transaction until its commit and
+//! then hand out many pieces for one message.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::pgoutput::{Converter, types};
+use crate::pg::pgoutput;
+use crate::pg::pool::Pool;
+use crate::types::Lsn;
+
+pub enum PluginDecoder {
+    Wal2json(VecDeque<Bytes>),
+    Pgoutput(Box<PgoutputDecoder>),
+}
+
+pub struct PgoutputDecoder {
+    pub converter: Converter,
+    /// For the names of column types.
+    pub pool: Pool,
+}
+
+impl PluginDecoder {
+    pub fn wal2json() -> PluginDecoder {
+        PluginDecoder::Wal2json(VecDeque::new())
+    }
+
+    pub fn pgoutput(converter: Converter, pool: Pool) -> PluginDecoder {
+        PluginDecoder::Pgoutput(Box::new(PgoutputDecoder { converter, pool }))
+    }
+
+    /// Takes one XLogData payload; `wal_start` is the XLogData's start position.
+    pub async fn feed(&mut self, wal_start: Lsn, data: Bytes) -> Result<(), String> {
+        match self {
+            PluginDecoder::Wal2json(pieces) => {
+                pieces.push_back(data);
+                Ok(())
+            }
+            PluginDecoder::Pgoutput(p) => p.feed(wal_start, data).await.map_err(|e| format!("pgoutput: {e}")),
+        }
+    }
+
+    /// Pieces are waiting: take them before feeding more.
+    pub fn has_output(&self) -> bool {
+        match self {
+            PluginDecoder::Wal2json(pieces) => !pieces.is_empty(),
+            PluginDecoder::Pgoutput(p) => p.converter.has_output(),
+        }
+    }
+
+    pub fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
+        match self {
+            PluginDecoder::Wal2json(pieces) => Ok(pieces.pop_front()),
+            PluginDecoder::Pgoutput(p) => p.converter.next_piece().map_err(|e| format!("pgoutput: {e}")),
+        }
+    }
+}
+
+impl PgoutputDecoder {
+    async fn feed(&mut self, wal_start: Lsn, data: Bytes) -> Result<(), String> {
+        let message = pgoutput::parse(data).map_err(|e| e.to_string())?;
+        let missing = self.converter.missing_types(&message);
+        if !missing.is_empty() {
+            let names = types::lookup(&self.pool, &missing).await?;
+            for ((oid, typmod), name) in missing.into_iter().zip(names) {
+                self.converter.add_type(oid, typmod, &name);
+            }
+        }
+        self.converter.push(wal_start, message).map_err(|e| e.to_string())
+    }
+}
