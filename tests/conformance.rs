@@ -114,7 +114,18 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     save_streams(seed, if against == "wal2json" { "wal2json-self" } else { &against }, &ours);
     compare::check_parse("wal2json", &theirs).map_err(fail)?;
     compare::check_parse(&against, &ours).map_err(fail)?;
-    let theirs = compare::drop_empty_transactions(&theirs);
+    let accepted = accepted();
+    let mut theirs = theirs;
+    if accepted.iter().any(|a| a == compare::MATERIALIZED_VIEWS) {
+        theirs = compare::drop_changes_of(&theirs, &relations_of_kind(&pg, 'm').await);
+    }
+    theirs = compare::drop_empty_transactions(&theirs);
+    if accepted.iter().any(|a| a == compare::PARTITIONED_TRUNCATE) {
+        theirs = compare::drop_partitioned_truncates(&theirs, &relations_of_kind(&pg, 'p').await);
+    }
+    if accepted.iter().any(|a| a == compare::GENERATED_COLUMNS) {
+        theirs = compare::drop_generated_columns(&theirs, &generated_columns(&pg).await);
+    }
     let ours = if against == "wal2json" { compare::drop_empty_transactions(&ours) } else { ours };
     for (what, expected, actual) in
         [("format=transactions", &theirs.v1, &ours.v1), ("format=changes", &theirs.v2, &ours.v2)]
@@ -124,6 +135,38 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The optional normalisations `CONFORMANCE_ACCEPT` names (see [`compare::OPTIONAL`]).
+fn accepted() -> Vec<String> {
+    let names: Vec<String> = std::env::var("CONFORMANCE_ACCEPT")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in &names {
+        assert!(compare::OPTIONAL.contains(&name.as_str()), "CONFORMANCE_ACCEPT: {name:?} is none of {:?}", compare::OPTIONAL);
+    }
+    names
+}
+
+/// (schema, name) of every relation of `relkind` (`p` partitioned table, `m`
+/// materialized view).
+async fn relations_of_kind(pg: &tokio_postgres::Client, relkind: char) -> Vec<(String, String)> {
+    let sql = "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE c.relkind::text = $1";
+    let rows = pg.query(sql, &[&relkind.to_string()]).await.unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// (schema, table, column) of every stored generated column.
+async fn generated_columns(pg: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    let sql = "SELECT n.nspname::text, c.relname::text, a.attname::text FROM pg_attribute a \
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE a.attgenerated = 's' AND NOT a.attisdropped";
+    let rows = pg.query(sql, &[]).await.unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
 }
 
 /// Writes the workload's SQL where a failing seed can be read and replayed.

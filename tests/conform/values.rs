@@ -49,6 +49,15 @@ pub enum Ty {
     TstzRange,
     Oid,
     CharOne,
+    Xml,
+    EnumArray,
+    /// Typmods `format_type` spells out: `time(3) without time zone`, `interval day to
+    /// second(2)`, `character varying` without a length.
+    TimeTypmod,
+    IntervalFields,
+    VarcharUnbounded,
+    /// An enum in `public`, on the search_path: `columntypes` does not qualify it.
+    PublicEnum,
     /// Large incompressible text, stored out of line (TOAST).
     BigText,
     BigBytea,
@@ -97,6 +106,12 @@ pub const COMMON: &[Ty] = &[
     Ty::TstzRange,
     Ty::Oid,
     Ty::CharOne,
+    Ty::Xml,
+    Ty::EnumArray,
+    Ty::TimeTypmod,
+    Ty::IntervalFields,
+    Ty::VarcharUnbounded,
+    Ty::PublicEnum,
 ];
 
 /// The schema of the user-defined types: not on the search_path, so `columntypes` names
@@ -111,7 +126,8 @@ pub fn create_types_sql() -> String {
     format!(
         "CREATE TYPE {s}.mood AS ENUM ('sad', 'ok', 'happy', 'with space', 'quo''te', 'ünï😀');\n\
          CREATE DOMAIN {s}.posint AS int4 CHECK (VALUE > 0);\n\
-         CREATE TYPE {s}.pair AS (a int4, b text, c numeric[]);\n"
+         CREATE TYPE {s}.pair AS (a int4, b text, c numeric[]);\n\
+         CREATE TYPE public.color AS ENUM ('red', 'green');\n"
     )
 }
 
@@ -175,6 +191,12 @@ impl Ty {
             Ty::TstzRange => "tstzrange".into(),
             Ty::Oid => "oid".into(),
             Ty::CharOne => "\"char\"".into(),
+            Ty::Xml => "xml".into(),
+            Ty::EnumArray => format!("{s}.mood[]"),
+            Ty::TimeTypmod => "time(3)".into(),
+            Ty::IntervalFields => "interval day to second(2)".into(),
+            Ty::VarcharUnbounded => "varchar".into(),
+            Ty::PublicEnum => "color".into(),
         }
     }
 
@@ -250,6 +272,12 @@ impl Ty {
             ),
             Ty::Oid => cast(int(rng, 0, u32::MAX as i64)),
             Ty::CharOne => cast(rng.pick(&["a", "Z", " ", "é"]).to_string()),
+            Ty::Xml => cast(rng.pick(&["<a b=\"1\">t&amp;x</a>", "text only", "<?xml version=\"1.0\"?><r/>", ""]).to_string()),
+            Ty::EnumArray => cast(rng.pick(&["{sad,NULL,\"with space\"}", "{}", "{\"quo'te\",ünï😀}"]).to_string()),
+            Ty::TimeTypmod => cast(rng.pick(&["12:34:56.789012", "00:00:00.0005", "23:59:59.9999"]).to_string()),
+            Ty::IntervalFields => cast(rng.pick(&["1 day 02:03:04.5678", "-3 days", "1 year 1 second"]).to_string()),
+            Ty::VarcharUnbounded => cast(text(rng, 4)),
+            Ty::PublicEnum => cast(rng.pick(&["red", "green"]).to_string()),
             Ty::BigText => {
                 // Random characters of a 64-letter alphabet: pglz finds nothing to
                 // compress, and the column is EXTERNAL anyway.

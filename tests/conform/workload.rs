@@ -85,6 +85,8 @@ struct Table {
     cols: Vec<Column>,
     ids: Vec<i64>,
     dropped: bool,
+    /// Has `gen int8 GENERATED ALWAYS AS (id * 2) STORED`.
+    generated: bool,
 }
 
 impl Table {
@@ -202,7 +204,8 @@ impl Generator {
         };
         let n = self.rng.range(2, 8) as usize;
         cols.extend(self.random_cols(n));
-        let table = Table { schema, name, identity, kind, cols, ids: Vec::new(), dropped: false };
+        let generated = kind == Kind::Plain && self.rng.chance(30);
+        let table = Table { schema, name, identity, kind, cols, ids: Vec::new(), dropped: false, generated };
         let sql = self.create_sql(&table);
         self.model.tables.push(table);
         self.steps.push(Step::Sql(sql));
@@ -221,6 +224,9 @@ impl Generator {
         }
         if t.kind == Kind::FkParent {
             defs.push("n bigserial".into());
+        }
+        if t.generated {
+            defs.push("gen int8 GENERATED ALWAYS AS (id * 2) STORED".into());
         }
         for c in &t.cols {
             defs.push(format!("{} {}", ident(&c.name), c.ty.sql()));
@@ -272,7 +278,8 @@ impl Generator {
     /// transaction, or a statement that must fail.
     fn one_step(&mut self) {
         match self.rng.below(100) {
-            0..=11 => self.ddl(),
+            0..=10 => self.ddl(),
+            11 => self.rare(),
             12..=17 => {
                 let m = self.message(false);
                 self.steps.push(Step::Sql(m));
@@ -280,6 +287,65 @@ impl Generator {
             18..=20 => self.forbidden_change(),
             _ => self.transaction(),
         }
+    }
+
+    /// What is rare in applications: a transaction with a replication origin, a
+    /// materialized view refreshed, an unlogged table written, a large transaction.
+    fn rare(&mut self) {
+        let sql = match self.rng.below(4) {
+            0 => {
+                // Changes replayed from elsewhere carry an origin (pgoutput sends an
+                // Origin message; neither format prints it without include-origin).
+                let origin = lit(&format!("conform {}", self.model.next_name));
+                self.model.next_name += 1;
+                let insert = self.insert();
+                format!(
+                    "SELECT pg_replication_origin_create({origin});\n\
+                     SELECT pg_replication_origin_session_setup({origin});\n\
+                     BEGIN;\nSELECT pg_replication_origin_xact_setup('0/AB', now());\n{insert};\nCOMMIT;\n\
+                     SELECT pg_replication_origin_session_reset();\n"
+                )
+            }
+            1 => {
+                let mv = ident(&format!("mv{}", self.model.next_name));
+                self.model.next_name += 1;
+                let rows = self.rng.range(0, 30);
+                // Kept, so that the harness can tell its changes (wal2json prints them);
+                // on no table of the workload, so that DROP TABLE needs no CASCADE.
+                format!(
+                    "CREATE MATERIALIZED VIEW {mv} AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, {rows}) g;\n\
+                     REFRESH MATERIALIZED VIEW {mv};\n"
+                )
+            }
+            2 => {
+                let u = ident(&format!("unlogged{}", self.model.next_name));
+                self.model.next_name += 1;
+                format!("CREATE UNLOGGED TABLE {u} (a int PRIMARY KEY, b text);\nINSERT INTO {u} VALUES (1, 'x');\nUPDATE {u} SET b = 'y';\n")
+            }
+            _ => {
+                // Several MiB in one transaction: the renderer holds a transaction until
+                // its commit, and spills it to a file past a bound.
+                let Some(ti) = self.live().into_iter().find(|&i| {
+                    let t = &self.model.tables[i];
+                    t.kind == Kind::Toast && ["big", "note"].iter().all(|n| t.cols.iter().any(|c| c.name == *n))
+                }) else {
+                    return self.transaction();
+                };
+                let t = &self.model.tables[ti];
+                let first = self.model.next_id + 1;
+                let rows = self.rng.range(200, 400);
+                self.model.next_id += rows;
+                let ids: Vec<i64> = (first..first + rows).collect();
+                let sql = format!(
+                    "INSERT INTO {} (id, big, note) SELECT g, repeat(md5(g::text), 400), 'bulk' FROM generate_series({first}, {}) g",
+                    t.qname(),
+                    first + rows - 1
+                );
+                self.model.tables[ti].ids.extend(ids);
+                sql
+            }
+        };
+        self.steps.push(Step::Sql(sql));
     }
 
     /// An UPDATE or DELETE of a table that cannot identify rows: with a publication of
