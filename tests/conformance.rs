@@ -124,7 +124,7 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
         theirs = compare::drop_partitioned_truncates(&theirs, &relations_of_kind(&pg, 'p').await);
     }
     if accepted.iter().any(|a| a == compare::GENERATED_COLUMNS) {
-        theirs = compare::drop_generated_columns(&theirs, &generated_columns(&pg).await);
+        theirs = compare::drop_generated_columns(&theirs, |_, _, column| column == workload::GENERATED_COLUMN);
     }
     let ours = if against == "wal2json" { compare::drop_empty_transactions(&ours) } else { ours };
     for (what, expected, actual) in
@@ -158,15 +158,6 @@ async fn relations_of_kind(pg: &tokio_postgres::Client, relkind: char) -> Vec<(S
                WHERE c.relkind::text = $1";
     let rows = pg.query(sql, &[&relkind.to_string()]).await.unwrap_or_default();
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
-}
-
-/// (schema, table, column) of every stored generated column.
-async fn generated_columns(pg: &tokio_postgres::Client) -> Vec<(String, String, String)> {
-    let sql = "SELECT n.nspname::text, c.relname::text, a.attname::text FROM pg_attribute a \
-               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-               WHERE a.attgenerated = 's' AND NOT a.attisdropped";
-    let rows = pg.query(sql, &[]).await.unwrap_or_default();
-    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
 }
 
 /// Writes the workload's SQL where a failing seed can be read and replayed.

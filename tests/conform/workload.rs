@@ -11,6 +11,10 @@ use super::{Rng, ident, lit};
 /// The prefix of the transactional message that ends every workload.
 pub const END_PREFIX: &str = "conformance-end";
 
+/// The name of every stored generated column (no other column has it, and no DDL
+/// touches it): the harness knows them by it, whatever became of their table.
+pub const GENERATED_COLUMN: &str = "gen";
+
 /// One step, run as one simple-query batch.
 #[derive(Clone, Debug)]
 pub enum Step {
@@ -226,7 +230,7 @@ impl Generator {
             defs.push("n bigserial".into());
         }
         if t.generated {
-            defs.push("gen int8 GENERATED ALWAYS AS (id * 2) STORED".into());
+            defs.push(format!("{GENERATED_COLUMN} int8 GENERATED ALWAYS AS (id * 2) STORED"));
         }
         for c in &t.cols {
             defs.push(format!("{} {}", ident(&c.name), c.ty.sql()));
@@ -296,14 +300,15 @@ impl Generator {
             0 => {
                 // Changes replayed from elsewhere carry an origin (pgoutput sends an
                 // Origin message; neither format prints it without include-origin).
-                let origin = lit(&format!("conform {}", self.model.next_name));
+                // Origins belong to the cluster, not to the database: named by the seed.
+                let origin = lit(&format!("conform {} {}", self.seed, self.model.next_name));
                 self.model.next_name += 1;
                 let insert = self.insert();
                 format!(
                     "SELECT pg_replication_origin_create({origin});\n\
                      SELECT pg_replication_origin_session_setup({origin});\n\
                      BEGIN;\nSELECT pg_replication_origin_xact_setup('0/AB', now());\n{insert};\nCOMMIT;\n\
-                     SELECT pg_replication_origin_session_reset();\n"
+                     SELECT pg_replication_origin_session_reset();\nSELECT pg_replication_origin_drop({origin});\n"
                 )
             }
             1 => {
