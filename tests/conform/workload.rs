@@ -409,7 +409,10 @@ impl Generator {
             65..=69 => self.update_key(),
             70..=74 => self.update_many(),
             75..=80 => self.truncate(),
-            81..=89 => self.message(true),
+            81..=86 => self.message(true),
+            // DDL inside the transaction: the relation changes between two changes of
+            // the same transaction (and may be rolled back with a savepoint).
+            87..=89 => self.alter().unwrap_or_else(|| self.insert()),
             _ => self.message(false),
         };
         sql.push_str(&op);
@@ -545,6 +548,18 @@ impl Generator {
     }
 
     fn ddl(&mut self) {
+        match self.alter() {
+            Some(sql) => self.steps.push(Step::Sql(sql)),
+            None => {
+                let kinds = [Identity::Pk, Identity::PkPair, Identity::Full { pk: false }, Identity::Index, Identity::NoKey];
+                let identity = *self.rng.pick(&kinds);
+                self.create_table(Kind::Plain, identity);
+            }
+        }
+    }
+
+    /// An ALTER or DROP of a random table; None for a new table instead.
+    fn alter(&mut self) -> Option<String> {
         let ti = self.random_table();
         let t = self.model.tables[ti].clone();
         let q = t.qname();
@@ -566,9 +581,7 @@ impl Generator {
                 format!("ALTER TABLE {q} DROP COLUMN {}", ident(&c.name))
             }
             3 if simple => {
-                let Some(ci) = t.cols.iter().position(|c| values::widened(c.ty).is_some()) else {
-                    return self.create_table(Kind::Plain, Identity::Pk);
-                };
+                let ci = t.cols.iter().position(|c| values::widened(c.ty).is_some())?;
                 let to = values::widened(t.cols[ci].ty).unwrap_or(Ty::Text);
                 self.model.tables[ti].cols[ci].ty = to;
                 format!("ALTER TABLE {q} ALTER COLUMN {} TYPE {}", ident(&t.cols[ci].name), to.sql())
@@ -597,13 +610,9 @@ impl Generator {
                 self.model.tables[ti].dropped = true;
                 format!("DROP TABLE {q}")
             }
-            _ => {
-                let kinds = [Identity::Pk, Identity::PkPair, Identity::Full { pk: false }, Identity::Index, Identity::NoKey];
-                let identity = *self.rng.pick(&kinds);
-                return self.create_table(Kind::Plain, identity);
-            }
+            _ => return None,
         };
-        self.steps.push(Step::Sql(sql));
+        Some(sql)
     }
 
     fn droppable(&mut self, t: &Table) -> usize {
