@@ -296,7 +296,8 @@ impl Generator {
     /// What is rare in applications: a transaction with a replication origin, a
     /// materialized view refreshed, an unlogged table written, a large transaction.
     fn rare(&mut self) {
-        let sql = match self.rng.below(4) {
+        let sql = match self.rng.below(5) {
+            4 => self.type_lifecycle(),
             0 => {
                 // Changes replayed from elsewhere carry an origin (pgoutput sends an
                 // Origin message; neither format prints it without include-origin).
@@ -351,6 +352,28 @@ impl Generator {
             }
         };
         self.steps.push(Step::Sql(sql));
+    }
+
+    /// A type renamed, moved to another schema and maybe dropped, with rows written
+    /// between: wal2json names it as the catalog was when the row was written.
+    fn type_lifecycle(&mut self) -> String {
+        let n = self.model.next_name;
+        self.model.next_name += 1;
+        let (ty, table) = (format!("lc{n}"), ident(&format!("typed{n}")));
+        let s = ident(values::TYPES_SCHEMA);
+        let insert = |id: usize, v: &str| format!("INSERT INTO {table} VALUES ({id}, 'x', '{{{v},NULL}}');\n");
+        let mut sql = format!(
+            "BEGIN;\nCREATE TYPE {s}.{ty} AS ENUM ('x', 'y');\n\
+             CREATE TABLE {table} (id int8 PRIMARY KEY, v {s}.{ty}, a {s}.{ty}[]);\n{}COMMIT;\n",
+            insert(1, "x")
+        );
+        sql.push_str(&format!("BEGIN;\nALTER TYPE {s}.{ty} RENAME TO {ty}_renamed;\n{}COMMIT;\n", insert(2, "y")));
+        sql.push_str(&format!("BEGIN;\nALTER TYPE {s}.{ty}_renamed SET SCHEMA public;\n{}COMMIT;\n", insert(3, "x")));
+        sql.push_str(&format!("BEGIN;\nALTER TYPE public.{ty}_renamed ADD VALUE 'z';\nCOMMIT;\n{}", insert(4, "z")));
+        if self.rng.chance(50) {
+            sql.push_str(&format!("DROP TABLE {table};\nDROP TYPE public.{ty}_renamed;\n"));
+        }
+        sql
     }
 
     /// An UPDATE or DELETE of a table that cannot identify rows: with a publication of
