@@ -146,7 +146,11 @@ fn accepted() -> Vec<String> {
         .filter(|s| !s.is_empty())
         .collect();
     for name in &names {
-        assert!(compare::OPTIONAL.contains(&name.as_str()), "CONFORMANCE_ACCEPT: {name:?} is none of {:?}", compare::OPTIONAL);
+        assert!(
+            compare::OPTIONAL.contains(&name.as_str()),
+            "CONFORMANCE_ACCEPT: {name:?} is none of {:?}",
+            compare::OPTIONAL
+        );
     }
     names
 }
@@ -214,14 +218,23 @@ async fn stream_both(server: &TestServer, pg: &tokio_postgres::Client, slots: &S
 
 /// Every message of the stream up to the workload's end marker (its transaction in
 /// format 1, up to its commit in format 2); then the stream is closed and the slot free.
-async fn stream(server: &TestServer, pg: &tokio_postgres::Client, slot: &str, query: &str) -> Result<Vec<String>, String> {
+async fn stream(
+    server: &TestServer,
+    pg: &tokio_postgres::Client,
+    slot: &str,
+    query: &str,
+) -> Result<Vec<String>, String> {
     let url = format!("{}{query}", server.stream_url(slot));
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| format!("{url}: {e}"))?;
     let mut messages = Vec::new();
     let mut marker_seen = false;
     loop {
         let text = next_text(&mut ws).await.map_err(|e| {
-            format!("{url}: {e} after {} messages, the last: {}", messages.len(), messages.last().map_or("-", String::as_str))
+            format!(
+                "{url}: {e} after {} messages, the last: {}",
+                messages.len(),
+                messages.last().map_or("-", String::as_str)
+            )
         })?;
         let done = if query.is_empty() {
             Transaction::parse(text.as_bytes()).is_ok_and(|t| t.change.iter().any(is_end_marker))

@@ -37,15 +37,14 @@ pub fn drop_empty_transactions(s: &Streamed) -> Streamed {
         v2.push(s.v2[i].clone());
         i += 1;
     }
-    let v1 = s
-        .v1
-        .iter()
-        .filter(|m| match Transaction::parse(m.as_bytes()) {
-            Ok(t) => !(t.change.is_empty() && t.nextlsn.is_some() && empty.contains(&t.nextlsn)),
-            Err(_) => true,
-        })
-        .cloned()
-        .collect();
+    let v1 =
+        s.v1.iter()
+            .filter(|m| match Transaction::parse(m.as_bytes()) {
+                Ok(t) => !(t.change.is_empty() && t.nextlsn.is_some() && empty.contains(&t.nextlsn)),
+                Err(_) => true,
+            })
+            .cloned()
+            .collect();
     Streamed { v1, v2 }
 }
 
@@ -63,15 +62,16 @@ pub const OPTIONAL: &[&str] = &[PARTITIONED_TRUNCATE, GENERATED_COLUMNS, MATERIA
 pub const PARTITIONED_TRUNCATE: &str = "partitioned-truncate";
 
 pub fn drop_partitioned_truncates(s: &Streamed, partitioned: &[(String, String)]) -> Streamed {
-    let v2 = s
-        .v2
-        .iter()
-        .filter(|m| match Record::parse(m.as_bytes()) {
-            Ok(Record::T(t)) => !partitioned.iter().any(|(schema, table)| t.schema.as_ref() == Some(schema) && &t.table == table),
-            _ => true,
-        })
-        .cloned()
-        .collect();
+    let v2 =
+        s.v2.iter()
+            .filter(|m| match Record::parse(m.as_bytes()) {
+                Ok(Record::T(t)) => {
+                    !partitioned.iter().any(|(schema, table)| t.schema.as_ref() == Some(schema) && &t.table == table)
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect();
     Streamed { v1: s.v1.clone(), v2 }
 }
 
@@ -102,7 +102,9 @@ pub fn first_difference(what: &str, expected: &[String], actual: &[String]) -> O
         let offset = match (e, a) {
             (Some(e), Some(a)) => {
                 let at = e.bytes().zip(a.bytes()).take_while(|(x, y)| x == y).count();
-                let context = |m: &str| String::from_utf8_lossy(&m.as_bytes()[at.saturating_sub(40)..(at + 40).min(m.len())]).into_owned();
+                let context = |m: &str| {
+                    String::from_utf8_lossy(&m.as_bytes()[at.saturating_sub(40)..(at + 40).min(m.len())]).into_owned()
+                };
                 format!("they part at byte {at}:\n  expected ...{}...\n  actual   ...{}...\n", context(e), context(a))
             }
             _ => String::new(),
@@ -125,38 +127,36 @@ pub fn first_difference(what: &str, expected: &[String], actual: &[String]) -> O
 pub const GENERATED_COLUMNS: &str = "generated-columns";
 
 pub fn drop_generated_columns(s: &Streamed, is_generated: impl Fn(&Option<String>, &str, &str) -> bool) -> Streamed {
-    let v1 = s
-        .v1
-        .iter()
-        .map(|m| {
-            let Ok(mut t) = Transaction::parse(m.as_bytes()) else { return m.clone() };
-            let mut changed = false;
-            for change in &mut t.change {
-                if let Change::Insert(row) | Change::Update(row) | Change::Delete(row) = change {
+    let v1 =
+        s.v1.iter()
+            .map(|m| {
+                let Ok(mut t) = Transaction::parse(m.as_bytes()) else { return m.clone() };
+                let mut changed = false;
+                for change in &mut t.change {
+                    if let Change::Insert(row) | Change::Update(row) | Change::Delete(row) = change {
+                        let (schema, table) = (row.schema.clone(), row.table.clone());
+                        changed |= drop_from_row_change(row, |c| is_generated(&schema, &table, c));
+                    }
+                }
+                if changed { serde_json::to_string(&t).unwrap_or_else(|_| m.clone()) } else { m.clone() }
+            })
+            .collect();
+    let v2 =
+        s.v2.iter()
+            .map(|m| {
+                let Ok(mut r) = Record::parse(m.as_bytes()) else { return m.clone() };
+                let mut changed = false;
+                if let Record::I(row) | Record::U(row) | Record::D(row) = &mut r {
                     let (schema, table) = (row.schema.clone(), row.table.clone());
-                    changed |= drop_from_row_change(row, |c| is_generated(&schema, &table, c));
+                    for cols in [&mut row.columns, &mut row.identity].into_iter().flatten() {
+                        let before = cols.len();
+                        cols.retain(|c: &Column| !is_generated(&schema, &table, &c.name));
+                        changed |= cols.len() != before;
+                    }
                 }
-            }
-            if changed { serde_json::to_string(&t).unwrap_or_else(|_| m.clone()) } else { m.clone() }
-        })
-        .collect();
-    let v2 = s
-        .v2
-        .iter()
-        .map(|m| {
-            let Ok(mut r) = Record::parse(m.as_bytes()) else { return m.clone() };
-            let mut changed = false;
-            if let Record::I(row) | Record::U(row) | Record::D(row) = &mut r {
-                let (schema, table) = (row.schema.clone(), row.table.clone());
-                for cols in [&mut row.columns, &mut row.identity].into_iter().flatten() {
-                    let before = cols.len();
-                    cols.retain(|c: &Column| !is_generated(&schema, &table, &c.name));
-                    changed |= cols.len() != before;
-                }
-            }
-            if changed { serde_json::to_string(&r).unwrap_or_else(|_| m.clone()) } else { m.clone() }
-        })
-        .collect();
+                if changed { serde_json::to_string(&r).unwrap_or_else(|_| m.clone()) } else { m.clone() }
+            })
+            .collect();
     Streamed { v1, v2 }
 }
 
@@ -198,7 +198,8 @@ fn filter<T>(v: &mut Vec<T>, keep: &[bool]) {
 pub const MATERIALIZED_VIEWS: &str = "materialized-views";
 
 pub fn drop_changes_of(s: &Streamed, views: &[(String, String)]) -> Streamed {
-    let listed = |schema: &Option<String>, table: &str| views.iter().any(|(s, t)| schema.as_ref() == Some(s) && t == table);
+    let listed =
+        |schema: &Option<String>, table: &str| views.iter().any(|(s, t)| schema.as_ref() == Some(s) && t == table);
     let v1 = s
         .v1
         .iter()
@@ -212,15 +213,14 @@ pub fn drop_changes_of(s: &Streamed, views: &[(String, String)]) -> Streamed {
             if t.change.len() != before { serde_json::to_string(&t).unwrap_or_else(|_| m.clone()) } else { m.clone() }
         })
         .collect();
-    let v2 = s
-        .v2
-        .iter()
-        .filter(|m| match Record::parse(m.as_bytes()) {
-            Ok(Record::I(r) | Record::U(r) | Record::D(r)) => !listed(&r.schema, &r.table),
-            Ok(Record::T(t)) => !listed(&t.schema, &t.table),
-            _ => true,
-        })
-        .cloned()
-        .collect();
+    let v2 =
+        s.v2.iter()
+            .filter(|m| match Record::parse(m.as_bytes()) {
+                Ok(Record::I(r) | Record::U(r) | Record::D(r)) => !listed(&r.schema, &r.table),
+                Ok(Record::T(t)) => !listed(&t.schema, &t.table),
+                _ => true,
+            })
+            .cloned()
+            .collect();
     Streamed { v1, v2 }
 }

@@ -225,8 +225,12 @@ impl Ty {
                 cast(bytea(rng, n))
             }
             Ty::Date => cast(date(rng)),
-            Ty::Time => cast(rng.pick(&["00:00", "24:00:00", "12:34:56.789012", "23:59:59.999999", "01:02"]).to_string()),
-            Ty::Timetz => cast(rng.pick(&["00:00+00", "12:34:56.5+05:30", "23:59:59-14:59", "04:05:06 PST"]).to_string()),
+            Ty::Time => {
+                cast(rng.pick(&["00:00", "24:00:00", "12:34:56.789012", "23:59:59.999999", "01:02"]).to_string())
+            }
+            Ty::Timetz => {
+                cast(rng.pick(&["00:00+00", "12:34:56.5+05:30", "23:59:59-14:59", "04:05:06 PST"]).to_string())
+            }
             Ty::Timestamp => cast(timestamp(rng, "")),
             Ty::Timestamptz => {
                 let zone = *rng.pick(&["+00", "+05:30", "-11", " Europe/Paris"]);
@@ -272,7 +276,9 @@ impl Ty {
             ),
             Ty::Oid => cast(int(rng, 0, u32::MAX as i64)),
             Ty::CharOne => cast(rng.pick(&["a", "Z", " ", "é"]).to_string()),
-            Ty::Xml => cast(rng.pick(&["<a b=\"1\">t&amp;x</a>", "text only", "<?xml version=\"1.0\"?><r/>", ""]).to_string()),
+            Ty::Xml => {
+                cast(rng.pick(&["<a b=\"1\">t&amp;x</a>", "text only", "<?xml version=\"1.0\"?><r/>", ""]).to_string())
+            }
             Ty::EnumArray => cast(rng.pick(&["{sad,NULL,\"with space\"}", "{}", "{\"quo'te\",ünï😀}"]).to_string()),
             Ty::TimeTypmod => cast(rng.pick(&["12:34:56.789012", "00:00:00.0005", "23:59:59.9999"]).to_string()),
             Ty::IntervalFields => cast(rng.pick(&["1 day 02:03:04.5678", "-3 days", "1 year 1 second"]).to_string()),

@@ -65,7 +65,9 @@ enum Kind {
     Partitioned,
     /// Referenced by `FkChild` tables (ON DELETE/UPDATE CASCADE); has a bigserial `n`.
     FkParent,
-    FkChild { parent: usize },
+    FkChild {
+        parent: usize,
+    },
     /// Large, incompressible values stored out of line.
     Toast,
 }
@@ -145,7 +147,11 @@ pub fn generate(seed: u64, transactions: usize) -> Vec<Step> {
     for _ in 0..transactions {
         g.one_step();
     }
-    g.steps.push(Step::Sql(format!("SELECT pg_logical_emit_message(true, {}, {})", lit(END_PREFIX), lit(&seed.to_string()))));
+    g.steps.push(Step::Sql(format!(
+        "SELECT pg_logical_emit_message(true, {}, {})",
+        lit(END_PREFIX),
+        lit(&seed.to_string())
+    )));
     g.steps
 }
 
@@ -224,7 +230,10 @@ impl Generator {
             _ => {}
         }
         if let Kind::FkChild { parent } = t.kind {
-            defs.push(format!("p int8 REFERENCES {} ON DELETE CASCADE ON UPDATE CASCADE", self.model.tables[parent].qname()));
+            defs.push(format!(
+                "p int8 REFERENCES {} ON DELETE CASCADE ON UPDATE CASCADE",
+                self.model.tables[parent].qname()
+            ));
         }
         if t.kind == Kind::FkParent {
             defs.push("n bigserial".into());
@@ -243,7 +252,8 @@ impl Generator {
         let mut sql = format!("CREATE TABLE {q} ({})", defs.join(", "));
         if t.kind == Kind::Partitioned {
             sql.push_str(" PARTITION BY RANGE (id);\n");
-            for (suffix, bounds) in [("_lo", format!("MINVALUE) TO ({HIGH}")), ("_hi", format!("{HIGH}) TO (MAXVALUE"))] {
+            for (suffix, bounds) in [("_lo", format!("MINVALUE) TO ({HIGH}")), ("_hi", format!("{HIGH}) TO (MAXVALUE"))]
+            {
                 let part = format!("{}.{}", ident(&t.schema), ident(&format!("{}{suffix}", t.name)));
                 sql.push_str(&format!("CREATE TABLE {part} PARTITION OF {q} FOR VALUES FROM ({bounds});\n"));
             }
@@ -326,7 +336,9 @@ impl Generator {
             2 => {
                 let u = ident(&format!("unlogged{}", self.model.next_name));
                 self.model.next_name += 1;
-                format!("CREATE UNLOGGED TABLE {u} (a int PRIMARY KEY, b text);\nINSERT INTO {u} VALUES (1, 'x');\nUPDATE {u} SET b = 'y';\n")
+                format!(
+                    "CREATE UNLOGGED TABLE {u} (a int PRIMARY KEY, b text);\nINSERT INTO {u} VALUES (1, 'x');\nUPDATE {u} SET b = 'y';\n"
+                )
             }
             _ => {
                 // Several MiB in one transaction: the renderer holds a transaction until
@@ -574,7 +586,8 @@ impl Generator {
         match self.alter() {
             Some(sql) => self.steps.push(Step::Sql(sql)),
             None => {
-                let kinds = [Identity::Pk, Identity::PkPair, Identity::Full { pk: false }, Identity::Index, Identity::NoKey];
+                let kinds =
+                    [Identity::Pk, Identity::PkPair, Identity::Full { pk: false }, Identity::Index, Identity::NoKey];
                 let identity = *self.rng.pick(&kinds);
                 self.create_table(Kind::Plain, identity);
             }
