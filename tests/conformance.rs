@@ -87,8 +87,11 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     let steps = workload::generate(seed, size, accepted().iter().any(|a| a == compare::HISTORIC_TYPE_NAMES));
     let sql_file = save_workload(seed, &steps);
     let fail = |what: String| format!("conformance seed {seed} (against {against}; workload in {sql_file}):\n{what}");
+    let other = db.client().await;
     for (i, step) in steps.iter().enumerate() {
-        run_step(&pg, step).await.map_err(|e| fail(format!("step {i} of the workload: {e}\n{}", step.sql())))?;
+        run_step([&pg, &other], step)
+            .await
+            .map_err(|e| fail(format!("step {i} of the workload: {e}\n{}", step.sql())))?;
     }
 
     let server = TestServer::start(&db).await;
@@ -193,6 +196,7 @@ fn save_workload(seed: u64, steps: &[Step]) -> String {
         match step {
             Step::Sql(sql) => text.push_str(sql),
             Step::Fails(sql, _) => text.push_str(&format!("-- fails:\n{sql}")),
+            Step::Interleaved(_) => text.push_str(&format!("-- two connections:\n{}", step.sql())),
         }
         text.push_str(if text.ends_with('\n') { "\n" } else { ";\n\n" });
     }
@@ -209,8 +213,15 @@ fn save_streams(seed: u64, plugin: &str, s: &Streamed) {
     }
 }
 
-async fn run_step(pg: &tokio_postgres::Client, step: &Step) -> Result<(), String> {
+async fn run_step(clients: [&tokio_postgres::Client; 2], step: &Step) -> Result<(), String> {
+    let pg = clients[0];
     match step {
+        Step::Interleaved(parts) => {
+            for (connection, sql) in parts {
+                clients[*connection].batch_execute(sql).await.map_err(|e| describe(&e))?;
+            }
+            Ok(())
+        }
         Step::Sql(sql) => pg.batch_execute(sql).await.map_err(|e| describe(&e)),
         Step::Fails(sql, expected) => match pg.batch_execute(sql).await {
             Ok(()) => Err(format!("succeeded; expected an error with {expected:?}")),

@@ -21,12 +21,15 @@ pub enum Step {
     Sql(String),
     /// A statement that must fail with an error containing the text.
     Fails(String, &'static str),
+    /// Two transactions at once: each statement on connection 0 or 1, in this order.
+    Interleaved(Vec<(usize, String)>),
 }
 
 impl Step {
-    pub fn sql(&self) -> &str {
+    pub fn sql(&self) -> String {
         match self {
-            Step::Sql(s) | Step::Fails(s, _) => s,
+            Step::Sql(s) | Step::Fails(s, _) => s.clone(),
+            Step::Interleaved(parts) => parts.iter().map(|(c, sql)| format!("/* connection {c} */ {sql};\n")).collect(),
         }
     }
 }
@@ -303,8 +306,29 @@ impl Generator {
                 self.steps.push(Step::Sql(m));
             }
             18..=20 => self.forbidden_change(),
+            21..=26 => self.interleaved(),
             _ => self.transaction(),
         }
+    }
+
+    /// Two transactions open at once, their changes interleaved (inserts only: they
+    /// never wait for each other's locks), committed in either order or one rolled back.
+    fn interleaved(&mut self) {
+        let mut parts = vec![(0, "BEGIN".to_string()), (1, "BEGIN".to_string())];
+        for _ in 0..self.rng.range(2, 8) {
+            let connection = self.rng.below(2);
+            let op = if self.rng.chance(20) {
+                let transactional = self.rng.chance(70);
+                self.message(transactional)
+            } else {
+                self.insert()
+            };
+            parts.push((connection, op));
+        }
+        let first = self.rng.below(2);
+        parts.push((first, "COMMIT".into()));
+        parts.push((1 - first, if self.rng.chance(15) { "ROLLBACK" } else { "COMMIT" }.into()));
+        self.steps.push(Step::Interleaved(parts));
     }
 
     /// What is rare in applications: a transaction with a replication origin, a
