@@ -116,7 +116,7 @@ bench-quick: setup bench-fonts
 # stable toolchain take them. New inputs go to fuzz/target/corpus/, crashes to
 # fuzz/artifacts/; the committed seeds in fuzz/corpus/ are only read.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := lsn wal2json client_message
+FUZZ_TARGETS := lsn wal2json client_message pgoutput
 .PHONY: fuzz
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked

@@ -67,6 +67,11 @@ pub struct Cli {
     #[arg(long, env = "PGDELTASTREAM_FRAME_SIZE", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
     pub frame_size: u32,
+    /// Bytes of a transaction a pgoutput stream holds in memory until its commit (the
+    /// rest waits in an unlinked temporary file in TMPDIR).
+    #[arg(long, env = "PGDELTASTREAM_PGOUTPUT_MEMORY", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(65536..=1024 * 1024 * 1024))]
+    pub pgoutput_memory: u32,
     /// Schema of the table that stores session definitions (created on first use).
     #[arg(long, env = "PGDELTASTREAM_SCHEMA", default_value = "pgdeltastream")]
     pub schema: String,
@@ -115,6 +120,7 @@ impl Cli {
                 dead_after: Duration::from_secs(self.dead_after.max(2)),
             },
             frame_bytes: self.frame_size as usize,
+            pgoutput_memory: self.pgoutput_memory as usize,
             schema: self.schema.clone(),
             ..SessionSettings::default()
         }

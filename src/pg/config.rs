@@ -34,6 +34,12 @@ impl std::fmt::Debug for PgConfig {
 /// (replication and ordinary), so that the stream and the snapshot print a value alike
 /// whatever the database, the role or postgresql.conf set. `bytea_output = escape`, say,
 /// would make wal2json pass escape text on as if it were hex.
+///
+/// `search_path` is deliberately not pinned: wal2json names a type outside the
+/// walsender's search_path with its schema, as users' own sessions would. Both kinds
+/// of connection get the same one (same role, database and startup options), which
+/// pgoutput's rendering relies on when it names types on a pool connection
+/// (`stream::pgoutput::types`).
 pub const PINNED_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
     ("DateStyle", "ISO, MDY"),

@@ -68,6 +68,9 @@ pub struct SessionSettings {
     pub stream_buffer: usize,
     /// The size of the websocket frames a transaction is cut into.
     pub frame_bytes: usize,
+    /// How much of a transaction a pgoutput stream holds in memory until its commit;
+    /// the rest waits in a temporary file.
+    pub pgoutput_memory: usize,
     pub socket: SocketSettings,
     /// The schema of the table that stores session definitions.
     pub schema: String,
@@ -80,6 +83,7 @@ impl Default for SessionSettings {
             status_interval: Duration::from_secs(10),
             stream_buffer: 8,
             frame_bytes: crate::stream::frame::DEFAULT_FRAME_BYTES,
+            pgoutput_memory: crate::stream::pgoutput::DEFAULT_HOLD_MEMORY,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
             schema: store::DEFAULT_SCHEMA.to_owned(),
         }

@@ -124,7 +124,7 @@ impl Registry {
             claim,
             progress,
             format,
-            decoder: info.plugin.decoder(format, &filter, &self.pool),
+            decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty,
             settings: self.settings.clone(),
         })

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::decode::PluginDecoder;
 use super::filter::{Action, Filter};
 use super::frame::Format;
-use super::pgoutput::{Converter, DEFAULT_HOLD_MEMORY};
+use super::pgoutput::Converter;
 use crate::pg::pool::Pool;
 
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
@@ -59,14 +59,14 @@ impl Plugin {
 
     /// What turns the plugin's output into pieces of wal2json messages. pgoutput's
     /// decoder drops the changes of `filter`'s hidden schemas (a publication FOR ALL
-    /// TABLES cannot leave them out) and names column types through `pool`.
-    pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool) -> PluginDecoder {
+    /// TABLES cannot leave them out), names column types through `pool`, and holds up
+    /// to `hold_memory` bytes of a transaction in memory until its commit.
+    pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool, hold_memory: usize) -> PluginDecoder {
         match self {
             Plugin::Wal2json => PluginDecoder::wal2json(),
-            Plugin::Pgoutput => PluginDecoder::pgoutput(
-                Converter::new(format, &filter.hidden_schemas, DEFAULT_HOLD_MEMORY),
-                pool.clone(),
-            ),
+            Plugin::Pgoutput => {
+                PluginDecoder::pgoutput(Converter::new(format, &filter.hidden_schemas, hold_memory), pool.clone())
+            }
         }
     }
 }

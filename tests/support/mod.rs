@@ -31,6 +31,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             status_interval: Duration::from_millis(500),
             stream_buffer: 16,
             frame_bytes: pgdeltastream::stream::frame::DEFAULT_FRAME_BYTES,
+            pgoutput_memory: pgdeltastream::stream::pgoutput::DEFAULT_HOLD_MEMORY,
             schema: pgdeltastream::session::store::DEFAULT_SCHEMA.into(),
             socket: SocketSettings { ping_interval: Duration::from_secs(1), dead_after: Duration::from_secs(10) },
         },

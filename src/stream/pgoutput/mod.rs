@@ -30,7 +30,8 @@ use super::frame::Format;
 use crate::pg::pgoutput::{Begin, Commit, LogicalMessage, Message, ParseError, Relation};
 use crate::types::Lsn;
 
-/// How much of a transaction is held in memory before the rest goes to a file.
+/// How much of a transaction is held in memory before the rest goes to a file, unless
+/// set otherwise (`--pgoutput-memory`).
 pub const DEFAULT_HOLD_MEMORY: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]

@@ -82,12 +82,7 @@ impl Rel {
 
     /// The columns of `tuple` that `pick` selects, with their values; unchanged TOAST
     /// values left out, and NULLs too when `skip_nulls`.
-    fn columns<'a>(
-        &'a self,
-        tuple: &'a Tuple,
-        pick: Pick,
-        skip_nulls: bool,
-    ) -> Result<Vec<Shown<'a>>, ConvertError> {
+    fn columns<'a>(&'a self, tuple: &'a Tuple, pick: Pick, skip_nulls: bool) -> Result<Vec<Shown<'a>>, ConvertError> {
         if tuple.len() != self.columns.len() {
             return Err(ConvertError::ColumnCount { relation: self.columns.len(), tuple: tuple.len() });
         }
