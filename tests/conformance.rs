@@ -99,7 +99,11 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
             .map_err(|e| fail(format!("step {i} of the workload: {e}\n{}", step.sql())))?;
     }
 
-    let server = TestServer::start(&db).await;
+    let mut settings = support::fast_settings(&db);
+    // The least memory `--pgoutput-memory` allows: most transactions of the workload
+    // then go through the renderer's temporary file.
+    settings.session.pgoutput_memory = 65536;
+    let server = TestServer::start_with(settings).await;
     let theirs = stream_both(&server, &pg, &reference).await.map_err(fail)?;
     let ours = stream_both(&server, &pg, &candidate).await.map_err(fail)?;
     server.stop().await;
