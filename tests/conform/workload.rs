@@ -171,6 +171,14 @@ impl Generator {
             }
         }
         sql.push_str(&values::create_types_sql());
+        if self.rng.chance(30) {
+            // The walsenders (and the renderer's connections) start after the workload:
+            // with the types' schema on their search_path, types are named unqualified.
+            sql.push_str(&format!(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = public, {}', current_database()); END $$;\n",
+                ident(values::TYPES_SCHEMA)
+            ));
+        }
         self.steps.push(Step::Sql(sql));
         // One of each kind and identity, then a few random ones.
         let kinds = [
@@ -601,8 +609,9 @@ impl Generator {
 
     fn message(&mut self, transactional: bool) -> String {
         let prefix = *self.rng.pick(&["app", "", "we'ird \\pre\"fix", "préfixe 😀", "a.b,c*", "{\"json\":1}"]);
-        let content = match self.rng.below(5) {
+        let content = match self.rng.below(6) {
             0 => "''".to_string(),
+            5 if self.rng.chance(30) => "repeat('é\u{1F600}', 30000)".to_string(),
             1 => format!("'\\x{:016x}00ff'::bytea", self.rng.next_u64()),
             2 => "'\\xc328e282'::bytea".to_string(),
             _ => lit(&values::text(&mut self.rng, 4)),
