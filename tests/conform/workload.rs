@@ -38,7 +38,7 @@ impl Step {
 enum Identity {
     /// REPLICA IDENTITY DEFAULT with a primary key on `id`.
     Pk,
-    /// DEFAULT with a two-column key `(id, sub)`.
+    /// DEFAULT with a two-column key `(sub, id)`.
     PkPair,
     /// FULL (the table also has a primary key, or none).
     Full { pk: bool },
@@ -260,7 +260,8 @@ impl Generator {
             defs.push(format!("{} {}", ident(&c.name), c.ty.sql()));
         }
         match t.identity {
-            Identity::PkPair => defs.push("PRIMARY KEY (id, sub)".into()),
+            // Not in the columns' order: which order do the old keys come in?
+            Identity::PkPair => defs.push("PRIMARY KEY (sub, id)".into()),
             i if i.has_pk() => defs.push("PRIMARY KEY (id)".into()),
             _ => {}
         }
