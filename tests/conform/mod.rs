@@ -2,7 +2,6 @@
 //! reproducible series of SQL steps (schemas, types, tables, transactions, DDL, logical
 //! messages) that exercises every corner of what wal2json prints. `tests/conformance.rs`
 //! runs it and compares what the server streams from a wal2json slot and a pgoutput slot.
-#![allow(dead_code)]
 
 pub mod compare;
 pub mod values;

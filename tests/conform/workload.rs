@@ -125,11 +125,11 @@ struct Model {
     next_name: usize,
 }
 
-pub struct Generator {
+struct Generator {
     rng: Rng,
     model: Model,
     steps: Vec<Step>,
-    pub seed: u64,
+    seed: u64,
     /// Leave out [`Generator::type_lifecycle`]'s SQL (its random draws still happen, so
     /// that the rest of a seed's workload stays the same).
     without_type_changes: bool,
@@ -650,7 +650,7 @@ impl Generator {
                 format!("ALTER TABLE {q} ADD COLUMN {} {}{default}", ident(&name), ty.sql())
             }
             2 if simple && t.cols.len() > 1 => {
-                let ci = self.droppable(&t);
+                let ci = self.rng.below(t.cols.len());
                 let c = self.model.tables[ti].cols.remove(ci);
                 format!("ALTER TABLE {q} DROP COLUMN {}", ident(&c.name))
             }
@@ -687,9 +687,5 @@ impl Generator {
             _ => return None,
         };
         Some(sql)
-    }
-
-    fn droppable(&mut self, t: &Table) -> usize {
-        self.rng.below(t.cols.len())
     }
 }
