@@ -92,21 +92,39 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     let steps = workload::generate(seed, size, accepted().iter().any(|a| a == compare::HISTORIC_TYPE_NAMES));
     let sql_file = save_workload(seed, &steps);
     let fail = |what: String| format!("conformance seed {seed} (against {against}; workload in {sql_file}):\n{what}");
+    let mut settings = support::fast_settings(&db);
+    // The least memory `--pgoutput-memory` allows: most transactions of the workload
+    // then go through the renderer's temporary file.
+    settings.session.pgoutput_memory = 65536;
+    let server = TestServer::start_with(settings).await;
+    let live = env_u64("CONFORMANCE_LIVE").is_some_and(|v| v != 0);
+    let mut streams = if live { Some(open_streams(&db, &server, &reference, &candidate)) } else { None };
+    if live {
+        // Streaming for real before the first step: what each walsender sees of the
+        // database's settings is then that of before the workload.
+        for slot in [&reference.v1, &reference.v2, &candidate.v1, &candidate.v2] {
+            await_slot(&pg, slot, "active", "active").await;
+        }
+    }
     let other = db.client().await;
     for (i, step) in steps.iter().enumerate() {
         run_step([&pg, &other], step)
             .await
             .map_err(|e| fail(format!("step {i} of the workload: {e}\n{}", step.sql())))?;
     }
-
-    let mut settings = support::fast_settings(&db);
-    // The least memory `--pgoutput-memory` allows: most transactions of the workload
-    // then go through the renderer's temporary file.
-    settings.session.pgoutput_memory = 65536;
-    let server = TestServer::start_with(settings).await;
-    let theirs = stream_both(&server, &pg, &reference).await.map_err(fail)?;
-    let ours = stream_both(&server, &pg, &candidate).await.map_err(fail)?;
+    let streams = match streams.take() {
+        Some(streams) => streams,
+        None => open_streams(&db, &server, &reference, &candidate),
+    };
+    let mut read = Vec::new();
+    for task in streams {
+        read.push(task.await.map_err(|e| fail(format!("a stream's task failed: {e}")))?.map_err(fail)?);
+    }
     server.stop().await;
+    let mut read = read.into_iter();
+    let mut next = || read.next().unwrap_or_default();
+    let theirs = Streamed { v1: next(), v2: next() };
+    let ours = Streamed { v1: next(), v2: next() };
     for slot in [&reference.v1, &reference.v2, &candidate.v1, &candidate.v2] {
         pg.execute("SELECT pg_drop_replication_slot($1)", &[slot]).await.map_err(|e| e.to_string())?;
     }
@@ -252,22 +270,30 @@ struct Slots {
     v2: String,
 }
 
-async fn stream_both(server: &TestServer, pg: &tokio_postgres::Client, slots: &Slots) -> Result<Streamed, String> {
-    let v1 = stream(server, pg, &slots.v1, "").await?;
-    let v2 = stream(server, pg, &slots.v2, "&format=changes").await?;
-    Ok(Streamed { v1, v2 })
+type StreamTask = tokio::task::JoinHandle<Result<Vec<String>, String>>;
+
+/// The four streams, each read by a task of its own: wal2json's format 1 and 2, then the
+/// candidate's. With `CONFORMANCE_LIVE=1` they are opened before the workload runs, so
+/// that the server renders changes as they are made (type names are looked up then);
+/// otherwise after it.
+fn open_streams(db: &common::TestDb, server: &TestServer, reference: &Slots, candidate: &Slots) -> Vec<StreamTask> {
+    let mut tasks = Vec::new();
+    for slots in [reference, candidate] {
+        for (slot, query) in [(&slots.v1, ""), (&slots.v2, "&format=changes")] {
+            let (db, url, slot) = (db.clone(), format!("{}{query}", server.stream_url(slot)), slot.clone());
+            tasks.push(tokio::spawn(async move {
+                let pg = db.client().await;
+                stream(&url, &pg, &slot, !query.is_empty()).await
+            }));
+        }
+    }
+    tasks
 }
 
 /// Every message of the stream up to the workload's end marker (its transaction in
 /// format 1, up to its commit in format 2); then the stream is closed and the slot free.
-async fn stream(
-    server: &TestServer,
-    pg: &tokio_postgres::Client,
-    slot: &str,
-    query: &str,
-) -> Result<Vec<String>, String> {
-    let url = format!("{}{query}", server.stream_url(slot));
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.map_err(|e| format!("{url}: {e}"))?;
+async fn stream(url: &str, pg: &tokio_postgres::Client, slot: &str, changes: bool) -> Result<Vec<String>, String> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| format!("{url}: {e}"))?;
     let mut messages = Vec::new();
     let mut marker_seen = false;
     loop {
@@ -278,7 +304,7 @@ async fn stream(
                 messages.last().map_or("-", String::as_str)
             )
         })?;
-        let done = if query.is_empty() {
+        let done = if !changes {
             Transaction::parse(text.as_bytes()).is_ok_and(|t| t.change.iter().any(is_end_marker))
         } else {
             match Record::parse(text.as_bytes()) {
