@@ -11,12 +11,14 @@ mod common;
 mod conform;
 mod support;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use conform::compare::{self, Streamed};
 use conform::workload::{self, END_PREFIX, Step};
 use futures_util::{SinkExt, StreamExt};
+use pgdeltastream::types::Lsn;
 use pgdeltastream::types::wal2json::{Change, Record, Transaction};
 use support::{TestServer, Ws, await_slot};
 use tokio_tungstenite::tungstenite::Message;
@@ -87,7 +89,9 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     };
     let db = common::fresh_db().await;
     let pg = db.client().await;
-    create_slots(&pg, &candidate, plugin, &reference).await?;
+    // Read by SQL at the end: which transactions pgoutput sends at all.
+    let peek = format!("delta_peek{n}");
+    create_slots(&pg, &candidate, plugin, &reference, &peek).await?;
 
     let steps = workload::generate(seed, size, accepted().iter().any(|a| a == compare::HISTORIC_TYPE_NAMES));
     let sql_file = save_workload(seed, &steps);
@@ -125,7 +129,8 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     let mut next = || read.next().unwrap_or_default();
     let theirs = Streamed { v1: next(), v2: next() };
     let ours = Streamed { v1: next(), v2: next() };
-    for slot in [&reference.v1, &reference.v2, &candidate.v1, &candidate.v2] {
+    let sent = pgoutput_sent(&pg, &peek).await.map_err(fail)?;
+    for slot in [&reference.v1, &reference.v2, &candidate.v1, &candidate.v2, &peek] {
         pg.execute("SELECT pg_drop_replication_slot($1)", &[slot]).await.map_err(|e| e.to_string())?;
     }
 
@@ -133,8 +138,8 @@ async fn run(seed: u64, size: usize) -> Result<(), String> {
     save_streams(seed, if against == "wal2json" { "wal2json-self" } else { &against }, &ours);
     compare::check_parse("wal2json", &theirs).map_err(fail)?;
     compare::check_parse(&against, &ours).map_err(fail)?;
-    let theirs = normalise(&pg, theirs).await;
-    let ours = if against == "wal2json" { normalise(&pg, ours).await } else { ours };
+    let theirs = normalise(&pg, theirs, &sent).await;
+    let ours = if against == "wal2json" { normalise(&pg, ours, &sent).await } else { ours };
     for (what, expected, actual) in
         [("format=transactions", &theirs.v1, &ours.v1), ("format=changes", &theirs.v2, &ours.v2)]
     {
@@ -153,14 +158,19 @@ async fn create_slots(
     candidate: &Slots,
     plugin: &str,
     reference: &Slots,
+    peek: &str,
 ) -> Result<(), String> {
-    for slot in [&candidate.v1, &candidate.v2] {
+    for slot in [candidate.v1.as_str(), &candidate.v2, peek] {
         pg.batch_execute(&format!("CREATE PUBLICATION {slot} FOR ALL TABLES")).await.map_err(|e| e.to_string())?;
     }
-    for (slot, plugin) in
-        [(&candidate.v1, plugin), (&candidate.v2, plugin), (&reference.v1, "wal2json"), (&reference.v2, "wal2json")]
-    {
-        pg.execute("SELECT pg_create_logical_replication_slot($1, $2)", &[slot, &plugin])
+    for (slot, plugin) in [
+        (candidate.v1.as_str(), plugin),
+        (&candidate.v2, plugin),
+        (&reference.v1, "wal2json"),
+        (&reference.v2, "wal2json"),
+        (peek, "pgoutput"),
+    ] {
+        pg.execute("SELECT pg_create_logical_replication_slot($1, $2)", &[&slot, &plugin])
             .await
             .map_err(|e| format!("creating slot {slot}: {e}"))?;
     }
@@ -169,7 +179,7 @@ async fn create_slots(
 
 /// What wal2json streamed, with the accepted differences taken out: always
 /// `empty-transactions`, and the optional ones `CONFORMANCE_ACCEPT` names.
-async fn normalise(pg: &tokio_postgres::Client, theirs: Streamed) -> Streamed {
+async fn normalise(pg: &tokio_postgres::Client, theirs: Streamed, sent: &HashSet<Lsn>) -> Streamed {
     let accepted = accepted();
     let accepts = |name: &str| accepted.iter().any(|a| a == name);
     let mut theirs = theirs;
@@ -177,7 +187,7 @@ async fn normalise(pg: &tokio_postgres::Client, theirs: Streamed) -> Streamed {
         // Before `empty-transactions`: a transaction that only filled a view is empty.
         theirs = compare::drop_changes_of(&theirs, &relations_of_kind(pg, 'm').await);
     }
-    theirs = compare::drop_empty_transactions(&theirs);
+    theirs = compare::drop_empty_transactions(&theirs, sent);
     if accepts(compare::PARTITIONED_TRUNCATE) {
         theirs = compare::drop_partitioned_truncates(&theirs, &relations_of_kind(pg, 'p').await);
     }
@@ -185,6 +195,17 @@ async fn normalise(pg: &tokio_postgres::Client, theirs: Streamed) -> Streamed {
         theirs = compare::drop_generated_columns(&theirs, |_, _, column| column == workload::GENERATED_COLUMN);
     }
     theirs
+}
+
+/// The end LSNs of the transactions pgoutput sends for the workload: the whole output of
+/// the `peek` slot (created with the others, never streamed), in binary.
+async fn pgoutput_sent(pg: &tokio_postgres::Client, peek: &str) -> Result<HashSet<Lsn>, String> {
+    let sql = "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, NULL, \
+               'proto_version', '1', 'publication_names', $1::text, 'messages', 'true')";
+    let rows =
+        pg.query(sql, &[&peek]).await.map_err(|e| format!("reading pgoutput's output of {peek}: {}", describe(&e)))?;
+    let data: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(compare::pgoutput_commits(data.iter().map(Vec::as_slice)))
 }
 
 /// The optional normalisations a run applies: those `CONFORMANCE_ACCEPT` names and

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use pgdeltastream::types::Lsn;
 use pgdeltastream::types::wal2json::{Change, Column, OldKeys, Record, RowChange, Transaction};
 
 /// What one slot streamed, in both formats, each websocket message as its text.
@@ -15,22 +16,22 @@ pub struct Streamed {
 }
 
 /// Accepted difference `empty-transactions`: PG 15's pgoutput sends nothing for a
-/// transaction without a published change (DDL only, a rolled-back write, the empty
-/// transaction around a non-transactional message), where wal2json sends
+/// transaction without a published change (DDL only, the empty transaction around a
+/// non-transactional message, a write to an unlogged table), where wal2json sends
 /// `{"nextlsn":..,"change":[]}` in format 1 and a `B` directly followed by its `C` in
-/// format 2. Applied to what a wal2json slot streamed.
-///
-/// A transaction is empty when its format-2 form is a bare B/C pair; its format-1 form
-/// (same `nextlsn`) is dropped with it. A format-1 `"change":[]` whose format-2 form is
-/// not empty (a TRUNCATE, which format 1 does not print) stays.
-pub fn drop_empty_transactions(s: &Streamed) -> Streamed {
+/// format 2. Drops those of wal2json's empty transactions whose end LSN (`nextlsn`) is
+/// not in `sent`, the end LSNs of the transactions pgoutput did send (read by the
+/// harness from a pgoutput slot of its own). An empty transaction pgoutput did send (a
+/// TRUNCATE, which format 1 does not print; one whose changes the server hides) stays.
+pub fn drop_empty_transactions(s: &Streamed, sent: &HashSet<Lsn>) -> Streamed {
+    let unsent = |lsn: Option<Lsn>| lsn.is_some_and(|l| !sent.contains(&l));
     let records: Vec<Option<Record>> = s.v2.iter().map(|m| Record::parse(m.as_bytes()).ok()).collect();
-    let mut empty = HashSet::new();
     let mut v2 = Vec::with_capacity(s.v2.len());
     let mut i = 0;
     while i < s.v2.len() {
-        if let (Some(Record::B(_)), Some(Some(Record::C(c)))) = (&records[i], records.get(i + 1)) {
-            empty.insert(c.nextlsn);
+        if let (Some(Record::B(_)), Some(Some(Record::C(c)))) = (&records[i], records.get(i + 1))
+            && unsent(c.nextlsn)
+        {
             i += 2;
             continue;
         }
@@ -40,12 +41,21 @@ pub fn drop_empty_transactions(s: &Streamed) -> Streamed {
     let v1 =
         s.v1.iter()
             .filter(|m| match Transaction::parse(m.as_bytes()) {
-                Ok(t) => !(t.change.is_empty() && t.nextlsn.is_some() && empty.contains(&t.nextlsn)),
+                Ok(t) => !(t.change.is_empty() && unsent(t.nextlsn)),
                 Err(_) => true,
             })
             .cloned()
             .collect();
     Streamed { v1, v2 }
+}
+
+/// The end LSNs of the transactions in pgoutput's binary output (its Commit messages:
+/// tag `C`, Int8 flags, Int64 commit LSN, Int64 end LSN, ...).
+pub fn pgoutput_commits<'a>(messages: impl Iterator<Item = &'a [u8]>) -> HashSet<Lsn> {
+    messages
+        .filter(|m| m.first() == Some(&b'C') && m.len() >= 18)
+        .filter_map(|m| m[10..18].try_into().ok().map(|b| Lsn(u64::from_be_bytes(b))))
+        .collect()
 }
 
 /// The normalisations a run applies to the wal2json side, by name: those of [`ACCEPTED`]

@@ -343,7 +343,18 @@ impl Generator {
     /// What is rare in applications: a transaction with a replication origin, a
     /// materialized view refreshed, an unlogged table written, a large transaction.
     fn rare(&mut self) {
-        let sql = match self.rng.below(5) {
+        let sql = match self.rng.below(6) {
+            5 => {
+                // The server's own schema: its changes are never streamed, the
+                // transaction itself is (as wal2json's filter-tables leaves it).
+                let n = self.model.next_name;
+                self.model.next_name += 1;
+                let insert = self.insert();
+                format!(
+                    "CREATE SCHEMA IF NOT EXISTS pgdeltastream;\nCREATE TABLE pgdeltastream.own{n} (a int PRIMARY KEY);\n\
+                     INSERT INTO pgdeltastream.own{n} VALUES (1);\nBEGIN;\nINSERT INTO pgdeltastream.own{n} VALUES (2);\n{insert};\nCOMMIT;\n"
+                )
+            }
             4 => self.type_lifecycle(),
             0 => {
                 // Changes replayed from elsewhere carry an origin (pgoutput sends an
