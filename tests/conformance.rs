@@ -366,4 +366,3 @@ async fn next_text(ws: &mut Ws) -> Result<String, String> {
         }
     }
 }
-
