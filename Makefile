@@ -70,6 +70,14 @@ test: setup clients
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 
+## conformance: N random workloads (default 20) from SEED on (default random), each
+## streamed from a wal2json and a pgoutput slot and compared byte for byte (README)
+SEED ?=
+N ?= 20
+.PHONY: conformance
+conformance: setup
+	CONFORMANCE_SEED=$(SEED) CONFORMANCE_N=$(N) $(CARGO) test --test conformance -- --ignored --nocapture
+
 ## lint: formatting and clippy, warnings are errors
 lint:
 	$(CARGO) fmt --all -- --check
