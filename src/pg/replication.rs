@@ -18,7 +18,7 @@
 //! and channels without ever losing a byte.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
@@ -62,6 +62,8 @@ pub struct ReplicationConnection {
     write_buf: BytesMut,
     /// ParameterStatus values the server reported (server_version, server_encoding, ...).
     params: HashMap<String, String>,
+    /// The socket, when it is TCP: a busy stream is read in bursts ([`Pacing`]).
+    tcp_fd: Option<std::os::fd::RawFd>,
 }
 
 /// One complete message from the server.
@@ -85,12 +87,14 @@ impl ReplicationConnection {
 
     async fn connect_inner(config: &PgConfig) -> Result<Self, PgError> {
         let connect_err = |source| PgError::Connect { address: config.address(), source };
+        let mut tcp_fd = None;
         let socket: Box<dyn Socket> = if config.is_unix_socket() {
             let path = format!("{}/.s.PGSQL.{}", config.host, config.port);
             Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect_err)?)
         } else {
             let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await.map_err(connect_err)?;
             tcp.set_nodelay(true).map_err(connect_err)?;
+            tcp_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
             Box::new(tcp)
         };
         let mut conn = ReplicationConnection {
@@ -98,6 +102,7 @@ impl ReplicationConnection {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             params: HashMap::new(),
+            tcp_fd,
         };
         let params = [
             ("user", config.user.as_str()),
@@ -278,7 +283,12 @@ impl ReplicationConnection {
         loop {
             match self.read_message().await? {
                 Incoming::CopyBoth => {
-                    return Ok(ReplicationStream { conn: self, copy_done_sent: false, server_done: false });
+                    return Ok(ReplicationStream {
+                        conn: self,
+                        copy_done_sent: false,
+                        server_done: false,
+                        pacing: Pacing::new(),
+                    });
                 }
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     let e = PgError::Db(DbError::from_fields(b.fields()));
@@ -376,11 +386,80 @@ pub enum Buffered {
     Empty,
 }
 
+/// While the stream is busy, a read waits for this many bytes (`SO_RCVLOWAT`)...
+const BURST_BYTES: i32 = 64 * 1024;
+/// ... or this long, whichever comes first.
+const BURST_WAIT: Duration = Duration::from_millis(1);
+/// Busy: at least this many messages per millisecond (a 10,000 tx/s stream of one-row
+/// transactions sends 30).
+const BUSY_FRAMES_PER_MS: u32 = 64;
+
+/// How eagerly the stream reads its socket.
+///
+/// The walsender sends each message as soon as it is made. A client that reads every
+/// message as it arrives wakes up and makes a `read` per message: on a busy stream that
+/// was most of the server's CPU (4.8 s for 1,000,000 changes, against 0.9 s read in
+/// bursts), and on 2 cores it is CPU the walsender, always the bottleneck, then lacks.
+/// So while messages come fast, a read waits until [`BURST_BYTES`] are there, at most
+/// [`BURST_WAIT`]; once a wait runs out, the stream trickles, and reads are eager again,
+/// so that a quiet stream's latency stays that of one message.
+struct Pacing {
+    window_start: Instant,
+    /// Messages taken since `window_start`.
+    frames: u32,
+    busy: bool,
+    /// The `SO_RCVLOWAT` the socket has now.
+    lowat: i32,
+}
+
+impl Pacing {
+    fn new() -> Pacing {
+        Pacing { window_start: Instant::now(), frames: 0, busy: false, lowat: 1 }
+    }
+
+    /// Whether the stream is busy, judged over the last millisecond or more.
+    fn busy(&mut self) -> bool {
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= BURST_WAIT {
+            let per_ms = u128::from(self.frames) * 1000 / elapsed.as_micros().max(1);
+            self.busy = per_ms >= u128::from(BUSY_FRAMES_PER_MS);
+            self.window_start = Instant::now();
+            self.frames = 0;
+        }
+        self.busy
+    }
+
+    fn quiet(&mut self) {
+        self.busy = false;
+        self.window_start = Instant::now();
+        self.frames = 0;
+    }
+
+    fn set_lowat(&mut self, fd: std::os::fd::RawFd, bytes: i32) {
+        if self.lowat == bytes {
+            return;
+        }
+        // SAFETY: setsockopt(2) on a socket this connection owns, with an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        // Lowering it wakes a reader that now has enough; if it fails, reads stay eager.
+        self.lowat = if rc == 0 { bytes } else { 1 };
+    }
+}
+
 /// A connection in CopyBoth mode after `START_REPLICATION`.
 pub struct ReplicationStream {
     conn: ReplicationConnection,
     copy_done_sent: bool,
     server_done: bool,
+    pacing: Pacing,
 }
 
 impl ReplicationStream {
@@ -392,7 +471,7 @@ impl ReplicationStream {
             match self.try_next()? {
                 Buffered::Event(e) => return Ok(Some(e)),
                 Buffered::Ended => return Ok(None),
-                Buffered::Empty => self.conn.fill_buf().await?,
+                Buffered::Empty => self.fill_paced().await?,
             }
         }
     }
@@ -407,6 +486,7 @@ impl ReplicationStream {
             let Some(incoming) = self.conn.parse_buffered()? else { return Ok(Buffered::Empty) };
             match incoming {
                 Incoming::Message(Message::CopyData(body)) => {
+                    self.pacing.frames += 1;
                     let frame =
                         frames::parse_server_frame(body.into_bytes()).map_err(|e| PgError::Protocol(e.to_string()))?;
                     return Ok(Buffered::Event(StreamEvent::Frame(frame)));
@@ -433,6 +513,28 @@ impl ReplicationStream {
         }
     }
 
+    /// Reads more of the stream: eagerly while it trickles, in bursts while it is busy.
+    /// Cancel-safe: the pacing state is only ever a hint.
+    async fn fill_paced(&mut self) -> Result<(), PgError> {
+        let Some(fd) = self.conn.tcp_fd else { return self.conn.fill_buf().await };
+        if !self.pacing.busy() {
+            self.pacing.set_lowat(fd, 1);
+            return self.conn.fill_buf().await;
+        }
+        self.pacing.set_lowat(fd, BURST_BYTES);
+        if self.conn.read_buf.capacity() - self.conn.read_buf.len() < BURST_BYTES as usize {
+            self.conn.read_buf.reserve(4 * BURST_BYTES as usize);
+        }
+        tokio::select! {
+            read = self.conn.fill_buf() => return read,
+            _ = tokio::time::sleep(BURST_WAIT) => {}
+        }
+        // The stream slowed down: read what is there, and eagerly from now on.
+        self.pacing.quiet();
+        self.pacing.set_lowat(fd, 1);
+        self.conn.fill_buf().await
+    }
+
     /// Sends a standby status update: everything before `flush` may be forgotten by the
     /// slot. We report write = flush = apply, as pg_recvlogical does for a consumer
     /// that has no separate durability step.
@@ -445,6 +547,10 @@ impl ReplicationStream {
     /// Ends streaming (CopyDone), waits for the server to finish the command, and
     /// returns the connection in command mode. Data still in flight is discarded.
     pub async fn stop(mut self) -> Result<ReplicationConnection, PgError> {
+        // What is left to read is small: a burst's low-water mark would wait for it forever.
+        if let Some(fd) = self.conn.tcp_fd {
+            self.pacing.set_lowat(fd, 1);
+        }
         if !self.copy_done_sent {
             frontend::copy_done(&mut self.conn.write_buf);
             self.conn.flush().await?;
