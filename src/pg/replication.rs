@@ -523,7 +523,7 @@ impl ReplicationStream {
         }
         self.pacing.set_lowat(fd, BURST_BYTES);
         if self.conn.read_buf.capacity() - self.conn.read_buf.len() < BURST_BYTES as usize {
-            self.conn.read_buf.reserve(4 * BURST_BYTES as usize);
+            self.conn.read_buf.reserve(BURST_BYTES as usize);
         }
         tokio::select! {
             read = self.conn.fill_buf() => return read,

@@ -94,7 +94,7 @@ impl Default for SessionSettings {
         SessionSettings {
             snapshot_idle_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(10),
-            stream_buffer: 8,
+            stream_buffer: 4,
             frame_bytes: crate::stream::frame::DEFAULT_FRAME_BYTES,
             pgoutput_memory: crate::stream::pgoutput::DEFAULT_HOLD_MEMORY,
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
