@@ -40,6 +40,8 @@ pub enum Tool {
     Server,
     /// The server, on a pgoutput slot: the same JSON, rendered by the server.
     ServerPgoutput,
+    /// The server on a wal2json slot, read by a Python `websockets` client (bench/drain.py).
+    ServerPython,
     /// pg_recvlogical with wal2json and the server's options (`write-in-chunks`).
     PgRecvlogical,
     /// pg_recvlogical with wal2json's default output: one message per transaction.
@@ -50,9 +52,10 @@ pub enum Tool {
 
 impl Tool {
     /// Every tool a throughput workload is drained by.
-    pub const THROUGHPUT: [Tool; 5] = [
+    pub const THROUGHPUT: [Tool; 6] = [
         Tool::Server,
         Tool::ServerPgoutput,
+        Tool::ServerPython,
         Tool::PgRecvlogical,
         Tool::PgRecvlogicalWhole,
         Tool::PgRecvlogicalPgoutput,
@@ -62,6 +65,7 @@ impl Tool {
         match self {
             Tool::Server => "server",
             Tool::ServerPgoutput => "server on pgoutput",
+            Tool::ServerPython => "server to Python websockets",
             Tool::PgRecvlogical => "pg_recvlogical",
             Tool::PgRecvlogicalWhole => "pg_recvlogical, one message per tx",
             Tool::PgRecvlogicalPgoutput => "pg_recvlogical, pgoutput",
@@ -73,6 +77,7 @@ impl Tool {
         match self {
             Tool::Server => "server",
             Tool::ServerPgoutput => "server_pgoutput",
+            Tool::ServerPython => "server_python",
             Tool::PgRecvlogical => "pg_recvlogical",
             Tool::PgRecvlogicalWhole => "pg_recvlogical_whole",
             Tool::PgRecvlogicalPgoutput => "pg_recvlogical_pgoutput",
@@ -80,7 +85,7 @@ impl Tool {
     }
 
     pub fn is_server(self) -> bool {
-        matches!(self, Tool::Server | Tool::ServerPgoutput)
+        matches!(self, Tool::Server | Tool::ServerPgoutput | Tool::ServerPython)
     }
 
     /// The plugin its slot decodes with.
@@ -192,6 +197,40 @@ pub async fn through_server(tool: Tool, port: u16, pid: u32, slot: &str, end: u6
     let cpu = Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs });
     let Received { changes, transactions, bytes, .. } = got;
     Ok(Drain { tool, slot: slot.into(), order: 0, changes, transactions, bytes, secs, cpu })
+}
+
+/// The Python of `make clients`' venv, with `websockets`.
+pub const PYTHON: &str = ".tools/venv/bin/python";
+
+/// Streams `slot` through the server to bench/drain.py (Python `websockets`), which acks
+/// every transaction and stops at `end`; its own clock runs from the connect to the last
+/// message.
+pub async fn with_python(port: u16, pid: u32, slot: &str, end: u64, limit: Duration) -> Result<Drain> {
+    let url = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}");
+    let cpu0 = Snapshot::take(Some(pid));
+    let mut cmd = tokio::process::Command::new(PYTHON);
+    cmd.arg("bench/drain.py").arg(&url).arg(format_lsn(end)).kill_on_drop(true);
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .map_err(|_| format!("python drain of {slot}: timed out after {limit:?}"))??;
+    let (client_secs, tool_secs) = Snapshot::take(Some(pid)).since(&cpu0);
+    if !out.status.success() {
+        return Err(format!("python drain of {slot}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let num = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(Drain {
+        tool: Tool::ServerPython,
+        slot: slot.into(),
+        order: 0,
+        changes: num("changes"),
+        transactions: num("transactions"),
+        bytes: num("bytes"),
+        secs: v["secs"].as_f64().unwrap_or(f64::NAN),
+        // The Python client's own CPU is not measured (client_secs is the bench's).
+        cpu: Some(CpuUse { walsender_secs: 0.0, tool_secs, client_secs }),
+    })
 }
 
 /// When a websocket drain stops.

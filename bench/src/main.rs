@@ -325,7 +325,9 @@ async fn run_workload(
             {
                 let slot = slots.of(tool, r);
                 let walsender = cpu::WalsenderWatch::start(watcher.clone(), slot.clone());
-                let mut d = if tool.is_server() {
+                let mut d = if tool == Tool::ServerPython {
+                    drain::with_python(server.port, server.pid, &slot, end, limit).await?
+                } else if tool.is_server() {
                     drain::through_server(tool, server.port, server.pid, &slot, end, limit).await?
                 } else {
                     drain::with_pg_recvlogical(tool, expected, cluster, &db, &slot, end, scratch, limit).await?
@@ -401,6 +403,7 @@ async fn create_slots(client: &tokio_postgres::Client, first: String, runs: usiz
                 }
                 Tool::Server => format!("delta_benchrun{r}"),
                 Tool::ServerPgoutput => format!("delta_benchpgo{r}"),
+                Tool::ServerPython => format!("delta_benchpy{r}"),
                 other => format!("twin_{}_{r}", format!("{other:?}").to_lowercase()),
             };
             planned.push((tool, r, name));

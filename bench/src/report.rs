@@ -125,6 +125,8 @@ pub struct WorkloadResult {
     /// The fastest drain of each tool.
     pub server: Option<Best>,
     pub server_pgoutput: Option<Best>,
+    /// The server on wal2json, read by Python `websockets`.
+    pub server_python: Option<Best>,
     /// pg_recvlogical with wal2json and the server's options (write-in-chunks).
     pub pg_recvlogical: Option<Best>,
     /// pg_recvlogical with wal2json's default output, one message per transaction.
@@ -161,6 +163,7 @@ impl WorkloadResult {
     ) -> WorkloadResult {
         let server = Best::of(&drains, Tool::Server);
         let server_pgoutput = Best::of(&drains, Tool::ServerPgoutput);
+        let server_python = Best::of(&drains, Tool::ServerPython);
         let recv = Best::of(&drains, Tool::PgRecvlogical);
         let whole = Best::of(&drains, Tool::PgRecvlogicalWhole);
         let recv_pgoutput = Best::of(&drains, Tool::PgRecvlogicalPgoutput);
@@ -217,6 +220,7 @@ impl WorkloadResult {
             drains,
             server,
             server_pgoutput,
+            server_python,
             pg_recvlogical: recv,
             pg_recvlogical_whole: whole,
             pg_recvlogical_pgoutput: recv_pgoutput,
@@ -237,6 +241,7 @@ impl WorkloadResult {
             drains: Vec::new(),
             server: None,
             server_pgoutput: None,
+            server_python: None,
             pg_recvlogical: None,
             pg_recvlogical_whole: None,
             pg_recvlogical_pgoutput: None,
