@@ -104,12 +104,12 @@ bench-fonts:
 
 ## bench: server vs pg_recvlogical throughput, memory and live latency (~5 min on 2 cores);
 ## prints a markdown table, writes bench/results/latest.{json,png}
-bench: setup bench-fonts
+bench: setup bench-fonts clients
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream $(BENCH_ARGS)
 
 ## bench-quick: smoke run, every workload 100x smaller (bench/results/quick.{json,png})
-bench-quick: setup bench-fonts
+bench-quick: setup bench-fonts clients
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --quick $(BENCH_ARGS)
 
