@@ -508,9 +508,14 @@ fn throughput_tables(workloads: &[WorkloadResult]) -> String {
     s.push('\n');
     for w in workloads {
         s.push_str(&format!("| {} | {} |", w.description, thousands(w.rows)));
-        for best in
-            [&w.server, &w.server_pgoutput, &w.pg_recvlogical, &w.pg_recvlogical_whole, &w.pg_recvlogical_pgoutput]
-        {
+        for best in [
+            &w.server,
+            &w.server_pgoutput,
+            &w.server_python,
+            &w.pg_recvlogical,
+            &w.pg_recvlogical_whole,
+            &w.pg_recvlogical_pgoutput,
+        ] {
             s.push_str(&format!(" {} |", best.as_ref().map_or("–".into(), Best::rate_cell)));
         }
         s.push_str(&format!(" {} |\n", rss_cell(w.server_peak_rss_mib)));
