@@ -9,12 +9,16 @@
 //! | `GET /v1/sessions` | [`sessions::list`]: every slot of ours, its WAL retention and last ack |
 //! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
 //! | `/v2/sessions...` | [`v2`]: named sessions with their own tables and actions |
+//! | `GET /metrics` | [`metrics::scrape`]: Prometheus metrics |
+//! | `GET /healthz`, `GET /readyz` | [`health`]: liveness, and whether Postgres can serve us |
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
 
 pub mod error;
+pub mod health;
 pub mod init;
+pub mod metrics;
 pub mod sessions;
 pub mod snapshot;
 pub mod stream;
@@ -23,11 +27,11 @@ pub mod v2;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
 
 use crate::session::Registry;
 pub use error::ApiError;
@@ -44,6 +48,7 @@ pub struct AppState {
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
+    let http_metrics = Arc::new(metrics::HttpMetrics::default());
     Router::new()
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))
@@ -56,12 +61,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions/{name}/stream", get(v2::stream))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
+        .merge(monitoring())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(http_metrics.clone(), metrics::track))
+        .layer(Extension(http_metrics))
+        .layer(Extension(Arc::new(health::ReadyCache::default())))
         .with_state(state)
+}
+
+/// Probes and scrapes: they never need credentials, and answer without a free pool
+/// connection.
+fn monitoring() -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics::scrape))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
 }
 
 /// A `Content-Length` over [`BODY_LIMIT`] gets 413 at once: reading the body (or

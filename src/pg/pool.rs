@@ -53,6 +53,17 @@ pub enum PoolError {
     Connect(#[from] tokio_postgres::Error),
 }
 
+/// What the pool holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The most connections the pool opens.
+    pub size: usize,
+    /// Connections taken by a request, or closing after one.
+    pub in_use: usize,
+    /// Open connections waiting for the next request.
+    pub idle: usize,
+}
+
 /// A connection and the task that drives it, which ends once the backend is gone.
 struct Conn {
     client: Client,
@@ -93,10 +104,25 @@ impl Pool {
         &self.shared.settings
     }
 
+    /// How many connections are taken (or closing), and how many are open but idle.
+    pub fn stats(&self) -> PoolStats {
+        let size = self.shared.settings.size;
+        PoolStats {
+            size,
+            in_use: size.saturating_sub(self.shared.permits.available_permits()),
+            idle: self.shared.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        }
+    }
+
     /// A connection: an idle one, or a new one if fewer than `size` are open. Waits at
     /// most `acquire_timeout` for one to come free.
     pub async fn get(&self) -> Result<PooledClient, PoolError> {
-        let wait = self.shared.settings.acquire_timeout;
+        self.get_within(self.shared.settings.acquire_timeout).await
+    }
+
+    /// [`Pool::get`], waiting at most `wait` for a free connection (a health check
+    /// must answer quickly when the pool is exhausted).
+    pub async fn get_within(&self, wait: Duration) -> Result<PooledClient, PoolError> {
         let busy = || PoolError::Busy { size: self.shared.settings.size, waited: wait };
         let permit = match tokio::time::timeout(wait, self.shared.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,

@@ -53,6 +53,9 @@ pub struct SessionView {
     pub confirmed_flush_lsn: Option<Lsn>,
     /// WAL the slot keeps: from its restart_lsn to the current WAL position.
     pub retained_bytes: Option<u64>,
+    /// WAL not yet confirmed: from the slot's confirmed_flush_lsn to the current WAL
+    /// position.
+    pub lag_bytes: Option<u64>,
     /// The last ack a client sent through this process since it started.
     pub last_ack_lsn: Option<Lsn>,
     pub last_ack_at: Option<String>,
@@ -107,6 +110,7 @@ impl Registry {
             slot_exists: row.is_some(),
             confirmed_flush_lsn: row.and_then(|r| r.confirmed_flush_lsn),
             retained_bytes: row.and_then(|r| r.retained_bytes),
+            lag_bytes: row.and_then(|r| r.lag_bytes),
             last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
             last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
             seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
