@@ -242,8 +242,10 @@ async fn readyz_is_503_when_postgres_is_unreachable_and_metrics_still_answer() {
     drop(closed);
     let server = TestServer::start_with(settings).await;
 
-    let (status, body) = server.get("/readyz").await;
-    assert_eq!(status, 503, "{body}");
+    let reply = exchange(server.addr, b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert_eq!(header(&reply, "retry-after"), Some("1"), "every 503 says when to retry");
+    let body = json_body(&reply);
     assert_eq!((&body["status"], &body["check"]), (&json!("unavailable"), &json!("connection")), "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.starts_with("connection: cannot connect to Postgres"), "{error}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -55,7 +55,7 @@ pub async fn readyz(State(state): State<AppState>, cache: axum::Extension<Arc<Re
         Err(e) => {
             let body =
                 json!({ "status": "unavailable", "check": e.check, "error": format!("{}: {}", e.check, e.reason) });
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
         }
     }
 }

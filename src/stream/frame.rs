@@ -450,6 +450,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_frame_that_ends_a_transaction_counts_its_changes() {
+        let mut a = Assembler::new(Format::Transactions);
+        let v1 = [r#"{"nextlsn":"0/1","change":["#, r#"{"kind":"insert"}"#, r#",{"kind":"delete"}"#, "]}"];
+        let counts: Vec<u32> = v1
+            .into_iter()
+            .chain([r#"{"nextlsn":"0/2","change":["#, "]}"])
+            .map(|raw| a.push(b(raw)).unwrap().changes)
+            .collect();
+        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
+
+        let mut a = Assembler::new(Format::Changes);
+        let v2 = [
+            r#"{"action":"B","nextlsn":"0/9"}"#,
+            r#"{"action":"I","table":"t"}"#,
+            r#"{"action":"U","table":"t"}"#,
+            r#"{"action":"C","nextlsn":"0/9"}"#,
+            r#"{"action":"B","nextlsn":"0/C"}"#,
+            r#"{"action":"C","nextlsn":"0/C"}"#,
+        ];
+        let counts: Vec<u32> = v2.into_iter().map(|raw| a.push(b(raw)).unwrap().changes).collect();
+        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
+
+        // Cut into frames, the count stays on the frame that ends the message.
+        let mut framer = Framer::new(16);
+        let mut out = Vec::new();
+        framer.push(OutFrame { changes: 0, ..piece("{\"change\":[", Fragment::First) }, &mut out);
+        framer.push(piece(&"x".repeat(40), Fragment::Middle), &mut out);
+        framer.push(OutFrame { changes: 7, ..piece("]}", Fragment::Last) }, &mut out);
+        let counts: Vec<u32> = out.iter().map(|f| f.changes).collect();
+        assert_eq!(counts.last(), Some(&7), "{counts:?}");
+        assert_eq!(counts.iter().sum::<u32>(), 7, "{counts:?}");
+    }
+
     fn piece(text: &str, fragment: Fragment) -> OutFrame {
         let (nextlsn, kind) = match fragment {
             Fragment::Last | Fragment::Whole => (Some(Lsn(42)), FrameKind::Data),
