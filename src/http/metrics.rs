@@ -2,9 +2,9 @@
 //! middleware that counts and times every HTTP request.
 //!
 //! The HTTP figures live here, in a registry of their own. The sessions' figures are
-//! the registry's ([`Registry::stats`]) and are read at each scrape, together with the
-//! slots' positions (one query to Postgres, bounded by [`POSTGRES_WAIT`]): a scrape
-//! answers with what the process knows even when Postgres does not.
+//! read at each scrape ([`crate::session::Registry::stats`]), with the slots'
+//! positions (one query to Postgres, bounded by [`POSTGRES_WAIT`]): a scrape answers
+//! with what the process knows even when Postgres does not.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
