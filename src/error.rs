@@ -71,6 +71,11 @@ impl Error {
     /// An error from a replication connection, with advice for the usual
     /// misconfigurations.
     pub fn from_pg(e: &PgError) -> Error {
+        // A TLS failure is a matter of configuration (here or on the server): retrying
+        // does not help, so it is not a 503.
+        if let PgError::Tls(m) = e {
+            return Error::internal(format!("cannot connect to Postgres: {m}"));
+        }
         if e.is_unavailable() {
             return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {e}"));
         }
@@ -99,6 +104,8 @@ impl Error {
                 ErrorKind::Internal,
                 "the configured user may not replicate: it needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) or superuser",
             )
+        } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION && said.contains("no encryption") {
+            (ErrorKind::Internal, TLS_ONLY)
         } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
             (
                 ErrorKind::Internal,
@@ -127,6 +134,9 @@ impl Error {
     /// An error from an ordinary tokio-postgres connection.
     pub fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
         let msg = crate::pg::snapshot::describe(e);
+        if crate::pg::tls::is_tls_failure(e) {
+            return Error::internal(format!("cannot connect to Postgres: {msg}"));
+        }
         let Some(code) = e.code() else {
             // No SQLSTATE: the connection itself failed.
             return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"));
@@ -143,6 +153,8 @@ impl Error {
                     "Postgres has no free connection: raise max_connections, or lower --pg-pool-size (server said: {msg})"
                 ),
             )
+        } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION && msg.contains("no encryption") {
+            Error::internal(format!("{TLS_ONLY} (server said: {msg})"))
         } else {
             Error::internal(format!("Postgres error: {msg}"))
         }
@@ -156,6 +168,10 @@ impl Error {
         }
     }
 }
+
+/// Advice for a pg_hba.conf that rejects a connection with "no encryption".
+const TLS_ONLY: &str =
+    "Postgres takes only TLS connections from here: set PGSSLMODE to prefer, require, verify-ca or verify-full";
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::PgConfig;
 
@@ -145,7 +145,7 @@ impl PooledClient {
     /// anything.
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), false);
+            close(conn, self.permit.take(), false, &self.shared.config);
         }
     }
 }
@@ -165,14 +165,16 @@ impl Deref for PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), true);
+            close(conn, self.permit.take(), true, &self.shared.config);
         }
     }
 }
 
 /// Ends a connection in the background: cancels its query if asked, lets the driver
 /// finish (it sends Terminate once the pending replies are in), then frees the permit.
-fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
+fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config: &PgConfig) {
+    // The cancel request negotiates TLS as the connection did.
+    let tls = config.tls.clone();
     let Conn { client, driver } = conn;
     let token = (cancel && !client.is_closed()).then(|| client.cancel_token());
     drop(client);
@@ -180,7 +182,7 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         if let Some(token) = token {
-            if let Err(e) = token.cancel_query(NoTls).await {
+            if let Err(e) = token.cancel_query(tls).await {
                 tracing::debug!(error = %e, "cannot cancel the query of an abandoned connection");
             }
         }
@@ -198,7 +200,7 @@ pub async fn connect(config: &PgConfig) -> Result<Client, tokio_postgres::Error>
 }
 
 async fn open(config: &PgConfig) -> Result<Conn, tokio_postgres::Error> {
-    let (client, connection) = config.tokio_config().connect(NoTls).await?;
+    let (client, connection) = config.tokio_config().connect(config.tls.clone()).await?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
