@@ -134,9 +134,6 @@ impl Error {
     /// An error from an ordinary tokio-postgres connection.
     pub fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
         let msg = crate::pg::snapshot::describe(e);
-        if crate::pg::tls::is_tls_failure(e) {
-            return Error::internal(format!("cannot connect to Postgres: {msg}"));
-        }
         let Some(code) = e.code() else {
             // No SQLSTATE: the connection itself failed.
             return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {msg}"));
@@ -165,6 +162,8 @@ impl Error {
         match e {
             PoolError::Busy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
             PoolError::Connect(e) => Error::from_tokio_pg(e),
+            // Configuration, here or on the server: a retry would not help (not a 503).
+            PoolError::Tls(m) => Error::internal(format!("cannot connect to Postgres: {m}")),
         }
     }
 }

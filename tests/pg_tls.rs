@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use support::*;
 
 /// The certificates of the test: `ca.crt` signed `server.crt` (SAN `DNS:localhost`
-/// only); `other-ca.crt` signed nothing of the server's.
+/// only) and `renamed.crt` (`DNS:otherhost`); `other-ca.crt` signed nothing of the
+/// server's.
 struct Certs {
     dir: PathBuf,
 }
@@ -28,36 +29,34 @@ impl Certs {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// Runs `openssl` with `args` (split at spaces) in `dir`.
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl").current_dir(dir).args(args.split(' ')).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+const EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
 fn make_ca(dir: &Path, name: &str) {
+    let usage = "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign";
     openssl(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=pgdeltastream test {name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
+        &format!("req -x509 -new {EC_KEY} -keyout {name}.key -out {name}.crt -days 2 -subj /CN=test-{name} {usage}"),
+    );
+}
+
+/// A server certificate `name.crt` (and key) for `dns`, signed by `ca.crt`.
+fn make_server_cert(dir: &Path, name: &str, dns: &str) {
+    openssl(dir, &format!("req -new {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={dns}"));
+    let ext = format!(
+        "subjectAltName=DNS:{dns}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+    );
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &format!(
+            "x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 2 -extfile {name}.ext"
+        ),
     );
 }
 
@@ -66,49 +65,8 @@ fn make_certs() -> Certs {
     std::fs::create_dir_all(&dir).unwrap();
     make_ca(&dir, "ca");
     make_ca(&dir, "other-ca");
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
+    make_server_cert(&dir, "server", "localhost");
+    make_server_cert(&dir, "renamed", "otherhost");
     Certs { dir }
 }
 
@@ -126,7 +84,10 @@ fn certs() -> &'static Certs {
                 "hostnossl all all 0.0.0.0/0 reject".into(),
                 "hostnossl replication all 0.0.0.0/0 reject".into(),
             ],
-            files: vec![("server.crt".into(), read("server.crt")), ("server.key".into(), read("server.key"))],
+            files: ["server.crt", "server.key", "renamed.crt", "renamed.key"]
+                .into_iter()
+                .map(|name| (name.to_owned(), read(name)))
+                .collect(),
         });
         certs
     })
@@ -229,8 +190,13 @@ async fn verify_ca_with_the_right_ca_streams() {
     full_round(SslMode::VerifyCa, "127.0.0.1", Some(&certs().path("ca.crt"))).await;
 }
 
+/// Serializes the tests that need the server certificate for `localhost`: one of them
+/// swaps it for a while.
+static CERT_NAME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn verify_full_with_the_name_in_the_certificate_streams() {
+    let _name = CERT_NAME.lock().await;
     full_round(SslMode::VerifyFull, "localhost", Some(&certs().path("ca.crt"))).await;
 }
 
@@ -286,5 +252,52 @@ async fn disable_is_refused_with_advice() {
     let message = error_message("init", status, &body, 500);
     eprintln!("disable: {message}");
     assert!(message.contains("no encryption") && message.contains("PGSSLMODE"), "{message}");
+    server.stop().await;
+}
+
+/// Reloads the server with certificate `name` and waits until a new connection of
+/// `config` gets through (`expect_ok`) or is refused for the name.
+async fn swap_certificate(pg: &tokio_postgres::Client, name: &str, config: &PgConfig, expect_ok: bool) {
+    for (setting, ext) in [("ssl_cert_file", "crt"), ("ssl_key_file", "key")] {
+        pg.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{name}.{ext}'")).await.unwrap();
+    }
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let refused = match pgdeltastream::pg::pool::connect(config).await {
+            Ok(_) => false,
+            Err(e) => {
+                let message = pgdeltastream::error::Error::from(e).to_string();
+                assert!(message.contains("not valid for name"), "{message}");
+                true
+            }
+        };
+        if refused != expect_ok {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the server did not take certificate {name} within 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The replication client's own handshake, not the pool's: the pool keeps the connection
+/// it made before the server changed its certificate, so the next init gets past its
+/// queries to the replication connection, whose handshake meets the new certificate.
+#[tokio::test]
+async fn replication_client_refuses_a_certificate_for_another_name() {
+    let _name = CERT_NAME.lock().await;
+    let (db, pg) = setup().await;
+    let config = tls_config(&db, "localhost", SslMode::VerifyFull, Some(&certs().path("ca.crt")));
+    let server = server_for(&db, config.clone()).await;
+    server.init().await;
+
+    swap_certificate(&pg, "renamed", &config, false).await;
+    let (status, body) = server.get("/v1/init").await;
+    let message = error_message("init", status, &body, 500);
+    eprintln!("verify-full, replication connection, certificate for otherhost: {message}");
+    assert!(message.contains("PGSSLMODE=verify-full") && message.contains("not valid for name"), "{message}");
+    swap_certificate(&pg, "server", &config, true).await;
+
+    server.init().await;
     server.stop().await;
 }

@@ -51,6 +51,9 @@ pub enum PoolError {
     Busy { size: usize, waited: Duration },
     #[error(transparent)]
     Connect(#[from] tokio_postgres::Error),
+    /// TLS was refused or failed, or the server's certificate did not verify.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A connection and the task that drives it, which ends once the backend is gone.
@@ -195,12 +198,16 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config:
 
 /// Opens one connection and drives it on a task of its own (for callers outside the
 /// pool, such as the snapshot holders).
-pub async fn connect(config: &PgConfig) -> Result<Client, tokio_postgres::Error> {
+pub async fn connect(config: &PgConfig) -> Result<Client, PoolError> {
     Ok(open(config).await?.client)
 }
 
-async fn open(config: &PgConfig) -> Result<Conn, tokio_postgres::Error> {
-    let (client, connection) = config.tokio_config().connect(config.tls.clone()).await?;
+async fn open(config: &PgConfig) -> Result<Conn, PoolError> {
+    let connected = config.tokio_config().connect(config.tls.clone()).await;
+    let (client, connection) = connected.map_err(|e| match config.tls.failure(&e) {
+        Some(tls) => PoolError::Tls(tls),
+        None => PoolError::Connect(e),
+    })?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

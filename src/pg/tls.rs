@@ -158,6 +158,23 @@ impl PgTls {
         }
     }
 
+    /// What went wrong when a tokio-postgres connection failed over TLS: our handshake's
+    /// [`TlsFailure`], or a server that declined the TLS the mode requires (tokio-postgres'
+    /// own error, which only its message tells apart). None for any other error.
+    pub fn failure(&self, e: &tokio_postgres::Error) -> Option<String> {
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if let Some(failure) = s.downcast_ref::<TlsFailure>() {
+                return Some(failure.0.clone());
+            }
+            source = s.source();
+        }
+        let cause = std::error::Error::source(e).map_or_else(String::new, |c| format!(": {c}"));
+        e.to_string()
+            .starts_with("error performing TLS handshake")
+            .then(|| format!("TLS with Postgres failed (PGSSLMODE={}){cause}", self.mode))
+    }
+
     /// The TLS handshake on a stream whose SSLRequest the server accepted.
     pub async fn handshake<S>(&self, stream: S, host: &str) -> Result<TlsStream<S>, TlsFailure>
     where
@@ -390,20 +407,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0).poll_shutdown(cx)
     }
-}
-
-/// True when a tokio-postgres connection failed over TLS: its handshake, or a server
-/// that refused TLS the mode requires (tokio-postgres' own "server does not support
-/// TLS", which only the kind in the message tells apart).
-pub fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<TlsFailure>() {
-            return true;
-        }
-        source = s.source();
-    }
-    e.to_string().starts_with("error performing TLS handshake")
 }
 
 #[cfg(test)]

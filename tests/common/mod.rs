@@ -154,7 +154,8 @@ static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 /// What [`configure_cluster`] adds to this binary's cluster.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSetup {
-    /// postgresql.conf settings, `name=value` (given to `postgres` as `-c`).
+    /// postgresql.conf settings, `name=value` (in the file, not on the command line, so
+    /// that a test may change them with ALTER SYSTEM and a reload).
     pub settings: Vec<String>,
     /// pg_hba.conf lines that replace initdb's. The harness keeps `local all all trust`
     /// for itself, and then reaches the cluster through its Unix socket:
@@ -454,9 +455,6 @@ impl LocalBackend {
         if supports_setting(cluster_bindir, "output_plugin_libraries") {
             cmd.arg("-c").arg("output_plugin_libraries=pgoutput, test_decoding, wal2json");
         }
-        for setting in SETUP.get().map(|s| s.settings.as_slice()).unwrap_or_default() {
-            cmd.arg("-c").arg(setting);
-        }
         cmd.stdout(log).stderr(log2);
         let (pid, exited) =
             spawn_owned(cmd).unwrap_or_else(|e| panic!("spawn {}: {e}", cluster_bindir.join("postgres").display()));
@@ -693,6 +691,16 @@ fn apply_setup(setup: &ClusterSetup, datadir: &Path, run_as: Option<(u32, u32)>)
     };
     for (name, contents) in &setup.files {
         write(name, contents, 0o600);
+    }
+    if !setup.settings.is_empty() {
+        let conf = datadir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+        for setting in &setup.settings {
+            let (name, value) =
+                setting.split_once('=').unwrap_or_else(|| panic!("setting {setting:?} is not name=value"));
+            text.push_str(&format!("{} = '{}'\n", name.trim(), value.trim().replace('\'', "''")));
+        }
+        write("postgresql.conf", text.as_bytes(), 0o600);
     }
     if !setup.hba.is_empty() {
         let hba = format!("local all all trust\nlocal replication all trust\n{}\n", setup.hba.join("\n"));
