@@ -2,7 +2,8 @@
 //! only: `ssl = on` with a server certificate for `localhost` (not for 127.0.0.1) from a
 //! CA the test makes with the `openssl` CLI, `hostssl` lines and `hostnossl ... reject`.
 //! Each mode is checked on both kinds of connection: the replication client (init, the
-//! stream) and the pool (snapshot pages).
+//! stream) and the pool (snapshot pages). `openssl` comes with Debian's Postgres packages
+//! (postgresql-common depends on ssl-cert, which depends on openssl).
 
 mod common;
 mod support;
@@ -224,7 +225,7 @@ async fn verify_ca_with_another_ca_is_refused_on_both_connections() {
     server.stop().await;
 
     // The pool and the snapshot holders connect through tokio-postgres.
-    let err = pgdeltastream::pg::pool::connect(&config).await.err().expect("the pool connection is refused");
+    let err = pgdeltastream::pg::pool::connect(&config).await.expect_err("the pool connection is refused");
     let api = pgdeltastream::error::Error::from(err);
     assert_eq!(api.kind, pgdeltastream::error::ErrorKind::Internal, "{api}");
     assert!(api.to_string().contains("PGSSLMODE=verify-ca"), "{api}");
