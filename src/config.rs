@@ -211,4 +211,19 @@ mod tests {
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
         assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
     }
+
+    #[test]
+    fn pgsslmode_is_checked_at_start() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        if std::env::var_os("PGSSLMODE").is_none() {
+            assert_eq!(parse(&["pgdeltastream"]).pgsslmode, SslMode::Prefer);
+        }
+        assert_eq!(parse(&["pgdeltastream", "--pgsslmode", "verify-full"]).pgsslmode, SslMode::VerifyFull);
+        assert!(Cli::try_parse_from(["pgdeltastream", "--pgsslmode", "allow"]).is_err());
+        let missing = parse(&["pgdeltastream", "--pgsslmode", "verify-ca", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        let error = missing.pg_config().unwrap_err();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
+        let disabled = parse(&["pgdeltastream", "--pgsslmode", "disable", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        assert_eq!(disabled.pg_config().unwrap().tls.mode(), SslMode::Disable);
+    }
 }

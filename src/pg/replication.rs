@@ -547,6 +547,11 @@ impl ReplicationStream {
 
     /// Reads more of the stream: eagerly while it trickles, in bursts while it is busy.
     /// Cancel-safe: the pacing state is only ever a hint.
+    ///
+    /// Under TLS the low-water mark is on the TCP socket beneath rustls, and still only
+    /// delays wake-ups: tokio-rustls hands out plaintext it already holds without
+    /// touching the socket, and a record that is only partly in waits for the rest at
+    /// most [`BURST_WAIT`], as a plain read does.
     async fn fill_paced(&mut self) -> Result<(), PgError> {
         let Some(fd) = self.conn.tcp_fd else { return self.conn.fill_buf().await };
         if !self.pacing.busy() {
