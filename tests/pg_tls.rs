@@ -302,3 +302,43 @@ async fn replication_client_refuses_a_certificate_for_another_name() {
     server.init().await;
     server.stop().await;
 }
+
+/// A client that hangs up while its page is computed: the pool cancels the query, and
+/// the cancel request negotiates TLS as the connection did (plain is rejected here).
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_query_over_tls() {
+    use tokio::io::AsyncWriteExt;
+    let (db, pg) = setup().await;
+    pg.batch_execute("CREATE VIEW sleepy AS SELECT 1 AS x FROM pg_sleep(60)").await.unwrap();
+    let mut settings = fast_settings(&db);
+    settings.pg = tls_config(&db, "127.0.0.1", SslMode::Require, None);
+    settings.pool.size = 1;
+    let server = TestServer::start_with(settings).await;
+    server.init().await;
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'active' \
+         AND query LIKE '%sleepy%' AND pid <> pg_backend_pid()",
+        db.dbname
+    );
+    let body = json!({"table": "sleepy"}).to_string();
+    let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    client.write_all(request.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&pg, &running).await != 1 {
+        assert!(std::time::Instant::now() < deadline, "the page's query never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(client);
+    while count(&pg, &running).await != 0 {
+        assert!(std::time::Instant::now() < deadline, "the query still runs after its client left");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // With a pool of one, the next page proves the permit came back.
+    assert_eq!(server.snapshot(json!({"table": "t", "limit": 1})).await.0, 200);
+    server.stop().await;
+}
+
+async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
+    pg.query_one(sql, &[]).await.unwrap().get(0)
+}
