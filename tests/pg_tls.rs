@@ -68,7 +68,14 @@ fn make_certs() -> Certs {
     make_ca(&dir, "other-ca");
     make_server_cert(&dir, "server", "localhost");
     make_server_cert(&dir, "renamed", "otherhost");
+    // SAFETY: registering a plain extern "C" fn.
+    unsafe { libc::atexit(remove_certs) };
     Certs { dir }
+}
+
+extern "C" fn remove_certs() {
+    let dir = std::env::temp_dir().join(format!("pgdeltastream-test-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The certificates, and the cluster configured to use them (before it starts).
