@@ -6,6 +6,7 @@ use clap::Parser;
 
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
+use crate::pg::tls::{PgTls, SslMode, TlsSettings};
 use crate::server::HttpSettings;
 use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
 use crate::stream::plugin::Plugin;
@@ -30,6 +31,21 @@ pub struct Cli {
     pub pghost: String,
     #[arg(long, env = "PGPORT", default_value_t = 5432)]
     pub pgport: u16,
+    /// TLS to Postgres, as libpq's sslmode: disable, prefer (TLS if the server offers
+    /// it), require, verify-ca (the chain against --pgsslrootcert), verify-full (and the
+    /// host name).
+    #[arg(long, env = "PGSSLMODE", default_value = "prefer")]
+    pub pgsslmode: SslMode,
+    /// PEM file of the CAs to trust (default ~/.postgresql/root.crt), or `system`
+    /// (verify-full only).
+    #[arg(long, env = "PGSSLROOTCERT")]
+    pub pgsslrootcert: Option<String>,
+    /// Client certificate (PEM) for Postgres (default ~/.postgresql/postgresql.crt, if it exists).
+    #[arg(long, env = "PGSSLCERT")]
+    pub pgsslcert: Option<std::path::PathBuf>,
+    /// Key of --pgsslcert (default ~/.postgresql/postgresql.key).
+    #[arg(long, env = "PGSSLKEY")]
+    pub pgsslkey: Option<std::path::PathBuf>,
     /// Address the server listens on. Keep it local unless a proxy guards it: the API
     /// has no authentication yet.
     #[arg(long, env = "SERVERHOST", default_value = "localhost")]
@@ -122,8 +138,15 @@ impl From<PluginArg> for PluginChoice {
 }
 
 impl Cli {
-    pub fn pg_config(&self) -> PgConfig {
-        PgConfig {
+    /// Fails when a certificate file named for TLS cannot be used.
+    pub fn pg_config(&self) -> Result<PgConfig, String> {
+        let tls = PgTls::new(&TlsSettings {
+            mode: self.pgsslmode,
+            root_cert: self.pgsslrootcert.clone(),
+            client_cert: self.pgsslcert.clone(),
+            client_key: self.pgsslkey.clone(),
+        })?;
+        Ok(PgConfig {
             host: self.pghost.clone(),
             port: self.pgport,
             user: self.pguser.clone(),
@@ -131,7 +154,8 @@ impl Cli {
             dbname: self.dbname.clone(),
             application_name: "pgdeltastream".into(),
             connect_timeout: Duration::from_secs(10),
-        }
+            tls,
+        })
     }
 
     pub fn session_settings(&self) -> SessionSettings {
@@ -186,5 +210,20 @@ mod tests {
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "pgoutput"]), PluginChoice::Fixed(Plugin::Pgoutput));
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
         assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
+    }
+
+    #[test]
+    fn pgsslmode_is_checked_at_start() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        if std::env::var_os("PGSSLMODE").is_none() {
+            assert_eq!(parse(&["pgdeltastream"]).pgsslmode, SslMode::Prefer);
+        }
+        assert_eq!(parse(&["pgdeltastream", "--pgsslmode", "verify-full"]).pgsslmode, SslMode::VerifyFull);
+        assert!(Cli::try_parse_from(["pgdeltastream", "--pgsslmode", "allow"]).is_err());
+        let missing = parse(&["pgdeltastream", "--pgsslmode", "verify-ca", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        let error = missing.pg_config().unwrap_err();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
+        let disabled = parse(&["pgdeltastream", "--pgsslmode", "disable", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        assert_eq!(disabled.pg_config().unwrap().tls.mode(), SslMode::Disable);
     }
 }

@@ -29,9 +29,15 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let pg = cli.pg_config();
+    let pg = match cli.pg_config() {
+        Ok(pg) => pg,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up TLS to Postgres");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let open_files = open_files.map_or_else(|| "unknown".into(), |n| n.to_string());
-    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, %open_files, "pgdeltastream serving");
+    tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, sslmode = %pg.tls.mode(), %open_files, "pgdeltastream serving");
     let settings = Settings {
         pg,
         session: cli.session_settings(),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::PgConfig;
 
@@ -51,6 +51,9 @@ pub enum PoolError {
     Busy { size: usize, waited: Duration },
     #[error(transparent)]
     Connect(#[from] tokio_postgres::Error),
+    /// TLS was refused or failed, or the server's certificate did not verify.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// What the pool holds now.
@@ -171,7 +174,7 @@ impl PooledClient {
     /// anything.
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), false);
+            close(conn, self.permit.take(), false, &self.shared.config);
         }
     }
 }
@@ -191,14 +194,16 @@ impl Deref for PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), true);
+            close(conn, self.permit.take(), true, &self.shared.config);
         }
     }
 }
 
 /// Ends a connection in the background: cancels its query if asked, lets the driver
 /// finish (it sends Terminate once the pending replies are in), then frees the permit.
-fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
+fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config: &PgConfig) {
+    // The cancel request negotiates TLS as the connection did.
+    let tls = config.tls.clone();
     let Conn { client, driver } = conn;
     let token = (cancel && !client.is_closed()).then(|| client.cancel_token());
     drop(client);
@@ -206,7 +211,7 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         if let Some(token) = token {
-            if let Err(e) = token.cancel_query(NoTls).await {
+            if let Err(e) = token.cancel_query(tls).await {
                 tracing::debug!(error = %e, "cannot cancel the query of an abandoned connection");
             }
         }
@@ -219,12 +224,16 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
 
 /// Opens one connection and drives it on a task of its own (for callers outside the
 /// pool, such as the snapshot holders).
-pub async fn connect(config: &PgConfig) -> Result<Client, tokio_postgres::Error> {
+pub async fn connect(config: &PgConfig) -> Result<Client, PoolError> {
     Ok(open(config).await?.client)
 }
 
-async fn open(config: &PgConfig) -> Result<Conn, tokio_postgres::Error> {
-    let (client, connection) = config.tokio_config().connect(NoTls).await?;
+async fn open(config: &PgConfig) -> Result<Conn, PoolError> {
+    let connected = config.tokio_config().connect(config.tls.clone()).await;
+    let (client, connection) = connected.map_err(|e| match config.tls.failure(&e) {
+        Some(tls) => PoolError::Tls(tls),
+        None => PoolError::Connect(e),
+    })?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

@@ -17,6 +17,9 @@
 //!   container from an image built from `fixtures/Dockerfile` (postgres:16 + wal2json).
 //!   The container is removed at exit with the `docker` CLI (best effort).
 //!
+//! A test binary may give its local cluster extra settings, pg_hba.conf lines and files
+//! in the data directory ([`configure_cluster`], before the cluster starts).
+//!
 //! Restarting the cluster ([`Cluster::restart_immediate`], or [`Cluster::stop_immediate`]
 //! then [`Cluster::start`]) disconnects every client of the shared cluster, so tests that
 //! restart belong in their own test binary.
@@ -148,6 +151,33 @@ pub fn cluster() -> &'static Cluster {
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
+/// What [`configure_cluster`] adds to this binary's cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSetup {
+    /// postgresql.conf settings, `name=value` (in the file, not on the command line, so
+    /// that a test may change them with ALTER SYSTEM and a reload).
+    pub settings: Vec<String>,
+    /// pg_hba.conf lines that replace initdb's. The harness keeps `local all all trust`
+    /// for itself, and then reaches the cluster through its Unix socket:
+    /// [`Cluster::host`] (and so every [`TestDb`]) names the socket directory, and TCP
+    /// stays on `127.0.0.1:`[`Cluster::port`] for the lines given here.
+    pub hba: Vec<String>,
+    /// Files written into the data directory before the server starts, owned by the
+    /// server's user and readable by it only (0600): certificates and keys, say.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+static SETUP: OnceLock<ClusterSetup> = OnceLock::new();
+
+/// Configures the cluster of this test binary: call it before the first [`cluster`] or
+/// [`fresh_db`]. Always a local cluster, whatever `TEST_PG` says.
+pub fn configure_cluster(setup: ClusterSetup) {
+    assert!(CLUSTER.get().is_none(), "configure_cluster after the cluster started");
+    if let Err(setup) = SETUP.set(setup) {
+        assert_eq!(format!("{setup:?}"), format!("{:?}", SETUP.get()), "configure_cluster twice, differently");
+    }
+}
+
 /// The PostgreSQL server the tests use.
 pub struct Cluster {
     pub host: String,
@@ -245,6 +275,9 @@ enum Backend {
 }
 
 fn start_cluster() -> Cluster {
+    if SETUP.get().is_some() {
+        return start_local();
+    }
     match std::env::var("TEST_PG").ok().as_deref() {
         Some("docker") => start_docker().unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
         Some("local") | Some("") => start_local(),
@@ -592,6 +625,15 @@ fn start_local() -> Cluster {
         );
     }
 
+    if let Some(setup) = SETUP.get() {
+        apply_setup(setup, &datadir, run_as);
+    }
+    // With pg_hba lines of the test's, the harness goes through the Unix socket.
+    let host = match SETUP.get() {
+        Some(s) if !s.hba.is_empty() => tmpdir.to_str().expect("temp dir path is UTF-8").to_owned(),
+        _ => "127.0.0.1".to_owned(),
+    };
+
     // SAFETY: registering a plain extern "C" fn.
     unsafe { libc::atexit(local_exit_cleanup) };
 
@@ -605,7 +647,7 @@ fn start_local() -> Cluster {
         let exited = pm.exited.clone();
         let _ = LOCAL_EXIT_CLEANUP.set((pm.pid, tmpdir.clone()));
         *backend.postmaster.lock().unwrap() = pm;
-        match wait_ready("127.0.0.1", port, "postgres", None, || exited.get().copied()) {
+        match wait_ready(&host, port, "postgres", None, || exited.get().copied()) {
             Ok(()) => break port,
             Err(e) => {
                 let log = fs::read_to_string(&logfile).unwrap_or_default();
@@ -623,7 +665,7 @@ fn start_local() -> Cluster {
     };
 
     Cluster {
-        host: "127.0.0.1".into(),
+        host,
         port,
         user: "postgres".into(),
         password: None,
@@ -632,6 +674,37 @@ fn start_local() -> Cluster {
         logfile: Some(logfile),
         backend: Backend::Local(backend),
         restart_lock: Mutex::new(()),
+    }
+}
+
+/// Writes the files and pg_hba.conf of a [`ClusterSetup`] into a fresh data directory.
+fn apply_setup(setup: &ClusterSetup, datadir: &Path, run_as: Option<(u32, u32)>) {
+    let write = |name: &str, contents: &[u8], mode: u32| {
+        let path = datadir.join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
+        }
+    };
+    for (name, contents) in &setup.files {
+        write(name, contents, 0o600);
+    }
+    if !setup.settings.is_empty() {
+        let conf = datadir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+        for setting in &setup.settings {
+            let (name, value) =
+                setting.split_once('=').unwrap_or_else(|| panic!("setting {setting:?} is not name=value"));
+            text.push_str(&format!("{} = '{}'\n", name.trim(), value.trim().replace('\'', "''")));
+        }
+        write("postgresql.conf", text.as_bytes(), 0o600);
+    }
+    if !setup.hba.is_empty() {
+        let hba = format!("local all all trust\nlocal replication all trust\n{}\n", setup.hba.join("\n"));
+        write("pg_hba.conf", hba.as_bytes(), 0o600);
     }
 }
 
