@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::auth::Verifier;
+pub use crate::http::auth::{KeySource, Verifier};
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
