@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::http::auth::{self, Verifier};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
-use crate::http::auth::{self, Verifier};
 use crate::server::HttpSettings;
 use crate::server::tls::TlsConfig;
 use crate::session::{PluginChoice, RetentionSettings, SessionSettings};

@@ -37,9 +37,10 @@ async fn main() -> std::process::ExitCode {
         }
     };
     // Checked on the address actually bound: `localhost` may be 127.0.0.1 or ::1.
-    let exposure = listener.local_addr().map_err(|e| e.to_string()).and_then(|listening| {
-        check_exposure(listening, auth.is_some(), cli.allow_unauthenticated)
-    });
+    let exposure = listener
+        .local_addr()
+        .map_err(|e| e.to_string())
+        .and_then(|listening| check_exposure(listening, auth.is_some(), cli.allow_unauthenticated));
     if let Err(e) = exposure {
         tracing::error!("{e}");
         return std::process::ExitCode::FAILURE;

@@ -102,7 +102,8 @@ async fn hs256_tokens_are_checked_and_every_refusal_is_a_json_401() {
 
     // alg none: a header and claims with an empty signature.
     let b64 = |v: Value| base64_url(v.to_string().as_bytes());
-    let none = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(json!({"role": "admin", "exp": now() + 600})));
+    let none =
+        format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(json!({"role": "admin", "exp": now() + 600})));
     let reply = call(&server, "GET", "/v2/sessions", Some(&none), "").await;
     assert_unauthorized(&reply, true);
     // HS384 with the right secret is still not the one algorithm allowed.
@@ -205,7 +206,10 @@ async fn rs256_and_es256_public_keys_pin_their_algorithm() {
     assert_unauthorized(&call(&es, "GET", "/v2/sessions", Some(&token), "").await, true);
     let (_, other_public) = ec_key();
     let other = server_with(&db, Verifier::new(KeySource::PublicPem(&other_public), None, None).unwrap()).await;
-    assert!(assert_unauthorized(&call(&other, "GET", "/v2/sessions", Some(&es_token), "").await, true).contains("signature"));
+    assert!(
+        assert_unauthorized(&call(&other, "GET", "/v2/sessions", Some(&es_token), "").await, true)
+            .contains("signature")
+    );
 }
 
 #[tokio::test]
@@ -216,9 +220,13 @@ async fn audience_and_issuer_when_configured() {
     let good = hs256(json!({"role": "admin", "exp": now() + 600, "aud": "pgdeltastream", "iss": "https://issuer"}));
     assert_eq!(with_token(&server, "GET", "/v2/sessions", &good, "").await.0, 200);
     let wrong_aud = hs256(json!({"role": "admin", "exp": now() + 600, "aud": "other", "iss": "https://issuer"}));
-    assert!(assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&wrong_aud), "").await, true).contains("aud"));
+    assert!(
+        assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&wrong_aud), "").await, true).contains("aud")
+    );
     let wrong_iss = hs256(json!({"role": "admin", "exp": now() + 600, "aud": "pgdeltastream", "iss": "x"}));
-    assert!(assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&wrong_iss), "").await, true).contains("iss"));
+    assert!(
+        assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&wrong_iss), "").await, true).contains("iss")
+    );
 }
 
 /// A websocket request carrying `token` in the Authorization header.
@@ -229,7 +237,10 @@ async fn connect_with(url: &str, token: &str) -> Result<Ws, (u16, Value)> {
 }
 
 fn refused(
-    result: Result<(Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error>,
+    result: Result<
+        (Ws, tokio_tungstenite::tungstenite::handshake::client::Response),
+        tokio_tungstenite::tungstenite::Error,
+    >,
 ) -> Result<Ws, (u16, Value)> {
     match result {
         Ok((ws, _)) => Ok(ws),
@@ -482,7 +493,8 @@ async fn no_auth_on_a_network_address_refuses_to_start() {
     assert!(!ok && said.contains("choose one"), "{said}");
     let port = free_port();
     assert!(serves(spawn(&db, "0.0.0.0", port, &both[1..]), port).await);
-    let (ok, said) = exited(spawn(&db, "127.0.0.1", free_port(), &[("PGDELTASTREAM_JWT_PUBLIC_KEY", "/nonexistent.pem")]));
+    let (ok, said) =
+        exited(spawn(&db, "127.0.0.1", free_port(), &[("PGDELTASTREAM_JWT_PUBLIC_KEY", "/nonexistent.pem")]));
     assert!(!ok && said.contains("/nonexistent.pem"), "{said}");
     let _ = std::fs::remove_file(key);
     // The secret is never shown, not even in --help.

@@ -264,8 +264,8 @@ pub fn from_settings(
         (None, None) => return Ok(None),
         (Some(s), None) => KeySource::Secret(s.as_bytes()),
         (None, Some(path)) => {
-            source_pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read the JWT public key {}: {e}", path.display()))?;
+            source_pem =
+                std::fs::read(path).map_err(|e| format!("cannot read the JWT public key {}: {e}", path.display()))?;
             KeySource::PublicPem(&source_pem)
         }
     };

@@ -8,13 +8,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::Principal;
 use super::upgrade::Upgrade;
-use hyper_util::rt::TokioIo;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::socket::WebSocket;
 use crate::stream::stop::code;
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 #[derive(Deserialize)]

@@ -21,8 +21,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
-use super::stream::{parse_format, serve};
 use super::auth::Principal;
+use super::stream::{parse_format, serve};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
