@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use pgdeltastream::server::tls::TlsConfig;
+use pgdeltastream::server::{KeySource, Verifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::Value;
 use support::*;
@@ -24,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// A CA, and a certificate it signed for localhost and 127.0.0.1.
 struct Pki {
     ca: CertificateDer<'static>,
+    ca_pem: String,
     cert_pem: String,
     key_pem: String,
     cert: CertificateDer<'static>,
@@ -41,6 +43,7 @@ fn make_pki() -> Pki {
     let cert = params.signed_by(&key, &ca).unwrap();
     Pki {
         ca: ca.der().clone(),
+        ca_pem: ca.pem(),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         cert: cert.der().clone(),
@@ -72,11 +75,19 @@ async fn tls_connect(addr: SocketAddr, ca: &CertificateDer<'static>) -> std::io:
 
 /// One https GET; the status and JSON body.
 async fn https_get(addr: SocketAddr, ca: &CertificateDer<'static>, path: &str) -> (u16, Value) {
+    https_get_as(addr, ca, path, None).await
+}
+
+async fn https_get_as(addr: SocketAddr, ca: &CertificateDer<'static>, path: &str, token: Option<&str>) -> (u16, Value) {
     let tls = tls_connect(addr, ca).await.expect("TLS handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let req = hyper::Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new()).unwrap();
+    let mut req = hyper::Request::get(path).header("host", "localhost");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -188,4 +199,66 @@ async fn the_binary_serves_https_from_pem_files() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(status, 200, "{body}");
+}
+
+/// Python's `websockets` (the venv of `make clients`) over wss, trusting the test CA,
+/// with the token in `?access_token=` as a browser would send it.
+const PYTHON_WSS: &str = r#"
+import asyncio, json, ssl, sys, websockets
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    async with websockets.connect(sys.argv[1], ssl=ctx) as ws:
+        async for m in ws:
+            d = json.loads(m)
+            if d.get("change"):
+                print(json.dumps(d))
+                return
+asyncio.run(main())
+"#;
+
+#[tokio::test]
+async fn python_websockets_streams_over_wss_with_an_access_token() {
+    let venv_python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/python");
+    assert!(venv_python.exists(), "{} is missing: run `make clients`", venv_python.display());
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").await.unwrap();
+    let pki = make_pki();
+    let secret = b"the wss test secret";
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key_der.clone()));
+    let mut settings = fast_settings(&db);
+    settings.http.tls = Some(TlsConfig::new(vec![pki.cert.clone()], key).unwrap());
+    settings.http.auth = Some(Arc::new(Verifier::new(KeySource::Secret(secret), None, None).unwrap()));
+    let server = TestServer::start_with(settings).await;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+            .unwrap()
+    };
+
+    let admin = sign(serde_json::json!({"role": "admin", "exp": exp}));
+    assert_eq!(https_get(server.addr, &pki.ca, "/v1/init").await.0, 401);
+    let (status, body) = https_get_as(server.addr, &pki.ca, "/v1/init", Some(&admin)).await;
+    assert_eq!(status, 200, "{body}");
+    let slot = body["slotName"].as_str().unwrap().to_owned();
+    pg.execute("INSERT INTO t VALUES (7, 'python over wss')", &[]).await.unwrap();
+
+    let ca = std::env::temp_dir().join(format!("pgdeltastream-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let consumer = sign(serde_json::json!({"role": "consumer", "sessions": [slot], "exp": exp}));
+    let url = format!("wss://localhost:{}/v1/lr/stream?slotName={slot}&access_token={consumer}", server.addr.port());
+    let child = tokio::process::Command::new(venv_python)
+        .args(["-c", PYTHON_WSS, &url, ca.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("within 60 s").unwrap();
+    let _ = std::fs::remove_file(&ca);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let tx: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(tx["change"][0]["columnvalues"][1], "python over wss", "{tx}");
 }

@@ -59,7 +59,7 @@ impl Verifier {
     /// `none`, no HS256 signed with an RSA public key's bytes); `exp` is required.
     pub fn new(source: KeySource<'_>, audience: Option<&str>, issuer: Option<&str>) -> Result<Verifier, String> {
         let (key, algorithm) = match source {
-            KeySource::Secret(s) if s.is_empty() => return Err("the JWT secret is empty".into()),
+            KeySource::Secret([]) => return Err("the JWT secret is empty".into()),
             KeySource::Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
             KeySource::PublicPem(pem) => public_key(pem)?,
         };
@@ -249,6 +249,9 @@ fn unauthorized(why: &str, invalid_token: bool) -> Response {
     response
 }
 
+/// RFC 7518 3.2: an HS256 key as long as the hash, at least.
+const MIN_SECRET_BYTES: usize = 32;
+
 /// Auth as configured from the flags, or why the server must not start.
 pub fn from_settings(
     secret: Option<&str>,
@@ -262,7 +265,12 @@ pub fn from_settings(
             return Err("both a JWT secret and a JWT public key are set: choose one (HS256, or RS256/ES256)".into());
         }
         (None, None) => return Ok(None),
-        (Some(s), None) => KeySource::Secret(s.as_bytes()),
+        (Some(s), None) => {
+            if s.len() < MIN_SECRET_BYTES {
+                tracing::warn!("the JWT secret is shorter than {MIN_SECRET_BYTES} bytes: easy to guess by brute force");
+            }
+            KeySource::Secret(s.as_bytes())
+        }
         (None, Some(path)) => {
             source_pem =
                 std::fs::read(path).map_err(|e| format!("cannot read the JWT public key {}: {e}", path.display()))?;
