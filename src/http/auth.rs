@@ -12,12 +12,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::upgrade::header_has_token;
 use super::{ApiError, AppState};
 use crate::error::{Error, ErrorKind};
 
@@ -221,7 +222,7 @@ fn token(req: &Request) -> Result<String, &'static str> {
             _ => Err("the Authorization header must be \"Bearer <token>\""),
         };
     }
-    if is_websocket_upgrade(req.headers()) {
+    if header_has_token(req.headers(), header::UPGRADE, "websocket") {
         #[derive(Deserialize)]
         struct AccessToken {
             access_token: Option<String>,
@@ -231,13 +232,6 @@ fn token(req: &Request) -> Result<String, &'static str> {
         }
     }
     Err("no token: send Authorization: Bearer <token> (or ?access_token= on a websocket)")
-}
-
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("websocket"))))
 }
 
 /// 401 with `WWW-Authenticate: Bearer` (RFC 6750), `error="invalid_token"` when a

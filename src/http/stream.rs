@@ -3,7 +3,9 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::Principal;
@@ -14,8 +16,6 @@ use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::socket::WebSocket;
 use crate::stream::stop::code;
-use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
