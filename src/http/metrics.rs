@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::health::{ProcessStats, SlotPosition};
@@ -96,7 +97,15 @@ pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: 
 }
 
 /// `GET /metrics`.
-pub async fn scrape(State(state): State<AppState>, metrics: axum::Extension<Arc<HttpMetrics>>) -> Response {
+pub async fn scrape(
+    State(state): State<AppState>,
+    who: Principal,
+    metrics: axum::Extension<Arc<HttpMetrics>>,
+) -> Response {
+    // The figures name every session and table: not for anyone with a consumer token.
+    if let Err(refused) = who.require_admin() {
+        return refused.into_response();
+    }
     let stats = state.registry.stats();
     let positions = state.registry.slot_positions(POSTGRES_WAIT).await;
     if let Err(e) = &positions {

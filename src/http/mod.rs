@@ -12,9 +12,13 @@
 //! | `GET /metrics` | [`metrics::scrape`]: Prometheus metrics |
 //! | `GET /healthz`, `GET /readyz` | [`health`]: liveness, and whether Postgres can serve us |
 //!
+//! With auth configured every route but the few in [`auth`]'s public list needs a
+//! token; each handler checks the scope it needs on the [`auth::Principal`].
+//!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
 
+pub mod auth;
 pub mod error;
 pub mod health;
 pub mod init;
@@ -42,6 +46,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The largest `limit` a snapshot page may ask for.
     pub max_limit: u64,
+    /// How tokens are checked; None: no auth, everyone is an admin.
+    pub auth: Option<Arc<auth::Verifier>>,
 }
 
 /// Request bodies are small JSON objects; anything larger is refused with 413.
@@ -49,6 +55,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     let http_metrics = Arc::new(metrics::HttpMetrics::default());
+    let authenticate = middleware::from_fn_with_state(state.clone(), auth::authenticate);
     Router::new()
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))
@@ -66,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(authenticate)
         .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn_with_state(http_metrics.clone(), metrics::track))
         .layer(Extension(http_metrics))

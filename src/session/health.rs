@@ -106,6 +106,7 @@ impl Registry {
                 NotReady::new(CHECKS[0], format!("all {size} pool connections to Postgres are in use"))
             }
             PoolError::Connect(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
+            PoolError::Tls(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
         })?;
         let row = client.query_one(ROLE_SQL, &[]).await;
         let (wal_level, can_replicate): (String, bool) = match row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?))) {

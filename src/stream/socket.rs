@@ -163,10 +163,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             }
         }
         let (code, reason) = self.stop.reason();
+        // An expired token is the client's to fix: say so in a message too, as a fatal
+        // error is said (a fragmented message under way leaves the close frame alone).
+        let tell = (code == code::POLICY && !self.in_message).then(|| Message::Text(error_json(&reason).into()));
         let close =
             Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() }));
         // A client that stopped reading may never take the close frame: don't wait for it.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if let Some(message) = tell {
+                let _ = self.sink.send(message).await;
+            }
             let _ = self.sink.send(close).await;
             let _ = self.sink.close().await;
         })
