@@ -139,11 +139,17 @@ async fn hs256_tokens_are_checked_and_every_refusal_is_a_json_401() {
 
     let (code, body) = with_token(&server, "GET", "/v2/sessions", &admin(), "").await;
     assert_eq!((code, body), (200, json!([])));
-    // The probes and the viewer need no token (here they are not routes yet: 404).
-    for public in ["/healthz", "/readyz", "/", "/assets/app.js"] {
+    // The probes need no token; the metrics need an admin's.
+    for public in ["/healthz", "/readyz"] {
         let reply = call(&server, "GET", public, None, "").await;
-        assert_eq!(status(&reply), 404, "{public}: {reply}");
+        assert_eq!(status(&reply), 200, "{public}: {reply}");
     }
+    assert_unauthorized(&call(&server, "GET", "/metrics", None, "").await, false);
+    let reply = call(&server, "GET", "/metrics", Some(&consumer(&["orders"], now() + 600)), "").await;
+    assert_eq!(status(&reply), 403, "{reply}");
+    let reply = call(&server, "GET", "/metrics", Some(&admin()), "").await;
+    assert_eq!(status(&reply), 200, "{reply}");
+    assert!(reply.contains("pgdeltastream_postgres_up"), "{reply}");
 }
 
 fn base64_url(bytes: &[u8]) -> String {
