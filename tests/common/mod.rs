@@ -753,9 +753,15 @@ fn docker(args: &[&str]) -> Result<String, String> {
 static DOCKER_CONTAINER_ID: OnceLock<String> = OnceLock::new();
 
 extern "C" fn docker_exit_cleanup() {
-    if let Some(id) = DOCKER_CONTAINER_ID.get() {
-        let _ = docker(&["rm", "--force", "--volumes", id]);
+    let Some(id) = DOCKER_CONTAINER_ID.get() else {
+        return;
+    };
+    if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
+        let _ = docker(&["stop", id]);
+        eprintln!("TEST_PG_KEEP: kept the stopped container {id} (docker logs {id})");
+        return;
     }
+    let _ = docker(&["rm", "--force", "--volumes", id]);
 }
 
 /// The image built from fixtures/ (see fixtures/Dockerfile; `scripts/docker.sh` builds it too).
