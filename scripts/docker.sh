@@ -13,6 +13,8 @@
 #   scripts/docker.sh smoke              pgdeltastream:latest against the fixtures Postgres,
 #                                        driven from the host as the README shows
 #   scripts/docker.sh test CARGO_ARGS..  bases, fixtures image, then cargo test with TEST_PG=docker
+#   scripts/docker.sh test-all CARGO_ARGS..  test, image and smoke (the release build
+#                                        alongside the bases)
 #
 # Everything but `tools`, `start`, `stop`, `env` and `with-daemon` expects DOCKER_HOST or the
 # default socket to reach an engine (run them under `with-daemon`, as the Makefile does).
@@ -129,16 +131,14 @@ cmd_env() { echo "export DOCKER_HOST=unix://$OUR_SOCKET"; }
 
 cmd_with_daemon() {
     [ $# -gt 0 ] || die "with-daemon: no command"
-    local started=
     if ! find_engine; then
         cmd_start
-        started=1
+        # Stopped however CMD ends, Ctrl-C included.
+        trap 'cmd_stop' EXIT
+        trap 'exit 130' INT TERM
     fi
     log "engine: $DOCKER_HOST"
-    local rc=0
-    "$@" || rc=$?
-    if [ -n "$started" ]; then cmd_stop; fi
-    return $rc
+    "$@"
 }
 
 # mmdebstrap a bookworm minbase tree with PACKAGES into image TAG, unless TAG exists.
@@ -182,9 +182,11 @@ cmd_fixtures_image() {
     log "$FIXTURES_IMAGE: built"
 }
 
+release_build() { (cd "$ROOT" && cargo build --release --locked --bin pgdeltastream); }
+
 cmd_image() {
     cmd_bases
-    (cd "$ROOT" && cargo build --release --locked --bin pgdeltastream)
+    release_build
     # A context of the binary alone: target/ is gigabytes.
     local ctx=$TOOLS_DIR/image-context
     rm -rf "$ctx"
@@ -197,6 +199,25 @@ cmd_image() {
 cmd_test() {
     cmd_fixtures_image
     (cd "$ROOT" && TEST_PG=docker cargo test "$@")
+}
+
+# What `make test-docker` runs: the release build (CPU) alongside the bases (downloads and
+# dpkg), then the tests, the server image and the smoke run.
+cmd_test_all() {
+    local log=$TOOLS_DIR/release-build.log
+    mkdir -p "$TOOLS_DIR"
+    release_build >"$log" 2>&1 &
+    local release=$!
+    local rc=0
+    cmd_fixtures_image || rc=$?
+    if ! wait "$release"; then
+        cat "$log" >&2
+        die "cargo build --release failed"
+    fi
+    [ $rc -eq 0 ] || return $rc
+    cmd_test "$@"
+    cmd_image
+    cmd_smoke
 }
 
 cmd_smoke() {
@@ -217,7 +238,7 @@ main() {
         stop) cmd_stop ;;
         env) cmd_env ;;
         with-daemon) cmd_with_daemon "$@" ;;
-        bases|fixtures-image|image|smoke|test)
+        bases|fixtures-image|image|smoke|test|test-all)
             find_engine || die "no Docker engine answers (DOCKER_HOST, $DEFAULT_SOCKET, $OUR_SOCKET): use \`scripts/docker.sh with-daemon\` or \`start\`"
             "cmd_${cmd//-/_}" "$@" ;;
         *) sed -n '2,20p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
