@@ -94,8 +94,8 @@ cmd_start() {
     mkdir -p "$TOOLS_DIR/data" "$RUN_DIR"
     rm -f "$OUR_SOCKET" "$PIDFILE"
     log "starting dockerd on $OUR_SOCKET (log: $TOOLS_DIR/dockerd.log)"
-    # setsid: the engine outlives neither a stop by PID nor the caller's cleanup, but a
-    # Ctrl-C in the terminal goes to the caller, which then stops it in order.
+    # setsid: a Ctrl-C in the terminal reaches only the caller, which then stops the
+    # engine in order (by PID).
     setsid dockerd --iptables=false \
         --host "unix://$OUR_SOCKET" \
         --data-root "$TOOLS_DIR/data" \
