@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::commands::Command;
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::server::HttpSettings;
@@ -16,25 +17,28 @@ use crate::stream::socket::SocketSettings;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "pgdeltastream", version, about)]
 pub struct Cli {
+    /// None: the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Database to stream from.
-    #[arg(long, env = "DBNAME", default_value = "postgres")]
+    #[arg(long, global = true, env = "DBNAME", default_value = "postgres")]
     pub dbname: String,
     /// Postgres user; needs the REPLICATION attribute (or superuser).
-    #[arg(long, env = "PGUSER", default_value = "postgres")]
+    #[arg(long, global = true, env = "PGUSER", default_value = "postgres")]
     pub pguser: String,
     /// Postgres password (PGPASSWORD is read too).
-    #[arg(long, env = "PGPASS", hide_env_values = true)]
+    #[arg(long, global = true, env = "PGPASS", hide_env_values = true)]
     pub pgpass: Option<String>,
     /// Postgres host, or a Unix socket directory.
-    #[arg(long, env = "PGHOST", default_value = "localhost")]
+    #[arg(long, global = true, env = "PGHOST", default_value = "localhost")]
     pub pghost: String,
-    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    #[arg(long, global = true, env = "PGPORT", default_value_t = 5432)]
     pub pgport: u16,
     /// Address the server listens on. Keep it local unless a proxy guards it: the API
     /// has no authentication yet.
-    #[arg(long, env = "SERVERHOST", default_value = "localhost")]
+    #[arg(long, global = true, env = "SERVERHOST", default_value = "localhost")]
     pub serverhost: String,
-    #[arg(long, env = "SERVERPORT", default_value_t = 12312)]
+    #[arg(long, global = true, env = "SERVERPORT", default_value_t = 12312)]
     pub serverport: u16,
     /// Largest `limit` a snapshot page may ask for (also the default limit).
     #[arg(long, env = "PGDELTASTREAM_MAX_LIMIT", default_value_t = 10_000)]

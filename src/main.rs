@@ -1,16 +1,23 @@
 //! The `pgdeltastream` binary: parse settings, log, serve until Ctrl-C or SIGTERM.
+//! No subcommand runs the server; `publish` and `gateway` scale it out through NATS
+//! JetStream.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use clap::Parser;
+use pgdeltastream::bus::gateway::Gateway;
+use pgdeltastream::bus::publish;
+use pgdeltastream::commands::{Command, GatewayArgs, PublishArgs};
 use pgdeltastream::config::Cli;
 use pgdeltastream::server::{self, Settings};
+use pgdeltastream::session::Registry;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr (stdout is left to nothing), coloured only for a person at a
     // terminal: escapes would litter a file or a journal.
@@ -19,16 +26,16 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
+    match cli.command.clone() {
+        None => serve(cli).await,
+        Some(Command::Publish(args)) => run_publisher(&cli, args).await,
+        Some(Command::Gateway(args)) => run_gateway(&cli, args).await,
+    }
+}
 
+async fn serve(cli: Cli) -> ExitCode {
     let open_files = server::limits::raise_open_files_limit();
-    let addr = format!("{}:{}", cli.serverhost, cli.serverport);
-    let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "cannot listen");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
+    let Some((listener, addr)) = listen(&cli).await else { return ExitCode::FAILURE };
     let pg = cli.pg_config();
     let open_files = open_files.map_or_else(|| "unknown".into(), |n| n.to_string());
     tracing::info!(listen = %addr, postgres = %pg.address(), database = %pg.dbname, user = %pg.user, %open_files, "pgdeltastream serving");
@@ -41,12 +48,51 @@ async fn main() -> std::process::ExitCode {
         http: cli.http_settings(),
     };
     match server::run(listener, settings, shutdown_signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+async fn listen(cli: &Cli) -> Option<(tokio::net::TcpListener, String)> {
+    let addr = format!("{}:{}", cli.serverhost, cli.serverport);
+    match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => Some((l, addr)),
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot listen");
+            None
+        }
+    }
+}
+
+async fn run_publisher(cli: &Cli, args: PublishArgs) -> ExitCode {
+    let pg = cli.pg_config();
+    tracing::info!(postgres = %pg.address(), database = %pg.dbname, session = %args.session, nats = %args.nats, "pgdeltastream publishing");
+    let registry = Registry::new(pg, cli.session_settings(), cli.pool_settings());
+    match publish::run(registry, args.settings(), shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "publisher failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_gateway(cli: &Cli, args: GatewayArgs) -> ExitCode {
+    server::limits::raise_open_files_limit();
+    let Some((listener, addr)) = listen(cli).await else { return ExitCode::FAILURE };
+    let gateway = match Gateway::connect(&args.nats, cli.session_settings().socket).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(listen = %addr, nats = %args.nats, "pgdeltastream gateway serving");
+    server::run_gateway(listener, gateway, cli.http_settings(), shutdown_signal()).await;
+    ExitCode::SUCCESS
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.

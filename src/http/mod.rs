@@ -14,6 +14,7 @@
 //! the right status ([`error::ApiError`]).
 
 pub mod error;
+pub mod gateway;
 pub mod init;
 pub mod sessions;
 pub mod snapshot;

@@ -1,0 +1,297 @@
+//! A gateway client's feed: the session's JetStream stream from after the client's
+//! last ack, turned back into the frames a websocket client of the server receives.
+//! The websocket side is the server's own ([`crate::stream::socket`]): the same
+//! messages, pings and ack checks; acks go to the KV bucket instead of a slot.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{self, kv};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+
+use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, key, load, save, slot_key};
+use super::message::Meta;
+use super::{check_client, stream_name, subject, unavailable};
+use crate::error::{Error, ErrorKind};
+use crate::session::definition::check_name;
+use crate::stream::frame::{Fragment, FrameKind, OutFrame};
+use crate::stream::pump::Outgoing;
+use crate::stream::sink::{Link, Sink};
+use crate::stream::socket::SocketSettings;
+use crate::stream::stop::{Stop, code};
+use crate::types::Lsn;
+
+/// The close code of a stream whose next changes the JetStream stream no longer holds
+/// (its max age or max bytes let them go): the client missed changes for good.
+pub const GONE: u16 = 4410;
+
+/// Messages handed to the socket in one batch, at most.
+const BATCH: usize = 64;
+
+pub struct Gateway {
+    js: jetstream::Context,
+    acks: kv::Store,
+    slots: kv::Store,
+    pub socket: SocketSettings,
+    /// Ends every feed (the gateway shuts down).
+    shutdown: Stop,
+}
+
+impl Gateway {
+    pub async fn connect(url: &str, socket: SocketSettings) -> Result<Arc<Gateway>, Error> {
+        let js = jetstream::new(super::connect(url).await?);
+        let acks = bucket(&js, ACKS_BUCKET).await?;
+        let slots = bucket(&js, SLOTS_BUCKET).await?;
+        Ok(Arc::new(Gateway { js, acks, slots, socket, shutdown: Stop::new() }))
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.stop(code::GOING_AWAY, "gateway shutting down");
+    }
+
+    /// The session whose publisher reads `slot` (for `/v1/lr/stream?slotName=`).
+    pub async fn session_of_slot(&self, slot: &str) -> Result<String, Error> {
+        let value = self.slots.get(slot_key(slot)).await.map_err(|e| unavailable("cannot read from JetStream", e))?;
+        value.and_then(|v| String::from_utf8(v.to_vec()).ok()).ok_or_else(|| {
+            Error::not_found(format!("no session published for slot {slot}: run pgdeltastream publish for its session"))
+        })
+    }
+
+    /// Checks the session and the client's position, and subscribes from there; every
+    /// refusal comes before the websocket exists.
+    pub async fn open(self: &Arc<Self>, session: &str, client: &str) -> Result<Feed, Error> {
+        check_name(session)?;
+        check_client(client)?;
+        let name = stream_name(session);
+        let stream = self.js.get_stream(&name).await.map_err(|e| match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Error::not_found(format!(
+                    "session {session} is not published: run pgdeltastream publish --session {session}"
+                ))
+            }
+            _ => unavailable(&format!("cannot open stream {name}"), e),
+        })?;
+        let key = key(session, client);
+        let acked = load(&self.acks, &key).await?;
+        let start_seq = acked.map_or(1, |r| r.seq + 1);
+        let first = stream.cached_info().state.first_sequence;
+        if start_seq < first {
+            return Err(Error::new(ErrorKind::Gone, gone(session, client, acked, start_seq, first)));
+        }
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject(session),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start_seq },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&format!("cannot subscribe to stream {name}"), e))?;
+        let messages = consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))?;
+        tracing::info!(session, client, start_seq, acked = ?acked.map(|r| r.lsn), "feed opened");
+        Ok(Feed {
+            gateway: Arc::clone(self),
+            session: session.to_owned(),
+            client: client.to_owned(),
+            key,
+            messages,
+            acked,
+            start_seq,
+        })
+    }
+}
+
+/// Why a client cannot resume: what it needs next is gone from the stream.
+fn gone(session: &str, client: &str, acked: Option<AckRecord>, next: u64, first: u64) -> String {
+    let since = match acked {
+        Some(r) => format!("after its ack {} (stream sequence {})", r.lsn, r.seq),
+        None => "from the beginning (it has acked nothing)".to_owned(),
+    };
+    format!(
+        "client {client} of session {session} resumes {since}, but stream {} now begins at sequence {first}: \
+         sequences {next} to {} are no longer retained (the stream's max age or max bytes); start again from a \
+         new snapshot, or give the publisher larger --nats-max-age / --nats-max-bytes",
+        stream_name(session),
+        first - 1
+    )
+}
+
+/// A client's subscription, ready for its websocket.
+pub struct Feed {
+    gateway: Arc<Gateway>,
+    session: String,
+    client: String,
+    key: String,
+    messages: pull::Ordered,
+    acked: Option<AckRecord>,
+    start_seq: u64,
+}
+
+/// The nextlsn and stream sequence of each transaction handed to the socket and not
+/// yet acked: an ack is stored with the sequence the client resumes after.
+type Delivered = Arc<Mutex<VecDeque<(Lsn, u64)>>>;
+
+impl Feed {
+    pub async fn run(self, sink: impl Sink) {
+        let Feed { gateway, session, client, key, messages, acked, start_seq } = self;
+        let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
+        let (frames_tx, frames_rx) = mpsc::channel(4);
+        let (acks_tx, acks_rx) = mpsc::channel(64);
+        let stop = Stop::new();
+        let delivered = Delivered::default();
+        let link = Link {
+            slot: format!("{session}/{client}"),
+            start,
+            frames: frames_rx,
+            acks: acks_tx,
+            progress: Arc::default(),
+            stop: stop.clone(),
+        };
+        let feeder = Feeder {
+            session: session.clone(),
+            client: client.clone(),
+            messages,
+            out: frames_tx,
+            delivered: delivered.clone(),
+            last: (start, u32::MAX),
+            acked,
+            expected: start_seq,
+            stop: stop.clone(),
+            shutdown: gateway.shutdown.clone(),
+        };
+        tokio::join!(feeder.run(), sink.run(link), store_acks(acks_rx, delivered, &gateway.acks, &key));
+        tracing::info!(session, client, "feed closed");
+    }
+}
+
+struct Feeder {
+    session: String,
+    client: String,
+    messages: pull::Ordered,
+    out: mpsc::Sender<Outgoing>,
+    delivered: Delivered,
+    /// The last transaction and piece handed on: anything at or below it is a
+    /// duplicate (a re-publish, or what the client acked).
+    last: (Lsn, u32),
+    acked: Option<AckRecord>,
+    /// The stream sequence that must come next: the stream holds one subject, so a
+    /// jump means messages were let go before the client got them.
+    expected: u64,
+    stop: Stop,
+    shutdown: Stop,
+}
+
+impl Feeder {
+    async fn run(mut self) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = self.stop.stopped() => return,
+                _ = self.shutdown.stopped() => {
+                    self.stop.stop(code::GOING_AWAY, "gateway shutting down");
+                    return;
+                }
+                m = self.messages.next() => m,
+            };
+            let mut batch = Vec::new();
+            let mut next = first;
+            let end = loop {
+                match self.frame(next) {
+                    Ok(Some(frame)) => batch.push(frame),
+                    Ok(None) => {}
+                    Err(end) => break Some(end),
+                }
+                if batch.len() >= BATCH {
+                    break None;
+                }
+                match self.messages.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break None,
+                }
+            };
+            if !batch.is_empty() && self.out.send(Outgoing::Frames(batch)).await.is_err() {
+                return;
+            }
+            if let Some(end) = end {
+                tracing::warn!(session = %self.session, client = %self.client, reason = ?end, "feed ended");
+                let _ = self.out.send(end).await;
+                return;
+            }
+        }
+    }
+
+    /// The frame a stored message becomes; none for a duplicate.
+    fn frame(
+        &mut self,
+        message: Option<Result<jetstream::Message, pull::OrderedError>>,
+    ) -> Result<Option<OutFrame>, Outgoing> {
+        let fatal = |what: String| Outgoing::Fatal(what);
+        let message = match message {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(fatal(format!("reading the JetStream stream failed: {e}"))),
+            None => return Err(fatal("the JetStream subscription ended".into())),
+        };
+        let seq = message
+            .info()
+            .map_err(|e| fatal(format!("a JetStream message without its metadata: {e}")))?
+            .stream_sequence;
+        if seq != self.expected {
+            let message = gone(&self.session, &self.client, self.acked, self.expected, seq);
+            return Err(Outgoing::End { code: GONE, message });
+        }
+        self.expected = seq + 1;
+        let meta = Meta::from_headers(message.headers.as_ref()).map_err(fatal)?;
+        if let Some(lsn) = meta.nextlsn {
+            if (lsn, meta.piece) <= self.last {
+                return Ok(None);
+            }
+            self.last = (lsn, meta.piece);
+        }
+        let last = meta.is_last();
+        let fragment = match (meta.piece, last) {
+            (1, true) => Fragment::Whole,
+            (1, false) => Fragment::First,
+            (_, true) => Fragment::Last,
+            (_, false) => Fragment::Middle,
+        };
+        let kind = match (last, meta.nextlsn) {
+            (false, _) => FrameKind::Inside,
+            (true, Some(_)) => FrameKind::Data,
+            (true, None) => FrameKind::Unackable,
+        };
+        let nextlsn = meta.nextlsn.filter(|_| last);
+        if let Some(lsn) = nextlsn {
+            self.delivered.lock().unwrap_or_else(|e| e.into_inner()).push_back((lsn, seq));
+        }
+        Ok(Some(OutFrame { payload: message.message.payload, fragment, nextlsn, kind }))
+    }
+}
+
+/// Stores the client's acks, the latest of those that came while a write was under
+/// way (a client acking every transaction costs one KV write per round trip, not one
+/// per ack). Ends when the socket's reader is gone, after storing the last.
+async fn store_acks(mut acks: mpsc::Receiver<Lsn>, delivered: Delivered, store: &kv::Store, key: &str) {
+    while let Some(mut lsn) = acks.recv().await {
+        while let Ok(later) = acks.try_recv() {
+            lsn = later;
+        }
+        let seq = {
+            let mut delivered = delivered.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seq = None;
+            while let Some(&(l, s)) = delivered.front().filter(|(l, _)| *l <= lsn) {
+                debug_assert!(l <= lsn);
+                seq = Some(s);
+                delivered.pop_front();
+            }
+            seq
+        };
+        // An ack that covers no new transaction changes nothing stored.
+        let Some(seq) = seq else { continue };
+        if let Err(e) = save(store, key, AckRecord { lsn, seq }).await {
+            tracing::warn!(key, error = %e, "cannot store an ack");
+        }
+    }
+}
