@@ -65,8 +65,19 @@ run: setup
 	$(CARGO) build --release
 	PLUGIN=$(PLUGIN) scripts/run-dev.sh
 
+## nats: install nats-server (Debian's, with JetStream) if missing, for tests/nats.rs
+.PHONY: nats
+nats:
+	@command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || { \
+	  if [ "$$(id -u)" != 0 ] && [ -z "$(SUDO)" ]; then \
+	    echo "nats-server missing and not root without sudo: install nats-server"; exit 1; fi; \
+	  echo "Installing nats-server..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null && \
+	  echo "Installed nats-server."; }
+
 ## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
-test: setup clients
+test: setup clients nats
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 
