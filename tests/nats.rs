@@ -3,11 +3,9 @@
 //! JetStream in a temp dir, and a real Postgres.
 
 mod common;
+mod jetstream;
 mod support;
 
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,179 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::TestDb;
-use support::{TestServer, Ws, row_numbers, server_command};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A child process killed (SIGKILL) when dropped, and when the test process dies
-/// (PR_SET_PDEATHSIG: the test's main thread spawns it and outlives it).
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let log = std::env::var_os("TEST_NATS_LOG").is_some();
-        cmd.stdout(Stdio::null()).stderr(if log { Stdio::inherit() } else { Stdio::null() });
-        Proc(cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")))
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// nats-server with JetStream in a temp dir on a free port.
-struct Nats {
-    url: String,
-    dir: std::path::PathBuf,
-    _proc: Proc,
-}
-
-impl Nats {
-    async fn start(max_payload: Option<usize>) -> Nats {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgdeltastream-nats-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("nats-server");
-        let mut cmd = Command::new(bin);
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]).arg(dir.join("js"));
-        if let Some(max) = max_payload {
-            let conf = dir.join("nats.conf");
-            std::fs::write(&conf, format!("max_payload: {max}\n")).unwrap();
-            cmd.arg("-c").arg(conf);
-        }
-        let proc = Proc::spawn(cmd);
-        wait_listening(port, "nats-server").await;
-        Nats { url: format!("nats://127.0.0.1:{port}"), dir, _proc: proc }
-    }
-
-    async fn jetstream(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(async_nats::connect(&self.url).await.unwrap())
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "{what} never listened on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A database with a table `items (id, note)` and a v2 session `orders` of it.
-async fn session_db() -> TestDb {
-    let db = common::fresh_db().await;
-    db.client().await.batch_execute("CREATE TABLE items (id int PRIMARY KEY, note text)").await.unwrap();
-    let server = TestServer::start(&db).await;
-    let (status, body) = server.post("/v2/sessions", r#"{"name":"orders","tables":["public.items"]}"#).await;
-    assert_eq!(status, 201, "{body}");
-    server.stop().await;
-    db
-}
-
-fn publisher(db: &TestDb, nats: &Nats, extra: &[&str]) -> Proc {
-    let mut cmd = server_command(db, free_port());
-    cmd.env("PGDELTASTREAM_STATUS_INTERVAL", "1")
-        .args(["publish", "--nats", &nats.url, "--session", "orders"])
-        .args(extra);
-    Proc::spawn(cmd)
-}
-
-async fn gateway(db: &TestDb, nats: &Nats, port: u16) -> Proc {
-    let mut cmd = server_command(db, port);
-    cmd.env("PGDELTASTREAM_PING_INTERVAL", "1").args(["gateway", "--nats", &nats.url]);
-    let proc = Proc::spawn(cmd);
-    wait_listening(port, "the gateway").await;
-    proc
-}
-
-fn url(port: u16, client: &str) -> String {
-    format!("ws://127.0.0.1:{port}/v2/sessions/orders/stream?client={client}")
-}
-
-/// Inserts rows `from..=to`, `per_tx` rows a transaction.
-async fn write_rows(db: &TestDb, from: i32, to: i32, per_tx: i32, pause: Duration) {
-    let pg = db.client().await;
-    let mut next = from;
-    while next <= to {
-        let last = (next + per_tx - 1).min(to);
-        pg.execute("INSERT INTO items SELECT g, 'row ' || g FROM generate_series($1::int, $2::int) g", &[&next, &last])
-            .await
-            .unwrap();
-        next = last + 1;
-        tokio::time::sleep(pause).await;
-    }
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// Waits (bounded) for the stream's last sequence to reach `seq`.
-async fn await_stream_seq(nats: &Nats, seq: u64) -> u64 {
-    let js = nats.jetstream().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut stream) = js.get_stream("PGDELTASTREAM_ORDERS").await {
-            let state = stream.info().await.unwrap().state.clone();
-            if state.last_sequence >= seq {
-                return state.first_sequence;
-            }
-        }
-        assert!(Instant::now() < deadline, "the stream never reached sequence {seq}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Opens a websocket expecting a refusal: the HTTP status and JSON body.
-async fn refused(url: String) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(url).await {
-        Ok(_) => panic!("websocket upgrade succeeded; expected a refusal"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp.body().clone().unwrap_or_default();
-            (resp.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(e) => panic!("unexpected websocket error: {e}"),
-    }
-}
-
-async fn next_transaction(ws: &mut Ws) -> Value {
-    support::next_changes(ws).await
-}
+use jetstream::*;
+use support::row_numbers;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_larger_than_max_payload_arrives_whole() {
@@ -413,4 +240,53 @@ async fn a_resume_from_before_what_the_stream_retains_is_refused() {
     assert!(body["error"].as_str().unwrap().contains("not published"), "{body}");
     let (status, body) = refused(url(port, "a.b")).await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// The slot of the test database's one session.
+async fn slot_of(db: &common::TestDb) -> String {
+    let pg = db.client().await;
+    let row = pg
+        .query_one("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_resuming_behind_the_stream_stores_nothing_twice() {
+    let db = session_db().await;
+    let pg = db.client().await;
+    let slot = slot_of(&db).await;
+    // A copy of the slot at its start: put back later, the slot is behind the stream as
+    // after a Postgres crash (the slot's position on disk lags what it confirmed).
+    pg.execute("SELECT pg_copy_logical_replication_slot($1, 'nats_test_copy')", &[&slot]).await.unwrap();
+    let nats = Nats::start(None).await;
+    // A duplicate window shorter than the restart: only the publisher's own check of
+    // the stream's last message keeps the re-read transactions out.
+    let mut first = publisher(&db, &nats, &["--nats-duplicate-window", "1"]);
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    write_rows(&db, 1, 20, 1, Duration::ZERO).await;
+    await_stream_seq(&nats, 20).await;
+    first.kill9();
+
+    support::await_slot(&pg, &slot, "inactive", "NOT active").await;
+    pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
+    pg.execute("SELECT pg_copy_logical_replication_slot('nats_test_copy', $1)", &[&slot]).await.unwrap();
+    pg.execute("SELECT pg_drop_replication_slot('nats_test_copy')", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _again = publisher(&db, &nats, &["--nats-duplicate-window", "1"]);
+    write_rows(&db, 21, 25, 1, Duration::ZERO).await;
+    await_stream_seq(&nats, 25).await;
+    // Time for anything published twice to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream("PGDELTASTREAM_ORDERS").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.last_sequence), (25, 25), "transactions stored twice");
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(port, "after")).await.unwrap();
+    for row in 1..=25 {
+        assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![row]);
+    }
 }
