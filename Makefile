@@ -113,14 +113,15 @@ bench-fonts:
 	  echo "fonts-dejavu-core not installed: the bench will skip its chart"; \
 	fi
 
-## bench: server vs pg_recvlogical throughput, memory and live latency (~5 min on 2 cores);
+## bench: server vs pg_recvlogical throughput, memory and live latency, and 1,000 clients
+## through NATS JetStream gateways (~5 min on 2 cores);
 ## prints a markdown table, writes bench/results/latest.{json,png}
-bench: setup bench-fonts clients
+bench: setup bench-fonts clients nats
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream $(BENCH_ARGS)
 
 ## bench-quick: smoke run, every workload 100x smaller (bench/results/quick.{json,png})
-bench-quick: setup bench-fonts clients
+bench-quick: setup bench-fonts clients nats
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --quick $(BENCH_ARGS)
 
