@@ -35,6 +35,13 @@ async fn a_transaction_larger_than_max_payload_arrives_whole() {
     assert!(big["change"].as_array().unwrap().iter().all(|c| c["columnvalues"][1] == note.as_str()));
     let small = next_transaction(&mut ws).await;
     assert_eq!(row_numbers(&small), vec![41]);
+    // The v1 route finds the session by its slot (the publisher records which it reads).
+    let slot = slot_of(&db).await;
+    let v1 = format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={slot}&client=v1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(v1).await.unwrap();
+    assert_eq!(row_numbers(&next_transaction(&mut ws).await), (1..=40).collect::<Vec<_>>());
+    let (status, body) = refused(format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName=delta_nosuch1")).await;
+    assert_eq!(status, 404, "{body}");
     // Stored as pieces: more messages than transactions.
     let js = nats.jetstream().await;
     let mut stream = js.get_stream("PGDELTASTREAM_ORDERS").await.unwrap();

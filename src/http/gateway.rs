@@ -13,6 +13,7 @@ use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
+use axum::middleware;
 use axum::routing::get;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -31,6 +32,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v2/sessions/{name}/stream", get(v2_stream))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn(super::log_request))
         .with_state(gateway)
 }
 
