@@ -98,7 +98,7 @@ pub async fn run_gateway(
     let app = crate::http::gateway::router(gateway.clone());
     serve_router(listener, app, http, async move {
         shutdown.await;
-        gateway.shutdown();
+        gateway.shutdown().await;
     })
     .await
 }

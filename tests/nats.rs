@@ -297,3 +297,31 @@ async fn a_publisher_resuming_behind_the_stream_stores_nothing_twice() {
         assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![row]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_shutting_down_closes_with_1001_and_its_clients_resume_elsewhere() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let ports = [free_port(), free_port()];
+    let mut first = gateway(&db, &nats, ports[0]).await;
+    let _second = gateway(&db, &nats, ports[1]).await;
+    write_rows(&db, 1, 3, 1, Duration::ZERO).await;
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(ports[0], "sd")).await.unwrap();
+    let mut last = Value::Null;
+    for row in 1..=2 {
+        last = next_transaction(&mut ws).await;
+        assert_eq!(row_numbers(&last), vec![row]);
+    }
+    support::ack(&mut ws, last["nextlsn"].as_str().unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = tokio::task::spawn_blocking(move || first.terminate()).await.unwrap();
+    assert!(status.success(), "{status}");
+    let (code, reason) = support::await_close(&mut ws).await;
+    assert_eq!(code, 1001, "{reason}");
+
+    // The other gateway resumes after the ack.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(ports[1], "sd")).await.unwrap();
+    assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![3]);
+}

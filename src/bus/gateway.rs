@@ -5,11 +5,14 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, kv};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, key, load, save, slot_key};
 use super::message::Meta;
@@ -37,6 +40,8 @@ pub struct Gateway {
     pub socket: SocketSettings,
     /// Ends every feed (the gateway shuts down).
     shutdown: Stop,
+    /// The feeds running, so that shutting down waits for their last acks to be stored.
+    feeds: TaskTracker,
 }
 
 impl Gateway {
@@ -44,11 +49,17 @@ impl Gateway {
         let js = jetstream::new(super::connect(url).await?);
         let acks = bucket(&js, ACKS_BUCKET).await?;
         let slots = bucket(&js, SLOTS_BUCKET).await?;
-        Ok(Arc::new(Gateway { js, acks, slots, socket, shutdown: Stop::new() }))
+        Ok(Arc::new(Gateway { js, acks, slots, socket, shutdown: Stop::new(), feeds: TaskTracker::new() }))
     }
 
-    pub fn shutdown(&self) {
+    /// Ends every feed (close code 1001) and waits, a few seconds at most, until they
+    /// have stored their clients' last acks.
+    pub async fn shutdown(&self) {
         self.shutdown.stop(code::GOING_AWAY, "gateway shutting down");
+        self.feeds.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.feeds.wait()).await.is_err() {
+            tracing::warn!(feeds = self.feeds.len(), "feeds still running at shutdown");
+        }
     }
 
     /// The session whose publisher reads `slot` (for `/v1/lr/stream?slotName=`).
@@ -93,6 +104,7 @@ impl Gateway {
         let messages = consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))?;
         tracing::info!(session, client, start_seq, acked = ?acked.map(|r| r.lsn), "feed opened");
         Ok(Feed {
+            _running: self.feeds.token(),
             gateway: Arc::clone(self),
             session: session.to_owned(),
             client: client.to_owned(),
@@ -121,6 +133,7 @@ fn gone(session: &str, client: &str, acked: Option<AckRecord>, next: u64, first:
 
 /// A client's subscription, ready for its websocket.
 pub struct Feed {
+    _running: TaskTrackerToken,
     gateway: Arc<Gateway>,
     session: String,
     client: String,
@@ -136,7 +149,7 @@ type Delivered = Arc<Mutex<VecDeque<(Lsn, u64)>>>;
 
 impl Feed {
     pub async fn run(self, sink: impl Sink) {
-        let Feed { gateway, session, client, key, messages, acked, start_seq } = self;
+        let Feed { _running, gateway, session, client, key, messages, acked, start_seq } = self;
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
         let (frames_tx, frames_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);
