@@ -235,12 +235,13 @@ async fn a_resume_from_before_what_the_stream_retains_is_refused() {
     let (status, body) = refused(url(port, "early")).await;
     assert_eq!(status, 410, "{body}");
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("client early") && error.contains("no longer retained"), "{error}");
+    assert!(error.contains("client early") && error.contains("no longer holds"), "{error}");
     assert!(error.contains("sequences 2 to 8"), "{error}");
     // A client that acked nothing would start at the stream's beginning, gone too.
     let (status, body) = refused(url(port, "late")).await;
     assert_eq!(status, 410, "{body}");
     assert!(body["error"].as_str().unwrap().contains("acked nothing"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("sequences 1 to 8"), "{body}");
     // Unknown sessions and bad client ids are refused as such.
     let (status, body) = refused(format!("ws://127.0.0.1:{port}/v2/sessions/nosuch/stream")).await;
     assert_eq!(status, 404, "{body}");
@@ -324,4 +325,29 @@ async fn a_gateway_shutting_down_closes_with_1001_and_its_clients_resume_elsewhe
     // The other gateway resumes after the ack.
     let (mut ws, _) = tokio_tungstenite::connect_async(url(ports[1], "sd")).await.unwrap();
     assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_next_message_is_gone_gets_an_error_and_close_4410() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    write_rows(&db, 1, 5, 1, Duration::ZERO).await;
+    await_stream_seq(&nats, 5).await;
+    // A hole in the middle of the stream, as retention would leave ahead of a slow client.
+    let js = nats.jetstream().await;
+    let stream = js.get_stream("PGDELTASTREAM_ORDERS").await.unwrap();
+    assert!(stream.delete_message(3).await.unwrap());
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(port, "holey")).await.unwrap();
+    for row in 1..=2 {
+        assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![row]);
+    }
+    let error = support::next_json(&mut ws).await;
+    let error = error["error"].as_str().unwrap_or_else(|| panic!("not an error: {error}"));
+    assert!(error.contains("needs stream sequence 3 next") && error.contains("sequences 3 to 3"), "{error}");
+    let (code, _) = support::await_close(&mut ws).await;
+    assert_eq!(code, 4410);
 }

@@ -91,7 +91,8 @@ impl Gateway {
         let start_seq = acked.map_or(1, |r| r.seq + 1);
         let first = stream.cached_info().state.first_sequence;
         if start_seq < first {
-            return Err(Error::new(ErrorKind::Gone, gone(session, client, acked, start_seq, first)));
+            let message = gone(session, client, &resumes(acked), start_seq, first - 1);
+            return Err(Error::new(ErrorKind::Gone, message));
         }
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -116,19 +117,22 @@ impl Gateway {
     }
 }
 
-/// Why a client cannot resume: what it needs next is gone from the stream.
-fn gone(session: &str, client: &str, acked: Option<AckRecord>, next: u64, first: u64) -> String {
-    let since = match acked {
-        Some(r) => format!("after its ack {} (stream sequence {})", r.lsn, r.seq),
-        None => "from the beginning (it has acked nothing)".to_owned(),
-    };
+/// Why a client cannot go on: `needs` says what it was to get next, sequences `next`
+/// to `upto` of the stream are gone.
+fn gone(session: &str, client: &str, needs: &str, next: u64, upto: u64) -> String {
     format!(
-        "client {client} of session {session} resumes {since}, but stream {} now begins at sequence {first}: \
-         sequences {next} to {} are no longer retained (the stream's max age or max bytes); start again from a \
-         new snapshot, or give the publisher larger --nats-max-age / --nats-max-bytes",
-        stream_name(session),
-        first - 1
+        "client {client} of session {session} {needs}, but stream {} no longer holds sequences {next} to {upto} \
+         (its max age, max bytes or max messages let them go): start again from a new snapshot, or give the \
+         publisher larger --nats-max-age / --nats-max-bytes",
+        stream_name(session)
     )
+}
+
+fn resumes(acked: Option<AckRecord>) -> String {
+    match acked {
+        Some(r) => format!("resumes after its ack {} (stream sequence {})", r.lsn, r.seq),
+        None => "starts at the stream's beginning (it has acked nothing)".to_owned(),
+    }
 }
 
 /// A client's subscription, ready for its websocket.
@@ -170,7 +174,6 @@ impl Feed {
             out: frames_tx,
             delivered: delivered.clone(),
             last: (start, u32::MAX),
-            acked,
             expected: start_seq,
             stop: stop.clone(),
             shutdown: gateway.shutdown.clone(),
@@ -189,7 +192,6 @@ struct Feeder {
     /// The last transaction and piece handed on: anything at or below it is a
     /// duplicate (a re-publish, or what the client acked).
     last: (Lsn, u32),
-    acked: Option<AckRecord>,
     /// The stream sequence that must come next: the stream holds one subject, so a
     /// jump means messages were let go before the client got them.
     expected: u64,
@@ -252,7 +254,8 @@ impl Feeder {
             .map_err(|e| fatal(format!("a JetStream message without its metadata: {e}")))?
             .stream_sequence;
         if seq != self.expected {
-            let message = gone(&self.session, &self.client, self.acked, self.expected, seq);
+            let needs = format!("needs stream sequence {} next", self.expected);
+            let message = gone(&self.session, &self.client, &needs, self.expected, seq - 1);
             return Err(Outgoing::End { code: GONE, message });
         }
         self.expected = seq + 1;
