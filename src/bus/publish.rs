@@ -118,7 +118,11 @@ async fn ensure_stream(js: &jetstream::Context, settings: &PublishSettings) -> R
         max_bytes: unlimited(settings.max_bytes),
         max_messages: unlimited(settings.max_msgs),
         storage: stream::StorageType::File,
-        duplicate_window: settings.duplicate_window,
+        // JetStream refuses a duplicate window longer than the max age.
+        duplicate_window: match settings.max_age {
+            Duration::ZERO => settings.duplicate_window,
+            age => settings.duplicate_window.min(age),
+        },
         ..Default::default()
     };
     js.create_or_update_stream(config).await.map_err(|e| unavailable(&format!("cannot create stream {name}"), e))?;
