@@ -253,7 +253,11 @@ impl Feeder {
             .info()
             .map_err(|e| fatal(format!("a JetStream message without its metadata: {e}")))?
             .stream_sequence;
-        if seq != self.expected {
+        if seq < self.expected {
+            // Delivered again (the consumer was recreated): handed on already.
+            return Ok(None);
+        }
+        if seq > self.expected {
             let needs = format!("needs stream sequence {} next", self.expected);
             let message = gone(&self.session, &self.client, &needs, self.expected, seq - 1);
             return Err(Outgoing::End { code: GONE, message });
@@ -297,8 +301,7 @@ async fn store_acks(mut acks: mpsc::Receiver<Lsn>, delivered: Delivered, store: 
         let seq = {
             let mut delivered = delivered.lock().unwrap_or_else(|e| e.into_inner());
             let mut seq = None;
-            while let Some(&(l, s)) = delivered.front().filter(|(l, _)| *l <= lsn) {
-                debug_assert!(l <= lsn);
+            while let Some(&(_, s)) = delivered.front().filter(|(l, _)| *l <= lsn) {
                 seq = Some(s);
                 delivered.pop_front();
             }
