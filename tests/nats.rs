@@ -351,3 +351,32 @@ async fn a_client_whose_next_message_is_gone_gets_an_error_and_close_4410() {
     let (code, _) = support::await_close(&mut ws).await;
     assert_eq!(code, 4410);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_behind_the_shared_subscription_catch_up_on_their_own_and_join_it() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    write_rows(&db, 1, 5, 1, Duration::ZERO).await;
+    await_stream_seq(&nats, 5).await;
+    // The first client starts the gateway's subscription at the stream's end (6), and
+    // reads 1 to 5 from a consumer of its own first.
+    let (mut a, _) = tokio_tungstenite::connect_async(url(port, "a")).await.unwrap();
+    for row in 1..=5 {
+        assert_eq!(row_numbers(&next_transaction(&mut a).await), vec![row]);
+    }
+    write_rows(&db, 6, 10, 1, Duration::ZERO).await;
+    for row in 6..=10 {
+        assert_eq!(row_numbers(&next_transaction(&mut a).await), vec![row]);
+    }
+    let (mut b, _) = tokio_tungstenite::connect_async(url(port, "b")).await.unwrap();
+    write_rows(&db, 11, 12, 1, Duration::ZERO).await;
+    for row in 1..=12 {
+        assert_eq!(row_numbers(&next_transaction(&mut b).await), vec![row]);
+    }
+    for row in 11..=12 {
+        assert_eq!(row_numbers(&next_transaction(&mut a).await), vec![row]);
+    }
+}

@@ -3,7 +3,7 @@
 //! The websocket side is the server's own ([`crate::stream::socket`]): the same
 //! messages, pings and ack checks; acks go to the KV bucket instead of a slot.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, key, load, save, slot_key};
+use super::hub::{Hub, Stored};
 use super::message::Meta;
 use super::{check_client, stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
@@ -42,6 +43,8 @@ pub struct Gateway {
     shutdown: Stop,
     /// The feeds running, so that shutting down waits for their last acks to be stored.
     feeds: TaskTracker,
+    /// Each session's shared subscription, started by its first client.
+    hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
 }
 
 impl Gateway {
@@ -49,7 +52,15 @@ impl Gateway {
         let js = jetstream::new(super::connect(url).await?);
         let acks = bucket(&js, ACKS_BUCKET).await?;
         let slots = bucket(&js, SLOTS_BUCKET).await?;
-        Ok(Arc::new(Gateway { js, acks, slots, socket, shutdown: Stop::new(), feeds: TaskTracker::new() }))
+        Ok(Arc::new(Gateway {
+            js,
+            acks,
+            slots,
+            socket,
+            shutdown: Stop::new(),
+            feeds: TaskTracker::new(),
+            hubs: tokio::sync::Mutex::default(),
+        }))
     }
 
     /// Ends every feed (close code 1001) and waits, a few seconds at most, until they
@@ -94,27 +105,65 @@ impl Gateway {
             let message = gone(session, client, &resumes(acked), start_seq, first - 1);
             return Err(Error::new(ErrorKind::Gone, message));
         }
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: subject(session),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start_seq },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&format!("cannot subscribe to stream {name}"), e))?;
-        let messages = consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))?;
-        tracing::info!(session, client, start_seq, acked = ?acked.map(|r| r.lsn), "feed opened");
+        let hub = self.hub(session, &stream).await;
+        // A client the shared subscription can serve needs no consumer of its own.
+        let source = match &hub {
+            Some(hub) if hub.covers(start_seq) => Source::Hub,
+            _ => Source::Own(Box::new(own_consumer(&stream, session, start_seq).await?)),
+        };
+        let shared = matches!(source, Source::Hub);
+        tracing::info!(session, client, start_seq, shared, acked = ?acked.map(|r| r.lsn), "feed opened");
         Ok(Feed {
             _running: self.feeds.token(),
             gateway: Arc::clone(self),
             session: session.to_owned(),
             client: client.to_owned(),
             key,
-            messages,
+            stream,
+            hub,
+            source,
             acked,
             start_seq,
         })
     }
+
+    /// The session's shared subscription, started unless it runs; none when it cannot
+    /// start (each client then reads on its own).
+    async fn hub(&self, session: &str, stream: &jetstream::stream::Stream) -> Option<Arc<Hub>> {
+        let mut hubs = self.hubs.lock().await;
+        if let Some(hub) = hubs.get(session).filter(|h| !h.is_closed()) {
+            return Some(Arc::clone(hub));
+        }
+        match Hub::start(stream, subject(session), self.shutdown.clone()).await {
+            Ok(hub) => {
+                hubs.insert(session.to_owned(), Arc::clone(&hub));
+                Some(hub)
+            }
+            Err(e) => {
+                tracing::warn!(session, error = %e, "no shared subscription");
+                None
+            }
+        }
+    }
+}
+
+/// An ordered consumer of the session's subject from `start`.
+async fn own_consumer(stream: &jetstream::stream::Stream, session: &str, start: u64) -> Result<pull::Ordered, Error> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject(session),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&format!("cannot subscribe to stream {}", stream_name(session)), e))?;
+    consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))
+}
+
+/// Where a feed reads: the shared subscription, or a consumer of its own.
+enum Source {
+    Hub,
+    Own(Box<pull::Ordered>),
 }
 
 /// Why a client cannot go on: `needs` says what it was to get next, sequences `next`
@@ -142,7 +191,9 @@ pub struct Feed {
     session: String,
     client: String,
     key: String,
-    messages: pull::Ordered,
+    stream: jetstream::stream::Stream,
+    hub: Option<Arc<Hub>>,
+    source: Source,
     acked: Option<AckRecord>,
     start_seq: u64,
 }
@@ -153,7 +204,7 @@ type Delivered = Arc<Mutex<VecDeque<(Lsn, u64)>>>;
 
 impl Feed {
     pub async fn run(self, sink: impl Sink) {
-        let Feed { _running, gateway, session, client, key, messages, acked, start_seq } = self;
+        let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq } = self;
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
         let (frames_tx, frames_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);
@@ -170,7 +221,9 @@ impl Feed {
         let feeder = Feeder {
             session: session.clone(),
             client: client.clone(),
-            messages,
+            stream,
+            hub,
+            source,
             out: frames_tx,
             delivered: delivered.clone(),
             last: (start, u32::MAX),
@@ -186,7 +239,9 @@ impl Feed {
 struct Feeder {
     session: String,
     client: String,
-    messages: pull::Ordered,
+    stream: jetstream::stream::Stream,
+    hub: Option<Arc<Hub>>,
+    source: Source,
     out: mpsc::Sender<Outgoing>,
     delivered: Delivered,
     /// The last transaction and piece handed on: anything at or below it is a
@@ -201,15 +256,16 @@ struct Feeder {
 
 impl Feeder {
     async fn run(mut self) {
+        let (stop, shutdown) = (self.stop.clone(), self.shutdown.clone());
         loop {
             let first = tokio::select! {
                 biased;
-                _ = self.stop.stopped() => return,
-                _ = self.shutdown.stopped() => {
-                    self.stop.stop(code::GOING_AWAY, "gateway shutting down");
+                _ = stop.stopped() => return,
+                _ = shutdown.stopped() => {
+                    stop.stop(code::GOING_AWAY, "gateway shutting down");
                     return;
                 }
-                m = self.messages.next() => m,
+                m = self.next() => m,
             };
             let mut batch = Vec::new();
             let mut next = first;
@@ -222,7 +278,7 @@ impl Feeder {
                 if batch.len() >= BATCH {
                     break None;
                 }
-                match self.messages.next().now_or_never() {
+                match self.ready() {
                     Some(more) => next = more,
                     None => break None,
                 }
@@ -238,21 +294,55 @@ impl Feeder {
         }
     }
 
+    /// The next message, from the hub when it has it, else from a consumer of our own.
+    async fn next(&mut self) -> Option<Result<Arc<Stored>, String>> {
+        loop {
+            self.join_hub();
+            match (&mut self.source, &self.hub) {
+                (Source::Own(messages), _) => return messages.next().await.map(own_message),
+                (Source::Hub, Some(hub)) => {
+                    if let Some(stored) = hub.wait_for(self.expected).await {
+                        return Some(Ok(stored));
+                    }
+                }
+                (Source::Hub, None) => {}
+            }
+            // The hub let go of what we need next (or stopped): read on our own.
+            match own_consumer(&self.stream, &self.session, self.expected).await {
+                Ok(messages) => self.source = Source::Own(Box::new(messages)),
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+
+    /// The next message if it is there already.
+    fn ready(&mut self) -> Option<Option<Result<Arc<Stored>, String>>> {
+        match (&mut self.source, &self.hub) {
+            (Source::Own(messages), _) => messages.next().now_or_never().map(|m| m.map(own_message)),
+            (Source::Hub, Some(hub)) => hub.get(self.expected).map(|s| Some(Ok(s))),
+            (Source::Hub, None) => None,
+        }
+    }
+
+    /// A feed on its own consumer that has caught up with the hub reads from the hub.
+    fn join_hub(&mut self) {
+        if let (Source::Own(_), Some(hub)) = (&self.source, &self.hub) {
+            if hub.covers(self.expected) {
+                tracing::debug!(session = %self.session, client = %self.client, seq = self.expected, "caught up: reading from the shared subscription");
+                self.source = Source::Hub;
+            }
+        }
+    }
+
     /// The frame a stored message becomes; none for a duplicate.
-    fn frame(
-        &mut self,
-        message: Option<Result<jetstream::Message, pull::OrderedError>>,
-    ) -> Result<Option<OutFrame>, Outgoing> {
+    fn frame(&mut self, message: Option<Result<Arc<Stored>, String>>) -> Result<Option<OutFrame>, Outgoing> {
         let fatal = |what: String| Outgoing::Fatal(what);
         let message = match message {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(fatal(format!("reading the JetStream stream failed: {e}"))),
             None => return Err(fatal("the JetStream subscription ended".into())),
         };
-        let seq = message
-            .info()
-            .map_err(|e| fatal(format!("a JetStream message without its metadata: {e}")))?
-            .stream_sequence;
+        let seq = message.seq;
         if seq < self.expected {
             // Delivered again (the consumer was recreated): handed on already.
             return Ok(None);
@@ -286,8 +376,12 @@ impl Feeder {
         if let Some(lsn) = nextlsn {
             self.delivered.lock().unwrap_or_else(|e| e.into_inner()).push_back((lsn, seq));
         }
-        Ok(Some(OutFrame { payload: message.message.payload, fragment, nextlsn, kind }))
+        Ok(Some(OutFrame { payload: message.payload.clone(), fragment, nextlsn, kind }))
     }
+}
+
+fn own_message(m: Result<jetstream::Message, pull::OrderedError>) -> Result<Arc<Stored>, String> {
+    m.map_err(|e| e.to_string()).and_then(Stored::from_message).map(Arc::new)
 }
 
 /// Stores the client's acks, the latest of those that came while a write was under

@@ -13,11 +13,13 @@
 //! - [`publish`]: the publisher, a [`crate::stream::sink::Sink`] that publishes and
 //!   confirms to Postgres only what JetStream acknowledged.
 //! - [`gateway`]: a client's feed from the stream, resumed after its last ack.
+//! - [`hub`]: one subscription per session and gateway, shared by its clients.
 //! - [`acks`]: the clients' acks in a KV bucket, shared by every gateway.
 //! - [`message`]: what a stored message carries (headers, pieces).
 
 pub mod acks;
 pub mod gateway;
+pub mod hub;
 pub mod message;
 pub mod publish;
 
