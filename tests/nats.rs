@@ -380,3 +380,25 @@ async fn clients_behind_the_shared_subscription_catch_up_on_their_own_and_join_i
         assert_eq!(row_numbers(&next_transaction(&mut a).await), vec![row]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_of_an_unknown_session_exits_with_an_error() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let mut cmd = support::server_command(&db, free_port());
+    cmd.args(["publish", "--nats", &nats.url, "--session", "nosuch"]).env("NO_COLOR", "1");
+    // SAFETY: prctl is async-signal-safe; the child dies with the test if it hangs.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || cmd.output().unwrap()))
+        .await
+        .expect("the publisher exits within 60 s")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no session named nosuch"), "{stderr}");
+}

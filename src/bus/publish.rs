@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::acks::{SLOTS_BUCKET, bucket, slot_key};
 use super::message::{HEADER_ROOM, Meta, split};
 use super::{stream_name, subject, unavailable};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::session::Registry;
 use crate::session::definition::check_name;
 use crate::stream::frame::{Format, Fragment, OutFrame};
@@ -68,6 +68,10 @@ pub async fn run(
         match publish_once(&registry, &client, &js, &settings).await {
             Ok(()) if stopping.is_cancelled() => break,
             Ok(()) => tracing::warn!(session = %settings.session, "the stream ended; opening it again"),
+            // No such session, or one we may not stream: waiting will not change that.
+            Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::BadRequest | ErrorKind::Forbidden) => {
+                return Err(e);
+            }
             Err(e) => tracing::warn!(session = %settings.session, error = %e, "cannot publish; retrying"),
         }
         tokio::select! {
