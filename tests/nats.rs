@@ -402,3 +402,39 @@ async fn a_publisher_of_an_unknown_session_exits_with_an_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no session named nosuch"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_connection_of_a_client_cannot_move_its_stored_ack_back() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let ports = [free_port(), free_port()];
+    let _g0 = gateway(&db, &nats, ports[0]).await;
+    let _g1 = gateway(&db, &nats, ports[1]).await;
+    write_rows(&db, 1, 3, 1, Duration::ZERO).await;
+    // Two connections of one client, one on each gateway, both from the start.
+    let (mut old, _) = tokio_tungstenite::connect_async(url(ports[0], "twin")).await.unwrap();
+    let (mut new, _) = tokio_tungstenite::connect_async(url(ports[1], "twin")).await.unwrap();
+    let mut lsns = Vec::new();
+    for row in 1..=3 {
+        let tx = next_transaction(&mut new).await;
+        assert_eq!(row_numbers(&tx), vec![row]);
+        lsns.push(tx["nextlsn"].as_str().unwrap().to_owned());
+        assert_eq!(row_numbers(&next_transaction(&mut old).await), vec![row]);
+    }
+    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
+    let stored = || async {
+        let v = kv.get("orders.twin").await.unwrap()?;
+        Some(serde_json::from_slice::<Value>(&v).unwrap()["lsn"].as_str().unwrap().to_owned())
+    };
+    support::ack(&mut new, &lsns[2]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored().await.as_deref() != Some(lsns[2].as_str()) {
+        assert!(Instant::now() < deadline, "the ack was never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    support::ack(&mut old, &lsns[0]).await;
+    old.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stored().await.as_deref(), Some(lsns[2].as_str()));
+}

@@ -4,6 +4,7 @@
 //! Also the slot a session's publisher reads, for `/v1/lr/stream?slotName=`.
 
 use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::unavailable;
@@ -61,11 +62,35 @@ pub async fn load(store: &kv::Store, key: &str) -> Result<Option<AckRecord>, Err
     }
 }
 
+/// Stores `record` unless the stored one is as far or further, compare-and-set on the
+/// key's revision: an older connection of the same client (not yet noticed dead, on
+/// this gateway or another) must not move its position back.
 pub async fn save(store: &kv::Store, key: &str, record: AckRecord) -> Result<(), Error> {
-    let value = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
-    store.put(key, value.into()).await.map_err(|e| unavailable("cannot store an ack in JetStream", e))?;
-    Ok(())
+    let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?);
+    let mut last_error = String::new();
+    for _ in 0..CAS_ATTEMPTS {
+        let entry = store.entry(key).await.map_err(|e| unavailable("cannot read acks from JetStream", e))?;
+        let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => {
+                let stored = serde_json::from_slice::<AckRecord>(&entry.value).ok();
+                if stored.is_some_and(|s| s.lsn >= record.lsn) {
+                    return Ok(());
+                }
+                store.update(key, value.clone(), entry.revision).await.map(drop).map_err(|e| e.to_string())
+            }
+            None => store.create(key, value.clone()).await.map(drop).map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(()) => return Ok(()),
+            // Someone wrote it meanwhile: look again.
+            Err(e) => last_error = e,
+        }
+    }
+    Err(unavailable("cannot store an ack in JetStream", last_error))
 }
+
+/// Writers of one key racing each other get this many tries.
+const CAS_ATTEMPTS: usize = 5;
 
 pub fn slot_key(slot: &str) -> String {
     format!("slot.{slot}")
