@@ -65,8 +65,19 @@ run: setup
 	$(CARGO) build --release
 	PLUGIN=$(PLUGIN) scripts/run-dev.sh
 
+## nats: install nats-server (Debian's, with JetStream) if missing, for tests/nats.rs
+.PHONY: nats
+nats:
+	@command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || { \
+	  if [ "$$(id -u)" != 0 ] && [ -z "$(SUDO)" ]; then \
+	    echo "nats-server missing and not root without sudo: install nats-server"; exit 1; fi; \
+	  echo "Installing nats-server..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null && \
+	  echo "Installed nats-server."; }
+
 ## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
-test: setup clients
+test: setup clients nats
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 
@@ -102,14 +113,15 @@ bench-fonts:
 	  echo "fonts-dejavu-core not installed: the bench will skip its chart"; \
 	fi
 
-## bench: server vs pg_recvlogical throughput, memory and live latency (~5 min on 2 cores);
+## bench: server vs pg_recvlogical throughput, memory and live latency, and 1,000 clients
+## through NATS JetStream gateways (~5 min on 2 cores);
 ## prints a markdown table, writes bench/results/latest.{json,png}
-bench: setup bench-fonts clients
+bench: setup bench-fonts clients nats
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream $(BENCH_ARGS)
 
 ## bench-quick: smoke run, every workload 100x smaller (bench/results/quick.{json,png})
-bench-quick: setup bench-fonts clients
+bench-quick: setup bench-fonts clients nats
 	$(CARGO) build --release
 	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --quick $(BENCH_ARGS)
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::http::auth::{self, Verifier};
+use crate::commands::Command;
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::pg::tls::{PgTls, SslMode, TlsSettings};
@@ -22,40 +23,43 @@ use crate::stream::socket::SocketSettings;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "pgdeltastream", version, about)]
 pub struct Cli {
+    /// None: the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Database to stream from.
-    #[arg(long, env = "DBNAME", default_value = "postgres")]
+    #[arg(long, global = true, env = "DBNAME", default_value = "postgres")]
     pub dbname: String,
     /// Postgres user; needs the REPLICATION attribute (or superuser).
-    #[arg(long, env = "PGUSER", default_value = "postgres")]
+    #[arg(long, global = true, env = "PGUSER", default_value = "postgres")]
     pub pguser: String,
     /// Postgres password (PGPASSWORD is read too).
-    #[arg(long, env = "PGPASS", hide_env_values = true)]
+    #[arg(long, global = true, env = "PGPASS", hide_env_values = true)]
     pub pgpass: Option<String>,
     /// Postgres host, or a Unix socket directory.
-    #[arg(long, env = "PGHOST", default_value = "localhost")]
+    #[arg(long, global = true, env = "PGHOST", default_value = "localhost")]
     pub pghost: String,
-    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    #[arg(long, global = true, env = "PGPORT", default_value_t = 5432)]
     pub pgport: u16,
     /// TLS to Postgres, as libpq's sslmode: disable, prefer (TLS if the server offers
     /// it), require, verify-ca (the chain against --pgsslrootcert), verify-full (and the
     /// host name).
-    #[arg(long, env = "PGSSLMODE", default_value = "prefer")]
+    #[arg(long, global = true, env = "PGSSLMODE", default_value = "prefer")]
     pub pgsslmode: SslMode,
     /// PEM file of the CAs to trust (default ~/.postgresql/root.crt), or `system`
     /// (verify-full only).
-    #[arg(long, env = "PGSSLROOTCERT")]
+    #[arg(long, global = true, env = "PGSSLROOTCERT")]
     pub pgsslrootcert: Option<String>,
     /// Client certificate (PEM) for Postgres (default ~/.postgresql/postgresql.crt, if it exists).
-    #[arg(long, env = "PGSSLCERT")]
+    #[arg(long, global = true, env = "PGSSLCERT")]
     pub pgsslcert: Option<std::path::PathBuf>,
     /// Key of --pgsslcert (default ~/.postgresql/postgresql.key).
-    #[arg(long, env = "PGSSLKEY")]
+    #[arg(long, global = true, env = "PGSSLKEY")]
     pub pgsslkey: Option<std::path::PathBuf>,
     /// Address the server listens on. Anything but a loopback address needs auth (a
     /// JWT secret or public key) or --allow-unauthenticated.
-    #[arg(long, env = "SERVERHOST", default_value = "localhost")]
+    #[arg(long, global = true, env = "SERVERHOST", default_value = "localhost")]
     pub serverhost: String,
-    #[arg(long, env = "SERVERPORT", default_value_t = 12312)]
+    #[arg(long, global = true, env = "SERVERPORT", default_value_t = 12312)]
     pub serverport: u16,
     /// Largest `limit` a snapshot page may ask for (also the default limit).
     #[arg(long, env = "PGDELTASTREAM_MAX_LIMIT", default_value_t = 10_000)]
@@ -125,26 +129,26 @@ pub struct Cli {
     pub max_connections: usize,
     /// Require an HS256 JSON Web Token signed with this secret on every request but the
     /// health probes and the viewer page.
-    #[arg(long, env = "PGDELTASTREAM_JWT_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "PGDELTASTREAM_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Require an RS256 or ES256 token (by the key's kind) signed for this public key,
     /// a PEM file. Not together with --jwt-secret.
-    #[arg(long, env = "PGDELTASTREAM_JWT_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "PGDELTASTREAM_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
     /// With auth: the token's `aud` must contain this.
-    #[arg(long, env = "PGDELTASTREAM_JWT_AUDIENCE")]
+    #[arg(long, global = true, env = "PGDELTASTREAM_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// With auth: the token's `iss` must be this.
-    #[arg(long, env = "PGDELTASTREAM_JWT_ISSUER")]
+    #[arg(long, global = true, env = "PGDELTASTREAM_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
     /// Serve without auth on an address that is not loopback (else refused at start).
-    #[arg(long, env = "PGDELTASTREAM_ALLOW_UNAUTHENTICATED", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    #[arg(long, global = true, env = "PGDELTASTREAM_ALLOW_UNAUTHENTICATED", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub allow_unauthenticated: bool,
     /// Serve https and wss with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "PGDELTASTREAM_TLS_CERT")]
+    #[arg(long, global = true, env = "PGDELTASTREAM_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, env = "PGDELTASTREAM_TLS_KEY")]
+    #[arg(long, global = true, env = "PGDELTASTREAM_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 }
 

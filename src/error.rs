@@ -21,6 +21,9 @@ pub enum ErrorKind {
     Conflict,
     /// The request body is too large (413).
     PayloadTooLarge,
+    /// What the request asks for existed but is no longer kept (410), e.g. a resume
+    /// from before what a JetStream stream retains.
+    Gone,
     /// Postgres cannot be reached or is out of a resource; try again later (503).
     Unavailable,
     /// A query ran past its statement timeout (504).

@@ -95,6 +95,42 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs the JetStream gateway on `listener` with the server's accept loop and limits,
+/// until `shutdown` resolves; then ends every feed (close code 1001) and waits for the
+/// connections to end.
+pub async fn run_gateway(
+    listener: TcpListener,
+    gateway: Arc<crate::bus::gateway::Gateway>,
+    http: HttpSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = crate::http::gateway::router(gateway.clone(), http.auth.clone());
+    serve_router(listener, app, http, async move {
+        shutdown.await;
+        gateway.shutdown().await;
+    })
+    .await
+}
+
+async fn serve_router(
+    listener: TcpListener,
+    app: axum::Router,
+    http: HttpSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let cap = connection_cap(http.max_connections);
+    let stop = CancellationToken::new();
+    let on_shutdown = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        }
+    };
+    tokio::join!(accept::serve(listener, app, http, cap, stop), on_shutdown);
+}
+
 /// `wanted`, or less if the open files would not suffice.
 fn connection_cap(wanted: usize) -> usize {
     let Some(open_files) = limits::open_files_limit() else {

@@ -95,3 +95,20 @@ fn bad_settings_are_reported_not_panicked() {
     let out = Command::new(BIN).env("SERVERHOST", "127.0.0.1").env("SERVERPORT", port.to_string()).output().unwrap();
     assert!(!out.status.success(), "a port in use is an error");
 }
+
+#[test]
+fn publish_and_gateway_refuse_bad_settings() {
+    let out = Command::new(BIN).args(["gateway"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nats"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A session name that cannot be one is refused before anything connects.
+    let out = Command::new(BIN)
+        .env("NO_COLOR", "1")
+        .args(["publish", "--nats", "nats://127.0.0.1:1", "--session", "Bad.Name"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid session name"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

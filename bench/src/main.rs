@@ -7,6 +7,7 @@ mod cluster;
 mod cpu;
 mod drain;
 mod export;
+mod fanout;
 mod latency;
 mod ndjson;
 mod report;
@@ -71,7 +72,7 @@ struct Args {
     #[arg(long)]
     writers: Option<usize>,
     /// Only these (one_big_tx, tx_of_100, tx_of_1, wide_rows, sessions_50, export_1m,
-    /// latency; `none` for none).
+    /// fanout, latency; `none` for none).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Where latest.json and latest.png go (quick.json / quick.png with --quick).
@@ -88,6 +89,15 @@ struct Args {
     /// a server built without pgoutput.
     #[arg(long, value_delimiter = ',')]
     drains: Option<Vec<String>>,
+    /// Websocket clients of the fanout case (default 1,000; 100 with --quick).
+    #[arg(long)]
+    fanout_clients: Option<usize>,
+    /// Transactions per second written during the fanout case.
+    #[arg(long, default_value_t = 100)]
+    fanout_rate: u64,
+    /// Seconds of writing in the fanout case (default 5; 2 with --quick).
+    #[arg(long)]
+    fanout_secs: Option<u64>,
     /// Keep the cluster's directory (data, postgres.log, server logs) at exit.
     #[arg(long)]
     keep: bool,
@@ -188,6 +198,22 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
         });
         failed |= r.error.is_some();
         results.export = Some(r);
+    }
+    if wanted(fanout::NAME) {
+        let clients = args.fanout_clients.unwrap_or(if quick { 100 } else { 1000 });
+        let secs = args.fanout_secs.unwrap_or(if quick { 2 } else { 5 });
+        eprintln!(
+            "bench: {} ({clients} clients of one session through NATS JetStream, {} tx/s for {secs} s)",
+            fanout::NAME,
+            args.fanout_rate
+        );
+        let r = fanout::run(cluster, &args.server, clients, args.fanout_rate, secs).await.unwrap_or_else(|e| {
+            let e = describe(&*e);
+            eprintln!("bench: {} failed: {e}", fanout::NAME);
+            fanout::FanoutResult::failed(clients, args.fanout_rate, secs, e)
+        });
+        failed |= r.error.is_some();
+        results.fanout = Some(r);
     }
     if wanted("latency") {
         for &rate in &args.rates {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::cluster::{Cluster, SETTINGS};
 use crate::drain::{Drain, PLUGIN_OPTIONS, Tool, format_lsn};
 use crate::export::ExportResult;
+use crate::fanout::FanoutResult;
 use crate::latency::Percentiles;
 use crate::sessions::SessionsResult;
 use crate::workload::{Workload, thousands};
@@ -74,6 +75,8 @@ pub struct Results {
     pub sessions: Option<SessionsResult>,
     /// `export_1m`: a session's snapshot as NDJSON against COPY of row_to_json.
     pub export: Option<ExportResult>,
+    /// `fanout`: many clients of one session through NATS JetStream gateways.
+    pub fanout: Option<FanoutResult>,
     pub latency: Vec<LatencyResult>,
 }
 
@@ -376,6 +379,7 @@ impl Results {
             workloads: Vec::new(),
             sessions: None,
             export: None,
+            fanout: None,
             latency: Vec::new(),
         }
     }
@@ -421,6 +425,9 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(x) = &r.export {
         s.push_str(&export_table(x));
+    }
+    if let Some(x) = &r.fanout {
+        s.push_str(&fanout_table(x));
     }
     if !r.latency.is_empty() {
         s.push('\n');
@@ -708,6 +715,29 @@ fn utc_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn fanout_table(x: &FanoutResult) -> String {
+    let mut s = format!(
+        "\n| fanout: {} clients, {} tx/s for {} s | gateways | delivered changes | changes/s (sum over clients) | commit → client p50 ms | p99 ms |\n| --- | --- | --- | --- | --- | --- |\n",
+        x.clients, x.rate, x.write_secs
+    );
+    if let Some(e) = &x.error {
+        s.push_str(&format!("| failed: {e} | | | | | |\n"));
+    }
+    for c in &x.cases {
+        let what = if c.gateways == 1 { "baseline: one gateway alone" } else { "over gateways" };
+        let (p50, p99) = c.commit_to_client.as_ref().map_or((0.0, 0.0), |p| (p.p50_ms, p.p99_ms));
+        s.push_str(&format!(
+            "| {what} | {} | {} of {} | {} | {p50:.1} | {p99:.1} |\n",
+            c.gateways,
+            c.delivered,
+            c.rows * c.clients as u64,
+            fmt_rate(c.changes_per_sec)
+        ));
+    }
+    s.push_str(&format!("\nBaseline: {}.\n", x.baseline));
+    s
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::upgrade::header_has_token;
-use super::{ApiError, AppState};
+use super::ApiError;
 use crate::error::{Error, ErrorKind};
 
 /// Paths anyone may call, token or not: probes, and the static viewer page and its
@@ -195,11 +195,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 
 /// The middleware: a public path passes; any other needs a valid token when auth is
 /// configured (401 otherwise), and gets its [`Principal`].
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(auth): State<Option<Arc<Verifier>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if is_public(req.uri().path()) {
         return next.run(req).await;
     }
-    let principal = match &state.auth {
+    let principal = match &auth {
         None => Principal::unauthenticated(),
         Some(verifier) => match token(&req).map(|t| verifier.verify(&t)) {
             Ok(Ok(p)) => p,

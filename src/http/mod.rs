@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod init;
 pub mod metrics;
@@ -55,7 +56,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     let http_metrics = Arc::new(metrics::HttpMetrics::default());
-    let authenticate = middleware::from_fn_with_state(state.clone(), auth::authenticate);
+    let authenticate = middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
     Router::new()
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))

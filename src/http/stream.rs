@@ -27,7 +27,7 @@ pub struct StreamQuery {
 }
 
 /// Largest message we take from a client: acks are tiny.
-const MAX_CLIENT_MESSAGE: usize = 4096;
+pub(crate) const MAX_CLIENT_MESSAGE: usize = 4096;
 
 /// Checks the slot and starts replication *before* upgrading, so that every refusal
 /// is an HTTP error the client can read, never a silent socket.

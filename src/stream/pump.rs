@@ -35,6 +35,9 @@ pub enum Outgoing {
     /// Postgres ended the stream with this message; the client gets it as an error
     /// frame and a close.
     Fatal(String),
+    /// The source ended the stream for a reason of its own (e.g. a JetStream stream
+    /// that no longer holds what comes next): an error frame, then a close with `code`.
+    End { code: u16, message: String },
 }
 
 /// The positions the pump tracks, apart from the I/O so the rules can be tested.

@@ -146,12 +146,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
                 item = frames.recv() => match item {
                     Some(Outgoing::Frames(frames)) => self.send_frames(frames).await,
                     Some(Outgoing::Fatal(message)) => {
-                        // Inside a fragmented message no other message may be sent: the
-                        // close frame alone carries the reason then.
-                        if !self.in_message {
-                            let _ = self.io(Io::Feed(Message::Text(error_json(&message).into()))).await;
-                        }
-                        self.stop.stop(code::INTERNAL, truncate_reason(&message));
+                        self.end(code::INTERNAL, &message).await;
+                        break;
+                    }
+                    Some(Outgoing::End { code, message }) => {
+                        self.end(code, &message).await;
                         break;
                     }
                     None => break,
@@ -177,6 +176,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             let _ = self.sink.close().await;
         })
         .await;
+    }
+
+    /// Tells the client why the stream ends and stops it with `code`. Inside a
+    /// fragmented message no other message may be sent: the close frame alone carries
+    /// the reason then.
+    async fn end(&mut self, code: u16, message: &str) {
+        if !self.in_message {
+            let _ = self.io(Io::Feed(Message::Text(error_json(message).into()))).await;
+        }
+        self.stop.stop(code, truncate_reason(message));
     }
 
     /// One write to the socket, given up as soon as the stream is stopped: a client that

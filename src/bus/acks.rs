@@ -1,0 +1,97 @@
+//! Clients' acks, kept in a JetStream KV bucket so that they survive a gateway and are
+//! seen by every gateway: key `<session>.<client>`, value the acked LSN and the stream
+//! sequence of the message that ended at it (where the client resumes after).
+//! Also the slot a session's publisher reads, for `/v1/lr/stream?slotName=`.
+
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::unavailable;
+use crate::error::Error;
+use crate::types::Lsn;
+
+pub const ACKS_BUCKET: &str = "pgdeltastream_acks";
+/// Key `slot.<slot name>`, value the session's name; written by the publisher.
+pub const SLOTS_BUCKET: &str = "pgdeltastream_slots";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRecord {
+    pub lsn: Lsn,
+    /// The stream sequence of the last message at or below `lsn`.
+    pub seq: u64,
+}
+
+/// The bucket, created on first use (by whichever process comes first). Created as
+/// the stream a KV bucket is, rather than with `create_key_value`: that first asks for
+/// the account's info, whose reply from a 2.9 server async-nats cannot parse.
+pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, Error> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        duplicate_window: std::time::Duration::from_secs(120),
+        ..Default::default()
+    };
+    // Another process may create it meanwhile: the same config is no conflict.
+    js.get_or_create_stream(config).await.map_err(|e| unavailable(&format!("cannot create KV bucket {name}"), e))?;
+    js.get_key_value(name).await.map_err(|e| unavailable(&format!("cannot open KV bucket {name}"), e))
+}
+
+pub fn key(session: &str, client: &str) -> String {
+    format!("{session}.{client}")
+}
+
+pub async fn load(store: &kv::Store, key: &str) -> Result<Option<AckRecord>, Error> {
+    let value = store.get(key).await.map_err(|e| unavailable("cannot read acks from JetStream", e))?;
+    match value {
+        None => Ok(None),
+        Some(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => Err(Error::internal(format!("the ack record {key} in {ACKS_BUCKET} does not parse: {e}"))),
+        },
+    }
+}
+
+/// Stores `record` unless the stored one is as far or further, compare-and-set on the
+/// key's revision: an older connection of the same client (not yet noticed dead, on
+/// this gateway or another) must not move its position back.
+pub async fn save(store: &kv::Store, key: &str, record: AckRecord) -> Result<(), Error> {
+    let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?);
+    let mut last_error = String::new();
+    for _ in 0..CAS_ATTEMPTS {
+        let entry = store.entry(key).await.map_err(|e| unavailable("cannot read acks from JetStream", e))?;
+        let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => {
+                let stored = serde_json::from_slice::<AckRecord>(&entry.value).ok();
+                if stored.is_some_and(|s| s.lsn >= record.lsn) {
+                    return Ok(());
+                }
+                store.update(key, value.clone(), entry.revision).await.map(drop).map_err(|e| e.to_string())
+            }
+            None => store.create(key, value.clone()).await.map(drop).map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(()) => return Ok(()),
+            // Someone wrote it meanwhile: look again.
+            Err(e) => last_error = e,
+        }
+    }
+    Err(unavailable("cannot store an ack in JetStream", last_error))
+}
+
+/// Writers of one key racing each other get this many tries.
+const CAS_ATTEMPTS: usize = 5;
+
+pub fn slot_key(slot: &str) -> String {
+    format!("slot.{slot}")
+}

@@ -1,0 +1,426 @@
+//! A gateway client's feed: the session's JetStream stream from after the client's
+//! last ack, turned back into the frames a websocket client of the server receives.
+//! The websocket side is the server's own ([`crate::stream::socket`]): the same
+//! messages, pings and ack checks; acks go to the KV bucket instead of a slot.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{self, kv};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, key, load, save, slot_key};
+use super::hub::{Hub, Stored};
+use super::message::Meta;
+use super::{check_client, stream_name, subject, unavailable};
+use crate::error::{Error, ErrorKind};
+use crate::session::definition::check_name;
+use crate::stream::frame::{Fragment, FrameKind, OutFrame};
+use crate::stream::pump::Outgoing;
+use crate::stream::sink::{Link, Sink};
+use crate::stream::socket::SocketSettings;
+use crate::stream::stop::{Stop, code};
+use crate::types::Lsn;
+
+/// The close code of a stream whose next changes the JetStream stream no longer holds
+/// (its max age or max bytes let them go): the client missed changes for good.
+pub const GONE: u16 = 4410;
+
+/// Messages handed to the socket in one batch, at most.
+const BATCH: usize = 64;
+
+pub struct Gateway {
+    js: jetstream::Context,
+    acks: kv::Store,
+    slots: kv::Store,
+    pub socket: SocketSettings,
+    /// Ends every feed (the gateway shuts down).
+    shutdown: Stop,
+    /// The feeds running, so that shutting down waits for their last acks to be stored.
+    feeds: TaskTracker,
+    /// Each session's shared subscription, started by its first client.
+    hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+}
+
+impl Gateway {
+    pub async fn connect(url: &str, socket: SocketSettings) -> Result<Arc<Gateway>, Error> {
+        let js = jetstream::new(super::connect(url).await?);
+        let acks = bucket(&js, ACKS_BUCKET).await?;
+        let slots = bucket(&js, SLOTS_BUCKET).await?;
+        Ok(Arc::new(Gateway {
+            js,
+            acks,
+            slots,
+            socket,
+            shutdown: Stop::new(),
+            feeds: TaskTracker::new(),
+            hubs: tokio::sync::Mutex::default(),
+        }))
+    }
+
+    /// Ends every feed (close code 1001) and waits, a few seconds at most, until they
+    /// have stored their clients' last acks.
+    pub async fn shutdown(&self) {
+        self.shutdown.stop(code::GOING_AWAY, "gateway shutting down");
+        self.feeds.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.feeds.wait()).await.is_err() {
+            tracing::warn!(feeds = self.feeds.len(), "feeds still running at shutdown");
+        }
+    }
+
+    /// The session whose publisher reads `slot` (for `/v1/lr/stream?slotName=`).
+    pub async fn session_of_slot(&self, slot: &str) -> Result<String, Error> {
+        let value = self.slots.get(slot_key(slot)).await.map_err(|e| unavailable("cannot read from JetStream", e))?;
+        value.and_then(|v| String::from_utf8(v.to_vec()).ok()).ok_or_else(|| {
+            Error::not_found(format!("no session published for slot {slot}: run pgdeltastream publish for its session"))
+        })
+    }
+
+    /// Checks the session and the client's position, and subscribes from there; every
+    /// refusal comes before the websocket exists.
+    pub async fn open(self: &Arc<Self>, session: &str, client: &str) -> Result<Feed, Error> {
+        check_name(session)?;
+        check_client(client)?;
+        let name = stream_name(session);
+        let stream = self.js.get_stream(&name).await.map_err(|e| match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Error::not_found(format!(
+                    "session {session} is not published: run pgdeltastream publish --session {session}"
+                ))
+            }
+            _ => unavailable(&format!("cannot open stream {name}"), e),
+        })?;
+        let key = key(session, client);
+        let acked = load(&self.acks, &key).await?;
+        let start_seq = acked.map_or(1, |r| r.seq + 1);
+        let first = stream.cached_info().state.first_sequence;
+        if start_seq < first {
+            let message = gone(session, client, &resumes(acked), start_seq, first - 1);
+            return Err(Error::new(ErrorKind::Gone, message));
+        }
+        let hub = self.hub(session, &stream).await;
+        // A client the shared subscription can serve needs no consumer of its own.
+        let source = match &hub {
+            Some(hub) if hub.covers(start_seq) => Source::Hub,
+            _ => Source::Own(Box::new(own_consumer(&stream, session, start_seq).await?)),
+        };
+        let shared = matches!(source, Source::Hub);
+        tracing::info!(session, client, start_seq, shared, acked = ?acked.map(|r| r.lsn), "feed opened");
+        Ok(Feed {
+            _running: self.feeds.token(),
+            gateway: Arc::clone(self),
+            session: session.to_owned(),
+            client: client.to_owned(),
+            key,
+            stream,
+            hub,
+            source,
+            acked,
+            start_seq,
+        })
+    }
+
+    /// The session's shared subscription, started unless it runs; none when it cannot
+    /// start (each client then reads on its own).
+    async fn hub(&self, session: &str, stream: &jetstream::stream::Stream) -> Option<Arc<Hub>> {
+        let mut hubs = self.hubs.lock().await;
+        if let Some(hub) = hubs.get(session).filter(|h| !h.is_closed()) {
+            return Some(Arc::clone(hub));
+        }
+        match Hub::start(stream, subject(session), self.shutdown.clone()).await {
+            Ok(hub) => {
+                hubs.insert(session.to_owned(), Arc::clone(&hub));
+                Some(hub)
+            }
+            Err(e) => {
+                tracing::warn!(session, error = %e, "no shared subscription");
+                None
+            }
+        }
+    }
+}
+
+/// An ordered consumer of the session's subject from `start`.
+async fn own_consumer(stream: &jetstream::stream::Stream, session: &str, start: u64) -> Result<pull::Ordered, Error> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject(session),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&format!("cannot subscribe to stream {}", stream_name(session)), e))?;
+    consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))
+}
+
+/// Where a feed reads: the shared subscription, or a consumer of its own.
+enum Source {
+    Hub,
+    Own(Box<pull::Ordered>),
+}
+
+/// Why a client cannot go on: `needs` says what it was to get next, sequences `next`
+/// to `upto` of the stream are gone.
+fn gone(session: &str, client: &str, needs: &str, next: u64, upto: u64) -> String {
+    format!(
+        "client {client} of session {session} {needs}, but stream {} no longer holds sequences {next} to {upto} \
+         (its max age, max bytes or max messages let them go): start again from a new snapshot, or give the \
+         publisher larger --nats-max-age / --nats-max-bytes",
+        stream_name(session)
+    )
+}
+
+fn resumes(acked: Option<AckRecord>) -> String {
+    match acked {
+        Some(r) => format!("resumes after its ack {} (stream sequence {})", r.lsn, r.seq),
+        None => "starts at the stream's beginning (it has acked nothing)".to_owned(),
+    }
+}
+
+/// A client's subscription, ready for its websocket.
+pub struct Feed {
+    _running: TaskTrackerToken,
+    gateway: Arc<Gateway>,
+    session: String,
+    client: String,
+    key: String,
+    stream: jetstream::stream::Stream,
+    hub: Option<Arc<Hub>>,
+    source: Source,
+    acked: Option<AckRecord>,
+    start_seq: u64,
+}
+
+/// The nextlsn and stream sequence of each transaction handed to the socket and not
+/// yet acked: an ack is stored with the sequence the client resumes after.
+type Delivered = Arc<Mutex<VecDeque<(Lsn, u64)>>>;
+
+impl Feed {
+    /// Feeds `sink` until the client goes, the gateway shuts down, or `deadline` (when
+    /// the client's token expires: close 1008, its stored ack stays).
+    pub async fn run(self, sink: impl Sink, deadline: Option<tokio::time::Instant>) {
+        let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq } = self;
+        let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
+        let (frames_tx, frames_rx) = mpsc::channel(4);
+        let (acks_tx, acks_rx) = mpsc::channel(64);
+        let stop = Stop::new();
+        let delivered = Delivered::default();
+        let link = Link {
+            slot: format!("{session}/{client}"),
+            start,
+            frames: frames_rx,
+            acks: acks_tx,
+            progress: Arc::default(),
+            stop: stop.clone(),
+        };
+        let feeder = Feeder {
+            session: session.clone(),
+            client: client.clone(),
+            stream,
+            hub,
+            source,
+            out: frames_tx,
+            delivered: delivered.clone(),
+            last: (start, u32::MAX),
+            expected: start_seq,
+            stop: stop.clone(),
+            shutdown: gateway.shutdown.clone(),
+        };
+        let feed = async {
+            tokio::join!(feeder.run(), sink.run(link), store_acks(acks_rx, delivered, &gateway.acks, &key));
+        };
+        let mut feed = std::pin::pin!(feed);
+        if let Some(at) = deadline {
+            tokio::select! {
+                () = &mut feed => {}
+                () = tokio::time::sleep_until(at) => {
+                    stop.stop(code::POLICY, "the token has expired: reconnect with a new one");
+                }
+            }
+        }
+        // After an expiry too: the sink tells the client why and the last acks are stored.
+        feed.await;
+        tracing::info!(session, client, "feed closed");
+    }
+}
+
+struct Feeder {
+    session: String,
+    client: String,
+    stream: jetstream::stream::Stream,
+    hub: Option<Arc<Hub>>,
+    source: Source,
+    out: mpsc::Sender<Outgoing>,
+    delivered: Delivered,
+    /// The last transaction and piece handed on: anything at or below it is a
+    /// duplicate (a re-publish, or what the client acked).
+    last: (Lsn, u32),
+    /// The stream sequence that must come next: the stream holds one subject, so a
+    /// jump means messages were let go before the client got them.
+    expected: u64,
+    stop: Stop,
+    shutdown: Stop,
+}
+
+impl Feeder {
+    async fn run(mut self) {
+        let (stop, shutdown) = (self.stop.clone(), self.shutdown.clone());
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.stopped() => return,
+                _ = shutdown.stopped() => {
+                    stop.stop(code::GOING_AWAY, "gateway shutting down");
+                    return;
+                }
+                m = self.next() => m,
+            };
+            let mut batch = Vec::new();
+            let mut next = first;
+            let end = loop {
+                match self.frame(next) {
+                    Ok(Some(frame)) => batch.push(frame),
+                    Ok(None) => {}
+                    Err(end) => break Some(end),
+                }
+                if batch.len() >= BATCH {
+                    break None;
+                }
+                match self.ready() {
+                    Some(more) => next = more,
+                    None => break None,
+                }
+            };
+            if !batch.is_empty() && self.out.send(Outgoing::Frames(batch)).await.is_err() {
+                return;
+            }
+            if let Some(end) = end {
+                tracing::warn!(session = %self.session, client = %self.client, reason = ?end, "feed ended");
+                let _ = self.out.send(end).await;
+                return;
+            }
+        }
+    }
+
+    /// The next message, from the hub when it has it, else from a consumer of our own.
+    async fn next(&mut self) -> Option<Result<Arc<Stored>, String>> {
+        loop {
+            self.join_hub();
+            match (&mut self.source, &self.hub) {
+                (Source::Own(messages), _) => return messages.next().await.map(own_message),
+                (Source::Hub, Some(hub)) => {
+                    if let Some(stored) = hub.wait_for(self.expected).await {
+                        return Some(Ok(stored));
+                    }
+                }
+                (Source::Hub, None) => {}
+            }
+            // The hub let go of what we need next (or stopped): read on our own.
+            match own_consumer(&self.stream, &self.session, self.expected).await {
+                Ok(messages) => self.source = Source::Own(Box::new(messages)),
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+
+    /// The next message if it is there already.
+    fn ready(&mut self) -> Option<Option<Result<Arc<Stored>, String>>> {
+        match (&mut self.source, &self.hub) {
+            (Source::Own(messages), _) => messages.next().now_or_never().map(|m| m.map(own_message)),
+            (Source::Hub, Some(hub)) => hub.get(self.expected).map(|s| Some(Ok(s))),
+            (Source::Hub, None) => None,
+        }
+    }
+
+    /// A feed on its own consumer that has caught up with the hub reads from the hub.
+    fn join_hub(&mut self) {
+        if let (Source::Own(_), Some(hub)) = (&self.source, &self.hub) {
+            if hub.covers(self.expected) {
+                tracing::debug!(session = %self.session, client = %self.client, seq = self.expected, "caught up: reading from the shared subscription");
+                self.source = Source::Hub;
+            }
+        }
+    }
+
+    /// The frame a stored message becomes; none for a duplicate.
+    fn frame(&mut self, message: Option<Result<Arc<Stored>, String>>) -> Result<Option<OutFrame>, Outgoing> {
+        let fatal = |what: String| Outgoing::Fatal(what);
+        let message = match message {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(fatal(format!("reading the JetStream stream failed: {e}"))),
+            None => return Err(fatal("the JetStream subscription ended".into())),
+        };
+        let seq = message.seq;
+        if seq < self.expected {
+            // Delivered again (the consumer was recreated): handed on already.
+            return Ok(None);
+        }
+        if seq > self.expected {
+            let needs = format!("needs stream sequence {} next", self.expected);
+            let message = gone(&self.session, &self.client, &needs, self.expected, seq - 1);
+            return Err(Outgoing::End { code: GONE, message });
+        }
+        self.expected = seq + 1;
+        let meta = Meta::from_headers(message.headers.as_ref()).map_err(fatal)?;
+        if let Some(lsn) = meta.nextlsn {
+            if (lsn, meta.piece) <= self.last {
+                return Ok(None);
+            }
+            self.last = (lsn, meta.piece);
+        }
+        let last = meta.is_last();
+        let fragment = match (meta.piece, last) {
+            (1, true) => Fragment::Whole,
+            (1, false) => Fragment::First,
+            (_, true) => Fragment::Last,
+            (_, false) => Fragment::Middle,
+        };
+        let kind = match (last, meta.nextlsn) {
+            (false, _) => FrameKind::Inside,
+            (true, Some(_)) => FrameKind::Data,
+            (true, None) => FrameKind::Unackable,
+        };
+        let nextlsn = meta.nextlsn.filter(|_| last);
+        if let Some(lsn) = nextlsn {
+            self.delivered.lock().unwrap_or_else(|e| e.into_inner()).push_back((lsn, seq));
+        }
+        // A gateway keeps no per-session counters: `changes` is for the server's /metrics.
+        Ok(Some(OutFrame { payload: message.payload.clone(), fragment, nextlsn, kind, changes: 0 }))
+    }
+}
+
+fn own_message(m: Result<jetstream::Message, pull::OrderedError>) -> Result<Arc<Stored>, String> {
+    m.map_err(|e| e.to_string()).and_then(Stored::from_message).map(Arc::new)
+}
+
+/// Stores the client's acks, the latest of those that came while a write was under
+/// way (a client acking every transaction costs one KV write per round trip, not one
+/// per ack). Ends when the socket's reader is gone, after storing the last.
+async fn store_acks(mut acks: mpsc::Receiver<Lsn>, delivered: Delivered, store: &kv::Store, key: &str) {
+    while let Some(mut lsn) = acks.recv().await {
+        while let Ok(later) = acks.try_recv() {
+            lsn = later;
+        }
+        let seq = {
+            let mut delivered = delivered.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seq = None;
+            while let Some(&(_, s)) = delivered.front().filter(|(l, _)| *l <= lsn) {
+                seq = Some(s);
+                delivered.pop_front();
+            }
+            seq
+        };
+        // An ack that covers no new transaction changes nothing stored.
+        let Some(seq) = seq else { continue };
+        if let Err(e) = save(store, key, AckRecord { lsn, seq }).await {
+            tracing::warn!(key, error = %e, "cannot store an ack");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The JetStream gateway's routes (`pgdeltastream gateway`): the server's two stream
+//! endpoints, served from the stream a publisher fills. A client names itself with
+//! `client=` (its own position, kept across gateways); without it, it is `default`.
+//!
+//! | route | handler |
+//! | --- | --- |
+//! | `GET /v1/lr/stream?slotName=&client=` | [`v1_stream`] |
+//! | `GET /v2/sessions/{name}/stream?client=` | [`v2_stream`] |
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::middleware;
+use axum::response::Response;
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::stream::MAX_CLIENT_MESSAGE;
+use super::auth::{Principal, Verifier};
+use super::upgrade::Upgrade;
+use super::{ApiError, error};
+use crate::bus::DEFAULT_CLIENT;
+use crate::bus::gateway::{Feed, Gateway};
+use crate::error::Error;
+use crate::stream::socket::WebSocket;
+
+/// `auth`: the tokens a client needs, as on the server (None: none).
+pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>) -> Router {
+    Router::new()
+        .route("/v1/lr/stream", get(v1_stream))
+        .route("/v2/sessions/{name}/stream", get(v2_stream))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(auth, super::auth::authenticate))
+        .layer(middleware::from_fn(super::log_request))
+        .with_state(gateway)
+}
+
+#[derive(Deserialize)]
+pub struct V1Query {
+    #[serde(rename = "slotName")]
+    slot_name: Option<String>,
+    format: Option<String>,
+    client: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct V2Query {
+    format: Option<String>,
+    client: Option<String>,
+}
+
+pub async fn v1_stream(
+    State(gateway): State<Arc<Gateway>>,
+    who: Principal,
+    query: Result<Query<V1Query>, QueryRejection>,
+    upgrade: Result<Upgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
+    check_format(q.format.as_deref())?;
+    let upgrade = upgrade?;
+    // As on the server, a v1 consumer's token names the slot.
+    who.require_session(&slot)?;
+    let session = gateway.session_of_slot(&slot).await?;
+    let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT)).await?;
+    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+}
+
+pub async fn v2_stream(
+    State(gateway): State<Arc<Gateway>>,
+    who: Principal,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<V2Query>, QueryRejection>,
+    upgrade: Result<Upgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    check_format(q.format.as_deref())?;
+    who.require_session(&name)?;
+    let upgrade = upgrade?;
+    let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT)).await?;
+    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+}
+
+/// The publisher stores transactions (wal2json format-version 1), so that is what a
+/// gateway serves.
+fn check_format(format: Option<&str>) -> Result<(), Error> {
+    match format {
+        None | Some("transactions") => Ok(()),
+        Some(other) => Err(Error::bad_request(format!(
+            "format {other:?} is not served by a gateway: the publisher stores transactions"
+        ))),
+    }
+}
+
+fn serve(gateway: &Gateway, upgrade: Upgrade, feed: Feed, deadline: Option<Instant>) -> Response {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(MAX_CLIENT_MESSAGE)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
+    let settings = gateway.socket.clone();
+    upgrade.on_upgrade(config, move |socket| feed.run(WebSocket::new(socket, settings), deadline))
+}
