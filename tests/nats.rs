@@ -438,3 +438,38 @@ async fn an_older_connection_of_a_client_cannot_move_its_stored_ack_back() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(stored().await.as_deref(), Some(lsns[2].as_str()));
 }
+
+/// A gateway with a JWT secret asks for a token as the server does: 401 without one,
+/// 403 for a consumer of another session, and a consumer of `orders` streams (the
+/// token may come as `?access_token=`, as from a browser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_auth_checks_tokens_and_scopes() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const SECRET: &[u8] = b"a-gateway-test-secret-of-32-bytes-or-more";
+    let token = |sessions: &[&str]| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+        let claims = serde_json::json!({"role": "consumer", "sessions": sessions, "exp": exp});
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let port = free_port();
+    let mut cmd = support::server_command(&db, port);
+    cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap())
+        .args(["gateway", "--nats", &nats.url]);
+    let _gateway = Proc::spawn(cmd);
+    wait_listening(port, "the gateway").await;
+    write_rows(&db, 1, 1, 1, Duration::ZERO).await;
+
+    let (status, body) = refused(url(port, "a")).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = refused(format!("{}&access_token={}", url(port, "a"), token(&["other"]))).await;
+    assert_eq!(status, 403, "{body}");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{}&access_token={}", url(port, "a"), token(&["orders"])))
+            .await
+            .unwrap();
+    let first = next_transaction(&mut ws).await;
+    assert_eq!(row_numbers(&first), vec![1]);
+}
