@@ -102,6 +102,10 @@ pub struct Cli {
     /// to what the limit on open files allows.
     #[arg(long, env = "PGDELTASTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Viewers watching sessions at once (GET /v2/sessions/{name}/watch); more get 503.
+    /// Each costs a walsender and a temporary replication slot while it runs.
+    #[arg(long, env = "PGDELTASTREAM_MAX_WATCHERS", default_value_t = 8)]
+    pub max_watchers: usize,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +150,7 @@ impl Cli {
             pgoutput_memory: self.pgoutput_memory as usize,
             schema: self.schema.clone(),
             plugin: self.plugin.into(),
+            max_watchers: self.max_watchers,
             ..SessionSettings::default()
         }
     }

@@ -9,6 +9,7 @@
 //! | `GET /v1/sessions` | [`sessions::list`]: every slot of ours, its WAL retention and last ack |
 //! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
 //! | `/v2/sessions...` | [`v2`]: named sessions with their own tables and actions |
+//! | `GET /`, `GET /assets/{file}` | [`viewer`]: the page for operators, built in |
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
@@ -20,6 +21,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod upgrade;
 pub mod v2;
+pub mod viewer;
 
 use std::sync::Arc;
 
@@ -45,6 +47,8 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(viewer::index))
+        .route("/assets/{file}", get(viewer::asset))
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))
         .route("/v1/snapshot", delete(snapshot::release))
@@ -54,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions", post(v2::create).get(v2::list))
         .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
         .route("/v2/sessions/{name}/stream", get(v2::stream))
+        .route("/v2/sessions/{name}/watch", get(v2::watch))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
         .fallback(error::not_found)

@@ -11,6 +11,7 @@ use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::OpenStream;
 use crate::stream::frame::Format;
+use crate::stream::observer::Observer;
 use crate::stream::socket::WebSocket;
 
 #[derive(Deserialize)]
@@ -53,6 +54,15 @@ pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
 
 /// Answers the upgrade and runs the stream on the websocket.
 pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
+    serve_as(state, upgrade, open, false)
+}
+
+/// The same for a viewer watching a session: the stream is confirmed as it is sent.
+pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
+    serve_as(state, upgrade, open, true)
+}
+
+fn serve_as(state: &AppState, upgrade: Upgrade, open: OpenStream, observer: bool) -> Response {
     // tungstenite zeroes its read buffer before every read (128 KiB by default); a
     // client sends only small acks, and one read per ack must not cost a large memset.
     let config = WebSocketConfig::default()
@@ -60,5 +70,8 @@ pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE));
     let settings = state.registry.settings().socket.clone();
-    upgrade.on_upgrade(config, move |socket| open.run(WebSocket::new(socket, settings)))
+    upgrade.on_upgrade(config, move |socket| async move {
+        let socket = WebSocket::new(socket, settings);
+        if observer { open.run(Observer(socket)).await } else { open.run(socket).await }
+    })
 }

@@ -65,6 +65,12 @@ pub fn is_ours(name: &str) -> bool {
     letters > 0 && !digits.is_empty() && digits.len() <= 20 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The temporary slot of a viewer watching a session: a name [`is_ours`] refuses, so
+/// no listing shows it and no drop reaches it (Postgres drops it with its connection).
+pub fn watch_slot_name() -> String {
+    format!("pgdeltastream_watch_{:016x}", random_u64())
+}
+
 /// 64 random bits from the standard library's randomly keyed SipHash: enough for names,
 /// without another crate.
 fn random_u64() -> u64 {
