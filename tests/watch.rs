@@ -56,6 +56,9 @@ async fn watched_inserts(ws: &mut Ws, n: usize) -> Vec<i64> {
         let rec = next_json(ws).await;
         if rec["action"] == "I" {
             assert_eq!(rec["table"], "orders", "{rec}");
+            if rec.get("pk").is_some() {
+                assert_eq!(rec["pk"][0]["name"], "id", "{rec}");
+            }
             let id = rec["columns"].as_array().unwrap().iter().find(|c| c["name"] == "id").unwrap()["value"].clone();
             ids.push(id.as_i64().unwrap());
         }

@@ -21,6 +21,7 @@ use crate::pg::replication::ReplicationConnection;
 use crate::stream::Stop as StreamStop;
 use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
+use crate::stream::plugin::Plugin;
 use crate::stream::stop::code;
 
 /// The watchers running now.
@@ -80,7 +81,11 @@ impl Registry {
             }
         };
         // The options name the session's slot: a pgoutput watcher reads its publication.
-        let options = plugin.start_options(Format::Changes, &filter, &def.slot_name);
+        let mut options = plugin.start_options(Format::Changes, &filter, &def.slot_name);
+        if plugin == Plugin::Wal2json {
+            // The viewer shows each change's key; pgoutput names none, the viewer copes.
+            options.push(("include-pk", "1".into()));
+        }
         let stream = conn.start_replication(&slot, start, &options).await?;
         if stop.is_stopped() {
             return Err(Error::conflict(format!("session {name} was ended as the watch opened")));

@@ -6,7 +6,7 @@ import { wsUrl } from './api.js';
 
 const MAX_ROWS = 1000;      // rows kept in the DOM
 const MAX_PAUSED = 5000;    // changes buffered while paused
-const SPARK_SECONDS = 60;
+const SPARK_SECONDS = 30;
 const KIND_NAMES = { I: 'insert', U: 'update', D: 'delete', T: 'truncate', M: 'message' };
 
 export class Feed {
@@ -105,8 +105,13 @@ export class Feed {
       $('#filter-table').append(h('option', { value: table }, table));
     }
     const identity = rec.identity || [];
-    if (identity.length && rec.table) this.keyNames.set(table, identity.map((c) => c.name));
     const columns = rec.columns || [];
+    if (rec.pk) this.keyNames.set(table, rec.pk.map((c) => c.name));
+    // An identity of fewer columns than the row is its key (an index); a whole old row
+    // (REPLICA IDENTITY FULL) names no key.
+    else if (identity.length && columns.length && identity.length < columns.length) {
+      this.keyNames.set(table, identity.map((c) => c.name));
+    }
     const { key, keyTitle } = this.key(rec, table, columns, identity);
     const tr = h('tr', { 'data-table': table, 'data-kind': rec.action, class: `k-${rec.action}` },
       h('td', { class: 'time', title: time.toISOString() }, time.toLocaleTimeString(undefined, { hour12: false }) + `.${String(time.getMilliseconds()).padStart(3, '0')}`),
@@ -118,16 +123,21 @@ export class Feed {
     return tr;
   }
 
+  // The key: of the old row for updates and deletes (marked when an update changes it),
+  // else of the new one. Its columns are the primary key (wal2json names it), else the
+  // replica identity as changes named it, else the first column.
   key(rec, table, columns, identity) {
-    if (identity.length) {
-      return { key: identity.map((c) => `${c.name}=${show(c.value)}`).join(', '), keyTitle: 'the old key (replica identity)' };
-    }
     const names = this.keyNames.get(table);
-    const pick = names ? columns.filter((c) => names.includes(c.name)) : columns.slice(0, 1);
-    return {
-      key: pick.map((c) => `${c.name}=${show(c.value)}`).join(', '),
-      keyTitle: names ? 'key columns, as earlier updates or deletes named them' : 'the first column (the key is named by updates and deletes)',
-    };
+    const pick = (cols) => (names ? cols.filter((c) => names.includes(c.name)) : cols.slice(0, 1));
+    const text = (cols) => cols.map((c) => `${c.name}=${show(c.value)}`).join(', ');
+    const title = names ? 'key' : 'first column (no key named yet)';
+    if (!identity.length) return { key: text(pick(columns)), keyTitle: title };
+    const oldKey = text(pick(identity));
+    const newKey = text(pick(columns));
+    if (rec.action === 'U' && newKey && newKey !== oldKey) {
+      return { key: h('span', {}, h('span', { class: 'oldkey' }, oldKey), ' → ', newKey), keyTitle: 'the key changed' };
+    }
+    return { key: oldKey, keyTitle: `old ${title}` };
   }
 
   values(rec, columns, identity) {
@@ -190,17 +200,17 @@ export class Feed {
     const style = getComputedStyle(canvas);
     ctx.strokeStyle = style.getPropertyValue('--spark').trim() || '#3b82f6';
     ctx.fillStyle = style.getPropertyValue('--spark-fill').trim() || 'rgba(59,130,246,0.2)';
-    ctx.lineWidth = 1.5;
-    ctx.beginPath();
+    // A bar per second, oldest on the left; the line marks the top of each.
+    const w = width / data.length;
     data.forEach((v, i) => {
-      const x = (i / (data.length - 1)) * (width - 2) + 1;
-      const y = height - 2 - (v / max) * (height - 4);
-      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      const bar = Math.round((v / max) * (height - 3));
+      if (bar === 0) return;
+      ctx.fillRect(i * w + 1, height - bar, w - 2, bar);
     });
-    ctx.stroke();
-    ctx.lineTo(width - 1, height);
-    ctx.lineTo(1, height);
-    ctx.closePath();
-    ctx.fill();
+    ctx.fillStyle = ctx.strokeStyle;
+    data.forEach((v, i) => {
+      const bar = Math.round((v / max) * (height - 3));
+      if (bar > 0) ctx.fillRect(i * w + 1, height - bar, w - 2, 2);
+    });
   }
 }

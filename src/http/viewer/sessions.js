@@ -66,6 +66,8 @@ export class Sessions {
   render(list) {
     const body = $('#sessions tbody');
     $('#no-sessions').hidden = list.length > 0;
+    // Lag in bytes shows where the server reports it.
+    $('#sessions').classList.toggle('no-lag', !list.some((s) => s.lagBytes !== undefined));
     body.replaceChildren(...list.map((s) => this.row(s)));
   }
 
