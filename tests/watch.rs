@@ -123,14 +123,26 @@ async fn watching_leaves_the_session_slot_alone_and_its_consumer_gets_the_same_c
 async fn the_temporary_slot_goes_with_its_watcher() {
     let (_db, pg, server) = setup_with(8).await;
     create(&server, "wal2json").await;
-    let watch_slots =
-        "SELECT count(*) FROM pg_replication_slots WHERE temporary AND slot_name LIKE 'pgdeltastream_watch_%'";
+    let watch_slots = "SELECT count(*) FROM pg_replication_slots WHERE temporary AND slot_name LIKE 'pgdeltastream_watch_%' AND database = current_database()";
     let mut watcher = watch(&server, "orders").await;
     let n: i64 = pg.query_one(watch_slots, &[]).await.unwrap().get(0);
     assert_eq!(n, 1, "a watcher streams from a temporary slot");
     // The v1 list shows the slots of sessions, not those of watchers.
     let (_, v1) = server.get("/v1/sessions").await;
     assert_eq!(v1.as_array().unwrap().len(), 1, "{v1}");
+
+    // The watcher confirms its slot as it sends, without any ack: it retains no WAL.
+    pg.batch_execute("INSERT INTO orders VALUES (1, 'a')").await.unwrap();
+    assert_eq!(watched_inserts(&mut watcher, 1).await, vec![1]);
+    let commit = next_json(&mut watcher).await;
+    assert_eq!(commit["action"], "C", "{commit}");
+    let end = commit["nextlsn"].as_str().unwrap().to_owned();
+    let temp: String = pg
+        .query_one("SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'pgdeltastream_watch_%' AND database = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    await_confirmed(&pg, &temp, &end).await;
 
     watcher.close(None).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
