@@ -95,6 +95,15 @@ mod tests {
     }
 
     #[test]
+    fn watch_slots_are_valid_and_never_taken_for_sessions() {
+        for _ in 0..100 {
+            let n = watch_slot_name();
+            assert!(crate::pg::ident::is_valid_slot_name(&n), "{n}");
+            assert!(!is_ours(&n), "{n}: listings and drops would reach a watcher's slot");
+        }
+    }
+
+    #[test]
     fn names_vary() {
         let names: std::collections::HashSet<String> = (0..200).map(|_| random_name()).collect();
         assert!(names.len() > 150, "only {} distinct names in 200", names.len());
