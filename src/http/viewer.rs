@@ -50,7 +50,7 @@ static ASSETS: &[Asset] = &[
 ];
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-                   connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+                   connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// `GET /`
 pub async fn index(headers: HeaderMap) -> Response {
