@@ -2,7 +2,7 @@
 // this viewer's own; the session's consumer is unaffected). Newest change on top.
 
 import { $, h, show } from './dom.js';
-import { wsUrl } from './api.js';
+import { api, wsUrl } from './api.js';
 
 const MAX_ROWS = 1000;      // rows kept in the DOM
 const MAX_PAUSED = 5000;    // changes buffered while paused
@@ -47,9 +47,18 @@ export class Feed {
     }
   }
 
-  connect() {
+  async connect() {
     const name = this.session;
     this.status(`connecting to ${name}…`, '');
+    // A browser does not show why a websocket upgrade was refused: ask over HTTP first
+    // (this also asks for a token when one is needed).
+    try {
+      await api('GET', `/v2/sessions/${encodeURIComponent(name)}`);
+    } catch (e) {
+      this.status(`cannot watch: ${e.message}`, 'bad');
+      return;
+    }
+    if (this.session !== name || this.socket) return;
     const socket = new WebSocket(wsUrl(`/v2/sessions/${encodeURIComponent(name)}/watch`));
     this.socket = socket;
     socket.onopen = () => this.status(`watching ${name}`, 'ok');
@@ -57,7 +66,7 @@ export class Feed {
     socket.onclose = (e) => {
       if (this.socket !== socket) return;
       this.socket = null;
-      const why = e.reason || (e.code === 1006 ? 'refused or lost (see the session list)' : `code ${e.code}`);
+      const why = e.reason || (e.code === 1006 ? 'refused (too many viewers?) or lost; retrying' : `code ${e.code}`);
       this.status(`stopped: ${why}`, 'bad');
       // A lost connection comes back; a dropped session or a full house does not.
       if (e.code === 1001 || e.code === 1006) {
