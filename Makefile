@@ -140,3 +140,41 @@ fuzz:
 	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    $$([ -f $$t.dict ] && echo -dict=$$t.dict) || exit 1; \
 	done
+
+# ---------------------------------------------------------------------------------------
+# Docker (scripts/docker.sh; README "Docker"). An engine that answers is used (DOCKER_HOST
+# or the default socket); otherwise dockerd is started on a socket of our own for the
+# target and stopped by PID after it. Base images come from the Debian archive (no registry).
+.PHONY: image test-docker docker-smoke docker-start docker-stop
+DOCKER_SH := scripts/docker.sh
+
+## image: cargo build --release and the server image pgdeltastream:latest
+image:
+	$(DOCKER_SH) tools
+	$(DOCKER_SH) with-daemon $(DOCKER_SH) image
+
+## test-docker: the integration suite against the fixtures Postgres container
+## (TEST_PG=docker), then the smoke run of the server's image against that Postgres
+# Every integration binary but `clients` (the Python and Node clients' million-row
+# transaction: it passes against the local cluster, but through Docker's port proxy the
+# final ack does not reach the slot; a known issue, see the README). The one test that
+# needs the local cluster's own files says "SKIPPED under TEST_PG=docker" and returns
+# (plugins: a library directory without wal2json).
+DOCKER_TESTS := cli errors faults faults_pg_restart harness harness_restart hostile \
+  http_limits keyset lifecycle pgoutput plugins retention snapshot snapshot_limits stream v2 \
+  value_settings wal2json_shapes
+test-docker: clients
+	$(DOCKER_SH) tools
+	$(DOCKER_SH) with-daemon $(DOCKER_SH) test-all --no-fail-fast $(addprefix --test ,$(DOCKER_TESTS))
+
+## docker-smoke: only the smoke run (builds the images it needs)
+docker-smoke: clients
+	$(DOCKER_SH) tools
+	$(DOCKER_SH) with-daemon bash -c '$(DOCKER_SH) image && $(DOCKER_SH) smoke'
+
+## docker-start / docker-stop: leave our dockerd running for manual use (prints the
+## DOCKER_HOST to export) / stop it by PID
+docker-start:
+	$(DOCKER_SH) start
+docker-stop:
+	$(DOCKER_SH) stop

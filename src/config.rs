@@ -1,12 +1,18 @@
 //! Configuration: the original's environment variables, each also a command-line flag.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 
+use crate::http::auth::{self, Verifier};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
+use crate::pg::tls::{PgTls, SslMode, TlsSettings};
 use crate::server::HttpSettings;
+use crate::server::tls::TlsConfig;
 use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
 use crate::stream::plugin::Plugin;
 use crate::stream::socket::SocketSettings;
@@ -30,8 +36,23 @@ pub struct Cli {
     pub pghost: String,
     #[arg(long, env = "PGPORT", default_value_t = 5432)]
     pub pgport: u16,
-    /// Address the server listens on. Keep it local unless a proxy guards it: the API
-    /// has no authentication yet.
+    /// TLS to Postgres, as libpq's sslmode: disable, prefer (TLS if the server offers
+    /// it), require, verify-ca (the chain against --pgsslrootcert), verify-full (and the
+    /// host name).
+    #[arg(long, env = "PGSSLMODE", default_value = "prefer")]
+    pub pgsslmode: SslMode,
+    /// PEM file of the CAs to trust (default ~/.postgresql/root.crt), or `system`
+    /// (verify-full only).
+    #[arg(long, env = "PGSSLROOTCERT")]
+    pub pgsslrootcert: Option<String>,
+    /// Client certificate (PEM) for Postgres (default ~/.postgresql/postgresql.crt, if it exists).
+    #[arg(long, env = "PGSSLCERT")]
+    pub pgsslcert: Option<std::path::PathBuf>,
+    /// Key of --pgsslcert (default ~/.postgresql/postgresql.key).
+    #[arg(long, env = "PGSSLKEY")]
+    pub pgsslkey: Option<std::path::PathBuf>,
+    /// Address the server listens on. Anything but a loopback address needs auth (a
+    /// JWT secret or public key) or --allow-unauthenticated.
     #[arg(long, env = "SERVERHOST", default_value = "localhost")]
     pub serverhost: String,
     #[arg(long, env = "SERVERPORT", default_value_t = 12312)]
@@ -102,6 +123,29 @@ pub struct Cli {
     /// to what the limit on open files allows.
     #[arg(long, env = "PGDELTASTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Require an HS256 JSON Web Token signed with this secret on every request but the
+    /// health probes and the viewer page.
+    #[arg(long, env = "PGDELTASTREAM_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Require an RS256 or ES256 token (by the key's kind) signed for this public key,
+    /// a PEM file. Not together with --jwt-secret.
+    #[arg(long, env = "PGDELTASTREAM_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// With auth: the token's `aud` must contain this.
+    #[arg(long, env = "PGDELTASTREAM_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// With auth: the token's `iss` must be this.
+    #[arg(long, env = "PGDELTASTREAM_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Serve without auth on an address that is not loopback (else refused at start).
+    #[arg(long, env = "PGDELTASTREAM_ALLOW_UNAUTHENTICATED", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub allow_unauthenticated: bool,
+    /// Serve https and wss with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "PGDELTASTREAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "PGDELTASTREAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Viewers watching sessions at once (GET /v2/sessions/{name}/watch); more get 503.
     /// Each costs a walsender and a temporary replication slot while it runs.
     #[arg(long, env = "PGDELTASTREAM_MAX_WATCHERS", default_value_t = 8)]
@@ -126,8 +170,15 @@ impl From<PluginArg> for PluginChoice {
 }
 
 impl Cli {
-    pub fn pg_config(&self) -> PgConfig {
-        PgConfig {
+    /// Fails when a certificate file named for TLS cannot be used.
+    pub fn pg_config(&self) -> Result<PgConfig, String> {
+        let tls = PgTls::new(&TlsSettings {
+            mode: self.pgsslmode,
+            root_cert: self.pgsslrootcert.clone(),
+            client_cert: self.pgsslcert.clone(),
+            client_key: self.pgsslkey.clone(),
+        })?;
+        Ok(PgConfig {
             host: self.pghost.clone(),
             port: self.pgport,
             user: self.pguser.clone(),
@@ -135,7 +186,8 @@ impl Cli {
             dbname: self.dbname.clone(),
             application_name: "pgdeltastream".into(),
             connect_timeout: Duration::from_secs(10),
-        }
+            tls,
+        })
     }
 
     pub fn session_settings(&self) -> SessionSettings {
@@ -168,7 +220,24 @@ impl Cli {
             header_timeout: Duration::from_secs(self.header_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
             max_connections: self.max_connections.max(1),
+            ..HttpSettings::default()
         }
+    }
+
+    /// Auth and TLS as the flags ask, or why the server must not start.
+    pub fn security(&self) -> Result<(Option<Arc<Verifier>>, Option<TlsConfig>), String> {
+        let auth = auth::from_settings(
+            self.jwt_secret.as_deref(),
+            self.jwt_public_key.as_deref(),
+            self.jwt_audience.as_deref(),
+            self.jwt_issuer.as_deref(),
+        )?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig::from_pem_files(cert, key)?),
+            (None, None) => None,
+            _ => return Err("--tls-cert and --tls-key go together: give both or neither".into()),
+        };
+        Ok((auth, tls))
     }
 
     pub fn retention_settings(&self) -> RetentionSettings {
@@ -178,6 +247,19 @@ impl Cli {
             warn_idle: Duration::from_secs(self.retention_warn_idle),
         }
     }
+}
+
+/// Without auth, only a loopback address is served, unless allowed: an open API on a
+/// network would let anyone read every table.
+pub fn check_exposure(listening: SocketAddr, auth: bool, allow_unauthenticated: bool) -> Result<(), String> {
+    if auth || allow_unauthenticated || listening.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to serve {listening} without authentication: set PGDELTASTREAM_JWT_SECRET or \
+         PGDELTASTREAM_JWT_PUBLIC_KEY (--jwt-secret, --jwt-public-key), listen on a loopback address \
+         (--serverhost localhost), or pass --allow-unauthenticated"
+    ))
 }
 
 #[cfg(test)]
@@ -191,5 +273,46 @@ mod tests {
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "pgoutput"]), PluginChoice::Fixed(Plugin::Pgoutput));
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
         assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
+    }
+
+    #[test]
+    fn pgsslmode_is_checked_at_start() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        if std::env::var_os("PGSSLMODE").is_none() {
+            assert_eq!(parse(&["pgdeltastream"]).pgsslmode, SslMode::Prefer);
+        }
+        assert_eq!(parse(&["pgdeltastream", "--pgsslmode", "verify-full"]).pgsslmode, SslMode::VerifyFull);
+        assert!(Cli::try_parse_from(["pgdeltastream", "--pgsslmode", "allow"]).is_err());
+        let missing = parse(&["pgdeltastream", "--pgsslmode", "verify-ca", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        let error = missing.pg_config().unwrap_err();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
+        let disabled = parse(&["pgdeltastream", "--pgsslmode", "disable", "--pgsslrootcert", "/nonexistent/ca.pem"]);
+        assert_eq!(disabled.pg_config().unwrap().tls.mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn only_loopback_is_served_without_auth() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for open in ["0.0.0.0:1", "[::]:1", "10.1.2.3:1", "[2001:db8::1]:1"] {
+            assert!(check_exposure(addr(open), false, false).is_err(), "{open}");
+            assert!(check_exposure(addr(open), true, false).is_ok(), "{open}");
+            assert!(check_exposure(addr(open), false, true).is_ok(), "{open}");
+        }
+        for local in ["127.0.0.1:1", "127.3.4.5:1", "[::1]:1"] {
+            assert!(check_exposure(addr(local), false, false).is_ok(), "{local}");
+        }
+    }
+
+    #[test]
+    fn allow_unauthenticated_reads_the_usual_booleans() {
+        let allow = |args: &[&str]| Cli::try_parse_from(args).unwrap().allow_unauthenticated;
+        assert!(!allow(&["pgdeltastream"]));
+        assert!(allow(&["pgdeltastream", "--allow-unauthenticated"]));
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let cli = Cli::try_parse_from(["pgdeltastream", "--tls-cert", "/nonexistent"]).unwrap();
+        assert!(cli.security().unwrap_err().contains("go together"));
     }
 }

@@ -71,6 +71,11 @@ impl Error {
     /// An error from a replication connection, with advice for the usual
     /// misconfigurations.
     pub fn from_pg(e: &PgError) -> Error {
+        // A TLS failure is a matter of configuration (here or on the server): retrying
+        // does not help, so it is not a 503.
+        if let PgError::Tls(m) = e {
+            return Error::internal(format!("cannot connect to Postgres: {m}"));
+        }
         if e.is_unavailable() {
             return Error::new(ErrorKind::Unavailable, format!("Postgres is unavailable: {e}"));
         }
@@ -99,6 +104,8 @@ impl Error {
                 ErrorKind::Internal,
                 "the configured user may not replicate: it needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) or superuser",
             )
+        } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION && said.contains("no encryption") {
+            (ErrorKind::Internal, TLS_ONLY)
         } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
             (
                 ErrorKind::Internal,
@@ -143,6 +150,8 @@ impl Error {
                     "Postgres has no free connection: raise max_connections, or lower --pg-pool-size (server said: {msg})"
                 ),
             )
+        } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION && msg.contains("no encryption") {
+            Error::internal(format!("{TLS_ONLY} (server said: {msg})"))
         } else {
             Error::internal(format!("Postgres error: {msg}"))
         }
@@ -153,9 +162,15 @@ impl Error {
         match e {
             PoolError::Busy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
             PoolError::Connect(e) => Error::from_tokio_pg(e),
+            // Configuration, here or on the server: a retry would not help (not a 503).
+            PoolError::Tls(m) => Error::internal(format!("cannot connect to Postgres: {m}")),
         }
     }
 }
+
+/// Advice for a pg_hba.conf that rejects a connection with "no encryption".
+const TLS_ONLY: &str =
+    "Postgres takes only TLS connections from here: set PGSSLMODE to prefer, require, verify-ca or verify-full";
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -5,6 +5,7 @@ mod conn;
 mod hyper_errors;
 mod io;
 pub mod limits;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::http::auth::{KeySource, Verifier};
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
@@ -42,6 +44,10 @@ pub struct HttpSettings {
     /// Client connections (websockets included) at once; lowered to what the limit on
     /// open files allows.
     pub max_connections: usize,
+    /// Tokens every request but the public ones needs; None: no auth.
+    pub auth: Option<Arc<Verifier>>,
+    /// https and wss rather than http and ws.
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Default for HttpSettings {
@@ -50,6 +56,8 @@ impl Default for HttpSettings {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            auth: None,
+            tls: None,
         }
     }
 }
@@ -70,7 +78,8 @@ pub async fn run(
         retention.warn_bytes,
         retention.warn_idle,
     ));
-    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit });
+    let auth = settings.http.auth.clone();
+    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth });
     let cap = connection_cap(settings.http.max_connections);
     let stop = CancellationToken::new();
     let on_shutdown = {

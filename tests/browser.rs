@@ -87,7 +87,9 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(what: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("pgdeltastream-browser-{what}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pgdeltastream-browser-{what}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -350,10 +352,17 @@ async fn the_viewer_creates_a_session_and_shows_its_changes_live() {
         &c,
         "the conflict's message",
         Duration::from_secs(10),
-        "return document.querySelector('#sessions-error').innerText.includes('Cannot create session orders')",
+        "return document.querySelector('#action-error').innerText.includes('Cannot create session orders')",
     )
     .await;
+    // It stays through the list's next polls (every 1.5 s), until dismissed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let shown = c.execute("return document.querySelector('#action-error').innerText", vec![]).await.unwrap();
+    assert!(shown.as_str().unwrap().contains("already"), "{shown}");
     click(&c, "#create > summary").await;
+    click(&c, "#action-error").await;
+    until(&c, "the message dismissed", Duration::from_secs(5), "return document.querySelector('#action-error').hidden")
+        .await;
 
     // Drop, after confirming.
     drop(consumer);
@@ -405,5 +414,86 @@ async fn the_page_and_its_assets_carry_a_strict_policy_and_revalidate() {
     assert!(body["error"].is_string(), "{body}");
     let (status, body) = server.post("/", "{}").await;
     assert_eq!(status, 405, "{body}");
+    server.stop().await;
+}
+
+const SECRET: &[u8] = b"a browser test secret that is long enough";
+
+fn hs256(claims: Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+}
+
+#[tokio::test]
+async fn with_jwt_the_page_asks_for_a_token_and_keeps_it_for_the_tab() {
+    use pgdeltastream::server::{KeySource, Verifier};
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, item text)").await.unwrap();
+    let mut settings = fast_settings(&db);
+    settings.http.auth = Some(std::sync::Arc::new(Verifier::new(KeySource::Secret(SECRET), None, None).unwrap()));
+    let server = TestServer::start_with(settings).await;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token = hs256(json!({"role": "admin", "exp": exp}));
+    let bearer = format!("Bearer {token}");
+    let body = json!({"name": "orders", "tables": ["orders"]}).to_string().into_bytes();
+    let headers = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    let (status, _) = raw_request(server.addr, "POST", "/v2/sessions", &headers, body).await;
+    assert_eq!(status, 201);
+
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    // The page loads without a token, then asks for one.
+    c.goto(&format!("http://{}/", server.addr)).await.unwrap();
+    until(&c, "the token dialog", Duration::from_secs(20), "return document.querySelector('#token-dialog').open").await;
+    screenshot(&c, "token").await;
+
+    // A wrong token is refused and asked for again, with the server's reason.
+    fill(&c, "#token", "not-a-token").await;
+    click(&c, "#token-form button[type=submit]").await;
+    until(
+        &c,
+        "the refusal",
+        Duration::from_secs(10),
+        "return document.querySelector('#token-dialog').open && !document.querySelector('#token-error').hidden",
+    )
+    .await;
+
+    fill(&c, "#token", &token).await;
+    click(&c, "#token-form button[type=submit]").await;
+    until(
+        &c,
+        "the sessions",
+        Duration::from_secs(20),
+        "return !!document.querySelector('#sessions tbody tr[data-name=orders]')",
+    )
+    .await;
+    let kept = c.execute("return sessionStorage.getItem('pgdeltastream.token')", vec![]).await.unwrap();
+    assert_eq!(kept, json!(token), "the token is kept for the tab");
+    let in_local = c.execute("return localStorage.length", vec![]).await.unwrap();
+    assert_eq!(in_local, json!(0), "and nowhere that outlives it");
+
+    // The feed's websocket carries the token as ?access_token=.
+    c.execute("document.querySelector('#sessions tbody tr[data-name=orders] td.actions button').click()", vec![])
+        .await
+        .unwrap();
+    until(
+        &c,
+        "the session is watched",
+        Duration::from_secs(20),
+        "return document.querySelector('#feed-status').textContent === 'watching orders'",
+    )
+    .await;
+    pg.batch_execute("INSERT INTO orders VALUES (1, 'with a token')").await.unwrap();
+    until(&c, "the insert in the feed", Duration::from_secs(10), &feed_has("I", "with a token")).await;
+
+    // Forgetting the token asks again.
+    click(&c, "#forget-token").await;
+    until(&c, "the token dialog again", Duration::from_secs(20), "return document.querySelector('#token-dialog').open")
+        .await;
+    let kept = c.execute("return sessionStorage.getItem('pgdeltastream.token')", vec![]).await.unwrap();
+    assert_eq!(kept, Value::Null);
+
+    c.close().await.unwrap();
     server.stop().await;
 }

@@ -21,6 +21,13 @@ fn help_lists_every_setting_with_its_environment_variable() {
         "PGDELTASTREAM_IDLE_TIMEOUT",
         "PGDELTASTREAM_MAX_CONNECTIONS",
         "PGDELTASTREAM_PLUGIN",
+        "PGDELTASTREAM_JWT_SECRET",
+        "PGDELTASTREAM_JWT_PUBLIC_KEY",
+        "PGDELTASTREAM_JWT_AUDIENCE",
+        "PGDELTASTREAM_JWT_ISSUER",
+        "PGDELTASTREAM_ALLOW_UNAUTHENTICATED",
+        "PGDELTASTREAM_TLS_CERT",
+        "PGDELTASTREAM_TLS_KEY",
     ];
     for var in ["DBNAME", "PGUSER", "PGPASS", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"].into_iter().chain(http) {
         assert!(help.contains(&format!("env: {var}")), "--help does not mention {var}:\n{help}");

@@ -129,3 +129,29 @@ async fn unknown_path_is_404_and_wrong_method_is_405() {
     server.init().await;
     server.stop().await;
 }
+
+/// The shared cluster runs without TLS: require is refused and says why; prefer, the
+/// default, falls back to plain on both kinds of connection.
+#[tokio::test]
+async fn tls_against_a_server_without_it() {
+    use pgdeltastream::pg::tls::{PgTls, SslMode, TlsSettings};
+    let db = common::fresh_db().await;
+    let with_mode = |mode| {
+        let mut settings = fast_settings(&db);
+        settings.pg.tls = PgTls::new(&TlsSettings { mode, ..TlsSettings::default() }).unwrap();
+        settings
+    };
+
+    let server = TestServer::start_with(with_mode(SslMode::Require)).await;
+    let (status, body) = server.get("/v1/init").await;
+    let message = assert_error("init, require", status, &body, 500, &["PGSSLMODE=require", "does not support TLS"]);
+    eprintln!("require, server without TLS: {message}");
+    server.stop().await;
+
+    let server = TestServer::start_with(with_mode(SslMode::Prefer)).await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+    db.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)").await.unwrap();
+    assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"], json!([1]));
+    server.stop().await;
+}

@@ -35,6 +35,7 @@ fn pool_for(db: &common::TestDb, size: usize) -> Pool {
         dbname: db.dbname.clone(),
         application_name: "keyset-test".into(),
         connect_timeout: Duration::from_secs(10),
+        tls: pgdeltastream::pg::tls::PgTls::disabled(),
     };
     // Generous: a busy machine must not make a test fail for want of a connection.
     Pool::new(config, PoolSettings { size, acquire_timeout: Duration::from_secs(60), ..PoolSettings::default() })

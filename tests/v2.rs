@@ -48,7 +48,13 @@ fn redact(mut v: Value) -> Value {
                         "consistentPoint" | "confirmedFlushLsn" | "lastAckLsn" | "nextlsn" | "lsn" if !v.is_null() => {
                             *v = json!("[lsn]")
                         }
-                        "lastAckAt" | "at" | "secondsSinceLastAck" | "retainedBytes" | "activePid" | "watchers"
+                        "lastAckAt"
+                        | "at"
+                        | "secondsSinceLastAck"
+                        | "retainedBytes"
+                        | "lagBytes"
+                        | "activePid"
+                        | "watchers"
                             if !v.is_null() =>
                         {
                             *v = json!("[varies]")
@@ -118,7 +124,12 @@ async fn create_list_get_delete_and_their_shapes() {
     snapshot("v2_list", all.clone());
     let (status, one) = server.get("/v2/sessions/orders").await;
     assert_eq!(status, 200, "{one}");
-    assert_eq!(one, all[0]);
+    // retainedBytes follows the WAL, which the other tests of this binary move meanwhile.
+    let without_retained = |mut v: Value| {
+        v.as_object_mut().map(|o| o.remove("retainedBytes"));
+        v
+    };
+    assert_eq!(without_retained(one), without_retained(all[0].clone()));
 
     // v1 sees the slot too, as one of ours.
     let (_, v1) = server.get("/v1/sessions").await;

@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 
+use super::auth::Principal;
 use super::{ApiError, AppState};
 
 #[derive(Serialize)]
@@ -13,7 +14,8 @@ pub struct InitResponse {
 }
 
 /// Replaces the default session with a new slot and snapshot.
-pub async fn init(State(state): State<AppState>) -> Result<Json<InitResponse>, ApiError> {
+pub async fn init(State(state): State<AppState>, who: Principal) -> Result<Json<InitResponse>, ApiError> {
+    who.require_admin()?;
     let session = state.registry.init().await?;
     Ok(Json(InitResponse { slot_name: session.slot_name }))
 }

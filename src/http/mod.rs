@@ -10,12 +10,20 @@
 //! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
 //! | `/v2/sessions...` | [`v2`]: named sessions with their own tables and actions |
 //! | `GET /`, `GET /assets/{file}` | [`viewer`]: the page for operators, built in |
+//! | `GET /metrics` | [`metrics::scrape`]: Prometheus metrics |
+//! | `GET /healthz`, `GET /readyz` | [`health`]: liveness, and whether Postgres can serve us |
+//!
+//! With auth configured every route but the few in [`auth`]'s public list needs a
+//! token; each handler checks the scope it needs on the [`auth::Principal`].
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
 
+pub mod auth;
 pub mod error;
+pub mod health;
 pub mod init;
+pub mod metrics;
 pub mod sessions;
 pub mod snapshot;
 pub mod stream;
@@ -25,11 +33,11 @@ pub mod viewer;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
 
 use crate::session::Registry;
 pub use error::ApiError;
@@ -40,12 +48,16 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The largest `limit` a snapshot page may ask for.
     pub max_limit: u64,
+    /// How tokens are checked; None: no auth, everyone is an admin.
+    pub auth: Option<Arc<auth::Verifier>>,
 }
 
 /// Request bodies are small JSON objects; anything larger is refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: AppState) -> Router {
+    let http_metrics = Arc::new(metrics::HttpMetrics::default());
+    let authenticate = middleware::from_fn_with_state(state.clone(), auth::authenticate);
     Router::new()
         .route("/", get(viewer::index))
         .route("/assets/{file}", get(viewer::asset))
@@ -61,12 +73,26 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions/{name}/watch", get(v2::watch))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
+        .merge(monitoring())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(authenticate)
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(http_metrics.clone(), metrics::track))
+        .layer(Extension(http_metrics))
+        .layer(Extension(Arc::new(health::ReadyCache::default())))
         .with_state(state)
+}
+
+/// Probes and scrapes: they never need credentials, and answer without a free pool
+/// connection.
+fn monitoring() -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics::scrape))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
 }
 
 /// A `Content-Length` over [`BODY_LIMIT`] gets 413 at once: reading the body (or

@@ -5,13 +5,17 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use serde::Serialize;
 
+use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::SlotReport;
 
-/// Every slot of ours in the database: the WAL it retains and its last ack.
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SlotReport>>, ApiError> {
-    Ok(Json(state.registry.report().await?))
+/// Every slot of ours in the database: the WAL it retains and its last ack. A
+/// consumer sees only the slots its token names.
+pub async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<Vec<SlotReport>>, ApiError> {
+    let mut reports = state.registry.report().await?;
+    reports.retain(|r| who.may_use(&r.slot_name));
+    Ok(Json(reports))
 }
 
 #[derive(Serialize)]
@@ -24,8 +28,10 @@ pub struct DropResponse {
 /// Ends a session (its stream and snapshot) and drops its slot.
 pub async fn drop_session(
     State(state): State<AppState>,
+    who: Principal,
     slot: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DropResponse>, ApiError> {
+    who.require_admin()?;
     let Path(slot) = slot.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.drop_session(&slot).await?;
     Ok(Json(DropResponse { slot_name: slot, dropped: true }))

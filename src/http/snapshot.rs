@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
+use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::TableRef;
@@ -69,10 +70,13 @@ impl DataRequest {
 /// Reads the body ourselves rather than with `Json`, so that a client that sends no
 /// content-type (the original did not require one) still works, and every rejection
 /// is our JSON error.
+/// Admin only: the request names no slot, so no consumer's scope can cover it.
 pub async fn data(
     State(state): State<AppState>,
+    who: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    who.require_admin()?;
     let body = body.map_err(|e| {
         let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ErrorKind::PayloadTooLarge
@@ -100,9 +104,16 @@ pub struct ReleaseQuery {
 /// Releases a snapshot before its idle timeout (it holds back vacuum while held).
 pub async fn release(
     State(state): State<AppState>,
+    who: Principal,
     query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    // A consumer may let go of the snapshot of a slot it holds; the default session's
+    // (no slotName) is an admin's.
+    match q.slot_name.as_deref() {
+        Some(slot) => who.require_session(slot)?,
+        None => who.require_admin()?,
+    }
     let slot = state.registry.release_snapshot(q.slot_name.as_deref())?;
     Ok(Json(serde_json::json!({ "slotName": slot, "released": true })))
 }

@@ -4,15 +4,19 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use super::auth::Principal;
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::observer::Observer;
+use crate::stream::sink::Sink;
 use crate::stream::socket::WebSocket;
+use crate::stream::stop::code;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
@@ -30,15 +34,17 @@ const MAX_CLIENT_MESSAGE: usize = 4096;
 /// is an HTTP error the client can read, never a silent socket.
 pub async fn stream(
     State(state): State<AppState>,
+    who: Principal,
     query: Result<Query<StreamQuery>, QueryRejection>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
+    who.require_session(&slot)?;
     let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_stream(&slot, format).await?;
-    Ok(serve(&state, upgrade, open))
+    Ok(serve(&state, upgrade, open, who.stream_deadline()))
 }
 
 /// `transactions` (the default) or `changes`.
@@ -52,17 +58,24 @@ pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
     }
 }
 
-/// Answers the upgrade and runs the stream on the websocket.
-pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
-    serve_as(state, upgrade, open, false)
+/// Answers the upgrade and runs the stream on the websocket, until `deadline` (when
+/// the token it was opened with expires) at the latest.
+pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
+    serve_as(state, upgrade, open, deadline, false)
 }
 
 /// The same for a viewer watching a session: the stream is confirmed as it is sent.
-pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream) -> Response {
-    serve_as(state, upgrade, open, true)
+pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
+    serve_as(state, upgrade, open, deadline, true)
 }
 
-fn serve_as(state: &AppState, upgrade: Upgrade, open: OpenStream, observer: bool) -> Response {
+fn serve_as(
+    state: &AppState,
+    upgrade: Upgrade,
+    open: OpenStream,
+    deadline: Option<Instant>,
+    observer: bool,
+) -> Response {
     // tungstenite zeroes its read buffer before every read (128 KiB by default); a
     // client sends only small acks, and one read per ack must not cost a large memset.
     let config = WebSocketConfig::default()
@@ -72,6 +85,28 @@ fn serve_as(state: &AppState, upgrade: Upgrade, open: OpenStream, observer: bool
     let settings = state.registry.settings().socket.clone();
     upgrade.on_upgrade(config, move |socket| async move {
         let socket = WebSocket::new(socket, settings);
-        if observer { open.run(Observer(socket)).await } else { open.run(socket).await }
+        if observer {
+            run_until(open, Observer(socket), deadline).await
+        } else {
+            run_until(open, socket, deadline).await
+        }
     })
+}
+
+/// The stream, stopped with 1008 at `deadline`: only a disconnect, so the slot stays
+/// as it was and the client resumes with a new token.
+async fn run_until(open: OpenStream, sink: impl Sink, deadline: Option<Instant>) {
+    let stop = open.stop();
+    let run = open.run(sink);
+    let Some(deadline) = deadline else {
+        return run.await;
+    };
+    let mut run = std::pin::pin!(run);
+    tokio::select! {
+        () = &mut run => return,
+        () = tokio::time::sleep_until(deadline) => {
+            stop.stop(code::POLICY, "the token has expired: reconnect with a new one");
+        }
+    }
+    run.await
 }

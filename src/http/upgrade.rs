@@ -94,7 +94,7 @@ impl Upgrade {
 }
 
 /// True when the comma-separated header contains `token` (case-insensitive).
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(super) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

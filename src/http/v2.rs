@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
+use super::auth::Principal;
 use super::stream::{parse_format, serve, serve_observer};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
@@ -47,8 +48,10 @@ pub struct CreateBody {
 
 pub async fn create(
     State(state): State<AppState>,
+    who: Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
+    who.require_admin()?;
     let body = body.map_err(|e| Error::bad_request(format!("cannot read the request body: {}", e.body_text())))?;
     let body: CreateBody =
         serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
@@ -83,22 +86,29 @@ fn table_entry(value: serde_json::Value) -> Result<TableEntry, Error> {
     Ok(TableEntry::Table(entry))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SessionView>>, ApiError> {
-    Ok(Json(state.registry.list().await?))
+/// A consumer sees only the sessions its token names.
+pub async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<Vec<SessionView>>, ApiError> {
+    let mut sessions = state.registry.list().await?;
+    sessions.retain(|s| who.may_use(&s.definition.name));
+    Ok(Json(sessions))
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
+    who: Principal,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<SessionView>, ApiError> {
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
     Ok(Json(state.registry.view_one(&name).await?))
 }
 
 pub async fn delete_one(
     State(state): State<AppState>,
+    who: Principal,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    who.require_admin()?;
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.delete(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "dropped": true })))
@@ -115,11 +125,13 @@ pub struct PageQuery {
 /// with `Accept: application/x-ndjson` the whole table, a row per line.
 pub async fn snapshot(
     State(state): State<AppState>,
+    who: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<PageQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path((name, table)) = path.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let table = TableRef::parse(&table)
         .map_err(|e| Error::bad_request(format!("invalid table {table:?}: it {e}; expected name or schema.name")))?;
@@ -154,9 +166,11 @@ const DEFAULT_PAGE: u64 = 1000;
 /// `DELETE /v2/sessions/{name}/snapshot`.
 pub async fn release_snapshot(
     State(state): State<AppState>,
+    who: Principal,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
     let was_held = state.registry.release_named_snapshot(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "released": true, "wasHeld": was_held })))
 }
@@ -168,16 +182,18 @@ pub struct StreamQuery {
 
 pub async fn stream(
     State(state): State<AppState>,
+    who: Principal,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<StreamQuery>, QueryRejection>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_session_stream(&name, format).await?;
-    Ok(serve(&state, upgrade, open))
+    Ok(serve(&state, upgrade, open, who.stream_deadline()))
 }
 
 /// `GET /v2/sessions/{name}/watch`: the session's changes from now on (`changes`
@@ -185,11 +201,13 @@ pub async fn stream(
 /// acks are left alone. Query parameters are ignored (a token may travel there).
 pub async fn watch(
     State(state): State<AppState>,
+    who: Principal,
     name: Result<Path<String>, PathRejection>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
     let upgrade = upgrade?;
     let open = state.registry.open_watch(&name).await?;
-    Ok(serve_observer(&state, upgrade, open))
+    Ok(serve_observer(&state, upgrade, open, who.stream_deadline()))
 }

@@ -15,6 +15,8 @@ pub struct PgConfig {
     /// Shown in `pg_stat_activity`, so an operator can tell our connections apart.
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// PGSSLMODE and its certificates.
+    pub tls: super::tls::PgTls,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -26,6 +28,7 @@ impl std::fmt::Debug for PgConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("dbname", &self.dbname)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -82,7 +85,8 @@ impl PgConfig {
             .dbname(&self.dbname)
             .application_name(&self.application_name)
             .options(pinned_options())
-            .connect_timeout(self.connect_timeout);
+            .connect_timeout(self.connect_timeout)
+            .ssl_mode(self.tls.tokio_mode(&self.host));
         if let Some(p) = &self.password {
             c.password(p);
         }

@@ -64,6 +64,9 @@ pub enum PgError {
     Protocol(String),
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// TLS was refused, failed, or the server's certificate did not verify.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl PgError {

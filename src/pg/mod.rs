@@ -11,6 +11,7 @@
 //!   export of a table, from the same snapshot reads.
 //! - [`pool`]: a bounded pool of ordinary (tokio-postgres) connections.
 //! - [`pgoutput`]: the messages of Postgres's built-in output plugin, parsed.
+//! - [`tls`]: TLS to Postgres (libpq's sslmode), for both kinds of connection.
 //!
 //! Nothing in here knows about HTTP or sessions.
 
@@ -23,6 +24,7 @@ pub mod pgoutput;
 pub mod pool;
 pub(crate) mod replication;
 pub mod snapshot;
+pub mod tls;
 
 pub use config::PgConfig;
 pub use error::{DbError, PgError};

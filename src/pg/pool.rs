@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::PgConfig;
 
@@ -51,6 +51,20 @@ pub enum PoolError {
     Busy { size: usize, waited: Duration },
     #[error(transparent)]
     Connect(#[from] tokio_postgres::Error),
+    /// TLS was refused or failed, or the server's certificate did not verify.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// What the pool holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The most connections the pool opens.
+    pub size: usize,
+    /// Connections taken by a request, or closing after one.
+    pub in_use: usize,
+    /// Open connections waiting for the next request.
+    pub idle: usize,
 }
 
 /// A connection and the task that drives it, which ends once the backend is gone.
@@ -93,10 +107,25 @@ impl Pool {
         &self.shared.settings
     }
 
+    /// How many connections are taken (or closing), and how many are open but idle.
+    pub fn stats(&self) -> PoolStats {
+        let size = self.shared.settings.size;
+        PoolStats {
+            size,
+            in_use: size.saturating_sub(self.shared.permits.available_permits()),
+            idle: self.shared.idle.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        }
+    }
+
     /// A connection: an idle one, or a new one if fewer than `size` are open. Waits at
     /// most `acquire_timeout` for one to come free.
     pub async fn get(&self) -> Result<PooledClient, PoolError> {
-        let wait = self.shared.settings.acquire_timeout;
+        self.get_within(self.shared.settings.acquire_timeout).await
+    }
+
+    /// [`Pool::get`], waiting at most `wait` for a free connection (a health check
+    /// must answer quickly when the pool is exhausted).
+    pub async fn get_within(&self, wait: Duration) -> Result<PooledClient, PoolError> {
         let busy = || PoolError::Busy { size: self.shared.settings.size, waited: wait };
         let permit = match tokio::time::timeout(wait, self.shared.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -145,7 +174,7 @@ impl PooledClient {
     /// anything.
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), false);
+            close(conn, self.permit.take(), false, &self.shared.config);
         }
     }
 }
@@ -165,14 +194,16 @@ impl Deref for PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), true);
+            close(conn, self.permit.take(), true, &self.shared.config);
         }
     }
 }
 
 /// Ends a connection in the background: cancels its query if asked, lets the driver
 /// finish (it sends Terminate once the pending replies are in), then frees the permit.
-fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
+fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config: &PgConfig) {
+    // The cancel request negotiates TLS as the connection did.
+    let tls = config.tls.clone();
     let Conn { client, driver } = conn;
     let token = (cancel && !client.is_closed()).then(|| client.cancel_token());
     drop(client);
@@ -180,7 +211,7 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         if let Some(token) = token {
-            if let Err(e) = token.cancel_query(NoTls).await {
+            if let Err(e) = token.cancel_query(tls).await {
                 tracing::debug!(error = %e, "cannot cancel the query of an abandoned connection");
             }
         }
@@ -193,12 +224,16 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool) {
 
 /// Opens one connection and drives it on a task of its own (for callers outside the
 /// pool, such as the snapshot holders).
-pub async fn connect(config: &PgConfig) -> Result<Client, tokio_postgres::Error> {
+pub async fn connect(config: &PgConfig) -> Result<Client, PoolError> {
     Ok(open(config).await?.client)
 }
 
-async fn open(config: &PgConfig) -> Result<Conn, tokio_postgres::Error> {
-    let (client, connection) = config.tokio_config().connect(NoTls).await?;
+async fn open(config: &PgConfig) -> Result<Conn, PoolError> {
+    let connected = config.tokio_config().connect(config.tls.clone()).await;
+    let (client, connection) = connected.map_err(|e| match config.tls.failure(&e) {
+        Some(tls) => PoolError::Tls(tls),
+        None => PoolError::Connect(e),
+    })?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

@@ -5,8 +5,9 @@
 //! tokio-postgres uses) and a tokio socket. It knows just enough of the protocol for
 //! logical decoding:
 //!
-//! 1. [`ReplicationConnection::connect`]: startup with `replication=database`, then
-//!    authentication (trust, password, md5 or SCRAM-SHA-256).
+//! 1. [`ReplicationConnection::connect`]: TLS as PGSSLMODE says ([`super::tls`]), startup
+//!    with `replication=database`, then authentication (trust, password, md5 or
+//!    SCRAM-SHA-256).
 //! 2. Simple queries and replication commands (`CREATE_REPLICATION_SLOT`, SQL such as
 //!    `SELECT ... FROM pg_replication_slots`).
 //! 3. [`ReplicationConnection::start_replication`] turns the connection into a
@@ -92,10 +93,17 @@ impl ReplicationConnection {
             let path = format!("{}/.s.PGSQL.{}", config.host, config.port);
             Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect_err)?)
         } else {
-            let tcp = tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await.map_err(connect_err)?;
+            let mut tcp =
+                tokio::net::TcpStream::connect((config.host.as_str(), config.port)).await.map_err(connect_err)?;
             tcp.set_nodelay(true).map_err(connect_err)?;
+            // Under TLS too: `Pacing` sets the low-water mark on the TCP socket itself.
             tcp_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
-            Box::new(tcp)
+            if config.tls.wanted(&config.host) && request_tls(&mut tcp, config).await? {
+                let tls = config.tls.handshake(tcp, &config.host).await.map_err(|e| PgError::Tls(e.0))?;
+                Box::new(tls)
+            } else {
+                Box::new(tcp)
+            }
         };
         let mut conn = ReplicationConnection {
             socket,
@@ -381,6 +389,30 @@ impl ReplicationConnection {
     }
 }
 
+/// SSLRequest: true when the server is ready for the TLS handshake, false when it
+/// declined and the mode allows plain (prefer).
+async fn request_tls(tcp: &mut tokio::net::TcpStream, config: &PgConfig) -> Result<bool, PgError> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    tcp.write_all(&buf).await?;
+    let mut answer = [0u8];
+    tcp.read_exact(&mut answer).await?;
+    let mode = config.tls.mode();
+    match answer[0] {
+        b'S' => Ok(true),
+        b'N' if mode == super::tls::SslMode::Prefer => Ok(false),
+        b'N' => Err(PgError::Tls(format!(
+            "PGSSLMODE={mode}, but the server at {} does not accept TLS (is ssl = on in its postgresql.conf?)",
+            config.address()
+        ))),
+        // An ErrorResponse: a server too old for SSLRequest.
+        other => Err(PgError::Tls(format!(
+            "PGSSLMODE={mode}: unexpected answer {other:#04x} to the TLS request from {}",
+            config.address()
+        ))),
+    }
+}
+
 /// What a replication stream yields.
 #[derive(Debug)]
 pub enum StreamEvent {
@@ -530,6 +562,11 @@ impl ReplicationStream {
 
     /// Reads more of the stream: eagerly while it trickles, in bursts while it is busy.
     /// Cancel-safe: the pacing state is only ever a hint.
+    ///
+    /// Under TLS the low-water mark is on the TCP socket beneath rustls, and still only
+    /// delays wake-ups: tokio-rustls hands out plaintext it already holds without
+    /// touching the socket, and a record that is only partly in waits for the rest at
+    /// most [`BURST_WAIT`], as a plain read does.
     async fn fill_paced(&mut self) -> Result<(), PgError> {
         let Some(fd) = self.conn.tcp_fd else { return self.conn.fill_buf().await };
         if !self.pacing.busy() {

@@ -36,6 +36,7 @@ pub(super) async fn serve(
     let places = Arc::new(Semaphore::new(cap));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let builder = Arc::new(conn::builder(&settings));
+    let settings = Arc::new(settings);
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::default();
     let mut accept_errors = Throttle::default();
@@ -67,7 +68,7 @@ pub(super) async fn serve(
         }
         match places.clone().try_acquire_owned() {
             Ok(place) => {
-                tasks.spawn(conn::serve(tcp, place, app.clone(), builder.clone(), settings.idle_timeout, stop.clone()));
+                tasks.spawn(conn::serve(tcp, place, app.clone(), builder.clone(), settings.clone(), stop.clone()));
             }
             Err(_) => {
                 if let Some(suppressed) = at_cap.allow() {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::HttpSettings;
 use super::io::{Activity, Io};
+use super::tls::{self, Stream};
 
 /// Request heads over this are refused with 431 (hyper's default is the ~400 KiB of
 /// its read buffer); it leaves room for a URI up to hyper's own limit (414 beyond).
@@ -44,11 +45,22 @@ pub(super) async fn serve(
     place: OwnedSemaphorePermit,
     app: Router,
     builder: Arc<http1::Builder>,
-    idle_timeout: Duration,
+    settings: Arc<HttpSettings>,
     stop: CancellationToken,
 ) {
+    let stream = match &settings.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => tokio::select! {
+            stream = tls::accept(tcp, tls, settings.header_timeout) => match stream {
+                Some(stream) => stream,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        },
+    };
+    let idle_timeout = settings.idle_timeout;
     let activity = Arc::new(Activity::default());
-    let io = TokioIo::new(Io::new(tcp, activity.clone(), place));
+    let io = TokioIo::new(Io::new(stream, activity.clone(), place));
     let app = TowerToHyperService::new(app);
     let service = {
         let activity = activity.clone();

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::hyper_errors;
+use super::tls::Stream;
 
 /// What the idle watchdog looks at.
 #[derive(Debug, Default)]
@@ -41,7 +41,7 @@ impl Activity {
 }
 
 pub(super) struct Io {
-    tcp: TcpStream,
+    tcp: Stream,
     activity: Arc<Activity>,
     _place: OwnedSemaphorePermit,
     rewrite: Option<Rewrite>,
@@ -56,7 +56,7 @@ struct Rewrite {
 }
 
 impl Io {
-    pub(super) fn new(tcp: TcpStream, activity: Arc<Activity>, place: OwnedSemaphorePermit) -> Io {
+    pub(super) fn new(tcp: Stream, activity: Arc<Activity>, place: OwnedSemaphorePermit) -> Io {
         Io { tcp, activity, _place: place, rewrite: None }
     }
 

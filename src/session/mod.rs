@@ -22,10 +22,12 @@
 //!   and dropped after it.
 //! - [`snapshots`]: the held snapshot and reading from it.
 //! - [`streams`]: claiming a session's one stream and running it.
-//! - [`views`] and [`retention`]: what the API reports.
+//! - [`views`] and [`retention`]: what the API reports; [`health`]: what `/metrics`
+//!   and `/readyz` report.
 //! - [`watch`]: viewers watching a session from temporary slots of their own.
 
 pub(crate) mod definition;
+pub mod health;
 mod lifecycle;
 pub(crate) mod names;
 mod publications;

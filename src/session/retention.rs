@@ -58,6 +58,8 @@ pub struct SlotReport {
     pub restart_lsn: Option<Lsn>,
     /// WAL kept for this slot: from its restart_lsn to the current WAL position.
     pub retained_bytes: Option<u64>,
+    /// WAL not yet confirmed: from its confirmed_flush_lsn to the current WAL position.
+    pub lag_bytes: Option<u64>,
     /// pg_replication_slots.wal_status: reserved, extended, unreserved or lost.
     pub wal_status: Option<String>,
     /// The last ack any client sent on this slot since this process started.
@@ -94,6 +96,7 @@ pub(super) struct SlotRow {
     pub confirmed_flush_lsn: Option<Lsn>,
     pub restart_lsn: Option<Lsn>,
     pub retained_bytes: Option<u64>,
+    pub lag_bytes: Option<u64>,
     pub wal_status: Option<String>,
 }
 
@@ -128,12 +131,13 @@ pub fn check_thresholds(
 /// standby (where pg_current_wal_lsn() fails). Filtered by name in Rust
 /// ([`names::is_ours`]).
 const REPORT_SQL: &str = "\
+    WITH wal AS (SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                             ELSE pg_catalog.pg_current_wal_lsn() END AS lsn) \
     SELECT slot_name::text, active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \
-           greatest(pg_catalog.pg_wal_lsn_diff(\
-               CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-                    ELSE pg_catalog.pg_current_wal_lsn() END, restart_lsn), 0)::bigint, \
-           wal_status::text, plugin::text \
-    FROM pg_catalog.pg_replication_slots \
+           greatest(pg_catalog.pg_wal_lsn_diff(wal.lsn, restart_lsn), 0)::bigint, \
+           wal_status::text, plugin::text, \
+           greatest(pg_catalog.pg_wal_lsn_diff(wal.lsn, confirmed_flush_lsn), 0)::bigint \
+    FROM pg_catalog.pg_replication_slots, wal \
     WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = ANY ($1) \
     ORDER BY slot_name";
 
@@ -163,6 +167,7 @@ impl Registry {
                 confirmed_flush_lsn: row.confirmed_flush_lsn,
                 restart_lsn: row.restart_lsn,
                 retained_bytes: row.retained_bytes,
+                lag_bytes: row.lag_bytes,
                 wal_status: row.wal_status,
                 last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
                 last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
@@ -206,6 +211,7 @@ impl Registry {
                 continue;
             }
             let retained: Option<i64> = row.try_get(5)?;
+            let lag: Option<i64> = row.try_get(8)?;
             let plugin: String = row.try_get(7)?;
             let Some(plugin) = Plugin::from_name(&plugin) else { continue };
             out.push(SlotRow {
@@ -216,6 +222,7 @@ impl Registry {
                 confirmed_flush_lsn: parse_lsn(row.try_get(3)?)?,
                 restart_lsn: parse_lsn(row.try_get(4)?)?,
                 retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
+                lag_bytes: lag.map(|b| u64::try_from(b).unwrap_or(0)),
                 wal_status: row.try_get(6)?,
             });
         }
@@ -394,6 +401,7 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(0x1_6B37_4D48)),
             restart_lsn: Some(Lsn(0x1_6B37_4D00)),
             retained_bytes: Some(72),
+            lag_bytes: Some(0),
             wal_status: Some("reserved".into()),
             last_ack_lsn: None,
             last_ack_at: None,
@@ -410,7 +418,7 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({
                 "slotName": "delta_face56", "plugin": "pgoutput", "publication": "delta_face56", "active": false, "activePid": null, "default": true,
-                "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72,
+                "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72, "lagBytes": 0,
                 "walStatus": "reserved", "lastAckLsn": null, "lastAckAt": null,
                 "secondsSinceLastAck": null, "snapshot": "held",
                 "lastClose": {"by": "client", "code": 1009, "reason": "message too big", "at": "2024-02-29T12:34:56.789Z"}

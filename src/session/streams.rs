@@ -198,6 +198,11 @@ fn unstored(slot: &str, plugin: Plugin) -> Definition {
 }
 
 impl OpenStream {
+    /// Stops the stream once it runs (and its sink tells the client why).
+    pub fn stop(&self) -> StreamStop {
+        self.stop.clone()
+    }
+
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
         let OpenStream { slot, start, stream, stop, guard, progress, format, decoder, skip_empty, settings } = self;

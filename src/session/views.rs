@@ -57,6 +57,9 @@ pub struct SessionView {
     pub retention_warning: bool,
     /// Viewers watching the session through this process (`/v2/sessions/{name}/watch`).
     pub watchers: usize,
+    /// WAL not yet confirmed: from the slot's confirmed_flush_lsn to the current WAL
+    /// position.
+    pub lag_bytes: Option<u64>,
     /// The last ack a client sent through this process since it started.
     pub last_ack_lsn: Option<Lsn>,
     pub last_ack_at: Option<String>,
@@ -115,6 +118,7 @@ impl Registry {
             retained_bytes,
             retention_warning: check_thresholds(retained_bytes, None, warn_bytes, Duration::ZERO).retained,
             watchers: self.watchers.count_of(&definition.name),
+            lag_bytes: row.and_then(|r| r.lag_bytes),
             last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
             last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
             seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),

@@ -73,6 +73,9 @@ pub struct OutFrame {
     /// The transaction's end LSN, on the frame that ends it.
     pub nextlsn: Option<Lsn>,
     pub kind: FrameKind,
+    /// On the frame that ends a transaction, how many changes it carried (counted for
+    /// `/metrics`); 0 on every other frame.
+    pub changes: u32,
 }
 
 /// Plugin output that is not UTF-8 and not a logical message: only a database whose
@@ -86,7 +89,7 @@ pub struct NotUtf8;
 pub struct Assembler {
     format: Format,
     in_transaction: bool,
-    changes: u64,
+    changes: u32,
     nextlsn: Option<Lsn>,
 }
 
@@ -120,16 +123,29 @@ impl Assembler {
             if data[..] == *CHUNKED_TAIL {
                 self.in_transaction = false;
                 let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
-                return OutFrame { payload: data, fragment: Fragment::Last, nextlsn: self.nextlsn.take(), kind };
+                let (nextlsn, changes) = (self.nextlsn.take(), self.changes);
+                return OutFrame { payload: data, fragment: Fragment::Last, nextlsn, kind, changes };
             }
-            self.changes += 1;
-            return OutFrame { payload: data, fragment: Fragment::Middle, nextlsn: None, kind: FrameKind::Inside };
+            self.changes = self.changes.saturating_add(1);
+            return OutFrame {
+                payload: data,
+                fragment: Fragment::Middle,
+                nextlsn: None,
+                kind: FrameKind::Inside,
+                changes: 0,
+            };
         }
         if data.starts_with(b"{") && data.ends_with(CHUNKED_HEAD_END) && !data.starts_with(BROKEN_MESSAGE_HEAD) {
             self.in_transaction = true;
             self.changes = 0;
             self.nextlsn = find_nextlsn(&data);
-            return OutFrame { payload: data, fragment: Fragment::First, nextlsn: None, kind: FrameKind::Inside };
+            return OutFrame {
+                payload: data,
+                fragment: Fragment::First,
+                nextlsn: None,
+                kind: FrameKind::Inside,
+                changes: 0,
+            };
         }
         // A whole message: a transaction printed without chunks, or a
         // non-transactional logical message.
@@ -138,7 +154,7 @@ impl Assembler {
 
     fn push_v2(&mut self, data: Bytes) -> OutFrame {
         let action = if data.starts_with(V2_ACTION) { data.get(V2_ACTION.len()).copied() } else { None };
-        let whole = |payload, nextlsn, kind| OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind };
+        let whole = |payload, nextlsn, kind| OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind, changes: 0 };
         match action {
             Some(b'B') => {
                 self.in_transaction = true;
@@ -151,11 +167,11 @@ impl Assembler {
                 self.in_transaction = false;
                 let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
                 let nextlsn = find_nextlsn(&data);
-                whole(data, nextlsn, kind)
+                OutFrame { changes: self.changes, ..whole(data, nextlsn, kind) }
             }
             Some(b'M') if !self.in_transaction => whole(data, None, FrameKind::Unackable),
             _ => {
-                self.changes += 1;
+                self.changes = self.changes.saturating_add(1);
                 whole(data, None, FrameKind::Inside)
             }
         }
@@ -201,7 +217,13 @@ impl Framer {
                 let payload = self.buf.split().freeze();
                 let fragment = if self.started { Fragment::Last } else { Fragment::Whole };
                 self.started = false;
-                out.push(OutFrame { payload, fragment, nextlsn: piece.nextlsn, kind: piece.kind });
+                out.push(OutFrame {
+                    payload,
+                    fragment,
+                    nextlsn: piece.nextlsn,
+                    kind: piece.kind,
+                    changes: piece.changes,
+                });
             }
         }
     }
@@ -234,7 +256,7 @@ impl Framer {
     fn emit_inside(&mut self, payload: Bytes, out: &mut Vec<OutFrame>) {
         let fragment = if self.started { Fragment::Middle } else { Fragment::First };
         self.started = true;
-        out.push(OutFrame { payload, fragment, nextlsn: None, kind: FrameKind::Inside });
+        out.push(OutFrame { payload, fragment, nextlsn: None, kind: FrameKind::Inside, changes: 0 });
     }
 }
 
@@ -301,7 +323,9 @@ pub fn prepare_v1(data: Bytes) -> OutFrame {
         Some(_) if payload.ends_with(b"\"change\":[]}") => FrameKind::Empty,
         Some(_) => FrameKind::Data,
     };
-    OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind }
+    // Without chunks the changes are not counted (we always ask for chunks): that
+    // would mean parsing the message.
+    OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind, changes: 0 }
 }
 
 /// The top-level `"nextlsn":"X/Y"`, which wal2json prints before `"change"` (after
@@ -426,12 +450,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_frame_that_ends_a_transaction_counts_its_changes() {
+        let mut a = Assembler::new(Format::Transactions);
+        let v1 = [r#"{"nextlsn":"0/1","change":["#, r#"{"kind":"insert"}"#, r#",{"kind":"delete"}"#, "]}"];
+        let counts: Vec<u32> = v1
+            .into_iter()
+            .chain([r#"{"nextlsn":"0/2","change":["#, "]}"])
+            .map(|raw| a.push(b(raw)).unwrap().changes)
+            .collect();
+        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
+
+        let mut a = Assembler::new(Format::Changes);
+        let v2 = [
+            r#"{"action":"B","nextlsn":"0/9"}"#,
+            r#"{"action":"I","table":"t"}"#,
+            r#"{"action":"U","table":"t"}"#,
+            r#"{"action":"C","nextlsn":"0/9"}"#,
+            r#"{"action":"B","nextlsn":"0/C"}"#,
+            r#"{"action":"C","nextlsn":"0/C"}"#,
+        ];
+        let counts: Vec<u32> = v2.into_iter().map(|raw| a.push(b(raw)).unwrap().changes).collect();
+        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
+
+        // Cut into frames, the count stays on the frame that ends the message.
+        let mut framer = Framer::new(16);
+        let mut out = Vec::new();
+        framer.push(OutFrame { changes: 0, ..piece("{\"change\":[", Fragment::First) }, &mut out);
+        framer.push(piece(&"x".repeat(40), Fragment::Middle), &mut out);
+        framer.push(OutFrame { changes: 7, ..piece("]}", Fragment::Last) }, &mut out);
+        let counts: Vec<u32> = out.iter().map(|f| f.changes).collect();
+        assert_eq!(counts.last(), Some(&7), "{counts:?}");
+        assert_eq!(counts.iter().sum::<u32>(), 7, "{counts:?}");
+    }
+
     fn piece(text: &str, fragment: Fragment) -> OutFrame {
         let (nextlsn, kind) = match fragment {
             Fragment::Last | Fragment::Whole => (Some(Lsn(42)), FrameKind::Data),
             _ => (None, FrameKind::Inside),
         };
-        OutFrame { payload: Bytes::copy_from_slice(text.as_bytes()), fragment, nextlsn, kind }
+        OutFrame { payload: Bytes::copy_from_slice(text.as_bytes()), fragment, nextlsn, kind, changes: 0 }
     }
 
     fn shape(frames: &[OutFrame]) -> Vec<(Fragment, String)> {

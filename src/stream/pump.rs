@@ -350,7 +350,13 @@ mod tests {
     use bytes::Bytes;
 
     fn frame(kind: FrameKind, lsn: Option<u64>) -> OutFrame {
-        OutFrame { payload: Bytes::new(), fragment: crate::stream::frame::Fragment::Whole, nextlsn: lsn.map(Lsn), kind }
+        OutFrame {
+            payload: Bytes::new(),
+            fragment: crate::stream::frame::Fragment::Whole,
+            nextlsn: lsn.map(Lsn),
+            kind,
+            changes: 0,
+        }
     }
 
     #[test]

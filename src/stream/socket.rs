@@ -79,6 +79,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Sink for WebSocket<S> {
 /// Runs the websocket until the stream stops.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, link: Link, settings: SocketSettings) {
     let Link { slot, start, frames, acks, progress, stop } = link;
+    let _client = progress.connected();
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(start.0),
         last_progress: AtomicU64::new(0),
@@ -86,7 +87,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, li
     });
     let (sink, stream) = socket.split();
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
-    let writer = Writer { sink, shared: shared.clone(), stop: stop.clone(), in_message: false };
+    let writer =
+        Writer { sink, shared: shared.clone(), progress: progress.clone(), stop: stop.clone(), in_message: false };
     let writer = writer.run(frames, errors_rx, settings.ping_interval);
     let reader = Reader {
         stream,
@@ -116,6 +118,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, li
 struct Writer<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     shared: Arc<Shared>,
+    progress: Arc<Progress>,
     stop: Stop,
     /// A fragmented message is under way: no other data message may start until it ends.
     in_message: bool,
@@ -160,10 +163,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             }
         }
         let (code, reason) = self.stop.reason();
+        // An expired token is the client's to fix: say so in a message too, as a fatal
+        // error is said (a fragmented message under way leaves the close frame alone).
+        let tell = (code == code::POLICY && !self.in_message).then(|| Message::Text(error_json(&reason).into()));
         let close =
             Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).into() }));
         // A client that stopped reading may never take the close frame: don't wait for it.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if let Some(message) = tell {
+                let _ = self.sink.send(message).await;
+            }
             let _ = self.sink.send(close).await;
             let _ = self.sink.close().await;
         })
@@ -208,6 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             Fragment::Last => (Data::Continue, true),
         };
         self.in_message = !fin;
+        self.progress.record_sent(&frame);
         self.io(Io::Feed(Message::Frame(Frame::message(frame.payload, OpCode::Data(opcode), fin)))).await?;
         self.shared.progress();
         if let (Some(lsn), true) = (frame.nextlsn, frame.kind.is_ack_point()) {

@@ -14,6 +14,8 @@ pub mod code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text message that is not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
+    /// Policy violation: the token the stream was opened with has expired.
+    pub const POLICY: u16 = 1008;
     /// A message too big for us.
     pub const TOO_BIG: u16 = 1009;
     /// Internal error: Postgres ended the stream.

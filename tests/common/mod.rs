@@ -6,16 +6,21 @@
 //! database from [`fresh_db`].
 //!
 //! Where the cluster comes from:
-//! - `TEST_PG=local`, or `TEST_PG` unset and no Docker engine detected: a throwaway local
+//! - `TEST_PG=local` or unset (the default, whether or not a Docker engine runs): a throwaway local
 //!   cluster (`initdb` into a temp dir, `postgres` on a free port of 127.0.0.1). Binaries come
 //!   from `$PG_BINDIR`, else `pg_config --bindir` or the highest `/usr/lib/postgresql/*/bin`
 //!   (preferring one with wal2json). As root, initdb and postgres run as the `postgres` user.
 //!   The server is killed when the test binary exits (PR_SET_PDEATHSIG) and its temp dir
 //!   (data, `postgres.log`) is removed at exit (best effort; kept, and the server log with
 //!   it, when `TEST_PG_KEEP=1`), or by the next run.
-//! - `TEST_PG=docker`, or `TEST_PG` unset and a Docker engine detected: a testcontainers
-//!   container from an image built from `fixtures/Dockerfile` (postgres:16 + wal2json).
-//!   The container is removed at exit with the `docker` CLI (best effort).
+//! - `TEST_PG=docker`: a container of the image built from `fixtures/Dockerfile` (Debian
+//!   bookworm's PostgreSQL 15 + wal2json, on a base `scripts/docker.sh bases` imports; `make
+//!   test-docker` does it all), with 5432 published on a free port of 127.0.0.1. Driven with
+//!   the `docker` CLI (which honours `DOCKER_HOST`); the container is removed at exit (best
+//!   effort; a killed run's leftovers by the next run).
+//!
+//! A test binary may give its local cluster extra settings, pg_hba.conf lines and files
+//! in the data directory ([`configure_cluster`], before the cluster starts).
 //!
 //! Restarting the cluster ([`Cluster::restart_immediate`], or [`Cluster::stop_immediate`]
 //! then [`Cluster::start`]) disconnects every client of the shared cluster, so tests that
@@ -148,6 +153,33 @@ pub fn cluster() -> &'static Cluster {
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
+/// What [`configure_cluster`] adds to this binary's cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSetup {
+    /// postgresql.conf settings, `name=value` (in the file, not on the command line, so
+    /// that a test may change them with ALTER SYSTEM and a reload).
+    pub settings: Vec<String>,
+    /// pg_hba.conf lines that replace initdb's. The harness keeps `local all all trust`
+    /// for itself, and then reaches the cluster through its Unix socket:
+    /// [`Cluster::host`] (and so every [`TestDb`]) names the socket directory, and TCP
+    /// stays on `127.0.0.1:`[`Cluster::port`] for the lines given here.
+    pub hba: Vec<String>,
+    /// Files written into the data directory before the server starts, owned by the
+    /// server's user and readable by it only (0600): certificates and keys, say.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+static SETUP: OnceLock<ClusterSetup> = OnceLock::new();
+
+/// Configures the cluster of this test binary: call it before the first [`cluster`] or
+/// [`fresh_db`]. Always a local cluster, whatever `TEST_PG` says.
+pub fn configure_cluster(setup: ClusterSetup) {
+    assert!(CLUSTER.get().is_none(), "configure_cluster after the cluster started");
+    if let Err(setup) = SETUP.set(setup) {
+        assert_eq!(format!("{setup:?}"), format!("{:?}", SETUP.get()), "configure_cluster twice, differently");
+    }
+}
+
 /// The PostgreSQL server the tests use.
 pub struct Cluster {
     pub host: String,
@@ -181,13 +213,11 @@ impl Cluster {
         match &self.backend {
             Backend::Local(local) => local.restart_immediate(self),
             Backend::Docker(docker) => {
-                let (tx, rx) = mpsc::channel();
-                docker.commands.send(DockerCommand::RestartImmediate(tx)).expect("docker owner thread is gone");
-                rx.recv()
-                    .expect("docker owner thread is gone")
+                docker
+                    .stop_immediate()
+                    .and_then(|()| docker.start())
                     .unwrap_or_else(|e| panic!("restarting the Postgres container: {e}"));
-                wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None)
-                    .unwrap_or_else(|e| panic!("Postgres container did not come back: {e}"));
+                self.wait_docker_ready(docker);
             }
         }
     }
@@ -199,7 +229,9 @@ impl Cluster {
         let _guard = self.restart_lock.lock().unwrap_or_else(|e| e.into_inner());
         match &self.backend {
             Backend::Local(local) => local.stop_immediate(self),
-            Backend::Docker(docker) => docker.command(DockerCommand::StopImmediate),
+            Backend::Docker(docker) => {
+                docker.stop_immediate().unwrap_or_else(|e| panic!("stopping the Postgres container: {e}"))
+            }
         }
     }
 
@@ -210,9 +242,8 @@ impl Cluster {
         match &self.backend {
             Backend::Local(local) => local.start(self),
             Backend::Docker(docker) => {
-                docker.command(DockerCommand::Start);
-                wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None)
-                    .unwrap_or_else(|e| panic!("Postgres container did not come back: {e}"));
+                docker.start().unwrap_or_else(|e| panic!("starting the Postgres container: {e}"));
+                self.wait_docker_ready(docker);
             }
         }
     }
@@ -229,9 +260,24 @@ impl Cluster {
         .config()
     }
 
-    /// The server log so far (local path only; empty otherwise).
+    /// The server log so far (on the Docker path: the container's `docker logs`).
     pub fn log(&self) -> String {
-        self.logfile.as_deref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+        match &self.backend {
+            Backend::Local(_) => self.logfile.as_deref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default(),
+            Backend::Docker(docker) => docker.logs(),
+        }
+    }
+
+    /// True on the Docker path (`TEST_PG=docker`): the server's files and binaries are not
+    /// this machine's.
+    pub fn is_docker(&self) -> bool {
+        matches!(self.backend, Backend::Docker(_))
+    }
+
+    fn wait_docker_ready(&self, docker: &DockerBackend) {
+        wait_ready(&self.host, self.port, &self.user, self.password.as_deref(), || None).unwrap_or_else(|e| {
+            panic!("Postgres container did not come back: {e}\n--- docker logs ---\n{}", docker.logs())
+        });
     }
 }
 
@@ -244,31 +290,17 @@ enum Backend {
     Docker(DockerBackend),
 }
 
+/// The local cluster unless `TEST_PG=docker`: a Docker engine that happens to answer (CI
+/// starts one for `make test-docker`) must not change what `make test` runs against.
 fn start_cluster() -> Cluster {
+    if SETUP.get().is_some() {
+        return start_local();
+    }
     match std::env::var("TEST_PG").ok().as_deref() {
         Some("docker") => start_docker().unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
-        Some("local") | Some("") => start_local(),
+        None | Some("local") | Some("") => start_local(),
         Some(other) => panic!("TEST_PG={other:?}: expected `local` or `docker`"),
-        None if docker_engine_detected() => match start_docker() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!(
-                    "test harness: Docker engine detected but the Postgres container failed \
-                     ({e}); falling back to a local cluster (set TEST_PG=docker to make this fatal)"
-                );
-                start_local()
-            }
-        },
-        None => start_local(),
     }
-}
-
-/// Cheap check: `DOCKER_HOST` set, or the default socket accepts a connection.
-fn docker_engine_detected() -> bool {
-    if std::env::var_os("DOCKER_HOST").is_some_and(|v| !v.is_empty()) {
-        return true;
-    }
-    std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -592,6 +624,15 @@ fn start_local() -> Cluster {
         );
     }
 
+    if let Some(setup) = SETUP.get() {
+        apply_setup(setup, &datadir, run_as);
+    }
+    // With pg_hba lines of the test's, the harness goes through the Unix socket.
+    let host = match SETUP.get() {
+        Some(s) if !s.hba.is_empty() => tmpdir.to_str().expect("temp dir path is UTF-8").to_owned(),
+        _ => "127.0.0.1".to_owned(),
+    };
+
     // SAFETY: registering a plain extern "C" fn.
     unsafe { libc::atexit(local_exit_cleanup) };
 
@@ -605,7 +646,7 @@ fn start_local() -> Cluster {
         let exited = pm.exited.clone();
         let _ = LOCAL_EXIT_CLEANUP.set((pm.pid, tmpdir.clone()));
         *backend.postmaster.lock().unwrap() = pm;
-        match wait_ready("127.0.0.1", port, "postgres", None, || exited.get().copied()) {
+        match wait_ready(&host, port, "postgres", None, || exited.get().copied()) {
             Ok(()) => break port,
             Err(e) => {
                 let log = fs::read_to_string(&logfile).unwrap_or_default();
@@ -623,7 +664,7 @@ fn start_local() -> Cluster {
     };
 
     Cluster {
-        host: "127.0.0.1".into(),
+        host,
         port,
         user: "postgres".into(),
         password: None,
@@ -632,6 +673,37 @@ fn start_local() -> Cluster {
         logfile: Some(logfile),
         backend: Backend::Local(backend),
         restart_lock: Mutex::new(()),
+    }
+}
+
+/// Writes the files and pg_hba.conf of a [`ClusterSetup`] into a fresh data directory.
+fn apply_setup(setup: &ClusterSetup, datadir: &Path, run_as: Option<(u32, u32)>) {
+    let write = |name: &str, contents: &[u8], mode: u32| {
+        let path = datadir.join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
+        }
+    };
+    for (name, contents) in &setup.files {
+        write(name, contents, 0o600);
+    }
+    if !setup.settings.is_empty() {
+        let conf = datadir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+        for setting in &setup.settings {
+            let (name, value) =
+                setting.split_once('=').unwrap_or_else(|| panic!("setting {setting:?} is not name=value"));
+            text.push_str(&format!("{} = '{}'\n", name.trim(), value.trim().replace('\'', "''")));
+        }
+        write("postgresql.conf", text.as_bytes(), 0o600);
+    }
+    if !setup.hba.is_empty() {
+        let hba = format!("local all all trust\nlocal replication all trust\n{}\n", setup.hba.join("\n"));
+        write("pg_hba.conf", hba.as_bytes(), 0o600);
     }
 }
 
@@ -700,151 +772,141 @@ fn wait_ready(
 }
 
 // ---------------------------------------------------------------------------------------
-// Docker (testcontainers)
+// Docker
 // ---------------------------------------------------------------------------------------
+//
+// Driven with the `docker` CLI rather than testcontainers: testcontainers 0.27 (bollard)
+// speaks Docker API 1.52 without negotiating, and the engine our machines run (Debian
+// bookworm's docker.io, 20.10) answers "client version 1.52 is too new" to every request.
+// The CLI negotiates the version.
 
 struct DockerBackend {
     container_id: String,
-    commands: tokio::sync::mpsc::UnboundedSender<DockerCommand>,
-}
-
-enum DockerCommand {
-    RestartImmediate(mpsc::Sender<Result<(), String>>),
-    StopImmediate(mpsc::Sender<Result<(), String>>),
-    Start(mpsc::Sender<Result<(), String>>),
 }
 
 impl DockerBackend {
-    /// Runs `make` (a command taking its reply channel) on the owner thread and waits.
-    fn command(&self, make: fn(mpsc::Sender<Result<(), String>>) -> DockerCommand) {
-        let (tx, rx) = mpsc::channel();
-        self.commands.send(make(tx)).expect("docker owner thread is gone");
-        rx.recv().expect("docker owner thread is gone").unwrap_or_else(|e| panic!("Postgres container: {e}"));
+    /// `docker stop -t 0`: SIGKILL at once, like a crash.
+    fn stop_immediate(&self) -> Result<(), String> {
+        docker(&["stop", "-t", "0", &self.container_id]).map(drop)
     }
+
+    fn start(&self) -> Result<(), String> {
+        docker(&["start", &self.container_id]).map(drop)
+    }
+
+    fn logs(&self) -> String {
+        Command::new("docker")
+            .args(["logs", &self.container_id])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+            .unwrap_or_default()
+    }
+}
+
+/// Runs the `docker` CLI; its trimmed stdout, or an error with its stderr.
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run `docker` (is the Docker CLI installed?): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`docker {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 static DOCKER_CONTAINER_ID: OnceLock<String> = OnceLock::new();
 
 extern "C" fn docker_exit_cleanup() {
-    if let Some(id) = DOCKER_CONTAINER_ID.get() {
-        let _ = Command::new("docker")
-            .args(["rm", "--force", "--volumes", id])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+    let Some(id) = DOCKER_CONTAINER_ID.get() else {
+        return;
+    };
+    if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
+        let _ = docker(&["stop", id]);
+        eprintln!("TEST_PG_KEEP: kept the stopped container {id} (docker logs {id})");
+        return;
+    }
+    let _ = docker(&["rm", "--force", "--volumes", id]);
+}
+
+/// The image built from fixtures/ (see fixtures/Dockerfile; `scripts/docker.sh` builds it too).
+const DOCKER_IMAGE: &str = "pgdeltastream-test-postgres:15-wal2json";
+const DOCKER_PID_LABEL: &str = "pgdeltastream.test-pid";
+
+/// Removes containers left by earlier test binaries that were killed before their exit
+/// cleanup ran.
+fn remove_stale_containers() {
+    let format = format!("{{{{.ID}}}} {{{{.Label \"{DOCKER_PID_LABEL}\"}}}}");
+    let listed = docker(&["ps", "--all", "--filter", &format!("label={DOCKER_PID_LABEL}"), "--format", &format]);
+    for line in listed.unwrap_or_default().lines() {
+        let Some((id, pid)) = line.split_once(' ') else { continue };
+        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !process_alive(pid)) {
+            let _ = docker(&["rm", "--force", "--volumes", id]);
+        }
     }
 }
 
-const DOCKER_IMAGE_NAME: &str = "pgdeltastream-test-postgres";
-const DOCKER_IMAGE_TAG: &str = "16-wal2json";
-
-/// Builds the image from fixtures/Dockerfile and starts a container in a dedicated thread
-/// with its own runtime, which keeps the container (and the Docker client) alive until the
-/// test process exits.
+/// Builds the fixtures image (layer cache: a moment when nothing changed) and starts a
+/// container from it with 5432 published on a free port of 127.0.0.1.
 fn start_docker() -> Result<Cluster, String> {
-    use testcontainers_modules::testcontainers::{
-        GenericBuildableImage, ImageExt,
-        core::{IntoContainerPort, WaitFor},
-        runners::{AsyncBuilder, AsyncRunner},
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let fixtures = fixtures.to_str().ok_or("the fixtures path is not UTF-8")?;
+    docker(&["build", "--quiet", "--tag", DOCKER_IMAGE, fixtures]).map_err(|e| {
+        format!("{e}\n(the base image comes from `scripts/docker.sh bases`; `make test-docker` runs it)")
+    })?;
+    remove_stale_containers();
+    // A host port chosen here and published explicitly, so a restart keeps the same port;
+    // someone else can take it first, so retry then.
+    let mut attempt = 0;
+    let (container_id, port) = loop {
+        attempt += 1;
+        let port = free_port();
+        let id = docker(&[
+            "create",
+            "--label",
+            &format!("{DOCKER_PID_LABEL}={}", std::process::id()),
+            "--publish",
+            &format!("127.0.0.1:{port}:5432"),
+            "--env",
+            "POSTGRES_PASSWORD=postgres",
+            "--env",
+            "POSTGRES_HOST_AUTH_METHOD=trust",
+            DOCKER_IMAGE,
+        ])?;
+        match docker(&["start", &id]) {
+            Ok(_) => break (id, port),
+            Err(e) => {
+                let _ = docker(&["rm", "--force", "--volumes", &id]);
+                if attempt < 3 && (e.contains("already allocated") || e.contains("address already in use")) {
+                    continue;
+                }
+                return Err(e);
+            }
+        }
     };
-
-    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/Dockerfile");
-    if !dockerfile.is_file() {
-        return Err(format!("{} is missing", dockerfile.display()));
-    }
-    // A host port chosen here and mapped explicitly, so a restart keeps the same port.
-    let host_port = free_port();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(String, String), String>>();
-    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel::<DockerCommand>();
-
-    thread::Builder::new()
-        .name("test-postgres-docker".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("build runtime: {e}")));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let started = async {
-                    let image = GenericBuildableImage::new(DOCKER_IMAGE_NAME, DOCKER_IMAGE_TAG)
-                        .with_dockerfile(dockerfile)
-                        .build_image()
-                        .await
-                        .map_err(|e| format!("build image from fixtures/Dockerfile: {e}"))?;
-                    let ready = "database system is ready to accept connections";
-                    let container = image
-                        // The entrypoint's temporary init server logs to stdout, the real
-                        // server to stderr (same as testcontainers-modules' Postgres).
-                        .with_wait_for(WaitFor::message_on_stderr(ready))
-                        .with_wait_for(WaitFor::message_on_stdout(ready))
-                        .with_exposed_port(5432.tcp())
-                        .with_mapped_port(host_port, 5432.tcp())
-                        .with_env_var("POSTGRES_PASSWORD", "postgres")
-                        .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
-                        .with_label("pgdeltastream.test-pid", std::process::id().to_string())
-                        .with_startup_timeout(Duration::from_secs(180))
-                        .start()
-                        .await
-                        .map_err(|e| format!("start container: {e}"))?;
-                    let host = container.get_host().await.map_err(|e| format!("container host: {e}"))?.to_string();
-                    Ok::<_, String>((container, host))
-                };
-                let container = match started.await {
-                    Ok((container, host)) => {
-                        let id = container.id().to_string();
-                        let _ = DOCKER_CONTAINER_ID.set(id.clone());
-                        // SAFETY: registering a plain extern "C" fn.
-                        unsafe { libc::atexit(docker_exit_cleanup) };
-                        let _ = ready_tx.send(Ok((host, id)));
-                        container
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                while let Some(cmd) = cmd_rx.recv().await {
-                    match cmd {
-                        DockerCommand::RestartImmediate(reply) => {
-                            // `docker stop -t 0`: SIGKILL, like a crash.
-                            let res = async {
-                                container.stop_with_timeout(Some(0)).await.map_err(|e| format!("stop: {e}"))?;
-                                container.start().await.map_err(|e| format!("start: {e}"))
-                            }
-                            .await;
-                            let _ = reply.send(res);
-                        }
-                        DockerCommand::StopImmediate(reply) => {
-                            let res = container.stop_with_timeout(Some(0)).await.map_err(|e| format!("stop: {e}"));
-                            let _ = reply.send(res);
-                        }
-                        DockerCommand::Start(reply) => {
-                            let _ = reply.send(container.start().await.map_err(|e| format!("start: {e}")));
-                        }
-                    }
-                }
-                // The Cluster lives in a static, so the sender never goes away; keep the
-                // container regardless.
-                std::future::pending::<()>().await;
-            });
-        })
-        .map_err(|e| format!("spawn docker thread: {e}"))?;
-
-    let (host, container_id) = ready_rx.recv().map_err(|_| "docker thread died".to_string())??;
-    wait_ready(&host, host_port, "postgres", Some("postgres"), || None)?;
+    let _ = DOCKER_CONTAINER_ID.set(container_id.clone());
+    // SAFETY: registering a plain extern "C" fn.
+    unsafe { libc::atexit(docker_exit_cleanup) };
+    let backend = DockerBackend { container_id };
+    wait_ready("127.0.0.1", port, "postgres", Some("postgres"), || None)
+        .map_err(|e| format!("{e}\n--- docker logs ---\n{}", backend.logs()))?;
     Ok(Cluster {
-        host,
-        port: host_port,
+        host: "127.0.0.1".into(),
+        port,
         user: "postgres".into(),
         password: Some("postgres".into()),
         bindir: find_bindir().unwrap_or_default(),
         datadir: PathBuf::from("/var/lib/postgresql/data"),
         logfile: None,
-        backend: Backend::Docker(DockerBackend { container_id, commands: cmd_tx }),
+        backend: Backend::Docker(backend),
         restart_lock: Mutex::new(()),
     })
 }

@@ -53,6 +53,7 @@ pub fn pg_config(db: &TestDb) -> PgConfig {
         dbname: db.dbname.clone(),
         application_name: "pgdeltastream-test".into(),
         connect_timeout: Duration::from_secs(10),
+        tls: pgdeltastream::pg::tls::PgTls::disabled(),
     }
 }
 

@@ -20,6 +20,8 @@ export class Sessions {
     this.onList = onList;
     this.selected = null;
     $('#create-form').addEventListener('submit', (e) => { e.preventDefault(); this.create(e.target); });
+    // The list's errors come and go with its polls; an action's stays until dismissed.
+    $('#action-error').addEventListener('click', () => showError($('#action-error'), ''));
   }
 
   start() {
@@ -120,11 +122,11 @@ export class Sessions {
       const created = await api('POST', '/v2/sessions', body);
       form.reset();
       $('#create').open = false;
-      showError($('#sessions-error'), '');
+      showError($('#action-error'), '');
       await this.refresh();
       this.onWatch(created);
     } catch (e) {
-      showError($('#sessions-error'), `Cannot create session ${body.name}: ${e.message}`);
+      showError($('#action-error'), `Cannot create session ${body.name}: ${e.message}`);
     }
   }
 
@@ -137,10 +139,10 @@ export class Sessions {
     if (dialog.returnValue !== 'drop') return;
     try {
       await api('DELETE', `/v2/sessions/${encodeURIComponent(name)}`);
-      showError($('#sessions-error'), '');
+      showError($('#action-error'), '');
       await this.refresh();
     } catch (e) {
-      showError($('#sessions-error'), `Cannot drop session ${name}: ${e.message}`);
+      showError($('#action-error'), `Cannot drop session ${name}: ${e.message}`);
     }
   }
 }

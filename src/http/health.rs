@@ -1,0 +1,71 @@
+//! `GET /healthz` (the process serves) and `GET /readyz` (Postgres can serve us too).
+//!
+//! Readiness is checked at most once per [`CACHE_FOR`]: probes that come meanwhile get
+//! the last answer, and probes that come while a check runs wait for it rather than
+//! start their own, so a storm of probes costs Postgres one check a second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::AppState;
+use crate::session::health::NotReady;
+
+/// How long an answer is reused.
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
+/// How long a check may wait for a pool connection: an exhausted pool is reported, fast.
+const POOL_WAIT: Duration = Duration::from_millis(500);
+/// How long all the checks may take together.
+const CHECK_LIMIT: Duration = Duration::from_secs(5);
+
+type Answer = Result<&'static [&'static str], NotReady>;
+
+/// The last readiness answer and when it was found.
+#[derive(Default)]
+pub struct ReadyCache {
+    last: Mutex<Option<(Instant, Answer)>>,
+}
+
+/// `GET /healthz`: 200 while the process serves; asks nothing of Postgres.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 200 with the checks passed, or 503 naming the one that failed.
+pub async fn readyz(State(state): State<AppState>, cache: axum::Extension<Arc<ReadyCache>>) -> Response {
+    let mut last = cache.last.lock().await;
+    let answer = match &*last {
+        Some((at, answer)) if at.elapsed() < CACHE_FOR => answer.clone(),
+        _ => {
+            let answer = check(&state).await;
+            *last = Some((Instant::now(), answer.clone()));
+            answer
+        }
+    };
+    drop(last);
+    match answer {
+        Ok(checks) => Json(json!({ "status": "ok", "checks": checks })).into_response(),
+        Err(e) => {
+            let body =
+                json!({ "status": "unavailable", "check": e.check, "error": format!("{}: {}", e.check, e.reason) });
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
+        }
+    }
+}
+
+async fn check(state: &AppState) -> Answer {
+    match tokio::time::timeout(CHECK_LIMIT, state.registry.readiness(POOL_WAIT)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(NotReady {
+            check: "connection",
+            reason: format!("Postgres did not answer the checks within {} s", CHECK_LIMIT.as_secs()),
+        }),
+    }
+}

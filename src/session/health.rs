@@ -1,0 +1,136 @@
+//! What the process knows about itself, for `/metrics` and `/readyz`: the sessions'
+//! totals (no Postgres needed), their slots' positions (one query), and whether
+//! Postgres can serve us at all. Numbers only: the HTTP layer formats them.
+
+use std::time::{Duration, SystemTime};
+
+use super::Registry;
+use super::snapshots::SnapshotStatus;
+use crate::error::{Error, ErrorKind};
+use crate::pg::pool::{PoolError, PoolStats};
+use crate::pg::replication::ReplicationConnection;
+use crate::stream::progress::Stats;
+
+/// One session this process knows, and what its streams did since the process started.
+#[derive(Debug, Clone)]
+pub struct SessionStats {
+    pub name: String,
+    pub slot: String,
+    pub stats: Stats,
+    pub last_ack_at: Option<SystemTime>,
+}
+
+/// The process's sessions and its connections to Postgres.
+#[derive(Debug, Clone)]
+pub struct ProcessStats {
+    pub sessions: Vec<SessionStats>,
+    pub pool: PoolStats,
+    /// Replication connections of running streams.
+    pub streams: usize,
+    /// Replication connections that hold a snapshot.
+    pub snapshots: usize,
+}
+
+/// Where a slot stands, as Postgres says.
+#[derive(Debug, Clone)]
+pub struct SlotPosition {
+    pub slot: String,
+    /// From the slot's confirmed_flush_lsn to the current WAL position.
+    pub lag_bytes: Option<u64>,
+    /// From the slot's restart_lsn to the current WAL position.
+    pub retained_bytes: Option<u64>,
+}
+
+/// The checks `/readyz` runs, in order; the first that fails names the reason.
+pub const CHECKS: [&str; 4] = ["connection", "wal_level", "replication_role", "replication_connection"];
+
+/// A failed readiness check: which, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    pub check: &'static str,
+    pub reason: String,
+}
+
+impl NotReady {
+    fn new(check: &'static str, reason: impl Into<String>) -> NotReady {
+        NotReady { check, reason: reason.into() }
+    }
+}
+
+const ROLE_SQL: &str = "\
+    SELECT pg_catalog.current_setting('wal_level'), \
+           coalesce((SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), false)";
+
+impl Registry {
+    /// The totals of every session this process knows; takes no connection.
+    pub fn stats(&self) -> ProcessStats {
+        let (sessions, streams, snapshots) = self.with(|s| {
+            let mut sessions: Vec<SessionStats> = s
+                .sessions
+                .values()
+                .map(|e| SessionStats {
+                    name: e.def.name.clone(),
+                    slot: e.def.slot_name.clone(),
+                    stats: e.progress.stats(),
+                    last_ack_at: e.progress.last_ack().map(|(_, at)| at),
+                })
+                .collect();
+            sessions.sort_by(|a, b| a.name.cmp(&b.name));
+            let streams = s.sessions.values().filter(|e| e.stream.running.is_some()).count();
+            let snapshots = s.sessions.values().filter(|e| e.snapshot.status().0 == SnapshotStatus::Held).count();
+            (sessions, streams, snapshots)
+        });
+        ProcessStats { sessions, pool: self.pool.stats(), streams, snapshots }
+    }
+
+    /// The positions of the slots of the sessions this process knows: one query, given
+    /// up after `limit` (waiting for a pool connection included).
+    pub async fn slot_positions(&self, limit: Duration) -> Result<Vec<SlotPosition>, Error> {
+        let rows = tokio::time::timeout(limit, self.slot_rows()).await.map_err(|_| {
+            Error::new(ErrorKind::Unavailable, format!("Postgres did not answer within {} ms", limit.as_millis()))
+        })??;
+        let ours = self.with(|s| s.sessions.values().map(|e| e.def.slot_name.clone()).collect::<Vec<_>>());
+        Ok(rows
+            .into_iter()
+            .filter(|r| ours.contains(&r.slot_name))
+            .map(|r| SlotPosition { slot: r.slot_name, lag_bytes: r.lag_bytes, retained_bytes: r.retained_bytes })
+            .collect())
+    }
+
+    /// Whether this process can serve: a pool connection answers (waiting at most
+    /// `wait` for one), the WAL is logical, the role may replicate, and a replication
+    /// connection opens. Returns the checks passed.
+    pub async fn readiness(&self, wait: Duration) -> Result<&'static [&'static str], NotReady> {
+        let client = self.pool.get_within(wait).await.map_err(|e| match e {
+            PoolError::Busy { size, .. } => {
+                NotReady::new(CHECKS[0], format!("all {size} pool connections to Postgres are in use"))
+            }
+            PoolError::Connect(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
+            PoolError::Tls(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
+        })?;
+        let row = client.query_one(ROLE_SQL, &[]).await;
+        let (wal_level, can_replicate): (String, bool) = match row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?))) {
+            Ok(v) => {
+                client.release();
+                v
+            }
+            Err(e) => return Err(NotReady::new(CHECKS[0], format!("query failed: {e}"))),
+        };
+        if wal_level != "logical" {
+            return Err(NotReady::new(CHECKS[1], format!("wal_level is {wal_level}, logical decoding needs logical")));
+        }
+        if !can_replicate {
+            return Err(NotReady::new(
+                CHECKS[2],
+                format!("role {} has neither REPLICATION nor SUPERUSER", self.pg.user),
+            ));
+        }
+        let mut conn = ReplicationConnection::connect(&self.pg)
+            .await
+            .map_err(|e| NotReady::new(CHECKS[3], format!("cannot open a replication connection: {e}")))?;
+        let identified = conn.simple_query("IDENTIFY_SYSTEM").await;
+        conn.close().await;
+        identified.map_err(|e| NotReady::new(CHECKS[3], format!("IDENTIFY_SYSTEM failed: {e}")))?;
+        Ok(&CHECKS)
+    }
+}
