@@ -197,3 +197,39 @@ async fn dropping_a_session_ends_its_watchers() {
     assert_eq!((code, reason.as_str()), (1000, "session dropped"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn with_auth_watching_needs_the_sessions_scope() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use pgdeltastream::server::{KeySource, Verifier};
+    const SECRET: &[u8] = b"a watch test secret that is long enough";
+    let token = |claims: Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.unwrap();
+    let mut settings = fast_settings(&db);
+    settings.http.auth = Some(std::sync::Arc::new(Verifier::new(KeySource::Secret(SECRET), None, None).unwrap()));
+    let server = TestServer::start_with(settings).await;
+    let bearer = format!("Bearer {}", token(json!({"role": "admin", "exp": exp})));
+    let headers = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    let body = json!({"name": "orders", "tables": ["orders"]}).to_string().into_bytes();
+    assert_eq!(raw_request(server.addr, "POST", "/v2/sessions", &headers, body).await.0, 201);
+
+    let (status, body) = watch_refused(&server, "orders").await;
+    assert_eq!(status, 401, "no token: {body}");
+    let other = token(json!({"role": "consumer", "sessions": ["other"], "exp": exp}));
+    let url = format!("{}?access_token={other}", watch_url(&server, "orders"));
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let mine = token(json!({"role": "consumer", "sessions": ["orders"], "exp": exp}));
+    let url = format!("{}?access_token={mine}", watch_url(&server, "orders"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("a consumer of the session may watch it");
+    pg.batch_execute("INSERT INTO orders VALUES (7)").await.unwrap();
+    assert_eq!(watched_inserts(&mut ws, 1).await, vec![7]);
+    server.stop().await;
+}
