@@ -274,6 +274,13 @@ async fn the_viewer_creates_a_session_and_shows_its_changes_live() {
         &format!("return /\\d+(\\.\\d)? (B|KiB|MiB)/.test({row}.querySelectorAll('td')[7].innerText)"),
     )
     .await;
+    until(
+        &c,
+        "the lag in the list",
+        Duration::from_secs(10),
+        &format!("return /^\\d+(\\.\\d)? (B|KiB|MiB)$/.test({row}.querySelector('td.lag').innerText)"),
+    )
+    .await;
 
     // Filters and pause.
     click(&c, "#filter-kinds input[value=I]").await;
