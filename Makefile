@@ -12,7 +12,7 @@ export DEV_PGPORT
 # sudo only when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: setup clients run test lint clean-dev
+.PHONY: setup clients browser run test lint clean-dev
 
 ## setup: install PostgreSQL $(PG_MAJOR) + wal2json if missing; check for cargo
 setup:
@@ -58,6 +58,17 @@ $(TOOLS)/node/.ws-$(NODE_WS):
 	cd $(TOOLS)/node && npm install --silent --no-audit --no-fund ws@$(NODE_WS)
 	touch $@
 
+## browser: Debian's chromium and chromedriver, for the viewer's browser test (tests/browser.rs)
+browser:
+	@if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" != 0 ] && [ -z "$(SUDO)" ]; then \
+	    echo "chromium / chromedriver missing and not root without sudo: install chromium chromium-driver"; \
+	    exit 1; fi; \
+	  echo "Installing chromium and chromium-driver..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 ## run: build the release server and run it against a throwaway dev Postgres (.dev/);
 ## PLUGIN=auto (default), wal2json or pgoutput
 PLUGIN ?= auto
@@ -77,7 +88,7 @@ nats:
 	  echo "Installed nats-server."; }
 
 ## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
-test: setup clients nats
+test: setup clients nats browser
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 

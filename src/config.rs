@@ -150,6 +150,10 @@ pub struct Cli {
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, global = true, env = "PGDELTASTREAM_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Viewers watching sessions at once (GET /v2/sessions/{name}/watch); more get 503.
+    /// Each costs a walsender and a temporary replication slot while it runs.
+    #[arg(long, env = "PGDELTASTREAM_MAX_WATCHERS", default_value_t = 8)]
+    pub max_watchers: usize,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +206,7 @@ impl Cli {
             pgoutput_memory: self.pgoutput_memory as usize,
             schema: self.schema.clone(),
             plugin: self.plugin.into(),
+            max_watchers: self.max_watchers,
             ..SessionSettings::default()
         }
     }

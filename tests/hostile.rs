@@ -100,7 +100,11 @@ fn http_cases() -> Vec<Case> {
         req("DELETE", "/v1/init", 405),
         req("GET", "/v1/snapshot/data", 405),
         req("PUT", "/v1/lr/stream", 405),
-        req("GET", "/", 404),
+        // `GET /` is the viewer's page.
+        req("GET", "/nope", 404),
+        req("POST", "/", 405),
+        req("GET", "/assets/nope.js", 404),
+        req("GET", "/assets/%2e%2e%2fviewer.rs", 404),
         req("GET", "/v1/../etc/passwd", 404),
         req("GET", "/v2/init", 404),
         // The websocket endpoint without upgrade headers, and odd slot names.

@@ -134,7 +134,7 @@ fn shape(name: &str, mut v: Value) {
     for key in ["slotName", "publication"] {
         v[key] = json!(format!("[{key}]"));
     }
-    for key in ["consistentPoint", "confirmedFlushLsn", "retainedBytes", "lagBytes"] {
+    for key in ["consistentPoint", "confirmedFlushLsn", "retainedBytes", "lagBytes", "watchers"] {
         if !v[key].is_null() {
             v[key] = json!("[varies]");
         }

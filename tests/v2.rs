@@ -48,7 +48,13 @@ fn redact(mut v: Value) -> Value {
                         "consistentPoint" | "confirmedFlushLsn" | "lastAckLsn" | "nextlsn" | "lsn" if !v.is_null() => {
                             *v = json!("[lsn]")
                         }
-                        "lastAckAt" | "at" | "secondsSinceLastAck" | "retainedBytes" | "lagBytes" | "activePid"
+                        "lastAckAt"
+                        | "at"
+                        | "secondsSinceLastAck"
+                        | "retainedBytes"
+                        | "lagBytes"
+                        | "activePid"
+                        | "watchers"
                             if !v.is_null() =>
                         {
                             *v = json!("[varies]")

@@ -9,6 +9,7 @@
 //! | `GET /v1/sessions` | [`sessions::list`]: every slot of ours, its WAL retention and last ack |
 //! | `DELETE /v1/sessions/{slotName}` | [`sessions::drop_session`]: end a session and drop its slot |
 //! | `/v2/sessions...` | [`v2`]: named sessions with their own tables and actions |
+//! | `GET /`, `GET /assets/{file}` | [`viewer`]: the page for operators, built in |
 //! | `GET /metrics` | [`metrics::scrape`]: Prometheus metrics |
 //! | `GET /healthz`, `GET /readyz` | [`health`]: liveness, and whether Postgres can serve us |
 //!
@@ -29,6 +30,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod upgrade;
 pub mod v2;
+pub mod viewer;
 
 use std::sync::Arc;
 
@@ -58,6 +60,8 @@ pub fn router(state: AppState) -> Router {
     let http_metrics = Arc::new(metrics::HttpMetrics::default());
     let authenticate = middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
     Router::new()
+        .route("/", get(viewer::index))
+        .route("/assets/{file}", get(viewer::asset))
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
         .route("/v1/snapshot/data", post(snapshot::data))
         .route("/v1/snapshot", delete(snapshot::release))
@@ -67,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions", post(v2::create).get(v2::list))
         .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
         .route("/v2/sessions/{name}/stream", get(v2::stream))
+        .route("/v2/sessions/{name}/watch", get(v2::watch))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
         .merge(monitoring())

@@ -3,7 +3,6 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -14,6 +13,8 @@ use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::OpenStream;
 use crate::stream::frame::Format;
+use crate::stream::observer::Observer;
+use crate::stream::sink::Sink;
 use crate::stream::socket::WebSocket;
 use crate::stream::stop::code;
 
@@ -60,6 +61,21 @@ pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
 /// Answers the upgrade and runs the stream on the websocket, until `deadline` (when
 /// the token it was opened with expires) at the latest.
 pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
+    serve_as(state, upgrade, open, deadline, false)
+}
+
+/// The same for a viewer watching a session: the stream is confirmed as it is sent.
+pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
+    serve_as(state, upgrade, open, deadline, true)
+}
+
+fn serve_as(
+    state: &AppState,
+    upgrade: Upgrade,
+    open: OpenStream,
+    deadline: Option<Instant>,
+    observer: bool,
+) -> Response {
     // tungstenite zeroes its read buffer before every read (128 KiB by default); a
     // client sends only small acks, and one read per ack must not cost a large memset.
     let config = WebSocketConfig::default()
@@ -67,14 +83,21 @@ pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Opt
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE));
     let settings = state.registry.settings().socket.clone();
-    upgrade.on_upgrade(config, move |socket| run_until(open, WebSocket::new(socket, settings), deadline))
+    upgrade.on_upgrade(config, move |socket| async move {
+        let socket = WebSocket::new(socket, settings);
+        if observer {
+            run_until(open, Observer(socket), deadline).await
+        } else {
+            run_until(open, socket, deadline).await
+        }
+    })
 }
 
 /// The stream, stopped with 1008 at `deadline`: only a disconnect, so the slot stays
 /// as it was and the client resumes with a new token.
-async fn run_until(open: OpenStream, socket: WebSocket<TokioIo<hyper::upgrade::Upgraded>>, deadline: Option<Instant>) {
+async fn run_until(open: OpenStream, sink: impl Sink, deadline: Option<Instant>) {
     let stop = open.stop();
-    let run = open.run(socket);
+    let run = open.run(sink);
     let Some(deadline) = deadline else {
         return run.await;
     };

@@ -7,6 +7,7 @@
 //! | `GET /v2/sessions/{name}` | [`get_one`] |
 //! | `DELETE /v2/sessions/{name}` | [`delete_one`]: ends its stream, drops its slot |
 //! | `GET /v2/sessions/{name}/stream` | [`stream`]: the websocket, only its changes |
+//! | `GET /v2/sessions/{name}/watch` | [`watch`]: a viewer's copy, from a temporary slot |
 //! | `GET /v2/sessions/{name}/snapshot/{table}` | [`snapshot`]: keyset pages, or NDJSON |
 //! | `DELETE /v2/sessions/{name}/snapshot` | [`release_snapshot`]: let go of its snapshot |
 
@@ -22,7 +23,7 @@ use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::auth::Principal;
-use super::stream::{parse_format, serve};
+use super::stream::{parse_format, serve, serve_observer};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::Error;
@@ -193,4 +194,20 @@ pub async fn stream(
     let upgrade = upgrade?;
     let open = state.registry.open_session_stream(&name, format).await?;
     Ok(serve(&state, upgrade, open, who.stream_deadline()))
+}
+
+/// `GET /v2/sessions/{name}/watch`: the session's changes from now on (`changes`
+/// format), from a temporary slot of the watcher's own; the session's slot, stream and
+/// acks are left alone. Query parameters are ignored (a token may travel there).
+pub async fn watch(
+    State(state): State<AppState>,
+    who: Principal,
+    name: Result<Path<String>, PathRejection>,
+    upgrade: Result<Upgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
+    who.require_session(&name)?;
+    let upgrade = upgrade?;
+    let open = state.registry.open_watch(&name).await?;
+    Ok(serve_observer(&state, upgrade, open, who.stream_deadline()))
 }

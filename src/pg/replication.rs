@@ -270,6 +270,21 @@ impl ReplicationConnection {
         })
     }
 
+    /// Creates a temporary logical slot with `plugin`, exporting no snapshot: Postgres
+    /// drops it when this connection ends. Returns its consistent point.
+    pub async fn create_temporary_slot(&mut self, name: &str, plugin: &str) -> Result<Lsn, PgError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} NOEXPORT_SNAPSHOT",
+            super::ident::quote_ident(name),
+            super::ident::quote_ident(plugin)
+        );
+        let rows = self.simple_query(&sql).await?;
+        rows.first()
+            .and_then(|row| row.get(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))
+    }
+
     /// Starts logical streaming from `start` (`Lsn::ZERO` = from the slot's confirmed
     /// position) with the plugin's `options`. Option names and values are quoted here.
     pub async fn start_replication(

@@ -241,6 +241,7 @@ impl Registry {
     /// snapshot, and forgets it. If the slot cannot be dropped the session stays whole.
     pub(super) async fn end(&self, def: &Definition, why: &'static str) -> Result<(), Error> {
         let name = def.name.as_str();
+        self.watchers.stop(Some(name), code::NORMAL, why);
         self.with(|s| {
             if let Some(e) = s.sessions.get_mut(name) {
                 e.stream.closing = Some(why);

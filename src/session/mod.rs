@@ -24,6 +24,7 @@
 //! - [`streams`]: claiming a session's one stream and running it.
 //! - [`views`] and [`retention`]: what the API reports; [`health`]: what `/metrics`
 //!   and `/readyz` report.
+//! - [`watch`]: viewers watching a session from temporary slots of their own.
 
 pub(crate) mod definition;
 pub mod health;
@@ -36,6 +37,7 @@ mod snapshots;
 pub mod store;
 mod streams;
 pub(crate) mod views;
+mod watch;
 
 /// The output plugins, as the settings name them.
 pub use crate::stream::plugin::Plugin;
@@ -44,6 +46,7 @@ pub use retention::{RetentionSettings, SlotReport};
 pub use streams::OpenStream;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +92,8 @@ pub struct SessionSettings {
     pub schema: String,
     /// The plugin of `/v1/init`, and of a v2 session that names none.
     pub plugin: PluginChoice,
+    /// Viewers watching sessions at once ([`watch`]): each costs a walsender.
+    pub max_watchers: usize,
 }
 
 impl Default for SessionSettings {
@@ -102,6 +107,7 @@ impl Default for SessionSettings {
             socket: SocketSettings { ping_interval: Duration::from_secs(15), dead_after: Duration::from_secs(60) },
             schema: store::DEFAULT_SCHEMA.to_owned(),
             plugin: PluginChoice::Auto,
+            max_watchers: 8,
         }
     }
 }
@@ -160,6 +166,9 @@ pub struct Registry {
     /// Woken whenever a stream ends.
     stream_ended: Notify,
     shutdown: Stop,
+    watchers: watch::Watchers,
+    /// The retention warning threshold in bytes (0: none), for the views.
+    retention_warn_bytes: AtomicU64,
 }
 
 impl Registry {
@@ -173,6 +182,8 @@ impl Registry {
             admin: tokio::sync::Mutex::new(()),
             stream_ended: Notify::new(),
             shutdown: Stop::new(),
+            watchers: watch::Watchers::default(),
+            retention_warn_bytes: AtomicU64::new(0),
         })
     }
 
@@ -199,6 +210,7 @@ impl Registry {
     /// seconds for the streams to send their last status update.
     pub async fn shutdown(&self) {
         self.shutdown.stop(code::GOING_AWAY, "server shutting down");
+        self.watchers.stop(None, code::GOING_AWAY, "server shutting down");
         let names = self.with(|s| {
             for e in s.sessions.values_mut() {
                 if let Some(stop) = &e.stream.running {

@@ -65,6 +65,12 @@ pub fn is_ours(name: &str) -> bool {
     letters > 0 && !digits.is_empty() && digits.len() <= 20 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The temporary slot of a viewer watching a session: a name [`is_ours`] refuses, so
+/// no listing shows it and no drop reaches it (Postgres drops it with its connection).
+pub fn watch_slot_name() -> String {
+    format!("pgdeltastream_watch_{:016x}", random_u64())
+}
+
 /// 64 random bits from the standard library's randomly keyed SipHash: enough for names,
 /// without another crate.
 fn random_u64() -> u64 {
@@ -85,6 +91,15 @@ mod tests {
             let n = random_name();
             assert!(is_ours(&n), "{n}");
             assert!(crate::pg::ident::is_valid_slot_name(&n), "{n}");
+        }
+    }
+
+    #[test]
+    fn watch_slots_are_valid_and_never_taken_for_sessions() {
+        for _ in 0..100 {
+            let n = watch_slot_name();
+            assert!(crate::pg::ident::is_valid_slot_name(&n), "{n}");
+            assert!(!is_ours(&n), "{n}: listings and drops would reach a watcher's slot");
         }
     }
 

@@ -235,6 +235,7 @@ impl Registry {
     /// A slot with no ack since this process started counts as idle from when this task
     /// first saw it.
     pub async fn watch_retention(self: Arc<Self>, every: Duration, warn_bytes: u64, warn_idle: Duration) {
+        self.retention_warn_bytes.store(warn_bytes, std::sync::atomic::Ordering::Relaxed);
         let every = every.max(Duration::from_millis(100));
         let mut first_seen: HashMap<String, Instant> = HashMap::new();
         loop {

@@ -26,20 +26,28 @@ use crate::types::Lsn;
 pub struct OpenStream {
     pub slot: String,
     pub start: Lsn,
-    stream: ReplicationStream,
-    claim: Claim,
-    progress: Arc<Progress>,
-    format: Format,
+    pub(super) stream: ReplicationStream,
+    pub(super) stop: StreamStop,
+    /// What the stream holds while it runs, given back when it ends.
+    pub(super) guard: Guard,
+    pub(super) progress: Arc<Progress>,
+    pub(super) format: Format,
     /// The plugin's output as wal2json pieces.
-    decoder: PluginDecoder,
+    pub(super) decoder: PluginDecoder,
     /// v2 sessions are not sent transactions with no change for them; v1 ones are, as
     /// the original sent them.
-    skip_empty: bool,
-    settings: SessionSettings,
+    pub(super) skip_empty: bool,
+    pub(super) settings: SessionSettings,
+}
+
+/// The session's one stream, or a place among the watchers.
+pub(super) enum Guard {
+    Session { _claim: Claim },
+    Watch { _permit: super::watch::WatchPermit },
 }
 
 /// The session's stream, taken: given back when dropped.
-struct Claim {
+pub(super) struct Claim {
     registry: Arc<Registry>,
     name: String,
     stop: StreamStop,
@@ -121,7 +129,8 @@ impl Registry {
             slot: slot.to_owned(),
             start,
             stream,
-            claim,
+            stop: claim.stop.clone(),
+            guard: Guard::Session { _claim: claim },
             progress,
             format,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
@@ -191,15 +200,14 @@ fn unstored(slot: &str, plugin: Plugin) -> Definition {
 impl OpenStream {
     /// Stops the stream once it runs (and its sink tells the client why).
     pub fn stop(&self) -> StreamStop {
-        self.claim.stop.clone()
+        self.stop.clone()
     }
 
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, claim, progress, format, decoder, skip_empty, settings } = self;
+        let OpenStream { slot, start, stream, stop, guard, progress, format, decoder, skip_empty, settings } = self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
-        let stop = claim.stop.clone();
         let pump = Pump {
             slot: slot.clone(),
             stream,
@@ -218,6 +226,6 @@ impl OpenStream {
         // frame from one stage to the next is then a poll in the same thread, not a
         // wake-up of another worker (which cost more than the forwarding itself).
         tokio::join!(pump.run(), sink.run(link));
-        drop(claim);
+        drop(guard);
     }
 }

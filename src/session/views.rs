@@ -1,13 +1,13 @@
 //! What `GET /v2/sessions` says about a session: its definition, and its state as this
 //! process and Postgres see it.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use super::Registry;
 use super::definition::Definition;
-use super::retention::{LastClose, SlotRow, rfc3339};
+use super::retention::{LastClose, SlotRow, check_thresholds, rfc3339};
 use super::snapshots::SnapshotStatus;
 use crate::error::Error;
 use crate::types::Lsn;
@@ -53,6 +53,10 @@ pub struct SessionView {
     pub confirmed_flush_lsn: Option<Lsn>,
     /// WAL the slot keeps: from its restart_lsn to the current WAL position.
     pub retained_bytes: Option<u64>,
+    /// `retainedBytes` is past the warning threshold (`--retention-warn-bytes`).
+    pub retention_warning: bool,
+    /// Viewers watching the session through this process (`/v2/sessions/{name}/watch`).
+    pub watchers: usize,
     /// WAL not yet confirmed: from the slot's confirmed_flush_lsn to the current WAL
     /// position.
     pub lag_bytes: Option<u64>,
@@ -100,6 +104,8 @@ impl Registry {
         let row = rows.iter().find(|r| r.slot_name == definition.slot_name);
         let last_ack = progress.as_ref().and_then(|p| p.last_ack());
         let now = SystemTime::now();
+        let retained_bytes = row.and_then(|r| r.retained_bytes);
+        let warn_bytes = self.retention_warn_bytes.load(std::sync::atomic::Ordering::Relaxed);
         SessionView {
             publication: definition.publication(),
             consistent_point,
@@ -109,7 +115,9 @@ impl Registry {
             active_pid: row.and_then(|r| r.active_pid),
             slot_exists: row.is_some(),
             confirmed_flush_lsn: row.and_then(|r| r.confirmed_flush_lsn),
-            retained_bytes: row.and_then(|r| r.retained_bytes),
+            retained_bytes,
+            retention_warning: check_thresholds(retained_bytes, None, warn_bytes, Duration::ZERO).retained,
+            watchers: self.watchers.count_of(&definition.name),
             lag_bytes: row.and_then(|r| r.lag_bytes),
             last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
             last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),

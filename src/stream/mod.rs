@@ -17,6 +17,7 @@
 //!   [`binary_message`] mends logical messages whose content is not UTF-8.
 //! - [`plugin`] is the output plugin: its name, its start options, its decoder
 //!   ([`decode`]); [`pgoutput`] renders pgoutput's messages as wal2json's pieces.
+//! - [`observer`] is the sink of a viewer watching a session from a slot of its own.
 //! - [`stop`] is how any stage (or `/v1/init`, or shutdown) ends all of them, with a
 //!   reason the client is told.
 
@@ -25,6 +26,7 @@ pub(crate) mod binary_message;
 pub mod decode;
 pub(crate) mod filter;
 pub mod frame;
+pub mod observer;
 pub mod pgoutput;
 pub(crate) mod plugin;
 pub(crate) mod progress;

@@ -35,6 +35,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             schema: pgdeltastream::session::store::DEFAULT_SCHEMA.into(),
             plugin: pgdeltastream::session::PluginChoice::Auto,
             socket: SocketSettings { ping_interval: Duration::from_secs(1), dead_after: Duration::from_secs(10) },
+            max_watchers: 8,
         },
         max_limit: 1000,
         retention: RetentionSettings::default(),

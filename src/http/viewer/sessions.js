@@ -1,0 +1,148 @@
+// The session list: polled every 1.5 s; create and drop.
+
+import { $, h, bytes, seconds, showError } from './dom.js';
+import { api } from './api.js';
+
+const POLL_MS = 1500;
+
+export function tableLabel(t) {
+  if (typeof t === 'string') return t;
+  let s = t.table;
+  if (t.columns) s += ` (${t.columns.join(', ')})`;
+  if (t.where) s += ` where ${t.where}`;
+  return s;
+}
+
+export class Sessions {
+  constructor({ onWatch, onSnapshot, onList }) {
+    this.onWatch = onWatch;
+    this.onSnapshot = onSnapshot;
+    this.onList = onList;
+    this.selected = null;
+    $('#create-form').addEventListener('submit', (e) => { e.preventDefault(); this.create(e.target); });
+    // The list's errors come and go with its polls; an action's stays until dismissed.
+    $('#action-error').addEventListener('click', () => showError($('#action-error'), ''));
+  }
+
+  start() {
+    const tick = async () => {
+      await this.refresh();
+      setTimeout(tick, POLL_MS);
+    };
+    tick();
+  }
+
+  async refresh() {
+    try {
+      const list = await api('GET', '/v2/sessions');
+      this.render(list);
+      showError($('#sessions-error'), '');
+      $('#conn').textContent = 'connected';
+      $('#conn').className = 'pill ok';
+      $('#sessions-updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+      this.onList(list);
+      this.refreshV1(list);
+    } catch (e) {
+      showError($('#sessions-error'), `Cannot list sessions: ${e.message}`);
+      $('#conn').textContent = 'disconnected';
+      $('#conn').className = 'pill bad';
+    }
+  }
+
+  async refreshV1(v2) {
+    if (!$('#v1').open) return;
+    try {
+      const slots = await api('GET', '/v1/sessions');
+      const named = new Set(v2.map((s) => s.slotName));
+      const body = $('#v1-slots tbody');
+      body.replaceChildren(...slots.filter((s) => !named.has(s.slotName)).map((s) => h('tr', {},
+        h('td', { text: s.slotName }),
+        h('td', { text: s.plugin }),
+        h('td', { text: s.active ? `yes (pid ${s.activePid})` : 'no' }),
+        h('td', { class: 'num', text: bytes(s.retainedBytes) }),
+        h('td', { class: 'num', text: seconds(s.secondsSinceLastAck) }),
+        h('td', { text: s.walStatus || '—' }))));
+    } catch { /* the v2 list shows the error */ }
+  }
+
+  render(list) {
+    const body = $('#sessions tbody');
+    $('#no-sessions').hidden = list.length > 0;
+    // Lag in bytes shows where the server reports it.
+    $('#sessions').classList.toggle('no-lag', !list.some((s) => s.lagBytes !== undefined));
+    body.replaceChildren(...list.map((s) => this.row(s)));
+  }
+
+  row(s) {
+    const tables = s.tables ? s.tables.map(tableLabel).join(', ') : 'all tables';
+    const client = s.streaming
+      ? h('span', { class: 'pill ok', title: `walsender pid ${s.activePid}` }, `streaming · pid ${s.activePid ?? '?'}`)
+      : h('span', { class: 'pill' }, s.slotExists ? 'idle' : 'slot gone');
+    const retained = h('td', { class: `num${s.retentionWarning ? ' warn' : ''}`,
+      title: s.retentionWarning ? 'past the retention warning threshold' : `confirmed ${s.confirmedFlushLsn ?? '—'}` },
+    bytes(s.retainedBytes), s.retentionWarning ? ' ⚠' : '');
+    const snapshot = s.snapshot === 'held' ? 'held' : (s.snapshotReason ? `${s.snapshot}: ${s.snapshotReason}` : s.snapshot);
+    const tr = h('tr', { 'data-name': s.name, class: s.name === this.selected ? 'selected' : '' },
+      h('td', { class: 'name' }, h('button', { type: 'button', class: 'link', onclick: () => this.onWatch(s) }, s.name),
+        h('div', { class: 'muted small', text: s.slotName })),
+      h('td', { text: s.plugin }),
+      h('td', { class: 'wrap', text: tables }),
+      h('td', { class: 'small', text: s.actions.join(', ') }),
+      h('td', {}, client),
+      h('td', { class: 'num lag', title: 'WAL written since the consumer\'s last confirmed position' },
+        s.lagBytes === undefined || s.lagBytes === null ? '—' : bytes(s.lagBytes)),
+      h('td', { class: 'num', title: s.lastAckLsn ? `last ack ${s.lastAckLsn}` : 'no ack through this server' },
+        s.secondsSinceLastAck === null || s.secondsSinceLastAck === undefined ? '—' : `${seconds(s.secondsSinceLastAck)} ago`),
+      retained,
+      h('td', { class: 'small', text: snapshot }),
+      h('td', { class: 'num', text: s.watchers ?? 0 }),
+      h('td', { class: 'actions' },
+        h('button', { type: 'button', onclick: () => this.onWatch(s) }, 'Watch'),
+        h('button', { type: 'button', onclick: () => this.onSnapshot(s) }, 'Snapshot'),
+        h('button', { type: 'button', class: 'danger', onclick: () => this.drop(s.name) }, 'Drop')));
+    return tr;
+  }
+
+  select(name) {
+    this.selected = name;
+    for (const tr of document.querySelectorAll('#sessions tbody tr')) {
+      tr.classList.toggle('selected', tr.dataset.name === name);
+    }
+  }
+
+  async create(form) {
+    const data = new FormData(form);
+    const body = { name: data.get('name').trim() };
+    const tables = data.get('tables').split(',').map((t) => t.trim()).filter(Boolean);
+    if (tables.length) body.tables = tables;
+    const actions = data.getAll('actions');
+    if (actions.length < 5) body.actions = actions;
+    if (data.get('plugin')) body.plugin = data.get('plugin');
+    try {
+      const created = await api('POST', '/v2/sessions', body);
+      form.reset();
+      $('#create').open = false;
+      showError($('#action-error'), '');
+      await this.refresh();
+      this.onWatch(created);
+    } catch (e) {
+      showError($('#action-error'), `Cannot create session ${body.name}: ${e.message}`);
+    }
+  }
+
+  async drop(name) {
+    const dialog = $('#confirm-dialog');
+    $('#confirm-name').textContent = name;
+    dialog.returnValue = '';
+    dialog.showModal();
+    await new Promise((resolve) => dialog.addEventListener('close', resolve, { once: true }));
+    if (dialog.returnValue !== 'drop') return;
+    try {
+      await api('DELETE', `/v2/sessions/${encodeURIComponent(name)}`);
+      showError($('#action-error'), '');
+      await this.refresh();
+    } catch (e) {
+      showError($('#action-error'), `Cannot drop session ${name}: ${e.message}`);
+    }
+  }
+}
