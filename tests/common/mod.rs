@@ -15,9 +15,10 @@
 //!   it, when `TEST_PG_KEEP=1`), or by the next run.
 //! - `TEST_PG=docker`: a container of the image built from `fixtures/Dockerfile` (Debian
 //!   bookworm's PostgreSQL 15 + wal2json, on a base `scripts/docker.sh bases` imports; `make
-//!   test-docker` does it all), with 5432 published on a free port of 127.0.0.1. Driven with
-//!   the `docker` CLI (which honours `DOCKER_HOST`); the container is removed at exit (best
-//!   effort; a killed run's leftovers by the next run).
+//!   test-docker` does it all), with 5432 published on a free port of 127.0.0.1. Run through
+//!   testcontainers (which honours `DOCKER_HOST`; see `docker.rs`); the container is removed
+//!   at exit (best effort; kept, stopped, when `TEST_PG_KEEP=1`; a killed run's leftovers by
+//!   the next run).
 //!
 //! A test binary may give its local cluster extra settings, pg_hba.conf lines and files
 //! in the data directory ([`configure_cluster`], before the cluster starts).
@@ -46,6 +47,9 @@ use std::{
 };
 
 use tokio_postgres::NoTls;
+
+mod docker;
+use docker::{DockerBackend, start_docker};
 
 /// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>`.
 const TMP_PREFIX: &str = "pgdeltastream-test-pg-";
@@ -223,7 +227,7 @@ impl Cluster {
     }
 
     /// The first half of [`Cluster::restart_immediate`]: a crash-like stop (`pg_ctl stop -m
-    /// immediate`; on the Docker path `docker stop -t 0`). Postgres stays down until
+    /// immediate`; on the Docker path a SIGKILL of the container). Postgres stays down until
     /// [`Cluster::start`]. Every existing connection is lost.
     pub fn stop_immediate(&self) {
         let _guard = self.restart_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -768,146 +772,6 @@ fn wait_ready(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// Docker
-// ---------------------------------------------------------------------------------------
-//
-// Driven with the `docker` CLI rather than testcontainers: testcontainers 0.27 (bollard)
-// speaks Docker API 1.52 without negotiating, and the engine our machines run (Debian
-// bookworm's docker.io, 20.10) answers "client version 1.52 is too new" to every request.
-// The CLI negotiates the version.
-
-struct DockerBackend {
-    container_id: String,
-}
-
-impl DockerBackend {
-    /// `docker stop -t 0`: SIGKILL at once, like a crash.
-    fn stop_immediate(&self) -> Result<(), String> {
-        docker(&["stop", "-t", "0", &self.container_id]).map(drop)
-    }
-
-    fn start(&self) -> Result<(), String> {
-        docker(&["start", &self.container_id]).map(drop)
-    }
-
-    fn logs(&self) -> String {
-        Command::new("docker")
-            .args(["logs", &self.container_id])
-            .stdin(Stdio::null())
-            .output()
-            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
-            .unwrap_or_default()
-    }
-}
-
-/// Runs the `docker` CLI; its trimmed stdout, or an error with its stderr.
-fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_BUILDKIT", "0")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run `docker` (is the Docker CLI installed?): {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`docker {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-static DOCKER_CONTAINER_ID: OnceLock<String> = OnceLock::new();
-
-extern "C" fn docker_exit_cleanup() {
-    let Some(id) = DOCKER_CONTAINER_ID.get() else {
-        return;
-    };
-    if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
-        let _ = docker(&["stop", id]);
-        eprintln!("TEST_PG_KEEP: kept the stopped container {id} (docker logs {id})");
-        return;
-    }
-    let _ = docker(&["rm", "--force", "--volumes", id]);
-}
-
-/// The image built from fixtures/ (see fixtures/Dockerfile; `scripts/docker.sh` builds it too).
-const DOCKER_IMAGE: &str = "pgdeltastream-test-postgres:15-wal2json";
-const DOCKER_PID_LABEL: &str = "pgdeltastream.test-pid";
-
-/// Removes containers left by earlier test binaries that were killed before their exit
-/// cleanup ran.
-fn remove_stale_containers() {
-    let format = format!("{{{{.ID}}}} {{{{.Label \"{DOCKER_PID_LABEL}\"}}}}");
-    let listed = docker(&["ps", "--all", "--filter", &format!("label={DOCKER_PID_LABEL}"), "--format", &format]);
-    for line in listed.unwrap_or_default().lines() {
-        let Some((id, pid)) = line.split_once(' ') else { continue };
-        if pid.parse::<u32>().is_ok_and(|pid| pid != std::process::id() && !process_alive(pid)) {
-            let _ = docker(&["rm", "--force", "--volumes", id]);
-        }
-    }
-}
-
-/// Builds the fixtures image (layer cache: a moment when nothing changed) and starts a
-/// container from it with 5432 published on a free port of 127.0.0.1.
-fn start_docker() -> Result<Cluster, String> {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let fixtures = fixtures.to_str().ok_or("the fixtures path is not UTF-8")?;
-    docker(&["build", "--quiet", "--tag", DOCKER_IMAGE, fixtures]).map_err(|e| {
-        format!("{e}\n(the base image comes from `scripts/docker.sh bases`; `make test-docker` runs it)")
-    })?;
-    remove_stale_containers();
-    // A host port chosen here and published explicitly, so a restart keeps the same port;
-    // someone else can take it first, so retry then.
-    let mut attempt = 0;
-    let (container_id, port) = loop {
-        attempt += 1;
-        let port = free_port();
-        let id = docker(&[
-            "create",
-            "--label",
-            &format!("{DOCKER_PID_LABEL}={}", std::process::id()),
-            "--publish",
-            &format!("127.0.0.1:{port}:5432"),
-            "--env",
-            "POSTGRES_PASSWORD=postgres",
-            "--env",
-            "POSTGRES_HOST_AUTH_METHOD=trust",
-            DOCKER_IMAGE,
-        ])?;
-        match docker(&["start", &id]) {
-            Ok(_) => break (id, port),
-            Err(e) => {
-                let _ = docker(&["rm", "--force", "--volumes", &id]);
-                if attempt < 3 && (e.contains("already allocated") || e.contains("address already in use")) {
-                    continue;
-                }
-                return Err(e);
-            }
-        }
-    };
-    let _ = DOCKER_CONTAINER_ID.set(container_id.clone());
-    // SAFETY: registering a plain extern "C" fn.
-    unsafe { libc::atexit(docker_exit_cleanup) };
-    let backend = DockerBackend { container_id };
-    wait_ready("127.0.0.1", port, "postgres", Some("postgres"), || None)
-        .map_err(|e| format!("{e}\n--- docker logs ---\n{}", backend.logs()))?;
-    Ok(Cluster {
-        host: "127.0.0.1".into(),
-        port,
-        user: "postgres".into(),
-        password: Some("postgres".into()),
-        bindir: find_bindir().unwrap_or_default(),
-        datadir: PathBuf::from("/var/lib/postgresql/data"),
-        logfile: None,
-        backend: Backend::Docker(backend),
-        restart_lock: Mutex::new(()),
     })
 }
 
