@@ -170,9 +170,9 @@ image:
 # The integration binaries that run against any Postgres. The one test that needs the
 # local cluster's own files says "SKIPPED under TEST_PG=docker" and returns (plugins: a
 # library directory without wal2json).
-DOCKER_TESTS := cli clients errors faults faults_pg_restart harness harness_restart hostile \
+DOCKER_TESTS := auth cli clients errors faults faults_pg_restart harness harness_restart hostile \
   http_limits keyset lifecycle pgoutput plugins retention snapshot snapshot_limits stream v2 \
-  value_settings wal2json_shapes
+  value_settings wal2json_shapes metrics watch
 test-docker: clients
 	$(DOCKER_SH) tools
 	$(DOCKER_SH) with-daemon $(DOCKER_SH) test-all --no-fail-fast $(addprefix --test ,$(DOCKER_TESTS))
