@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::http::auth::{self, Verifier};
 use crate::commands::Command;
+use crate::http::auth::{self, Verifier};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::pg::tls::{PgTls, SslMode, TlsSettings};

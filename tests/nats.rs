@@ -456,8 +456,7 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let _publisher = publisher(&db, &nats, &[]);
     let port = free_port();
     let mut cmd = support::server_command(&db, port);
-    cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap())
-        .args(["gateway", "--nats", &nats.url]);
+    cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap()).args(["gateway", "--nats", &nats.url]);
     let _gateway = Proc::spawn(cmd);
     wait_listening(port, "the gateway").await;
     write_rows(&db, 1, 1, 1, Duration::ZERO).await;

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::upgrade::header_has_token;
 use super::ApiError;
+use super::upgrade::header_has_token;
 use crate::error::{Error, ErrorKind};
 
 /// Paths anyone may call, token or not: probes, and the static viewer page and its
@@ -195,11 +195,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 
 /// The middleware: a public path passes; any other needs a valid token when auth is
 /// configured (401 otherwise), and gets its [`Principal`].
-pub async fn authenticate(
-    State(auth): State<Option<Arc<Verifier>>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub async fn authenticate(State(auth): State<Option<Arc<Verifier>>>, mut req: Request, next: Next) -> Response {
     if is_public(req.uri().path()) {
         return next.run(req).await;
     }

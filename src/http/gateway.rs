@@ -19,8 +19,8 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::stream::MAX_CLIENT_MESSAGE;
 use super::auth::{Principal, Verifier};
+use super::stream::MAX_CLIENT_MESSAGE;
 use super::upgrade::Upgrade;
 use super::{ApiError, error};
 use crate::bus::DEFAULT_CLIENT;
