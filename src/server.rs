@@ -80,18 +80,7 @@ pub async fn run(
     ));
     let auth = settings.http.auth.clone();
     let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth });
-    let cap = connection_cap(settings.http.max_connections);
-    let stop = CancellationToken::new();
-    let on_shutdown = {
-        let stop = stop.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            stop.cancel();
-            registry.shutdown().await;
-        }
-    };
-    tokio::join!(accept::serve(listener, app, settings.http, cap, stop), on_shutdown);
+    serve_router(listener, app, settings.http, shutdown, async move { registry.shutdown().await }).await;
     Ok(())
 }
 
@@ -105,18 +94,17 @@ pub async fn run_gateway(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let app = crate::http::gateway::router(gateway.clone(), http.auth.clone());
-    serve_router(listener, app, http, async move {
-        shutdown.await;
-        gateway.shutdown().await;
-    })
-    .await
+    serve_router(listener, app, http, shutdown, async move { gateway.shutdown().await }).await
 }
 
+/// Our accept loop over `app` until `shutdown` resolves; then it stops accepting and
+/// runs `wind_down` (ending the streams), and returns once the connections are done.
 async fn serve_router(
     listener: TcpListener,
     app: axum::Router,
     http: HttpSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    wind_down: impl Future<Output = ()> + Send + 'static,
 ) {
     let cap = connection_cap(http.max_connections);
     let stop = CancellationToken::new();
@@ -126,6 +114,7 @@ async fn serve_router(
             shutdown.await;
             tracing::info!("shutting down");
             stop.cancel();
+            wind_down.await;
         }
     };
     tokio::join!(accept::serve(listener, app, http, cap, stop), on_shutdown);
