@@ -39,7 +39,7 @@ export class Sessions {
       showError($('#sessions-error'), '');
       $('#conn').textContent = 'connected';
       $('#conn').className = 'pill ok';
-      $('#sessions-updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+      $('#sessions-updated').textContent = `updated ${new Date().toLocaleTimeString(undefined, { hour12: false })}`;
       this.onList(list);
       this.refreshV1(list);
     } catch (e) {
