@@ -41,7 +41,12 @@ cat <<EOF
 
 $PLUGIN_LINE
 
-pgdeltastream on localhost:$SERVERPORT (Ctrl-C stops it and the dev Postgres). Try, in another shell:
+pgdeltastream on localhost:$SERVERPORT (Ctrl-C stops it and the dev Postgres).
+
+  Open http://localhost:$SERVERPORT/ for the viewer: sessions, lag, a live feed, snapshots.
+  Health and metrics: curl localhost:$SERVERPORT/readyz ; curl localhost:$SERVERPORT/metrics
+
+Try, in another shell:
 
   # 1. init: create a replication slot, note its slotName (/v1/sessions shows its plugin)
   curl localhost:$SERVERPORT/v1/init
