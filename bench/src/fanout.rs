@@ -241,19 +241,8 @@ async fn start_nats(dir: &Path) -> Result<(String, tokio::process::Child)> {
 
 fn spawn(binary: &Path, cluster: &Cluster, args: &[&str], logdir: &Path) -> Result<tokio::process::Child> {
     let log = std::fs::File::create(logdir.join(format!("{}.log", args.join("_").replace(['/', ':'], "_"))))?;
-    let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(["--dbname", DB, "--pghost", "127.0.0.1", "--pguser", "postgres"])
-        .args(["--pgport", &cluster.port.to_string()])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true);
-    for var in ["DBNAME", "PGUSER", "PGPASS", "PGPASSWORD", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"] {
-        cmd.env_remove(var);
-    }
-    die_with_parent_tokio(&mut cmd);
+    let mut cmd = crate::server::command(binary, cluster, DB, log)?;
+    cmd.args(args);
     Ok(cmd.spawn()?)
 }
 

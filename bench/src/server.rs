@@ -23,25 +23,32 @@ pub struct Server {
     log: std::path::PathBuf,
 }
 
+/// Our binary against database `dbname` of `cluster`, logging to `log`, with none of the
+/// caller's Postgres or listen variables; dies with the bench. Arguments may follow.
+pub fn command(binary: &Path, cluster: &Cluster, dbname: &str, log: fs::File) -> Result<tokio::process::Command> {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(["--dbname", dbname, "--pghost", "127.0.0.1", "--pguser", "postgres"])
+        .args(["--pgport", &cluster.port.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    for var in ["DBNAME", "PGUSER", "PGPASS", "PGPASSWORD", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"] {
+        cmd.env_remove(var);
+    }
+    die_with_parent_tokio(&mut cmd);
+    Ok(cmd)
+}
+
 impl Server {
     /// Starts the server binary against database `dbname` and waits until it listens.
     pub async fn start(binary: &Path, cluster: &Cluster, dbname: &str, logdir: &Path) -> Result<Server> {
         let port = free_port()?;
         let log = logdir.join(format!("server-{dbname}.log"));
         let logfile = fs::File::create(&log)?;
-        let mut cmd = tokio::process::Command::new(binary);
-        cmd.args(["--dbname", dbname, "--pghost", "127.0.0.1", "--pguser", "postgres"])
-            .args(["--pgport", &cluster.port.to_string()])
-            .args(["--serverhost", "127.0.0.1", "--serverport", &port.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(logfile.try_clone()?)
-            .stderr(logfile)
-            .kill_on_drop(true);
-        for var in ["DBNAME", "PGUSER", "PGPASS", "PGPASSWORD", "PGHOST", "PGPORT", "SERVERHOST", "SERVERPORT"] {
-            cmd.env_remove(var);
-        }
-        die_with_parent_tokio(&mut cmd);
+        let mut cmd = command(binary, cluster, dbname, logfile)?;
+        cmd.args(["--serverhost", "127.0.0.1", "--serverport", &port.to_string()]);
         let mut child = cmd.spawn().map_err(|e| format!("start {}: {e}", binary.display()))?;
         let pid = child.id().ok_or("server exited at once")?;
         let start = Instant::now();
