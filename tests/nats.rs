@@ -441,16 +441,18 @@ async fn an_older_connection_of_a_client_cannot_move_its_stored_ack_back() {
 
 /// A gateway with a JWT secret asks for a token as the server does: 401 without one,
 /// 403 for a consumer of another session, and a consumer of `orders` streams (the
-/// token may come as `?access_token=`, as from a browser).
+/// token may come as `?access_token=`, as from a browser). Two consumers naming the
+/// same client keep positions of their own (their tokens' `sub`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
     const SECRET: &[u8] = b"a-gateway-test-secret-of-32-bytes-or-more";
-    let token = |sessions: &[&str]| {
+    let token_of = |sub: &str, sessions: &[&str]| {
         let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
-        let claims = serde_json::json!({"role": "consumer", "sessions": sessions, "exp": exp});
+        let claims = serde_json::json!({"sub": sub, "role": "consumer", "sessions": sessions, "exp": exp});
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
     };
+    let token = |sessions: &[&str]| token_of("alice", sessions);
     let db = session_db().await;
     let nats = Nats::start(None).await;
     let _publisher = publisher(&db, &nats, &[]);
@@ -471,4 +473,22 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
             .unwrap();
     let first = next_transaction(&mut ws).await;
     assert_eq!(row_numbers(&first), vec![1]);
+
+    // alice acks row 1 as client `a`; bob's client `a` still starts at row 1.
+    write_rows(&db, 2, 2, 1, Duration::ZERO).await;
+    support::ack(&mut ws, first["nextlsn"].as_str().unwrap()).await;
+    ws.close(None).await.unwrap();
+    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let alices = pgdeltastream::bus::acks::key("orders", "a", Some("alice"));
+    while kv.get(&alices).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "alice's ack was never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let as_bob = format!("{}&access_token={}", url(port, "a"), token_of("bob", &["orders"]));
+    let (mut bob, _) = tokio_tungstenite::connect_async(as_bob).await.unwrap();
+    assert_eq!(row_numbers(&next_transaction(&mut bob).await), vec![1], "bob resumed after alice's ack");
+    let as_alice = format!("{}&access_token={}", url(port, "a"), token(&["orders"]));
+    let (mut alice, _) = tokio_tungstenite::connect_async(as_alice).await.unwrap();
+    assert_eq!(row_numbers(&next_transaction(&mut alice).await), vec![2], "alice did not resume after her ack");
 }

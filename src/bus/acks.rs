@@ -1,5 +1,6 @@
 //! Clients' acks, kept in a JetStream KV bucket so that they survive a gateway and are
-//! seen by every gateway: key `<session>.<client>`, value the acked LSN and the stream
+//! seen by every gateway: key `<session>.<client>` (a client of a token's `sub`:
+//! `<session>.<sha256 of sub>.<client>`), value the acked LSN and the stream
 //! sequence of the message that ended at it (where the client resumes after).
 //! Also the slot a session's publisher reads, for `/v1/lr/stream?slotName=`.
 
@@ -47,8 +48,21 @@ pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, Er
     js.get_key_value(name).await.map_err(|e| unavailable(&format!("cannot open KV bucket {name}"), e))
 }
 
-pub fn key(session: &str, client: &str) -> String {
-    format!("{session}.{client}")
+/// A `sub` can hold any character and be long; KV keys take only `[-/_=.A-Za-z0-9]`,
+/// so an owner is named by its hash. Two parts or three: no owner's key is another's.
+pub fn key(session: &str, client: &str, owner: Option<&str>) -> String {
+    match owner {
+        None => format!("{session}.{client}"),
+        Some(owner) => {
+            use std::fmt::Write;
+            let mut key = format!("{session}.");
+            for b in ring::digest::digest(&ring::digest::SHA256, owner.as_bytes()).as_ref() {
+                let _ = write!(key, "{b:02x}");
+            }
+            let _ = write!(key, ".{client}");
+            key
+        }
+    }
 }
 
 pub async fn load(store: &kv::Store, key: &str) -> Result<Option<AckRecord>, Error> {
@@ -94,4 +108,23 @@ const CAS_ATTEMPTS: usize = 5;
 
 pub fn slot_key(slot: &str) -> String {
     format!("slot.{slot}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_gets_keys_of_its_own_that_nats_accepts() {
+        assert_eq!(key("orders", "c1", None), "orders.c1");
+        let alice = key("orders", "c1", Some("alice@example.com"));
+        let bob = key("orders", "c1", Some("bob"));
+        assert_ne!(alice, bob);
+        for k in [&alice, &bob] {
+            let parts: Vec<&str> = k.split('.').collect();
+            assert_eq!(parts.len(), 3, "{k}");
+            assert_eq!((parts[0], parts[2]), ("orders", "c1"));
+            assert!(k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)), "{k}");
+        }
+    }
 }

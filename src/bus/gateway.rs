@@ -82,8 +82,9 @@ impl Gateway {
     }
 
     /// Checks the session and the client's position, and subscribes from there; every
-    /// refusal comes before the websocket exists.
-    pub async fn open(self: &Arc<Self>, session: &str, client: &str) -> Result<Feed, Error> {
+    /// refusal comes before the websocket exists. `owner`: whose client names these are
+    /// (None: the session's shared ones).
+    pub async fn open(self: &Arc<Self>, session: &str, client: &str, owner: Option<&str>) -> Result<Feed, Error> {
         check_name(session)?;
         check_client(client)?;
         let name = stream_name(session);
@@ -97,7 +98,7 @@ impl Gateway {
             }
             _ => unavailable(&format!("cannot open stream {name}"), e),
         })?;
-        let key = key(session, client);
+        let key = key(session, client, owner);
         let acked = load(&self.acks, &key).await?;
         let start_seq = acked.map_or(1, |r| r.seq + 1);
         let first = stream.cached_info().state.first_sequence;
@@ -112,7 +113,7 @@ impl Gateway {
             _ => Source::Own(Box::new(own_consumer(&stream, session, start_seq).await?)),
         };
         let shared = matches!(source, Source::Hub);
-        tracing::info!(session, client, start_seq, shared, acked = ?acked.map(|r| r.lsn), "feed opened");
+        tracing::info!(session, client, owner, start_seq, shared, acked = ?acked.map(|r| r.lsn), "feed opened");
         Ok(Feed {
             _running: self.feeds.token(),
             gateway: Arc::clone(self),

@@ -94,7 +94,8 @@ impl Verifier {
             None => return Err("the token has no role claim (\"admin\" or \"consumer\")".into()),
         };
         let sessions = claims.sessions.unwrap_or_default().into_iter().collect();
-        Ok(Principal { role, sessions, expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)) })
+        let expires = Some(UNIX_EPOCH + Duration::from_secs(claims.exp));
+        Ok(Principal { role, sessions, subject: claims.sub, expires })
     }
 }
 
@@ -120,7 +121,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidAudience => "the token's audience (aud) is not this server".into(),
         K::InvalidIssuer => "the token's issuer (iss) is not the one this server accepts".into(),
         K::MissingRequiredClaim(c) => format!("the token has no {c} claim"),
-        K::Json(_) => "the token's claims are not what this server expects (exp a number, role a string, sessions a list of strings)".into(),
+        K::Json(_) => "the token's claims are not what this server expects (exp a number; sub and role strings; sessions a list of strings)".into(),
         _ => "the token is malformed".into(),
     }
 }
@@ -128,6 +129,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 #[derive(Deserialize)]
 struct Claims {
     exp: u64,
+    sub: Option<String>,
     role: Option<String>,
     sessions: Option<Vec<String>>,
 }
@@ -145,13 +147,26 @@ pub enum Role {
 pub struct Principal {
     pub role: Role,
     pub sessions: HashSet<String>,
+    /// The token's `sub`, whom it was issued to.
+    pub subject: Option<String>,
     /// When the token expires: a stream it opened ends then.
     pub expires: Option<SystemTime>,
 }
 
 impl Principal {
     fn unauthenticated() -> Principal {
-        Principal { role: Role::Admin, sessions: HashSet::new(), expires: None }
+        Principal { role: Role::Admin, sessions: HashSet::new(), subject: None, expires: None }
+    }
+
+    /// Whose client positions a stream reads and moves. A consumer with a `sub` has its
+    /// own: another consumer of the same session naming the same client cannot move them
+    /// (and so make it skip changes). An admin, or a consumer without `sub`, uses the
+    /// session's shared client names.
+    pub fn position_owner(&self) -> Option<&str> {
+        match self.role {
+            Role::Consumer => self.subject.as_deref(),
+            Role::Admin => None,
+        }
     }
 
     /// May read the snapshot of, stream and ack the session (or v1 slot) `name`.

@@ -1,6 +1,8 @@
 //! The JetStream gateway's routes (`pgdeltastream gateway`): the server's two stream
 //! endpoints, served from the stream a publisher fills. A client names itself with
 //! `client=` (its own position, kept across gateways); without it, it is `default`.
+//! With auth, a consumer's client names are its token's `sub`'s own
+//! ([`Principal::position_owner`]).
 //!
 //! | route | handler |
 //! | --- | --- |
@@ -67,7 +69,7 @@ pub async fn v1_stream(
     // As on the server, a v1 consumer's token names the slot.
     who.require_session(&slot)?;
     let session = gateway.session_of_slot(&slot).await?;
-    let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT)).await?;
+    let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
     Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
 }
 
@@ -83,7 +85,7 @@ pub async fn v2_stream(
     check_format(q.format.as_deref())?;
     who.require_session(&name)?;
     let upgrade = upgrade?;
-    let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT)).await?;
+    let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
     Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
 }
 
