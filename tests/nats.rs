@@ -299,6 +299,57 @@ async fn a_publisher_resuming_behind_the_stream_stores_nothing_twice() {
     }
 }
 
+/// A transaction is published a piece at a time as it is decoded. A publisher killed
+/// between two pieces resumes after the last piece the stream holds (with a duplicate
+/// window too short to help): every piece is stored once, and the transaction arrives
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_killed_between_pieces_resumes_after_the_last_stored_piece() {
+    const ROWS: i32 = 50_000;
+    let db = session_db().await;
+    let nats = Nats::start(Some(4096)).await;
+    let window = ["--nats-duplicate-window", "1"];
+    let mut first = publisher(&db, &nats, &window);
+    let note = "n".repeat(300);
+    let pg = db.client().await;
+    pg.execute("INSERT INTO items SELECT g, $1 FROM generate_series(1, $2) g", &[&note, &ROWS]).await.unwrap();
+    // About 16 MB in pieces of under 4 KB: the kill comes long before the last.
+    let js = nats.jetstream().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stream = loop {
+        if let Ok(mut stream) = js.get_stream("PGDELTASTREAM_ORDERS").await {
+            if stream.info().await.unwrap().state.messages > 0 {
+                break stream;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing was published");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    first.kill9();
+    let last_piece = |stream: &async_nats::jetstream::stream::Stream| {
+        let stream = stream.clone();
+        async move {
+            let last = stream.get_last_raw_message_by_subject("pgdeltastream.orders").await.unwrap();
+            last.headers.get(pgdeltastream::bus::message::PIECE).unwrap().as_str().to_owned()
+        }
+    };
+    let at_kill = last_piece(&stream).await;
+    assert!(at_kill.ends_with("/+"), "the transaction was stored whole before the kill ({at_kill})");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _again = publisher(&db, &nats, &window);
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(port, "whole")).await.unwrap();
+    let rows = row_numbers(&next_transaction(&mut ws).await);
+    assert_eq!(rows, (1..=i64::from(ROWS)).collect::<Vec<_>>());
+    let end = last_piece(&stream).await;
+    let (piece, of) = end.split_once('/').unwrap();
+    assert_eq!(piece, of, "the last message ends the transaction");
+    let messages = stream.info().await.unwrap().state.messages;
+    assert_eq!(messages, piece.parse::<u64>().unwrap(), "pieces stored twice (killed at {at_kill})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_shutting_down_closes_with_1001_and_its_clients_resume_elsewhere() {
     let db = session_db().await;

@@ -376,7 +376,7 @@ impl Feeder {
             }
             self.last = (lsn, meta.piece);
         }
-        let last = meta.is_last();
+        let last = meta.last;
         let fragment = match (meta.piece, last) {
             (1, true) => Fragment::Whole,
             (1, false) => Fragment::First,

@@ -2,16 +2,21 @@
 //! client receives; one larger than the server's `max_payload` is stored as numbered
 //! pieces, cut between UTF-8 characters, which the gateway sends as the frames of one
 //! websocket message. Headers say which transaction (`nextlsn`) and which piece.
+//!
+//! A piece is published as soon as it is full, before the transaction's end has been
+//! decoded, so neither the publisher nor the gateway holds a whole transaction: only
+//! the last piece knows how many there are (`i/n`); the others say `i/+`.
 
 use async_nats::HeaderMap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::types::Lsn;
 
 /// The transaction's `nextlsn`, `X/Y`; absent on a non-transactional logical message.
 pub const NEXTLSN: &str = "Pgdeltastream-Nextlsn";
-/// `i/n`: piece i (from 1) of n.
+/// `i/n`: piece i (from 1), the last of n; `i/+`: piece i, more to come.
 pub const PIECE: &str = "Pgdeltastream-Piece";
+const MORE: &str = "+";
 
 /// Room left in `max_payload` for the headers, which count against it.
 pub const HEADER_ROOM: usize = 512;
@@ -20,7 +25,8 @@ pub const HEADER_ROOM: usize = 512;
 pub struct Meta {
     pub nextlsn: Option<Lsn>,
     pub piece: u32,
-    pub pieces: u32,
+    /// Whether this piece ends the message.
+    pub last: bool,
 }
 
 impl Meta {
@@ -29,7 +35,8 @@ impl Meta {
         if let Some(lsn) = self.nextlsn {
             headers.insert(NEXTLSN, lsn.to_string());
         }
-        headers.insert(PIECE, format!("{}/{}", self.piece, self.pieces));
+        let of = if self.last { self.piece.to_string() } else { MORE.to_owned() };
+        headers.insert(PIECE, format!("{}/{of}", self.piece));
         headers
     }
 
@@ -41,7 +48,7 @@ impl Meta {
             Some(lsn) => lsn.to_string(),
             None => format!("{after}+m{unackable}"),
         };
-        if self.pieces > 1 { format!("{base}/{}", self.piece) } else { base }
+        if self.last && self.piece == 1 { base } else { format!("{base}/{}", self.piece) }
     }
 
     pub fn from_headers(headers: Option<&HeaderMap>) -> Result<Meta, String> {
@@ -49,41 +56,42 @@ impl Meta {
         let nextlsn = get(NEXTLSN)
             .map(|v| v.parse::<Lsn>().map_err(|e| format!("bad {NEXTLSN} header {v:?}: {e}")))
             .transpose()?;
-        let (piece, pieces) = match get(PIECE) {
-            None => (1, 1),
+        let (piece, last) = match get(PIECE) {
+            None => (1, true),
             Some(v) => v
                 .split_once('/')
-                .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
-                .filter(|&(i, n)| i >= 1 && i <= n)
+                .and_then(|(i, n)| {
+                    let i = i.parse::<u32>().ok().filter(|&i| i >= 1)?;
+                    match n {
+                        MORE => Some((i, false)),
+                        // `i/n` with i < n: as a publisher that knew n up front wrote.
+                        n => n.parse::<u32>().ok().filter(|&n| n >= i).map(|n| (i, n == i)),
+                    }
+                })
                 .ok_or_else(|| format!("bad {PIECE} header {v:?}"))?,
         };
-        Ok(Meta { nextlsn, piece, pieces })
-    }
-
-    pub fn is_last(&self) -> bool {
-        self.piece == self.pieces
+        Ok(Meta { nextlsn, piece, last })
     }
 }
 
-/// Cuts `text` into pieces of at most `max` bytes (at least 4, a character's most),
-/// each ending between characters.
-pub fn split(text: Bytes, max: usize) -> Vec<Bytes> {
+/// Takes a full piece off the front of `text`: at most `max` bytes (at least 4, a
+/// character's most), ending between characters, when more than `max` are there (so
+/// something is left for a later piece). Where the pieces of a message are cut depends
+/// only on its text, not on how it arrived: a re-publish cuts them the same.
+pub fn full_piece(text: &mut BytesMut, max: usize) -> Option<Bytes> {
     let max = max.max(4);
-    let mut pieces = Vec::with_capacity(text.len() / max + 1);
-    let mut rest = text;
-    while rest.len() > max {
-        // A UTF-8 continuation byte is 10xxxxxx: cut before a byte that is not one.
-        let mut cut = max;
-        while cut > 0 && rest[cut] & 0xC0 == 0x80 {
-            cut -= 1;
-        }
-        if cut == 0 {
-            cut = max;
-        }
-        pieces.push(rest.split_to(cut));
+    if text.len() <= max {
+        return None;
     }
-    pieces.push(rest);
-    pieces
+    // A UTF-8 continuation byte is 10xxxxxx: cut before a byte that is not one.
+    let mut cut = max;
+    while cut > 0 && text[cut] & 0xC0 == 0x80 {
+        cut -= 1;
+    }
+    if cut == 0 {
+        cut = max;
+    }
+    Some(text.split_to(cut).freeze())
 }
 
 #[cfg(test)]
@@ -92,27 +100,49 @@ mod tests {
 
     #[test]
     fn headers_round_trip() {
-        let meta = Meta { nextlsn: Some(Lsn(0x1_0000_00A0)), piece: 2, pieces: 3 };
-        assert_eq!(Meta::from_headers(Some(&meta.headers())), Ok(meta));
-        assert_eq!(meta.message_id(Lsn(5), 0), "1/A0/2");
-        let whole = Meta { nextlsn: Some(Lsn(0xA0)), piece: 1, pieces: 1 };
+        let middle = Meta { nextlsn: Some(Lsn(0x1_0000_00A0)), piece: 2, last: false };
+        assert_eq!(Meta::from_headers(Some(&middle.headers())), Ok(middle));
+        assert_eq!(middle.message_id(Lsn(5), 0), "1/A0/2");
+        let end = Meta { nextlsn: Some(Lsn(0x1_0000_00A0)), piece: 3, last: true };
+        assert_eq!(Meta::from_headers(Some(&end.headers())), Ok(end));
+        assert_eq!(end.message_id(Lsn(5), 0), "1/A0/3");
+        let first = Meta { piece: 1, ..middle };
+        assert_eq!(first.message_id(Lsn(5), 0), "1/A0/1");
+        let whole = Meta { nextlsn: Some(Lsn(0xA0)), piece: 1, last: true };
         assert_eq!(whole.message_id(Lsn(5), 0), "0/A0");
-        let logical = Meta { nextlsn: None, piece: 1, pieces: 1 };
+        let logical = Meta { nextlsn: None, piece: 1, last: true };
         assert_eq!(logical.message_id(Lsn(0x50), 2), "0/50+m2");
         assert_eq!(Meta::from_headers(None), Ok(logical));
-        let mut bad = HeaderMap::new();
-        bad.insert(PIECE, "3/2");
-        assert!(Meta::from_headers(Some(&bad)).is_err());
+        let mut counted = HeaderMap::new();
+        counted.insert(PIECE, "2/3");
+        assert_eq!(Meta::from_headers(Some(&counted)), Ok(Meta { nextlsn: None, piece: 2, last: false }));
+        for bad in ["3/2", "0/+", "0/0", "x/+", "2", "1/-"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(PIECE, bad);
+            assert!(Meta::from_headers(Some(&headers)).is_err(), "{bad}");
+        }
     }
 
     #[test]
-    fn splits_between_characters() {
-        let text = Bytes::from("aé€😀".repeat(50));
+    fn pieces_end_between_characters_wherever_the_text_was_split() {
+        let text = "aé€😀".repeat(50);
         for max in [4, 5, 7, 100, 1000] {
-            let pieces = split(text.clone(), max);
-            assert!(pieces.iter().all(|p| p.len() <= max && std::str::from_utf8(p).is_ok()), "{max}");
-            assert_eq!(pieces.concat(), text.to_vec());
+            let mut cuts = Vec::new();
+            for arrival in [1, 3, 64, text.len()] {
+                let (mut buf, mut pieces) = (BytesMut::new(), Vec::new());
+                for chunk in text.as_bytes().chunks(arrival) {
+                    buf.extend_from_slice(chunk);
+                    while let Some(piece) = full_piece(&mut buf, max) {
+                        pieces.push(piece);
+                    }
+                }
+                pieces.push(buf.freeze());
+                assert!(pieces.iter().all(|p| p.len() <= max && std::str::from_utf8(p).is_ok()), "{max}");
+                assert_eq!(pieces.concat(), text.as_bytes());
+                cuts.push(pieces);
+            }
+            assert!(cuts.windows(2).all(|w| w[0] == w[1]), "{max}: cut differently");
         }
-        assert_eq!(split(Bytes::from("abc"), 10), vec![Bytes::from("abc")]);
+        assert_eq!(full_piece(&mut BytesMut::from("abc"), 10), None);
     }
 }

@@ -16,12 +16,12 @@ use futures_util::stream::FuturesOrdered;
 use tokio_util::sync::CancellationToken;
 
 use super::acks::{SLOTS_BUCKET, bucket, slot_key};
-use super::message::{HEADER_ROOM, Meta, split};
+use super::message::{HEADER_ROOM, Meta, full_piece};
 use super::{stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
 use crate::session::Registry;
 use crate::session::definition::check_name;
-use crate::stream::frame::{Format, Fragment, OutFrame};
+use crate::stream::frame::{Format, Fragment, OutFrame, find_nextlsn};
 use crate::stream::pump::{Outgoing, truncate_reason};
 use crate::stream::sink::{Link, Sink};
 use crate::stream::stop::code;
@@ -151,7 +151,13 @@ async fn last_published(stream: &stream::Stream, subject: &str) -> Result<Option
     }
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<Option<Lsn>, String>> + Send>>;
+/// A publish's acknowledgement: the nextlsn it completes (on a transaction's last
+/// piece), and the bytes it held.
+type AckFuture = Pin<Box<dyn Future<Output = Result<(Option<Lsn>, usize), String>> + Send>>;
+
+/// Bytes published and not yet acknowledged, at most (beside the `window` of publishes):
+/// memory stays bounded however large a transaction is.
+const INFLIGHT_BYTES: usize = 16 << 20;
 
 /// The stream's far end: JetStream.
 struct JetStreamSink {
@@ -168,26 +174,30 @@ impl Sink for JetStreamSink {
         let window = self.window;
         let mut out = Publisher {
             sink: self,
-            text: BytesMut::new(),
+            current: None,
             after: start,
             unackable: 0,
             inflight: FuturesOrdered::new(),
+            inflight_bytes: 0,
         };
         let failure = loop {
+            let room = out.inflight.len() < window && out.inflight_bytes < INFLIGHT_BYTES;
             tokio::select! {
                 biased;
                 _ = stop.stopped() => break None,
                 Some(done) = out.inflight.next(), if !out.inflight.is_empty() => match done {
-                    Ok(Some(lsn)) => {
-                        progress.record_ack(lsn);
-                        if acks.send(lsn).await.is_err() {
-                            break None;
+                    Ok((nextlsn, bytes)) => {
+                        out.inflight_bytes -= bytes;
+                        if let Some(lsn) = nextlsn {
+                            progress.record_ack(lsn);
+                            if acks.send(lsn).await.is_err() {
+                                break None;
+                            }
                         }
                     }
-                    Ok(None) => {}
                     Err(e) => break Some(e),
                 },
-                item = frames.recv(), if out.inflight.len() < window => match item {
+                item = frames.recv(), if room => match item {
                     Some(Outgoing::Frames(batch)) => {
                         if let Err(e) = out.take(batch).await {
                             break Some(e);
@@ -210,75 +220,113 @@ impl Sink for JetStreamSink {
 
 struct Publisher {
     sink: JetStreamSink,
-    /// The transaction being collected from its frames.
-    text: BytesMut,
+    /// The message (a transaction, or a logical message) whose frames are coming.
+    current: Option<Current>,
     /// The last transaction's nextlsn, and the logical messages since: the ids of those.
     after: Lsn,
     unackable: u32,
-    /// Each piece's acknowledgement, in publish order; the last piece of a
-    /// transaction resolves to its nextlsn.
+    /// Each piece's acknowledgement, in publish order.
     inflight: FuturesOrdered<AckFuture>,
+    inflight_bytes: usize,
+}
+
+/// A message being published a piece at a time.
+struct Current {
+    /// From the transaction's head, before its changes; none on a logical message.
+    nextlsn: Option<Lsn>,
+    /// [`Publisher::after`] and [`Publisher::unackable`] when it began: its message ids.
+    after: Lsn,
+    unackable: u32,
+    /// Pieces published (or found stored) so far.
+    pieces: u32,
+    /// How many leading pieces the stream holds already.
+    stored: u32,
+    /// Text not yet published: less than a piece, plus a frame.
+    text: BytesMut,
 }
 
 impl Publisher {
     async fn take(&mut self, batch: Vec<OutFrame>) -> Result<(), String> {
+        let max = self.sink.piece_bytes;
         for frame in batch {
-            self.text.extend_from_slice(&frame.payload);
-            if matches!(frame.fragment, Fragment::Whole | Fragment::Last) {
-                let text = self.text.split().freeze();
-                let nextlsn = frame.nextlsn.filter(|_| frame.kind.is_ack_point());
-                self.publish(text, nextlsn).await?;
+            let starts = matches!(frame.fragment, Fragment::Whole | Fragment::First);
+            let mut current = match self.current.take() {
+                None if starts => self.begin(&frame),
+                Some(current) if !starts => current,
+                _ => return Err("the decoder's frames do not start and end messages in turn".into()),
+            };
+            current.text.extend_from_slice(&frame.payload);
+            while let Some(piece) = full_piece(&mut current.text, max) {
+                self.publish(&mut current, piece, false).await?;
+            }
+            if !matches!(frame.fragment, Fragment::Whole | Fragment::Last) {
+                self.current = Some(current);
+                continue;
+            }
+            let ends = frame.nextlsn.filter(|_| frame.kind.is_ack_point());
+            if ends != current.nextlsn {
+                return Err(format!("a transaction began as {:?} and ended as {ends:?}", current.nextlsn));
+            }
+            let rest = current.text.split().freeze();
+            self.publish(&mut current, rest, true).await?;
+            match ends {
+                Some(lsn) => (self.after, self.unackable) = (lsn, 0),
+                None => self.unackable += 1,
             }
         }
         Ok(())
     }
 
-    async fn publish(&mut self, text: Bytes, nextlsn: Option<Lsn>) -> Result<(), String> {
-        let pieces = split(text, self.sink.piece_bytes);
-        let n = u32::try_from(pieces.len()).map_err(|_| "a transaction of too many pieces".to_owned())?;
-        let (after, unackable) = (self.after, self.unackable);
-        match nextlsn {
-            Some(lsn) => (self.after, self.unackable) = (lsn, 0),
-            None => self.unackable += 1,
-        }
-        let stored = self.already_stored(nextlsn, n);
-        for (i, piece) in (1..=n).zip(pieces) {
-            let meta = Meta { nextlsn, piece: i, pieces: n };
-            let ack = if meta.is_last() { nextlsn } else { None };
-            if i <= stored {
-                if ack.is_some() {
-                    self.inflight.push_back(Box::pin(std::future::ready(Ok(ack))));
-                }
-                continue;
+    /// A message starts: its nextlsn is in its head (wal2json prints it first).
+    fn begin(&mut self, frame: &OutFrame) -> Current {
+        let nextlsn = match frame.fragment {
+            Fragment::Whole => frame.nextlsn.filter(|_| frame.kind.is_ack_point()),
+            _ => find_nextlsn(&frame.payload),
+        };
+        let stored = self.already_stored(nextlsn);
+        Current { nextlsn, after: self.after, unackable: self.unackable, pieces: 0, stored, text: BytesMut::new() }
+    }
+
+    async fn publish(&mut self, current: &mut Current, piece: Bytes, last: bool) -> Result<(), String> {
+        current.pieces += 1;
+        let meta = Meta { nextlsn: current.nextlsn, piece: current.pieces, last };
+        let ack = if last { current.nextlsn } else { None };
+        if current.pieces <= current.stored {
+            if ack.is_some() {
+                self.inflight.push_back(Box::pin(std::future::ready(Ok((ack, 0)))));
             }
-            let publish = PublishMessage::build()
-                .payload(piece)
-                .headers(meta.headers())
-                .message_id(meta.message_id(after, unackable));
-            let future = self
-                .sink
-                .js
-                .send_publish(self.sink.subject.clone(), publish)
-                .await
-                .map_err(|e| format!("cannot publish to JetStream: {e}"))?;
-            self.inflight.push_back(Box::pin(async move {
-                future.await.map(|_| ack).map_err(|e| format!("JetStream did not acknowledge a publish: {e}"))
-            }));
+            return Ok(());
         }
+        let bytes = piece.len();
+        let publish = PublishMessage::build()
+            .payload(piece)
+            .headers(meta.headers())
+            .message_id(meta.message_id(current.after, current.unackable));
+        let future = self
+            .sink
+            .js
+            .send_publish(self.sink.subject.clone(), publish)
+            .await
+            .map_err(|e| format!("cannot publish to JetStream: {e}"))?;
+        self.inflight_bytes += bytes;
+        self.inflight.push_back(Box::pin(async move {
+            future.await.map(|_| (ack, bytes)).map_err(|e| format!("JetStream did not acknowledge a publish: {e}"))
+        }));
         Ok(())
     }
 
     /// How many leading pieces of this message the stream holds already: the slot may
-    /// resume behind what was published (it is confirmed after JetStream's ack).
-    fn already_stored(&mut self, nextlsn: Option<Lsn>, n: u32) -> u32 {
+    /// resume behind what was published (it is confirmed after JetStream's ack). A
+    /// message is cut into the same pieces every time ([`full_piece`]).
+    fn already_stored(&mut self, nextlsn: Option<Lsn>) -> u32 {
         let Some(resume) = self.sink.resume else { return 0 };
         match nextlsn {
             // A logical message before the last stored transaction.
-            None => n,
-            Some(lsn) if lsn < resume.nextlsn => n,
+            None => u32::MAX,
+            Some(lsn) if lsn < resume.nextlsn => u32::MAX,
             Some(lsn) => {
                 self.sink.resume = None;
-                if lsn == resume.nextlsn { resume.piece.min(n) } else { 0 }
+                if lsn == resume.nextlsn { resume.piece } else { 0 }
             }
         }
     }

@@ -330,7 +330,7 @@ pub fn prepare_v1(data: Bytes) -> OutFrame {
 
 /// The top-level `"nextlsn":"X/Y"`, which wal2json prints before `"change"` (after
 /// `xid` at most), so only the head of the message is searched.
-fn find_nextlsn(payload: &[u8]) -> Option<Lsn> {
+pub fn find_nextlsn(payload: &[u8]) -> Option<Lsn> {
     let head = &payload[..payload.len().min(128)];
     let change_at = find(head, b"\"change\"").unwrap_or(head.len());
     let at = find(&head[..change_at], NEXTLSN_KEY)? + NEXTLSN_KEY.len();
