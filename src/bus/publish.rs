@@ -288,7 +288,7 @@ impl Publisher {
     }
 
     async fn publish(&mut self, current: &mut Current, piece: Bytes, last: bool) -> Result<(), String> {
-        current.pieces += 1;
+        current.pieces = current.pieces.checked_add(1).ok_or("a transaction of too many pieces")?;
         let meta = Meta { nextlsn: current.nextlsn, piece: current.pieces, last };
         let ack = if last { current.nextlsn } else { None };
         if current.pieces <= current.stored {
