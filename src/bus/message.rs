@@ -4,8 +4,9 @@
 //! websocket message. Headers say which transaction (`nextlsn`) and which piece.
 //!
 //! A piece is published as soon as it is full, before the transaction's end has been
-//! decoded, so neither the publisher nor the gateway holds a whole transaction: only
-//! the last piece knows how many there are (`i/n`); the others say `i/+`.
+//! decoded, so the publisher never needs a whole transaction in memory (nor does a
+//! gateway: it forwards each piece as a frame). So only the last piece knows how many
+//! there are (`i/n`); the others say `i/+`.
 
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
