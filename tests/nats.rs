@@ -543,3 +543,106 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let (mut alice, _) = tokio_tungstenite::connect_async(as_alice).await.unwrap();
     assert_eq!(row_numbers(&next_transaction(&mut alice).await), vec![2], "alice did not resume after her ack");
 }
+
+/// A session deleted and made again under its name is a new incarnation: its publisher
+/// starts a new stream (none of the old history, which may be of tables the new one
+/// does not list, reaches its clients), and a client's position in the old one is
+/// refused with 410 rather than resumed across the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_made_again_under_its_name_starts_a_new_stream() {
+    let db = session_db().await;
+    db.client().await.batch_execute("CREATE TABLE others (id int PRIMARY KEY, note text)").await.unwrap();
+    let nats = Nats::start(None).await;
+    let mut first = publisher(&db, &nats, &[]);
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    write_rows(&db, 1, 3, 1, Duration::ZERO).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(port, "old")).await.unwrap();
+    let mut last = Value::Null;
+    for row in 1..=3 {
+        last = next_transaction(&mut ws).await;
+        assert_eq!(row_numbers(&last), vec![row]);
+    }
+    support::ack(&mut ws, last["nextlsn"].as_str().unwrap()).await;
+    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kv.get("orders.old").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the ack was never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.terminate();
+
+    // Made again: another table.
+    let server = support::TestServer::start(&db).await;
+    let (status, body) = support::request(server.addr, "DELETE", "/v2/sessions/orders", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server.post("/v2/sessions", r#"{"name":"orders","tables":["public.others"]}"#).await;
+    assert_eq!(status, 201, "{body}");
+    server.stop().await;
+    let _again = publisher(&db, &nats, &[]);
+    write_rows(&db, 4, 4, 1, Duration::ZERO).await;
+    db.client().await.execute("INSERT INTO others VALUES (100, 'new')", &[]).await.unwrap();
+
+    // The old stream's three transactions are gone: the new one holds the one insert.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let js = nats.jetstream().await;
+    loop {
+        if let Ok(mut stream) = js.get_stream("PGDELTASTREAM_ORDERS").await {
+            let state = stream.info().await.unwrap().state.clone();
+            if state.messages >= 1 && state.first_sequence == 1 && state.last_sequence == 1 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the new session's stream never held its first transaction alone");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut fresh, _) = tokio_tungstenite::connect_async(url(port, "fresh")).await.unwrap();
+    let tx = next_transaction(&mut fresh).await;
+    assert_eq!(tx["change"][0]["table"], "others", "{tx}");
+    assert_eq!(row_numbers(&tx), vec![100]);
+
+    let (status, body) = refused(url(port, "old")).await;
+    assert_eq!(status, 410, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("deleted and made again") && error.contains("client old"), "{error}");
+    // The old connection gets nothing of the new session: once the new stream reaches
+    // the sequence it waits for, it ends as a client whose next message is gone.
+    for id in 101..=104 {
+        db.client().await.execute("INSERT INTO others VALUES ($1, 'new')", &[&id]).await.unwrap();
+    }
+    let (code, reason) = support::await_close(&mut ws).await;
+    assert_eq!(code, 4410, "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_started_before_nats_waits_for_it() {
+    let db = session_db().await;
+    let nats_port = free_port();
+    let mut cmd = support::server_command(&db, free_port());
+    cmd.env("PGDELTASTREAM_STATUS_INTERVAL", "1").args([
+        "publish",
+        "--nats",
+        &format!("nats://127.0.0.1:{nats_port}"),
+        "--session",
+        "orders",
+    ]);
+    let mut publisher = Proc::spawn(cmd);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(publisher.is_running(), "the publisher exited while NATS was down");
+    let nats = Nats::start_on(nats_port, None).await;
+    write_rows(&db, 1, 1, 1, Duration::ZERO).await;
+    await_stream_seq(&nats, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_refuses_an_invalid_slot_name_with_400() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let port = free_port();
+    let _gateway = gateway(&db, &nats, port).await;
+    for bad in ["a.b", "Delta_x1", "a%20b", "%2A"] {
+        let (status, body) = refused(format!("ws://127.0.0.1:{port}/v1/lr/stream?slotName={bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("invalid slot name"), "{body}");
+    }
+}

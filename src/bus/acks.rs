@@ -2,7 +2,10 @@
 //! seen by every gateway: key `<session>.<client>` (a client of a token's `sub`:
 //! `<session>.<sha256 of sub>.<client>`), value the acked LSN and the stream
 //! sequence of the message that ended at it (where the client resumes after).
-//! Also the slot a session's publisher reads, for `/v1/lr/stream?slotName=`.
+//! Also the slot a session's publisher reads, for `/v1/lr/stream?slotName=`, and the
+//! session's incarnation: the slot its stream was published from. A session deleted
+//! and made again under its name has a new slot, so its stream starts anew and no
+//! client's position in the old one carries over.
 
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
@@ -13,14 +16,19 @@ use crate::error::Error;
 use crate::types::Lsn;
 
 pub const ACKS_BUCKET: &str = "pgdeltastream_acks";
-/// Key `slot.<slot name>`, value the session's name; written by the publisher.
+/// Key `slot.<slot name>`, value the session's name; key `session.<name>`, value the
+/// slot of the session's stream. Both written by the publisher.
 pub const SLOTS_BUCKET: &str = "pgdeltastream_slots";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRecord {
     pub lsn: Lsn,
     /// The stream sequence of the last message at or below `lsn`.
     pub seq: u64,
+    /// The slot of the session's stream the position is in (absent in records stored
+    /// before incarnations were recorded: those are taken as the current one's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
 }
 
 /// The bucket, created on first use (by whichever process comes first). Created as
@@ -108,6 +116,17 @@ const CAS_ATTEMPTS: usize = 5;
 
 pub fn slot_key(slot: &str) -> String {
     format!("slot.{slot}")
+}
+
+/// Where the slot of a session's stream is recorded.
+pub fn incarnation_key(session: &str) -> String {
+    format!("session.{session}")
+}
+
+/// The slot the session's stream was published from; none before its first publisher.
+pub async fn incarnation(slots: &kv::Store, session: &str) -> Result<Option<String>, Error> {
+    let value = slots.get(incarnation_key(session)).await.map_err(|e| unavailable("cannot read from JetStream", e))?;
+    Ok(value.and_then(|v| String::from_utf8(v.to_vec()).ok()))
 }
 
 #[cfg(test)]

@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, key, load, save, slot_key};
+use super::acks::{ACKS_BUCKET, AckRecord, SLOTS_BUCKET, bucket, incarnation, key, load, save, slot_key};
 use super::hub::{Hub, Stored};
-use super::message::Meta;
+use super::message::{Meta, of_incarnation};
 use super::{check_client, stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
+use crate::pg::ident::is_valid_slot_name;
 use crate::session::definition::check_name;
 use crate::stream::frame::{Fragment, FrameKind, OutFrame};
 use crate::stream::pump::Outgoing;
@@ -75,6 +76,10 @@ impl Gateway {
 
     /// The session whose publisher reads `slot` (for `/v1/lr/stream?slotName=`).
     pub async fn session_of_slot(&self, slot: &str) -> Result<String, Error> {
+        // Also keeps a name that is no KV key from reaching the bucket (a 503 then).
+        if !is_valid_slot_name(slot) {
+            return Err(Error::bad_request(format!("invalid slot name {slot:?}: use 1 to 63 of a-z, 0-9 and _")));
+        }
         let value = self.slots.get(slot_key(slot)).await.map_err(|e| unavailable("cannot read from JetStream", e))?;
         value.and_then(|v| String::from_utf8(v.to_vec()).ok()).ok_or_else(|| {
             Error::not_found(format!("no session published for slot {slot}: run pgdeltastream publish for its session"))
@@ -99,21 +104,25 @@ impl Gateway {
             _ => unavailable(&format!("cannot open stream {name}"), e),
         })?;
         let key = key(session, client, owner);
+        let slot = incarnation(&self.slots, session).await?;
         let acked = load(&self.acks, &key).await?;
-        let start_seq = acked.map_or(1, |r| r.seq + 1);
+        if let Some(acked) = &acked {
+            refuse_earlier_incarnation(session, client, acked, slot.as_deref())?;
+        }
+        let start_seq = acked.as_ref().map_or(1, |r| r.seq + 1);
         let first = stream.cached_info().state.first_sequence;
         if start_seq < first {
-            let message = gone(session, client, &resumes(acked), start_seq, first - 1);
+            let message = gone(session, client, &resumes(acked.as_ref()), start_seq, first - 1);
             return Err(Error::new(ErrorKind::Gone, message));
         }
-        let hub = self.hub(session, &stream).await;
+        let hub = self.hub(session, slot.as_deref(), &stream).await;
         // A client the shared subscription can serve needs no consumer of its own.
         let source = match &hub {
             Some(hub) if hub.covers(start_seq) => Source::Hub,
             _ => Source::Own(Box::new(own_consumer(&stream, session, start_seq).await?)),
         };
         let shared = matches!(source, Source::Hub);
-        tracing::info!(session, client, owner, start_seq, shared, acked = ?acked.map(|r| r.lsn), "feed opened");
+        tracing::info!(session, client, owner, start_seq, shared, acked = ?acked.as_ref().map(|r| r.lsn), "feed opened");
         Ok(Feed {
             _running: self.feeds.token(),
             gateway: Arc::clone(self),
@@ -125,17 +134,19 @@ impl Gateway {
             source,
             acked,
             start_seq,
+            slot,
         })
     }
 
     /// The session's shared subscription, started unless it runs; none when it cannot
     /// start (each client then reads on its own).
-    async fn hub(&self, session: &str, stream: &jetstream::stream::Stream) -> Option<Arc<Hub>> {
+    async fn hub(&self, session: &str, slot: Option<&str>, stream: &jetstream::stream::Stream) -> Option<Arc<Hub>> {
         let mut hubs = self.hubs.lock().await;
-        if let Some(hub) = hubs.get(session).filter(|h| !h.is_closed()) {
+        // A hub of an earlier incarnation (the session was made again) is replaced.
+        if let Some(hub) = hubs.get(session).filter(|h| h.slot() == slot && !h.is_closed()) {
             return Some(Arc::clone(hub));
         }
-        match Hub::start(stream, subject(session), self.shutdown.clone()).await {
+        match Hub::start(stream, subject(session), slot.map(str::to_owned), self.shutdown.clone()).await {
             Ok(hub) => {
                 hubs.insert(session.to_owned(), Arc::clone(&hub));
                 Some(hub)
@@ -178,7 +189,25 @@ fn gone(session: &str, client: &str, needs: &str, next: u64, upto: u64) -> Strin
     )
 }
 
-fn resumes(acked: Option<AckRecord>) -> String {
+/// A position stored in an earlier session of the same name (deleted and made again
+/// since): its stream is gone, and resuming by sequence in the new one would skip its
+/// first transactions in silence.
+fn refuse_earlier_incarnation(session: &str, client: &str, acked: &AckRecord, slot: Option<&str>) -> Result<(), Error> {
+    match (acked.slot.as_deref(), slot) {
+        (Some(then), Some(now)) if then != now => Err(Error::new(
+            ErrorKind::Gone,
+            format!(
+                "client {client} acked {} in an earlier session {session} (slot {then}), which was deleted and \
+                 made again since (slot {now}): nothing of the earlier one is served; start from the new \
+                 session's snapshot with a new client id",
+                acked.lsn
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn resumes(acked: Option<&AckRecord>) -> String {
     match acked {
         Some(r) => format!("resumes after its ack {} (stream sequence {})", r.lsn, r.seq),
         None => "starts at the stream's beginning (it has acked nothing)".to_owned(),
@@ -197,6 +226,8 @@ pub struct Feed {
     source: Source,
     acked: Option<AckRecord>,
     start_seq: u64,
+    /// The incarnation the feed serves: the slot of the session's stream.
+    slot: Option<String>,
 }
 
 /// The nextlsn and stream sequence of each transaction handed to the socket and not
@@ -207,7 +238,7 @@ impl Feed {
     /// Feeds `sink` until the client goes, the gateway shuts down, or `deadline` (when
     /// the client's token expires: close 1008, its stored ack stays).
     pub async fn run(self, sink: impl Sink, deadline: Option<tokio::time::Instant>) {
-        let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq } = self;
+        let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq, slot } = self;
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
         let (frames_tx, frames_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);
@@ -231,11 +262,12 @@ impl Feed {
             delivered: delivered.clone(),
             last: (start, u32::MAX),
             expected: start_seq,
+            slot: slot.clone(),
             stop: stop.clone(),
             shutdown: gateway.shutdown.clone(),
         };
         let feed = async {
-            tokio::join!(feeder.run(), sink.run(link), store_acks(acks_rx, delivered, &gateway.acks, &key));
+            tokio::join!(feeder.run(), sink.run(link), store_acks(acks_rx, delivered, &gateway.acks, &key, slot));
         };
         let mut feed = std::pin::pin!(feed);
         if let Some(at) = deadline {
@@ -266,6 +298,8 @@ struct Feeder {
     /// The stream sequence that must come next: the stream holds one subject, so a
     /// jump means messages were let go before the client got them.
     expected: u64,
+    /// The incarnation the feed serves: a message of another ends it.
+    slot: Option<String>,
     stop: Stop,
     shutdown: Stop,
 }
@@ -368,6 +402,14 @@ impl Feeder {
             let message = gone(&self.session, &self.client, &needs, self.expected, seq - 1);
             return Err(Outgoing::End { code: GONE, message });
         }
+        if !of_incarnation(message.headers.as_ref(), self.slot.as_deref()) {
+            let message = format!(
+                "session {} was deleted and made again while client {} read it: nothing of the new one \
+                 continues this stream; start from the new session's snapshot with a new client id",
+                self.session, self.client
+            );
+            return Err(Outgoing::End { code: GONE, message });
+        }
         self.expected = seq + 1;
         let meta = Meta::from_headers(message.headers.as_ref()).map_err(fatal)?;
         if let Some(lsn) = meta.nextlsn {
@@ -404,7 +446,13 @@ fn own_message(m: Result<jetstream::Message, pull::OrderedError>) -> Result<Arc<
 /// Stores the client's acks, the latest of those that came while a write was under
 /// way (a client acking every transaction costs one KV write per round trip, not one
 /// per ack). Ends when the socket's reader is gone, after storing the last.
-async fn store_acks(mut acks: mpsc::Receiver<Lsn>, delivered: Delivered, store: &kv::Store, key: &str) {
+async fn store_acks(
+    mut acks: mpsc::Receiver<Lsn>,
+    delivered: Delivered,
+    store: &kv::Store,
+    key: &str,
+    slot: Option<String>,
+) {
     while let Some(mut lsn) = acks.recv().await {
         while let Ok(later) = acks.try_recv() {
             lsn = later;
@@ -420,7 +468,7 @@ async fn store_acks(mut acks: mpsc::Receiver<Lsn>, delivered: Delivered, store: 
         };
         // An ack that covers no new transaction changes nothing stored.
         let Some(seq) = seq else { continue };
-        if let Err(e) = save(store, key, AckRecord { lsn, seq }).await {
+        if let Err(e) = save(store, key, AckRecord { lsn, seq, slot: slot.clone() }).await {
             tracing::warn!(key, error = %e, "cannot store an ack");
         }
     }

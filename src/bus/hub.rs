@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 
+use super::message::of_incarnation;
 use super::unavailable;
 use crate::error::Error;
 use crate::stream::stop::Stop;
@@ -36,6 +37,9 @@ impl Stored {
 }
 
 pub struct Hub {
+    /// The incarnation subscribed to: a message of another (the stream was deleted and
+    /// made again under the subscription) closes the hub.
+    slot: Option<String>,
     ring: Mutex<Ring>,
     arrived: Notify,
 }
@@ -57,7 +61,12 @@ impl Ring {
 
 impl Hub {
     /// Subscribes from the end of the stream.
-    pub async fn start(stream: &jetstream::stream::Stream, subject: String, shutdown: Stop) -> Result<Arc<Hub>, Error> {
+    pub async fn start(
+        stream: &jetstream::stream::Stream,
+        subject: String,
+        slot: Option<String>,
+        shutdown: Stop,
+    ) -> Result<Arc<Hub>, Error> {
         let next = stream.cached_info().state.last_sequence + 1;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -69,6 +78,7 @@ impl Hub {
             .map_err(|e| unavailable("cannot subscribe to the stream", e))?;
         let messages = consumer.messages().await.map_err(|e| unavailable("cannot read from JetStream", e))?;
         let hub = Arc::new(Hub {
+            slot,
             ring: Mutex::new(Ring { first: next, items: VecDeque::new(), bytes: 0, closed: false }),
             arrived: Notify::new(),
         });
@@ -83,7 +93,11 @@ impl Hub {
                 m = messages.next() => m,
             };
             match message.map(|m| m.map_err(|e| e.to_string()).and_then(Stored::from_message)) {
-                Some(Ok(stored)) => self.push(stored),
+                Some(Ok(stored)) if of_incarnation(stored.headers.as_ref(), self.slot.as_deref()) => self.push(stored),
+                Some(Ok(_)) => {
+                    tracing::warn!("the session's stream was made again: the shared subscription ends");
+                    break;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "the shared subscription failed; clients read on their own");
                     break;
@@ -121,6 +135,11 @@ impl Hub {
             }
         });
         self.arrived.notify_waiters();
+    }
+
+    /// The incarnation it follows.
+    pub fn slot(&self) -> Option<&str> {
+        self.slot.as_deref()
     }
 
     pub fn is_closed(&self) -> bool {

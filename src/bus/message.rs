@@ -18,6 +18,21 @@ pub const NEXTLSN: &str = "Pgdeltastream-Nextlsn";
 /// `i/n`: piece i (from 1), the last of n; `i/+`: piece i, more to come.
 pub const PIECE: &str = "Pgdeltastream-Piece";
 const MORE: &str = "+";
+/// The slot the message was published from: which incarnation of the session it is of.
+pub const SLOT: &str = "Pgdeltastream-Slot";
+
+/// The slot a stored message names; none on messages stored before it was recorded.
+pub fn slot_of(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers.and_then(|h| h.get(SLOT)).map(|v| v.as_str())
+}
+
+/// Whether a message belongs to the incarnation `slot` (unknown on either side: yes).
+pub fn of_incarnation(headers: Option<&HeaderMap>, slot: Option<&str>) -> bool {
+    match (slot_of(headers), slot) {
+        (Some(published), Some(slot)) => published == slot,
+        _ => true,
+    }
+}
 
 /// Room left in `max_payload` for the headers, which count against it.
 pub const HEADER_ROOM: usize = 512;

@@ -9,14 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::jetstream::{self, kv, message::PublishMessage, stream};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio_util::sync::CancellationToken;
 
-use super::acks::{SLOTS_BUCKET, bucket, slot_key};
-use super::message::{HEADER_ROOM, Meta, full_piece};
+use super::acks::{SLOTS_BUCKET, bucket, incarnation, incarnation_key, slot_key};
+use super::message::{HEADER_ROOM, Meta, SLOT, full_piece};
 use super::{stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
 use crate::session::Registry;
@@ -52,8 +52,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     check_name(&settings.session)?;
-    let client = super::connect(&settings.nats).await?;
-    let js = jetstream::new(client.clone());
     let stopping = CancellationToken::new();
     tokio::spawn({
         let (stopping, registry) = (stopping.clone(), registry.clone());
@@ -64,6 +62,18 @@ pub async fn run(
             registry.shutdown().await;
         }
     });
+    // NATS down at the start is waited out as NATS down later is.
+    let client = loop {
+        match super::connect(&settings.nats).await {
+            Ok(client) => break client,
+            Err(e) => tracing::warn!(session = %settings.session, error = %e, "cannot publish; retrying"),
+        }
+        tokio::select! {
+            _ = stopping.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RETRY_AFTER) => {}
+        }
+    };
+    let js = jetstream::new(client.clone());
     while !stopping.is_cancelled() {
         match publish_once(&registry, &client, &js, &settings).await {
             Ok(()) if stopping.is_cancelled() => break,
@@ -88,11 +98,11 @@ async fn publish_once(
     js: &jetstream::Context,
     settings: &PublishSettings,
 ) -> Result<(), Error> {
-    let stream = ensure_stream(js, settings).await?;
-    let subject = subject(&settings.session);
-    let resume = last_published(&stream, &subject).await?;
     let open = registry.open_session_stream(&settings.session, Format::Transactions).await?;
     let slots = bucket(js, SLOTS_BUCKET).await?;
+    let stream = adopt_stream(js, &slots, settings, &open.slot).await?;
+    let subject = subject(&settings.session);
+    let resume = last_published(&stream, &subject).await?;
     slots
         .put(slot_key(&open.slot), Bytes::from(settings.session.clone()))
         .await
@@ -102,12 +112,49 @@ async fn publish_once(
     let sink = JetStreamSink {
         js: js.clone(),
         subject,
+        slot: open.slot.clone(),
         piece_bytes: max_payload.saturating_sub(HEADER_ROOM).max(1024),
         window: settings.window.max(1),
         resume,
     };
     open.run(sink).await;
     Ok(())
+}
+
+/// The stream of the session's incarnation that reads `slot`. A stream published from
+/// another slot is an earlier session's of the same name (deleted and made again): it
+/// is deleted, so that none of its history reaches the new session's clients, and the
+/// new slot is recorded before the new stream exists (a crash in between deletes
+/// nothing twice). A stream with no slot recorded (published by an older version) is
+/// taken as this one's.
+async fn adopt_stream(
+    js: &jetstream::Context,
+    slots: &kv::Store,
+    settings: &PublishSettings,
+    slot: &str,
+) -> Result<stream::Stream, Error> {
+    let session = settings.session.as_str();
+    let name = stream_name(session);
+    if let Some(previous) = incarnation(slots, session).await?.filter(|previous| previous != slot) {
+        tracing::warn!(
+            session,
+            previous,
+            slot,
+            "the session was made again since its stream was published: starting a new stream"
+        );
+        match js.delete_stream(&name).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(e) => return Err(unavailable(&format!("cannot delete stream {name} of the earlier session"), e)),
+        }
+    }
+    slots
+        .put(incarnation_key(session), Bytes::from(slot.to_owned()))
+        .await
+        .map_err(|e| unavailable("cannot record the session's slot in JetStream", e))?;
+    ensure_stream(js, settings).await
 }
 
 /// Creates the session's stream, or brings its limits in line with the flags.
@@ -163,6 +210,8 @@ const INFLIGHT_BYTES: usize = 16 << 20;
 struct JetStreamSink {
     js: jetstream::Context,
     subject: String,
+    /// Every message names it: which incarnation of the session it is of.
+    slot: String,
     piece_bytes: usize,
     window: usize,
     resume: Option<Resume>,
@@ -298,9 +347,11 @@ impl Publisher {
             return Ok(());
         }
         let bytes = piece.len();
+        let mut headers = meta.headers();
+        headers.insert(SLOT, self.sink.slot.as_str());
         let publish = PublishMessage::build()
             .payload(piece)
-            .headers(meta.headers())
+            .headers(headers)
             .message_id(meta.message_id(current.after, current.unackable));
         let future = self
             .sink

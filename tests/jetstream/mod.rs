@@ -49,6 +49,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -70,6 +75,11 @@ pub struct Nats {
 
 impl Nats {
     pub async fn start(max_payload: Option<usize>) -> Nats {
+        Nats::start_on(free_port(), max_payload).await
+    }
+
+    /// On a port chosen beforehand (a client may be told it before NATS runs).
+    pub async fn start_on(port: u16, max_payload: Option<usize>) -> Nats {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "pgdeltastream-nats-{}-{}",
@@ -78,7 +88,6 @@ impl Nats {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
