@@ -68,6 +68,14 @@ pub struct Cli {
     /// queries); the snapshot holders and streams have their own, one per session.
     #[arg(long, env = "PGDELTASTREAM_PG_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub pg_pool_size: u64,
+    /// Of the pool, how many connections snapshot pages and exports may hold at once
+    /// (0: half the pool, at least one): the rest stay free for everything else.
+    #[arg(long, env = "PGDELTASTREAM_PG_POOL_READ_SHARE", default_value_t = 0)]
+    pub pg_pool_read_share: u64,
+    /// Snapshot pages and exports one consumer token (by its `sub`) may read at once;
+    /// more get 429. Admins are bounded by the read share alone.
+    #[arg(long, env = "PGDELTASTREAM_SNAPSHOT_READS_PER_TOKEN", default_value_t = 2)]
+    pub snapshot_reads_per_token: usize,
     /// Refuse a request (503) that waited this many seconds for a free connection.
     #[arg(long, env = "PGDELTASTREAM_PG_POOL_TIMEOUT", default_value_t = 5)]
     pub pg_pool_timeout: u64,
@@ -154,6 +162,13 @@ pub struct Cli {
     /// Each costs a walsender and a temporary replication slot while it runs.
     #[arg(long, env = "PGDELTASTREAM_MAX_WATCHERS", default_value_t = 8)]
     pub max_watchers: usize,
+    /// Of those, one consumer token's at most (by its `sub`); more get 429.
+    #[arg(long, env = "PGDELTASTREAM_MAX_WATCHERS_PER_TOKEN", default_value_t = 2)]
+    pub max_watchers_per_token: usize,
+    /// Replication slots and walsenders a watcher never takes (503 instead), so that
+    /// watching can not keep sessions from being created and streamed.
+    #[arg(long, env = "PGDELTASTREAM_WATCH_RESERVE_SLOTS", default_value_t = 2)]
+    pub watch_reserve_slots: usize,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +222,8 @@ impl Cli {
             schema: self.schema.clone(),
             plugin: self.plugin.into(),
             max_watchers: self.max_watchers,
+            max_watchers_per_caller: self.max_watchers_per_token,
+            watch_reserve_slots: self.watch_reserve_slots,
             ..SessionSettings::default()
         }
     }
@@ -216,6 +233,7 @@ impl Cli {
             size: usize::try_from(self.pg_pool_size).unwrap_or(usize::MAX),
             acquire_timeout: Duration::from_secs(self.pg_pool_timeout),
             statement_timeout: Duration::from_secs(self.snapshot_statement_timeout),
+            read_share: usize::try_from(self.pg_pool_read_share).unwrap_or(usize::MAX),
         }
     }
 

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     /// What the request asks for existed but is no longer kept (410), e.g. a resume
     /// from before what a JetStream stream retains.
     Gone,
+    /// The caller has as many of something running as it may have (429): its own
+    /// share, not the server's, is used up.
+    TooMany,
     /// Postgres cannot be reached or is out of a resource; try again later (503).
     Unavailable,
     /// A query ran past its statement timeout (504).
@@ -163,7 +166,7 @@ impl Error {
     /// No connection from the pool: all busy (503, retry), or a new one failed.
     pub fn from_pool(e: &PoolError) -> Error {
         match e {
-            PoolError::Busy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
+            PoolError::Busy { .. } | PoolError::ReadsBusy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
             PoolError::Connect(e) => Error::from_tokio_pg(e),
             // Configuration, here or on the server: a retry would not help (not a 503).
             PoolError::Tls(m) => Error::internal(format!("cannot connect to Postgres: {m}")),

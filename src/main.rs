@@ -44,6 +44,7 @@ async fn serve(cli: Cli) -> ExitCode {
         pg,
         session: cli.session_settings(),
         max_limit: cli.max_limit,
+        reads_per_token: cli.snapshot_reads_per_token,
         retention: cli.retention_settings(),
         pool: cli.pool_settings(),
         http,

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::auth::{KeySource, Verifier};
+use crate::http::shares::CallerShares;
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
@@ -25,6 +26,8 @@ pub struct Settings {
     pub pg: PgConfig,
     pub session: SessionSettings,
     pub max_limit: u64,
+    /// Snapshot pages and exports one consumer token may read at once.
+    pub reads_per_token: usize,
     pub retention: RetentionSettings,
     /// Ordinary connections to Postgres: how many, how long to wait for one, and how
     /// long a snapshot read may run.
@@ -79,7 +82,8 @@ pub async fn run(
         retention.warn_idle,
     ));
     let auth = settings.http.auth.clone();
-    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth });
+    let reads = CallerShares::new(settings.reads_per_token, "snapshot reads");
+    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth, reads });
     serve_router(listener, app, settings.http, shutdown, async move { registry.shutdown().await }).await;
     Ok(())
 }

@@ -229,7 +229,8 @@ async fn a_flood_of_pages_stays_within_the_pool() {
             }
             503 => {
                 assert_eq!(retry.as_deref(), Some("1"), "503 without Retry-After: {body}");
-                assert!(body["error"].as_str().unwrap().contains("connections to Postgres are in use"), "{body}");
+                // The pool's connections, or (pages are snapshot reads) the reads' share of them.
+                assert!(body["error"].as_str().unwrap().contains("are in use"), "{body}");
                 busy += 1;
             }
             other => panic!("status {other}: {body}"),
@@ -532,4 +533,96 @@ async fn postgres_out_of_connections_is_503() {
     if let Ok(server) = Arc::try_unwrap(server) {
         server.stop().await;
     }
+}
+
+/// Slow snapshot exports cannot starve the server: they hold only the pool's read share
+/// (half of it by default), one consumer token only a few of them at once (429), and a
+/// reader that stops reading is dropped after the idle timeout, giving its connection
+/// back. Meanwhile lists, creation and /readyz are served from the rest of the pool.
+#[tokio::test]
+async fn slow_exports_hold_only_their_share_of_the_pool() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use pgdeltastream::server::{KeySource, Verifier};
+    const SECRET: &[u8] = b"a snapshot share test secret, long enough";
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token = |claims: Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let (db, pg) = setup().await;
+    // Far more than the socket buffers hold: an export that is not read stalls.
+    pg.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, pad text);
+         INSERT INTO big SELECT g, repeat('x', 1000) FROM generate_series(1, 50000) g;",
+    )
+    .await
+    .unwrap();
+    let app = "pgdeltastream-read-share";
+    let mut settings = settings_named(&db, app);
+    settings.pool.size = 4;
+    settings.pool.acquire_timeout = Duration::from_millis(500);
+    settings.reads_per_token = 2;
+    settings.http.idle_timeout = Duration::from_secs(2);
+    settings.http.auth = Some(Arc::new(Verifier::new(KeySource::Secret(SECRET), None, None).unwrap()));
+    let server = TestServer::start_with(settings).await;
+    let admin = format!("Bearer {}", token(json!({"role": "admin", "exp": exp})));
+    let as_admin = [("content-type", "application/json"), ("authorization", admin.as_str())];
+    let create = |name: &str| json!({"name": name, "tables": ["big"]}).to_string().into_bytes();
+    assert_eq!(raw_request(server.addr, "POST", "/v2/sessions", &as_admin, create("orders")).await.0, 201);
+
+    let alice = token(json!({"sub": "alice", "role": "consumer", "sessions": ["orders"], "exp": exp}));
+    let bob = token(json!({"sub": "bob", "role": "consumer", "sessions": ["orders"], "exp": exp}));
+    let export = |who: &str| {
+        format!(
+            "GET /v2/sessions/orders/snapshot/big HTTP/1.1\r\nhost: x\r\naccept: application/x-ndjson\r\n\
+             authorization: Bearer {who}\r\n\r\n"
+        )
+    };
+    // Two exports of alice's that read the head and a little, then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        client.write_all(export(&alice).as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut head)).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        stalled.push(client);
+    }
+    let exporting =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' AND query LIKE 'FETCH ALL%'");
+    await_count(&pg, &exporting, 2, "alice's two exports are not both running").await;
+
+    // A third of alice's: her share is taken.
+    let (status, retry, body) = get_with(server.addr, &export(&alice)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body["error"].as_str().unwrap().contains("as many as one token may"), "{body}");
+    // Bob has a share of his own, but the pool's read share (2 of 4) is in use.
+    let (status, _, body) = get_with(server.addr, &export(&bob)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("snapshot reads may hold"), "{body}");
+    // Everything else is served from the rest of the pool.
+    let (status, _) = raw_request(server.addr, "GET", "/v2/sessions", &as_admin, Vec::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!(raw_request(server.addr, "POST", "/v2/sessions", &as_admin, create("second")).await.0, 201);
+    assert_eq!(server.get("/readyz").await.0, 200);
+
+    // Readers that do not read are dropped after the idle timeout (2 s, and as long
+    // again), which gives their connections back: bob's export then runs.
+    await_count(&pg, &exporting, 0, "the stalled exports still hold their connections").await;
+    drop(stalled);
+    let (status, _, _) = get_with(server.addr, &export(&bob)).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+/// Writes a request on a fresh connection and reads the whole answer (bounded); the
+/// status, Retry-After and the body as JSON (or as a string when it is none).
+async fn get_with(addr: SocketAddr, request: &str) -> (u16, Option<String>, Value) {
+    let reply =
+        exchange(addr, format!("{}\r\nconnection: close\r\n\r\n", request.trim_end_matches("\r\n")).as_bytes()).await;
+    let status = reply.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let retry = header(&reply, "retry-after").map(str::to_owned);
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.chars().take(200).collect()));
+    (status, retry, json)
 }

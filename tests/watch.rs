@@ -233,3 +233,76 @@ async fn with_auth_watching_needs_the_sessions_scope() {
     assert_eq!(watched_inserts(&mut ws, 1).await, vec![7]);
     server.stop().await;
 }
+
+/// One consumer cannot take every watcher place: a token's watchers are capped (429),
+/// another consumer and an admin still watch.
+#[tokio::test]
+async fn one_tokens_watchers_are_capped_with_429() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use pgdeltastream::server::{KeySource, Verifier};
+    const SECRET: &[u8] = b"a watch test secret that is long enough";
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token = |claims: Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let db = common::fresh_db().await;
+    db.client().await.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.unwrap();
+    let mut settings = fast_settings(&db);
+    settings.session.max_watchers_per_caller = 2;
+    settings.http.auth = Some(std::sync::Arc::new(Verifier::new(KeySource::Secret(SECRET), None, None).unwrap()));
+    let server = TestServer::start_with(settings).await;
+    let admin = token(json!({"role": "admin", "exp": exp}));
+    let bearer = format!("Bearer {admin}");
+    let headers = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    let body = json!({"name": "orders", "tables": ["orders"]}).to_string().into_bytes();
+    assert_eq!(raw_request(server.addr, "POST", "/v2/sessions", &headers, body).await.0, 201);
+
+    let as_token = |t: &str| format!("{}?access_token={t}", watch_url(&server, "orders"));
+    let alice = token(json!({"sub": "alice", "role": "consumer", "sessions": ["orders"], "exp": exp}));
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(
+            tokio_tungstenite::connect_async(as_token(&alice)).await.expect("alice's watchers within her share").0,
+        );
+    }
+    // The same sub in another token is the same consumer.
+    let alice_again = token(json!({"sub": "alice", "role": "consumer", "sessions": ["orders"], "exp": exp + 1}));
+    match tokio_tungstenite::connect_async(as_token(&alice_again)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429);
+            let body: Value = serde_json::from_slice(&resp.body().clone().unwrap_or_default()).unwrap();
+            assert!(body["error"].as_str().unwrap().contains("as many as one token may"), "{body}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    let bob = token(json!({"sub": "bob", "role": "consumer", "sessions": ["orders"], "exp": exp}));
+    open.push(tokio_tungstenite::connect_async(as_token(&bob)).await.expect("bob has a share of his own").0);
+    open.push(tokio_tungstenite::connect_async(as_token(&admin)).await.expect("an admin is not capped per token").0);
+    server.stop().await;
+}
+
+/// Watchers never take the replication slots (and walsenders) that sessions need: with
+/// no more free than the reserve a watch is refused, while a session can still be made.
+#[tokio::test]
+async fn watchers_leave_the_reserved_slots_to_sessions() {
+    let db = common::fresh_db().await;
+    db.client().await.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.unwrap();
+    // The cluster has 64 slots in all: a reserve of 64 leaves none to watchers.
+    let mut settings = fast_settings(&db);
+    settings.session.watch_reserve_slots = 64;
+    let server = TestServer::start_with(settings).await;
+    create(&server, "wal2json").await;
+    let (status, body) = watch_refused(&server, "orders").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("--watch-reserve-slots"), "{body}");
+    let (status, body) = server.post("/v2/sessions", r#"{"name":"more","tables":["orders"]}"#).await;
+    assert_eq!(status, 201, "a session is made from the reserve: {body}");
+    assert_eq!(session(&server).await["watchers"], 0);
+    server.stop().await;
+
+    let mut settings = fast_settings(&db);
+    settings.session.watch_reserve_slots = 0;
+    let server = TestServer::start_with(settings).await;
+    let _watching = watch(&server, "orders").await;
+    server.stop().await;
+}

@@ -169,6 +169,24 @@ impl Principal {
         }
     }
 
+    /// Whose share of the per-caller limits (watchers, snapshot reads) a request takes:
+    /// a consumer's `sub`, or for a consumer token without one the sessions it names
+    /// (tokens for the same sessions share one). None for an admin, whom only the
+    /// server-wide limits bound.
+    pub fn quota_key(&self) -> Option<String> {
+        if self.role == Role::Admin {
+            return None;
+        }
+        Some(match &self.subject {
+            Some(sub) => format!("sub:{sub}"),
+            None => {
+                let mut sessions: Vec<&str> = self.sessions.iter().map(String::as_str).collect();
+                sessions.sort_unstable();
+                format!("sessions:{}", sessions.join(","))
+            }
+        })
+    }
+
     /// May read the snapshot of, stream and ack the session (or v1 slot) `name`.
     pub fn may_use(&self, name: &str) -> bool {
         self.role == Role::Admin || self.sessions.contains(name)

@@ -27,6 +27,7 @@ impl ApiError {
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Gone => StatusCode::GONE,
+            ErrorKind::TooMany => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -41,8 +42,9 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = status.as_u16(), error = %self.0, "request failed");
         }
         let mut response = (status, Json(serde_json::json!({ "error": self.0.message }))).into_response();
-        // Every 503 is worth retrying: Postgres is restarting, or out of connections.
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Every 503 and 429 is worth retrying: Postgres is restarting, out of
+        // connections, or the caller's own share is in use for now.
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         response

@@ -26,6 +26,7 @@ pub mod health;
 pub mod init;
 pub mod metrics;
 pub mod sessions;
+pub mod shares;
 pub mod snapshot;
 pub mod stream;
 pub mod upgrade;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub max_limit: u64,
     /// How tokens are checked; None: no auth, everyone is an admin.
     pub auth: Option<Arc<auth::Verifier>>,
+    /// Each consumer's share of the snapshot reads under way.
+    pub reads: Arc<shares::CallerShares>,
 }
 
 /// Request bodies are small JSON objects; anything larger is refused with 413.

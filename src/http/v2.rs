@@ -133,6 +133,8 @@ pub async fn snapshot(
     let Path((name, table)) = path.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    // Held until the body is sent (or dropped): a consumer's reads are its share.
+    let place = state.reads.enter(who.quota_key())?;
     let table = TableRef::parse(&table)
         .map_err(|e| Error::bad_request(format!("invalid table {table:?}: it {e}; expected name or schema.name")))?;
     let ndjson = headers
@@ -155,7 +157,10 @@ pub async fn snapshot(
     };
     // The status goes with the first chunk; a later error can only cut the body short,
     // which the client sees as a broken response rather than a whole page.
-    let rows = rows.inspect_err(|e| tracing::warn!(error = %e, "snapshot read failed after it started"));
+    let rows = rows.inspect_err(move |e| {
+        let _held = &place;
+        tracing::warn!(error = %e, "snapshot read failed after it started")
+    });
     Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
 }
 
@@ -208,6 +213,6 @@ pub async fn watch(
     let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
     let upgrade = upgrade?;
-    let open = state.registry.open_watch(&name).await?;
+    let open = state.registry.open_watch(&name, who.quota_key().as_deref()).await?;
     Ok(serve_observer(&state, upgrade, open, who.stream_deadline()))
 }

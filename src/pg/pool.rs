@@ -6,6 +6,12 @@
 //! every other application. A request that waits longer than `acquire_timeout` is
 //! refused ([`PoolError::Busy`]), and the caller answers 503.
 //!
+//! Snapshot reads (pages and exports) take a connection from their own share of the
+//! pool ([`Pool::get_for_read`]): a page or an export runs as long as its client reads,
+//! and a client may read slowly, so without the share enough slow readers would hold
+//! every connection and starve everything else (listing and creating sessions,
+//! `/readyz`).
+//!
 //! A connection goes back to the pool only through [`PooledClient::release`], which the
 //! caller uses when its last command succeeded outside any transaction. A connection
 //! dropped any other way may be mid-query (the client went away): its query is
@@ -33,11 +39,19 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// The longest a snapshot read may run, sending its rows included (zero: no limit).
     pub statement_timeout: Duration,
+    /// Of `size`, how many connections snapshot reads may hold at once (zero: half,
+    /// at least one).
+    pub read_share: usize,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings { size: 10, acquire_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(60) }
+        PoolSettings {
+            size: 10,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+            read_share: 0,
+        }
     }
 }
 
@@ -49,6 +63,12 @@ pub enum PoolError {
         .waited.as_millis()
     )]
     Busy { size: usize, waited: Duration },
+    #[error(
+        "all {share} connections that snapshot reads may hold are in use and none was free within {} ms; \
+         retry shortly (or raise --pg-pool-read-share)",
+        .waited.as_millis()
+    )]
+    ReadsBusy { share: usize, waited: Duration },
     #[error(transparent)]
     Connect(#[from] tokio_postgres::Error),
     /// TLS was refused or failed, or the server's certificate did not verify.
@@ -78,6 +98,8 @@ struct Shared {
     settings: PoolSettings,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
+    /// The snapshot reads' share: a read holds one of these beside its connection's.
+    read_permits: Arc<Semaphore>,
 }
 
 #[derive(Clone)]
@@ -88,13 +110,18 @@ pub struct Pool {
 impl Pool {
     pub fn new(config: PgConfig, settings: PoolSettings) -> Pool {
         let size = settings.size.max(1);
-        let settings = PoolSettings { size, ..settings };
+        let read_share = match settings.read_share {
+            0 => (size / 2).max(1),
+            n => n.min(size),
+        };
+        let settings = PoolSettings { size, read_share, ..settings };
         Pool {
             shared: Arc::new(Shared {
                 config,
                 settings,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(size)),
+                read_permits: Arc::new(Semaphore::new(read_share)),
             }),
         }
     }
@@ -123,6 +150,21 @@ impl Pool {
         self.get_within(self.shared.settings.acquire_timeout).await
     }
 
+    /// A connection for a snapshot read, from the reads' share; waits as [`Pool::get`]
+    /// does, for the share and the connection together.
+    pub async fn get_for_read(&self) -> Result<PooledClient, PoolError> {
+        let wait = self.shared.settings.acquire_timeout;
+        let started = tokio::time::Instant::now();
+        let share = self.shared.settings.read_share;
+        let read = match tokio::time::timeout(wait, self.shared.read_permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) | Err(_) => return Err(PoolError::ReadsBusy { share, waited: wait }),
+        };
+        let mut client = self.get_within(wait.saturating_sub(started.elapsed())).await?;
+        client.read_permit = Some(read);
+        Ok(client)
+    }
+
     /// [`Pool::get`], waiting at most `wait` for a free connection (a health check
     /// must answer quickly when the pool is exhausted).
     pub async fn get_within(&self, wait: Duration) -> Result<PooledClient, PoolError> {
@@ -141,7 +183,7 @@ impl Pool {
                 None => break open(&self.shared.config).await?,
             }
         };
-        Ok(PooledClient { conn: Some(conn), permit: Some(permit), shared: self.shared.clone() })
+        Ok(PooledClient { conn: Some(conn), permit: Some(permit), read_permit: None, shared: self.shared.clone() })
     }
 }
 
@@ -156,6 +198,8 @@ impl Shared {
 pub struct PooledClient {
     conn: Option<Conn>,
     permit: Option<OwnedSemaphorePermit>,
+    /// A snapshot read's place in the reads' share, given back with `permit`.
+    read_permit: Option<OwnedSemaphorePermit>,
     shared: Arc<Shared>,
 }
 
@@ -174,7 +218,7 @@ impl PooledClient {
     /// anything.
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), false, &self.shared.config);
+            close(conn, (self.permit.take(), self.read_permit.take()), false, &self.shared.config);
         }
     }
 }
@@ -194,14 +238,14 @@ impl Deref for PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            close(conn, self.permit.take(), true, &self.shared.config);
+            close(conn, (self.permit.take(), self.read_permit.take()), true, &self.shared.config);
         }
     }
 }
 
 /// Ends a connection in the background: cancels its query if asked, lets the driver
 /// finish (it sends Terminate once the pending replies are in), then frees the permit.
-fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config: &PgConfig) {
+fn close(conn: Conn, permits: Permits, cancel: bool, config: &PgConfig) {
     // The cancel request negotiates TLS as the connection did.
     let tls = config.tls.clone();
     let Conn { client, driver } = conn;
@@ -218,9 +262,12 @@ fn close(conn: Conn, permit: Option<OwnedSemaphorePermit>, cancel: bool, config:
         if tokio::time::timeout(CLOSE_WAIT, driver).await.is_err() {
             tracing::warn!("an abandoned Postgres connection did not end in time");
         }
-        drop(permit);
+        drop(permits);
     });
 }
+
+/// A connection's permit, and a snapshot read's place in its share.
+type Permits = (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>);
 
 /// Opens one connection and drives it on a task of its own (for callers outside the
 /// pool, such as the snapshot holders).

@@ -107,6 +107,8 @@ impl Registry {
             }
             PoolError::Connect(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
             PoolError::Tls(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
+            // A plain `get` never waits for the reads' share.
+            PoolError::ReadsBusy { .. } => NotReady::new(CHECKS[0], e.to_string()),
         })?;
         let row = client.query_one(ROLE_SQL, &[]).await;
         let (wal_level, can_replicate): (String, bool) = match row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?))) {

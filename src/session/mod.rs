@@ -94,6 +94,11 @@ pub struct SessionSettings {
     pub plugin: PluginChoice,
     /// Viewers watching sessions at once ([`watch`]): each costs a walsender.
     pub max_watchers: usize,
+    /// Of those, one caller's ([`watch`]'s quota key) at most.
+    pub max_watchers_per_caller: usize,
+    /// Replication slots (and walsenders) a watcher never takes: what sessions, their
+    /// streams and an operator need.
+    pub watch_reserve_slots: usize,
 }
 
 impl Default for SessionSettings {
@@ -108,6 +113,8 @@ impl Default for SessionSettings {
             schema: store::DEFAULT_SCHEMA.to_owned(),
             plugin: PluginChoice::Auto,
             max_watchers: 8,
+            max_watchers_per_caller: 2,
+            watch_reserve_slots: 2,
         }
     }
 }

@@ -103,7 +103,7 @@ impl Registry {
     /// ends (or is dropped, which cancels the query).
     pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
         let id = self.snapshot_id(DEFAULT_NAME)?;
-        let conn = self.pool.get().await?;
+        let conn = self.pool.get_for_read().await?;
         let timeout = self.pool.settings().statement_timeout;
         snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
     }
@@ -126,7 +126,7 @@ impl Registry {
     async fn open_read(&self, name: &str) -> Result<(String, PooledClient, Duration), Error> {
         self.known(name).await?;
         let id = self.snapshot_id(name)?;
-        Ok((id, self.pool.get().await?, self.pool.settings().statement_timeout))
+        Ok((id, self.pool.get_for_read().await?, self.pool.settings().statement_timeout))
     }
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds

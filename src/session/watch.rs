@@ -7,8 +7,11 @@
 //! involved, so its consumer can stream while it is watched.
 //!
 //! Each watcher costs a walsender (and a replication slot while it runs), so only
-//! [`SessionSettings::max_watchers`](super::SessionSettings) may run at once; more are
-//! refused with 503. Ending a session, or the server, ends its watchers.
+//! [`SessionSettings::max_watchers`](super::SessionSettings) may run at once (more are
+//! refused with 503), one caller's only `max_watchers_per_caller` of them (429), and
+//! none takes one of the last `watch_reserve_slots` replication slots or walsenders
+//! Postgres has (503): watching never keeps a session from being created or streamed.
+//! Ending a session, or the server, ends its watchers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +37,8 @@ pub(super) struct Watchers {
 struct Watcher {
     id: u64,
     session: String,
+    /// Whose share it takes (none: only the server-wide limit applies).
+    caller: Option<String>,
     stop: StreamStop,
 }
 
@@ -64,11 +69,14 @@ impl Watchers {
 
 impl Registry {
     /// `GET /v2/sessions/{name}/watch`: a stream of the session's changes from now on,
-    /// in the `changes` format, from a temporary slot of the watcher's own.
-    pub async fn open_watch(self: &Arc<Self>, name: &str) -> Result<OpenStream, Error> {
+    /// in the `changes` format, from a temporary slot of the watcher's own. `caller`:
+    /// whose share of the watchers it takes (none: an admin's, only the server-wide
+    /// limit applies).
+    pub async fn open_watch(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         let def = self.known(name).await?;
-        let (permit, stop) = self.enter_watchers(name)?;
+        let (permit, stop) = self.enter_watchers(name, caller)?;
+        self.check_slot_room().await?;
         let plugin = self.our_slot(&def.slot_name).await?.plugin;
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
         let slot = names::watch_slot_name();
@@ -106,7 +114,7 @@ impl Registry {
         })
     }
 
-    fn enter_watchers(self: &Arc<Self>, name: &str) -> Result<(WatchPermit, StreamStop), Error> {
+    fn enter_watchers(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<(WatchPermit, StreamStop), Error> {
         let max = self.settings.max_watchers;
         let mut active = lock(&self.watchers.active);
         if active.len() >= max {
@@ -115,13 +123,52 @@ impl Registry {
                 format!("{max} viewers are watching already (each costs a walsender): try again later"),
             ));
         }
+        let per_caller = self.settings.max_watchers_per_caller;
+        if caller.is_some() && active.iter().filter(|w| w.caller.as_deref() == caller).count() >= per_caller {
+            return Err(Error::new(
+                ErrorKind::TooMany,
+                format!("this token watches {per_caller} times already, as many as one token may: close one first"),
+            ));
+        }
         let id = self.watchers.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = StreamStop::new();
         if self.shutdown.is_stopped() {
             stop.stop(code::GOING_AWAY, "server shutting down");
         }
-        active.push(Watcher { id, session: name.to_owned(), stop: stop.clone() });
+        active.push(Watcher { id, session: name.to_owned(), caller: caller.map(str::to_owned), stop: stop.clone() });
         Ok((WatchPermit { registry: Arc::clone(self), id }, stop))
+    }
+}
+
+impl Registry {
+    /// Refuses a watcher (503) when Postgres has no more than the reserve of free
+    /// replication slots or walsenders: those are for sessions and their streams.
+    async fn check_slot_room(&self) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('max_replication_slots')::int \
+                        - (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int, \
+                        current_setting('max_wal_senders')::int \
+                        - (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'walsender')::int",
+                &[],
+            )
+            .await?;
+        let (slots, senders): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
+        client.release();
+        let reserve = self.settings.watch_reserve_slots as i64;
+        let free = i64::from(slots.min(senders));
+        if free <= reserve {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "Postgres has {free} free replication slots or walsenders, and the last {reserve} are kept for \
+                     sessions (--watch-reserve-slots): try again later, or raise max_replication_slots and \
+                     max_wal_senders"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
