@@ -40,6 +40,11 @@ impl Registry {
     /// `POST /v2/sessions`: the definition, and the slot's consistent point.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         check_name(&req.name)?;
+        for entry in req.tables.iter().flatten() {
+            if let TableEntry::Table(spec) = entry {
+                spec.check()?;
+            }
+        }
         let registry = Arc::clone(self);
         run_to_completion(async move { registry.create_new(req).await }).await
     }
