@@ -540,3 +540,27 @@ fn quoted(table: &str) -> String {
     let table = table.replace("%22", "\"");
     table.split('.').map(|p| format!("\"{}\"", p.trim_matches('"'))).collect::<Vec<_>>().join(".")
 }
+
+/// Issue 18: session names and slot names never meet. A session may not be named like
+/// a slot (an existing one, or one of the form pgdeltastream gives its slots), so that
+/// a token naming a session never grants another session's slot through v1.
+#[tokio::test]
+async fn a_session_may_not_be_named_like_a_slot() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup().await;
+    let (status, created) = create(&server, json!({"name": "orders", "tables": ["orders"]})).await;
+    assert_eq!(status, 201, "{created}");
+    let slot = created["slotName"].as_str().unwrap().to_owned();
+    pg.batch_execute("SELECT pg_create_logical_replication_slot('someones_slot', 'wal2json')").await.unwrap();
+    for name in [slot.as_str(), "delta_easy272", "someones_slot"] {
+        let (status, reply) = create(&server, json!({"name": name})).await;
+        assert_eq!(status, 409, "{name}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains("slot"), "{name}: {reply}");
+    }
+    pg.batch_execute("SELECT pg_drop_replication_slot('someones_slot')").await.unwrap();
+    let (status, all) = server.get("/v2/sessions").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = all.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["orders"], "no refusal left a session behind");
+    server.stop().await;
+}
