@@ -84,7 +84,7 @@ struct Plan {
     schemas: Vec<String>,
     /// Tables with a row filter or a column list, quoted.
     narrowed: Vec<String>,
-    /// (quoted table, row filter), each checked by [`check_expression`].
+    /// (quoted table, row filter), each one expression (`TableSpec::check`).
     filters: Vec<(String, String)>,
     /// What `publish` says: (insert, update, delete, truncate).
     publishes: [bool; 4],
@@ -196,17 +196,18 @@ impl Plan {
         Ok(())
     }
 
-    /// Each row filter, on its own, is one boolean expression of its table's columns:
-    /// Postgres parses it where nothing may follow it, before it goes into the
-    /// publication (which then checks what a row filter may use).
+    /// Each row filter, on its own, is an expression of its table's columns: Postgres
+    /// parses and plans it alone before the same text goes into the publication (which
+    /// then checks what a row filter may use).
     async fn check_filters(&self, client: &Client) -> Result<(), Error> {
         for (table, filter) in &self.filters {
             let sql = format!("SELECT ({filter})::pg_catalog.bool FROM ONLY {table} LIMIT 0");
-            let statement = client.prepare(&sql).await.map_err(|e| {
-                Error::bad_request(format!(
+            let statement = client.prepare(&sql).await.map_err(|e| match e.code() {
+                Some(code) if CLIENT_CLASSES.contains(&&code.code()[..2]) => Error::bad_request(format!(
                     "the row filter (where) of {table} is not a valid expression: {}",
                     crate::pg::snapshot::describe(&e)
-                ))
+                )),
+                _ => Error::from_tokio_pg(&e),
             })?;
             if !statement.params().is_empty() || statement.columns().len() != 1 {
                 return Err(Error::bad_request(format!(
@@ -343,6 +344,10 @@ impl Plan {
     }
 }
 
+/// The classes of SQLSTATE that a request's tables, filters and columns cause: syntax
+/// and access (42), data (22), unsupported (0A), object state (55).
+const CLIENT_CLASSES: &[&str] = &["42", "22", "0A", "55"];
+
 /// Postgres refused `CREATE PUBLICATION`.
 fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
     let said = crate::pg::snapshot::describe(e);
@@ -358,8 +363,7 @@ fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
         );
     }
     // The request's tables, row filters and columns: Postgres's reason is the answer.
-    let class = &code.code()[..2];
-    if ["42", "22", "0A", "55"].contains(&class) {
+    if CLIENT_CLASSES.contains(&&code.code()[..2]) {
         return Error::bad_request(format!("Postgres refused the publication: {said}"));
     }
     Error::from_tokio_pg(e)
@@ -420,6 +424,23 @@ mod tests {
         let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
         let plan = Plan::new(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
         assert_eq!(plan.sql, "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '')");
+    }
+
+    #[test]
+    fn a_row_filter_that_would_be_more_than_one_expression_never_reaches_the_statement() {
+        let spec = |filter: &str, columns: Option<Vec<String>>| {
+            vec![TableEntry::Table(TableSpec { table: "public.t".into(), row_filter: Some(filter.into()), columns })]
+        };
+        for filter in ["true) --", "true); DROP TABLE t", "true /* */", "(true", "'open", "x\0"] {
+            let e = Plan::new(&def(Some(spec(filter, None)), &[Action::Insert]), "pgdeltastream").unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{filter:?}: {e}");
+        }
+        let nul = Some(vec!["id\0".to_owned()]);
+        assert!(Plan::new(&def(Some(spec("true", nul)), &[Action::Insert]), "pgdeltastream").is_err());
+        let plan = Plan::new(&def(Some(spec("note = 'a) --'", None)), &[Action::Insert]), "pgdeltastream").unwrap();
+        assert!(plan.sql.ends_with("WHERE (note = 'a) --') WITH (publish = 'insert')"), "{}", plan.sql);
+        assert_eq!(plan.filters, [("\"public\".\"t\"".to_owned(), "note = 'a) --'".to_owned())]);
+        assert_eq!(plan.publishes, [true, false, false, false]);
     }
 
     #[test]
