@@ -287,8 +287,13 @@ async fn a_consumer_reaches_only_its_sessions_and_an_admin_everything() {
     let slot_of = |name: &str| {
         all.as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["slotName"].as_str().unwrap().to_owned()
     };
+    // v1 scopes by the session a slot belongs to, or by the slot's name.
     let (code, v1) = with_token(&server, "GET", "/v1/sessions", &me, "").await;
-    assert_eq!((code, v1), (200, json!([])), "v1 scopes by slot name");
+    assert_eq!(code, 200);
+    assert_eq!(
+        v1.as_array().unwrap().iter().map(|s| s["slotName"].clone()).collect::<Vec<_>>(),
+        [json!(slot_of("mine"))]
+    );
     let my_slot = consumer(&[&slot_of("mine")], now() + 600);
     let (code, v1) = with_token(&server, "GET", "/v1/sessions", &my_slot, "").await;
     assert_eq!(code, 200);
@@ -506,4 +511,74 @@ async fn no_auth_on_a_network_address_refuses_to_start() {
     // The secret is never shown, not even in --help.
     let out = server_command(&db, 1).env("PGDELTASTREAM_JWT_SECRET", "s3cret").arg("--help").output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+}
+
+/// Issue 18: through v1, a consumer's token grants a slot by the session it belongs to:
+/// `"sessions": ["default"]` streams whatever slot the default session has now, across
+/// inits, and a named session's token its slot; a token naming a session never reaches
+/// a slot of another session, even one named like that session (stored before names
+/// were kept apart).
+#[tokio::test]
+async fn v1_scope_follows_the_session_a_slot_belongs_to() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    let server = hs256_server(&db).await;
+    setup_sessions(&server, &pg).await;
+    let (_, all) = with_token(&server, "GET", "/v2/sessions", &admin(), "").await;
+    let slot_of = |name: &str| {
+        all.as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["slotName"].as_str().unwrap().to_owned()
+    };
+    let (mine, theirs) = (slot_of("mine"), slot_of("theirs"));
+    let default = consumer(&["default"], now() + 600);
+    let me = consumer(&["mine"], now() + 600);
+    let v1_url = |slot: &str| format!("ws://{}/v1/lr/stream?slotName={slot}", server.addr);
+
+    // A named session's token streams and acks its slot through v1, no other.
+    let mut ws = connect_with(&v1_url(&mine), &me).await.expect("the session's token streams its slot");
+    pg.execute("INSERT INTO orders (item) VALUES ('b')", &[]).await.unwrap();
+    let tx = next_changes(&mut ws).await;
+    assert_eq!(tx["change"][0]["columnvalues"][1], "b", "{tx}");
+    ack(&mut ws, tx["nextlsn"].as_str().unwrap()).await;
+    await_confirmed(&pg, &mine, tx["nextlsn"].as_str().unwrap()).await;
+    drop(ws);
+    assert_eq!(connect_with(&v1_url(&theirs), &me).await.err().unwrap().0, 403);
+    let (code, v1) = with_token(&server, "GET", "/v1/sessions", &me, "").await;
+    assert_eq!(code, 200, "{v1}");
+    assert_eq!(v1.as_array().unwrap().iter().map(|s| s["slotName"].clone()).collect::<Vec<_>>(), [json!(mine)]);
+
+    // The default session's token follows its slot across inits.
+    for _ in 0..2 {
+        let (code, init) = with_token(&server, "GET", "/v1/init", &admin(), "").await;
+        assert_eq!(code, 200, "{init}");
+        let slot = init["slotName"].as_str().unwrap().to_owned();
+        let (code, v1) = with_token(&server, "GET", "/v1/sessions", &default, "").await;
+        assert_eq!(code, 200, "{v1}");
+        assert_eq!(v1.as_array().unwrap().iter().map(|s| s["slotName"].clone()).collect::<Vec<_>>(), [json!(slot)]);
+        let ws = connect_with(&v1_url(&slot), &default).await.expect("the default token streams the default slot");
+        drop(ws);
+        let path = format!("/v1/snapshot?slotName={slot}");
+        let (code, body) = with_token(&server, "DELETE", &path, &default, "").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(connect_with(&v1_url(&mine), &default).await.err().unwrap().0, 403);
+        let path = format!("/v1/snapshot?slotName={mine}");
+        assert_eq!(with_token(&server, "DELETE", &path, &default, "").await.0, 403);
+    }
+    // Out of scope, a slot that does not exist is a 403 like any other.
+    assert_eq!(connect_with(&v1_url("delta_nosuch1"), &default).await.err().unwrap().0, 403);
+
+    // A session stored (before names were kept apart) under the name of another
+    // session's slot: its token does not reach that slot.
+    let legacy = json!({"name": theirs, "slotName": "delta_gone1", "plugin": "wal2json", "tables": null,
+                        "actions": ["insert", "update", "delete", "truncate", "message"]});
+    pg.execute("INSERT INTO pgdeltastream.sessions (name, definition) VALUES ($1, $2)", &[&theirs, &legacy])
+        .await
+        .unwrap();
+    let named_like_the_slot = consumer(&[&theirs], now() + 600);
+    let (code, body) = connect_with(&v1_url(&theirs), &named_like_the_slot).await.err().unwrap();
+    assert_eq!(code, 403, "{body}");
+    let (code, v1) = with_token(&server, "GET", "/v1/sessions", &named_like_the_slot, "").await;
+    assert_eq!((code, v1), (200, json!([])));
+    let (code, _) = with_token(&server, "DELETE", "/v2/sessions/theirs", &admin(), "").await;
+    assert_eq!(code, 200);
+    server.stop().await;
 }

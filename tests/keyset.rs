@@ -12,7 +12,7 @@ use pgdeltastream::pg::PgConfig;
 use pgdeltastream::pg::ident::TableRef;
 use pgdeltastream::pg::keyset::{Cursor, KeysetRequest, explain_keyset_page, open_export, open_keyset_page};
 use pgdeltastream::pg::pool::{Pool, PoolSettings};
-use pgdeltastream::pg::snapshot::{PageBody, SnapshotError, hold_snapshot};
+use pgdeltastream::pg::snapshot::{PageBody, Scope, SnapshotError, hold_snapshot};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -72,7 +72,7 @@ impl Snap {
         limit: u64,
     ) -> Result<(Vec<Value>, Option<String>), SnapshotError> {
         let req = KeysetRequest { table: TableRef::parse(table).unwrap(), after, limit };
-        let body = open_keyset_page(self.pool.get().await.unwrap(), &self.id, &req, TIMEOUT).await?;
+        let body = open_keyset_page(self.pool.get().await.unwrap(), &self.id, &req, &Scope::default(), TIMEOUT).await?;
         let text = collect(body).await?;
         let page: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         let rows = page["rows"].as_array().unwrap_or_else(|| panic!("no rows in {text}")).clone();
@@ -104,7 +104,7 @@ impl Snap {
 
     async fn export(&self, table: &str) -> Result<String, SnapshotError> {
         let table = TableRef::parse(table).unwrap();
-        let body = open_export(self.pool.get().await.unwrap(), &self.id, &table, TIMEOUT).await?;
+        let body = open_export(self.pool.get().await.unwrap(), &self.id, &table, &Scope::default(), TIMEOUT).await?;
         collect(body).await
     }
 
@@ -173,7 +173,9 @@ async fn composite_primary_key() {
     // Byte for byte, keys in column order: a page's rows are the export's lines.
     let req = KeysetRequest { table: TableRef::parse("comp").unwrap(), after: None, limit: 1000 };
     let page =
-        collect(open_keyset_page(s.pool.get().await.unwrap(), &s.id, &req, TIMEOUT).await.unwrap()).await.unwrap();
+        collect(open_keyset_page(s.pool.get().await.unwrap(), &s.id, &req, &Scope::default(), TIMEOUT).await.unwrap())
+            .await
+            .unwrap();
     let export = s.export("comp").await.unwrap();
     assert_eq!(page, format!("{{\"rows\":[{}],\"next\":null}}", export.lines().collect::<Vec<_>>().join(",")));
     assert!(export.starts_with("{\"a\":\"\",\"b\":"), "{export}");
@@ -339,7 +341,7 @@ async fn bad_cursors_are_refused_and_views_only_export() {
 /// The plan of the keyset read of `table` after `after`.
 async fn plan_of(s: &Snap, table: &str, after: Option<String>) -> String {
     let req = KeysetRequest { table: TableRef::parse(table).unwrap(), after, limit: 100 };
-    explain_keyset_page(&s.pg, &s.id, &req).await.unwrap()
+    explain_keyset_page(&s.pg, &s.id, &req, &Scope::default()).await.unwrap()
 }
 
 /// The last page of a million rows is found as the first is: through the primary key's
@@ -389,14 +391,14 @@ async fn a_dropped_export_cancels_its_query() {
     let table = TableRef::parse("e").unwrap();
     let timeout = Duration::from_millis(500);
     // The statement timeout does not end a long export: read it slowly, past it.
-    let mut body = open_export(s.pool.get().await.unwrap(), &s.id, &table, timeout).await.unwrap();
+    let mut body = open_export(s.pool.get().await.unwrap(), &s.id, &table, &Scope::default(), timeout).await.unwrap();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     text.push_str(&collect(body).await.unwrap());
     assert_eq!(text.lines().count(), 300000);
     assert_eq!(text.lines().last(), Some(format!("{{\"v\":300000,\"pad\":\"{}\"}}", "p".repeat(100)).as_str()));
 
-    let mut body = open_export(s.pool.get().await.unwrap(), &s.id, &table, timeout).await.unwrap();
+    let mut body = open_export(s.pool.get().await.unwrap(), &s.id, &table, &Scope::default(), timeout).await.unwrap();
     let first = body.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"{\"v\":1,"), "{first:?}");
     drop(body);

@@ -523,3 +523,172 @@ async fn no_publication_is_left_when_the_slot_cannot_be_made() {
     let (status, body) = create(&server, json!({"name": "late", "tables": ["orders"]})).await;
     assert_eq!(status, 201, "{body}");
 }
+
+/// Issue 18: a row filter is one expression, or a 400; it cannot rewrite the rest of
+/// the publication (`true) --` once turned `publish = 'insert'` into every action and
+/// skipped the replica identity check, breaking the application's own UPDATE).
+#[tokio::test]
+async fn a_row_filter_is_one_expression_and_nothing_more() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    pg.batch_execute("CREATE TABLE noident (id int, amount int, note text); INSERT INTO noident VALUES (1, 5, 'a');")
+        .await
+        .unwrap();
+    let nasty = [
+        "true) --",
+        "true) -- ",
+        "true); DROP TABLE orders; --",
+        "true); DROP TABLE orders",
+        "true; SELECT 1",
+        "true) /*",
+        "true /* a comment */",
+        "amount > 1) WITH (publish = 'insert, update, delete'",
+        "amount > 1) OR (true",
+        "true), TABLE orders WHERE (true",
+        "note = 'unbalanced",
+        "\"unbalanced = 1",
+        "note = $$unterminated",
+        "note = $a$ x $b$",
+        "$1 > 0",
+        "id IN (SELECT 1)",
+        "EXISTS (SELECT FROM pgdeltastream.sessions)",
+        "(SELECT true)",
+        "true\u{0}",
+        "",
+    ];
+    for (i, filter) in nasty.iter().enumerate() {
+        let tables = json!([{"table": "noident", "where": filter}]);
+        let (status, body) =
+            create(&server, json!({"name": format!("n{i}"), "tables": tables, "actions": ["insert"]})).await;
+        assert_eq!(status, 400, "{filter:?}: {body}");
+        assert!(body["error"].is_string(), "{filter:?}: {body}");
+        assert!(publications(&pg).await.is_empty(), "{filter:?}: a publication was left");
+        pg.execute("UPDATE noident SET amount = amount + 1", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{filter:?}: the application's UPDATE broke: {e}"));
+    }
+    assert!(slots(&pg).await.is_empty());
+    let n: i64 = pg.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2, "orders is still there");
+
+    // Quotes, dollar quotes and comment-like text inside literals are one expression.
+    for (i, filter) in [
+        "note = 'a) --'",
+        "note <> $$); DROP TABLE orders; --$$",
+        "\"note\" IS DISTINCT FROM E'\\''",
+        "note = E'\\' ) --'",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tables = json!([{"table": "noident", "where": filter}]);
+        let (status, body) =
+            create(&server, json!({"name": format!("ok{i}"), "tables": tables, "actions": ["insert"]})).await;
+        assert_eq!(status, 201, "{filter:?}: {body}");
+        let publication = body["publication"].as_str().unwrap().to_owned();
+        assert_eq!(publication_flags(&pg, &publication).await, [false, true, false, false, false], "{filter:?}");
+        pg.execute("UPDATE noident SET amount = amount + 1", &[]).await.expect("the application's UPDATE works");
+        let (status, body) = delete(&server, &format!("/v2/sessions/ok{i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// Issue 18: a NUL byte in a column, a row filter or a table name is the client's
+/// mistake (400 JSON), never a 500.
+#[tokio::test]
+async fn a_nul_byte_anywhere_in_a_definition_is_a_400() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    for entry in [
+        json!({"table": "orders", "columns": ["id\u{0}"]}),
+        json!({"table": "orders", "columns": ["id", "\u{0}"]}),
+        json!({"table": "orders", "where": "amount > 1\u{0}"}),
+        json!({"table": "orders", "where": "note = '\u{0}'"}),
+        json!({"table": "orders\u{0}"}),
+        json!({"table": "\"orders\u{0}\""}),
+        json!("orders\u{0}"),
+        json!("\"a\u{0}\".*"),
+    ] {
+        let (status, body) = create(&server, json!({"name": "nul", "tables": [entry]})).await;
+        assert_eq!(status, 400, "{entry}: {body}");
+        assert!(body["error"].is_string(), "{entry}: {body}");
+    }
+    let (status, _) = create(&server, json!({"name": "orders", "tables": ["orders"]})).await;
+    assert_eq!(status, 201);
+    for table in ["or%00ders", "%22or%00ders%22", "public.%00"] {
+        let (status, body) = server.get(&format!("/v2/sessions/orders/snapshot/{table}")).await;
+        assert_eq!(status, 400, "{table}: {body}");
+    }
+    assert_eq!(slots(&pg).await.len(), 1, "only the valid session was made");
+}
+
+/// Issue 18: a session's snapshot applies its row filter and column list, as the stream
+/// does: no row the filter leaves out, no column the list leaves out. Without its key
+/// in the list, the pages follow the rows' positions, and no cursor carries a value.
+#[tokio::test]
+async fn a_snapshot_serves_the_rows_and_columns_of_the_sessions_publication() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup(PluginChoice::Auto).await;
+    pg.execute("INSERT INTO orders (amount, note) SELECT 100 + g, 'n' || g FROM generate_series(1, 10) g", &[])
+        .await
+        .unwrap();
+    let page_all = |name: &'static str| {
+        let addr = server.addr;
+        async move {
+            let mut rows = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let path = match &after {
+                    Some(c) => format!("/v2/sessions/{name}/snapshot/orders?limit=3&after={c}"),
+                    None => format!("/v2/sessions/{name}/snapshot/orders?limit=3"),
+                };
+                let (status, page) = request(addr, "GET", &path, None).await;
+                assert_eq!(status, 200, "{path}: {page}");
+                rows.extend(page["rows"].as_array().unwrap().iter().cloned());
+                match page["next"].as_str() {
+                    Some(next) => {
+                        let cursor: Value = serde_json::from_slice(
+                            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, next).unwrap(),
+                        )
+                        .unwrap();
+                        if name == "unkeyed" {
+                            // The table and a row position: no value of a column.
+                            assert_eq!(cursor["k"][0], cursor["t"].to_string(), "{cursor}");
+                            assert!(cursor["k"][1].as_str().unwrap().starts_with('('), "{cursor}");
+                        }
+                        after = Some(next.to_owned());
+                    }
+                    None => break,
+                }
+            }
+            let (status, body) = raw_request(
+                addr,
+                "GET",
+                &format!("/v2/sessions/{name}/snapshot/orders"),
+                &[("accept", "application/x-ndjson")],
+                vec![],
+            )
+            .await;
+            assert_eq!(status, 200);
+            let exported: Vec<Value> =
+                String::from_utf8(body).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            assert_eq!(exported, rows, "{name}: the export is the pages");
+            rows
+        }
+    };
+    for (name, entry) in [
+        ("keyed", json!({"table": "orders", "where": "amount > 105", "columns": ["id", "amount"]})),
+        ("unkeyed", json!({"table": "orders", "where": "amount > 105", "columns": ["amount"]})),
+    ] {
+        let body = json!({"name": name, "tables": [entry], "actions": ["insert"]});
+        let (status, created) = create(&server, body).await;
+        assert_eq!(status, 201, "{created}");
+    }
+    let expected: Vec<i64> = vec![150, 106, 107, 108, 109, 110];
+    let keyed = page_all("keyed").await;
+    assert_eq!(keyed.iter().map(|r| r["amount"].as_i64().unwrap()).collect::<Vec<_>>(), expected);
+    let ids = [2, 8, 9, 10, 11, 12];
+    assert_eq!(keyed, ids.iter().zip(&expected).map(|(id, a)| json!({"id": id, "amount": a})).collect::<Vec<_>>());
+    let unkeyed = page_all("unkeyed").await;
+    assert_eq!(unkeyed, expected.iter().map(|a| json!({"amount": a})).collect::<Vec<_>>());
+}

@@ -9,6 +9,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::*;
 
+/// The test that takes 50 of the cluster's 64 slots runs without the tests that take
+/// several more.
+static SLOTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn setup() -> (common::TestDb, tokio_postgres::Client, TestServer) {
     let db = common::fresh_db().await;
     let pg = db.client().await;
@@ -124,9 +128,10 @@ async fn create_list_get_delete_and_their_shapes() {
     snapshot("v2_list", all.clone());
     let (status, one) = server.get("/v2/sessions/orders").await;
     assert_eq!(status, 200, "{one}");
-    // retainedBytes follows the WAL, which the other tests of this binary move meanwhile.
+    // retainedBytes and lagBytes follow the WAL, which the other tests of this binary
+    // move meanwhile.
     let without_retained = |mut v: Value| {
-        v.as_object_mut().map(|o| o.remove("retainedBytes"));
+        v.as_object_mut().map(|o| (o.remove("retainedBytes"), o.remove("lagBytes")));
         v
     };
     assert_eq!(without_retained(one), without_retained(all[0].clone()));
@@ -360,6 +365,7 @@ async fn two_processes_share_sessions() {
 /// 50 sessions streaming at once from one process, each complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_sessions_stream_at_once() {
+    let _alone = SLOTS.write().await;
     let (_db, pg, server) = setup().await;
     let mut clients = Vec::new();
     for i in 0..50 {
@@ -467,4 +473,94 @@ async fn the_snapshot_does_not_survive_a_restart() {
 async fn raw_delete(server: &TestServer, path: &str) -> (u16, Value) {
     let (status, body) = raw_request(server.addr, "DELETE", path, &[], vec![]).await;
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// Issue 18: a session's snapshot serves its tables only (every table for a session
+/// without `tables`), never the store or another schema's; anything else is answered
+/// exactly as a table that does not exist, pages and exports alike.
+#[tokio::test]
+async fn a_sessions_snapshot_serves_only_its_tables() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup().await;
+    pg.batch_execute(
+        "CREATE TABLE secret (id int PRIMARY KEY, pw text); INSERT INTO secret VALUES (1, 'hunter2');
+         INSERT INTO orders (item) VALUES ('pen'); INSERT INTO audit.log (what) VALUES ('x');",
+    )
+    .await
+    .unwrap();
+    for body in [
+        json!({"name": "orders", "tables": ["public.orders"]}),
+        json!({"name": "audit", "tables": ["audit.*"]}),
+        json!({"name": "everything"}),
+    ] {
+        let (status, reply) = create(&server, body).await;
+        assert_eq!(status, 201, "{reply}");
+    }
+    let read = |session: &str, table: &str, ndjson: bool| {
+        let path = format!("/v2/sessions/{session}/snapshot/{table}");
+        let addr = server.addr;
+        async move {
+            let headers: &[(&str, &str)] = if ndjson { &[("accept", "application/x-ndjson")] } else { &[] };
+            let (status, body) = raw_request(addr, "GET", &path, headers, vec![]).await;
+            (status, String::from_utf8(body).unwrap())
+        }
+    };
+    for ndjson in [false, true] {
+        for (session, table) in [("orders", "orders"), ("audit", "audit.log"), ("everything", "secret")] {
+            let (status, body) = read(session, table, ndjson).await;
+            assert_eq!(status, 200, "{session} {table}: {body}");
+        }
+        let (_, unknown) = read("orders", "nosuch", ndjson).await;
+        let unknown: Value = serde_json::from_str(&unknown).unwrap();
+        for (session, table) in [
+            ("orders", "secret"),
+            ("orders", "items"),
+            ("orders", "audit.log"),
+            ("orders", "pgdeltastream.sessions"),
+            ("orders", "pg_catalog.pg_authid"),
+            ("audit", "public.orders"),
+            ("everything", "pgdeltastream.sessions"),
+            ("everything", "%22pgdeltastream%22.%22sessions%22"),
+            ("everything", "information_schema.tables"),
+        ] {
+            let (status, body) = read(session, table, ndjson).await;
+            assert_eq!(status, 404, "{session} {table} (ndjson {ndjson}): {body}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            let shown = |v: &Value, name: &str| v["error"].as_str().unwrap().replace(name, "T");
+            let name = quoted(table);
+            assert_eq!(shown(&body, &name), shown(&unknown, "\"nosuch\""), "{session} {table}: {body}");
+            assert!(!body.to_string().contains("hunter2"), "{body}");
+        }
+    }
+    server.stop().await;
+}
+
+/// A table of a path as a refusal names it: each part quoted.
+fn quoted(table: &str) -> String {
+    let table = table.replace("%22", "\"");
+    table.split('.').map(|p| format!("\"{}\"", p.trim_matches('"'))).collect::<Vec<_>>().join(".")
+}
+
+/// Issue 18: session names and slot names never meet. A session may not be named like
+/// a slot (an existing one, or one of the form pgdeltastream gives its slots), so that
+/// a token naming a session never grants another session's slot through v1.
+#[tokio::test]
+async fn a_session_may_not_be_named_like_a_slot() {
+    let _shared = SLOTS.read().await;
+    let (_db, pg, server) = setup().await;
+    let (status, created) = create(&server, json!({"name": "orders", "tables": ["orders"]})).await;
+    assert_eq!(status, 201, "{created}");
+    let slot = created["slotName"].as_str().unwrap().to_owned();
+    pg.batch_execute("SELECT pg_create_logical_replication_slot('someones_slot', 'wal2json')").await.unwrap();
+    for name in [slot.as_str(), "delta_easy272", "someones_slot"] {
+        let (status, reply) = create(&server, json!({"name": name})).await;
+        assert_eq!(status, 409, "{name}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains("slot"), "{name}: {reply}");
+    }
+    pg.batch_execute("SELECT pg_drop_replication_slot('someones_slot')").await.unwrap();
+    let (status, all) = server.get("/v2/sessions").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = all.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["orders"], "no refusal left a session behind");
+    server.stop().await;
 }

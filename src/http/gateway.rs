@@ -66,9 +66,13 @@ pub async fn v1_stream(
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
     check_format(q.format.as_deref())?;
     let upgrade = upgrade?;
-    // As on the server, a v1 consumer's token names the session that reads the slot.
-    let session = gateway.session_of_slot(&slot).await?;
-    who.require_session(&session)?;
+    // As on the server, a v1 consumer's token names the slot's session (or the slot);
+    // out of its scope, not finding the slot is a 403 too.
+    let session = gateway.session_of_slot(&slot).await;
+    if !session.as_ref().is_ok_and(|s| who.may_use(s)) {
+        who.require_session(&slot)?;
+    }
+    let session = session?;
     let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
     Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
 }

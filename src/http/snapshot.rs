@@ -111,7 +111,7 @@ pub async fn release(
     // A consumer may let go of the snapshot of a slot it holds; the default session's
     // (no slotName) is an admin's.
     match q.slot_name.as_deref() {
-        Some(slot) => who.require_session(slot)?,
+        Some(slot) => super::stream::require_slot(&state, &who, slot).await?,
         None => who.require_admin()?,
     }
     let slot = state.registry.release_snapshot(q.slot_name.as_deref())?;

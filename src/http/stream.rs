@@ -7,10 +7,10 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::auth::Principal;
+use super::auth::{Principal, Role};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::observer::Observer;
@@ -40,11 +40,29 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
-    who.require_session(&slot)?;
+    require_slot(&state, &who, &slot).await?;
     let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_stream(&slot, format).await?;
     Ok(serve(&state, upgrade, open, who.stream_deadline()))
+}
+
+/// A v1 route names a slot: a consumer may use it when its token names the session the
+/// slot belongs to, now (the default session's slot changes with each init), or the
+/// slot itself. Whatever keeps the slot from being found is a 403 too, unless the token
+/// names it: out of its scope a consumer learns nothing of other slots.
+pub(super) async fn require_slot(state: &AppState, who: &Principal, slot: &str) -> Result<(), ApiError> {
+    if who.role == Role::Admin {
+        return Ok(());
+    }
+    match state.registry.slot_grants(slot).await {
+        Ok(grants) if grants.iter().any(|n| who.may_use(n)) => Ok(()),
+        Err(e) if who.may_use(slot) => Err(e.into()),
+        _ => Err(ApiError(Error::new(
+            ErrorKind::Forbidden,
+            format!("the token grants neither slot {slot:?} nor the session it belongs to"),
+        ))),
+    }
 }
 
 /// `transactions` (the default) or `changes`.

@@ -28,8 +28,8 @@ use tokio_postgres::{Client, SimpleQueryStream};
 use super::ident::{TableRef, is_valid_snapshot_id, quote_ident};
 use super::pool::PooledClient;
 use super::snapshot::{
-    Framing, KeysetFraming, PageBody, SnapshotError, TableInfo, abandon, begin_read, check_unchanged, describe,
-    first_rows, resolve_table,
+    Framing, KeysetFraming, PageBody, Scope, SnapshotError, TableInfo, abandon, begin_read, check_unchanged, describe,
+    first_rows, resolve_in_scope,
 };
 
 /// What to read: the page of `table` after the cursor `after` (from the start without
@@ -110,6 +110,7 @@ pub async fn open_keyset_page(
     conn: PooledClient,
     snapshot_id: &str,
     req: &KeysetRequest,
+    scope: &Scope,
     statement_timeout: Duration,
 ) -> Result<PageBody, SnapshotError> {
     let after = match req.after.as_deref().map(Cursor::decode).transpose() {
@@ -124,7 +125,7 @@ pub async fn open_keyset_page(
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
     let limit = page_limit(req.limit);
-    match start_keyset(&conn, snapshot_id, &req.table, after.as_ref(), limit, statement_timeout).await {
+    match start_keyset(&conn, snapshot_id, &req.table, scope, after.as_ref(), limit, statement_timeout).await {
         Ok((table, key, rows)) => {
             let framing =
                 KeysetFraming { limit, oid: table.oid, key_at: key_at(&table, &key), last: vec![], more: false };
@@ -138,11 +139,13 @@ async fn start_keyset(
     client: &Client,
     snapshot_id: &str,
     table: &TableRef,
+    scope: &Scope,
     after: Option<&Cursor>,
     limit: u64,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, Key, SimpleQueryStream), SnapshotError> {
-    let (table, key, sql, values) = prepare_keyset(client, snapshot_id, table, after, limit, statement_timeout).await?;
+    let (table, key, sql, values) =
+        prepare_keyset(client, snapshot_id, table, scope, after, limit, statement_timeout).await?;
     let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
     declare(client, &table, &sql, &params).await?;
     let rows = client.simple_query_raw(&format!("FETCH ALL FROM {CURSOR}")).await?;
@@ -155,12 +158,13 @@ async fn prepare_keyset(
     client: &Client,
     snapshot_id: &str,
     table: &TableRef,
+    scope: &Scope,
     after: Option<&Cursor>,
     limit: u64,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, Key, String, Vec<String>), SnapshotError> {
     begin_read(client, snapshot_id, statement_timeout).await?;
-    let table = resolve_table(client, table).await?;
+    let table = resolve_in_scope(client, table, scope).await?;
     check_unchanged(client, &table).await?;
     let key = find_key(client, &table).await?;
     if let Some(c) = after {
@@ -177,15 +181,23 @@ pub async fn explain_keyset_page(
     client: &Client,
     snapshot_id: &str,
     req: &KeysetRequest,
+    scope: &Scope,
 ) -> Result<String, SnapshotError> {
     let after = req.after.as_deref().map(Cursor::decode).transpose()?;
     if !is_valid_snapshot_id(snapshot_id) {
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
     let plan = async {
-        let (_, _, sql, values) =
-            prepare_keyset(client, snapshot_id, &req.table, after.as_ref(), page_limit(req.limit), Duration::ZERO)
-                .await?;
+        let (_, _, sql, values) = prepare_keyset(
+            client,
+            snapshot_id,
+            &req.table,
+            scope,
+            after.as_ref(),
+            page_limit(req.limit),
+            Duration::ZERO,
+        )
+        .await?;
         let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         let rows = client.query(&format!("EXPLAIN DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}"), &params).await?;
         let lines = rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<Vec<_>, _>>()?;
@@ -208,13 +220,14 @@ pub async fn open_export(
     conn: PooledClient,
     snapshot_id: &str,
     table: &TableRef,
+    scope: &Scope,
     statement_timeout: Duration,
 ) -> Result<PageBody, SnapshotError> {
     if !is_valid_snapshot_id(snapshot_id) {
         conn.release();
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
-    match start_export(&conn, snapshot_id, table, statement_timeout).await {
+    match start_export(&conn, snapshot_id, table, scope, statement_timeout).await {
         Ok((table, rows)) => first_rows(conn, &table, rows, Framing::Ndjson).await,
         Err(e) => Err(abandon(conn, e).await),
     }
@@ -224,10 +237,11 @@ async fn start_export(
     client: &Client,
     snapshot_id: &str,
     table: &TableRef,
+    scope: &Scope,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, SimpleQueryStream), SnapshotError> {
     begin_read(client, snapshot_id, statement_timeout).await?;
-    let table = resolve_table(client, table).await?;
+    let table = resolve_in_scope(client, table, scope).await?;
     check_unchanged(client, &table).await?;
     let key = match find_key(client, &table).await {
         Ok(key) => Some(key),
@@ -271,7 +285,10 @@ async fn find_key(client: &Client, table: &TableInfo) -> Result<Key, SnapshotErr
             .query_one("SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhparent = $1)", &[&table.oid])
             .await?
             .try_get::<_, bool>(0)?;
-    if !table.primary_key.is_empty() && !inherited {
+    // A key the reader's column list leaves out cannot be the order: the cursor would
+    // carry its values. The row position serves instead, and reveals no value.
+    let served = table.primary_key.iter().all(|k| table.columns.iter().any(|c| &c.name == k));
+    if !table.primary_key.is_empty() && !inherited && served {
         let mut columns = Vec::with_capacity(table.primary_key.len());
         for name in &table.primary_key {
             let index = table.columns.iter().position(|c| &c.name == name).ok_or_else(|| {
@@ -395,6 +412,7 @@ fn page_sql(table: &TableInfo, key: &Key, after: Option<&Cursor>, limit: u64) ->
         Key::Columns(columns) => {
             let names: Vec<&str> = columns.iter().map(|k| k.name.as_str()).collect();
             let mut sql = format!("SELECT {} FROM {}", column_list(table, &[]), display(table));
+            let mut conditions: Vec<String> = table.row_filter.iter().map(|f| format!("({f})")).collect();
             if after.is_some() {
                 let values: Vec<String> = columns
                     .iter()
@@ -402,7 +420,10 @@ fn page_sql(table: &TableInfo, key: &Key, after: Option<&Cursor>, limit: u64) ->
                     .map(|(i, k)| format!("${}::pg_catalog.text::{}", i + 1, k.type_name))
                     .collect();
                 // A row comparison, which a btree index takes as a start position.
-                sql.push_str(&format!(" WHERE ({}) > ({})", names.join(", "), values.join(", ")));
+                conditions.push(format!("({}) > ({})", names.join(", "), values.join(", ")));
+            }
+            if !conditions.is_empty() {
+                sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
             }
             sql.push_str(&format!(" ORDER BY {} LIMIT {take}", names.join(", ")));
             (sql, after.map(|c| c.key.clone()).unwrap_or_default())
@@ -423,6 +444,8 @@ fn page_sql(table: &TableInfo, key: &Key, after: Option<&Cursor>, limit: u64) ->
 /// Relations after the cursor's are only read while the page is not full.
 fn position_page_sql(table: &TableInfo, relations: &[Relation], after: Option<u32>, take: u64) -> String {
     let columns = column_list(table, &["tableoid", "ctid"]);
+    // The filter counts in the bound too: `take` rows it keeps, not `take` rows.
+    let filter = table.row_filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default();
     let branches: Vec<String> = relations
         .iter()
         .filter(|r| after.is_none_or(|oid| r.oid >= oid))
@@ -433,9 +456,9 @@ fn position_page_sql(table: &TableInfo, relations: &[Relation], after: Option<u3
                 false => "'(0,0)'::pg_catalog.tid",
             };
             format!(
-                "(SELECT {columns} FROM ONLY {name} WHERE ctid > {start} AND ctid <= \
-                 (SELECT pg_catalog.max(ctid) FROM (SELECT ctid FROM ONLY {name} WHERE ctid > {start} LIMIT {take}) p) \
-                 ORDER BY ctid LIMIT {take})",
+                "(SELECT {columns} FROM ONLY {name} WHERE ctid > {start}{filter} AND ctid <= \
+                 (SELECT pg_catalog.max(ctid) FROM (SELECT ctid FROM ONLY {name} WHERE ctid > {start}{filter} \
+                 LIMIT {take}) p) ORDER BY ctid LIMIT {take})",
                 name = r.name
             )
         })
@@ -453,6 +476,9 @@ fn position_page_sql(table: &TableInfo, relations: &[Relation], after: Option<u3
 /// The export's SELECT: every row, in the pages' order.
 fn export_sql(table: &TableInfo, key: Option<&Key>) -> String {
     let mut sql = format!("SELECT {} FROM {}", column_list(table, &[]), display(table));
+    if let Some(filter) = &table.row_filter {
+        sql.push_str(&format!(" WHERE ({filter})"));
+    }
     match key {
         Some(Key::Columns(columns)) => {
             let names: Vec<&str> = columns.iter().map(|k| k.name.as_str()).collect();
@@ -479,6 +505,7 @@ mod tests {
             relkind,
             columns: columns.iter().map(|c| Column { name: c.to_string(), type_oid: 23 }).collect(),
             primary_key: pk.iter().map(|s| s.to_string()).collect(),
+            row_filter: None,
         }
     }
 
@@ -577,6 +604,23 @@ mod tests {
         let (sql, _) = page_sql(&t, &key, Some(&Cursor::new(42, vec!["30".into(), "(3,4)".into()])), 4);
         assert!(sql.starts_with("(SELECT \"v\", tableoid, ctid FROM ONLY \"public\".\"p3\" WHERE ctid > $1"), "{sql}");
         assert!(page_sql(&t, &Key::Position(vec![]), None, 4).0.ends_with("WHERE false"));
+    }
+
+    #[test]
+    fn a_row_filter_narrows_pages_bounds_and_exports() {
+        let mut t = table(&["a", "v"], &["a"], 'r');
+        t.row_filter = Some("(v > 1)".into());
+        let key = key_columns(&[("a", 0)]);
+        let (sql, _) = page_sql(&t, &key, None, 10);
+        assert_eq!(sql, r#"SELECT "a", "v" FROM "public"."T t" WHERE ((v > 1)) ORDER BY "a" LIMIT 11"#);
+        let (sql, _) = page_sql(&t, &key, Some(&Cursor::new(42, vec!["3".into()])), 10);
+        assert!(sql.contains(r#"WHERE ((v > 1)) AND ("a") > ($1::pg_catalog.text::"pg_catalog"."int4")"#), "{sql}");
+        let relations = Key::Position(vec![Relation { oid: 10, name: "\"public\".\"p1\"".into() }]);
+        let (sql, _) = page_sql(&t, &relations, None, 4);
+        // The bound counts only rows the filter keeps, or a page could end short of
+        // `limit` and look like the last.
+        assert_eq!(sql.matches("AND ((v > 1))").count(), 2, "{sql}");
+        assert_eq!(export_sql(&t, Some(&key)), r#"SELECT "a", "v" FROM "public"."T t" WHERE ((v > 1)) ORDER BY "a""#);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`frames`]: the pure encoding and decoding of the CopyData payloads that travel
 //!   inside a replication stream (XLogData, keepalives, standby status updates).
 //! - [`ident`]: SQL identifiers as users type them, parsed, checked and quoted.
+//! - [`expr`]: SQL expressions a client writes (row filters), checked to be one.
 //! - [`snapshot`]: reading table pages from an exported snapshot, encoded exactly as
 //!   wal2json encodes the same values in the stream.
 //! - [`keyset`]: keyset pages (by primary key, else row position) and the NDJSON
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod error;
+pub mod expr;
 pub mod frames;
 pub mod ident;
 pub mod keyset;

@@ -49,8 +49,37 @@ pub struct TableInfo {
     pub schema: String,
     pub name: String,
     pub relkind: char,
+    /// The columns served: all of them, or those of the reader's column list.
     pub columns: Vec<Column>,
     pub primary_key: Vec<String>,
+    /// The rows served: those of the reader's row filter, as Postgres prints it.
+    pub row_filter: Option<String>,
+}
+
+/// What of a snapshot one reader may see: a session's tables, and of each the rows and
+/// columns its publication streams. The default is every table.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// (schema, table), the table None for every relation of the schema; None: every one.
+    pub tables: Option<Vec<(String, Option<String>)>>,
+    /// Schemas never served, whatever `tables` says: pgdeltastream's own.
+    pub hidden_schemas: Vec<String>,
+    /// The publication whose row filters and column lists apply, and the (schema,
+    /// table) pairs that have one: only they are looked up (Postgres 15 and later).
+    pub narrowed: Option<(String, Vec<(String, String)>)>,
+    /// A table in a system schema is answered as one that does not exist, like every
+    /// other table outside the scope (v1 refuses it with 403 instead).
+    pub system_unknown: bool,
+}
+
+impl Scope {
+    fn admits(&self, schema: &str, name: &str) -> bool {
+        !self.hidden_schemas.iter().any(|h| h == schema)
+            && self
+                .tables
+                .as_ref()
+                .is_none_or(|tables| tables.iter().any(|(s, t)| s == schema && t.as_deref().is_none_or(|t| t == name)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,21 +167,22 @@ const CHUNK: usize = 64 * 1024;
 /// a whole one.
 pub type PageBody = BoxStream<'static, Result<Bytes, SnapshotError>>;
 
-/// Starts reading one page of `req.table` as a JSON array of objects, keys in column
-/// order. Everything that can be refused is found out before this returns: the table,
+/// Starts reading one page of `req.table` (in `scope`) as a JSON array of objects, keys
+/// in column order. Everything that can be refused is found out before this returns: the table,
 /// its columns, whether it changed since the snapshot, and the query's first row. The
 /// body then streams the rest, holding `conn` until it ends.
 pub async fn open_page(
     conn: PooledClient,
     snapshot_id: &str,
     req: &PageRequest,
+    scope: &Scope,
     statement_timeout: Duration,
 ) -> Result<PageBody, SnapshotError> {
     if !super::ident::is_valid_snapshot_id(snapshot_id) {
         conn.release();
         return Err(SnapshotError::SnapshotGone(format!("malformed snapshot id {snapshot_id:?}")));
     }
-    match start_page(&conn, snapshot_id, req, statement_timeout).await {
+    match start_page(&conn, snapshot_id, req, scope, statement_timeout).await {
         Ok((table, rows)) => first_rows(conn, &table, rows, Framing::Array).await,
         Err(e) => Err(abandon(conn, e).await),
     }
@@ -163,10 +193,11 @@ async fn start_page(
     client: &Client,
     snapshot_id: &str,
     req: &PageRequest,
+    scope: &Scope,
     statement_timeout: Duration,
 ) -> Result<(TableInfo, SimpleQueryStream), SnapshotError> {
     begin_read(client, snapshot_id, statement_timeout).await?;
-    let table = resolve_table(client, &req.table).await?;
+    let table = resolve_in_scope(client, &req.table, scope).await?;
     check_unchanged(client, &table).await?;
     let sql = select_sql(&table, req)?;
     let rows = client.simple_query_raw(&sql).await?;
@@ -503,6 +534,44 @@ const CHANGED_SQL: &str = "\
             (SELECT relid FROM snap EXCEPT SELECT relid FROM now) \
             UNION ALL (SELECT relid FROM now EXCEPT SELECT relid FROM snap))";
 
+/// Looks the table up as [`resolve_table`] does, and narrows it to what `scope` serves.
+/// A table outside the scope is [`SnapshotError::NoSuchTable`], exactly as one that does
+/// not exist: the answer tells nothing of the tables a reader may not see.
+pub async fn resolve_in_scope(client: &Client, t: &TableRef, scope: &Scope) -> Result<TableInfo, SnapshotError> {
+    let unknown = || SnapshotError::NoSuchTable(t.to_string());
+    let mut table = match resolve_table(client, t).await {
+        Err(SnapshotError::SystemTable(_)) if scope.system_unknown => return Err(unknown()),
+        other => other?,
+    };
+    if !scope.admits(&table.schema, &table.name) {
+        return Err(unknown());
+    }
+    let Some((publication, narrowed)) = &scope.narrowed else { return Ok(table) };
+    if !narrowed.iter().any(|(s, n)| *s == table.schema && *n == table.name) {
+        return Ok(table);
+    }
+    // The publication as of the snapshot (created before the slot, so in it): its row
+    // filter and column list are what the stream applies, in Postgres's own text.
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.pg_get_expr(r.prqual, r.prrelid), \
+                 (SELECT pg_catalog.array_agg(a.attname::text) FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid = r.prrelid AND a.attnum = ANY (r.prattrs)) \
+             FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid \
+             WHERE p.pubname = $1 AND r.prrelid = $2",
+            &[publication, &table.oid],
+        )
+        .await?;
+    // Its filter or columns are not in the publication: serving the table whole would
+    // show what the session may not see.
+    let Some(row) = row else { return Err(unknown()) };
+    table.row_filter = row.try_get(0)?;
+    if let Some(columns) = row.try_get::<_, Option<Vec<String>>>(1)? {
+        table.columns.retain(|c| columns.contains(&c.name));
+    }
+    Ok(table)
+}
+
 /// Looks the table up in the catalog (as of the snapshot), honouring search_path for
 /// unqualified names.
 pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, SnapshotError> {
@@ -561,7 +630,15 @@ pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, S
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<Vec<String>, _>>()?;
-    Ok(TableInfo { oid, schema, name, relkind: relkind.chars().next().unwrap_or('r'), columns, primary_key })
+    Ok(TableInfo {
+        oid,
+        schema,
+        name,
+        relkind: relkind.chars().next().unwrap_or('r'),
+        columns,
+        primary_key,
+        row_filter: None,
+    })
 }
 
 /// The page's SELECT. Only catalog names (quoted) and integers we produced go in.
@@ -603,6 +680,9 @@ pub fn select_sql(table: &TableInfo, req: &PageRequest) -> Result<String, Snapsh
         quote_ident(&table.schema),
         quote_ident(&table.name)
     );
+    if let Some(filter) = &table.row_filter {
+        sql.push_str(&format!(" WHERE ({filter})"));
+    }
     if !order.is_empty() {
         sql.push_str(" ORDER BY ");
         sql.push_str(&order.join(", "));
@@ -636,6 +716,7 @@ mod tests {
             relkind,
             columns: vec![Column { name: "id".into(), type_oid: 23 }, Column { name: "Name".into(), type_oid: 25 }],
             primary_key: pk.iter().map(|s| s.to_string()).collect(),
+            row_filter: None,
         }
     }
 
@@ -646,6 +727,21 @@ mod tests {
             limit: 5,
             order_by: order_by.map(|(c, d)| (c.to_owned(), d)),
         }
+    }
+
+    #[test]
+    fn a_scope_admits_its_tables_and_schemas_never_the_hidden_ones() {
+        let every = Scope { hidden_schemas: vec!["pgdeltastream".into()], ..Scope::default() };
+        assert!(every.admits("public", "t") && every.admits("audit", "x"));
+        assert!(!every.admits("pgdeltastream", "sessions"));
+        let some = Scope {
+            tables: Some(vec![("public".into(), Some("t".into())), ("audit".into(), None)]),
+            hidden_schemas: vec!["audit".into()],
+            ..Scope::default()
+        };
+        assert!(some.admits("public", "t"));
+        assert!(!some.admits("public", "u") && !some.admits("Public", "t") && !some.admits("audit", "x"));
+        assert!(Scope::default().admits("pgdeltastream", "sessions"), "the default is every table");
     }
 
     #[test]

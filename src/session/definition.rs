@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::pg::ident::{IdentError, TableRef, quote_ident};
+use crate::pg::expr::check_expression;
+use crate::pg::ident::{IdentError, MAX_IDENT_BYTES, TableRef, quote_ident};
 pub use crate::stream::filter::{Action, Filter};
 use crate::stream::plugin::Plugin;
 
@@ -39,11 +40,38 @@ pub enum TableEntry {
 #[serde(deny_unknown_fields)]
 pub struct TableSpec {
     pub table: String,
-    /// SQL by design: Postgres checks it as the publication's row filter.
+    /// SQL by design: one expression ([`TableSpec::check`]), which Postgres checks as the
+    /// publication's row filter.
     #[serde(rename = "where", default, skip_serializing_if = "Option::is_none")]
     pub row_filter: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Vec<String>>,
+}
+
+impl TableSpec {
+    /// What can be told without the catalog, before anything is stored: columns are
+    /// names Postgres takes as they are (a longer one it would cut to another column's
+    /// name), and the row filter is one expression ([`check_expression`]).
+    pub fn check(&self) -> Result<(), Error> {
+        for column in self.columns.iter().flatten() {
+            if column.is_empty() || column.len() > MAX_IDENT_BYTES || column.contains('\0') {
+                return Err(Error::bad_request(format!(
+                    "invalid column {column:?} in the column list of {}: a column name is 1 to {MAX_IDENT_BYTES} \
+                     bytes, without NUL",
+                    self.table
+                )));
+            }
+        }
+        if let Some(filter) = &self.row_filter {
+            check_expression(filter).map_err(|e| {
+                Error::bad_request(format!(
+                    "the row filter (where) of {} must be one SQL expression: it {e}",
+                    self.table
+                ))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl TableEntry {

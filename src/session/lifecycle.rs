@@ -11,7 +11,7 @@ use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, TablePatte
 use super::slots::{NewSlot, plugin_cannot_load};
 use super::snapshots::SnapshotState;
 use super::{Entry, PluginChoice, Registry};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::pg::ident::TableRef;
 use crate::stream::plugin::Plugin;
 use crate::stream::stop::code;
@@ -40,6 +40,11 @@ impl Registry {
     /// `POST /v2/sessions`: the definition, and the slot's consistent point.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         check_name(&req.name)?;
+        for entry in req.tables.iter().flatten() {
+            if let TableEntry::Table(spec) = entry {
+                spec.check()?;
+            }
+        }
         let registry = Arc::clone(self);
         run_to_completion(async move { registry.create_new(req).await }).await
     }
@@ -66,21 +71,7 @@ impl Registry {
         run_to_completion(async move {
             let _one_at_a_time = registry.admin.lock().await;
             registry.refuse_when_stopping()?;
-            let info = registry.our_slot(&slot).await?;
-            let known = registry.with(|s| s.by_slot(&slot).map(|e| e.def.clone()));
-            let def = match known {
-                Some(def) => def,
-                None => match registry.store_lookup_slot(&slot).await {
-                    Some(def) => def,
-                    None => Definition {
-                        name: slot.clone(),
-                        slot_name: slot.clone(),
-                        plugin: info.plugin,
-                        tables: None,
-                        actions: Action::ALL.to_vec(),
-                    },
-                },
-            };
+            let def = registry.session_of_slot(&slot).await?;
             registry.refuse_if_streamed_elsewhere(&def).await?;
             registry.end(&def, "slot dropped by operator").await?;
             tracing::info!(slot, "session dropped by operator");
@@ -147,6 +138,7 @@ impl Registry {
         if self.with(|s| s.sessions.contains_key(&req.name)) {
             return Err(taken(&req.name));
         }
+        self.refuse_slot_names(&req.name).await?;
         let client = self.pool.get().await?;
         // The store first: its schema is one a session may name (and never gets).
         self.store.create(&client).await?;
@@ -311,6 +303,76 @@ impl Registry {
             }
             None => Err(Error::not_found(format!("no session named {name}"))),
         }
+    }
+
+    /// The one answer to "which session is this slot": a slot of ours ([`our_slot`]'s
+    /// refusals) belongs to the session of this process or the stored definition that
+    /// reads it, or else (a slot of an earlier version) to a session of its own, named
+    /// after it and not stored. The session is known here from now on.
+    ///
+    /// [`our_slot`]: Registry::our_slot
+    pub(crate) async fn session_of_slot(&self, slot: &str) -> Result<Definition, Error> {
+        let info = self.our_slot(slot).await?;
+        if let Some(def) = self.with(|s| s.by_slot(slot).map(|e| e.def.clone())) {
+            return Ok(def);
+        }
+        let def = match self.store_lookup_slot(slot).await {
+            Some(def) => {
+                self.adopt(def.clone(), true);
+                def
+            }
+            None => {
+                let def = Definition {
+                    name: slot.to_owned(),
+                    slot_name: slot.to_owned(),
+                    plugin: info.plugin,
+                    tables: None,
+                    actions: Action::ALL.to_vec(),
+                };
+                self.adopt(def.clone(), false);
+                def
+            }
+        };
+        // Another entry of the same name may have been adopted first: it is the one.
+        Ok(self.with(|s| s.sessions.get(&def.name).map(|e| e.def.clone())).unwrap_or(def))
+    }
+
+    /// The names a v1 consumer's token may give to use slot `slot` (stream, ack,
+    /// release its snapshot): the name of the session the slot belongs to, and the
+    /// slot's own, unless that is the name of another session (one stored before names
+    /// were kept apart from slot names: its token must not reach this slot).
+    pub async fn slot_grants(&self, slot: &str) -> Result<Vec<String>, Error> {
+        let def = self.session_of_slot(slot).await?;
+        if def.name == slot {
+            return Ok(vec![def.name]);
+        }
+        let other = match self.known(slot).await {
+            Ok(_) => true,
+            Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::BadRequest) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(if other { vec![def.name] } else { vec![def.name, slot.to_owned()] })
+    }
+
+    /// A session name is never a slot's: a v1 token names either, and a stream of the
+    /// slot must not be granted by the name of another session. Names of the form of
+    /// ours (`delta_face56`) are kept for slots, so that no slot made later, by any
+    /// process, takes a session's name; and no existing slot's name is taken.
+    async fn refuse_slot_names(&self, name: &str) -> Result<(), Error> {
+        if super::names::is_ours(name) {
+            return Err(Error::conflict(format!(
+                "the name {name} is of the form of pgdeltastream's slot names (delta_<word><number>), which are kept \
+                 for slots: choose another"
+            )));
+        }
+        let client = self.pool.get().await?;
+        let row =
+            client.query_opt("SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&name]).await;
+        client.release();
+        if row?.is_some() {
+            return Err(Error::conflict(format!("the name {name} is taken by a replication slot: choose another")));
+        }
+        Ok(())
     }
 
     pub(super) async fn store_lookup_slot(&self, slot: &str) -> Option<Definition> {

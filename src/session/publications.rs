@@ -84,6 +84,10 @@ struct Plan {
     schemas: Vec<String>,
     /// Tables with a row filter or a column list, quoted.
     narrowed: Vec<String>,
+    /// (quoted table, row filter), each one expression (`TableSpec::check`).
+    filters: Vec<(String, String)>,
+    /// What `publish` says: (insert, update, delete, truncate).
+    publishes: [bool; 4],
     /// Publishes updates or deletes: tables without a replica identity break.
     needs_identity: bool,
     publishes_delete: bool,
@@ -98,6 +102,9 @@ impl Plan {
             tables: Vec::new(),
             schemas: Vec::new(),
             narrowed: Vec::new(),
+            filters: Vec::new(),
+            publishes: [Action::Insert, Action::Update, Action::Delete, Action::Truncate]
+                .map(|a| def.actions.contains(&a)),
             needs_identity: def.actions.iter().any(|a| matches!(a, Action::Update | Action::Delete)),
             publishes_delete: def.actions.contains(&Action::Delete),
             name,
@@ -154,12 +161,14 @@ impl Plan {
                 let table = format!("{}.{}", quote_ident(&schema), quote_ident(&t.name));
                 let mut item = format!("TABLE {table}");
                 if let TableEntry::Table(spec) = entry {
+                    spec.check()?;
                     if let Some(columns) = &spec.columns {
                         let quoted: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
                         item.push_str(&format!(" ({})", quoted.join(", ")));
                     }
                     if let Some(filter) = &spec.row_filter {
                         item.push_str(&format!(" WHERE ({filter})"));
+                        self.filters.push((table.clone(), filter.clone()));
                     }
                 }
                 if entry.narrows() {
@@ -173,12 +182,58 @@ impl Plan {
 
     /// Runs in the caller's transaction.
     async fn create_checked(&self, client: &Client) -> Result<(), Error> {
+        // check_expression reads quotes as Postgres does with this setting.
+        client.batch_execute("SET LOCAL standard_conforming_strings = on").await?;
+        self.check_filters(client).await?;
         // The extended protocol runs one statement, whatever a row filter's text holds.
         client.execute(&self.sql, &[]).await.map_err(|e| refused(&self.name, &e))?;
         self.check_covers(client).await?;
+        self.check_options(client).await?;
         if self.needs_identity {
             self.check_identities(client).await?;
             self.check_narrowed(client).await?;
+        }
+        Ok(())
+    }
+
+    /// Each row filter, on its own, is an expression of its table's columns: Postgres
+    /// parses and plans it alone before the same text goes into the publication (which
+    /// then checks what a row filter may use).
+    async fn check_filters(&self, client: &Client) -> Result<(), Error> {
+        for (table, filter) in &self.filters {
+            let sql = format!("SELECT ({filter})::pg_catalog.bool FROM ONLY {table} LIMIT 0");
+            let statement = client.prepare(&sql).await.map_err(|e| match e.code() {
+                Some(code) if CLIENT_CLASSES.contains(&&code.code()[..2]) => Error::bad_request(format!(
+                    "the row filter (where) of {table} is not a valid expression: {}",
+                    crate::pg::snapshot::describe(&e)
+                )),
+                _ => Error::from_tokio_pg(&e),
+            })?;
+            if !statement.params().is_empty() || statement.columns().len() != 1 {
+                return Err(Error::bad_request(format!(
+                    "the row filter (where) of {table} must be one SQL expression without parameters ($1)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the publication publishes is what was asked: a row filter cannot have
+    /// rewritten the options after it (they decide the replica identity check).
+    async fn check_options(&self, client: &Client) -> Result<(), Error> {
+        let row = client
+            .query_one(
+                "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate \
+                 FROM pg_catalog.pg_publication WHERE pubname = $1",
+                &[&self.name],
+            )
+            .await?;
+        let all_tables: bool = row.try_get(0)?;
+        let publishes: [bool; 4] = [row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?];
+        if all_tables != self.all_tables || publishes != self.publishes {
+            return Err(Error::bad_request(
+                "a row filter (where) must be one SQL expression: Postgres read it as more of the publication",
+            ));
         }
         Ok(())
     }
@@ -289,6 +344,10 @@ impl Plan {
     }
 }
 
+/// The classes of SQLSTATE that a request's tables, filters and columns cause: syntax
+/// and access (42), data (22), unsupported (0A), object state (55).
+const CLIENT_CLASSES: &[&str] = &["42", "22", "0A", "55"];
+
 /// Postgres refused `CREATE PUBLICATION`.
 fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
     let said = crate::pg::snapshot::describe(e);
@@ -304,8 +363,7 @@ fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
         );
     }
     // The request's tables, row filters and columns: Postgres's reason is the answer.
-    let class = &code.code()[..2];
-    if ["42", "22", "0A", "55"].contains(&class) {
+    if CLIENT_CLASSES.contains(&&code.code()[..2]) {
         return Error::bad_request(format!("Postgres refused the publication: {said}"));
     }
     Error::from_tokio_pg(e)
@@ -366,6 +424,23 @@ mod tests {
         let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
         let plan = Plan::new(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
         assert_eq!(plan.sql, "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '')");
+    }
+
+    #[test]
+    fn a_row_filter_that_would_be_more_than_one_expression_never_reaches_the_statement() {
+        let spec = |filter: &str, columns: Option<Vec<String>>| {
+            vec![TableEntry::Table(TableSpec { table: "public.t".into(), row_filter: Some(filter.into()), columns })]
+        };
+        for filter in ["true) --", "true); DROP TABLE t", "true /* */", "(true", "'open", "x\0"] {
+            let e = Plan::new(&def(Some(spec(filter, None)), &[Action::Insert]), "pgdeltastream").unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{filter:?}: {e}");
+        }
+        let nul = Some(vec!["id\0".to_owned()]);
+        assert!(Plan::new(&def(Some(spec("true", nul)), &[Action::Insert]), "pgdeltastream").is_err());
+        let plan = Plan::new(&def(Some(spec("note = 'a) --'", None)), &[Action::Insert]), "pgdeltastream").unwrap();
+        assert!(plan.sql.ends_with("WHERE (note = 'a) --') WITH (publish = 'insert')"), "{}", plan.sql);
+        assert_eq!(plan.filters, [("\"public\".\"t\"".to_owned(), "note = 'a) --'".to_owned())]);
+        assert_eq!(plan.publishes, [true, false, false, false]);
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct SlotReport {
     pub snapshot: SnapshotStatus,
     /// How the last stream of the slot ended, since this process started.
     pub last_close: Option<LastClose>,
+    /// The names a consumer's token may give for the slot: its session's, and its own
+    /// unless that is the name of another session (see [`Registry::slot_grants`]).
+    #[serde(skip)]
+    pub grants: Vec<String>,
 }
 
 /// `{"by":"client","code":1009,"reason":"...","at":"2024-02-29T12:34:56.789Z"}`
@@ -149,8 +153,15 @@ impl Registry {
         let now = SystemTime::now();
         let mut reports = Vec::new();
         let stored = self.stored_slots().await;
+        let here: Vec<(String, String)> =
+            self.with(|s| s.sessions.values().map(|e| (e.def.slot_name.clone(), e.def.name.clone())).collect());
         for row in self.slot_rows().await? {
-            let named = stored.contains(&row.slot_name) || self.with(|s| s.by_slot(&row.slot_name).is_some());
+            let session = here.iter().chain(&stored).find(|(slot, _)| *slot == row.slot_name).map(|(_, n)| n.clone());
+            let named = session.is_some();
+            let other_named_so =
+                here.iter().chain(&stored).any(|(slot, name)| *name == row.slot_name && *slot != row.slot_name);
+            let grants: Vec<String> =
+                session.into_iter().chain((!other_named_so).then(|| row.slot_name.clone())).collect();
             if row.plugin == Plugin::Pgoutput && !named {
                 continue;
             }
@@ -178,19 +189,20 @@ impl Registry {
                 publication: (row.plugin == Plugin::Pgoutput)
                     .then(|| Plugin::publication_name(&row.slot_name).to_owned()),
                 slot_name: row.slot_name,
+                grants,
             });
         }
         Ok(reports)
     }
 
-    /// The slots the stored definitions name; none when the store cannot be read (the
-    /// sessions of this process are still known).
-    async fn stored_slots(&self) -> Vec<String> {
+    /// The (slot, session) pairs of the stored definitions; none when the store cannot
+    /// be read (the sessions of this process are still known).
+    async fn stored_slots(&self) -> Vec<(String, String)> {
         let Ok(client) = self.pool.get().await else { return Vec::new() };
         let defs = self.store.load(&client).await;
         client.release();
         match defs {
-            Ok(defs) => defs.into_iter().map(|d| d.slot_name).collect(),
+            Ok(defs) => defs.into_iter().map(|d| (d.slot_name, d.name)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the stored sessions");
                 Vec::new()
@@ -413,6 +425,7 @@ mod tests {
                 reason: "message too big".into(),
                 at: "2024-02-29T12:34:56.789Z".into(),
             }),
+            grants: vec!["default".into(), "delta_face56".into()],
         };
         assert_eq!(
             serde_json::to_value(&r).unwrap(),

@@ -39,7 +39,8 @@ struct SlotInfo {
 }
 
 impl Registry {
-    /// A slot name no slot of the cluster has (`delta_<word><number>`).
+    /// A slot name no slot of the cluster has (`delta_<word><number>`), nor any
+    /// session (a v1 token names either: see `refuse_slot_names`).
     pub(super) async fn fresh_slot_name(&self) -> Result<String, Error> {
         let client = self.pool.get().await?;
         // A publication is named as its slot: neither may be taken.
@@ -49,9 +50,17 @@ impl Registry {
                  UNION SELECT pubname::text FROM pg_catalog.pg_publication",
                 &[],
             )
-            .await?;
+            .await;
+        // Sessions stored before their names were kept apart from slot names.
+        let stored = self.store.names(&client).await;
         client.release();
-        let taken: Vec<String> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        let mut taken: Vec<String> = rows?.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        match stored {
+            Ok(names) => taken.extend(names),
+            // v1 works without the store; today's names never take a slot's form anyway.
+            Err(e) => tracing::warn!(error = %e, "cannot read the stored session names"),
+        }
+        taken.extend(self.with(|s| s.sessions.keys().cloned().collect::<Vec<_>>()));
         (0..100)
             .map(|_| names::random_name())
             .find(|n| !taken.contains(n))

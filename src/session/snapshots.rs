@@ -10,12 +10,12 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::Registry;
-use super::definition::DEFAULT_NAME;
+use super::definition::{DEFAULT_NAME, Definition, TablePattern};
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::{self, KeysetRequest};
 use crate::pg::pool::PooledClient;
-use crate::pg::snapshot::{self, PageBody, PageRequest, SnapshotError};
+use crate::pg::snapshot::{self, PageBody, PageRequest, Scope, SnapshotError};
 
 /// Why a session this process did not create has no snapshot here.
 pub(super) const NOT_HERE: &str =
@@ -87,10 +87,10 @@ impl SnapshotState {
 }
 
 impl Registry {
-    /// The id to import the snapshot of session `name`.
-    pub(super) fn snapshot_id(&self, name: &str) -> Result<String, Error> {
+    /// The id to import the snapshot of session `name`, and what of it the session sees.
+    pub(super) fn snapshot_id(&self, name: &str) -> Result<(String, Scope), Error> {
         self.with(|s| match s.sessions.get_mut(name) {
-            Some(e) => e.snapshot.touch(name),
+            Some(e) => Ok((e.snapshot.touch(name)?, scope_of(&e.def, &self.settings.schema))),
             None if name == DEFAULT_NAME => {
                 Err(Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))
             }
@@ -102,31 +102,33 @@ impl Registry {
     /// here; the body streams the rows on a pooled connection that it holds until it
     /// ends (or is dropped, which cancels the query).
     pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
-        let id = self.snapshot_id(DEFAULT_NAME)?;
+        let (id, scope) = self.snapshot_id(DEFAULT_NAME)?;
+        // v1 as the original: a system schema is refused (403), not unknown.
+        let scope = Scope { system_unknown: false, ..scope };
         let conn = self.pool.get_for_read().await?;
         let timeout = self.pool.settings().statement_timeout;
-        snapshot::open_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+        snapshot::open_page(conn, &id, req, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
     }
 
     /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
     /// snapshot, `{"rows":[...],"next":...}`, streamed as `snapshot_page` is.
     pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
-        let (id, conn, timeout) = self.open_read(name).await?;
-        keyset::open_keyset_page(conn, &id, req, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+        let (id, scope, conn, timeout) = self.open_read(name).await?;
+        keyset::open_keyset_page(conn, &id, req, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
     }
 
     /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
     pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
-        let (id, conn, timeout) = self.open_read(name).await?;
-        keyset::open_export(conn, &id, table, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+        let (id, scope, conn, timeout) = self.open_read(name).await?;
+        keyset::open_export(conn, &id, table, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
     }
 
-    /// What a read of session `name`'s snapshot needs: the snapshot id, a connection,
-    /// and the statement timeout.
-    async fn open_read(&self, name: &str) -> Result<(String, PooledClient, Duration), Error> {
+    /// What a read of session `name`'s snapshot needs: the snapshot id, what of it the
+    /// session sees, a connection, and the statement timeout.
+    async fn open_read(&self, name: &str) -> Result<(String, Scope, PooledClient, Duration), Error> {
         self.known(name).await?;
-        let id = self.snapshot_id(name)?;
-        Ok((id, self.pool.get_for_read().await?, self.pool.settings().statement_timeout))
+        let (id, scope) = self.snapshot_id(name)?;
+        Ok((id, scope, self.pool.get_for_read().await?, self.pool.settings().statement_timeout))
     }
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
@@ -172,6 +174,25 @@ impl Registry {
                 }
             });
         }
+    }
+}
+
+/// What of its snapshot session `def` may read: the tables it streams (every one
+/// without `tables`), with its publication's row filters and column lists, never the
+/// store's schema `hidden` (nor, in v2, a system schema).
+fn scope_of(def: &Definition, hidden: &str) -> Scope {
+    let narrowed =
+        def.tables.iter().flatten().filter(|e| e.narrows()).filter_map(|e| match TablePattern::parse(e.pattern()) {
+            Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, t.name)),
+            _ => None,
+        });
+    let narrowed: Vec<(String, String)> = narrowed.collect();
+    Scope {
+        tables: def.filter().tables,
+        hidden_schemas: vec![hidden.to_owned()],
+        // Without a publication (no session can be so) nothing narrowed is served.
+        narrowed: (!narrowed.is_empty()).then(|| (def.publication().unwrap_or_default(), narrowed)),
+        system_unknown: true,
     }
 }
 

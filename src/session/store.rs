@@ -85,6 +85,15 @@ impl Store {
         Ok(self.select(client, "definition->>'slotName' = $1", Some(slot)).await?.pop())
     }
 
+    /// The names of the stored sessions; none while the table does not exist.
+    pub async fn names(&self, client: &Client) -> Result<Vec<String>, Error> {
+        if !self.exists(client).await? {
+            return Ok(Vec::new());
+        }
+        let rows = client.query(&format!("SELECT name FROM {}", self.table), &[]).await?;
+        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+    }
+
     async fn select(&self, client: &Client, condition: &str, arg: Option<&str>) -> Result<Vec<Definition>, Error> {
         if !self.exists(client).await? {
             return Ok(Vec::new());

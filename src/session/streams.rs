@@ -14,9 +14,8 @@ use crate::error::Error;
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::stream::Stop as StreamStop;
 use crate::stream::decode::PluginDecoder;
-use crate::stream::filter::{Action, Filter};
+use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
-use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::pump::Pump;
 use crate::stream::sink::{Link, Sink};
@@ -69,23 +68,15 @@ impl Registry {
     /// definition names streams as a session of its own, unfiltered).
     pub async fn open_stream(self: &Arc<Self>, slot: &str, format: Format) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
-        let info = self.our_slot(slot).await?;
-        let known = self.with(|s| s.by_slot(slot).map(|e| e.def.name.clone()));
-        let name = match known {
-            Some(name) => name,
-            None => match self.store_lookup_slot(slot).await {
-                Some(def) => self.adopt(def, true),
-                None => self.adopt(unstored(slot, info.plugin), false),
-            },
-        };
-        self.start(&name, format, false).await
+        let def = self.session_of_slot(slot).await?;
+        self.start(&def.name, format, Some(slot)).await
     }
 
     /// `/v2/sessions/{name}/stream`.
     pub async fn open_session_stream(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         self.known(name).await?;
-        self.start(name, format, true).await
+        self.start(name, format, None).await
     }
 
     /// Registers a session this process did not create (from the store, or a slot of
@@ -100,10 +91,19 @@ impl Registry {
         })
     }
 
-    async fn start(self: &Arc<Self>, name: &str, format: Format, skip_empty: bool) -> Result<OpenStream, Error> {
+    /// Starts session `name`'s stream: through v1 with `v1_slot`, the slot the client
+    /// named, which must still be the session's.
+    async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
         let (def, progress, stop) = self.claim(name)?;
         let claim = Claim { registry: Arc::clone(self), name: name.to_owned(), stop: stop.clone() };
         let slot = def.slot_name.as_str();
+        if let Some(asked) = v1_slot.filter(|s| *s != slot) {
+            // The session has another slot since (an init in between).
+            return Err(Error::not_found(format!("replication slot {asked} was dropped as the stream opened")));
+        }
+        // v1 sessions are sent transactions with no change for them, as the original
+        // sent them; v2 ones are not.
+        let skip_empty = v1_slot.is_none();
         let info = self.our_slot(slot).await?;
         if let Some(pid) = info.active_pid {
             return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
@@ -183,17 +183,6 @@ impl Registry {
             }
             _ => Error::from_pg(&e),
         })
-    }
-}
-
-/// The definition of a slot of ours that no stored definition names.
-fn unstored(slot: &str, plugin: Plugin) -> Definition {
-    Definition {
-        name: slot.to_owned(),
-        slot_name: slot.to_owned(),
-        plugin,
-        tables: None,
-        actions: Action::ALL.to_vec(),
     }
 }
 
