@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::auth::{KeySource, Verifier};
+pub use crate::http::guard::Guard;
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
@@ -48,6 +49,9 @@ pub struct HttpSettings {
     pub auth: Option<Arc<Verifier>>,
     /// https and wss rather than http and ws.
     pub tls: Option<tls::TlsConfig>,
+    /// Which other origins' pages may use the API, and (without auth) which host names
+    /// besides addresses and `localhost` it is reached by.
+    pub guard: Guard,
 }
 
 impl Default for HttpSettings {
@@ -58,6 +62,7 @@ impl Default for HttpSettings {
             max_connections: 1024,
             auth: None,
             tls: None,
+            guard: Guard::default(),
         }
     }
 }
@@ -79,7 +84,8 @@ pub async fn run(
         retention.warn_idle,
     ));
     let auth = settings.http.auth.clone();
-    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth });
+    let guard = settings.http.guard.clone();
+    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth, guard });
     serve_router(listener, app, settings.http, shutdown, async move { registry.shutdown().await }).await;
     Ok(())
 }
@@ -93,7 +99,7 @@ pub async fn run_gateway(
     http: HttpSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = crate::http::gateway::router(gateway.clone(), http.auth.clone());
+    let app = crate::http::gateway::router(gateway.clone(), http.auth.clone(), http.guard.clone());
     serve_router(listener, app, http, shutdown, async move { gateway.shutdown().await }).await
 }
 
