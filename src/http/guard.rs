@@ -2,8 +2,9 @@
 //! visitor's browser send requests to us: open websockets (no CORS applies to them),
 //! send "simple" requests (GET, and POST with a form or `text/plain` body) without a
 //! preflight, and, by DNS rebinding, make its own name point at us and read our answers
-//! as same-origin. Without auth nothing else stands in the way, and even with auth a
-//! websocket may carry its token in the URL. So, on every request:
+//! as same-origin. Without auth nothing else stands in the way; with auth, a page that
+//! holds a token (the viewer's, say) should still be one the operator chose. So, on
+//! every request, server and gateway alike:
 //!
 //! - an `Origin` that is neither the server's own (the `Host` the request came to) nor
 //!   in the configured list is refused (403). Browsers send `Origin` on every websocket
@@ -39,13 +40,13 @@ pub struct Guard {
     origins: AllowedOrigins,
     /// Host names besides addresses and `localhost`.
     hosts: Vec<String>,
-    /// Whether `Host` is checked: only without auth (a token is no DNS name's to take).
+    /// Whether `Host` is checked: only without auth (with auth, a page rebound to us has
+    /// no token to send, and a proxy in front may use any name).
     check_hosts: bool,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 enum AllowedOrigins {
-    #[default]
     OwnOnly,
     List(Vec<Origin>),
     Any,
@@ -178,6 +179,10 @@ impl Guard {
 fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<Authority>, Error> {
     if let Some(authority) = uri.authority() {
         return Ok(Some(authority.clone()));
+    }
+    // RFC 9112 3.2: two Host headers, or one that is no host[:port], are a 400.
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Error::bad_request("the request has more than one Host header"));
     }
     let Some(value) = headers.get(header::HOST) else { return Ok(None) };
     let host = value.to_str().ok().and_then(|h| h.parse::<Authority>().ok()).filter(|a| !a.as_str().contains('@'));
@@ -326,6 +331,9 @@ mod tests {
             Some(ErrorKind::MisdirectedRequest)
         );
         assert_eq!(check(&g, Method::GET, "/v1/sessions", &[]), None, "HTTP/1.0, no Host");
+        let two = [("host", "localhost"), ("host", "evil.example")];
+        assert_eq!(check(&g, Method::GET, "/v1/sessions", &two), Some(ErrorKind::BadRequest));
+        assert_eq!(check(&g, Method::GET, "/v1/sessions", &[("host", "a b")]), Some(ErrorKind::BadRequest));
         let with_auth = Guard::new(&[], &[]).unwrap().for_auth(true);
         assert_eq!(check(&with_auth, Method::GET, "/v1/sessions", &[("host", "evil.example")]), None);
     }
