@@ -502,7 +502,13 @@ async fn a_page_of_another_origin_cannot_drive_the_server() {
     assert_eq!(status, 201, "{created}");
     pg.batch_execute("INSERT INTO orders VALUES (1, 'for the real consumer')").await.unwrap();
     let slots = || async {
-        let rows = pg.query("SELECT slot_name::text FROM pg_replication_slots ORDER BY 1", &[]).await.unwrap();
+        let rows = pg
+            .query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
         rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
     };
     let before = slots().await;

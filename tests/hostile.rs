@@ -485,7 +485,7 @@ async fn requests_from_other_origins_are_refused_and_clients_without_origin_serv
         assert_eq!(status, 403, "{name}: {value}: {}", String::from_utf8_lossy(&body));
     }
     let slots: Vec<String> = pg
-        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()", &[])
         .await
         .unwrap()
         .iter()
