@@ -12,6 +12,7 @@ use crate::http::auth::{self, Verifier};
 use crate::pg::PgConfig;
 use crate::pg::pool::PoolSettings;
 use crate::pg::tls::{PgTls, SslMode, TlsSettings};
+use crate::server::Guard;
 use crate::server::HttpSettings;
 use crate::server::tls::TlsConfig;
 use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
@@ -152,6 +153,15 @@ pub struct Cli {
     /// Serve without auth on an address that is not loopback (else refused at start).
     #[arg(long, global = true, env = "PGDELTASTREAM_ALLOW_UNAUTHENTICATED", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub allow_unauthenticated: bool,
+    /// Origins (`https://host[:port]`, comma-separated, or `*` for any) whose pages may
+    /// use the API besides the server's own: open websockets, send requests. Browsers'
+    /// requests from other origins are refused with 403.
+    #[arg(long, global = true, env = "PGDELTASTREAM_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Without auth: host names (comma-separated) the server is reached by, besides its
+    /// addresses and `localhost`; requests for other names get 421 (DNS rebinding).
+    #[arg(long, global = true, env = "PGDELTASTREAM_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Serve https and wss with this certificate chain (PEM); needs --tls-key.
     #[arg(long, global = true, env = "PGDELTASTREAM_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -169,6 +179,14 @@ pub struct Cli {
     /// watching can not keep sessions from being created and streamed.
     #[arg(long, env = "PGDELTASTREAM_WATCH_RESERVE_SLOTS", default_value_t = 2)]
     pub watch_reserve_slots: usize,
+}
+
+/// Who may connect and how: [`Cli::security`].
+#[derive(Debug)]
+pub struct Security {
+    pub auth: Option<Arc<Verifier>>,
+    pub tls: Option<TlsConfig>,
+    pub guard: Guard,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,8 +264,8 @@ impl Cli {
         }
     }
 
-    /// Auth and TLS as the flags ask, or why the server must not start.
-    pub fn security(&self) -> Result<(Option<Arc<Verifier>>, Option<TlsConfig>), String> {
+    /// Auth, TLS and the browser guard as the flags ask, or why the server must not start.
+    pub fn security(&self) -> Result<Security, String> {
         let auth = auth::from_settings(
             self.jwt_secret.as_deref(),
             self.jwt_public_key.as_deref(),
@@ -259,7 +277,8 @@ impl Cli {
             (None, None) => None,
             _ => return Err("--tls-cert and --tls-key go together: give both or neither".into()),
         };
-        Ok((auth, tls))
+        let guard = Guard::new(&self.allowed_origins, &self.allowed_hosts)?;
+        Ok(Security { auth, tls, guard })
     }
 
     pub fn retention_settings(&self) -> RetentionSettings {
@@ -336,5 +355,17 @@ mod tests {
     fn tls_needs_both_files() {
         let cli = Cli::try_parse_from(["pgdeltastream", "--tls-cert", "/nonexistent"]).unwrap();
         assert!(cli.security().unwrap_err().contains("go together"));
+    }
+
+    #[test]
+    fn allowed_origins_and_hosts_are_lists() {
+        let cli =
+            Cli::try_parse_from(["pgdeltastream", "--allowed-origins", "https://a.example,http://b:8080"]).unwrap();
+        assert_eq!(cli.allowed_origins, ["https://a.example", "http://b:8080"]);
+        assert!(cli.security().is_ok());
+        let bad = Cli::try_parse_from(["pgdeltastream", "--allowed-origins", "a.example"]).unwrap();
+        assert!(bad.security().unwrap_err().contains("allowed origin"));
+        let hosts = Cli::try_parse_from(["pgdeltastream", "--allowed-hosts", "pgds.internal,db"]).unwrap();
+        assert_eq!(hosts.allowed_hosts, ["pgds.internal", "db"]);
     }
 }

@@ -21,6 +21,10 @@ pub enum ErrorKind {
     Conflict,
     /// The request body is too large (413).
     PayloadTooLarge,
+    /// The request body is not declared as JSON (415).
+    UnsupportedMediaType,
+    /// The request names a host that is not this server (421): DNS rebinding.
+    MisdirectedRequest,
     /// What the request asks for existed but is no longer kept (410), e.g. a resume
     /// from before what a JetStream stream retains.
     Gone,

@@ -11,7 +11,7 @@ use clap::Parser;
 use pgdeltastream::bus::gateway::Gateway;
 use pgdeltastream::bus::publish;
 use pgdeltastream::commands::{Command, GatewayArgs, PublishArgs};
-use pgdeltastream::config::{Cli, check_exposure};
+use pgdeltastream::config::{Cli, Security, check_exposure};
 use pgdeltastream::pg::PgConfig;
 use pgdeltastream::server::{self, HttpSettings, Settings};
 use pgdeltastream::session::Registry;
@@ -61,7 +61,7 @@ async fn serve(cli: Cli) -> ExitCode {
 /// Binds the listen address with the HTTP settings, auth and TLS included; refuses an
 /// address that is not loopback without auth (unless allowed).
 async fn listen(cli: &Cli) -> Option<(tokio::net::TcpListener, String, HttpSettings)> {
-    let (auth, tls) = cli.security().map_err(|e| tracing::error!("{e}")).ok()?;
+    let Security { auth, tls, guard } = cli.security().map_err(|e| tracing::error!("{e}")).ok()?;
     let addr = format!("{}:{}", cli.serverhost, cli.serverport);
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
@@ -79,7 +79,7 @@ async fn listen(cli: &Cli) -> Option<(tokio::net::TcpListener, String, HttpSetti
         tracing::error!("{e}");
         return None;
     }
-    Some((listener, addr, HttpSettings { auth, tls, ..cli.http_settings() }))
+    Some((listener, addr, HttpSettings { auth, tls, guard, ..cli.http_settings() }))
 }
 
 fn pg_config(cli: &Cli) -> Option<PgConfig> {

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::auth::{KeySource, Verifier};
+pub use crate::http::guard::Guard;
 use crate::http::shares::CallerShares;
 use crate::http::{AppState, router};
 use crate::pg::PgConfig;
@@ -51,6 +52,9 @@ pub struct HttpSettings {
     pub auth: Option<Arc<Verifier>>,
     /// https and wss rather than http and ws.
     pub tls: Option<tls::TlsConfig>,
+    /// Which other origins' pages may use the API, and (without auth) which host names
+    /// besides addresses and `localhost` it is reached by.
+    pub guard: Guard,
 }
 
 impl Default for HttpSettings {
@@ -61,6 +65,7 @@ impl Default for HttpSettings {
             max_connections: 1024,
             auth: None,
             tls: None,
+            guard: Guard::default(),
         }
     }
 }
@@ -83,7 +88,8 @@ pub async fn run(
     ));
     let auth = settings.http.auth.clone();
     let reads = CallerShares::new(settings.reads_per_token, "snapshot reads");
-    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth, reads });
+    let guard = settings.http.guard.clone();
+    let app = router(AppState { registry: registry.clone(), max_limit: settings.max_limit, auth, reads, guard });
     serve_router(listener, app, settings.http, shutdown, async move { registry.shutdown().await }).await;
     Ok(())
 }
@@ -97,7 +103,7 @@ pub async fn run_gateway(
     http: HttpSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = crate::http::gateway::router(gateway.clone(), http.auth.clone());
+    let app = crate::http::gateway::router(gateway.clone(), http.auth.clone(), http.guard.clone());
     serve_router(listener, app, http, shutdown, async move { gateway.shutdown().await }).await
 }
 

@@ -235,6 +235,93 @@ async fn audience_and_issuer_when_configured() {
     );
 }
 
+/// With `--jwt-audience` / `--jwt-issuer` set, a token must have the claim: one that
+/// leaves it out is not waved through.
+#[tokio::test]
+async fn a_configured_audience_or_issuer_is_required_in_the_token() {
+    let db = common::fresh_db().await;
+    let verifier = Verifier::new(KeySource::Secret(SECRET), Some("pgdeltastream"), Some("https://issuer")).unwrap();
+    let server = server_with(&db, verifier).await;
+    for (claims, missing) in [
+        (json!({"role": "admin", "exp": now() + 600, "iss": "https://issuer"}), "aud"),
+        (json!({"role": "admin", "exp": now() + 600, "aud": "pgdeltastream"}), "iss"),
+    ] {
+        let reply = call(&server, "GET", "/v2/sessions", Some(&hs256(claims.clone())), "").await;
+        let error = assert_unauthorized(&reply, true);
+        assert!(error.contains(&format!("no {missing} claim")), "{claims}: {error}");
+    }
+    let neither = hs256(json!({"role": "admin", "exp": now() + 600}));
+    assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&neither), "").await, true);
+
+    // Only an audience configured: the issuer stays optional.
+    let db = common::fresh_db().await;
+    let server = server_with(&db, Verifier::new(KeySource::Secret(SECRET), Some("pgdeltastream"), None).unwrap()).await;
+    let no_iss = hs256(json!({"role": "admin", "exp": now() + 600, "aud": "pgdeltastream"}));
+    assert_eq!(with_token(&server, "GET", "/v2/sessions", &no_iss, "").await.0, 200);
+    let no_aud = hs256(json!({"role": "admin", "exp": now() + 600}));
+    assert!(assert_unauthorized(&call(&server, "GET", "/v2/sessions", Some(&no_aud), "").await, true).contains("aud"));
+}
+
+/// A token in the URL is for the handshake of a websocket route only: not for
+/// `/metrics`, a DELETE or a list, whatever `Upgrade` header they carry, and not for
+/// half a handshake on a websocket route.
+#[tokio::test]
+async fn access_token_works_only_on_a_websocket_routes_handshake() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    let server = hs256_server(&db).await;
+    setup_sessions(&server, &pg).await;
+    let admin = admin();
+    let handshake = "connection: upgrade, close\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
+                     sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for (method, path) in [
+        ("GET", "/metrics".to_owned()),
+        ("DELETE", "/v2/sessions/theirs".to_owned()),
+        ("DELETE", "/v1/sessions/delta_x1".to_owned()),
+        ("GET", "/v2/sessions".to_owned()),
+        ("GET", "/v1/init".to_owned()),
+    ] {
+        let request = format!("{method} {path}?access_token={admin} HTTP/1.1\r\nhost: x\r\n{handshake}\r\n");
+        let reply = exchange(server.addr, request.as_bytes()).await;
+        assert!(assert_unauthorized(&reply, false).contains("no token"), "{method} {path}: {reply}");
+    }
+    let (code, list) = with_token(&server, "GET", "/v2/sessions", &admin, "").await;
+    assert_eq!((code, list.as_array().map(Vec::len)), (200, Some(2)), "nothing was dropped: {list}");
+
+    // Half a handshake on a websocket route: no key, no version.
+    let request = format!(
+        "GET /v2/sessions/mine/stream?access_token={admin} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+         connection: upgrade, close\r\n\r\n"
+    );
+    assert_unauthorized(&exchange(server.addr, request.as_bytes()).await, false);
+
+    // A whole one is what browsers send: served.
+    let url = format!("ws://{}/v2/sessions/mine/stream?access_token={admin}", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("a handshake with ?access_token= is served");
+    pg.execute("INSERT INTO orders (item) VALUES ('by url token')", &[]).await.unwrap();
+    assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "by url token");
+}
+
+/// A validly signed token whose `exp` is past what the clock can count (2^63 s,
+/// u64::MAX) gets an answer, not a dropped connection, and its stream streams.
+#[tokio::test]
+async fn a_token_expiring_past_any_clock_is_served_cleanly() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    let server = hs256_server(&db).await;
+    setup_sessions(&server, &pg).await;
+    for (exp, session) in [(1u64 << 63, "mine"), (u64::MAX, "theirs")] {
+        let token = hs256(json!({"role": "admin", "exp": exp}));
+        let reply = call(&server, "GET", "/v2/sessions", Some(&token), "").await;
+        assert_eq!(status(&reply), 200, "exp {exp}: {reply}");
+        let url = format!("ws://{}/v2/sessions/{session}/stream", server.addr);
+        let mut ws = connect_with(&url, &token).await.unwrap_or_else(|e| panic!("exp {exp}: {e:?}"));
+        pg.execute("INSERT INTO orders (item) VALUES ($1)", &[&format!("exp {exp}")]).await.unwrap();
+        // `theirs` has the earlier insert to send first.
+        while next_changes(&mut ws).await["change"][0]["columnvalues"][1] != json!(format!("exp {exp}")) {}
+    }
+}
+
 /// A websocket request carrying `token` in the Authorization header.
 async fn connect_with(url: &str, token: &str) -> Result<Ws, (u16, Value)> {
     let mut request = url.into_client_request().unwrap();
@@ -369,7 +456,9 @@ async fn a_stream_ends_with_1008_when_its_token_expires_and_resumes_with_a_new_o
     setup_sessions(&server, &pg).await;
     let url = format!("ws://{}/v2/sessions/mine/stream", server.addr);
 
-    let short = consumer(&["mine"], now() + 3);
+    // Past its exp but within the 30 s of leeway: accepted, so its stream lasts until
+    // the leeway is up (a few seconds), rather than being closed at once.
+    let short = consumer(&["mine"], now() - 25);
     let mut ws = connect_with(&url, &short).await.expect("upgrade");
     let started = std::time::Instant::now();
     pg.execute("INSERT INTO orders (item) VALUES ('before')", &[]).await.unwrap();

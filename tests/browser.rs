@@ -398,20 +398,23 @@ async fn the_viewer_creates_a_session_and_shows_its_changes_live() {
 async fn the_page_and_its_assets_carry_a_strict_policy_and_revalidate() {
     let db = common::fresh_db().await;
     let server = TestServer::start(&db).await;
-    let reply = exchange(server.addr, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let reply = exchange(server.addr, b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(header(&reply, "content-type"), Some("text/html; charset=utf-8"));
     assert_eq!(header(&reply, "x-content-type-options"), Some("nosniff"));
     let csp = header(&reply, "content-security-policy").unwrap();
-    assert!(csp.contains("default-src 'self'") && csp.contains("connect-src 'self' ws: wss:"), "{csp}");
+    assert!(csp.contains("default-src 'self'") && csp.contains("connect-src 'self';"), "{csp}");
+    // 'self' covers this origin's websockets; a bare ws: or wss: would allow any host's.
+    assert!(!csp.contains("ws:") && !csp.contains("wss:"), "{csp}");
     assert!(reply.contains("<script type=\"module\" src=\"/assets/app.js\">"), "{reply}");
     let etag = header(&reply, "etag").unwrap().to_owned();
 
-    let again = format!("GET / HTTP/1.1\r\nhost: x\r\nif-none-match: {etag}\r\nconnection: close\r\n\r\n");
+    let again = format!("GET / HTTP/1.1\r\nhost: localhost\r\nif-none-match: {etag}\r\nconnection: close\r\n\r\n");
     let reply = exchange(server.addr, again.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 304"), "{reply}");
 
-    let reply = exchange(server.addr, b"GET /assets/feed.js HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let reply =
+        exchange(server.addr, b"GET /assets/feed.js HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(header(&reply, "content-type"), Some("text/javascript; charset=utf-8"));
     assert_ne!(header(&reply, "etag"), Some(etag.as_str()));
@@ -421,6 +424,116 @@ async fn the_page_and_its_assets_carry_a_strict_policy_and_revalidate() {
     assert!(body["error"].is_string(), "{body}");
     let (status, body) = server.post("/", "{}").await;
     assert_eq!(status, 405, "{body}");
+    // The API's JSON answers, errors included, are never sniffed either.
+    for path in ["/v2/sessions", "/no/such/path"] {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+        let reply = exchange(server.addr, request.as_bytes()).await;
+        assert_eq!(header(&reply, "x-content-type-options"), Some("nosniff"), "{reply}");
+    }
+    server.stop().await;
+}
+
+/// A page of another origin, from a server of its own: what it makes the browser send.
+/// `{TARGET}` and `{SLOT}` are filled in.
+const HOSTILE_PAGE: &str = r#"<!doctype html><title>elsewhere</title><script>
+const target = "{TARGET}";
+function socket(path) {
+  return new Promise(resolve => {
+    const s = new WebSocket(`ws://${target}${path}`);
+    const seen = { opened: false, messages: 0 };
+    s.onopen = () => { seen.opened = true; };
+    s.onmessage = e => {
+      seen.messages++;
+      try { const m = JSON.parse(e.data); if (m.nextlsn) s.send(JSON.stringify({ lsn: m.nextlsn })); } catch (_) {}
+    };
+    s.onclose = e => resolve({ ...seen, code: e.code });
+    setTimeout(() => { s.close(); resolve({ ...seen, code: 'open after 5 s' }); }, 5000);
+  });
+}
+async function run() {
+  const v2 = socket('/v2/sessions/orders/stream');
+  const v1 = socket('/v1/lr/stream?slotName={SLOT}');
+  let post;
+  try {
+    await fetch(`http://${target}/v2/sessions`, { method: 'POST', mode: 'no-cors',
+      headers: { 'content-type': 'text/plain' }, body: JSON.stringify({ name: 'evil', tables: ['public.orders'] }) });
+    post = 'sent';
+  } catch (e) { post = 'failed: ' + e; }
+  const img = await new Promise(r => { const i = new Image(); i.onload = () => r('load'); i.onerror = () => r('error'); i.src = `http://${target}/v1/init`; });
+  window.results = { v2: await v2, v1: await v1, post, img, done: true };
+}
+run();
+</script>"#;
+
+/// Serves `page` to every request on a port of its own, until the test ends.
+fn serve_page(page: String) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                page.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(page.as_bytes()));
+        }
+    });
+    port
+}
+
+/// A page on another origin (localhost, another port) tries what any web page could
+/// against an unauthenticated server: read and ack a session's stream through a
+/// websocket, open the v1 stream, create a session with a text/plain POST, reset the
+/// default with an <img> of /v1/init. All refused; nothing changed; the session's real
+/// consumer then gets the change the page would have taken.
+#[tokio::test]
+async fn a_page_of_another_origin_cannot_drive_the_server() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, item text)").await.unwrap();
+    let server = TestServer::start(&db).await;
+    let slot = server.init().await;
+    let body = json!({"name": "orders", "tables": ["public.orders"]}).to_string();
+    let (status, created) = server.post("/v2/sessions", &body).await;
+    assert_eq!(status, 201, "{created}");
+    pg.batch_execute("INSERT INTO orders VALUES (1, 'for the real consumer')").await.unwrap();
+    let slots = || async {
+        let rows = pg
+            .query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    let before = slots().await;
+    assert!(before.contains(&slot), "{before:?}");
+
+    let page = HOSTILE_PAGE.replace("{TARGET}", &server.addr.to_string()).replace("{SLOT}", &slot);
+    let page_port = serve_page(page);
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.goto(&format!("http://localhost:{page_port}/")).await.unwrap();
+    until(&c, "the page's attempts", Duration::from_secs(30), "return !!(window.results && window.results.done)").await;
+    let results = c.execute("return window.results", vec![]).await.unwrap();
+    assert_eq!(results["v2"]["opened"], json!(false), "{results}");
+    assert_eq!(results["v1"]["opened"], json!(false), "{results}");
+    assert_eq!(results["img"], json!("error"), "{results}");
+    c.close().await.unwrap();
+
+    let (_, sessions) = server.get("/v2/sessions").await;
+    let names: Vec<&str> = sessions.as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["default", "orders"], "no session was created");
+    assert_eq!(slots().await, before, "the default session was not reset");
+    let (mut consumer, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v2/sessions/orders/stream", server.addr)).await.unwrap();
+    let tx = next_changes(&mut consumer).await;
+    assert_eq!(tx["change"][0]["columnvalues"][1], "for the real consumer", "{tx}");
     server.stop().await;
 }
 

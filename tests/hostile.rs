@@ -333,7 +333,7 @@ async fn read_close(tcp: &mut tokio::net::TcpStream) -> (u16, String) {
 async fn head_on_init_is_refused_and_leaves_the_session_alone() {
     let (pg, server) = setup().await;
     let slot = server.init().await;
-    let reply = exchange(server.addr, b"HEAD /v1/init HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let reply = exchange(server.addr, b"HEAD /v1/init HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 405 "), "{reply}");
     assert_eq!(header(&reply, "allow"), Some("GET"), "{reply}");
     assert_eq!(header(&reply, "content-type"), Some("application/json"), "{reply}");
@@ -386,5 +386,134 @@ async fn a_bad_websocket_key_is_refused() {
     let mut ws = server.connect(&slot).await;
     pg.execute("INSERT INTO test_table (name) VALUES ('keyed')", &[]).await.unwrap();
     assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "keyed");
+    server.stop().await;
+}
+
+/// A websocket handshake to `path` with these extra headers: Ok, or the refusal's
+/// status and JSON body.
+async fn handshake(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, String)],
+) -> Result<Ws, (u16, serde_json::Value)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}{path}", server.addr).into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        request.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            Err((resp.status().as_u16(), serde_json::from_slice(&body).unwrap_or_default()))
+        }
+        Err(e) => panic!("unexpected websocket error: {e}"),
+    }
+}
+
+/// DNS rebinding: a page of evil.example, its name now pointing at us, is refused
+/// (421, JSON); our addresses and localhost are served. Every answer says nosniff.
+#[tokio::test]
+async fn without_auth_a_request_for_another_host_name_is_refused() {
+    let (_pg, server) = setup().await;
+    let slot = server.init().await;
+    let port = server.addr.port();
+    for host in [format!("evil.example:{port}"), "evil.example".into(), format!("localhost.evil.example:{port}")] {
+        let request = format!("GET /v1/sessions HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        let reply = exchange(server.addr, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 421 "), "{host}: {reply}");
+        assert!(json_body(&reply)["error"].as_str().unwrap().contains("evil.example"), "{reply}");
+        assert_eq!(header(&reply, "x-content-type-options"), Some("nosniff"), "{reply}");
+    }
+    let stream = format!("/v1/lr/stream?slotName={slot}");
+    let rebound = handshake(&server, &stream, &[("host", format!("evil.example:{port}"))]).await;
+    assert_eq!(rebound.err().map(|e| e.0), Some(421));
+    for host in [server.addr.to_string(), format!("localhost:{port}"), format!("[::1]:{port}"), "127.0.0.1".into()] {
+        let request = format!("GET /v1/sessions HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        let reply = exchange(server.addr, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{host}: {reply}");
+        assert_eq!(header(&reply, "x-content-type-options"), Some("nosniff"), "{reply}");
+    }
+    server.stop().await;
+}
+
+/// What a page of another origin makes a browser send, by hand: its websockets are
+/// refused (403), its text/plain POST too (the session is not created), and a
+/// cross-site GET of /v1/init leaves the default session alone. A client that is no
+/// browser (no Origin) and curl's GET /v1/init are served.
+#[tokio::test]
+async fn requests_from_other_origins_are_refused_and_clients_without_origin_served() {
+    let (pg, server) = setup().await;
+    let slot = server.init().await;
+    let port = server.addr.port();
+    let stream = format!("/v1/lr/stream?slotName={slot}");
+    for origin in ["http://evil.example".to_owned(), format!("http://localhost:{}", port + 1), "null".into()] {
+        let refused = handshake(&server, &stream, &[("origin", origin.clone())]).await;
+        let (status, body) = refused.err().unwrap_or_else(|| panic!("{origin}: upgraded"));
+        assert_eq!(status, 403, "{origin}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("origin"), "{body}");
+    }
+    // Its own origin (the viewer's), and none at all, are served.
+    let own = handshake(&server, &stream, &[("origin", format!("http://{}", server.addr))]).await;
+    drop(own.expect("the server's own origin"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ws = loop {
+        match handshake(&server, &stream, &[]).await {
+            Ok(ws) => break ws,
+            Err((409, _)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("a client without Origin: {e:?}"),
+        }
+    };
+    pg.execute("INSERT INTO test_table (name) VALUES ('no origin')", &[]).await.unwrap();
+    assert_eq!(next_changes(&mut ws).await["change"][0]["columnvalues"][1], "no origin");
+    drop(ws);
+
+    let create = br#"{"name":"evil","tables":["public.test_table"]}"#.to_vec();
+    let (status, body) =
+        raw_request(server.addr, "POST", "/v2/sessions", &[("content-type", "text/plain")], create.clone()).await;
+    assert_eq!(status, 415, "{}", String::from_utf8_lossy(&body));
+    let form = [("content-type", "application/x-www-form-urlencoded"), ("origin", "http://evil.example")];
+    assert_eq!(raw_request(server.addr, "POST", "/v2/sessions", &form, create.clone()).await.0, 403);
+    let (_, sessions) = server.get("/v2/sessions").await;
+    assert!(sessions.as_array().unwrap().iter().all(|s| s["name"] != "evil"), "a session was created: {sessions}");
+
+    for (name, value) in
+        [("sec-fetch-site", "cross-site"), ("sec-fetch-site", "same-site"), ("origin", "http://evil.example")]
+    {
+        let (status, body) = raw_request(server.addr, "GET", "/v1/init", &[(name, value)], vec![]).await;
+        assert_eq!(status, 403, "{name}: {value}: {}", String::from_utf8_lossy(&body));
+    }
+    let slots: Vec<String> = pg
+        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec![slot.clone()], "the default session is the same");
+    // curl localhost:12312/v1/init, and a typed URL (Sec-Fetch-Site: none), still reset it.
+    let (status, _) = raw_request(server.addr, "GET", "/v1/init", &[("sec-fetch-site", "none")], vec![]).await;
+    assert_eq!(status, 200);
+    assert_ne!(server.init().await, slot);
+    server.stop().await;
+}
+
+/// Origins listed in the settings are served as the server's own.
+#[tokio::test]
+async fn listed_origins_are_served() {
+    let db = common::fresh_db().await;
+    let mut settings = fast_settings(&db);
+    settings.http.guard =
+        pgdeltastream::server::Guard::new(&["https://dash.example".into()], &["pgds.internal".into()]).unwrap();
+    let server = TestServer::start_with(settings).await;
+    let slot = server.init().await;
+    let stream = format!("/v1/lr/stream?slotName={slot}");
+    let listed = [("origin", "https://dash.example".to_owned()), ("sec-fetch-site", "cross-site".into())];
+    drop(handshake(&server, &stream, &listed).await.expect("a listed origin"));
+    let other = handshake(&server, &stream, &[("origin", "https://dash.example:8443".to_owned())]).await;
+    assert_eq!(other.err().map(|e| e.0), Some(403));
+    let named = "GET /v1/sessions HTTP/1.1\r\nhost: pgds.internal:12312\r\nconnection: close\r\n\r\n";
+    assert!(exchange(server.addr, named.as_bytes()).await.starts_with("HTTP/1.1 200 "));
     server.stop().await;
 }

@@ -72,7 +72,7 @@ fn assert_json_error(reply: &str, status: &str) {
 #[tokio::test]
 async fn a_declared_body_over_the_cap_is_refused_at_once() {
     let server = server().await;
-    let head = "POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+    let head = "POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
                 content-length: 10000000\r\nexpect: 100-continue\r\n\r\n";
     let started = std::time::Instant::now();
     let reply = exchange(server.addr, head.as_bytes()).await;
@@ -82,7 +82,7 @@ async fn a_declared_body_over_the_cap_is_refused_at_once() {
     assert_eq!(header(&reply, "connection"), Some("close"), "{reply:?}");
     assert!(json_body(&reply)["error"].as_str().unwrap().contains("10000000"), "{reply:?}");
     // Without Expect too, and a body within the cap is still read.
-    let head = "POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: 65537\r\n\r\n{";
+    let head = "POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: 65537\r\n\r\n{";
     assert_json_error(&exchange(server.addr, head.as_bytes()).await, "413");
     let (status, body) = server.post("/v1/snapshot/data", &format!("{{\"table\":\"{}\"}}", "x".repeat(60_000))).await;
     assert_eq!(status, 400, "{body}");
@@ -96,8 +96,8 @@ async fn unparseable_requests_get_json_errors() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"GARBAGE\r\n\r\n".to_vec(), "400"),
         (b"GET /v1/sessions HTTP/1.1\r\nbad header\r\n\r\n".to_vec(), "400"),
-        (format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000)).into_bytes(), "414"),
-        (format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(100_000)).into_bytes(), "431"),
+        (format!("GET /{} HTTP/1.1\r\nhost: localhost\r\n\r\n", "a".repeat(70_000)).into_bytes(), "414"),
+        (format!("GET / HTTP/1.1\r\nhost: localhost\r\nx-big: {}\r\n\r\n", "a".repeat(100_000)).into_bytes(), "431"),
         (
             format!("GET / HTTP/1.1\r\n{}\r\n", (0..120).map(|i| format!("x-{i}: y\r\n")).collect::<String>())
                 .into_bytes(),
@@ -123,7 +123,7 @@ async fn half_request_heads_are_closed_within_the_header_timeout() {
     let mut slow = Vec::new();
     for _ in 0..200 {
         let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-        tcp.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\nx-slow: ").await.unwrap();
+        tcp.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\nx-slow: ").await.unwrap();
         slow.push(tcp);
     }
     let (status, body) = server.get("/v1/sessions").await;
@@ -141,7 +141,7 @@ async fn an_idle_kept_alive_connection_is_closed() {
     let server = server_with(&db, HttpSettings { header_timeout: secs(1), ..HttpSettings::default() }).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
     for _ in 0..2 {
-        tcp.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        tcp.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
         let reply = read_response(&mut tcp).await;
         assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
     }
@@ -156,7 +156,7 @@ async fn a_silent_request_body_is_closed_after_the_idle_timeout() {
     let http = HttpSettings { header_timeout: secs(60), idle_timeout: secs(1), ..HttpSettings::default() };
     let server = server_with(&db, http).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"table\"")
+    tcp.write_all(b"POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n{\"table\"")
         .await
         .unwrap();
     assert_closed(&mut tcp, secs(10), "a request whose body stopped").await;
@@ -197,7 +197,7 @@ async fn past_the_connection_cap_clients_get_503_until_places_free_up() {
         idle.push(TcpStream::connect(server.addr).await.unwrap());
     }
     let started = Instant::now();
-    let reply = exchange(server.addr, b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let reply = exchange(server.addr, b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
     assert!(started.elapsed() < secs(5), "took {:?}", started.elapsed());
     assert_json_error(&reply, "503");
     assert_eq!(header(&reply, "retry-after"), Some("1"), "{reply:?}");
@@ -207,7 +207,8 @@ async fn past_the_connection_cap_clients_get_503_until_places_free_up() {
     drop(idle);
     let deadline = Instant::now() + secs(20);
     loop {
-        let reply = exchange(server.addr, b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        let reply =
+            exchange(server.addr, b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
         if reply.starts_with("HTTP/1.1 200 ") {
             break;
         }
@@ -269,7 +270,7 @@ async fn the_binary_with_few_open_files_outlives_a_flood_of_idle_connections() {
     }
     let deadline = Instant::now() + secs(30);
     loop {
-        let reply = exchange(addr, b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        let reply = exchange(addr, b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
         if reply.starts_with("HTTP/1.1 200 ") {
             break;
         }
@@ -311,7 +312,7 @@ async fn shutdown_closes_idle_connections_at_once() {
     let server = server_with(&db, http).await;
     let mut fresh = TcpStream::connect(server.addr).await.unwrap();
     let mut kept = TcpStream::connect(server.addr).await.unwrap();
-    kept.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    kept.write_all(b"GET /v1/sessions HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
     assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200 "));
     let started = Instant::now();
     server.stop().await;

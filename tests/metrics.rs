@@ -242,7 +242,7 @@ async fn readyz_is_503_when_postgres_is_unreachable_and_metrics_still_answer() {
     drop(closed);
     let server = TestServer::start_with(settings).await;
 
-    let reply = exchange(server.addr, b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let reply = exchange(server.addr, b"GET /readyz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     assert_eq!(header(&reply, "retry-after"), Some("1"), "every 503 says when to retry");
     let body = json_body(&reply);
@@ -293,7 +293,8 @@ async fn an_exhausted_pool_is_reported_quickly() {
     server.init().await;
     let body = json!({"table": "sleepy"}).to_string();
     let mut page = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let request =
+        format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     page.write_all(request.as_bytes()).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

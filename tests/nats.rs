@@ -542,6 +542,29 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let as_alice = format!("{}&access_token={}", url(port, "a"), token(&["orders"]));
     let (mut alice, _) = tokio_tungstenite::connect_async(as_alice).await.unwrap();
     assert_eq!(row_numbers(&next_transaction(&mut alice).await), vec![2], "alice did not resume after her ack");
+
+    // A page of another origin cannot use a token it holds: its handshake is refused
+    // before the token is looked at.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut from_page =
+        format!("{}&access_token={}", url(port, "e"), token(&["orders"])).into_client_request().unwrap();
+    from_page.headers_mut().insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(from_page).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
+        other => panic!("a foreign origin's handshake: {:?}", other.map(|_| ())),
+    }
+
+    // A validly signed token whose exp is past any clock (2^63 s, u64::MAX) is served,
+    // not answered with a dropped connection.
+    for (exp, client) in [(1u64 << 63, "c"), (u64::MAX, "d")] {
+        let claims = serde_json::json!({"sub": "carol", "role": "consumer", "sessions": ["orders"], "exp": exp});
+        let huge =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}&access_token={huge}", url(port, client)))
+            .await
+            .unwrap_or_else(|e| panic!("exp {exp}: {e}"));
+        assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![1], "exp {exp}");
+    }
 }
 
 /// A session deleted and made again under its name is a new incarnation: its publisher

@@ -329,7 +329,8 @@ async fn a_client_that_leaves_cancels_its_query_over_tls() {
     );
     let body = json!({"table": "sleepy"}).to_string();
     let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let request =
+        format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     client.write_all(request.as_bytes()).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while count(&pg, &running).await != 1 {

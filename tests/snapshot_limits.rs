@@ -297,7 +297,8 @@ async fn a_client_that_leaves_cancels_its_query() {
     );
     let body = json!({"table": "sleepy"}).to_string();
     let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let request =
+        format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     client.write_all(request.as_bytes()).await.unwrap();
     await_count(&pg, &running, 1, "the page's query never started").await;
     drop(client);
@@ -336,7 +337,8 @@ async fn a_client_that_leaves_mid_body_cancels_its_query() {
     );
     let body = json!({"table": "wide", "limit": 1000, "order_by": {"column": "id"}}).to_string();
     let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let request =
+        format!("POST /v1/snapshot/data HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     client.write_all(request.as_bytes()).await.unwrap();
     let mut head = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut head)).await.unwrap().unwrap();

@@ -155,6 +155,32 @@ async fn plain_http_on_the_tls_port_is_told_and_a_silent_client_blocks_nobody() 
     }
 }
 
+/// Past the connection cap a TLS port sends no plaintext: a TLS client reads a fatal
+/// alert (a plaintext 503 would be a garbled record to it), and the bytes on the wire
+/// are a TLS record, never an HTTP answer.
+#[tokio::test]
+async fn past_the_connection_cap_the_tls_port_answers_with_a_tls_alert() {
+    let db = common::fresh_db().await;
+    let pki = make_pki();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key_der.clone()));
+    let mut settings = fast_settings(&db);
+    settings.http.tls = Some(TlsConfig::new(vec![pki.cert.clone()], key).unwrap());
+    settings.http.max_connections = 1;
+    let server = TestServer::start_with(settings).await;
+    let _held = tls_connect(server.addr, &pki.ca).await.expect("the one place");
+
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    let _ = raw.write_all(b"GET /v2/sessions HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), raw.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "not closed");
+    assert!(!reply.starts_with(b"HTTP/"), "plaintext on the TLS port: {:?}", String::from_utf8_lossy(&reply));
+    assert_eq!(reply, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50], "a fatal internal_error alert");
+
+    let refused = tls_connect(server.addr, &pki.ca).await.expect_err("no place for a second client");
+    assert!(refused.to_string().contains("InternalError"), "{refused}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -1,16 +1,18 @@
 //! Who may call what: JSON Web Tokens, checked once per request by [`authenticate`],
 //! and a [`Principal`] that each handler asks for the scope it needs.
 //!
-//! A token comes in `Authorization: Bearer <token>`, or, on a websocket upgrade only
-//! (a browser cannot set headers there), as `?access_token=<token>`. It is never
-//! logged: the request log has only the path, and no error here repeats it.
+//! A token comes in `Authorization: Bearer <token>`, or, on the handshake of a
+//! websocket route only (a browser cannot set headers there), as
+//! `?access_token=<token>`: a token in a URL ends up in proxy logs and browser
+//! history, so no other request may use one. It is never logged: the request log has
+//! only the path, and no error here repeats it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Query, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -19,7 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::ApiError;
-use super::upgrade::header_has_token;
+use super::upgrade::is_handshake;
 use crate::error::{Error, ErrorKind};
 
 /// Paths anyone may call, token or not: probes, and the static viewer page and its
@@ -27,12 +29,20 @@ use crate::error::{Error, ErrorKind};
 const PUBLIC_PATHS: &[&str] = &["/", "/healthz", "/readyz"];
 const PUBLIC_PREFIXES: &[&str] = &["/assets/"];
 
-fn is_public(path: &str) -> bool {
+pub(super) fn is_public(path: &str) -> bool {
     PUBLIC_PATHS.contains(&path) || PUBLIC_PREFIXES.iter().any(|p| path.starts_with(p))
 }
 
-/// Seconds of clock skew forgiven when checking `exp` and `nbf`.
+/// Seconds of clock skew forgiven when checking `exp` and `nbf`; a stream opened with
+/// a token lasts until its `exp` plus this, as long as the token is accepted.
 pub const LEEWAY_SECONDS: u64 = 30;
+
+/// The furthest a stream's end is set by its token.
+const LONGEST_STREAM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The routes that are websockets, as the routers name them: the only ones where a
+/// token may come in the URL.
+const WEBSOCKET_ROUTES: &[&str] = &["/v1/lr/stream", "/v2/sessions/{name}/stream", "/v2/sessions/{name}/watch"];
 
 /// How tokens are checked: the key, and the one algorithm its kind allows.
 pub struct Verifier {
@@ -57,7 +67,9 @@ pub enum KeySource<'a> {
 
 impl Verifier {
     /// Pins the algorithm to the key's kind, so that no token can choose another (no
-    /// `none`, no HS256 signed with an RSA public key's bytes); `exp` is required.
+    /// `none`, no HS256 signed with an RSA public key's bytes); `exp` is required, and
+    /// so are `aud` and `iss` when they are to be checked (jsonwebtoken checks only the
+    /// claims a token has, unless told they are required).
     pub fn new(source: KeySource<'_>, audience: Option<&str>, issuer: Option<&str>) -> Result<Verifier, String> {
         let (key, algorithm) = match source {
             KeySource::Secret([]) => return Err("the JWT secret is empty".into()),
@@ -65,7 +77,10 @@ impl Verifier {
             KeySource::PublicPem(pem) => public_key(pem)?,
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        required.extend(audience.map(|_| "aud"));
+        required.extend(issuer.map(|_| "iss"));
+        validation.set_required_spec_claims(&required);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
         match audience {
@@ -94,7 +109,8 @@ impl Verifier {
             None => return Err("the token has no role claim (\"admin\" or \"consumer\")".into()),
         };
         let sessions = claims.sessions.unwrap_or_default().into_iter().collect();
-        let expires = Some(UNIX_EPOCH + Duration::from_secs(claims.exp));
+        // Past what a SystemTime holds (exp near 2^63 s and beyond), it never expires.
+        let expires = UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp));
         Ok(Principal { role, sessions, subject: claims.sub, expires })
     }
 }
@@ -149,7 +165,8 @@ pub struct Principal {
     pub sessions: HashSet<String>,
     /// The token's `sub`, whom it was issued to.
     pub subject: Option<String>,
-    /// When the token expires: a stream it opened ends then.
+    /// When the token expires (its `exp`): a stream it opened ends a leeway later.
+    /// None: no token, or one whose `exp` is past any time we can count to.
     pub expires: Option<SystemTime>,
 }
 
@@ -206,10 +223,15 @@ impl Principal {
         Err(ApiError(Error::new(ErrorKind::Forbidden, "this needs an admin token")))
     }
 
-    /// When a stream opened with this token must end.
+    /// When a stream opened with this token must end: when the token stops being
+    /// accepted, its `exp` plus the leeway (so a token accepted within the leeway gets a
+    /// stream until the leeway is up, not one closed at once). A century at most: a
+    /// timer further out than that is no use, and near the end of what an Instant
+    /// holds, adding to one overflows.
     pub fn stream_deadline(&self) -> Option<tokio::time::Instant> {
-        let left = self.expires?.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-        Some(tokio::time::Instant::now() + left)
+        let until = self.expires?.checked_add(Duration::from_secs(LEEWAY_SECONDS));
+        let left = until.map_or(LONGEST_STREAM, |t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        tokio::time::Instant::now().checked_add(left.min(LONGEST_STREAM))
     }
 }
 
@@ -255,7 +277,8 @@ fn token(req: &Request) -> Result<String, &'static str> {
             _ => Err("the Authorization header must be \"Bearer <token>\""),
         };
     }
-    if header_has_token(req.headers(), header::UPGRADE, "websocket") {
+    let websocket_route = req.extensions().get::<MatchedPath>().is_some_and(|p| WEBSOCKET_ROUTES.contains(&p.as_str()));
+    if websocket_route && is_handshake(req.method(), req.headers()) {
         #[derive(Deserialize)]
         struct AccessToken {
             access_token: Option<String>,
@@ -264,7 +287,7 @@ fn token(req: &Request) -> Result<String, &'static str> {
             return Ok(t);
         }
     }
-    Err("no token: send Authorization: Bearer <token> (or ?access_token= on a websocket)")
+    Err("no token: send Authorization: Bearer <token> (or ?access_token= on a websocket handshake)")
 }
 
 /// 401 with `WWW-Authenticate: Bearer` (RFC 6750), `error="invalid_token"` when a
@@ -327,6 +350,28 @@ mod tests {
         assert!(e.contains("choose one"), "{e}");
         assert!(from_settings(None, None, None, None).unwrap().is_none());
         assert!(from_settings(Some(""), None, None, None).is_err());
+    }
+
+    #[test]
+    fn stream_deadlines_never_overflow() {
+        let far = Duration::from_secs(LONGEST_STREAM.as_secs() + 1);
+        for exp in [0, 1 << 40, (1 << 62) + 7, (1 << 63) - 100, (1 << 63) - 1, 1 << 63, u64::MAX] {
+            let principal = Principal {
+                role: Role::Consumer,
+                sessions: HashSet::new(),
+                subject: None,
+                expires: UNIX_EPOCH.checked_add(Duration::from_secs(exp)),
+            };
+            let deadline = principal.stream_deadline();
+            if let Some(at) = deadline {
+                assert!(at <= tokio::time::Instant::now() + far, "exp {exp}");
+            }
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let in_leeway =
+            Principal { expires: Some(UNIX_EPOCH + Duration::from_secs(now - 10)), ..Principal::unauthenticated() };
+        let left = in_leeway.stream_deadline().unwrap() - tokio::time::Instant::now();
+        assert!(left > Duration::from_secs(15) && left <= Duration::from_secs(20), "{left:?}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Verifier};
+use super::guard::Guard;
 use super::stream::MAX_CLIENT_MESSAGE;
 use super::upgrade::Upgrade;
 use super::{ApiError, error};
@@ -30,14 +31,18 @@ use crate::bus::gateway::{Feed, Gateway};
 use crate::error::Error;
 use crate::stream::socket::WebSocket;
 
-/// `auth`: the tokens a client needs, as on the server (None: none).
-pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>) -> Router {
+/// `auth`: the tokens a client needs, as on the server (None: none); `guard`: which
+/// pages and host names are served, as on the server.
+pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>, guard: Guard) -> Router {
+    let guard = Arc::new(guard.for_auth(auth.is_some()));
     Router::new()
         .route("/v1/lr/stream", get(v1_stream))
         .route("/v2/sessions/{name}/stream", get(v2_stream))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(auth, super::auth::authenticate))
+        .layer(middleware::from_fn_with_state(guard, super::guard::guard))
+        .layer(middleware::from_fn(super::nosniff))
         .layer(middleware::from_fn(super::log_request))
         .with_state(gateway)
 }

@@ -14,7 +14,8 @@
 //! | `GET /healthz`, `GET /readyz` | [`health`]: liveness, and whether Postgres can serve us |
 //!
 //! With auth configured every route but the few in [`auth`]'s public list needs a
-//! token; each handler checks the scope it needs on the [`auth::Principal`].
+//! token; each handler checks the scope it needs on the [`auth::Principal`]. Before
+//! that, [`guard`] refuses what other sites' pages make browsers send.
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
 //! the right status ([`error::ApiError`]).
@@ -22,6 +23,7 @@
 pub mod auth;
 pub mod error;
 pub mod gateway;
+pub mod guard;
 pub mod health;
 pub mod init;
 pub mod metrics;
@@ -36,6 +38,7 @@ pub mod viewer;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -54,6 +57,8 @@ pub struct AppState {
     pub auth: Option<Arc<auth::Verifier>>,
     /// Each consumer's share of the snapshot reads under way.
     pub reads: Arc<shares::CallerShares>,
+    /// Which origins' pages and which host names are served.
+    pub guard: guard::Guard,
 }
 
 /// Request bodies are small JSON objects; anything larger is refused with 413.
@@ -62,6 +67,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub fn router(state: AppState) -> Router {
     let http_metrics = Arc::new(metrics::HttpMetrics::default());
     let authenticate = middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
+    let guard = Arc::new(state.guard.clone().for_auth(state.auth.is_some()));
     Router::new()
         .route("/", get(viewer::index))
         .route("/assets/{file}", get(viewer::asset))
@@ -83,6 +89,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(authenticate)
+        .layer(middleware::from_fn_with_state(guard, guard::guard))
+        .layer(middleware::from_fn(nosniff))
         .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn_with_state(http_metrics.clone(), metrics::track))
         .layer(Extension(http_metrics))
@@ -112,6 +120,14 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
         Some(length) if length > BODY_LIMIT as u64 => error::body_too_large(length, BODY_LIMIT),
         _ => next.run(req).await,
     }
+}
+
+/// Every answer, JSON errors included: a browser must never guess a type (an error
+/// that repeats a path is no HTML page).
+async fn nosniff(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
 }
 
 /// One log line per request: method, path (never the query or body), status, time.

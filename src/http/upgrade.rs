@@ -35,26 +35,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let refuse = |why: &str| ApiError(Error::bad_request(format!("this endpoint is a websocket: {why}")));
-        if parts.method != Method::GET {
-            return Err(refuse("use GET"));
-        }
-        if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
-            return Err(refuse("the Connection header must contain \"upgrade\""));
-        }
-        if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
-            return Err(refuse("the Upgrade header must be \"websocket\""));
-        }
-        if parts.headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-            return Err(refuse("Sec-WebSocket-Version must be 13"));
-        }
-        let key = parts
-            .headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .cloned()
-            .ok_or_else(|| refuse("Sec-WebSocket-Key is missing"))?;
-        if !is_websocket_key(key.as_bytes()) {
-            return Err(refuse("Sec-WebSocket-Key must be the base64 of 16 bytes (24 characters ending in ==)"));
-        }
+        let key = handshake_key(&parts.method, &parts.headers).map_err(refuse)?;
         let on_upgrade = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
@@ -91,6 +72,32 @@ impl Upgrade {
         }
         response
     }
+}
+
+/// The handshake's key, or what makes the request no websocket handshake.
+fn handshake_key(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
+    if method != Method::GET {
+        return Err("use GET");
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the Connection header must contain \"upgrade\"");
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the Upgrade header must be \"websocket\"");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned().ok_or("Sec-WebSocket-Key is missing")?;
+    if !is_websocket_key(key.as_bytes()) {
+        return Err("Sec-WebSocket-Key must be the base64 of 16 bytes (24 characters ending in ==)");
+    }
+    Ok(key)
+}
+
+/// True when the request is a whole websocket handshake (RFC 6455 4.2.1).
+pub(super) fn is_handshake(method: &Method, headers: &HeaderMap) -> bool {
+    handshake_key(method, headers).is_ok()
 }
 
 /// True when the comma-separated header contains `token` (case-insensitive).

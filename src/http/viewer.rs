@@ -1,8 +1,9 @@
 //! The viewer: a page for operators at `/`, its assets at `/assets/{file}`, all built
 //! into the binary (no CDN, nothing to build with Node). Served without a token: the
 //! page asks for one when the API answers 401. Each answer carries a strict
-//! Content-Security-Policy (scripts, styles and connections only from this origin and
-//! its websockets), `nosniff`, and an ETag, so a browser revalidates cheaply.
+//! Content-Security-Policy (scripts, styles and connections only to this origin: CSP 3's
+//! `'self'` covers its ws: and wss: too, where bare `ws: wss:` would allow any host),
+//! `nosniff`, and an ETag, so a browser revalidates cheaply.
 
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -50,7 +51,7 @@ static ASSETS: &[Asset] = &[
 ];
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-                   connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+                   connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// `GET /`
 pub async fn index(headers: HeaderMap) -> Response {

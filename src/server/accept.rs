@@ -2,7 +2,10 @@
 //! connections (websockets included) at a time.
 //!
 //! A client past the cap gets a quick `503 {"error":...}` with `Retry-After: 1` and the
-//! connection closed, rather than a place in a backlog that never moves; while many are
+//! connection closed (on a TLS port a fatal TLS alert instead: plaintext there would be
+//! an answer no TLS client can read, and one that a proxy or a client treating the
+//! port as plain HTTP would take as the server's), rather than a place in a backlog
+//! that never moves; while many are
 //! being refused at once, the rest are closed without an answer, so that refusing costs
 //! only a few descriptors. Accept errors (out of descriptors or memory, aborted
 //! connections) back off from 10 ms to 1 s and are logged at most once a second.
@@ -75,7 +78,8 @@ pub(super) async fn serve(
                     tracing::warn!(cap, suppressed, "at the connection cap: refusing connections with 503");
                 }
                 if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    tasks.spawn(refuse(tcp, permit));
+                    let answer = if settings.tls.is_some() { TLS_REFUSAL } else { REFUSAL };
+                    tasks.spawn(refuse(tcp, answer, permit));
                 }
             }
         }
@@ -90,12 +94,17 @@ const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appli
 retry-after: 1\r\nconnection: close\r\ncontent-length: 72\r\n\r\n\
 {\"error\":\"the server is at its connection limit; try again in a moment\"}";
 
-/// Answers 503 and closes. The request is not read, but what the client sent is
-/// drained for a moment after our answer: closing on unread data sends a reset, which
-/// can destroy the answer before the client has read it.
-async fn refuse(mut tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+/// The answer past the cap on a TLS port: a TLS record (RFC 8446 6, 5.1): alert, TLS
+/// 1.2 framing, 2 bytes, fatal, internal_error. TLS has no "try again later"; a client
+/// reports the alert where a plaintext answer would be a garbled record.
+const TLS_REFUSAL: &[u8] = &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50];
+
+/// Answers (503, or a TLS alert) and closes. The request is not read, but what the
+/// client sent is drained for a moment after our answer: closing on unread data sends
+/// a reset, which can destroy the answer before the client has read it.
+async fn refuse(mut tcp: TcpStream, answer: &'static [u8], _permit: OwnedSemaphorePermit) {
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-        tcp.write_all(REFUSAL).await?;
+        tcp.write_all(answer).await?;
         tcp.shutdown().await?;
         let mut sink = [0u8; 4096];
         while tcp.read(&mut sink).await? > 0 {}
