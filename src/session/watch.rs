@@ -103,6 +103,7 @@ impl Registry {
             decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty: true,
             settings: self.settings.clone(),
+            options,
         })
     }
 

@@ -59,6 +59,17 @@ impl PluginDecoder {
         }
     }
 
+    /// Postgres failed in the middle of a transaction: drops what is held of it and,
+    /// when this decoder held it (pgoutput holds a transaction until its commit), says
+    /// where it ends (an LSN from which a stream skips it) and its xid. wal2json hands
+    /// its pieces on as they come: the assembler knows where its transaction ends.
+    pub fn abandon_transaction(&mut self) -> Option<(Lsn, Option<u32>)> {
+        match self {
+            PluginDecoder::Wal2json(_) => None,
+            PluginDecoder::Pgoutput(p) => p.converter.abandon_transaction().map(|(lsn, xid)| (lsn, Some(xid))),
+        }
+    }
+
     pub fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
         match self {
             PluginDecoder::Wal2json(pieces) => Ok(pieces.pop_front()),
