@@ -86,7 +86,7 @@ impl Definition {
                 })
                 .collect()
         });
-        Filter { tables, actions: self.actions.clone(), hidden_schemas: Vec::new() }
+        Filter { tables, actions: self.actions.clone(), ..Filter::default() }
     }
 }
 

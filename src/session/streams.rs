@@ -117,6 +117,7 @@ impl Registry {
         let start = info.confirmed_flush.max(last_ack);
         // The store's own writes are never a client's business.
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
         let options = info.plugin.start_options(format, &filter, slot);
         let stream = self.start_replication(slot, start, options.clone()).await?;
         if stop.is_stopped() {

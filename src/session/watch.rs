@@ -71,6 +71,7 @@ impl Registry {
         let (permit, stop) = self.enter_watchers(name)?;
         let plugin = self.our_slot(&def.slot_name).await?.plugin;
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
         let slot = names::watch_slot_name();
         let mut conn = ReplicationConnection::connect(&self.pg).await?;
         let start = match conn.create_temporary_slot(&slot, plugin.name()).await {
