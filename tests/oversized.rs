@@ -57,6 +57,8 @@ async fn skips_the_transaction(plugin: &str) {
     let mut settings = fast_settings(&db);
     // Small frames: the first changes of the failing transaction go out before it fails.
     settings.session.frame_bytes = 64;
+    // The client reads nothing while it inserts the value (seconds on a busy machine).
+    settings.session.socket.dead_after = std::time::Duration::from_secs(120);
     let server = TestServer::start_with(settings).await;
     let (status, created) =
         server.post("/v2/sessions", &json!({"name": "s", "plugin": plugin, "tables": ["t", "big"]}).to_string()).await;

@@ -560,7 +560,8 @@ async fn partitioned_table_streams_under_its_name(plugin: &str) {
          ALTER TABLE m ATTACH PARTITION m_asia FOR VALUES IN ('asia');
          INSERT INTO m VALUES (5, 'asia', 'e');
          UPDATE m SET region = 'eu' WHERE id = 2;
-         INSERT INTO other VALUES (1);
+         BEGIN; INSERT INTO other VALUES (1); INSERT INTO m VALUES (8, 'eu', 'h');
+           INSERT INTO other VALUES (2); INSERT INTO m VALUES (9, 'us', 'i'); COMMIT;
          INSERT INTO m VALUES (6, 'eu', 'f');",
     )
     .await
@@ -581,7 +582,19 @@ async fn partitioned_table_streams_under_its_name(plugin: &str) {
         }
     }
     let m = |kind: &str, id| (kind.to_owned(), "public".to_owned(), "m".to_owned(), id);
-    assert_eq!(got, [m("insert", 3), m("insert", 4), m("insert", 5), m("delete", 2), m("insert", 2), m("insert", 6)]);
+    assert_eq!(
+        got,
+        [
+            m("insert", 3),
+            m("insert", 4),
+            m("insert", 5),
+            m("delete", 2),
+            m("insert", 2),
+            m("insert", 8),
+            m("insert", 9),
+            m("insert", 6)
+        ]
+    );
 
     // Nothing was acked: the same changes again, in format 2.
     drop(ws);
@@ -590,7 +603,7 @@ async fn partitioned_table_streams_under_its_name(plugin: &str) {
     let url = format!("ws://{}/v2/sessions/parts/stream?format=changes", server.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
     let mut got = Vec::new();
-    while got.len() < 6 {
+    while got.len() < 8 {
         let r = tokio::time::timeout_at(deadline + std::time::Duration::from_secs(30), next_json(&mut ws))
             .await
             .unwrap_or_else(|_| panic!("every row within 30 s; got {got:?}"));
@@ -600,7 +613,24 @@ async fn partitioned_table_streams_under_its_name(plugin: &str) {
         }
     }
     let m = |action: &str| (action.to_owned(), "public".to_owned(), "m".to_owned());
-    assert_eq!(got, [m("I"), m("I"), m("I"), m("D"), m("I"), m("I")]);
+    assert_eq!(got, [m("I"), m("I"), m("I"), m("D"), m("I"), m("I"), m("I"), m("I")]);
+
+    // A partition's TRUNCATE empties the partition only: it is not the table's.
+    pg.batch_execute("TRUNCATE m_eu; TRUNCATE m; INSERT INTO m VALUES (7, 'eu', 'g')").await.unwrap();
+    let mut truncated = Vec::new();
+    loop {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(30), next_json(&mut ws)).await.expect("records");
+        match r["action"].as_str() {
+            Some("T") => truncated.push(r["table"].as_str().unwrap().to_owned()),
+            Some("I") => break,
+            _ => {}
+        }
+    }
+    truncated.sort();
+    match plugin {
+        "wal2json" => assert_eq!(truncated, ["m", "m_asia", "m_eu", "m_eu", "m_us", "m_us_low"]),
+        _ => assert_eq!(truncated, ["m"]),
+    }
     drop(ws);
 }
 

@@ -67,7 +67,10 @@ impl Relabel {
             Format::Transactions => self.v1(data).await,
             Format::Changes => {
                 let Some(names) = names(&data, b"{\"action\":\"", b"IUDT") else { return Ok(Some(data)) };
-                self.apply(&data, names).await
+                // A partition's TRUNCATE empties the partition, not its table: it keeps
+                // the partition's name (a TRUNCATE of the table has a record of its own).
+                let truncate = data.get(b"{\"action\":\"".len()) == Some(&b'T');
+                self.apply(&data, names, truncate).await
             }
         }
     }
@@ -84,7 +87,7 @@ impl Relabel {
         let comma = data.starts_with(b",");
         let body = if comma { data.slice(1..) } else { data.clone() };
         let out = match names(&body, b"{\"kind\":\"", b"iud") {
-            Some(names) => self.apply(&body, names).await?,
+            Some(names) => self.apply(&body, names, false).await?,
             None => Some(body),
         };
         Ok(out.map(|piece| {
@@ -100,7 +103,7 @@ impl Relabel {
         }))
     }
 
-    async fn apply(&mut self, data: &Bytes, names: Names) -> Result<Option<Bytes>, String> {
+    async fn apply(&mut self, data: &Bytes, names: Names, keep_name: bool) -> Result<Option<Bytes>, String> {
         let key = (names.schema.clone(), names.table.clone());
         if !self.verdicts.contains_key(&key) {
             let verdict = self.verdict(&names).await?;
@@ -108,6 +111,7 @@ impl Relabel {
         }
         Ok(match self.verdicts.get(&key) {
             Some(Verdict::Keep) => Some(data.clone()),
+            Some(Verdict::Rename(_)) if keep_name => Some(data.clone()),
             Some(Verdict::Rename(replacement)) => {
                 let mut out = Vec::with_capacity(data.len() + replacement.len());
                 out.extend_from_slice(&data[..names.start]);
