@@ -692,3 +692,123 @@ async fn a_snapshot_serves_the_rows_and_columns_of_the_sessions_publication() {
     let unkeyed = page_all("unkeyed").await;
     assert_eq!(unkeyed, expected.iter().map(|a| json!({"amount": a})).collect::<Vec<_>>());
 }
+
+/// A session on a partitioned table streams the rows of every partition (two levels
+/// deep, one attached after the stream started, a row moved between partitions) under
+/// the table's own name, as its snapshot names it, on both plugins.
+async fn partitioned_table_streams_under_its_name(plugin: &str) {
+    let _shared = SLOTS.read().await;
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute(
+        "CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us') PARTITION BY RANGE (id);
+         CREATE TABLE m_us_low PARTITION OF m_us FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE other (id int PRIMARY KEY);
+         INSERT INTO m VALUES (1, 'eu', 'a'), (2, 'us', 'b');",
+    )
+    .await
+    .unwrap();
+    let server = server_with(&db, PluginChoice::Auto).await;
+    let (status, created) = create(&server, json!({"name": "parts", "plugin": plugin, "tables": ["m"]})).await;
+    assert_eq!(status, 201, "{created}");
+
+    // The snapshot names the table as the session lists it, with every partition's rows.
+    let (status, page) = server.get("/v2/sessions/parts/snapshot/m").await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<i64> = page["rows"].as_array().unwrap().iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2], "{page}");
+
+    let url = format!("ws://{}/v2/sessions/parts/stream", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
+    pg.batch_execute(
+        "INSERT INTO m VALUES (3, 'eu', 'c');
+         INSERT INTO m_us_low VALUES (4, 'us', 'd');
+         CREATE TABLE m_asia (LIKE m INCLUDING ALL);
+         ALTER TABLE m ATTACH PARTITION m_asia FOR VALUES IN ('asia');
+         INSERT INTO m VALUES (5, 'asia', 'e');
+         UPDATE m SET region = 'eu' WHERE id = 2;
+         BEGIN; INSERT INTO other VALUES (1); INSERT INTO m VALUES (8, 'eu', 'h');
+           INSERT INTO other VALUES (2); INSERT INTO m VALUES (9, 'us', 'i'); COMMIT;
+         INSERT INTO m VALUES (6, 'eu', 'f');",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !got.iter().any(|(_, _, _, id): &(String, String, String, i64)| *id == 6) {
+        let tx = tokio::time::timeout_at(deadline, next_changes(&mut ws))
+            .await
+            .unwrap_or_else(|_| panic!("every row within 30 s; got {got:?}"));
+        for c in tx["change"].as_array().unwrap() {
+            let id = match c["kind"].as_str() {
+                Some("delete") => &c["oldkeys"]["keyvalues"][0],
+                _ => &c["columnvalues"][0],
+            };
+            let name = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            got.push((name("kind"), name("schema"), name("table"), id.as_i64().unwrap_or(-1)));
+        }
+    }
+    let m = |kind: &str, id| (kind.to_owned(), "public".to_owned(), "m".to_owned(), id);
+    assert_eq!(
+        got,
+        [
+            m("insert", 3),
+            m("insert", 4),
+            m("insert", 5),
+            m("delete", 2),
+            m("insert", 2),
+            m("insert", 8),
+            m("insert", 9),
+            m("insert", 6)
+        ]
+    );
+
+    // Nothing was acked: the same changes again, in format 2.
+    drop(ws);
+    let slot = slot_of(&created);
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+    let url = format!("ws://{}/v2/sessions/parts/stream?format=changes", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let r = tokio::time::timeout_at(deadline + std::time::Duration::from_secs(30), next_json(&mut ws))
+            .await
+            .unwrap_or_else(|_| panic!("every row within 30 s; got {got:?}"));
+        let action = r["action"].as_str().unwrap_or_default().to_owned();
+        if ["I", "U", "D"].contains(&action.as_str()) {
+            got.push((action, r["schema"].as_str().unwrap().to_owned(), r["table"].as_str().unwrap().to_owned()));
+        }
+    }
+    let m = |action: &str| (action.to_owned(), "public".to_owned(), "m".to_owned());
+    assert_eq!(got, [m("I"), m("I"), m("I"), m("D"), m("I"), m("I"), m("I"), m("I")]);
+
+    // A partition's TRUNCATE empties the partition only: it is not the table's.
+    pg.batch_execute("TRUNCATE m_eu; TRUNCATE m; INSERT INTO m VALUES (7, 'eu', 'g')").await.unwrap();
+    let mut truncated = Vec::new();
+    loop {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(30), next_json(&mut ws)).await.expect("records");
+        match r["action"].as_str() {
+            Some("T") => truncated.push(r["table"].as_str().unwrap().to_owned()),
+            Some("I") => break,
+            _ => {}
+        }
+    }
+    truncated.sort();
+    match plugin {
+        "wal2json" => assert_eq!(truncated, ["m", "m_asia", "m_eu", "m_eu", "m_us", "m_us_low"]),
+        _ => assert_eq!(truncated, ["m"]),
+    }
+    drop(ws);
+}
+
+#[tokio::test]
+async fn a_wal2json_session_on_a_partitioned_table_streams_its_rows_under_its_name() {
+    partitioned_table_streams_under_its_name("wal2json").await;
+}
+
+#[tokio::test]
+async fn a_pgoutput_session_on_a_partitioned_table_streams_its_rows_under_its_name() {
+    partitioned_table_streams_under_its_name("pgoutput").await;
+}

@@ -135,6 +135,12 @@ fn scraped_registry(stats: &ProcessStats, positions: Option<&[SlotPosition]>, no
         };
     counter(&mut registry, "changes", "Changes sent to clients, per session", |s| s.changes);
     counter(&mut registry, "transactions", "Transactions sent to clients, per session", |s| s.transactions);
+    counter(
+        &mut registry,
+        "skipped_transactions",
+        "Transactions Postgres could not decode, sent to clients as error records and skipped, per session",
+        |s| s.skipped,
+    );
     counter(&mut registry, "sent_bytes", "Bytes of change data sent to clients, per session", |s| s.bytes_sent);
     counter(&mut registry, "acks", "Acks accepted from clients, per session", |s| s.acks);
 

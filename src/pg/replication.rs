@@ -293,6 +293,18 @@ impl ReplicationConnection {
         start: Lsn,
         options: &[(&str, String)],
     ) -> Result<ReplicationStream, PgError> {
+        self.start_copy(slot, start, options).await?;
+        Ok(ReplicationStream {
+            conn: self,
+            copy_done_sent: false,
+            server_done: false,
+            failed: false,
+            pacing: Pacing::new(),
+        })
+    }
+
+    /// Sends `START_REPLICATION` and waits for CopyBothResponse.
+    async fn start_copy(&mut self, slot: &str, start: Lsn, options: &[(&str, String)]) -> Result<(), PgError> {
         let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", super::ident::quote_ident(slot));
         if !options.is_empty() {
             let opts: Vec<String> = options
@@ -305,14 +317,7 @@ impl ReplicationConnection {
         self.flush().await?;
         loop {
             match self.read_message().await? {
-                Incoming::CopyBoth => {
-                    return Ok(ReplicationStream {
-                        conn: self,
-                        copy_done_sent: false,
-                        server_done: false,
-                        pacing: Pacing::new(),
-                    });
-                }
+                Incoming::CopyBoth => return Ok(()),
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     let e = PgError::Db(DbError::from_fields(b.fields()));
                     // Consume the ReadyForQuery that follows, so the connection stays usable.
@@ -506,6 +511,9 @@ pub struct ReplicationStream {
     conn: ReplicationConnection,
     copy_done_sent: bool,
     server_done: bool,
+    /// The server ended the stream with an ErrorResponse: the walsender is back in
+    /// command mode, and the connection can start streaming again ([`Self::restart`]).
+    failed: bool,
     pacing: Pacing,
 }
 
@@ -542,6 +550,7 @@ impl ReplicationStream {
                     return Ok(Buffered::Event(StreamEvent::Notice(DbError::from_fields(b.fields()))));
                 }
                 Incoming::Message(Message::ErrorResponse(b)) => {
+                    self.failed = true;
                     return Err(PgError::Db(DbError::from_fields(b.fields())));
                 }
                 Incoming::Message(Message::CopyDone) => {
@@ -594,6 +603,24 @@ impl ReplicationStream {
         let payload = frames::standby_status_update(flush, flush, flush, SystemTime::now(), reply_requested);
         frontend::CopyData::new(payload)?.write(&mut self.conn.write_buf);
         self.conn.flush().await
+    }
+
+    /// After the server ended the stream with an error (a walsender survives an ERROR
+    /// and waits for the next command), streams the slot again from `start` on the same
+    /// connection. Anything else is an error.
+    pub async fn restart(&mut self, slot: &str, start: Lsn, options: &[(&str, String)]) -> Result<(), PgError> {
+        if !self.failed || self.server_done {
+            return Err(PgError::Protocol("the stream cannot be restarted: it did not end with an error".into()));
+        }
+        if let Some(fd) = self.conn.tcp_fd {
+            self.pacing.set_lowat(fd, 1);
+        }
+        self.conn.wait_ready().await?;
+        self.conn.start_copy(slot, start, options).await?;
+        self.failed = false;
+        self.copy_done_sent = false;
+        self.pacing = Pacing::new();
+        Ok(())
     }
 
     /// Ends streaming (CopyDone), waits for the server to finish the command, and

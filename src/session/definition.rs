@@ -114,7 +114,7 @@ impl Definition {
                 })
                 .collect()
         });
-        Filter { tables, actions: self.actions.clone(), hidden_schemas: Vec::new() }
+        Filter { tables, actions: self.actions.clone(), ..Filter::default() }
     }
 }
 

@@ -128,8 +128,13 @@ impl Plan {
             format!(" FOR {}", items.join(", "))
         };
         let publish: Vec<&str> = def.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
+        // A listed partitioned table's changes come under its own name, not its
+        // partitions' (as the session lists it, and as its snapshot names it). A
+        // session without tables names every table: each change comes under the
+        // partition that holds the row, as wal2json names it.
+        let via_root = if plan.all_tables { "" } else { ", publish_via_partition_root = true" };
         plan.sql = format!(
-            "CREATE PUBLICATION {}{target} WITH (publish = {})",
+            "CREATE PUBLICATION {}{target} WITH (publish = {}{via_root})",
             quote_ident(&plan.name),
             quote_literal(&publish.join(", "))
         );
@@ -411,7 +416,8 @@ mod tests {
         assert_eq!(
             plan.sql,
             "CREATE PUBLICATION \"delta_amber1\" FOR TABLE \"public\".\"orders\", TABLES IN SCHEMA \"audit\", \
-             TABLE \"Odd\".\"t\" (\"id\", \"Amount\") WHERE (amount > 100) WITH (publish = 'insert')"
+             TABLE \"Odd\".\"t\" (\"id\", \"Amount\") WHERE (amount > 100) WITH (publish = 'insert', \
+             publish_via_partition_root = true)"
         );
         assert_eq!(plan.tables, [("Odd".to_owned(), "t".to_owned()), ("public".into(), "orders".into())]);
         assert_eq!(plan.schemas, ["audit"]);
@@ -423,7 +429,10 @@ mod tests {
     fn no_row_action_publishes_nothing_and_the_store_alone_is_no_table() {
         let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
         let plan = Plan::new(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
-        assert_eq!(plan.sql, "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '')");
+        assert_eq!(
+            plan.sql,
+            "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '', publish_via_partition_root = true)"
+        );
     }
 
     #[test]

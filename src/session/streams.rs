@@ -37,6 +37,8 @@ pub struct OpenStream {
     /// the original sent them.
     pub(super) skip_empty: bool,
     pub(super) settings: SessionSettings,
+    /// What the stream started with, to start again with.
+    pub(super) options: Vec<(&'static str, String)>,
 }
 
 /// The session's one stream, or a place among the watchers.
@@ -115,7 +117,9 @@ impl Registry {
         let start = info.confirmed_flush.max(last_ack);
         // The store's own writes are never a client's business.
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-        let stream = self.start_replication(slot, start, info.plugin.start_options(format, &filter, slot)).await?;
+        let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
+        let options = info.plugin.start_options(format, &filter, slot);
+        let stream = self.start_replication(slot, start, options.clone()).await?;
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.
@@ -136,6 +140,7 @@ impl Registry {
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty,
             settings: self.settings.clone(),
+            options,
         })
     }
 
@@ -194,7 +199,8 @@ impl OpenStream {
 
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, stop, guard, progress, format, decoder, skip_empty, settings } = self;
+        let OpenStream { slot, start, stream, stop, guard, progress, format, decoder, skip_empty, settings, options } =
+            self;
         let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
@@ -209,6 +215,7 @@ impl OpenStream {
             decoder,
             frame_bytes: settings.frame_bytes,
             skip_empty,
+            options,
         };
         let link = Link { slot, start, frames: frames_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a

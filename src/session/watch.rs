@@ -79,6 +79,7 @@ impl Registry {
         self.check_slot_room().await?;
         let plugin = self.our_slot(&def.slot_name).await?.plugin;
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
         let slot = names::watch_slot_name();
         let mut conn = ReplicationConnection::connect(&self.pg).await?;
         let start = match conn.create_temporary_slot(&slot, plugin.name()).await {
@@ -111,6 +112,7 @@ impl Registry {
             decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty: true,
             settings: self.settings.clone(),
+            options,
         })
     }
 

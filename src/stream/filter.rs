@@ -37,12 +37,16 @@ pub struct Filter {
     pub actions: Vec<Action>,
     /// Schemas never streamed, whatever `tables` says: pgdeltastream's own.
     pub hidden_schemas: Vec<String>,
+    /// A listed table (or a table of a listed schema) is partitioned: its changes come
+    /// from its partitions, which a plugin that names the leaf partition (wal2json)
+    /// cannot filter by name. Set when a stream starts ([`crate::stream::plugin::Plugin::prepare`]).
+    pub partitioned: bool,
 }
 
 impl Default for Filter {
     /// Everything.
     fn default() -> Self {
-        Filter { tables: None, actions: Action::ALL.to_vec(), hidden_schemas: Vec::new() }
+        Filter { tables: None, actions: Action::ALL.to_vec(), hidden_schemas: Vec::new(), partitioned: false }
     }
 }
 

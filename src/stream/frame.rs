@@ -44,13 +44,22 @@ pub enum FrameKind {
     Inside,
     /// The begin record of a transaction (format 2): like [`FrameKind::Inside`].
     Begin,
+    /// The end of an error record: a transaction Postgres could not decode, skipped
+    /// ([`Assembler::error_record`]). The client must ack its `nextlsn` like a
+    /// transaction's.
+    Failed,
 }
 
 impl FrameKind {
     /// Whether the frame ends something the client can ack (its `nextlsn` counts as
     /// delivered once it is sent).
     pub fn is_ack_point(self) -> bool {
-        matches!(self, FrameKind::Data | FrameKind::Empty)
+        matches!(self, FrameKind::Data | FrameKind::Empty | FrameKind::Failed)
+    }
+
+    /// Whether the client must ack the frame's `nextlsn` before the slot moves past it.
+    pub fn must_ack(self) -> bool {
+        matches!(self, FrameKind::Data | FrameKind::Failed)
     }
 }
 
@@ -159,12 +168,14 @@ impl Assembler {
             Some(b'B') => {
                 self.in_transaction = true;
                 self.changes = 0;
+                self.nextlsn = find_nextlsn(&data);
                 // B carries the transaction's end LSN too, but acking it before the
                 // changes arrive would skip them: only C's counts.
                 whole(data, None, FrameKind::Begin)
             }
             Some(b'C') => {
                 self.in_transaction = false;
+                self.nextlsn = None;
                 let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
                 let nextlsn = find_nextlsn(&data);
                 OutFrame { changes: self.changes, ..whole(data, nextlsn, kind) }
@@ -173,6 +184,62 @@ impl Assembler {
             _ => {
                 self.changes = self.changes.saturating_add(1);
                 whole(data, None, FrameKind::Inside)
+            }
+        }
+    }
+}
+
+impl Assembler {
+    /// The end LSN of the transaction whose pieces are under way, when one is and its
+    /// head named it.
+    pub fn open_transaction(&self) -> Option<Lsn> {
+        if self.in_transaction { self.nextlsn } else { None }
+    }
+
+    /// The error record of a transaction Postgres failed to decode, ending at `nextlsn`
+    /// (`xid` when known): what ends the transaction under way, or, when none is, a
+    /// whole one. Format 1: the transaction's message, `{"xid":..,"nextlsn":..,
+    /// "change":[..],"error":".."}`, whose `change` holds the changes already sent (the
+    /// head went out without `xid`); format 2: a commit record with `"error"`, after a
+    /// begin record when none went out. The last frame is [`FrameKind::Failed`].
+    pub fn error_record(&mut self, nextlsn: Lsn, xid: Option<u32>, error: &str) -> Vec<OutFrame> {
+        let error = serde_json::Value::from(error).to_string();
+        let xid = xid.map(|x| format!("\"xid\":{x},")).unwrap_or_default();
+        let open = self.in_transaction;
+        let changes = std::mem::take(&mut self.changes);
+        self.in_transaction = false;
+        self.nextlsn = None;
+        let end = |payload: String, fragment| OutFrame {
+            payload: Bytes::from(payload),
+            fragment,
+            nextlsn: Some(nextlsn),
+            kind: FrameKind::Failed,
+            changes,
+        };
+        match (self.format, open) {
+            (Format::Transactions, true) => vec![end(format!("],\"error\":{error}}}"), Fragment::Last)],
+            (Format::Transactions, false) => {
+                vec![end(
+                    format!("{{{xid}\"nextlsn\":\"{nextlsn}\",\"change\":[],\"error\":{error}}}"),
+                    Fragment::Whole,
+                )]
+            }
+            (Format::Changes, open) => {
+                let mut frames = Vec::new();
+                if !open {
+                    frames.push(OutFrame {
+                        payload: Bytes::from(format!("{{\"action\":\"B\",{xid}\"nextlsn\":\"{nextlsn}\"}}")),
+                        fragment: Fragment::Whole,
+                        nextlsn: None,
+                        kind: FrameKind::Begin,
+                        changes: 0,
+                    });
+                }
+                frames.push(end(
+                    format!("{{\"action\":\"C\",{xid}\"nextlsn\":\"{nextlsn}\",\"error\":{error}}}"),
+                    Fragment::Whole,
+                ));
+                frames
             }
         }
     }
@@ -587,6 +654,76 @@ mod tests {
         let kept = SkipEmpty::default().filter(frames);
         let nextlsns: Vec<_> = kept.iter().map(|f| f.nextlsn).collect();
         assert_eq!(nextlsns, [None, Some(Lsn(2))], "the message, then the transaction that covers it; no more");
+    }
+
+    #[test]
+    fn error_records() {
+        let error = "invalid memory alloc request size 1080000003";
+        let shapes = |frames: Vec<OutFrame>| -> Vec<(Fragment, FrameKind, Option<Lsn>, String)> {
+            frames
+                .into_iter()
+                .map(|f| (f.fragment, f.kind, f.nextlsn, String::from_utf8(f.payload.to_vec()).unwrap()))
+                .collect()
+        };
+        let end = Some(Lsn(0x1F9_FCA8));
+        // Nothing of the transaction went out (pgoutput holds it until its commit).
+        let mut a = Assembler::new(Format::Transactions);
+        assert_eq!(
+            shapes(a.error_record(Lsn(0x1F9_FCA8), Some(745), error)),
+            [(
+                Fragment::Whole,
+                FrameKind::Failed,
+                end,
+                r#"{"xid":745,"nextlsn":"0/1F9FCA8","change":[],"error":"invalid memory alloc request size 1080000003"}"#
+                    .to_owned()
+            )]
+        );
+        let mut a = Assembler::new(Format::Changes);
+        assert_eq!(
+            shapes(a.error_record(Lsn(0x1F9_FCA8), Some(745), error)),
+            [
+                (Fragment::Whole, FrameKind::Begin, None, r#"{"action":"B","xid":745,"nextlsn":"0/1F9FCA8"}"#.to_owned()),
+                (
+                    Fragment::Whole,
+                    FrameKind::Failed,
+                    end,
+                    r#"{"action":"C","xid":745,"nextlsn":"0/1F9FCA8","error":"invalid memory alloc request size 1080000003"}"#
+                        .to_owned()
+                ),
+            ]
+        );
+        // wal2json: the head and a change went out; the record ends that message.
+        let mut a = Assembler::new(Format::Transactions);
+        let mut framer = Framer::new(1024);
+        let mut out = Vec::new();
+        framer.push(a.push(b(r#"{"nextlsn":"0/1F9FCA8","change":["#)).unwrap(), &mut out);
+        framer.push(a.push(b(r#"{"kind":"insert"}"#)).unwrap(), &mut out);
+        assert_eq!(a.open_transaction(), end);
+        for f in a.error_record(a.open_transaction().unwrap(), None, "x\"y") {
+            framer.push(f, &mut out);
+        }
+        assert_eq!(
+            shapes(out),
+            [(
+                Fragment::Whole,
+                FrameKind::Failed,
+                end,
+                r#"{"nextlsn":"0/1F9FCA8","change":[{"kind":"insert"}],"error":"x\"y"}"#.to_owned()
+            )]
+        );
+        assert_eq!(a.open_transaction(), None);
+        let mut a = Assembler::new(Format::Changes);
+        a.push(b(r#"{"action":"B","lsn":"0/1","nextlsn":"0/1F9FCA8"}"#)).unwrap();
+        assert_eq!(a.open_transaction(), end);
+        assert_eq!(
+            shapes(a.error_record(Lsn(0x1F9_FCA8), None, "e")),
+            [(
+                Fragment::Whole,
+                FrameKind::Failed,
+                end,
+                r#"{"action":"C","nextlsn":"0/1F9FCA8","error":"e"}"#.to_owned()
+            )]
+        );
     }
 
     proptest! {

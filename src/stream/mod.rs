@@ -27,6 +27,7 @@ pub mod decode;
 pub(crate) mod filter;
 pub mod frame;
 pub mod observer;
+pub(crate) mod partitions;
 pub mod pgoutput;
 pub(crate) mod plugin;
 pub(crate) mod progress;

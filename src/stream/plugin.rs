@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::decode::PluginDecoder;
 use super::filter::{Action, Filter};
 use super::frame::Format;
+use super::partitions::Relabel;
 use super::pgoutput::Converter;
 use crate::pg::pool::Pool;
 
@@ -57,13 +58,53 @@ impl Plugin {
         }
     }
 
+    /// Completes `filter` for a stream that starts now. wal2json names a change by the
+    /// leaf partition that holds the row, and its `add-tables` matches those names: when
+    /// a listed table (or a table of a listed schema) is partitioned, wal2json is asked
+    /// for every table's changes, and the decoder filters them and names each by its
+    /// listed table ([`super::partitions`]), so that no partition is missed, attached
+    /// later included. pgoutput's publication does both itself
+    /// (`publish_via_partition_root`).
+    pub async fn prepare(self, mut filter: Filter, pool: &Pool) -> Result<Filter, String> {
+        let Some(tables) = &filter.tables else { return Ok(filter) };
+        let rows = filter.actions.iter().any(|a| *a != Action::Message);
+        if self != Plugin::Wal2json || !rows || tables.is_empty() {
+            return Ok(filter);
+        }
+        let schemas: Vec<&str> = tables.iter().filter(|(_, t)| t.is_none()).map(|(s, _)| s.as_str()).collect();
+        let (in_schemas, names): (Vec<&str>, Vec<&str>) =
+            tables.iter().filter_map(|(s, t)| Some((s.as_str(), t.as_deref()?))).unzip();
+        let query = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let row = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'p'                      AND (n.nspname = ANY ($1::text[]) OR (n.nspname::text, c.relname::text) IN                      (SELECT * FROM unnest($2::text[], $3::text[]))))",
+                    &[&schemas, &in_schemas, &names],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            client.release();
+            row.try_get::<_, bool>(0).map_err(|e| e.to_string())
+        };
+        filter.partitioned = match tokio::time::timeout(std::time::Duration::from_secs(30), query).await {
+            Ok(Ok(partitioned)) => partitioned,
+            Ok(Err(e)) => return Err(format!("cannot look up the session's partitioned tables: {e}")),
+            Err(_) => return Err("looking up the session's partitioned tables timed out".into()),
+        };
+        Ok(filter)
+    }
+
     /// What turns the plugin's output into pieces of wal2json messages. pgoutput's
     /// decoder drops the changes of `filter`'s hidden schemas (a publication FOR ALL
     /// TABLES cannot leave them out), names column types through `pool`, and holds up
     /// to `hold_memory` bytes of a transaction in memory until its commit.
     pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool, hold_memory: usize) -> PluginDecoder {
         match self {
-            Plugin::Wal2json => PluginDecoder::wal2json(),
+            Plugin::Wal2json => PluginDecoder::wal2json(
+                filter
+                    .partitioned
+                    .then(|| Relabel::new(format, filter.tables.clone().unwrap_or_default(), pool.clone())),
+            ),
             Plugin::Pgoutput => {
                 PluginDecoder::pgoutput(Converter::new(format, &filter.hidden_schemas, hold_memory), pool.clone())
             }
@@ -107,7 +148,9 @@ fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, Strin
             options.push(("add-msg-prefixes", NO_PREFIX.into()));
         }
     }
-    if let Some(tables) = tables {
+    // A partitioned table's changes come under its partitions' names: the decoder
+    // filters them (see `Plugin::prepare`).
+    if let Some(tables) = tables.filter(|_| !filter.partitioned) {
         options.push(("add-tables", tables));
     }
     if !filter.hidden_schemas.is_empty() {
@@ -171,6 +214,7 @@ mod tests {
             tables: Some(vec![("public".into(), Some("orders".into())), ("audit".into(), None)]),
             actions: vec![Action::Insert, Action::Delete],
             hidden_schemas: vec!["pgdeltastream".into()],
+            partitioned: false,
         };
         let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s");
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());

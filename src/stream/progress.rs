@@ -36,6 +36,7 @@ pub struct Progress {
     /// Counted per frame by the sink: atomics, so that counting costs no lock.
     changes: AtomicU64,
     transactions: AtomicU64,
+    skipped: AtomicU64,
     bytes_sent: AtomicU64,
     acks: AtomicU64,
     clients: AtomicU64,
@@ -48,6 +49,8 @@ pub struct Stats {
     pub changes: u64,
     /// Transactions sent: each frame that ends one.
     pub transactions: u64,
+    /// Error records sent: transactions Postgres could not decode, skipped.
+    pub skipped: u64,
     /// Payload bytes of the frames sent.
     pub bytes_sent: u64,
     /// Acks accepted.
@@ -69,6 +72,9 @@ impl Progress {
             self.transactions.fetch_add(1, Ordering::Relaxed);
             self.changes.fetch_add(u64::from(frame.changes), Ordering::Relaxed);
         }
+        if frame.kind == super::frame::FrameKind::Failed {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a client from now until the guard is dropped.
@@ -81,6 +87,7 @@ impl Progress {
         Stats {
             changes: self.changes.load(Ordering::Relaxed),
             transactions: self.transactions.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             acks: self.acks.load(Ordering::Relaxed),
             clients: self.clients.load(Ordering::Relaxed),

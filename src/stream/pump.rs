@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::decode::PluginDecoder;
 use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame, SkipEmpty};
 use super::stop::{Stop, code};
+use crate::pg::error::PgError;
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
 use crate::types::Lsn;
@@ -81,7 +82,7 @@ impl Positions {
             (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
             (kind, Some(lsn)) => {
                 self.read = self.read.max(lsn);
-                if kind == FrameKind::Data || self.uncovered_message {
+                if kind.must_ack() || self.uncovered_message {
                     self.must_ack = self.must_ack.max(lsn);
                 }
                 self.uncovered_message = false;
@@ -115,6 +116,19 @@ pub struct Pump {
     pub frame_bytes: usize,
     /// Leave out transactions with no change for the client (v2 sessions).
     pub skip_empty: bool,
+    /// The options the stream was started with: a stream restarted past a transaction
+    /// Postgres cannot decode starts with them again.
+    pub options: Vec<(&'static str, String)>,
+}
+
+/// Whether Postgres failed because of what a transaction holds rather than a passing
+/// state of the server: a value whose text form (or the change around it) is past its
+/// 1 GB limit on an allocation or a string. Such a failure comes back at every restart
+/// of the stream, at the same transaction.
+pub fn undecodable(e: &PgError) -> bool {
+    let PgError::Db(db) = e else { return false };
+    // 54000 program_limit_exceeded: "out of memory" / "Cannot enlarge string buffer ...".
+    db.code == "54000" || (db.code == "XX000" && db.message.starts_with("invalid memory alloc request size"))
 }
 
 /// Turns what the replication stream brings into frames, and tracks positions.
@@ -176,10 +190,31 @@ impl Decoder {
         // A transaction the decoder holds is under way as much as one whose pieces
         // went out: the walsender may have sent keepalives past its start.
         self.pos.in_transaction |= self.plugin.holds_transaction();
-        Ok(match &mut self.skip_empty {
+        Ok(self.skip_empty(batch))
+    }
+
+    fn skip_empty(&mut self, batch: Vec<OutFrame>) -> Vec<OutFrame> {
+        match &mut self.skip_empty {
             Some(skip) => skip.filter(batch),
             None => batch,
-        })
+        }
+    }
+
+    /// Postgres failed in the middle of a transaction: ends it with an error record
+    /// (what of it went out stays, and the record says it is not whole). Returns the
+    /// LSN past the transaction, from which the stream goes on, and the record's
+    /// frames; None when no transaction is under way or where it ends is not known.
+    fn cut(&mut self, error: &str) -> Option<(Lsn, Option<u32>, Vec<OutFrame>)> {
+        let (nextlsn, xid) = match self.plugin.abandon_transaction() {
+            Some(held) => held,
+            None => (self.assembler.open_transaction()?, None),
+        };
+        let mut batch = Vec::new();
+        for piece in self.assembler.error_record(nextlsn, xid, error) {
+            self.pos.on_frame(&piece);
+            self.framer.push(piece, &mut batch);
+        }
+        Some((nextlsn, xid, self.skip_empty(batch)))
     }
 }
 
@@ -230,6 +265,7 @@ impl Pump {
             decoder: plugin,
             frame_bytes,
             skip_empty,
+            options,
         } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
@@ -241,6 +277,7 @@ impl Pump {
             reply_requested: false,
         };
         let mut pending: Option<Outgoing> = None;
+        let mut skipped_to = start;
         let mut ticker = tokio::time::interval(status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status = StatusTimer { last: tokio::time::Instant::now() - STATUS_WINDOW, due: None };
@@ -279,6 +316,24 @@ impl Pump {
                         Err(message) => break Some(message),
                     },
                     Ok(None) => break Some("Postgres ended the replication stream".into()),
+                    Err(e) if undecodable(&e) => match decoder.cut(&e.to_string()) {
+                        // Each skip must get further, or the same failure would loop.
+                        Some((nextlsn, xid, frames)) if nextlsn > skipped_to => {
+                            skipped_to = nextlsn;
+                            tracing::warn!(
+                                slot = %slot, %nextlsn, xid, error = %e,
+                                "Postgres cannot decode a transaction: the client is sent an error record for it, \
+                                 and the stream goes on after it"
+                            );
+                            // The walsender is back in command mode: stream again from
+                            // past the transaction (Postgres skips what committed before).
+                            if let Err(e) = stream.restart(&slot, nextlsn, &options).await {
+                                break Some(format!("replication stream failed: {e}"));
+                            }
+                            pending = Some(Outgoing::Frames(frames));
+                        }
+                        _ => break Some(format!("replication stream failed: {e}")),
+                    },
                     Err(e) => break Some(format!("replication stream failed: {e}")),
                 },
             }

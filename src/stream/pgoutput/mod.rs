@@ -118,6 +118,14 @@ impl Converter {
         self.txn.is_some()
     }
 
+    /// Drops the transaction held (Postgres failed to send all of it), and says where
+    /// it ends: just past its commit record, an LSN that makes a stream started there
+    /// skip it, and its xid.
+    pub fn abandon_transaction(&mut self) -> Option<(Lsn, u32)> {
+        let txn = self.txn.take()?;
+        Some((Lsn(txn.begin.final_lsn.0.saturating_add(1)), txn.begin.xid))
+    }
+
     /// Whether pieces are waiting for [`Converter::next_piece`]. Nothing more should be
     /// pushed until they are all taken.
     pub fn has_output(&self) -> bool {
