@@ -136,7 +136,7 @@ async fn skips_the_transaction(plugin: &str) {
     ack(&mut ws, &last).await;
     await_confirmed(&pg, &slot, &last).await;
 
-    let metrics = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let metrics = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     let counted = format!("pgdeltastream_skipped_transactions_total{{session=\"s\",slot=\"{slot}\"}} 2");
     assert!(metrics.contains(&counted), "{counted} in {metrics}");
     drop(ws);

@@ -447,7 +447,11 @@ mod tests {
         let nul = Some(vec!["id\0".to_owned()]);
         assert!(Plan::new(&def(Some(spec("true", nul)), &[Action::Insert]), "pgdeltastream").is_err());
         let plan = Plan::new(&def(Some(spec("note = 'a) --'", None)), &[Action::Insert]), "pgdeltastream").unwrap();
-        assert!(plan.sql.ends_with("WHERE (note = 'a) --') WITH (publish = 'insert')"), "{}", plan.sql);
+        assert!(
+            plan.sql.ends_with("WHERE (note = 'a) --') WITH (publish = 'insert', publish_via_partition_root = true)"),
+            "{}",
+            plan.sql
+        );
         assert_eq!(plan.filters, [("\"public\".\"t\"".to_owned(), "note = 'a) --'".to_owned())]);
         assert_eq!(plan.publishes, [true, false, false, false]);
     }
