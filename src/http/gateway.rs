@@ -12,8 +12,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::middleware;
 use axum::response::Response;
 use axum::routing::get;
@@ -22,6 +21,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Verifier};
+use super::extract::{Path, Query};
 use super::guard::Guard;
 use super::stream::MAX_CLIENT_MESSAGE;
 use super::upgrade::Upgrade;
@@ -64,10 +64,9 @@ pub struct V2Query {
 pub async fn v1_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
-    query: Result<Query<V1Query>, QueryRejection>,
+    Query(q): Query<V1Query>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
     check_format(q.format.as_deref())?;
     let upgrade = upgrade?;
@@ -85,12 +84,10 @@ pub async fn v1_stream(
 pub async fn v2_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
-    query: Result<Query<V2Query>, QueryRejection>,
+    Path(name): Path<String>,
+    Query(q): Query<V2Query>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     check_format(q.format.as_deref())?;
     who.require_session(&name)?;
     let upgrade = upgrade?;

@@ -18,10 +18,12 @@
 //! that, [`guard`] refuses what other sites' pages make browsers send.
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
-//! the right status ([`error::ApiError`]).
+//! the right status ([`error::ApiError`]); [`extract`] makes bad paths, queries and
+//! bodies such errors.
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod gateway;
 pub mod guard;
 pub mod health;

@@ -1,13 +1,13 @@
 //! `GET /v1/lr/stream?slotName=NAME[&format=changes]` (websocket)
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Role};
+use super::extract::Query;
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::{Error, ErrorKind};
@@ -35,10 +35,9 @@ pub(crate) const MAX_CLIENT_MESSAGE: usize = 4096;
 pub async fn stream(
     State(state): State<AppState>,
     who: Principal,
-    query: Result<Query<StreamQuery>, QueryRejection>,
+    Query(q): Query<StreamQuery>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
     require_slot(&state, &who, &slot).await?;
     let format = parse_format(q.format.as_deref())?;
