@@ -17,19 +17,15 @@ use axum::middleware;
 use axum::response::Response;
 use axum::routing::get;
 use serde::Deserialize;
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Verifier};
 use super::extract::{Path, Query};
 use super::guard::Guard;
-use super::stream::MAX_CLIENT_MESSAGE;
 use super::upgrade::Upgrade;
 use super::{ApiError, error};
 use crate::bus::DEFAULT_CLIENT;
-use crate::bus::gateway::{Feed, Gateway};
+use crate::bus::gateway::Gateway;
 use crate::error::Error;
-use crate::stream::socket::WebSocket;
 
 /// `auth`: the tokens a client needs, as on the server (None: none); `guard`: which
 /// pages and host names are served, as on the server.
@@ -78,7 +74,8 @@ pub async fn v1_stream(
     }
     let session = session?;
     let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
-    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+    let deadline = who.stream_deadline();
+    Ok(upgrade.websocket(gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
 }
 
 pub async fn v2_stream(
@@ -92,7 +89,8 @@ pub async fn v2_stream(
     who.require_session(&name)?;
     let upgrade = upgrade?;
     let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
-    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+    let deadline = who.stream_deadline();
+    Ok(upgrade.websocket(gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
 }
 
 /// The publisher stores transactions (wal2json format-version 1), so that is what a
@@ -104,13 +102,4 @@ fn check_format(format: Option<&str>) -> Result<(), Error> {
             "format {other:?} is not served by a gateway: the publisher stores transactions"
         ))),
     }
-}
-
-fn serve(gateway: &Gateway, upgrade: Upgrade, feed: Feed, deadline: Option<Instant>) -> Response {
-    let config = WebSocketConfig::default()
-        .read_buffer_size(MAX_CLIENT_MESSAGE)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    let settings = gateway.socket.clone();
-    upgrade.on_upgrade(config, move |socket| feed.run(WebSocket::new(socket, settings), deadline))
 }
