@@ -45,7 +45,7 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-/// A body cut at [`super::BODY_LIMIT`] (chunked, so no length was declared) is a 413,
+/// A body cut at [`super::layers::BODY_LIMIT`] (chunked, so no length was declared) is a 413,
 /// as a declared one is; anything else that stops it being read is the client's 400.
 impl From<BytesRejection> for ApiError {
     fn from(e: BytesRejection) -> Self {
