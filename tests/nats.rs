@@ -733,3 +733,43 @@ async fn a_gateway_answers_probes_and_metrics_and_refuses_large_bodies() {
     assert_eq!(get("/healthz").await.0, 200);
     assert!(gw.is_running(), "the gateway exited when NATS went");
 }
+
+/// With auth, a gateway's probes stay public and its metrics need an admin token, as
+/// on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_auth_keeps_probes_public_and_metrics_for_admins() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const SECRET: &[u8] = b"a-gateway-test-secret-of-32-bytes-or-more";
+    let token = |role: &str| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+        let claims = serde_json::json!({"sub": "ops", "role": role, "sessions": ["orders"], "exp": exp});
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let db = common::fresh_db().await;
+    let nats = Nats::start(None).await;
+    let port = free_port();
+    let mut cmd = support::server_command(&db, port);
+    cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap()).args(["gateway", "--nats", &nats.url]);
+    let _gateway = Proc::spawn(cmd);
+    wait_listening(port, "the gateway").await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = support::request(addr, "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let scrape = |token: Option<String>| async move {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+        support::raw_request(addr, "GET", "/metrics", &headers, Vec::new()).await
+    };
+    assert_eq!(scrape(None).await.0, 401);
+    assert_eq!(scrape(Some(token("consumer"))).await.0, 403);
+    let (status, body) = scrape(Some(token("admin"))).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains(r#"pgdeltastream_http_requests_total{method="GET",route="/metrics",status="403"} 1"#),
+        "{text}"
+    );
+}

@@ -47,8 +47,9 @@ pub struct Gateway {
     feeds: TaskTracker,
     /// Each session's shared subscription, started by its first client.
     hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
-    /// How many clients each session served here has now: its gauge stays, at 0, when
-    /// the last one goes (a series that vanishes reads as a scrape that failed).
+    /// How many clients each session served here has now. A session stays, at 0, when
+    /// its last client goes, as in the server's scrape; only sessions with a stream get
+    /// here ([`Gateway::open`] checks), so clients cannot grow it with made-up names.
     clients: Mutex<BTreeMap<String, Arc<AtomicUsize>>>,
 }
 
