@@ -2,8 +2,9 @@
 //! `From` impls below, so that a handler takes `Path(name): Path<String>` and a bad
 //! path, query or body is a `{"error":"..."}` without a line of its own.
 //!
-//! Extractors run in the order of the handler's arguments: a handler that must refuse
-//! a caller before reading its input takes [`Admin`] first.
+//! Extractors run in the order of the handler's arguments, before its body: a handler
+//! that must refuse a caller before judging its input takes [`Admin`] first, or takes
+//! the input as `Result<Query<T>, ApiError>` and applies `?` after its own check.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};

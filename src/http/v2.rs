@@ -113,15 +113,17 @@ pub struct PageQuery {
 }
 
 /// `GET /v2/sessions/{name}/snapshot/{table}?limit=N&after=CURSOR`: a keyset page, or
-/// with `Accept: application/x-ndjson` the whole table, a row per line.
+/// with `Accept: application/x-ndjson` the whole table, a row per line. The query is
+/// judged after the scope: out of it, a consumer gets 403 whatever it asked.
 pub async fn snapshot(
     State(state): State<AppState>,
     who: Principal,
     Path((name, table)): Path<(String, String)>,
-    Query(q): Query<PageQuery>,
+    query: Result<Query<PageQuery>, ApiError>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     who.require_session(&name)?;
+    let Query(q) = query?;
     // Held until the body is sent (or dropped): a consumer's reads are its share.
     let place = state.reads.enter(who.quota_key())?;
     let table = TableRef::parse(&table)
@@ -173,14 +175,16 @@ pub struct StreamQuery {
     format: Option<String>,
 }
 
+/// `GET /v2/sessions/{name}/stream`: the scope, then the query, as for the snapshot.
 pub async fn stream(
     State(state): State<AppState>,
     who: Principal,
     Path(name): Path<String>,
-    Query(q): Query<StreamQuery>,
+    query: Result<Query<StreamQuery>, ApiError>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     who.require_session(&name)?;
+    let Query(q) = query?;
     let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_session_stream(&name, format).await?;
