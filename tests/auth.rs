@@ -671,3 +671,31 @@ async fn v1_scope_follows_the_session_a_slot_belongs_to() {
     assert_eq!(code, 200);
     server.stop().await;
 }
+
+/// A consumer is refused for its scope before its input is judged: bad input from a
+/// caller who may not make the request at all is a 403, not a 400 that describes it.
+#[tokio::test]
+async fn scope_is_checked_before_the_input() {
+    let db = common::fresh_db().await;
+    let server = hs256_server(&db).await;
+    let mine = consumer(&["mine"], now() + 600);
+    for (method, path, body) in [
+        ("POST", "/v2/sessions", "{"),
+        ("DELETE", "/v2/sessions/%FF", ""),
+        ("POST", "/v1/snapshot/data", "{"),
+        ("DELETE", "/v1/sessions/%FF", ""),
+    ] {
+        let (code, answer) = with_token(&server, method, path, &mine, body).await;
+        assert_eq!(code, 403, "{method} {path}: {answer}");
+        let (code, answer) = with_token(&server, method, path, &admin(), body).await;
+        assert_eq!(code, 400, "{method} {path} as an admin: {answer}");
+    }
+    let path = "/v2/sessions/theirs/snapshot/orders?limit=many";
+    let (code, answer) = with_token(&server, "GET", path, &mine, "").await;
+    assert_eq!(code, 403, "{answer}");
+    let (code, answer) = with_token(&server, "GET", path, &consumer(&["theirs"], now() + 600), "").await;
+    assert_eq!(code, 400, "{answer}");
+    let url = format!("ws://{}/v2/sessions/theirs/stream?format=changes&format=changes", server.addr);
+    assert_eq!(connect_with(&url, &mine).await.err().unwrap().0, 403);
+    assert_eq!(connect_with(&url, &consumer(&["theirs"], now() + 600)).await.err().unwrap().0, 400);
+}

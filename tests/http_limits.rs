@@ -89,6 +89,26 @@ async fn a_declared_body_over_the_cap_is_refused_at_once() {
     server.stop().await;
 }
 
+/// A chunked body declares no length: it is cut at the cap as it is read, with the same
+/// 413 on every route that reads a body.
+#[tokio::test]
+async fn a_chunked_body_over_the_cap_is_413_on_every_route() {
+    let server = server().await;
+    let chunk = format!("{:x}\r\n{}\r\n", 70_000, "x".repeat(70_000));
+    for path in ["/v1/snapshot/data", "/v2/sessions"] {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+        tcp.write_all(format!("{head}{chunk}0\r\n\r\n").as_bytes()).await.unwrap();
+        let reply = read_response(&mut tcp).await;
+        assert_json_error(&reply, "413");
+        assert!(json_body(&reply)["error"].as_str().unwrap().contains("length limit"), "{path}: {reply:?}");
+    }
+    server.stop().await;
+}
+
 /// hyper answers what it cannot parse itself; the answers carry our JSON body.
 #[tokio::test]
 async fn unparseable_requests_get_json_errors() {

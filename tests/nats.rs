@@ -672,3 +672,104 @@ async fn a_gateway_refuses_an_invalid_slot_name_with_400() {
         assert!(body["error"].as_str().unwrap().contains("invalid slot name"), "{body}");
     }
 }
+
+/// A gateway has the server's edge: liveness, readiness (JetStream's), metrics, the
+/// body limit and the JSON 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_answers_probes_and_metrics_and_refuses_large_bodies() {
+    let db = session_db().await;
+    let nats = Nats::start(None).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    let port = free_port();
+    let mut gw = gateway(&db, &nats, port).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let get = |path: &'static str| support::request(addr, "GET", path, None);
+
+    let (status, body) = get("/healthz").await;
+    assert_eq!((status, &body["status"]), (200, &Value::from("ok")), "{body}");
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"], serde_json::json!(["jetstream"]), "{body}");
+
+    write_rows(&db, 1, 1, 1, Duration::ZERO).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(port, "m")).await.unwrap();
+    assert_eq!(row_numbers(&next_transaction(&mut ws).await), vec![1]);
+    let metrics = || async {
+        let (status, body) = support::raw_request(addr, "GET", "/metrics", &[], Vec::new()).await;
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    };
+    let text = metrics().await;
+    for line in [
+        r#"pgdeltastream_http_requests_total{method="GET",route="/healthz",status="200"} 1"#,
+        r#"pgdeltastream_http_requests_total{method="GET",route="/v2/sessions/{name}/stream",status="101"} 1"#,
+        r#"pgdeltastream_connected_clients{session="orders"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+    }
+    ws.close(None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metrics().await.lines().any(|l| l == r#"pgdeltastream_connected_clients{session="orders"} 0"#) {
+        assert!(Instant::now() < deadline, "the client is still counted after it closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let head = "POST /v2/sessions/orders/stream HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                content-length: 70000\r\n\r\n";
+    let reply = support::exchange(addr, head.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply}");
+    assert!(support::json_body(&reply)["error"].as_str().unwrap().contains("70000"), "{reply}");
+    let (status, body) = get("/nope").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("/nope"), "{body}");
+
+    // NATS gone: still alive, not ready (once the last answer, 1 s old at most, is stale).
+    drop(nats);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = support::exchange(addr, b"GET /readyz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
+    assert_eq!(support::header(&reply, "retry-after"), Some("1"), "{reply}");
+    assert_eq!(support::json_body(&reply)["check"], "jetstream", "{reply}");
+    assert_eq!(get("/healthz").await.0, 200);
+    assert!(gw.is_running(), "the gateway exited when NATS went");
+}
+
+/// With auth, a gateway's probes stay public and its metrics need an admin token, as
+/// on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_auth_keeps_probes_public_and_metrics_for_admins() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const SECRET: &[u8] = b"a-gateway-test-secret-of-32-bytes-or-more";
+    let token = |role: &str| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+        let claims = serde_json::json!({"sub": "ops", "role": role, "sessions": ["orders"], "exp": exp});
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    };
+    let db = common::fresh_db().await;
+    let nats = Nats::start(None).await;
+    let port = free_port();
+    let mut cmd = support::server_command(&db, port);
+    cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap()).args(["gateway", "--nats", &nats.url]);
+    let _gateway = Proc::spawn(cmd);
+    wait_listening(port, "the gateway").await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = support::request(addr, "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let scrape = |token: Option<String>| async move {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+        support::raw_request(addr, "GET", "/metrics", &headers, Vec::new()).await
+    };
+    assert_eq!(scrape(None).await.0, 401);
+    assert_eq!(scrape(Some(token("consumer"))).await.0, 403);
+    let (status, body) = scrape(Some(token("admin"))).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains(r#"pgdeltastream_http_requests_total{method="GET",route="/metrics",status="403"} 1"#),
+        "{text}"
+    );
+}

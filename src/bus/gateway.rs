@@ -3,7 +3,8 @@
 //! The websocket side is the server's own ([`crate::stream::socket`]): the same
 //! messages, pings and ack checks; acks go to the KV bucket instead of a slot.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,19 @@ pub struct Gateway {
     feeds: TaskTracker,
     /// Each session's shared subscription, started by its first client.
     hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    /// How many clients each session served here has now. A session stays, at 0, when
+    /// its last client goes, as in the server's scrape; only sessions with a stream get
+    /// here ([`Gateway::open`] checks), so clients cannot grow it with made-up names.
+    clients: Mutex<BTreeMap<String, Arc<AtomicUsize>>>,
+}
+
+/// A client counted in [`Gateway::clients`] while this lives.
+struct Connected(Arc<AtomicUsize>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Gateway {
@@ -61,7 +75,28 @@ impl Gateway {
             shutdown: Stop::new(),
             feeds: TaskTracker::new(),
             hubs: tokio::sync::Mutex::default(),
+            clients: Mutex::default(),
         }))
+    }
+
+    /// Whether JetStream serves what every feed needs: the buckets of the acks and of
+    /// the slots answer (asked anew: the stores' own status is what they cached).
+    pub async fn check_jetstream(&self) -> Result<(), Error> {
+        let (acks, slots) = tokio::join!(self.js.get_key_value(ACKS_BUCKET), self.js.get_key_value(SLOTS_BUCKET));
+        acks.and(slots).map(drop).map_err(|e| unavailable("JetStream does not answer", e))
+    }
+
+    /// The clients each session has on this gateway now.
+    pub fn clients(&self) -> Vec<(String, usize)> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.iter().map(|(session, n)| (session.clone(), n.load(Ordering::Relaxed))).collect()
+    }
+
+    fn connected(&self, session: &str) -> Connected {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let count = Arc::clone(clients.entry(session.to_owned()).or_default());
+        count.fetch_add(1, Ordering::Relaxed);
+        Connected(count)
     }
 
     /// Ends every feed (close code 1001) and waits, a few seconds at most, until they
@@ -239,6 +274,7 @@ impl Feed {
     /// the client's token expires: close 1008, its stored ack stays).
     pub async fn run(self, sink: impl Sink, deadline: Option<tokio::time::Instant>) {
         let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq, slot } = self;
+        let _connected = gateway.connected(&session);
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
         let (frames_tx, frames_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);

@@ -8,43 +8,46 @@
 //! | --- | --- |
 //! | `GET /v1/lr/stream?slotName=&client=` | [`v1_stream`] |
 //! | `GET /v2/sessions/{name}/stream?client=` | [`v2_stream`] |
+//! | `GET /metrics` | [`scrape`]: the HTTP figures and the clients per session |
+//! | `GET /healthz`, `GET /readyz` | [`health::healthz`], [`readyz`]: whether JetStream answers |
+//!
+//! Behind the server's own [`layers`](super::layers): guard, auth, body limit, JSON 404s.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::middleware;
+use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
+use axum::{Extension, Router};
 use serde::Deserialize;
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Verifier};
+use super::extract::{Path, Query};
 use super::guard::Guard;
-use super::stream::MAX_CLIENT_MESSAGE;
+use super::health::{self, Answer, ReadyCache};
+use super::metrics::{self, HttpMetrics};
 use super::upgrade::Upgrade;
-use super::{ApiError, error};
+use super::{ApiError, layers};
 use crate::bus::DEFAULT_CLIENT;
-use crate::bus::gateway::{Feed, Gateway};
+use crate::bus::gateway::Gateway;
 use crate::error::Error;
-use crate::stream::socket::WebSocket;
+use crate::session::health::NotReady;
+
+/// How long JetStream may take to answer a readiness check: a probe is answered well
+/// within its own timeout, and a NATS that takes longer is as good as down.
+const READY_WAIT: Duration = Duration::from_secs(2);
 
 /// `auth`: the tokens a client needs, as on the server (None: none); `guard`: which
 /// pages and host names are served, as on the server.
 pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>, guard: Guard) -> Router {
-    let guard = Arc::new(guard.for_auth(auth.is_some()));
-    Router::new()
+    let routes = Router::new()
         .route("/v1/lr/stream", get(v1_stream))
         .route("/v2/sessions/{name}/stream", get(v2_stream))
-        .fallback(error::not_found)
-        .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(middleware::from_fn_with_state(auth, super::auth::authenticate))
-        .layer(middleware::from_fn_with_state(guard, super::guard::guard))
-        .layer(middleware::from_fn(super::nosniff))
-        .layer(middleware::from_fn(super::log_request))
-        .with_state(gateway)
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(readyz));
+    layers::common(routes, auth, guard).with_state(gateway)
 }
 
 #[derive(Deserialize)]
@@ -64,10 +67,9 @@ pub struct V2Query {
 pub async fn v1_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
-    query: Result<Query<V1Query>, QueryRejection>,
+    Query(q): Query<V1Query>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
     check_format(q.format.as_deref())?;
     let upgrade = upgrade?;
@@ -79,23 +81,23 @@ pub async fn v1_stream(
     }
     let session = session?;
     let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
-    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+    let deadline = who.stream_deadline();
+    Ok(upgrade.websocket(gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
 }
 
 pub async fn v2_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
-    query: Result<Query<V2Query>, QueryRejection>,
+    Path(name): Path<String>,
+    Query(q): Query<V2Query>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     check_format(q.format.as_deref())?;
     who.require_session(&name)?;
     let upgrade = upgrade?;
     let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
-    Ok(serve(&gateway, upgrade, feed, who.stream_deadline()))
+    let deadline = who.stream_deadline();
+    Ok(upgrade.websocket(gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
 }
 
 /// The publisher stores transactions (wal2json format-version 1), so that is what a
@@ -109,11 +111,27 @@ fn check_format(format: Option<&str>) -> Result<(), Error> {
     }
 }
 
-fn serve(gateway: &Gateway, upgrade: Upgrade, feed: Feed, deadline: Option<Instant>) -> Response {
-    let config = WebSocketConfig::default()
-        .read_buffer_size(MAX_CLIENT_MESSAGE)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    let settings = gateway.socket.clone();
-    upgrade.on_upgrade(config, move |socket| feed.run(WebSocket::new(socket, settings), deadline))
+/// `GET /metrics`: admin only, as on the server (the figures name every session).
+pub async fn scrape(
+    State(gateway): State<Arc<Gateway>>,
+    who: Principal,
+    http: Extension<Arc<HttpMetrics>>,
+) -> Result<Response, ApiError> {
+    who.require_admin()?;
+    Ok(metrics::encode(&http, &metrics::gateway_registry(&gateway.clients())))
+}
+
+/// `GET /readyz`: 200 while JetStream answers, else 503; cached as the server's is, so
+/// that a storm of probes costs NATS a check a second.
+pub async fn readyz(State(gateway): State<Arc<Gateway>>, cache: Extension<Arc<ReadyCache>>) -> Response {
+    health::respond(cache.answer(jetstream_ready(&gateway)).await)
+}
+
+async fn jetstream_ready(gateway: &Gateway) -> Answer {
+    let failed = |reason| Err(NotReady { check: "jetstream", reason });
+    match tokio::time::timeout(READY_WAIT, gateway.check_jetstream()).await {
+        Ok(Ok(())) => Ok(&["jetstream"]),
+        Ok(Err(e)) => failed(e.message),
+        Err(_) => failed(format!("JetStream did not answer within {} s", READY_WAIT.as_secs())),
+    }
 }

@@ -1,9 +1,11 @@
-//! `GET /healthz` (the process serves) and `GET /readyz` (Postgres can serve us too).
+//! `GET /healthz` (the process serves) and `GET /readyz` (Postgres can serve us too;
+//! on a gateway, JetStream: [`super::gateway`]).
 //!
 //! Readiness is checked at most once per [`CACHE_FOR`]: probes that come meanwhile get
 //! the last answer, and probes that come while a check runs wait for it rather than
 //! start their own, so a storm of probes costs Postgres one check a second.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +27,8 @@ const POOL_WAIT: Duration = Duration::from_millis(500);
 /// How long all the checks may take together.
 const CHECK_LIMIT: Duration = Duration::from_secs(5);
 
-type Answer = Result<&'static [&'static str], NotReady>;
+/// The checks passed, or the one that failed.
+pub type Answer = Result<&'static [&'static str], NotReady>;
 
 /// The last readiness answer and when it was found.
 #[derive(Default)]
@@ -38,18 +41,28 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+impl ReadyCache {
+    /// The last answer while it is fresh, else what `check` finds now.
+    pub async fn answer(&self, check: impl Future<Output = Answer>) -> Answer {
+        let mut last = self.last.lock().await;
+        match &*last {
+            Some((at, answer)) if at.elapsed() < CACHE_FOR => answer.clone(),
+            _ => {
+                let answer = check.await;
+                *last = Some((Instant::now(), answer.clone()));
+                answer
+            }
+        }
+    }
+}
+
 /// `GET /readyz`: 200 with the checks passed, or 503 naming the one that failed.
 pub async fn readyz(State(state): State<AppState>, cache: axum::Extension<Arc<ReadyCache>>) -> Response {
-    let mut last = cache.last.lock().await;
-    let answer = match &*last {
-        Some((at, answer)) if at.elapsed() < CACHE_FOR => answer.clone(),
-        _ => {
-            let answer = check(&state).await;
-            *last = Some((Instant::now(), answer.clone()));
-            answer
-        }
-    };
-    drop(last);
+    respond(cache.answer(check(&state)).await)
+}
+
+/// What `/readyz` answers, on the server and on a gateway.
+pub fn respond(answer: Answer) -> Response {
     match answer {
         Ok(checks) => Json(json!({ "status": "ok", "checks": checks })).into_response(),
         Err(e) => {

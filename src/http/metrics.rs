@@ -4,7 +4,8 @@
 //! The HTTP figures live here, in a registry of their own. The sessions' figures are
 //! read at each scrape ([`crate::session::Registry::stats`]), with the slots'
 //! positions (one query to Postgres, bounded by [`POSTGRES_WAIT`]): a scrape answers
-//! with what the process knows even when Postgres does not.
+//! with what the process knows even when Postgres does not. A gateway's scrape has
+//! the HTTP figures and its clients per session ([`gateway_registry`]).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -52,6 +53,11 @@ struct RouteLabels {
 struct SessionLabels {
     session: String,
     slot: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayLabels {
+    session: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,14 +118,30 @@ pub async fn scrape(
         tracing::debug!(error = %e, "a scrape could not read the slots' positions");
     }
     let scraped = scraped_registry(&stats, positions.as_deref().ok(), SystemTime::now());
+    encode(&metrics, &scraped)
+}
+
+/// A scrape's answer: the HTTP figures, then those read for it.
+pub fn encode(http: &HttpMetrics, scraped: &Registry) -> Response {
     let mut body = String::new();
-    let encoded = encode_registry(&mut body, &metrics.registry)
-        .and_then(|()| encode_registry(&mut body, &scraped))
+    let encoded = encode_registry(&mut body, &http.registry)
+        .and_then(|()| encode_registry(&mut body, scraped))
         .and_then(|()| encode_eof(&mut body));
     if encoded.is_err() {
         return ApiError(Error::internal("cannot encode the metrics")).into_response();
     }
     ([(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))], body).into_response()
+}
+
+/// A gateway's figures: its clients, per session (from [`crate::bus::gateway::Gateway::clients`]).
+pub fn gateway_registry(clients: &[(String, usize)]) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    let gauge = Family::<GatewayLabels, Gauge>::default();
+    for (session, count) in clients {
+        gauge.get_or_create(&GatewayLabels { session: session.clone() }).set(saturate(*count as u64));
+    }
+    registry.register("connected_clients", "Clients streaming the session through this process", gauge);
+    registry
 }
 
 /// The figures read at this scrape. `positions` is None when Postgres did not answer.

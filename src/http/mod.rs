@@ -18,14 +18,17 @@
 //! that, [`guard`] refuses what other sites' pages make browsers send.
 //!
 //! Every error, including unknown paths and wrong methods, is `{"error":"..."}` with
-//! the right status ([`error::ApiError`]).
+//! the right status ([`error::ApiError`]); [`extract`] makes bad paths, queries and
+//! bodies such errors; [`layers`] is the edge this router and the gateway's run behind.
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod gateway;
 pub mod guard;
 pub mod health;
 pub mod init;
+pub mod layers;
 pub mod metrics;
 pub mod sessions;
 pub mod shares;
@@ -37,12 +40,8 @@ pub mod viewer;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, header};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::Router;
 use axum::routing::{delete, get, post};
-use axum::{Extension, Router};
 
 use crate::session::Registry;
 pub use error::ApiError;
@@ -61,14 +60,8 @@ pub struct AppState {
     pub guard: guard::Guard,
 }
 
-/// Request bodies are small JSON objects; anything larger is refused with 413.
-pub const BODY_LIMIT: usize = 64 * 1024;
-
 pub fn router(state: AppState) -> Router {
-    let http_metrics = Arc::new(metrics::HttpMetrics::default());
-    let authenticate = middleware::from_fn_with_state(state.auth.clone(), auth::authenticate);
-    let guard = Arc::new(state.guard.clone().for_auth(state.auth.is_some()));
-    Router::new()
+    let routes = Router::new()
         .route("/", get(viewer::index))
         .route("/assets/{file}", get(viewer::asset))
         .route("/v1/init", get(init::init).head(error::get_only).fallback(error::get_only))
@@ -83,19 +76,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sessions/{name}/watch", get(v2::watch))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))
-        .merge(monitoring())
-        .fallback(error::not_found)
-        .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn(refuse_large_bodies))
-        .layer(authenticate)
-        .layer(middleware::from_fn_with_state(guard, guard::guard))
-        .layer(middleware::from_fn(nosniff))
-        .layer(middleware::from_fn(log_request))
-        .layer(middleware::from_fn_with_state(http_metrics.clone(), metrics::track))
-        .layer(Extension(http_metrics))
-        .layer(Extension(Arc::new(health::ReadyCache::default())))
-        .with_state(state)
+        .merge(monitoring());
+    layers::common(routes, state.auth.clone(), state.guard.clone()).with_state(state)
 }
 
 /// Probes and scrapes: they never need credentials, and answer without a free pool
@@ -105,43 +87,4 @@ fn monitoring() -> Router<AppState> {
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-}
-
-/// A `Content-Length` over [`BODY_LIMIT`] gets 413 at once: reading the body (or
-/// answering `Expect: 100-continue`) first would only invite the upload.
-/// Chunked bodies are still cut at the limit by [`DefaultBodyLimit`].
-async fn refuse_large_bodies(req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
-        Some(length) if length > BODY_LIMIT as u64 => error::body_too_large(length, BODY_LIMIT),
-        _ => next.run(req).await,
-    }
-}
-
-/// Every answer, JSON errors included: a browser must never guess a type (an error
-/// that repeats a path is no HTML page).
-async fn nosniff(req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
-    response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    response
-}
-
-/// One log line per request: method, path (never the query or body), status, time.
-async fn log_request(req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let started = std::time::Instant::now();
-    let response = next.run(req).await;
-    let status = response.status().as_u16();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if status >= 500 {
-        tracing::warn!(%method, %path, status, ms, "request");
-    } else {
-        tracing::info!(%method, %path, status, ms, "request");
-    }
-    response
 }

@@ -1,13 +1,12 @@
 //! `GET /v1/sessions` and `DELETE /v1/sessions/{slotName}`
 
 use axum::Json;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::Serialize;
 
 use super::auth::{Principal, Role};
+use super::extract::{Admin, Path};
 use super::{ApiError, AppState};
-use crate::error::Error;
 use crate::session::SlotReport;
 
 /// Every slot of ours in the database: the WAL it retains and its last ack. A
@@ -28,11 +27,9 @@ pub struct DropResponse {
 /// Ends a session (its stream and snapshot) and drops its slot.
 pub async fn drop_session(
     State(state): State<AppState>,
-    who: Principal,
-    slot: Result<Path<String>, PathRejection>,
+    _: Admin,
+    Path(slot): Path<String>,
 ) -> Result<Json<DropResponse>, ApiError> {
-    who.require_admin()?;
-    let Path(slot) = slot.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.drop_session(&slot).await?;
     Ok(Json(DropResponse { slot_name: slot, dropped: true }))
 }

@@ -1,17 +1,16 @@
 //! `POST /v1/snapshot/data` and `DELETE /v1/snapshot`
 
-use axum::Json;
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::auth::Principal;
+use super::extract::{Admin, Json, Query};
 use super::{ApiError, AppState};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::pg::ident::TableRef;
 use crate::pg::snapshot::{Direction, PageRequest};
 
@@ -67,26 +66,12 @@ impl DataRequest {
     }
 }
 
-/// Reads the body ourselves rather than with `Json`, so that a client that sends no
-/// content-type (the original did not require one) still works, and every rejection
-/// is our JSON error.
 /// Admin only: the request names no slot, so no consumer's scope can cover it.
 pub async fn data(
     State(state): State<AppState>,
-    who: Principal,
-    body: Result<Bytes, BytesRejection>,
+    _: Admin,
+    Json(request): Json<DataRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    who.require_admin()?;
-    let body = body.map_err(|e| {
-        let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ErrorKind::PayloadTooLarge
-        } else {
-            ErrorKind::BadRequest
-        };
-        Error::new(kind, format!("cannot read the request body: {}", e.body_text()))
-    })?;
-    let request: DataRequest =
-        serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
     let page = request.into_page(state.max_limit)?;
     let rows = state.registry.snapshot_page(&page).await?;
     // The status is sent with the first chunk; a later error can only cut the body
@@ -105,9 +90,8 @@ pub struct ReleaseQuery {
 pub async fn release(
     State(state): State<AppState>,
     who: Principal,
-    query: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<ReleaseQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     // A consumer may let go of the snapshot of a slot it holds; the default session's
     // (no slotName) is an admin's.
     match q.slot_name.as_deref() {

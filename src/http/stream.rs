@@ -1,13 +1,12 @@
 //! `GET /v1/lr/stream?slotName=NAME[&format=changes]` (websocket)
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::auth::{Principal, Role};
+use super::extract::Query;
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
 use crate::error::{Error, ErrorKind};
@@ -15,7 +14,6 @@ use crate::session::OpenStream;
 use crate::stream::frame::Format;
 use crate::stream::observer::Observer;
 use crate::stream::sink::Sink;
-use crate::stream::socket::WebSocket;
 use crate::stream::stop::code;
 
 #[derive(Deserialize)]
@@ -27,18 +25,14 @@ pub struct StreamQuery {
     format: Option<String>,
 }
 
-/// Largest message we take from a client: acks are tiny.
-pub(crate) const MAX_CLIENT_MESSAGE: usize = 4096;
-
 /// Checks the slot and starts replication *before* upgrading, so that every refusal
 /// is an HTTP error the client can read, never a silent socket.
 pub async fn stream(
     State(state): State<AppState>,
     who: Principal,
-    query: Result<Query<StreamQuery>, QueryRejection>,
+    Query(q): Query<StreamQuery>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
     let slot = q.slot_name.filter(|s| !s.is_empty()).ok_or_else(|| Error::bad_request("no slotName provided"))?;
     require_slot(&state, &who, &slot).await?;
     let format = parse_format(q.format.as_deref())?;
@@ -79,36 +73,13 @@ pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
 /// Answers the upgrade and runs the stream on the websocket, until `deadline` (when
 /// the token it was opened with expires) at the latest.
 pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
-    serve_as(state, upgrade, open, deadline, false)
+    upgrade.websocket(state.registry.settings().socket.clone(), move |socket| run_until(open, socket, deadline))
 }
 
 /// The same for a viewer watching a session: the stream is confirmed as it is sent.
 pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
-    serve_as(state, upgrade, open, deadline, true)
-}
-
-fn serve_as(
-    state: &AppState,
-    upgrade: Upgrade,
-    open: OpenStream,
-    deadline: Option<Instant>,
-    observer: bool,
-) -> Response {
-    // tungstenite zeroes its read buffer before every read (128 KiB by default); a
-    // client sends only small acks, and one read per ack must not cost a large memset.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(MAX_CLIENT_MESSAGE)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
     let settings = state.registry.settings().socket.clone();
-    upgrade.on_upgrade(config, move |socket| async move {
-        let socket = WebSocket::new(socket, settings);
-        if observer {
-            run_until(open, Observer(socket), deadline).await
-        } else {
-            run_until(open, socket, deadline).await
-        }
-    })
+    upgrade.websocket(settings, move |socket| run_until(open, Observer(socket), deadline))
 }
 
 /// The stream, stopped with 1008 at `deadline`: only a disconnect, so the slot stays

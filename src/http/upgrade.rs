@@ -20,9 +20,13 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::ApiError;
 use crate::error::Error;
+use crate::stream::socket::{SocketSettings, WebSocket};
 
-/// The server side of an upgraded connection.
-pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// The server side of an upgraded connection, with our pings and ack checks.
+pub type Socket = WebSocket<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Largest message we take from a client: acks are tiny.
+const MAX_CLIENT_MESSAGE: usize = 4096;
 
 /// A request that asks for a websocket, checked.
 pub struct Upgrade {
@@ -45,18 +49,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 }
 
 impl Upgrade {
-    /// Answers 101 and runs `serve` on the socket once hyper has switched protocols.
-    pub fn on_upgrade<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    /// Answers 101 and runs `serve` on the socket once hyper has switched protocols:
+    /// every websocket of the server and of the gateway starts here.
+    pub fn websocket<F, Fut>(self, settings: SocketSettings, serve: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        // tungstenite zeroes its read buffer before every read (128 KiB by default); a
+        // client sends only small acks, and one read per ack must not cost a large memset.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(MAX_CLIENT_MESSAGE)
+            .max_message_size(Some(MAX_CLIENT_MESSAGE))
+            .max_frame_size(Some(MAX_CLIENT_MESSAGE));
         tokio::spawn(async move {
             match self.on_upgrade.await {
                 Ok(upgraded) => {
                     let socket =
                         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                    serve(socket).await;
+                    serve(WebSocket::new(socket, settings)).await;
                 }
                 // The client went away during the handshake; `serve`'s resources drop here.
                 Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),

@@ -11,11 +11,8 @@
 //! | `GET /v2/sessions/{name}/snapshot/{table}` | [`snapshot`]: keyset pages, or NDJSON |
 //! | `DELETE /v2/sessions/{name}/snapshot` | [`release_snapshot`]: let go of its snapshot |
 
-use axum::Json;
 use axum::body::Body;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +20,7 @@ use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::auth::Principal;
+use super::extract::{Admin, Json, Path, Query};
 use super::stream::{parse_format, serve, serve_observer};
 use super::upgrade::Upgrade;
 use super::{ApiError, AppState};
@@ -48,13 +46,9 @@ pub struct CreateBody {
 
 pub async fn create(
     State(state): State<AppState>,
-    who: Principal,
-    body: Result<Bytes, BytesRejection>,
+    _: Admin,
+    Json(body): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
-    who.require_admin()?;
-    let body = body.map_err(|e| Error::bad_request(format!("cannot read the request body: {}", e.body_text())))?;
-    let body: CreateBody =
-        serde_json::from_slice(&body).map_err(|e| Error::bad_request(format!("invalid input JSON: {e}")))?;
     if body.tables.as_ref().is_some_and(Vec::is_empty) {
         return Err(Error::bad_request("tables is empty: leave it out for every table").into());
     }
@@ -96,20 +90,17 @@ pub async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<
 pub async fn get_one(
     State(state): State<AppState>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
     Ok(Json(state.registry.view_one(&name).await?))
 }
 
 pub async fn delete_one(
     State(state): State<AppState>,
-    who: Principal,
-    name: Result<Path<String>, PathRejection>,
+    _: Admin,
+    Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    who.require_admin()?;
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     state.registry.delete(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "dropped": true })))
 }
@@ -122,17 +113,17 @@ pub struct PageQuery {
 }
 
 /// `GET /v2/sessions/{name}/snapshot/{table}?limit=N&after=CURSOR`: a keyset page, or
-/// with `Accept: application/x-ndjson` the whole table, a row per line.
+/// with `Accept: application/x-ndjson` the whole table, a row per line. The query is
+/// judged after the scope: out of it, a consumer gets 403 whatever it asked.
 pub async fn snapshot(
     State(state): State<AppState>,
     who: Principal,
-    path: Result<Path<(String, String)>, PathRejection>,
-    query: Result<Query<PageQuery>, QueryRejection>,
+    Path((name, table)): Path<(String, String)>,
+    query: Result<Query<PageQuery>, ApiError>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Path((name, table)) = path.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let Query(q) = query?;
     // Held until the body is sent (or dropped): a consumer's reads are its share.
     let place = state.reads.enter(who.quota_key())?;
     let table = TableRef::parse(&table)
@@ -172,9 +163,8 @@ const DEFAULT_PAGE: u64 = 1000;
 pub async fn release_snapshot(
     State(state): State<AppState>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
     let was_held = state.registry.release_named_snapshot(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "released": true, "wasHeld": was_held })))
@@ -185,16 +175,16 @@ pub struct StreamQuery {
     format: Option<String>,
 }
 
+/// `GET /v2/sessions/{name}/stream`: the scope, then the query, as for the snapshot.
 pub async fn stream(
     State(state): State<AppState>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
-    query: Result<Query<StreamQuery>, QueryRejection>,
+    Path(name): Path<String>,
+    query: Result<Query<StreamQuery>, ApiError>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
-    let Query(q) = query.map_err(|e| Error::bad_request(e.body_text()))?;
+    let Query(q) = query?;
     let format = parse_format(q.format.as_deref())?;
     let upgrade = upgrade?;
     let open = state.registry.open_session_stream(&name, format).await?;
@@ -207,10 +197,9 @@ pub async fn stream(
 pub async fn watch(
     State(state): State<AppState>,
     who: Principal,
-    name: Result<Path<String>, PathRejection>,
+    Path(name): Path<String>,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
-    let Path(name) = name.map_err(|e| Error::bad_request(e.body_text()))?;
     who.require_session(&name)?;
     let upgrade = upgrade?;
     let open = state.registry.open_watch(&name, who.quota_key().as_deref()).await?;
