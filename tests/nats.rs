@@ -220,12 +220,7 @@ async fn a_resume_from_before_what_the_stream_retains_is_refused() {
     assert_eq!(row_numbers(&first), vec![1]);
     support::ack(&mut ws, first["nextlsn"].as_str().unwrap()).await;
     // The ack is stored in the KV bucket, where any gateway finds it.
-    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while kv.get("orders.early").await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the ack was never stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_ack_stored(&nats, "orders.early").await;
     ws.close(None).await.unwrap();
 
     // Ten more transactions; the stream keeps the last three.
@@ -529,13 +524,8 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     write_rows(&db, 2, 2, 1, Duration::ZERO).await;
     support::ack(&mut ws, first["nextlsn"].as_str().unwrap()).await;
     ws.close(None).await.unwrap();
-    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
     let alices = pgdeltastream::bus::acks::key("orders", "a", Some("alice"));
-    while kv.get(&alices).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "alice's ack was never stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_ack_stored(&nats, &alices).await;
     let as_bob = format!("{}&access_token={}", url(port, "a"), token_of("bob", &["orders"]));
     let (mut bob, _) = tokio_tungstenite::connect_async(as_bob).await.unwrap();
     assert_eq!(row_numbers(&next_transaction(&mut bob).await), vec![1], "bob resumed after alice's ack");
@@ -587,12 +577,7 @@ async fn a_session_made_again_under_its_name_starts_a_new_stream() {
         assert_eq!(row_numbers(&last), vec![row]);
     }
     support::ack(&mut ws, last["nextlsn"].as_str().unwrap()).await;
-    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while kv.get("orders.old").await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the ack was never stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_ack_stored(&nats, "orders.old").await;
     first.terminate();
 
     // Made again: another table.

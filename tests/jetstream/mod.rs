@@ -189,6 +189,17 @@ pub async fn await_stream_seq(nats: &Nats, seq: u64) -> u64 {
     }
 }
 
+/// Waits (bounded) until the acks' KV bucket holds `key`: a client's ack is stored,
+/// where any gateway finds it.
+pub async fn await_ack_stored(nats: &Nats, key: &str) {
+    let kv = nats.jetstream().await.get_key_value("pgdeltastream_acks").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kv.get(key).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the ack {key} was never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Opens a websocket expecting a refusal: the HTTP status and JSON body.
 pub async fn refused(url: String) -> (u16, Value) {
     match tokio_tungstenite::connect_async(url).await {
