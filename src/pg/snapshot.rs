@@ -31,7 +31,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow, SimpleQueryStre
 
 use super::ident::{TableRef, quote_ident, quote_literal};
 use super::pool::PooledClient;
-use crate::types::value::{write_json_string, write_value};
+use crate::types::value::{Mode, write_string, write_value};
 
 /// Schemas that are never served: they hold the catalog and its secrets.
 const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog", "information_schema"];
@@ -261,16 +261,19 @@ impl Framing {
         }
     }
 
-    fn closing(&self, out: &mut String) {
+    fn closing(&self, out: &mut Vec<u8>) {
         match self {
-            Framing::Array => out.push(']'),
+            Framing::Array => out.push(b']'),
             Framing::Keyset(k) => {
-                out.push_str("],\"next\":");
+                out.extend_from_slice(b"],\"next\":");
                 match k.more {
-                    true => write_json_string(out, &super::keyset::Cursor::new(k.oid, k.last.clone()).encode()),
-                    false => out.push_str("null"),
+                    true => {
+                        let cursor = super::keyset::Cursor::new(k.oid, k.last.clone()).encode();
+                        write_string(out, Mode::AlwaysValid, cursor.as_bytes());
+                    }
+                    false => out.extend_from_slice(b"null"),
                 }
-                out.push('}');
+                out.push(b'}');
             }
             Framing::Ndjson => {}
         }
@@ -290,7 +293,7 @@ pub(super) async fn first_rows(
         conn: Some(conn),
         rows: Box::pin(rows),
         columns: table.columns.clone(),
-        buf: String::from(framing.opening()),
+        buf: Vec::from(framing.opening()),
         framing,
         rows_out: 0,
     };
@@ -336,7 +339,7 @@ struct Page {
     conn: Option<PooledClient>,
     rows: Pin<Box<SimpleQueryStream>>,
     columns: Vec<Column>,
-    buf: String,
+    buf: Vec<u8>,
     framing: Framing,
     rows_out: u64,
 }
@@ -354,21 +357,23 @@ impl Page {
             }
         }
         if self.rows_out > 0 && !matches!(self.framing, Framing::Ndjson) {
-            self.buf.push(',');
+            self.buf.push(b',');
         }
         self.rows_out += 1;
-        self.buf.push('{');
+        self.buf.push(b'{');
         for (i, col) in self.columns.iter().enumerate() {
             if i > 0 {
-                self.buf.push(',');
+                self.buf.push(b',');
             }
-            write_json_string(&mut self.buf, &col.name);
-            self.buf.push(':');
-            write_value(&mut self.buf, col.type_oid, row.get(i));
+            write_string(&mut self.buf, Mode::AlwaysValid, col.name.as_bytes());
+            self.buf.push(b':');
+            // A page cannot end in an error halfway, so the mode that has none: text
+            // Postgres prints comes out as the stream writes it, any other as a string.
+            let _ = write_value(&mut self.buf, Mode::AlwaysValid, col.type_oid, row.get(i).map(str::as_bytes));
         }
-        self.buf.push('}');
+        self.buf.push(b'}');
         if matches!(self.framing, Framing::Ndjson) {
-            self.buf.push('\n');
+            self.buf.push(b'\n');
         }
     }
 
@@ -400,7 +405,7 @@ impl Page {
                 }
             }
         }
-        Ok(Some(Bytes::from(std::mem::replace(&mut self.buf, String::with_capacity(CHUNK + 1024)).into_bytes())))
+        Ok(Some(Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 1024)))))
     }
 
     /// Closes the array once the transaction has ended well: the last byte is only sent
@@ -419,7 +424,7 @@ impl Page {
             rollback(conn).await?;
         }
         self.framing.closing(&mut self.buf);
-        Ok(Bytes::from(std::mem::take(&mut self.buf).into_bytes()))
+        Ok(Bytes::from(std::mem::take(&mut self.buf)))
     }
 }
 

@@ -1,4 +1,5 @@
-//! The JSON encoding of a single Postgres value, exactly as wal2json writes it.
+//! The JSON encoding of a single Postgres value, as wal2json writes it: the one
+//! encoder of both the snapshot's rows and the pgoutput stream's changes.
 //!
 //! wal2json never looks at a value's binary form: it calls the type's output
 //! function (the same text `psql` shows) and then decides, from the column's
@@ -6,6 +7,12 @@
 //! a JSON string (everything else). A snapshot read with the text protocol
 //! gives us the same text and the same OID, so by applying the same rules
 //! here a snapshot row comes out byte-for-byte like a streamed one.
+//!
+//! The two callers need different answers only for text Postgres never prints,
+//! and [`Mode`] says which: the stream must be wal2json's bytes even there (its
+//! ERROR included), a snapshot page must stay valid JSON. For every text an
+//! output function does print the modes write the same bytes; the tests below
+//! hold them to that.
 //!
 //! One subtlety for callers: wal2json picks the rule by the column's declared
 //! type. A domain over `integer` has its own OID, so its values are strings,
@@ -31,6 +38,30 @@ pub const FLOAT8OID: u32 = 701;
 /// `numeric` / `decimal`
 pub const NUMERICOID: u32 = 1700;
 
+/// Which of the two readings of wal2json's rules to apply to text that does not
+/// fit them. Text Postgres prints fits them, and both modes write it alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// wal2json 2.5's `pg_decode_write_value` and Postgres's `escape_json`, byte
+    /// for byte: the pgoutput stream is compared with a wal2json slot's bytes, so
+    /// it copies wal2json's checks as they are, even where they let invalid JSON
+    /// through. A number type's text outside `0123456789+-eE.` is [`NotANumber`]
+    /// (wal2json raises an ERROR); a boolean is `true` only for `t`; bytea drops
+    /// its first two bytes whatever they are; a string ends at a NUL (C strings).
+    Wal2json,
+    /// Valid JSON for any text, because a snapshot page cannot raise an ERROR
+    /// halfway: only the spellings Postgres prints get a number's, boolean's or
+    /// NULL's form (a JSON number, `t`/`true`, `f`/`false`, exactly `NaN`,
+    /// `Infinity` and `-Infinity`); other text is written as a JSON string, bytea
+    /// without a `\x` prefix is kept whole, and a NUL is `\u0000`. Never an error.
+    AlwaysValid,
+}
+
+/// A number type's text that is not a number: wal2json raises an ERROR on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not a number")]
+pub struct NotANumber(pub String);
+
 /// Appends the JSON for one value: `type_oid` is the column's type and `text`
 /// the output function's text, or `None` for SQL NULL.
 ///
@@ -42,36 +73,58 @@ pub const NUMERICOID: u32 = 1700;
 /// * bytea → the hex digits as a string, without the leading `\x`.
 /// * anything else → the text as a JSON string.
 ///
-/// wal2json trusts Postgres here (it raises an ERROR on a non-number and
-/// prints `false` for any non-`t` boolean). We cannot raise an ERROR in the
-/// middle of a snapshot, so text that doesn't fit its type's rule is written
-/// as a JSON string instead: the output is always valid JSON.
-pub fn write_value(out: &mut String, type_oid: u32, text: Option<&str>) {
+/// Text that fits none of these is [`Mode`]'s business; only
+/// [`Mode::Wal2json`] returns an error, and then has written nothing.
+pub fn write_value(out: &mut Vec<u8>, mode: Mode, type_oid: u32, text: Option<&[u8]>) -> Result<(), NotANumber> {
     let Some(text) = text else {
-        out.push_str("null");
-        return;
+        out.extend_from_slice(b"null");
+        return Ok(());
     };
     match type_oid {
         INT2OID | INT4OID | INT8OID | OIDOID | FLOAT4OID | FLOAT8OID | NUMERICOID => {
-            if matches!(text, "NaN" | "Infinity" | "-Infinity") {
-                out.push_str("null");
-            } else if is_json_number(text) {
+            if is_special_number(mode, text) {
+                out.extend_from_slice(b"null");
+                return Ok(());
+            }
+            match mode {
+                // wal2json's `strspn(outputstr, "0123456789+-eE.")`.
+                Mode::Wal2json if text.iter().all(|b| b"0123456789+-eE.".contains(b)) => out.extend_from_slice(text),
+                Mode::Wal2json => return Err(NotANumber(String::from_utf8_lossy(text).into_owned())),
                 // Copy the text itself: going through f64 would lose digits
                 // (int8's max, numeric's scale as in `3.540`).
-                out.push_str(text);
-            } else {
-                write_json_string(out, text);
+                Mode::AlwaysValid if is_json_number(text) => out.extend_from_slice(text),
+                Mode::AlwaysValid => write_string(out, mode, text),
             }
         }
-        BOOLOID => match text {
-            "t" | "true" => out.push_str("true"),
-            "f" | "false" => out.push_str("false"),
-            _ => write_json_string(out, text),
+        BOOLOID => match (mode, text) {
+            (_, b"t") => out.extend_from_slice(b"true"),
+            (Mode::Wal2json, _) => out.extend_from_slice(b"false"),
+            (Mode::AlwaysValid, b"true") => out.extend_from_slice(b"true"),
+            (Mode::AlwaysValid, b"f" | b"false") => out.extend_from_slice(b"false"),
+            (Mode::AlwaysValid, _) => write_string(out, mode, text),
         },
-        // bytea's default output (`bytea_output = hex`) is `\x` then hex
-        // digits. The `escape` format has no `\x` prefix: keep it whole.
-        BYTEAOID => write_json_string(out, text.strip_prefix("\\x").unwrap_or(text)),
-        _ => write_json_string(out, text),
+        // bytea's output (`bytea_output = hex`, pinned on our connections) is `\x`
+        // then hex digits; wal2json skips two bytes blindly (`outputstr + 2`).
+        BYTEAOID => {
+            let hex = match mode {
+                Mode::Wal2json => text.get(2..).unwrap_or_default(),
+                Mode::AlwaysValid => text.strip_prefix(b"\\x").unwrap_or(text),
+            };
+            write_string(out, mode, hex)
+        }
+        _ => write_string(out, mode, text),
+    }
+    Ok(())
+}
+
+/// Is `text` a number type's `NaN` or infinity, which JSON cannot spell?
+fn is_special_number(mode: Mode, text: &[u8]) -> bool {
+    match mode {
+        // wal2json's `pg_strncasecmp` on a prefix: any case, anything after.
+        Mode::Wal2json => [&b"NaN"[..], b"Infinity", b"-Infinity"]
+            .iter()
+            .any(|p| text.get(..p.len()).is_some_and(|head| head.eq_ignore_ascii_case(p))),
+        Mode::AlwaysValid => matches!(text, b"NaN" | b"Infinity" | b"-Infinity"),
     }
 }
 
@@ -85,8 +138,7 @@ pub fn write_value(out: &mut String, type_oid: u32, text: Option<&str>) {
 /// ```
 ///
 /// No leading `+`, no leading zeros, no bare `.5` or `5.`, no whitespace.
-pub fn is_json_number(s: &str) -> bool {
-    let b = s.as_bytes();
+pub fn is_json_number(b: &[u8]) -> bool {
     let mut i = 0;
 
     // Advances `i` over a run of ASCII digits and says how many there were.
@@ -147,38 +199,62 @@ static ESCAPE: [u8; 256] = {
     table
 };
 
+/// Postgres's `escape_json` over `s`, quotes left to the caller: `emit` gets
+/// each run of bytes to copy as a range of `s`, then the escape of the byte
+/// that ended it, if any. Both sinks below share it, so bytes and text cannot
+/// be escaped differently.
+///
+/// Every byte that needs escaping is ASCII, and an ASCII byte is always a char
+/// boundary in UTF-8, so when `s` is UTF-8 every range falls on boundaries.
+#[inline]
+fn escape_runs(s: &[u8], mode: Mode, mut emit: impl FnMut(std::ops::Range<usize>, &[u8])) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut run_start = 0;
+    for (i, &byte) in s.iter().enumerate() {
+        let esc = ESCAPE[usize::from(byte)];
+        if esc == 0 {
+            continue;
+        }
+        if byte == 0 && mode == Mode::Wal2json {
+            // escape_json reads a C string: it ends at the NUL.
+            emit(run_start..i, b"");
+            return;
+        }
+        let long = [b'\\', b'u', b'0', b'0', HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]];
+        let short = [b'\\', esc];
+        emit(run_start..i, if esc == b'u' { &long } else { &short });
+        run_start = i + 1;
+    }
+    emit(run_start..s.len(), b"");
+}
+
 /// Appends `s` as a JSON string literal, quotes included, escaping exactly as
 /// Postgres's `escape_json` does (which is what wal2json calls).
 ///
 /// `"` and `\` are backslash-escaped; `\b \f \n \r \t` use their short forms;
 /// other control characters become `\u00XX` with lowercase hex; everything
-/// else, non-ASCII included, is copied unchanged.
-pub fn write_json_string(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+/// else, non-ASCII included, is copied unchanged: wal2json copies a value's
+/// bytes whatever their encoding, and so does this. A NUL is where
+/// [`Mode::Wal2json`] stops and [`Mode::AlwaysValid`] writes `\u0000`.
+pub fn write_string(out: &mut Vec<u8>, mode: Mode, s: &[u8]) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    escape_runs(s, mode, |run, esc| {
+        out.extend_from_slice(&s[run]);
+        out.extend_from_slice(esc);
+    });
+    out.push(b'"');
+}
 
+/// [`write_string`] in [`Mode::AlwaysValid`] for a caller that builds text.
+pub fn write_json_string(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
-
-    // Copy whole runs of plain bytes with one push_str each. Every byte that
-    // needs escaping is ASCII, and an ASCII byte is always a char boundary in
-    // UTF-8, so the slices below always fall on boundaries.
-    let mut run_start = 0;
-    for (i, &byte) in s.as_bytes().iter().enumerate() {
-        let esc = ESCAPE[usize::from(byte)];
-        if esc == 0 {
-            continue;
-        }
-        out.push_str(&s[run_start..i]);
-        out.push('\\');
-        out.push(char::from(esc));
-        if esc == b'u' {
-            out.push_str("00");
-            out.push(char::from(HEX[usize::from(byte >> 4)]));
-            out.push(char::from(HEX[usize::from(byte & 0xf)]));
-        }
-        run_start = i + 1;
-    }
-    out.push_str(&s[run_start..]);
+    escape_runs(s.as_bytes(), Mode::AlwaysValid, |run, esc| {
+        // The range is on char boundaries (see escape_runs) and every escape is ASCII.
+        out.push_str(&s[run]);
+        out.extend(esc.iter().map(|&b| char::from(b)));
+    });
     out.push('"');
 }
 
@@ -187,16 +263,35 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn value(type_oid: u32, text: Option<&str>) -> String {
-        let mut out = String::new();
-        write_value(&mut out, type_oid, text);
-        out
+    const MODES: [Mode; 2] = [Mode::Wal2json, Mode::AlwaysValid];
+    const NUMBER_TYPES: [u32; 7] = [INT2OID, INT4OID, INT8OID, OIDOID, FLOAT4OID, FLOAT8OID, NUMERICOID];
+
+    fn encode(mode: Mode, type_oid: u32, text: Option<&str>) -> Result<String, NotANumber> {
+        let mut out = Vec::new();
+        write_value(&mut out, mode, type_oid, text.map(str::as_bytes))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    fn string(s: &str) -> String {
-        let mut out = String::new();
-        write_json_string(&mut out, s);
-        out
+    /// A value in both modes, which must agree: for the text Postgres prints.
+    fn value(type_oid: u32, text: Option<&str>) -> String {
+        let valid = encode(Mode::AlwaysValid, type_oid, text).unwrap();
+        assert_eq!(encode(Mode::Wal2json, type_oid, text).as_ref(), Ok(&valid), "{type_oid} {text:?}");
+        valid
+    }
+
+    /// A value where wal2json's reading and ours part: text Postgres never prints.
+    fn wal2json(type_oid: u32, text: &str) -> Result<String, NotANumber> {
+        encode(Mode::Wal2json, type_oid, Some(text))
+    }
+
+    fn valid(type_oid: u32, text: &str) -> String {
+        encode(Mode::AlwaysValid, type_oid, Some(text)).unwrap()
+    }
+
+    fn string(mode: Mode, s: &[u8]) -> String {
+        let mut out = Vec::new();
+        write_string(&mut out, mode, s);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     #[test]
@@ -209,6 +304,7 @@ mod tests {
     #[test]
     fn numbers_are_bare_and_keep_their_digits() {
         assert_eq!(value(INT4OID, Some("1")), "1");
+        assert_eq!(value(INT4OID, Some("-12")), "-12");
         assert_eq!(value(INT2OID, Some("-32768")), "-32768");
         assert_eq!(value(INT8OID, Some("9223372036854775807")), "9223372036854775807");
         assert_eq!(value(OIDOID, Some("4294967295")), "4294967295");
@@ -230,29 +326,59 @@ mod tests {
     }
 
     #[test]
-    fn bad_number_text_becomes_a_string() {
-        assert_eq!(value(INT4OID, Some("")), r#""""#);
-        assert_eq!(value(INT4OID, Some("12abc")), r#""12abc""#);
-        assert_eq!(value(NUMERICOID, Some(".5")), r#"".5""#);
-        assert_eq!(value(NUMERICOID, Some("+5")), r#""+5""#);
-        assert_eq!(value(NUMERICOID, Some("nan")), r#""nan""#);
+    fn wal2json_matches_specials_by_prefix_in_any_case() {
+        for text in ["nan", "NAN", "infinity", "-INFINITY", "NaNx", "Infinity1"] {
+            assert_eq!(wal2json(FLOAT4OID, text).unwrap(), "null", "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_number_text() {
+        // wal2json raises an ERROR on text outside its number characters...
+        for text in ["12abc", "x1", "1 ", "0x10", "١"] {
+            assert_eq!(wal2json(INT8OID, text), Err(NotANumber(text.to_owned())));
+        }
+        // ...and prints text inside them bare, even when no JSON number.
+        assert_eq!(wal2json(NUMERICOID, "+5").unwrap(), "+5");
+        assert_eq!(wal2json(INT4OID, "").unwrap(), "");
+        // Ours writes anything but a JSON number as a string.
+        assert_eq!(valid(INT4OID, ""), r#""""#);
+        assert_eq!(valid(INT4OID, "12abc"), r#""12abc""#);
+        assert_eq!(valid(NUMERICOID, ".5"), r#"".5""#);
+        assert_eq!(valid(NUMERICOID, "+5"), r#""+5""#);
+        assert_eq!(valid(NUMERICOID, "nan"), r#""nan""#);
+    }
+
+    #[test]
+    fn a_failed_value_writes_nothing() {
+        let mut out = b"[1,".to_vec();
+        assert!(write_value(&mut out, Mode::Wal2json, INT4OID, Some(b"1x")).is_err());
+        assert_eq!(out, b"[1,");
     }
 
     #[test]
     fn booleans() {
         assert_eq!(value(BOOLOID, Some("t")), "true");
         assert_eq!(value(BOOLOID, Some("f")), "false");
-        assert_eq!(value(BOOLOID, Some("true")), "true");
-        assert_eq!(value(BOOLOID, Some("false")), "false");
-        assert_eq!(value(BOOLOID, Some("yes")), r#""yes""#);
+        assert_eq!(valid(BOOLOID, "true"), "true");
+        assert_eq!(valid(BOOLOID, "false"), "false");
+        assert_eq!(valid(BOOLOID, "yes"), r#""yes""#);
+        // wal2json: `t` or else false.
+        for text in ["true", "false", "yes", ""] {
+            assert_eq!(wal2json(BOOLOID, text).unwrap(), "false", "{text}");
+        }
     }
 
     #[test]
     fn bytea_drops_the_hex_prefix() {
         assert_eq!(value(BYTEAOID, Some(r"\x0a0b")), r#""0a0b""#);
+        assert_eq!(value(BYTEAOID, Some(r"\x00ff")), r#""00ff""#);
         assert_eq!(value(BYTEAOID, Some(r"\x")), r#""""#);
-        // `bytea_output = escape` text has no prefix and may hold backslashes.
-        assert_eq!(value(BYTEAOID, Some(r"ab\000")), r#""ab\\000""#);
+        // `bytea_output = escape` text has no prefix and may hold backslashes:
+        // ours keeps it whole, wal2json skips two bytes anyway.
+        assert_eq!(valid(BYTEAOID, r"ab\000"), r#""ab\\000""#);
+        assert_eq!(wal2json(BYTEAOID, r"ab\000").unwrap(), r#""\\000""#);
+        assert_eq!(wal2json(BYTEAOID, "a").unwrap(), r#""""#);
     }
 
     #[test]
@@ -261,6 +387,7 @@ mod tests {
         // json/jsonb and arrays are strings too, as in wal2json.
         assert_eq!(value(3802, Some(r#"{"a": 1}"#)), r#""{\"a\": 1}""#);
         assert_eq!(value(1007, Some("{1,2,3}")), r#""{1,2,3}""#);
+        assert_eq!(value(25, Some("{1,2}")), r#""{1,2}""#);
         assert_eq!(value(1184, Some("2026-11-24 13:55:54.462002+00")), r#""2026-11-24 13:55:54.462002+00""#);
         // An integer-looking text of a non-numeric type stays a string.
         assert_eq!(value(25, Some("42")), r#""42""#);
@@ -268,32 +395,59 @@ mod tests {
 
     #[test]
     fn json_string_escapes() {
-        assert_eq!(string(""), r#""""#);
-        assert_eq!(string("plain"), r#""plain""#);
-        assert_eq!(string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(string("\u{8}\u{c}\n\r\t"), r#""\b\f\n\r\t""#);
-        assert_eq!(string("\u{0}\u{1}\u{1f}"), r#""\u0000\u0001\u001f""#);
-        assert_eq!(string("\u{1b}"), r#""\u001b""#);
-        // DEL, non-ASCII and `/` are not escaped.
-        assert_eq!(string("\u{7f}é€😀/"), "\"\u{7f}é€😀/\"");
-        assert_eq!(string("x\ny"), r#""x\ny""#);
+        for mode in MODES {
+            let string = |s: &str| string(mode, s.as_bytes());
+            assert_eq!(string(""), r#""""#);
+            assert_eq!(string("plain"), r#""plain""#);
+            assert_eq!(string(r#"a"b\c"#), r#""a\"b\\c""#);
+            assert_eq!(string("\u{8}\u{c}\n\r\t"), r#""\b\f\n\r\t""#);
+            assert_eq!(string("\u{1}\u{1f}"), r#""\u0001\u001f""#);
+            assert_eq!(string("\u{1b}"), r#""\u001b""#);
+            // DEL, non-ASCII and `/` are not escaped.
+            assert_eq!(string("\u{7f}é€😀/"), "\"\u{7f}é€😀/\"");
+            assert_eq!(string("x\ny"), r#""x\ny""#);
+        }
         // Appends, never clears.
-        let mut out = String::from("[");
-        write_json_string(&mut out, "a");
-        assert_eq!(out, r#"["a""#);
+        let mut out = b"[".to_vec();
+        write_string(&mut out, Mode::Wal2json, b"a");
+        assert_eq!(out, br#"["a""#);
+    }
+
+    #[test]
+    fn a_nul_ends_wal2jsons_string_and_is_escaped_in_ours() {
+        assert_eq!(string(Mode::Wal2json, b"cut\0here"), r#""cut""#, "a C string ends at its NUL");
+        assert_eq!(string(Mode::AlwaysValid, b"cut\0here"), r#""cut\u0000here""#);
+    }
+
+    #[test]
+    fn bytes_are_copied_whatever_their_encoding() {
+        // Latin-1 `é`, not UTF-8: wal2json copies it, so does the stream.
+        let mut out = Vec::new();
+        write_string(&mut out, Mode::Wal2json, b"caf\xe9");
+        assert_eq!(out, b"\"caf\xe9\"");
+    }
+
+    #[test]
+    fn text_and_bytes_are_escaped_alike() {
+        let mut text = String::from("[");
+        write_json_string(&mut text, "\u{0}a\"é\n\u{1f}");
+        let mut bytes = b"[".to_vec();
+        write_string(&mut bytes, Mode::AlwaysValid, "\u{0}a\"é\n\u{1f}".as_bytes());
+        assert_eq!(text.as_bytes(), bytes);
+        assert_eq!(text, r#"["\u0000a\"é\n\u001f""#);
     }
 
     #[test]
     fn json_number_grammar() {
         for good in ["0", "-0", "1", "10", "-10", "0.0", "1.25", "1e5", "1E5", "1e+5", "1e-5", "1.5e10", "0e0", "1e007"]
         {
-            assert!(is_json_number(good), "{good:?} should be a number");
+            assert!(is_json_number(good.as_bytes()), "{good:?} should be a number");
         }
         for bad in [
             "", "-", "+1", "01", "-01", ".5", "5.", "1.e5", "1e", "1e+", "e5", "1 ", " 1", "1.2.3", "0x10", "NaN",
             "Infinity", "1_000", "--1", "١",
         ] {
-            assert!(!is_json_number(bad), "{bad:?} should not be a number");
+            assert!(!is_json_number(bad.as_bytes()), "{bad:?} should not be a number");
         }
     }
 
@@ -319,18 +473,7 @@ mod tests {
 
     /// A type OID: mostly the ones with special rules, sometimes any.
     fn type_oid() -> impl Strategy<Value = u32> {
-        prop_oneof![
-            Just(BOOLOID),
-            Just(BYTEAOID),
-            Just(INT2OID),
-            Just(INT4OID),
-            Just(INT8OID),
-            Just(OIDOID),
-            Just(FLOAT4OID),
-            Just(FLOAT8OID),
-            Just(NUMERICOID),
-            any::<u32>(),
-        ]
+        prop_oneof![Just(BOOLOID), Just(BYTEAOID), prop::sample::select(NUMBER_TYPES.to_vec()), any::<u32>(),]
     }
 
     /// Text that is often number-like, so the numeric branch gets exercised.
@@ -344,20 +487,75 @@ mod tests {
         ])
     }
 
+    /// A JSON number as Postgres prints one: integers, numeric's fixed point,
+    /// float's shortest digits with `e+XX`/`e-XX` exponents.
+    const POSTGRES_NUMBER: &str = r"-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,30})?(e[+-][0-9]{2,3})?";
+
+    /// A type and a text its output function could print, with the JSON value
+    /// wal2json prints for it.
+    fn postgres_value() -> impl Strategy<Value = (u32, Option<String>, serde_json::Value)> {
+        use serde_json::Value;
+        let number = (prop::sample::select(NUMBER_TYPES.to_vec()), POSTGRES_NUMBER).prop_map(|(oid, text)| {
+            let n = serde_json::from_str(&text).unwrap();
+            (oid, Some(text), Value::Number(n))
+        });
+        let special = (
+            prop::sample::select(vec![FLOAT4OID, FLOAT8OID, NUMERICOID]),
+            prop::sample::select(vec!["NaN", "Infinity", "-Infinity"]),
+        )
+            .prop_map(|(oid, text)| (oid, Some(text.to_owned()), Value::Null));
+        let boolean = any::<bool>().prop_map(|b| (BOOLOID, Some(if b { "t" } else { "f" }.to_owned()), Value::Bool(b)));
+        let bytea = "([0-9a-f]{2}){0,16}".prop_map(|hex| (BYTEAOID, Some(format!("\\x{hex}")), Value::String(hex)));
+        // No output function prints a NUL: Postgres text cannot hold one.
+        let other = (
+            any::<u32>().prop_filter("a type with its own rule", |oid| {
+                ![BOOLOID, BYTEAOID].contains(oid) && !NUMBER_TYPES.contains(oid)
+            }),
+            "[^\u{0}]{0,40}",
+        )
+            .prop_map(|(oid, text)| (oid, Some(text.clone()), Value::String(text)));
+        let null = type_oid().prop_map(|oid| (oid, None, Value::Null));
+        prop_oneof![number, special, boolean, bytea, other, null]
+    }
+
     proptest! {
+        /// The snapshot and the stream cannot drift apart: for what Postgres
+        /// prints, both modes write the same bytes, which are JSON and parse
+        /// back to the value wal2json prints (every digit of a number kept).
         #[test]
-        fn output_is_always_valid_json(oid in type_oid(), text in value_text()) {
-            let out = value(oid, text.as_deref());
+        fn postgres_text_is_the_same_json_in_every_mode((oid, text, expected) in postgres_value()) {
+            for mode in MODES {
+                let out = encode(mode, oid, text.as_deref());
+                prop_assert!(out.is_ok(), "{:?}: {:?}", mode, out);
+                let out = out.unwrap();
+                let parsed: Result<serde_json::Value, _> = serde_json::from_str(&out);
+                prop_assert!(parsed.is_ok(), "{:?}: {:?} is not JSON", mode, out);
+                prop_assert_eq!(parsed.unwrap(), expected.clone(), "{:?}", mode);
+                if let serde_json::Value::Number(_) = &expected {
+                    prop_assert_eq!(&out, text.as_deref().unwrap_or_default());
+                }
+            }
+        }
+
+        #[test]
+        fn always_valid_is_valid_json_for_any_text(oid in type_oid(), text in value_text()) {
+            let out = encode(Mode::AlwaysValid, oid, text.as_deref());
+            prop_assert!(out.is_ok(), "{:?}", out);
+            let out = out.unwrap();
             let parsed = serde_json::from_str::<serde_json::Value>(&out);
             prop_assert!(parsed.is_ok(), "{out:?} is not JSON");
         }
 
         #[test]
+        fn wal2json_never_panics_on_any_bytes(oid in type_oid(), text in prop::option::of(any::<Vec<u8>>())) {
+            let mut out = Vec::new();
+            let _ = write_value(&mut out, Mode::Wal2json, oid, text.as_deref());
+        }
+
+        #[test]
         fn numbers_keep_every_digit(
             text in r"-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?",
-            oid in prop::sample::select(vec![
-                INT2OID, INT4OID, INT8OID, OIDOID, FLOAT4OID, FLOAT8OID, NUMERICOID,
-            ]),
+            oid in prop::sample::select(NUMBER_TYPES.to_vec()),
         ) {
             let out = value(oid, Some(&text));
             prop_assert_eq!(&out, &text);
@@ -379,20 +577,24 @@ mod tests {
                 serde_json::from_str::<serde_json::Value>(&text),
                 Ok(serde_json::Value::Number(_))
             );
-            prop_assert_eq!(is_json_number(&text), serde_says, "{:?}", text);
+            prop_assert_eq!(is_json_number(text.as_bytes()), serde_says, "{:?}", text);
         }
 
         #[test]
         fn strings_round_trip(s in any::<String>()) {
-            let out = string(&s);
-            let back: String = serde_json::from_str(&out).unwrap();
-            prop_assert_eq!(back, s);
+            let mut text = String::new();
+            write_json_string(&mut text, &s);
+            prop_assert_eq!(&text, &string(Mode::AlwaysValid, s.as_bytes()));
+            let back: String = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(&back, &s);
+            // wal2json's reading gives back the text up to its first NUL.
+            let back: String = serde_json::from_str(&string(Mode::Wal2json, s.as_bytes())).unwrap();
+            prop_assert_eq!(back.as_str(), s.split('\0').next().unwrap_or_default());
         }
 
         #[test]
         fn control_heavy_strings_round_trip(s in "[\\x00-\\x1f\"\\\\a-zé]{0,40}") {
-            let out = string(&s);
-            let back: String = serde_json::from_str(&out).unwrap();
+            let back: String = serde_json::from_str(&string(Mode::AlwaysValid, s.as_bytes())).unwrap();
             prop_assert_eq!(back, s);
         }
     }

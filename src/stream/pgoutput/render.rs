@@ -10,6 +10,7 @@ use super::ConvertError;
 use super::json;
 use crate::pg::pgoutput::{Datum, OldTuple, Relation, Tuple};
 use crate::types::Lsn;
+use crate::types::value::{Mode, write_value};
 
 /// A relation as the stream needs it, names and types already in their JSON form.
 #[derive(Debug, Clone)]
@@ -211,7 +212,7 @@ fn v1_arrays(out: &mut Vec<u8>, keys: [&[u8]; 3], columns: &[Shown<'_>]) -> Resu
         if i > 0 {
             out.push(b',');
         }
-        json::value(out, col.type_oid, *value)?;
+        write_value(out, Mode::Wal2json, col.type_oid, *value)?;
     }
     out.push(b']');
     Ok(())
@@ -229,7 +230,7 @@ fn v2_array(out: &mut Vec<u8>, columns: &[Shown<'_>]) -> Result<(), ConvertError
         out.extend_from_slice(b",\"type\":");
         out.extend_from_slice(&col.type_name);
         out.extend_from_slice(b",\"value\":");
-        json::value(out, col.type_oid, *value)?;
+        write_value(out, Mode::Wal2json, col.type_oid, *value)?;
         out.push(b'}');
     }
     out.push(b']');
