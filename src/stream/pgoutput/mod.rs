@@ -8,7 +8,7 @@
 //! tail are handed out a piece at a time ([`Converter::next_piece`]), so that the
 //! consumer takes them in bursts of its own size.
 //!
-//! - [`json`]: wal2json's escaping and value rules.
+//! - [`json`]: how wal2json quotes a type name; values are encoded by [`crate::types::value`] (wal2json mode).
 //! - [`render`]: one row change in each format.
 //! - [`spool`]: the held pieces, in memory up to a bound, then in a temporary file.
 //! - [`types`]: the `format_type` names of column types, looked up once per stream.
