@@ -100,10 +100,12 @@ N ?= 20
 conformance: setup
 	CONFORMANCE_SEED=$(SEED) CONFORMANCE_N=$(N) $(CARGO) test --test conformance -- --ignored --nocapture
 
-## lint: formatting and clippy, warnings are errors
+## lint: formatting and clippy over the workspace (the bench included), warnings are
+## errors; and the fuzz targets (their own workspace) still compile
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd fuzz && $(CARGO) fmt --all -- --check && $(CARGO) check --bins
 
 ## clean-dev: stop and delete the dev Postgres cluster
 clean-dev:
