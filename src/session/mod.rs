@@ -218,28 +218,36 @@ impl Registry {
     pub async fn shutdown(&self) {
         self.shutdown.stop(code::GOING_AWAY, "server shutting down");
         self.watchers.stop(None, code::GOING_AWAY, "server shutting down");
-        let names = self.with(|s| {
+        self.with(|s| {
             for e in s.sessions.values_mut() {
                 if let Some(stop) = &e.stream.running {
                     stop.stop(code::GOING_AWAY, "server shutting down");
                 }
                 e.snapshot.release(&e.def.name, "server shutting down");
             }
-            s.sessions.keys().cloned().collect::<Vec<_>>()
         });
-        for name in names {
-            self.wait_stream_ended(&name, Duration::from_secs(5)).await;
+        // One deadline for all the streams, not one each after the other: many stuck
+        // streams must not hold shutdown many times as long.
+        let all_ended = |s: &State| s.sessions.values().all(|e| e.stream.running.is_none());
+        if !self.wait_streams(Duration::from_secs(5), all_ended).await {
+            tracing::warn!("streams still running at the shutdown deadline");
         }
     }
 
     /// Waits (bounded) until the session has no stream; true when it has none.
     async fn wait_stream_ended(&self, name: &str, limit: Duration) -> bool {
+        self.wait_streams(limit, |s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())).await
+    }
+
+    /// Waits (bounded by `limit`) until `done` holds of the state, checked whenever a
+    /// stream ends; true when it does.
+    async fn wait_streams(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let ended = self.stream_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if self.with(|s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())) {
+            if self.with(|s| done(s)) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
