@@ -155,8 +155,9 @@ fuzz:
 
 # ---------------------------------------------------------------------------------------
 # Docker (scripts/docker.sh; DEVELOPMENT.md "Docker tests", docs/operations.md "Running in
-# Docker"). An engine that answers is used (DOCKER_HOST or the default socket); otherwise dockerd is started on a socket of our own for the
-# target and stopped by PID after it. Base images come from the Debian archive (no registry).
+# Docker"). An engine that answers is used (DOCKER_HOST or the default socket); otherwise
+# dockerd is started on a socket of our own for the target and stopped by PID after it.
+# Base images come from the Debian archive (no registry).
 .PHONY: image test-docker docker-smoke docker-start docker-stop
 DOCKER_SH := scripts/docker.sh
 

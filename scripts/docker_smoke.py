@@ -2,10 +2,10 @@
 
 Starts the fixtures Postgres container, then $IMAGE with exactly the environment of the
 `docker run` line in docs/operations.md (PGHOST: the Postgres container's address on the
-default bridge) and its port published on a free port of 127.0.0.1, and drives it from this host as the
-README's "Try it" does: /v1/init, /v1/snapshot/data, a websocket stream that receives an
-INSERT made with psql and acks it (the slot's confirmed_flush_lsn then moves). Removes both
-containers; exits non-zero on any failure, with the server's `docker logs`.
+default bridge) and its port published on a free port of 127.0.0.1, and drives it from this
+host as the README's "Try it" does: /v1/init, /v1/snapshot/data, a websocket stream that
+receives an INSERT made with psql and acks it (the slot's confirmed_flush_lsn then moves).
+Removes both containers; exits non-zero on any failure, with the server's `docker logs`.
 """
 
 import asyncio
