@@ -93,7 +93,7 @@ test: setup clients nats browser
 	$(CARGO) test --all-targets
 
 ## conformance: N random workloads (default 20) from SEED on (default random), each
-## streamed from a wal2json and a pgoutput slot and compared byte for byte (README)
+## streamed from a wal2json and a pgoutput slot and compared byte for byte (DEVELOPMENT.md)
 SEED ?=
 N ?= 20
 .PHONY: conformance
@@ -156,9 +156,10 @@ fuzz:
 	done
 
 # ---------------------------------------------------------------------------------------
-# Docker (scripts/docker.sh; README "Docker"). An engine that answers is used (DOCKER_HOST
-# or the default socket); otherwise dockerd is started on a socket of our own for the
-# target and stopped by PID after it. Base images come from the Debian archive (no registry).
+# Docker (scripts/docker.sh; DEVELOPMENT.md "Docker tests", docs/operations.md "Running in
+# Docker"). An engine that answers is used (DOCKER_HOST or the default socket); otherwise
+# dockerd is started on a socket of our own for the target and stopped by PID after it.
+# Base images come from the Debian archive (no registry).
 .PHONY: image test-docker docker-smoke docker-start docker-stop
 DOCKER_SH := scripts/docker.sh
 

@@ -11,7 +11,7 @@
 #   scripts/docker.sh fixtures-image     the Postgres + wal2json test image of fixtures/
 #   scripts/docker.sh image              cargo build --release, then pgdeltastream:latest
 #   scripts/docker.sh smoke              pgdeltastream:latest against the fixtures Postgres,
-#                                        driven from the host as the README shows
+#                                        driven from the host as docs/operations.md shows
 #   scripts/docker.sh test CARGO_ARGS..  bases, fixtures image, then cargo test with TEST_PG=docker
 #   scripts/docker.sh test-all CARGO_ARGS..  test, image and smoke (the release build
 #                                        alongside the bases)

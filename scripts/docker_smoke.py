@@ -1,11 +1,11 @@
 """Smoke run of the server's image (scripts/docker.sh smoke; `make docker-smoke`).
 
 Starts the fixtures Postgres container, then $IMAGE with exactly the environment of the
-README's `docker run` line (PGHOST: the Postgres container's address on the default bridge)
-and its port published on a free port of 127.0.0.1, and drives it from this host as the
-README's "Try it" does: /v1/init, /v1/snapshot/data, a websocket stream that receives an
-INSERT made with psql and acks it (the slot's confirmed_flush_lsn then moves). Removes both
-containers; exits non-zero on any failure, with the server's `docker logs`.
+`docker run` line in docs/operations.md (PGHOST: the Postgres container's address on the
+default bridge) and its port published on a free port of 127.0.0.1, and drives it from this
+host as the README's "Try it" does: /v1/init, /v1/snapshot/data, a websocket stream that
+receives an INSERT made with psql and acks it (the slot's confirmed_flush_lsn then moves).
+Removes both containers; exits non-zero on any failure, with the server's `docker logs`.
 """
 
 import asyncio
@@ -100,7 +100,7 @@ def run(pg_name, srv_name):
     pg_ip = docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", pg_name)
     check(pg_ip, "the Postgres container has no address")
     port = free_port()
-    # The README's line, but published on loopback only.
+    # The line in docs/operations.md, but published on loopback only.
     docker("run", "--detach", "--name", srv_name, "--label", LABEL,
            "-e", "DBNAME=postgres", "-e", "PGUSER=postgres", "-e", f"PGHOST={pg_ip}", "-e", "PGPORT=5432",
            "-e", "SERVERHOST=0.0.0.0", "-e", "SERVERPORT=12312",

@@ -1,5 +1,5 @@
 //! The websocket clients people use, at their default settings (message size raised, as
-//! the README says), receive a 1,000,000-row transaction whole: Python `websockets`
+//! docs/api.md says), receive a 1,000,000-row transaction whole: Python `websockets`
 //! refuses messages of more than 4,096 frames and Node `ws` of more than 16,384, so the
 //! server must cut messages by bytes, not by change. `make clients` installs both into
 //! `.tools/` (`make test` does it first).

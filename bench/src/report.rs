@@ -416,7 +416,7 @@ pub fn mark(ok: bool) -> &'static str {
     if ok { "" } else { " ✗" }
 }
 
-/// The markdown report (stdout, README).
+/// The markdown report (stdout, bench/README.md).
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
     s.push_str(&throughput_tables(&r.workloads));

@@ -1,6 +1,6 @@
 // Receives the first transaction with changes from a pgdeltastream websocket, as a user
 // of Node's `ws` would: default settings, but for the message size limit (raised, as the
-// README says for large transactions). Acks it, closes normally, and prints a JSON
+// docs/api.md says for large transactions). Acks it, closes normally, and prints a JSON
 // summary on stdout.
 //
 // usage: NODE_PATH=.tools/node/node_modules node receive_one.js WS_URL

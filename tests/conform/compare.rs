@@ -62,14 +62,14 @@ pub fn pgoutput_commits<'a>(messages: impl Iterator<Item = &'a [u8]>) -> HashSet
 /// applies those of [`ACCEPTED`] always, the others only when `CONFORMANCE_ACCEPT` (a
 /// comma list) names them: a difference found but not (yet) accepted gets a
 /// normalisation here, and naming it lets a run look past it for the next. Accepting one
-/// for good is adding it to [`ACCEPTED`] (and to the README).
+/// for good is adding it to [`ACCEPTED`] (and to docs/plugins.md).
 pub const OPTIONAL: &[&str] = &[PARTITIONED_TRUNCATE, GENERATED_COLUMNS, MATERIALIZED_VIEWS, HISTORIC_TYPE_NAMES];
 
 /// The differences accepted for good, applied in every run (`empty-transactions` is not
 /// optional, so it is not listed: it is always applied).
 /// The four here cannot match: pgoutput does not send what wal2json prints (generated
 /// columns, materialized views, a partitioned table's own TRUNCATE), or it sends a type
-/// as an oid named when the stream renders it (the README's "what differs").
+/// as an oid named when the stream renders it (docs/plugins.md, "what differs").
 pub const ACCEPTED: &[&str] = &[PARTITIONED_TRUNCATE, GENERATED_COLUMNS, MATERIALIZED_VIEWS, HISTORIC_TYPE_NAMES];
 
 /// Difference `historic-type-names`: wal2json names a column's type as the catalog was
