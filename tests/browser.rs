@@ -501,16 +501,7 @@ async fn a_page_of_another_origin_cannot_drive_the_server() {
     let (status, created) = server.post("/v2/sessions", &body).await;
     assert_eq!(status, 201, "{created}");
     pg.batch_execute("INSERT INTO orders VALUES (1, 'for the real consumer')").await.unwrap();
-    let slots = || async {
-        let rows = pg
-            .query(
-                "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap();
-        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
-    };
+    let slots = || support::database_slots(&pg);
     let before = slots().await;
     assert!(before.contains(&slot), "{before:?}");
 

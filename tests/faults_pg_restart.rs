@@ -115,13 +115,7 @@ async fn a_postgres_crash_is_reported_and_the_server_recovers() {
     // /v1/init works again (and replaces the default session, dropping its slot).
     let new_slot = server.init().await;
     assert_ne!(new_slot, slot);
-    let slots: Vec<String> = pg
-        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots: Vec<String> = database_slots(&pg).await;
     assert_eq!(slots, std::slice::from_ref(&new_slot));
     let (status, body) = server.snapshot(json!({"table": "t"})).await;
     assert_eq!(status, 200, "{body}");

@@ -484,13 +484,7 @@ async fn requests_from_other_origins_are_refused_and_clients_without_origin_serv
         let (status, body) = raw_request(server.addr, "GET", "/v1/init", &[(name, value)], vec![]).await;
         assert_eq!(status, 403, "{name}: {value}: {}", String::from_utf8_lossy(&body));
     }
-    let slots: Vec<String> = pg
-        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots: Vec<String> = database_slots(&pg).await;
     assert_eq!(slots, vec![slot.clone()], "the default session is the same");
     // curl localhost:12312/v1/init, and a typed URL (Sec-Fetch-Site: none), still reset it.
     let (status, _) = raw_request(server.addr, "GET", "/v1/init", &[("sec-fetch-site", "none")], vec![]).await;

@@ -27,15 +27,6 @@ async fn setup() -> (common::TestDb, tokio_postgres::Client) {
     (db, pg)
 }
 
-async fn our_slots(pg: &tokio_postgres::Client) -> Vec<String> {
-    pg.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 fn default_entry(sessions: &Value) -> Option<&Value> {
     sessions.as_array()?.iter().find(|s| s["default"] == true)
 }
@@ -58,7 +49,7 @@ async fn abandoned_inits_leave_no_slot_behind() {
     }
     // Inits run one at a time, in order: this one runs after all of the above.
     let last = server.init().await;
-    assert_eq!(our_slots(&pg).await, vec![last.clone()], "one slot: the last init's");
+    assert_eq!(database_slots(&pg).await, vec![last.clone()], "one slot: the last init's");
     let (_, sessions) = server.get("/v1/sessions").await;
     assert_eq!(default_entry(&sessions).unwrap()["slotName"], last.as_str(), "{sessions}");
     server.stop().await;
@@ -89,7 +80,7 @@ async fn a_failed_init_keeps_the_previous_session() {
     }
     assert_eq!(status, 503, "{body}");
     assert!(body["error"].as_str().unwrap().contains("replication slots"), "{body}");
-    assert_eq!(our_slots(&pg).await, vec![slot.clone()]);
+    assert_eq!(database_slots(&pg).await, vec![slot.clone()]);
     let (_, sessions) = server.get("/v1/sessions").await;
     let default = default_entry(&sessions).unwrap();
     assert_eq!((&default["slotName"], &default["snapshot"]), (&Value::from(slot.as_str()), &Value::from("held")));
@@ -130,7 +121,7 @@ async fn init_racing_a_stream_that_opens_ends_it() {
             Err(e) => panic!("round {round}: {e}"),
         }
         slot = body["slotName"].as_str().unwrap().to_owned();
-        assert_eq!(our_slots(&pg).await, [slot.clone()], "round {round}");
+        assert_eq!(database_slots(&pg).await, [slot.clone()], "round {round}");
     }
     server.stop().await;
 }

@@ -355,13 +355,7 @@ async fn init_resets_only_the_default_session() {
     let (code, reason) = await_close(&mut ws).await;
     assert_eq!(code, 1000);
     assert!(reason.contains("reset"), "{reason}");
-    let slots: Vec<String> = pg
-        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots: Vec<String> = database_slots(&pg).await;
     let mut expected = vec!["delta_other7".to_owned(), "not_ours".to_owned(), second.clone()];
     expected.sort();
     assert_eq!(slots, expected);

@@ -253,6 +253,17 @@ pub async fn ack(ws: &mut Ws, lsn: &str) {
     ws.send(Message::Text(format!(r#"{{"lsn":"{lsn}"}}"#).into())).await.unwrap();
 }
 
+/// The replication slots of the test's database, by name.
+pub async fn database_slots(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Waits (bounded) for the slot's confirmed_flush_lsn to reach `lsn`.
 pub async fn await_confirmed(client: &tokio_postgres::Client, slot: &str, lsn: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
