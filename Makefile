@@ -128,10 +128,11 @@ bench-fonts:
 
 ## bench: server vs pg_recvlogical throughput, memory and live latency, and 1,000 clients
 ## through NATS JetStream gateways (~5 min on 2 cores);
-## prints a markdown table, writes bench/results/latest.{json,png}
+## prints a markdown table, writes bench/results/latest.{json,png} and, on a full run,
+## the tables into bench/README.md
 bench: setup bench-fonts clients nats
 	$(CARGO) build --release
-	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream $(BENCH_ARGS)
+	$(CARGO) run --release -q -p pgdeltastream-bench -- --server target/release/pgdeltastream --readme bench/README.md $(BENCH_ARGS)
 
 ## bench-quick: smoke run, every workload 100x smaller (bench/results/quick.{json,png})
 bench-quick: setup bench-fonts clients nats

@@ -10,6 +10,7 @@ mod export;
 mod fanout;
 mod latency;
 mod ndjson;
+mod readme;
 mod report;
 mod server;
 mod sessions;
@@ -101,6 +102,10 @@ struct Args {
     /// Keep the cluster's directory (data, postgres.log, server logs) at exit.
     #[arg(long)]
     keep: bool,
+    /// Write the tables into this README between its figure markers, when the run is a
+    /// full one (every workload and drain, not --quick, no failure, the default --out-dir).
+    #[arg(long)]
+    readme: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -253,13 +258,33 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
         )
         .into()),
     };
-    println!("{}", report::markdown(&results));
+    let tables = report::markdown(&results);
+    println!("{tables}");
     eprintln!("bench: wrote {}", json_path.display());
+    if let Some(readme) = &args.readme {
+        write_readme(args, readme, &tables, failed);
+    }
     match chart {
         Ok(p) => eprintln!("bench: wrote {p}"),
         Err(e) => eprintln!("bench: {e}"),
     }
     Ok(failed)
+}
+
+/// A partial or failed run's figures would replace a full run's: only a full one is written.
+fn write_readme(args: &Args, readme: &std::path::Path, tables: &str, failed: bool) {
+    let partial = args.quick || args.only.is_some() || args.drains.is_some() || failed;
+    if partial || args.out_dir != std::path::Path::new("bench/results") {
+        eprintln!("bench: {} left as it was (only a full run into bench/results updates it)", readme.display());
+        return;
+    }
+    let figures = format!(
+        "{tables}\n![server and server on pgoutput ÷ the fastest baseline per workload, and live latency](results/latest.png)\n"
+    );
+    match readme::update(readme, &figures) {
+        Ok(()) => eprintln!("bench: wrote the figures into {}", readme.display()),
+        Err(e) => eprintln!("bench: {e}"),
+    }
 }
 
 async fn admin(cluster: &Cluster) -> Result<tokio_postgres::Client> {
