@@ -79,9 +79,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let registry = Registry::new(settings.pg, settings.session, settings.pool);
-    tokio::spawn(Arc::clone(&registry).sweep_idle_snapshots());
+    // In the registry's tasks, as every websocket is: shutdown waits for all of them.
+    registry.tasks().spawn(Arc::clone(&registry).sweep_idle_snapshots());
     let retention = &settings.retention;
-    tokio::spawn(Arc::clone(&registry).watch_retention(
+    registry.tasks().spawn(Arc::clone(&registry).watch_retention(
         retention.check_interval,
         retention.warn_bytes,
         retention.warn_idle,

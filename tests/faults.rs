@@ -514,6 +514,48 @@ async fn sigint_closes_streams_with_1001_and_keeps_the_last_ack() {
     graceful_shutdown_on(libc::SIGINT).await;
 }
 
+/// SIGTERM while a v2 session streams and a viewer watches it: both get 1001 at once
+/// (every stream's stop is a child of the server's), the process exits 0 within the
+/// shutdown deadline (5 s, one for all), the watcher's temporary slot goes with its
+/// connection, and the session's slot keeps the last ack.
+#[tokio::test]
+async fn sigterm_ends_a_stream_and_a_watch_together_within_the_deadline() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE t (n int PRIMARY KEY, pad text)").await.unwrap();
+    let mut server = ServerProcess::start(&db, free_port()).await;
+    let (status, created) =
+        request(server.addr, "POST", "/v2/sessions", Some(r#"{"name": "orders", "tables": ["t"]}"#)).await;
+    assert_eq!(status, 201, "{created}");
+    let slot = created["slotName"].as_str().unwrap().to_owned();
+    let mut stream = connect_retry(&format!("ws://{}/v2/sessions/orders/stream", server.addr)).await;
+    let mut watch = connect_retry(&format!("ws://{}/v2/sessions/orders/watch", server.addr)).await;
+    insert(&pg, 1).await;
+    let a = next_changes(&mut stream).await;
+    assert_eq!(row_numbers(&a), [1]);
+    while next_json(&mut watch).await["action"] != "I" {}
+    let acked = a["nextlsn"].as_str().unwrap().to_owned();
+    ack(&mut stream, &acked).await;
+    await_confirmed(&pg, &slot, &acked).await;
+
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    let ((stream_code, why), (watch_code, watch_why)) = tokio::join!(await_close(&mut stream), await_close(&mut watch));
+    assert_eq!((stream_code, watch_code), (1001, 1001), "{why} / {watch_why}");
+    assert!(signalled.elapsed() < Duration::from_secs(3), "closed after {:?}", signalled.elapsed());
+    let status = server.wait_exit(Duration::from_secs(8)).await;
+    assert!(status.success(), "exit status {status}");
+    await_slot(&pg, &slot, "released", "NOT active").await;
+    await_confirmed(&pg, &slot, &acked).await;
+    // Postgres drops the temporary slot as the watcher's walsender exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while database_slots(&pg).await.iter().any(|s| s.starts_with("pgdeltastream_watch_")) {
+        assert!(Instant::now() < deadline, "the watcher's temporary slot outlived the server");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop_slot(&pg, &slot).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // f. A slow client
 // ---------------------------------------------------------------------------------------

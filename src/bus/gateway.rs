@@ -99,6 +99,12 @@ impl Gateway {
         Connected(count)
     }
 
+    /// Where the gateway's tasks run (its websockets, its hubs), so that shutting down
+    /// waits for them.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.feeds
+    }
+
     /// Ends every feed (close code 1001) and waits, a few seconds at most, until they
     /// have stored their clients' last acks.
     pub async fn shutdown(&self) {
@@ -181,7 +187,7 @@ impl Gateway {
         if let Some(hub) = hubs.get(session).filter(|h| h.slot() == slot && !h.is_closed()) {
             return Some(Arc::clone(hub));
         }
-        match Hub::start(stream, subject(session), slot.map(str::to_owned), self.shutdown.clone()).await {
+        match Hub::start(stream, subject(session), slot.map(str::to_owned), self.shutdown.clone(), &self.feeds).await {
             Ok(hub) => {
                 hubs.insert(session.to_owned(), Arc::clone(&hub));
                 Some(hub)

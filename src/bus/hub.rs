@@ -11,6 +11,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use super::message::of_incarnation;
 use super::unavailable;
@@ -60,12 +61,14 @@ impl Ring {
 }
 
 impl Hub {
-    /// Subscribes from the end of the stream.
+    /// Subscribes from the end of the stream; the hub's task runs in `tasks` (which the
+    /// gateway waits for at shutdown).
     pub async fn start(
         stream: &jetstream::stream::Stream,
         subject: String,
         slot: Option<String>,
         shutdown: Stop,
+        tasks: &TaskTracker,
     ) -> Result<Arc<Hub>, Error> {
         let next = stream.cached_info().state.last_sequence + 1;
         let consumer = stream
@@ -82,7 +85,7 @@ impl Hub {
             ring: Mutex::new(Ring { first: next, items: VecDeque::new(), bytes: 0, closed: false }),
             arrived: Notify::new(),
         });
-        tokio::spawn(Arc::clone(&hub).run(messages, shutdown));
+        tasks.spawn(Arc::clone(&hub).run(messages, shutdown));
         Ok(hub)
     }
 

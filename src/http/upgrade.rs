@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
 
 use super::ApiError;
 use crate::error::Error;
@@ -49,9 +50,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 }
 
 impl Upgrade {
-    /// Answers 101 and runs `serve` on the socket once hyper has switched protocols:
-    /// every websocket of the server and of the gateway starts here.
-    pub fn websocket<F, Fut>(self, settings: SocketSettings, serve: F) -> Response
+    /// Answers 101 and runs `serve` on the socket once hyper has switched protocols, in
+    /// a task of `tasks` (which shutdown waits for): every websocket of the server and
+    /// of the gateway starts here.
+    pub fn websocket<F, Fut>(self, tasks: &TaskTracker, settings: SocketSettings, serve: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -62,7 +64,7 @@ impl Upgrade {
             .read_buffer_size(MAX_CLIENT_MESSAGE)
             .max_message_size(Some(MAX_CLIENT_MESSAGE))
             .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             match self.on_upgrade.await {
                 Ok(upgraded) => {
                     let socket =

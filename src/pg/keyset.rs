@@ -19,14 +19,13 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryStream};
 
 use super::ident::{TableRef, is_valid_snapshot_id, quote_ident};
 use super::pool::PooledClient;
+pub use super::snapshot::Cursor;
 use super::snapshot::{
     Framing, KeysetFraming, PageBody, Scope, SnapshotError, TableInfo, abandon, begin_read, check_unchanged, describe,
     first_rows, resolve_in_scope,
@@ -39,37 +38,6 @@ pub struct KeysetRequest {
     pub table: TableRef,
     pub after: Option<String>,
     pub limit: u64,
-}
-
-/// Where a page ended: the table (its oid, so that a cursor of another table is
-/// refused) and the key of the last row sent, each value as its type's text output.
-/// The pinned settings make that text read back as the same value.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Cursor {
-    #[serde(rename = "t")]
-    pub oid: u32,
-    #[serde(rename = "k")]
-    pub key: Vec<String>,
-}
-
-impl Cursor {
-    pub fn new(oid: u32, key: Vec<String>) -> Cursor {
-        Cursor { oid, key }
-    }
-
-    /// base64url (no padding) of a small JSON value: safe in a query string as is.
-    pub fn encode(&self) -> String {
-        // Serializing a struct of a number and strings cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        URL_SAFE_NO_PAD.encode(json)
-    }
-
-    pub fn decode(s: &str) -> Result<Cursor, SnapshotError> {
-        let bad = |why: &str| SnapshotError::BadCursor(why.to_owned());
-        let json = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad("not one this server made (not base64url)"))?;
-        serde_json::from_slice(&json).map_err(|_| bad("not one this server made"))
-    }
 }
 
 /// How rows are ordered and pages found.
@@ -492,6 +460,8 @@ fn export_sql(table: &TableInfo, key: Option<&Key>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use proptest::prelude::*;
 
     use super::*;

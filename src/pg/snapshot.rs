@@ -23,6 +23,8 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
@@ -230,6 +232,39 @@ pub(super) async fn begin_read(
     Ok(())
 }
 
+/// Where a keyset page ([`super::keyset`]) ended, as its `next` names it: the table
+/// (its oid, so that a cursor of another table is refused) and the key of the last row
+/// sent, each value as its type's text output. The pinned settings make that text read
+/// back as the same value. Here rather than in `keyset`, beside the framing that writes
+/// it, so that the reads depend on nothing above them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cursor {
+    #[serde(rename = "t")]
+    pub oid: u32,
+    #[serde(rename = "k")]
+    pub key: Vec<String>,
+}
+
+impl Cursor {
+    pub fn new(oid: u32, key: Vec<String>) -> Cursor {
+        Cursor { oid, key }
+    }
+
+    /// base64url (no padding) of a small JSON value: safe in a query string as is.
+    pub fn encode(&self) -> String {
+        // Serializing a struct of a number and strings cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        URL_SAFE_NO_PAD.encode(json)
+    }
+
+    pub fn decode(s: &str) -> Result<Cursor, SnapshotError> {
+        let bad = |why: &str| SnapshotError::BadCursor(why.to_owned());
+        let json = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad("not one this server made (not base64url)"))?;
+        serde_json::from_slice(&json).map_err(|_| bad("not one this server made"))
+    }
+}
+
 /// How a body frames its rows.
 pub(super) enum Framing {
     /// `[row,row]`: a v1 page.
@@ -268,7 +303,7 @@ impl Framing {
                 out.extend_from_slice(b"],\"next\":");
                 match k.more {
                     true => {
-                        let cursor = super::keyset::Cursor::new(k.oid, k.last.clone()).encode();
+                        let cursor = Cursor::new(k.oid, k.last.clone()).encode();
                         write_string(out, Mode::AlwaysValid, cursor.as_bytes());
                     }
                     false => out.extend_from_slice(b"null"),

@@ -99,7 +99,7 @@ impl TableEntry {
 impl Definition {
     /// The publication its slot reads (pgoutput).
     pub fn publication(&self) -> Option<String> {
-        (self.plugin == Plugin::Pgoutput).then(|| Plugin::publication_name(&self.slot_name).to_owned())
+        self.plugin.publication(&self.slot_name).map(str::to_owned)
     }
 
     /// What reaches the session's client, for the plugin.

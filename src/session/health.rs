@@ -86,7 +86,7 @@ impl Registry {
     /// The positions of the slots of the sessions this process knows: one query, given
     /// up after `limit` (waiting for a pool connection included).
     pub async fn slot_positions(&self, limit: Duration) -> Result<Vec<SlotPosition>, Error> {
-        let rows = tokio::time::timeout(limit, self.slot_rows()).await.map_err(|_| {
+        let rows = tokio::time::timeout(limit, self.slots.rows()).await.map_err(|_| {
             Error::new(ErrorKind::Unavailable, format!("Postgres did not answer within {} ms", limit.as_millis()))
         })??;
         let ours = self.with(|s| s.sessions.values().map(|e| e.def.slot_name.clone()).collect::<Vec<_>>());
@@ -124,10 +124,10 @@ impl Registry {
         if !can_replicate {
             return Err(NotReady::new(
                 CHECKS[2],
-                format!("role {} has neither REPLICATION nor SUPERUSER", self.pg.user),
+                format!("role {} has neither REPLICATION nor SUPERUSER", self.pool.config().user),
             ));
         }
-        let mut conn = ReplicationConnection::connect(&self.pg)
+        let mut conn = ReplicationConnection::connect(self.pool.config())
             .await
             .map_err(|e| NotReady::new(CHECKS[3], format!("cannot open a replication connection: {e}")))?;
         let identified = conn.simple_query("IDENTIFY_SYSTEM").await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, TablePattern, check_name, display_pattern};
-use super::slots::{NewSlot, plugin_cannot_load};
+use super::slots::{NewSlot, OurSlot, plugin_cannot_load};
 use super::snapshots::SnapshotState;
 use super::{Entry, PluginChoice, Registry};
 use crate::error::{Error, ErrorKind};
@@ -87,7 +87,7 @@ impl Registry {
         let previous = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone()));
         // Stored before the slot exists, so that the write is not in the slot's stream.
         // v1 works without the store: a role that may not create it still streams.
-        let stored = match self.store_put(&def).await {
+        let stored = match self.store.put(&def).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "the default session is not stored: it will not be listed after a restart");
@@ -99,7 +99,7 @@ impl Registry {
             let new = self.create_session_slot(&mut def, auto, stored).await?;
             if let Some(previous) = &previous {
                 if let Err(e) = self.end(previous, "session reset by /v1/init").await {
-                    self.discard(&def, SnapshotState::Held(new.holder)).await;
+                    self.slots.discard(&def, new.holder).await;
                     return Err(e);
                 }
             }
@@ -110,7 +110,7 @@ impl Registry {
             Ok(new) => new,
             Err(e) => {
                 if stored {
-                    self.restore_default(previous.as_ref()).await;
+                    self.store.restore_default(previous.as_ref()).await;
                 }
                 return Err(e);
             }
@@ -121,27 +121,16 @@ impl Registry {
         Ok(def)
     }
 
-    /// Puts back the stored default session after a failed init.
-    async fn restore_default(&self, previous: Option<&Definition>) {
-        let restored = match previous {
-            Some(def) => self.store_put(def).await,
-            None => self.store_delete(DEFAULT_NAME).await,
-        };
-        if let Err(e) = restored {
-            tracing::warn!(error = %e, "cannot restore the stored default session");
-        }
-    }
-
     async fn create_new(&self, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         let _one_at_a_time = self.admin.lock().await;
         self.refuse_when_stopping()?;
         if self.with(|s| s.sessions.contains_key(&req.name)) {
             return Err(taken(&req.name));
         }
-        self.refuse_slot_names(&req.name).await?;
-        let client = self.pool.get().await?;
+        self.slots.refuse_as_session_name(&req.name).await?;
         // The store first: its schema is one a session may name (and never gets).
-        self.store.create(&client).await?;
+        self.store.create().await?;
+        let client = self.pool.get().await?;
         let tables = match &req.tables {
             Some(patterns) => Some(resolve_tables(&client, patterns).await?),
             None => None,
@@ -150,16 +139,13 @@ impl Registry {
         let (mut def, auto) = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
-        let client = self.pool.get().await?;
-        let inserted = self.store.insert(&client, &def).await;
-        client.release();
-        if !inserted? {
+        if !self.store.insert(&def).await? {
             return Err(taken(&req.name));
         }
         let new = match self.create_session_slot(&mut def, auto, true).await {
             Ok(new) => new,
             Err(e) => {
-                if let Err(e) = self.store_delete(&def.name).await {
+                if let Err(e) = self.store.delete(&def.name).await {
                     tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
                 }
                 return Err(e);
@@ -186,54 +172,44 @@ impl Registry {
         let narrows = tables.iter().flatten().any(TableEntry::narrows);
         let (plugin, auto) = match (plugin, self.settings.plugin) {
             (Some(p), _) | (None, PluginChoice::Fixed(p)) => (p, false),
-            // Only a publication applies a row filter or a column list.
-            (None, PluginChoice::Auto) if narrows => (Plugin::Pgoutput, false),
-            (None, PluginChoice::Auto) => (Plugin::Wal2json, true),
+            (None, PluginChoice::Auto) if narrows => (Plugin::narrowing(), false),
+            (None, PluginChoice::Auto) => (Plugin::PREFERRED, true),
         };
-        if narrows && plugin != Plugin::Pgoutput {
+        if narrows && !plugin.narrows() {
             return Err(Error::bad_request(format!(
                 "a row filter (where) or a column list (columns) needs the pgoutput plugin: {plugin} cannot apply them"
             )));
         }
-        let def =
-            Definition { name: name.to_owned(), slot_name: self.fresh_slot_name().await?, plugin, tables, actions };
+        let here = self.with(|s| s.sessions.keys().cloned().collect());
+        let slot_name = self.slots.fresh_name(here).await?;
+        let def = Definition { name: name.to_owned(), slot_name, plugin, tables, actions };
         Ok((def, auto))
     }
 
-    /// Creates the session's publication (pgoutput) and then its slot, leaving nothing
-    /// behind when either fails. With `auto`, a database that cannot load wal2json gets
-    /// pgoutput instead; the definition then says so, in the store too when `stored`
-    /// (before the slot exists, so that the write is not in its stream).
+    /// Creates the session's slot (with what its plugin needs before it), leaving
+    /// nothing behind when it fails. With `auto`, a database that cannot load the
+    /// plugin gets its fallback instead (wal2json's: pgoutput); the definition then
+    /// says so, in the store too when `stored` (before the slot exists, so that the
+    /// write is not in its stream).
     async fn create_session_slot(&self, def: &mut Definition, auto: bool, stored: bool) -> Result<NewSlot, Error> {
-        match self.create_plugin_slot(def).await {
-            Err(e) if auto && def.plugin == Plugin::Wal2json && plugin_cannot_load(&e, def.plugin) => {
-                tracing::info!(slot = %def.slot_name, error = %e, "the database cannot load wal2json: using pgoutput");
-                def.plugin = Plugin::Pgoutput;
-                if stored {
-                    self.store_put(def).await?;
-                }
-                self.create_plugin_slot(def).await
-            }
-            made => made,
+        let e = match self.slots.create(def).await {
+            Err(e) if auto && plugin_cannot_load(&e, def.plugin) => e,
+            made => return made,
+        };
+        let Some(fallback) = def.plugin.fallback() else { return Err(e) };
+        tracing::info!(slot = %def.slot_name, error = %e, "the database cannot load {}: using {fallback}", def.plugin);
+        def.plugin = fallback;
+        if stored {
+            self.store.put(def).await?;
         }
-    }
-
-    async fn create_plugin_slot(&self, def: &Definition) -> Result<NewSlot, Error> {
-        if def.plugin == Plugin::Pgoutput {
-            self.create_publication(def).await?;
-        }
-        let made = self.create_slot(&def.slot_name, def.plugin).await;
-        if made.is_err() {
-            self.drop_publication_of(&def.slot_name, def.plugin).await;
-        }
-        made
+        self.slots.create(def).await
     }
 
     /// Stops the session's stream (running or opening), drops its slot, releases its
     /// snapshot, and forgets it. If the slot cannot be dropped the session stays whole.
     pub(super) async fn end(&self, def: &Definition, why: &'static str) -> Result<(), Error> {
         let name = def.name.as_str();
-        self.watchers.stop(Some(name), code::NORMAL, why);
+        self.watchers.stop(name, code::NORMAL, why);
         self.with(|s| {
             if let Some(e) = s.sessions.get_mut(name) {
                 e.stream.closing = Some(why);
@@ -242,15 +218,15 @@ impl Registry {
                 }
             }
         });
-        if !self.wait_stream_ended(name, Duration::from_secs(10)).await {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        if !self.wait_streams(deadline, |s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())).await {
             tracing::warn!(session = name, "stream did not end in time");
         }
-        if let Err(e) = self.drop_slot(&def.slot_name).await {
+        if let Err(e) = self.slots.drop_slot_of(def).await {
             self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.closing = None));
             return Err(e);
         }
-        self.drop_publication_of(&def.slot_name, def.plugin).await;
-        if let Err(e) = self.store_delete(name).await {
+        if let Err(e) = self.store.delete(name).await {
             tracing::warn!(session = name, error = %e, "cannot remove the stored definition");
         }
         self.with(|s| {
@@ -259,18 +235,6 @@ impl Registry {
             }
         });
         Ok(())
-    }
-
-    /// Undoes a slot (and publication) made for a session that was never registered.
-    async fn discard(&self, def: &Definition, mut snapshot: SnapshotState) {
-        let slot = def.slot_name.as_str();
-        snapshot.release(slot, "the session was not created");
-        match self.drop_slot(slot).await {
-            Ok(()) => self.drop_publication_of(slot, def.plugin).await,
-            Err(e) => {
-                tracing::error!(slot, error = %e, "cannot drop the slot of a failed create; drop it with DELETE /v1/sessions/{{slotName}}")
-            }
-        }
     }
 
     /// Another process streams the session: ending it here would cut off its client.
@@ -293,16 +257,21 @@ impl Registry {
         if let Some(def) = self.with(|s| s.sessions.get(name).map(|e| e.def.clone())) {
             return Ok(def);
         }
-        let client = self.pool.get().await?;
-        let stored = self.store.get(&client, name).await;
-        client.release();
-        match stored? {
+        match self.store.get(name).await? {
             Some(def) => {
-                self.adopt(def.clone(), true);
+                self.with(|s| s.adopt(def.clone(), true));
                 Ok(def)
             }
             None => Err(Error::not_found(format!("no session named {name}"))),
         }
+    }
+
+    /// Whether `slot` is ours, its plugin and who streams it ([`Slots::ours`]).
+    ///
+    /// [`Slots::ours`]: super::slots::Slots::ours
+    pub(crate) async fn our_slot(&self, slot: &str) -> Result<OurSlot, Error> {
+        let named_here = self.with(|s| s.by_slot(slot).is_some());
+        self.slots.ours(slot, named_here).await
     }
 
     /// The one answer to "which session is this slot": a slot of ours ([`our_slot`]'s
@@ -316,9 +285,10 @@ impl Registry {
         if let Some(def) = self.with(|s| s.by_slot(slot).map(|e| e.def.clone())) {
             return Ok(def);
         }
-        let def = match self.store_lookup_slot(slot).await {
+        // A store that cannot be read leaves the slot a session of its own.
+        let def = match self.store.by_slot(slot).await.ok().flatten() {
             Some(def) => {
-                self.adopt(def.clone(), true);
+                self.with(|s| s.adopt(def.clone(), true));
                 def
             }
             None => {
@@ -329,7 +299,7 @@ impl Registry {
                     tables: None,
                     actions: Action::ALL.to_vec(),
                 };
-                self.adopt(def.clone(), false);
+                self.with(|s| s.adopt(def.clone(), false));
                 def
             }
         };
@@ -343,59 +313,22 @@ impl Registry {
     /// were kept apart from slot names: its token must not reach this slot).
     pub async fn slot_grants(&self, slot: &str) -> Result<Vec<String>, Error> {
         let def = self.session_of_slot(slot).await?;
-        if def.name == slot {
-            return Ok(vec![def.name]);
-        }
-        let other = match self.known(slot).await {
-            Ok(_) => true,
-            Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::BadRequest) => false,
-            Err(e) => return Err(e),
-        };
-        Ok(if other { vec![def.name] } else { vec![def.name, slot.to_owned()] })
+        let other = def.name != slot
+            && match self.known(slot).await {
+                Ok(_) => true,
+                Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::BadRequest) => false,
+                Err(e) => return Err(e),
+            };
+        Ok(grants(slot, Some(def.name), other))
     }
+}
 
-    /// A session name is never a slot's: a v1 token names either, and a stream of the
-    /// slot must not be granted by the name of another session. Names of the form of
-    /// ours (`delta_face56`) are kept for slots, so that no slot made later, by any
-    /// process, takes a session's name; and no existing slot's name is taken.
-    async fn refuse_slot_names(&self, name: &str) -> Result<(), Error> {
-        if super::names::is_ours(name) {
-            return Err(Error::conflict(format!(
-                "the name {name} is of the form of pgdeltastream's slot names (delta_<word><number>), which are kept \
-                 for slots: choose another"
-            )));
-        }
-        let client = self.pool.get().await?;
-        let row =
-            client.query_opt("SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&name]).await;
-        client.release();
-        if row?.is_some() {
-            return Err(Error::conflict(format!("the name {name} is taken by a replication slot: choose another")));
-        }
-        Ok(())
-    }
-
-    pub(super) async fn store_lookup_slot(&self, slot: &str) -> Option<Definition> {
-        let client = self.pool.get().await.ok()?;
-        let def = self.store.by_slot(&client, slot).await;
-        client.release();
-        def.ok().flatten()
-    }
-
-    async fn store_put(&self, def: &Definition) -> Result<(), Error> {
-        let client = self.pool.get().await?;
-        self.store.create(&client).await?;
-        self.store.put(&client, def).await?;
-        client.release();
-        Ok(())
-    }
-
-    async fn store_delete(&self, name: &str) -> Result<(), Error> {
-        let client = self.pool.get().await?;
-        self.store.delete(&client, name).await?;
-        client.release();
-        Ok(())
-    }
+/// The names a v1 consumer's token may give for `slot`: its session's, and the slot's
+/// own unless `another_named_so` (another session has the slot's name). The one rule
+/// of [`Registry::slot_grants`] and of the listing's grants.
+pub(super) fn grants(slot: &str, session: Option<String>, another_named_so: bool) -> Vec<String> {
+    let own = (!another_named_so && session.as_deref() != Some(slot)).then(|| slot.to_owned());
+    session.into_iter().chain(own).collect()
 }
 
 fn taken(name: &str) -> Error {
@@ -456,4 +389,18 @@ async fn resolve_table(client: &Client, t: &TableRef) -> Result<(String, String)
     }?;
     let row = row.ok_or_else(|| Error::not_found(format!("table {t} does not exist")))?;
     Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grants;
+
+    #[test]
+    fn a_token_may_name_the_session_or_the_slot_unless_another_session_has_the_slots_name() {
+        assert_eq!(grants("delta_a1", Some("orders".into()), false), ["orders", "delta_a1"]);
+        assert_eq!(grants("delta_a1", Some("orders".into()), true), ["orders"]);
+        assert_eq!(grants("delta_a1", Some("delta_a1".into()), false), ["delta_a1"]);
+        assert_eq!(grants("delta_a1", None, false), ["delta_a1"]);
+        assert!(grants("delta_a1", None, true).is_empty());
+    }
 }

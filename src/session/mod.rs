@@ -16,15 +16,26 @@
 //! single-session API), and a slot of ours that no definition names (made by an earlier
 //! version) still streams, as a session named after its slot that is not stored.
 //!
-//! - [`lifecycle`]: creating and ending sessions.
-//! - [`slots`]: replication slots: create with a snapshot, check, drop.
-//! - [`publications`]: the publication of a pgoutput session, created before its slot
-//!   and dropped after it.
-//! - [`snapshots`]: the held snapshot and reading from it.
-//! - [`streams`]: claiming a session's one stream and running it.
-//! - [`views`] and [`retention`]: what the API reports; [`health`]: what `/metrics`
-//!   and `/readyz` report.
-//! - [`watch`]: viewers watching a session from temporary slots of their own.
+//! The [`Registry`] orchestrates: it holds the one `Mutex<State>` and decides when
+//! things happen; a few services each own their SQL and know nothing of the state:
+//!
+//! - [`store::Store`]: the stored definitions.
+//! - `slots::Slots`: replication slots, created with a snapshot, checked, started,
+//!   dropped; around them the plugin's hooks ([`Plugin::before_slot`],
+//!   [`Plugin::after_drop`]), which for pgoutput make and drop the session's
+//!   publication ([`publications`]).
+//! - `snapshots::Snapshots`: reads from a held snapshot; the held snapshot itself
+//!   (`SnapshotState`: held, released, or not here) is part of the state.
+//! - `watch::Watchers`: viewers watching a session from temporary slots of their own.
+//!
+//! And the registry's own parts: [`lifecycle`] (creating and ending sessions, and the
+//! one answer to "which session is this slot"), [`streams`] (claiming a session's one
+//! stream and running it), [`views`] and [`retention`] (what the API reports),
+//! [`health`] (what `/metrics` and `/readyz` report).
+//!
+//! Shutdown: the registry's stop is the parent of every stream's and watcher's, so
+//! stopping it ends them all; it then waits, against one deadline, for the streams and
+//! for every websocket task the server started ([`Registry::tasks`]).
 
 pub(crate) mod definition;
 pub mod health;
@@ -51,6 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
@@ -61,8 +73,10 @@ use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
 use crate::types::Lsn;
 use definition::Definition;
-use snapshots::SnapshotState;
+use slots::Slots;
+use snapshots::{SnapshotState, Snapshots};
 use store::Store;
+use watch::Watchers;
 
 /// The plugin of a session that does not name one (`--plugin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,46 +170,73 @@ struct StreamState {
 }
 
 impl State {
+    /// The session of this process that reads `slot`: the one lookup by slot in the
+    /// state ([`Registry::session_of_slot`] answers for every process).
     fn by_slot(&self, slot: &str) -> Option<&Entry> {
         self.sessions.values().find(|e| e.def.slot_name == slot)
+    }
+
+    fn by_slot_mut(&mut self, slot: &str) -> Option<&mut Entry> {
+        self.sessions.values_mut().find(|e| e.def.slot_name == slot)
+    }
+
+    /// Registers a session this process did not create (from the store, or a slot of
+    /// an earlier version) unless it is known already.
+    fn adopt(&mut self, def: Definition, stored: bool) {
+        let name = def.name.clone();
+        self.sessions.entry(name).or_insert_with(|| Entry::new(def, SnapshotState::NotHere, None, stored));
     }
 }
 
 pub struct Registry {
-    pg: PgConfig,
     pool: Pool,
     settings: SessionSettings,
     store: Store,
+    slots: Slots,
+    snapshots: Snapshots,
+    watchers: Arc<Watchers>,
     state: Mutex<State>,
     /// Creating and ending sessions run one at a time: each may wait on Postgres, and
     /// `/v1/init` replaces what the one before it made.
     admin: tokio::sync::Mutex<()>,
     /// Woken whenever a stream ends.
     stream_ended: Notify,
+    /// The parent of every stream's stop: stopping it ends them all.
     shutdown: Stop,
-    watchers: watch::Watchers,
+    /// The tasks that serve streams (websockets): shutdown waits for them.
+    tasks: TaskTracker,
     /// The retention warning threshold in bytes (0: none), for the views.
     retention_warn_bytes: AtomicU64,
 }
 
 impl Registry {
     pub fn new(pg: PgConfig, settings: SessionSettings, pool: PoolSettings) -> Arc<Registry> {
+        let pool = Pool::new(pg.clone(), pool);
+        let store = Store::new(pool.clone(), &settings.schema);
         Arc::new(Registry {
-            pool: Pool::new(pg.clone(), pool),
-            store: Store::new(&settings.schema),
-            pg,
+            slots: Slots { pg, pool: pool.clone(), store: store.clone(), hidden_schema: settings.schema.clone() },
+            snapshots: Snapshots { pool: pool.clone() },
+            watchers: Arc::new(Watchers::new(&settings, pool.clone())),
+            store,
+            pool,
             settings,
             state: Mutex::new(State::default()),
             admin: tokio::sync::Mutex::new(()),
             stream_ended: Notify::new(),
             shutdown: Stop::new(),
-            watchers: watch::Watchers::default(),
+            tasks: TaskTracker::new(),
             retention_warn_bytes: AtomicU64::new(0),
         })
     }
 
     pub fn settings(&self) -> &SessionSettings {
         &self.settings
+    }
+
+    /// Where the tasks that serve this registry's streams are spawned (the websockets),
+    /// so that shutdown waits for them too.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// Runs `f` on the state. A poisoned lock only means another thread panicked in the
@@ -213,36 +254,33 @@ impl Registry {
         Ok(())
     }
 
-    /// Ends every stream (close code 1001) and releases every snapshot; waits a few
-    /// seconds for the streams to send their last status update.
+    /// Ends every stream and watcher (close code 1001: their stops are children of the
+    /// registry's) and releases every snapshot; waits a few seconds, one deadline for
+    /// all, for the streams to send their last status update and for their websocket
+    /// tasks to end.
     pub async fn shutdown(&self) {
         self.shutdown.stop(code::GOING_AWAY, "server shutting down");
-        self.watchers.stop(None, code::GOING_AWAY, "server shutting down");
         self.with(|s| {
             for e in s.sessions.values_mut() {
-                if let Some(stop) = &e.stream.running {
-                    stop.stop(code::GOING_AWAY, "server shutting down");
-                }
                 e.snapshot.release(&e.def.name, "server shutting down");
             }
         });
-        // One deadline for all the streams, not one each after the other: many stuck
-        // streams must not hold shutdown many times as long.
+        // One deadline for everything, not one each after the other: many stuck streams
+        // must not hold shutdown many times as long.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let all_ended = |s: &State| s.sessions.values().all(|e| e.stream.running.is_none());
-        if !self.wait_streams(Duration::from_secs(5), all_ended).await {
+        if !self.wait_streams(deadline, all_ended).await {
             tracing::warn!("streams still running at the shutdown deadline");
+        }
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait()).await.is_err() {
+            tracing::warn!(tasks = self.tasks.len(), "websocket tasks still running at the shutdown deadline");
         }
     }
 
-    /// Waits (bounded) until the session has no stream; true when it has none.
-    async fn wait_stream_ended(&self, name: &str, limit: Duration) -> bool {
-        self.wait_streams(limit, |s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())).await
-    }
-
-    /// Waits (bounded by `limit`) until `done` holds of the state, checked whenever a
+    /// Waits (until `deadline`) until `done` holds of the state, checked whenever a
     /// stream ends; true when it does.
-    async fn wait_streams(&self, limit: Duration, done: impl Fn(&State) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
+    async fn wait_streams(&self, deadline: tokio::time::Instant, done: impl Fn(&State) -> bool) -> bool {
         loop {
             let ended = self.stream_ended.notified();
             tokio::pin!(ended);

@@ -1,6 +1,10 @@
 //! A pgoutput session's publication: the tables and actions its slot decodes, named as
 //! the slot, created before it (publications are looked up in the historic catalog of
-//! each change) and dropped after it.
+//! each change) and dropped after it. The plugin says when ([`Plugin::before_slot`],
+//! [`Plugin::after_drop`]); [`ForSession`] does it, with the SQL here.
+//!
+//! [`Plugin::before_slot`]: crate::stream::plugin::Plugin::before_slot
+//! [`Plugin::after_drop`]: crate::stream::plugin::Plugin::after_drop
 //!
 //! A publication that publishes updates or deletes of a table without a replica
 //! identity makes the application's own UPDATE and DELETE of that table fail. So the
@@ -10,67 +14,73 @@
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::Registry;
 use super::definition::{Action, Definition, TableEntry, TablePattern};
+use super::slots::Slots;
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::{quote_ident, quote_literal};
-use crate::stream::plugin::Plugin;
+use crate::pg::pool::Pool;
+use crate::stream::plugin::Publications;
 
 /// At most this many table names in a refusal.
 const NAMES_SHOWN: usize = 20;
 
-impl Registry {
-    /// Creates the publication of pgoutput session `def`, or refuses with nothing left
-    /// behind: 409 when it would break the application's updates or deletes, 403 when
-    /// the role may not create it, 400 when Postgres refuses a row filter or a column.
-    pub(super) async fn create_publication(&self, def: &Definition) -> Result<(), Error> {
-        let plan = Plan::new(def, &self.settings.schema)?;
-        let client = self.pool.get().await?;
-        client.batch_execute("BEGIN").await?;
-        match plan.create_checked(&client).await {
-            Ok(()) => {
-                client.batch_execute("COMMIT").await?;
-                client.release();
-            }
-            Err(e) => {
-                if client.batch_execute("ROLLBACK").await.is_ok() {
-                    client.release();
-                }
-                return Err(e);
-            }
-        }
-        if plan.all_tables {
-            tracing::warn!(
-                publication = %plan.name,
-                "publication created FOR ALL TABLES: it covers tables created later too, and their UPDATE and DELETE \
-                 fail while they have no replica identity"
-            );
-        } else {
-            tracing::info!(publication = %plan.name, "publication created");
-        }
-        Ok(())
+/// The publication hooks of one session's slot ([`Publications`]), done with the
+/// SQL of this module: what the plugin asks for before the slot and after its drop.
+pub(super) struct ForSession<'a> {
+    pub slots: &'a Slots,
+    pub def: &'a Definition,
+}
+
+impl Publications for ForSession<'_> {
+    async fn create(&self, name: &str) -> Result<(), Error> {
+        create_publication(&self.slots.pool, self.def, name, &self.slots.hidden_schema).await
     }
 
-    /// Drops a publication if it exists.
-    pub(super) async fn drop_publication(&self, name: &str) -> Result<(), Error> {
-        let client = self.pool.get().await?;
-        client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))).await?;
-        client.release();
-        tracing::info!(publication = name, "publication dropped");
-        Ok(())
-    }
-
-    /// Drops the publication of a slot just dropped, if its plugin has one; a failure
-    /// is logged with what to run by hand.
-    pub(super) async fn drop_publication_of(&self, slot: &str, plugin: Plugin) {
-        if plugin != Plugin::Pgoutput {
-            return;
-        }
-        let name = Plugin::publication_name(slot);
-        if let Err(e) = self.drop_publication(name).await {
+    async fn remove(&self, name: &str) {
+        if let Err(e) = drop_publication(&self.slots.pool, name).await {
             tracing::error!(publication = name, error = %e, "cannot drop the publication: run DROP PUBLICATION {}", quote_ident(name));
         }
     }
+}
+
+/// Creates publication `name` of session `def`, or refuses with nothing left behind:
+/// 409 when it would break the application's updates or deletes, 403 when the role may
+/// not create it, 400 when Postgres refuses a row filter or a column.
+async fn create_publication(pool: &Pool, def: &Definition, name: &str, hidden_schema: &str) -> Result<(), Error> {
+    let plan = Plan::new(def, name, hidden_schema)?;
+    let client = pool.get().await?;
+    client.batch_execute("BEGIN").await?;
+    match plan.create_checked(&client).await {
+        Ok(()) => {
+            client.batch_execute("COMMIT").await?;
+            client.release();
+        }
+        Err(e) => {
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                client.release();
+            }
+            return Err(e);
+        }
+    }
+    if plan.all_tables {
+        tracing::warn!(
+            publication = %plan.name,
+            "publication created FOR ALL TABLES: it covers tables created later too, and their UPDATE and DELETE \
+             fail while they have no replica identity"
+        );
+    } else {
+        tracing::info!(publication = %plan.name, "publication created");
+    }
+    Ok(())
+}
+
+/// Drops a publication if it exists.
+async fn drop_publication(pool: &Pool, name: &str) -> Result<(), Error> {
+    let client = pool.get().await?;
+    client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))).await?;
+    client.release();
+    tracing::info!(publication = name, "publication dropped");
+    Ok(())
 }
 
 /// The publication to create, and what Postgres must say it covers.
@@ -94,8 +104,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(def: &Definition, hidden_schema: &str) -> Result<Plan, Error> {
-        let name = Plugin::publication_name(&def.slot_name).to_owned();
+    fn new(def: &Definition, name: &str, hidden_schema: &str) -> Result<Plan, Error> {
+        let name = name.to_owned();
         let mut plan = Plan {
             sql: String::new(),
             all_tables: def.tables.is_none(),
@@ -378,6 +388,7 @@ fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
 mod tests {
     use super::*;
     use crate::session::definition::TableSpec;
+    use crate::stream::plugin::Plugin;
 
     fn def(tables: Option<Vec<TableEntry>>, actions: &[Action]) -> Definition {
         Definition {
@@ -389,9 +400,15 @@ mod tests {
         }
     }
 
+    impl Plan {
+        fn new_for(def: &Definition, hidden_schema: &str) -> Result<Plan, Error> {
+            Plan::new(def, Plugin::publication_name(&def.slot_name), hidden_schema)
+        }
+    }
+
     #[test]
     fn every_table_and_every_action() {
-        let plan = Plan::new(&def(None, &Action::ALL), "pgdeltastream").unwrap();
+        let plan = Plan::new_for(&def(None, &Action::ALL), "pgdeltastream").unwrap();
         assert_eq!(
             plan.sql,
             "CREATE PUBLICATION \"delta_amber1\" FOR ALL TABLES WITH (publish = 'insert, update, delete, truncate')"
@@ -412,7 +429,7 @@ mod tests {
                 columns: Some(vec!["id".into(), "Amount".into()]),
             }),
         ];
-        let plan = Plan::new(&def(Some(tables), &[Action::Insert, Action::Message]), "pgdeltastream").unwrap();
+        let plan = Plan::new_for(&def(Some(tables), &[Action::Insert, Action::Message]), "pgdeltastream").unwrap();
         assert_eq!(
             plan.sql,
             "CREATE PUBLICATION \"delta_amber1\" FOR TABLE \"public\".\"orders\", TABLES IN SCHEMA \"audit\", \
@@ -428,7 +445,7 @@ mod tests {
     #[test]
     fn no_row_action_publishes_nothing_and_the_store_alone_is_no_table() {
         let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
-        let plan = Plan::new(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
+        let plan = Plan::new_for(&def(only_store, &[Action::Message]), "pgdeltastream").unwrap();
         assert_eq!(
             plan.sql,
             "CREATE PUBLICATION \"delta_amber1\" WITH (publish = '', publish_via_partition_root = true)"
@@ -441,12 +458,12 @@ mod tests {
             vec![TableEntry::Table(TableSpec { table: "public.t".into(), row_filter: Some(filter.into()), columns })]
         };
         for filter in ["true) --", "true); DROP TABLE t", "true /* */", "(true", "'open", "x\0"] {
-            let e = Plan::new(&def(Some(spec(filter, None)), &[Action::Insert]), "pgdeltastream").unwrap_err();
+            let e = Plan::new_for(&def(Some(spec(filter, None)), &[Action::Insert]), "pgdeltastream").unwrap_err();
             assert_eq!(e.kind, ErrorKind::BadRequest, "{filter:?}: {e}");
         }
         let nul = Some(vec!["id\0".to_owned()]);
-        assert!(Plan::new(&def(Some(spec("true", nul)), &[Action::Insert]), "pgdeltastream").is_err());
-        let plan = Plan::new(&def(Some(spec("note = 'a) --'", None)), &[Action::Insert]), "pgdeltastream").unwrap();
+        assert!(Plan::new_for(&def(Some(spec("true", nul)), &[Action::Insert]), "pgdeltastream").is_err());
+        let plan = Plan::new_for(&def(Some(spec("note = 'a) --'", None)), &[Action::Insert]), "pgdeltastream").unwrap();
         assert!(
             plan.sql.ends_with("WHERE (note = 'a) --') WITH (publish = 'insert', publish_via_partition_root = true)"),
             "{}",
@@ -463,7 +480,7 @@ mod tests {
             row_filter: Some("true".into()),
             columns: None,
         })];
-        let e = Plan::new(&def(Some(tables), &Action::ALL), "pgdeltastream").unwrap_err();
+        let e = Plan::new_for(&def(Some(tables), &Action::ALL), "pgdeltastream").unwrap_err();
         assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::definition::DEFAULT_NAME;
+use super::lifecycle::grants;
+use super::slots::Slots;
 pub use super::snapshots::SnapshotStatus;
 use super::{Registry, names};
 use crate::error::Error;
@@ -152,17 +154,18 @@ impl Registry {
     pub async fn report(&self) -> Result<Vec<SlotReport>, Error> {
         let now = SystemTime::now();
         let mut reports = Vec::new();
-        let stored = self.stored_slots().await;
+        let stored = self.store.slots().await;
         let here: Vec<(String, String)> =
             self.with(|s| s.sessions.values().map(|e| (e.def.slot_name.clone(), e.def.name.clone())).collect());
-        for row in self.slot_rows().await? {
+        for row in self.slots.rows().await? {
+            // For every slot at once, in the order of `session_of_slot`: this process's
+            // sessions first, then the stored ones.
             let session = here.iter().chain(&stored).find(|(slot, _)| *slot == row.slot_name).map(|(_, n)| n.clone());
             let named = session.is_some();
             let other_named_so =
                 here.iter().chain(&stored).any(|(slot, name)| *name == row.slot_name && *slot != row.slot_name);
-            let grants: Vec<String> =
-                session.into_iter().chain((!other_named_so).then(|| row.slot_name.clone())).collect();
-            if row.plugin == Plugin::Pgoutput && !named {
+            let grants = grants(&row.slot_name, session, other_named_so);
+            if row.plugin.shared() && !named {
                 continue;
             }
             let here = self.with(|s| {
@@ -186,59 +189,12 @@ impl Registry {
                 snapshot: here.as_ref().map_or(SnapshotStatus::None, |(_, _, status)| *status),
                 last_close: progress.as_ref().and_then(|p| p.last_close()).map(LastClose::from),
                 plugin: row.plugin,
-                publication: (row.plugin == Plugin::Pgoutput)
-                    .then(|| Plugin::publication_name(&row.slot_name).to_owned()),
+                publication: row.plugin.publication(&row.slot_name).map(str::to_owned),
                 slot_name: row.slot_name,
                 grants,
             });
         }
         Ok(reports)
-    }
-
-    /// The (slot, session) pairs of the stored definitions; none when the store cannot
-    /// be read (the sessions of this process are still known).
-    async fn stored_slots(&self) -> Vec<(String, String)> {
-        let Ok(client) = self.pool.get().await else { return Vec::new() };
-        let defs = self.store.load(&client).await;
-        client.release();
-        match defs {
-            Ok(defs) => defs.into_iter().map(|d| (d.slot_name, d.name)).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the stored sessions");
-                Vec::new()
-            }
-        }
-    }
-
-    /// What Postgres says about every slot of ours in the configured database.
-    pub(super) async fn slot_rows(&self) -> Result<Vec<SlotRow>, Error> {
-        let client = self.pool.get().await?;
-        let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
-        let rows = client.query(REPORT_SQL, &[&plugins]).await?;
-        client.release();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let slot_name: String = row.try_get(0)?;
-            if !names::is_ours(&slot_name) {
-                continue;
-            }
-            let retained: Option<i64> = row.try_get(5)?;
-            let lag: Option<i64> = row.try_get(8)?;
-            let plugin: String = row.try_get(7)?;
-            let Some(plugin) = Plugin::from_name(&plugin) else { continue };
-            out.push(SlotRow {
-                plugin,
-                slot_name,
-                active: row.try_get(1)?,
-                active_pid: row.try_get(2)?,
-                confirmed_flush_lsn: parse_lsn(row.try_get(3)?)?,
-                restart_lsn: parse_lsn(row.try_get(4)?)?,
-                retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
-                lag_bytes: lag.map(|b| u64::try_from(b).unwrap_or(0)),
-                wal_status: row.try_get(6)?,
-            });
-        }
-        Ok(out)
     }
 
     /// Checks WAL retention every `every` until shutdown: one warning per slot past a
@@ -294,6 +250,39 @@ impl Registry {
             let total: u64 = reports.iter().filter_map(|r| r.retained_bytes).sum();
             tracing::info!(slots = reports.len(), retained_bytes = total, over_threshold = over, "WAL retention");
         }
+    }
+}
+
+impl Slots {
+    /// What Postgres says about every slot of ours in the configured database.
+    pub(super) async fn rows(&self) -> Result<Vec<SlotRow>, Error> {
+        let client = self.pool.get().await?;
+        let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
+        let rows = client.query(REPORT_SQL, &[&plugins]).await?;
+        client.release();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let slot_name: String = row.try_get(0)?;
+            if !names::is_ours(&slot_name) {
+                continue;
+            }
+            let retained: Option<i64> = row.try_get(5)?;
+            let lag: Option<i64> = row.try_get(8)?;
+            let plugin: String = row.try_get(7)?;
+            let Some(plugin) = Plugin::from_name(&plugin) else { continue };
+            out.push(SlotRow {
+                plugin,
+                slot_name,
+                active: row.try_get(1)?,
+                active_pid: row.try_get(2)?,
+                confirmed_flush_lsn: parse_lsn(row.try_get(3)?)?,
+                restart_lsn: parse_lsn(row.try_get(4)?)?,
+                retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
+                lag_bytes: lag.map(|b| u64::try_from(b).unwrap_or(0)),
+                wal_status: row.try_get(6)?,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -1,19 +1,23 @@
-//! Replication slots: created with an exported snapshot, checked before a stream or a
-//! drop, and dropped.
+//! Replication slots, the [`Slots`] service: created with an exported snapshot (the
+//! plugin's publication before, see [`super::publications`]), checked before a stream
+//! or a drop, started, and dropped (the publication after). It owns this SQL; the
+//! registry decides when.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 
-use super::snapshots::SnapshotHolder;
-use super::{Registry, names};
+use super::definition::Definition;
+use super::names;
+use super::publications::ForSession;
+use super::snapshots::{SnapshotHolder, SnapshotState};
+use super::store::Store;
 use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
 use crate::pg::PgError;
 use crate::pg::ident::is_valid_slot_name;
-use crate::pg::pool;
-use crate::pg::replication::ReplicationConnection;
-use crate::pg::snapshot;
+use crate::pg::pool::Pool;
+use crate::pg::replication::{ReplicationConnection, ReplicationStream};
 use crate::stream::plugin::Plugin;
 use crate::types::Lsn;
 
@@ -38,10 +42,20 @@ struct SlotInfo {
     confirmed_flush: Lsn,
 }
 
-impl Registry {
+/// The replication slots of sessions (and their publications).
+pub(super) struct Slots {
+    pub(super) pg: PgConfig,
+    pub(super) pool: Pool,
+    pub(super) store: Store,
+    /// The store's schema, which no publication covers.
+    pub(super) hidden_schema: String,
+}
+
+impl Slots {
     /// A slot name no slot of the cluster has (`delta_<word><number>`), nor any
-    /// session (a v1 token names either: see `refuse_slot_names`).
-    pub(super) async fn fresh_slot_name(&self) -> Result<String, Error> {
+    /// session, stored or `here` (a v1 token names either: see
+    /// `refuse_as_session_name`).
+    pub(super) async fn fresh_name(&self, here: Vec<String>) -> Result<String, Error> {
         let client = self.pool.get().await?;
         // A publication is named as its slot: neither may be taken.
         let rows = client
@@ -51,25 +65,123 @@ impl Registry {
                 &[],
             )
             .await;
-        // Sessions stored before their names were kept apart from slot names.
-        let stored = self.store.names(&client).await;
         client.release();
+        // Sessions stored before their names were kept apart from slot names.
+        let stored = self.store.names().await;
         let mut taken: Vec<String> = rows?.iter().filter_map(|r| r.try_get(0).ok()).collect();
         match stored {
             Ok(names) => taken.extend(names),
             // v1 works without the store; today's names never take a slot's form anyway.
             Err(e) => tracing::warn!(error = %e, "cannot read the stored session names"),
         }
-        taken.extend(self.with(|s| s.sessions.keys().cloned().collect::<Vec<_>>()));
+        taken.extend(here);
         (0..100)
             .map(|_| names::random_name())
             .find(|n| !taken.contains(n))
             .ok_or_else(|| Error::internal("no free slot name found"))
     }
 
-    /// Creates slot `name` and holds the snapshot it exports. Leaves nothing behind
+    /// Creates the slot of `def` with what its plugin needs before it (a pgoutput
+    /// session's publication), and holds the snapshot it exports. Leaves nothing
+    /// behind when it fails.
+    pub(super) async fn create(&self, def: &Definition) -> Result<NewSlot, Error> {
+        let publications = ForSession { slots: self, def };
+        def.plugin.before_slot(&def.slot_name, &publications).await?;
+        let made = self.create_slot(&def.slot_name, def.plugin).await;
+        if made.is_err() {
+            def.plugin.after_drop(&def.slot_name, &publications).await;
+        }
+        made
+    }
+
+    /// Drops the slot of `def`, then what its plugin made for it. If the slot cannot
+    /// be dropped nothing else is.
+    pub(super) async fn drop_slot_of(&self, def: &Definition) -> Result<(), Error> {
+        self.drop_slot(&def.slot_name).await?;
+        def.plugin.after_drop(&def.slot_name, &ForSession { slots: self, def }).await;
+        Ok(())
+    }
+
+    /// Undoes a slot (and publication) made for a session that was never registered.
+    pub(super) async fn discard(&self, def: &Definition, holder: SnapshotHolder) {
+        let slot = def.slot_name.as_str();
+        SnapshotState::Held(holder).release(slot, "the session was not created");
+        if let Err(e) = self.drop_slot_of(def).await {
+            tracing::error!(slot, error = %e, "cannot drop the slot of a failed create; drop it with DELETE /v1/sessions/{{slotName}}");
+        }
+    }
+
+    /// A session name is never a slot's: a v1 token names either, and a stream of the
+    /// slot must not be granted by the name of another session. Names of the form of
+    /// ours (`delta_face56`) are kept for slots, so that no slot made later, by any
+    /// process, takes a session's name; and no existing slot's name is taken.
+    pub(super) async fn refuse_as_session_name(&self, name: &str) -> Result<(), Error> {
+        if names::is_ours(name) {
+            return Err(Error::conflict(format!(
+                "the name {name} is of the form of pgdeltastream's slot names (delta_<word><number>), which are kept \
+                 for slots: choose another"
+            )));
+        }
+        let client = self.pool.get().await?;
+        let row =
+            client.query_opt("SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&name]).await;
+        client.release();
+        if row?.is_some() {
+            return Err(Error::conflict(format!("the name {name} is taken by a replication slot: choose another")));
+        }
+        Ok(())
+    }
+
+    /// Starts streaming `slot` from `start` on a replication connection of its own.
+    pub(super) async fn start_replication(
+        &self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream, Error> {
+        let conn = ReplicationConnection::connect(&self.pg).await?;
+        if let Some(encoding) = conn.parameter("server_encoding").filter(|e| *e != "UTF8") {
+            let encoding = encoding.to_owned();
+            conn.close().await;
+            return Err(Error::internal(format!(
+                "database {} is encoded in {encoding}: pgdeltastream streams only UTF8 databases",
+                self.pg.dbname
+            )));
+        }
+        conn.start_replication(slot, start, options).await.map_err(|e| match e.code() {
+            Some(c) if c == SqlState::OBJECT_IN_USE.code() => {
+                Error::conflict(format!("slot {slot} is in use by another process: {e}"))
+            }
+            Some(c) if c == SqlState::UNDEFINED_OBJECT.code() => {
+                Error::not_found(format!("replication slot {slot} does not exist"))
+            }
+            _ => Error::from_pg(&e),
+        })
+    }
+
+    /// Creates TEMPORARY slot `slot` of `plugin` and starts streaming it with
+    /// `options`: Postgres drops it when the stream's connection ends. Answers where
+    /// it starts.
+    pub(super) async fn open_temporary(
+        &self,
+        slot: &str,
+        plugin: Plugin,
+        options: &[(&str, String)],
+    ) -> Result<(Lsn, ReplicationStream), Error> {
+        let mut conn = ReplicationConnection::connect(&self.pg).await?;
+        let start = match conn.create_temporary_slot(slot, plugin.name()).await {
+            Ok(start) => start,
+            Err(e) => {
+                conn.close().await;
+                return Err(e.into());
+            }
+        };
+        Ok((start, conn.start_replication(slot, start, options).await?))
+    }
+
+    /// Creates slot `name` and holds the snapshot it exports. Leaves no slot behind
     /// when it fails.
-    pub(super) async fn create_slot(&self, name: &str, plugin: Plugin) -> Result<NewSlot, Error> {
+    async fn create_slot(&self, name: &str, plugin: Plugin) -> Result<NewSlot, Error> {
         let mut conn = ReplicationConnection::connect(&self.pg).await?;
         let created = match conn.create_logical_slot(name, plugin.name()).await {
             Ok(c) => c,
@@ -80,7 +192,7 @@ impl Registry {
         };
         // Import the snapshot before anything else runs on `conn`: the next command
         // there would end it.
-        let held = hold(&self.pg, created.snapshot_name.as_deref()).await;
+        let held = SnapshotHolder::hold(&self.pg, created.snapshot_name.as_deref()).await;
         conn.close().await;
         match held {
             Ok(holder) => {
@@ -96,7 +208,7 @@ impl Registry {
 
     /// Drops a slot if it exists, waiting a little for a walsender that is still
     /// letting go of it.
-    pub(super) async fn drop_slot(&self, slot: &str) -> Result<(), Error> {
+    async fn drop_slot(&self, slot: &str) -> Result<(), Error> {
         let client = self.pool.get().await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -122,9 +234,10 @@ impl Registry {
     }
 
     /// The one answer to "is this slot ours, which plugin, who streams it": one of our
-    /// names, in the configured database, decoded by a plugin we read. Refusals are the
-    /// client's errors (400, 404).
-    pub(crate) async fn our_slot(&self, slot: &str) -> Result<OurSlot, Error> {
+    /// names, in the configured database, decoded by a plugin we read, and for a plugin
+    /// others use too, named by a session (of this process when `named_here`).
+    /// Refusals are the client's errors (400, 403, 404).
+    pub(super) async fn ours(&self, slot: &str, named_here: bool) -> Result<OurSlot, Error> {
         if !is_valid_slot_name(slot) || !names::is_ours(slot) {
             return Err(Error::bad_request(format!(
                 "invalid slotName {slot:?}: expected a slot created by /v1/init, like delta_face56"
@@ -144,11 +257,11 @@ impl Registry {
                 info.plugin.as_deref().unwrap_or("(none)")
             ))
         })?;
-        if plugin == Plugin::Pgoutput && !self.names_slot(slot).await? {
+        if plugin.shared() && !named_here && !self.named(slot, plugin).await? {
             return Err(Error::new(
                 ErrorKind::Forbidden,
                 format!(
-                    "replication slot {slot} is a pgoutput slot that no session of pgdeltastream names (a subscriber's?): \
+                    "replication slot {slot} is a {plugin} slot that no session of pgdeltastream names (a subscriber's?): \
                      it is not streamed here"
                 ),
             ));
@@ -156,21 +269,17 @@ impl Registry {
         Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush })
     }
 
-    /// A session of this process or a stored definition reads `slot`, or it reads a
-    /// publication named as itself, the way pgdeltastream makes them (so that a slot
-    /// made by hand for a tool or a test streams as v1 slots always have). A
-    /// subscriber's slot has neither.
-    pub(super) async fn names_slot(&self, slot: &str) -> Result<bool, Error> {
-        if self.with(|s| s.by_slot(slot).is_some()) {
-            return Ok(true);
-        }
+    /// A stored definition reads `slot`, or it reads the publication its plugin names,
+    /// the way pgdeltastream makes them (so that a slot made by hand for a tool or a
+    /// test streams as v1 slots always have). A subscriber's slot has neither.
+    async fn named(&self, slot: &str, plugin: Plugin) -> Result<bool, Error> {
+        let def = self.store.by_slot(slot).await;
+        let Some(publication) = plugin.publication(slot) else { return Ok(def?.is_some()) };
         let client = self.pool.get().await?;
-        let def = self.store.by_slot(&client, slot).await;
-        let publication = client
-            .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&Plugin::publication_name(slot)])
-            .await;
+        let found =
+            client.query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&publication]).await;
         client.release();
-        Ok(def?.is_some() || publication?.is_some())
+        Ok(def?.is_some() || found?.is_some())
     }
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
@@ -202,14 +311,6 @@ pub(super) fn plugin_cannot_load(e: &Error, plugin: Plugin) -> bool {
     let source = std::error::Error::source(e).and_then(|s| s.downcast_ref::<PgError>());
     let Some(PgError::Db(db)) = source else { return false };
     db.code == tokio_postgres::error::SqlState::UNDEFINED_FILE.code() || db.message.contains(plugin.name())
-}
-
-/// Holds an exported snapshot on a connection of its own.
-async fn hold(pg: &PgConfig, exported: Option<&str>) -> Result<SnapshotHolder, Error> {
-    let exported = exported.ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
-    let client = pool::connect(pg).await?;
-    let id = snapshot::hold_snapshot(&client, exported).await?;
-    Ok(SnapshotHolder { client, id, last_used: Instant::now() })
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! A session's snapshot: the transaction that keeps it importable, and the reads from
-//! it. It is held from the session's creation until it is released: on request, after
-//! the idle timeout, when the session ends, or when its connection dies. It never
-//! outlives the process.
+//! A session's snapshot: the transaction that keeps it importable ([`SnapshotState`],
+//! part of the registry's one state), and the reads from it ([`Snapshots`], which owns
+//! their SQL). It is held from the session's creation until it is released: on
+//! request, after the idle timeout, when the session ends, or when its connection
+//! dies. It never outlives the process.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,16 +10,17 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::Registry;
 use super::definition::{DEFAULT_NAME, Definition, TablePattern};
+use super::{Registry, State};
 use crate::error::{Error, ErrorKind};
+use crate::pg::PgConfig;
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::{self, KeysetRequest};
-use crate::pg::pool::PooledClient;
+use crate::pg::pool::{self, Pool};
 use crate::pg::snapshot::{self, PageBody, PageRequest, Scope, SnapshotError};
 
 /// Why a session this process did not create has no snapshot here.
-pub(super) const NOT_HERE: &str =
+const NOT_HERE: &str =
     "a snapshot does not survive a restart of pgdeltastream, and only the process that created the session holds it";
 
 /// The transaction that keeps an exported snapshot alive.
@@ -30,9 +32,23 @@ pub(super) struct SnapshotHolder {
     pub last_used: Instant,
 }
 
+impl SnapshotHolder {
+    /// Holds the snapshot `exported` on a connection of its own.
+    pub async fn hold(pg: &PgConfig, exported: Option<&str>) -> Result<SnapshotHolder, Error> {
+        let exported = exported.ok_or_else(|| Error::internal("Postgres exported no snapshot"))?;
+        let client = pool::connect(pg).await?;
+        let id = snapshot::hold_snapshot(&client, exported).await?;
+        Ok(SnapshotHolder { client, id, last_used: Instant::now() })
+    }
+}
+
 pub(super) enum SnapshotState {
     Held(SnapshotHolder),
+    /// This process held it and let go of it, for this reason.
     Released(&'static str),
+    /// This process never held it: another process created the session, or one before
+    /// a restart did.
+    NotHere,
 }
 
 /// What the API says about a snapshot.
@@ -59,11 +75,8 @@ impl SnapshotState {
                 h.last_used = Instant::now();
                 Ok(h.id.clone())
             }
-            SnapshotState::Released(why) => {
-                let again =
-                    if name == DEFAULT_NAME { "call /v1/init for a new session" } else { "create a new session" };
-                Err(Error::conflict(format!("the snapshot of session {name} was released ({why}); {again}")))
-            }
+            SnapshotState::Released(why) => Err(released(name, why)),
+            SnapshotState::NotHere => Err(released(name, NOT_HERE)),
         }
     }
 
@@ -80,55 +93,88 @@ impl SnapshotState {
         match self {
             SnapshotState::Held(h) if !h.client.is_closed() => (SnapshotStatus::Held, None),
             SnapshotState::Held(_) => (SnapshotStatus::Released, Some("its connection to Postgres was lost")),
-            SnapshotState::Released(why) if *why == NOT_HERE => (SnapshotStatus::None, Some(why)),
             SnapshotState::Released(why) => (SnapshotStatus::Released, Some(why)),
+            SnapshotState::NotHere => (SnapshotStatus::None, Some(NOT_HERE)),
+        }
+    }
+
+    fn idle_for(&self, timeout: Duration) -> bool {
+        matches!(self, SnapshotState::Held(h) if h.last_used.elapsed() >= timeout)
+    }
+}
+
+/// A snapshot that cannot be read (any more): 409, and what to do instead.
+fn released(name: &str, why: &str) -> Error {
+    let again = if name == DEFAULT_NAME { "call /v1/init for a new session" } else { "create a new session" };
+    Error::conflict(format!("the snapshot of session {name} was released ({why}); {again}"))
+}
+
+/// Reads from a session's snapshot, each on a pooled connection of its own.
+pub(super) struct Snapshots {
+    pub(super) pool: Pool,
+}
+
+impl Snapshots {
+    /// One v1 page from snapshot `id`. Refusals come here; the body streams the rows on
+    /// a pooled connection that it holds until it ends (or is dropped, which cancels
+    /// the query).
+    async fn page(&self, id: &str, scope: &Scope, req: &PageRequest) -> Result<PageBody, Error> {
+        let conn = self.pool.get_for_read().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        snapshot::open_page(conn, id, req, scope, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+    }
+
+    /// One keyset page of session `name`'s snapshot `id`, streamed as `page` is.
+    async fn keyset(&self, name: &str, id: &str, scope: &Scope, req: &KeysetRequest) -> Result<PageBody, Error> {
+        let conn = self.pool.get_for_read().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_keyset_page(conn, id, req, scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+
+    /// The whole of `table`, a row per line.
+    async fn export(&self, name: &str, id: &str, scope: &Scope, table: &TableRef) -> Result<PageBody, Error> {
+        let conn = self.pool.get_for_read().await?;
+        let timeout = self.pool.settings().statement_timeout;
+        keyset::open_export(conn, id, table, scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+    }
+}
+
+impl State {
+    /// The id to import the snapshot of session `name`, and what of it the session sees
+    /// (never the store's schema `hidden`).
+    fn snapshot_id(&mut self, name: &str, hidden: &str) -> Result<(String, Scope), Error> {
+        match self.sessions.get_mut(name) {
+            Some(e) => Ok((e.snapshot.touch(name)?, scope_of(&e.def, hidden))),
+            None if name == DEFAULT_NAME => {
+                Err(Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))
+            }
+            None => Err(Error::not_found(format!("no session named {name}"))),
         }
     }
 }
 
 impl Registry {
-    /// The id to import the snapshot of session `name`, and what of it the session sees.
-    pub(super) fn snapshot_id(&self, name: &str) -> Result<(String, Scope), Error> {
-        self.with(|s| match s.sessions.get_mut(name) {
-            Some(e) => Ok((e.snapshot.touch(name)?, scope_of(&e.def, &self.settings.schema))),
-            None if name == DEFAULT_NAME => {
-                Err(Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))
-            }
-            None => Err(Error::not_found(format!("no session named {name}"))),
-        })
-    }
-
-    /// `/v1/snapshot/data`: one page from the default session's snapshot. Refusals come
-    /// here; the body streams the rows on a pooled connection that it holds until it
-    /// ends (or is dropped, which cancels the query).
+    /// `/v1/snapshot/data`: one page from the default session's snapshot.
     pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
-        let (id, scope) = self.snapshot_id(DEFAULT_NAME)?;
+        let (id, scope) = self.with(|s| s.snapshot_id(DEFAULT_NAME, &self.settings.schema))?;
         // v1 as the original: a system schema is refused (403), not unknown.
         let scope = Scope { system_unknown: false, ..scope };
-        let conn = self.pool.get_for_read().await?;
-        let timeout = self.pool.settings().statement_timeout;
-        snapshot::open_page(conn, &id, req, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, DEFAULT_NAME))
+        self.snapshots.page(&id, &scope, req).await
     }
 
     /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
-    /// snapshot, `{"rows":[...],"next":...}`, streamed as `snapshot_page` is.
+    /// snapshot, `{"rows":[...],"next":...}`.
     pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
-        let (id, scope, conn, timeout) = self.open_read(name).await?;
-        keyset::open_keyset_page(conn, &id, req, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
+        self.known(name).await?;
+        let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
+        self.snapshots.keyset(name, &id, &scope, req).await
     }
 
     /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
     pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
-        let (id, scope, conn, timeout) = self.open_read(name).await?;
-        keyset::open_export(conn, &id, table, &scope, timeout).await.map_err(|e| snapshot_error(e, timeout, name))
-    }
-
-    /// What a read of session `name`'s snapshot needs: the snapshot id, what of it the
-    /// session sees, a connection, and the statement timeout.
-    async fn open_read(&self, name: &str) -> Result<(String, Scope, PooledClient, Duration), Error> {
         self.known(name).await?;
-        let (id, scope) = self.snapshot_id(name)?;
-        Ok((id, scope, self.pool.get_for_read().await?, self.pool.settings().statement_timeout))
+        let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
+        self.snapshots.export(name, &id, &scope, table).await
     }
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
@@ -138,15 +184,14 @@ impl Registry {
         Ok(self.with(|s| s.sessions.get_mut(name).is_some_and(|e| e.snapshot.release(name, "released on request"))))
     }
 
-    /// Releases a session's snapshot: by slot name, or the default session's.
+    /// Releases a session's snapshot: by slot name, or the default session's. Only this
+    /// process holds snapshots, so only its sessions are looked at.
     pub fn release_snapshot(&self, slot: Option<&str>) -> Result<String, Error> {
         self.with(|s| {
             let entry = match slot {
-                Some(slot) => s
-                    .sessions
-                    .values_mut()
-                    .find(|e| e.def.slot_name == slot)
-                    .ok_or_else(|| Error::not_found(format!("no session for slot {slot}")))?,
+                Some(slot) => {
+                    s.by_slot_mut(slot).ok_or_else(|| Error::not_found(format!("no session for slot {slot}")))?
+                }
                 None => s
                     .sessions
                     .get_mut(DEFAULT_NAME)
@@ -167,10 +212,8 @@ impl Registry {
                 _ = tokio::time::sleep(period) => {}
             }
             self.with(|s| {
-                for e in s.sessions.values_mut() {
-                    if matches!(&e.snapshot, SnapshotState::Held(h) if h.last_used.elapsed() >= timeout) {
-                        e.snapshot.release(&e.def.name, "idle timeout");
-                    }
+                for e in s.sessions.values_mut().filter(|e| e.snapshot.idle_for(timeout)) {
+                    e.snapshot.release(&e.def.name, "idle timeout");
                 }
             });
         }
@@ -197,7 +240,7 @@ fn scope_of(def: &Definition, hidden: &str) -> Scope {
 }
 
 /// What a failed snapshot read of session `name` tells the client.
-pub(super) fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> Error {
+fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> Error {
     let again = if name == DEFAULT_NAME {
         "call /v1/init for a new snapshot"
     } else {

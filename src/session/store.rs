@@ -2,30 +2,127 @@
 //! outlive the process and every process serving the database sees the same ones:
 //! a table `<schema>.sessions` (schema `pgdeltastream` unless configured), created on
 //! first use. A definition is a JSON document; the slot's position is Postgres's own.
+//!
+//! The [`Store`] owns this SQL: each call takes a pooled connection of its own and
+//! gives it back, so callers never hold one across other work.
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::definition::Definition;
+use super::definition::{DEFAULT_NAME, Definition};
 use crate::error::Error;
 use crate::pg::ident::quote_ident;
+use crate::pg::pool::Pool;
 
 pub const DEFAULT_SCHEMA: &str = "pgdeltastream";
 
+/// Cheap to clone: the pool is shared.
+#[derive(Clone)]
 pub struct Store {
+    pool: Pool,
     /// `"schema".sessions`, quoted.
     table: String,
     schema: String,
 }
 
 impl Store {
-    pub fn new(schema: &str) -> Store {
-        Store { table: format!("{}.sessions", quote_ident(schema)), schema: schema.to_owned() }
+    pub fn new(pool: Pool, schema: &str) -> Store {
+        Store { pool, table: format!("{}.sessions", quote_ident(schema)), schema: schema.to_owned() }
+    }
+
+    /// Creates the table unless it exists.
+    pub async fn create(&self) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        self.create_on(&client).await?;
+        client.release();
+        Ok(())
+    }
+
+    /// Stores a new definition; false when its name is taken.
+    pub async fn insert(&self, def: &Definition) -> Result<bool, Error> {
+        let client = self.pool.get().await?;
+        let inserted = self.insert_on(&client, def).await?;
+        client.release();
+        Ok(inserted)
+    }
+
+    /// Stores a definition (creating the table first), replacing the one of the same name.
+    pub async fn put(&self, def: &Definition) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        self.create_on(&client).await?;
+        self.put_on(&client, def).await?;
+        client.release();
+        Ok(())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        self.delete_on(&client, name).await?;
+        client.release();
+        Ok(())
+    }
+
+    /// Puts back the stored default session after a failed init: `previous`, or none.
+    pub async fn restore_default(&self, previous: Option<&Definition>) {
+        let restored = match previous {
+            Some(def) => self.put(def).await,
+            None => self.delete(DEFAULT_NAME).await,
+        };
+        if let Err(e) = restored {
+            tracing::warn!(error = %e, "cannot restore the stored default session");
+        }
+    }
+
+    /// Every stored definition, by name; none while the table does not exist.
+    pub async fn load(&self) -> Result<Vec<Definition>, Error> {
+        let client = self.pool.get().await?;
+        let defs = self.select(&client, "TRUE", None).await?;
+        client.release();
+        Ok(defs)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Definition>, Error> {
+        let client = self.pool.get().await?;
+        let def = self.select(&client, "name = $1", Some(name)).await?.pop();
+        client.release();
+        Ok(def)
+    }
+
+    /// The stored definition that reads `slot`.
+    pub async fn by_slot(&self, slot: &str) -> Result<Option<Definition>, Error> {
+        let client = self.pool.get().await?;
+        let def = self.select(&client, "definition->>'slotName' = $1", Some(slot)).await?.pop();
+        client.release();
+        Ok(def)
+    }
+
+    /// The names of the stored sessions; none while the table does not exist.
+    pub async fn names(&self) -> Result<Vec<String>, Error> {
+        let client = self.pool.get().await?;
+        if !self.exists(&client).await? {
+            client.release();
+            return Ok(Vec::new());
+        }
+        let rows = client.query(&format!("SELECT name FROM {}", self.table), &[]).await?;
+        client.release();
+        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
+    }
+
+    /// The (slot, session) pairs of the stored definitions; none when the store cannot
+    /// be read (the sessions of this process are still known).
+    pub async fn slots(&self) -> Vec<(String, String)> {
+        match self.load().await {
+            Ok(defs) => defs.into_iter().map(|d| (d.slot_name, d.name)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored sessions");
+                Vec::new()
+            }
+        }
     }
 
     /// Creates the schema and the table unless they exist. Two processes may do so at
     /// once: the loser's unique violation means the winner made them.
-    pub async fn create(&self, client: &Client) -> Result<(), Error> {
+    async fn create_on(&self, client: &Client) -> Result<(), Error> {
         let sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {}; \
              CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, definition jsonb NOT NULL, \
@@ -45,15 +142,13 @@ impl Store {
         }
     }
 
-    /// Stores a new definition; false when its name is taken.
-    pub async fn insert(&self, client: &Client, def: &Definition) -> Result<bool, Error> {
+    async fn insert_on(&self, client: &Client, def: &Definition) -> Result<bool, Error> {
         let sql = format!("INSERT INTO {} (name, definition) VALUES ($1, $2) ON CONFLICT DO NOTHING", self.table);
         let n = client.execute(&sql, &[&def.name, &to_json(def)?]).await?;
         Ok(n == 1)
     }
 
-    /// Stores a definition, replacing the one of the same name.
-    pub async fn put(&self, client: &Client, def: &Definition) -> Result<(), Error> {
+    async fn put_on(&self, client: &Client, def: &Definition) -> Result<(), Error> {
         let sql = format!(
             "INSERT INTO {} (name, definition) VALUES ($1, $2) \
              ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, created_at = now()",
@@ -63,35 +158,13 @@ impl Store {
         Ok(())
     }
 
-    pub async fn delete(&self, client: &Client, name: &str) -> Result<(), Error> {
+    async fn delete_on(&self, client: &Client, name: &str) -> Result<(), Error> {
         if !self.exists(client).await? {
             return Ok(());
         }
         let sql = format!("DELETE FROM {} WHERE name = $1", self.table);
         client.execute(&sql, &[&name]).await?;
         Ok(())
-    }
-
-    /// Every stored definition, by name; none while the table does not exist.
-    pub async fn load(&self, client: &Client) -> Result<Vec<Definition>, Error> {
-        self.select(client, "TRUE", None).await
-    }
-
-    pub async fn get(&self, client: &Client, name: &str) -> Result<Option<Definition>, Error> {
-        Ok(self.select(client, "name = $1", Some(name)).await?.pop())
-    }
-
-    pub async fn by_slot(&self, client: &Client, slot: &str) -> Result<Option<Definition>, Error> {
-        Ok(self.select(client, "definition->>'slotName' = $1", Some(slot)).await?.pop())
-    }
-
-    /// The names of the stored sessions; none while the table does not exist.
-    pub async fn names(&self, client: &Client) -> Result<Vec<String>, Error> {
-        if !self.exists(client).await? {
-            return Ok(Vec::new());
-        }
-        let rows = client.query(&format!("SELECT name FROM {}", self.table), &[]).await?;
-        Ok(rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?)
     }
 
     async fn select(&self, client: &Client, condition: &str, arg: Option<&str>) -> Result<Vec<Definition>, Error> {

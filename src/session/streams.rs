@@ -5,13 +5,11 @@
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tokio_postgres::error::SqlState;
 
 use super::definition::Definition;
-use super::snapshots::{NOT_HERE, SnapshotState};
-use super::{Entry, Registry, SessionSettings};
+use super::{Registry, SessionSettings, State};
 use crate::error::Error;
-use crate::pg::replication::{ReplicationConnection, ReplicationStream};
+use crate::pg::replication::ReplicationStream;
 use crate::stream::Stop as StreamStop;
 use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::Filter;
@@ -27,8 +25,9 @@ pub struct OpenStream {
     pub start: Lsn,
     pub(super) stream: ReplicationStream,
     pub(super) stop: StreamStop,
-    /// What the stream holds while it runs, given back when it ends.
-    pub(super) guard: Guard,
+    /// What the stream holds while it runs (the session's claim, or a watcher's
+    /// place), given back when it ends.
+    pub(super) guard: Box<dyn Send>,
     pub(super) progress: Arc<Progress>,
     pub(super) format: Format,
     /// The plugin's output as wal2json pieces.
@@ -41,17 +40,10 @@ pub struct OpenStream {
     pub(super) options: Vec<(&'static str, String)>,
 }
 
-/// The session's one stream, or a place among the watchers.
-pub(super) enum Guard {
-    Session { _claim: Claim },
-    Watch { _permit: super::watch::WatchPermit },
-}
-
 /// The session's stream, taken: given back when dropped.
-pub(super) struct Claim {
+struct Claim {
     registry: Arc<Registry>,
     name: String,
-    stop: StreamStop,
 }
 
 impl Drop for Claim {
@@ -81,23 +73,11 @@ impl Registry {
         self.start(name, format, None).await
     }
 
-    /// Registers a session this process did not create (from the store, or a slot of
-    /// an earlier version) unless it is known already; returns its name.
-    pub(super) fn adopt(&self, def: Definition, stored: bool) -> String {
-        self.with(|s| {
-            let name = def.name.clone();
-            s.sessions
-                .entry(name.clone())
-                .or_insert_with(|| Entry::new(def, SnapshotState::Released(NOT_HERE), None, stored));
-            name
-        })
-    }
-
     /// Starts session `name`'s stream: through v1 with `v1_slot`, the slot the client
     /// named, which must still be the session's.
     async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
-        let (def, progress, stop) = self.claim(name)?;
-        let claim = Claim { registry: Arc::clone(self), name: name.to_owned(), stop: stop.clone() };
+        let (def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
+        let claim = Claim { registry: Arc::clone(self), name: name.to_owned() };
         let slot = def.slot_name.as_str();
         if let Some(asked) = v1_slot.filter(|s| *s != slot) {
             // The session has another slot since (an init in between).
@@ -119,7 +99,7 @@ impl Registry {
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
         let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
         let options = info.plugin.start_options(format, &filter, slot);
-        let stream = self.start_replication(slot, start, options.clone()).await?;
+        let stream = self.slots.start_replication(slot, start, &options).await?;
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.
@@ -133,8 +113,8 @@ impl Registry {
             slot: slot.to_owned(),
             start,
             stream,
-            stop: claim.stop.clone(),
-            guard: Guard::Session { _claim: claim },
+            stop,
+            guard: Box::new(claim),
             progress,
             format,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
@@ -143,51 +123,26 @@ impl Registry {
             options,
         })
     }
+}
 
-    /// Takes the session's one stream. Checked and taken under the state's lock, so
-    /// that a stream still opening is seen, and stopped, by whoever ends the session.
-    fn claim(&self, name: &str) -> Result<(Definition, Arc<Progress>, StreamStop), Error> {
-        self.with(|s| {
-            let e = s.sessions.get_mut(name).ok_or_else(|| Error::not_found(format!("no session named {name}")))?;
-            if let Some(why) = e.stream.closing {
-                return Err(Error::conflict(format!("session {name} is being ended ({why})")));
-            }
-            if e.stream.running.is_some() {
-                return Err(Error::conflict(format!(
-                    "slot {} is already being streamed by another client",
-                    e.def.slot_name
-                )));
-            }
-            let stop = StreamStop::new();
-            e.stream.running = Some(stop.clone());
-            Ok((e.def.clone(), e.progress.clone(), stop))
-        })
-    }
-
-    async fn start_replication(
-        &self,
-        slot: &str,
-        start: Lsn,
-        options: Vec<(&str, String)>,
-    ) -> Result<ReplicationStream, Error> {
-        let conn = ReplicationConnection::connect(&self.pg).await?;
-        if let Some(encoding) = conn.parameter("server_encoding").filter(|e| *e != "UTF8") {
-            let encoding = encoding.to_owned();
-            conn.close().await;
-            return Err(Error::internal(format!(
-                "database {} is encoded in {encoding}: pgdeltastream streams only UTF8 databases",
-                self.pg.dbname
+impl State {
+    /// Takes session `name`'s one stream, with a stop that `parent` also stops. Checked
+    /// and taken under the state's lock, so that a stream still opening is seen, and
+    /// stopped, by whoever ends the session.
+    fn claim(&mut self, name: &str, parent: &StreamStop) -> Result<(Definition, Arc<Progress>, StreamStop), Error> {
+        let e = self.sessions.get_mut(name).ok_or_else(|| Error::not_found(format!("no session named {name}")))?;
+        if let Some(why) = e.stream.closing {
+            return Err(Error::conflict(format!("session {name} is being ended ({why})")));
+        }
+        if e.stream.running.is_some() {
+            return Err(Error::conflict(format!(
+                "slot {} is already being streamed by another client",
+                e.def.slot_name
             )));
         }
-        conn.start_replication(slot, start, &options).await.map_err(|e| match e.code() {
-            Some(c) if c == SqlState::OBJECT_IN_USE.code() => {
-                Error::conflict(format!("slot {slot} is in use by another process: {e}"))
-            }
-            Some(c) if c == SqlState::UNDEFINED_OBJECT.code() => {
-                Error::not_found(format!("replication slot {slot} does not exist"))
-            }
-            _ => Error::from_pg(&e),
-        })
+        let stop = parent.child();
+        e.stream.running = Some(stop.clone());
+        Ok((e.def.clone(), e.progress.clone(), stop))
     }
 }
 

@@ -71,16 +71,15 @@ impl Registry {
     /// `GET /v2/sessions`: every stored session (stored by any process) and every
     /// session only this process knows, by name.
     pub async fn list(&self) -> Result<Vec<SessionView>, Error> {
-        let client = self.pool.get().await?;
-        let stored = self.store.load(&client).await;
-        client.release();
-        let stored = stored?;
-        for def in &stored {
-            self.adopt(def.clone(), true);
-        }
-        // Sessions stored by this process that another process ended are gone.
-        self.with(|s| s.sessions.retain(|name, e| !e.stored || stored.iter().any(|d| &d.name == name)));
-        let rows = self.slot_rows().await?;
+        let stored = self.store.load().await?;
+        self.with(|s| {
+            for def in &stored {
+                s.adopt(def.clone(), true);
+            }
+            // Sessions stored by this process that another process ended are gone.
+            s.sessions.retain(|name, e| !e.stored || stored.iter().any(|d| &d.name == name));
+        });
+        let rows = self.slots.rows().await?;
         let mut defs: Vec<Definition> = self.with(|s| s.sessions.values().map(|e| e.def.clone()).collect());
         defs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(defs.into_iter().map(|d| self.view(d, &rows)).collect())
@@ -89,7 +88,7 @@ impl Registry {
     /// `GET /v2/sessions/{name}`.
     pub async fn view_one(&self, name: &str) -> Result<SessionView, Error> {
         let def = self.known(name).await?;
-        let rows = self.slot_rows().await?;
+        let rows = self.slots.rows().await?;
         Ok(self.view(def, &rows))
     }
 

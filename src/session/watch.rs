@@ -16,22 +16,23 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::Registry;
-use super::names;
-use super::streams::{Guard, OpenStream};
+use super::streams::OpenStream;
+use super::{Registry, SessionSettings, names};
 use crate::error::{Error, ErrorKind};
-use crate::pg::replication::ReplicationConnection;
+use crate::pg::pool::Pool;
 use crate::stream::Stop as StreamStop;
 use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
-use crate::stream::plugin::Plugin;
-use crate::stream::stop::code;
 
-/// The watchers running now.
-#[derive(Default)]
+/// The watchers running now, and the limits on them; owns the one query it needs (the
+/// room Postgres has left).
 pub(super) struct Watchers {
     active: Mutex<Vec<Watcher>>,
     next_id: AtomicU64,
+    max: usize,
+    max_per_caller: usize,
+    reserve: usize,
+    pool: Pool,
 }
 
 struct Watcher {
@@ -43,21 +44,32 @@ struct Watcher {
 }
 
 /// A place among the watchers, given back when dropped.
-pub(super) struct WatchPermit {
-    registry: Arc<Registry>,
+struct WatchPermit {
+    watchers: Arc<Watchers>,
     id: u64,
 }
 
 impl Drop for WatchPermit {
     fn drop(&mut self) {
-        lock(&self.registry.watchers.active).retain(|w| w.id != self.id);
+        lock(&self.watchers.active).retain(|w| w.id != self.id);
     }
 }
 
 impl Watchers {
-    /// Stops the watchers of `session` (every one when `None`).
-    pub(super) fn stop(&self, session: Option<&str>, close_code: u16, why: &str) {
-        for w in lock(&self.active).iter().filter(|w| session.is_none_or(|s| s == w.session)) {
+    pub(super) fn new(settings: &SessionSettings, pool: Pool) -> Watchers {
+        Watchers {
+            active: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            max: settings.max_watchers,
+            max_per_caller: settings.max_watchers_per_caller,
+            reserve: settings.watch_reserve_slots,
+            pool,
+        }
+    }
+
+    /// Stops the watchers of `session`.
+    pub(super) fn stop(&self, session: &str, close_code: u16, why: &str) {
+        for w in lock(&self.active).iter().filter(|w| w.session == session) {
             w.stop.stop(close_code, why);
         }
     }
@@ -65,87 +77,39 @@ impl Watchers {
     pub(super) fn count_of(&self, session: &str) -> usize {
         lock(&self.active).iter().filter(|w| w.session == session).count()
     }
-}
 
-impl Registry {
-    /// `GET /v2/sessions/{name}/watch`: a stream of the session's changes from now on,
-    /// in the `changes` format, from a temporary slot of the watcher's own. `caller`:
-    /// whose share of the watchers it takes (none: an admin's, only the server-wide
-    /// limit applies).
-    pub async fn open_watch(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<OpenStream, Error> {
-        self.refuse_when_stopping()?;
-        let def = self.known(name).await?;
-        let (permit, stop) = self.enter_watchers(name, caller)?;
-        self.check_slot_room().await?;
-        let plugin = self.our_slot(&def.slot_name).await?.plugin;
-        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
-        let slot = names::watch_slot_name();
-        let mut conn = ReplicationConnection::connect(&self.pg).await?;
-        let start = match conn.create_temporary_slot(&slot, plugin.name()).await {
-            Ok(start) => start,
-            Err(e) => {
-                conn.close().await;
-                return Err(e.into());
-            }
-        };
-        // The options name the session's slot: a pgoutput watcher reads its publication.
-        let mut options = plugin.start_options(Format::Changes, &filter, &def.slot_name);
-        if plugin == Plugin::Wal2json {
-            // The viewer shows each change's key; pgoutput names none, the viewer copes.
-            options.push(("include-pk", "1".into()));
-        }
-        let stream = conn.start_replication(&slot, start, &options).await?;
-        if stop.is_stopped() {
-            return Err(Error::conflict(format!("session {name} was ended as the watch opened")));
-        }
-        tracing::info!(session = name, slot, %start, "watch started");
-        Ok(OpenStream {
-            slot,
-            start,
-            stream,
-            stop,
-            guard: Guard::Watch { _permit: permit },
-            // A fresh record: the session's last ack and last close stay its consumer's.
-            progress: Arc::default(),
-            format: Format::Changes,
-            decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
-            skip_empty: true,
-            settings: self.settings.clone(),
-            options,
-        })
-    }
-
-    fn enter_watchers(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<(WatchPermit, StreamStop), Error> {
-        let max = self.settings.max_watchers;
-        let mut active = lock(&self.watchers.active);
+    /// A place for a watcher of session `name` on behalf of `caller`, with a stop that
+    /// `parent` (the server's) also stops; refused past the limits.
+    fn enter(
+        self: &Arc<Self>,
+        name: &str,
+        caller: Option<&str>,
+        parent: &StreamStop,
+    ) -> Result<(WatchPermit, StreamStop), Error> {
+        let max = self.max;
+        let mut active = lock(&self.active);
         if active.len() >= max {
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 format!("{max} viewers are watching already (each costs a walsender): try again later"),
             ));
         }
-        let per_caller = self.settings.max_watchers_per_caller;
+        let per_caller = self.max_per_caller;
         if caller.is_some() && active.iter().filter(|w| w.caller.as_deref() == caller).count() >= per_caller {
             return Err(Error::new(
                 ErrorKind::TooMany,
                 format!("this token watches {per_caller} times already, as many as one token may: close one first"),
             ));
         }
-        let id = self.watchers.next_id.fetch_add(1, Ordering::Relaxed);
-        let stop = StreamStop::new();
-        if self.shutdown.is_stopped() {
-            stop.stop(code::GOING_AWAY, "server shutting down");
-        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = parent.child();
         active.push(Watcher { id, session: name.to_owned(), caller: caller.map(str::to_owned), stop: stop.clone() });
-        Ok((WatchPermit { registry: Arc::clone(self), id }, stop))
+        Ok((WatchPermit { watchers: Arc::clone(self), id }, stop))
     }
-}
 
-impl Registry {
     /// Refuses a watcher (503) when Postgres has no more than the reserve of free
     /// replication slots or walsenders: those are for sessions and their streams.
-    async fn check_slot_room(&self) -> Result<(), Error> {
+    async fn check_room(&self) -> Result<(), Error> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
@@ -158,7 +122,7 @@ impl Registry {
             .await?;
         let (slots, senders): (i32, i32) = (row.try_get(0)?, row.try_get(1)?);
         client.release();
-        let reserve = self.settings.watch_reserve_slots as i64;
+        let reserve = self.reserve as i64;
         let free = i64::from(slots.min(senders));
         if free <= reserve {
             return Err(Error::new(
@@ -171,6 +135,44 @@ impl Registry {
             ));
         }
         Ok(())
+    }
+}
+
+impl Registry {
+    /// `GET /v2/sessions/{name}/watch`: a stream of the session's changes from now on,
+    /// in the `changes` format, from a temporary slot of the watcher's own. `caller`:
+    /// whose share of the watchers it takes (none: an admin's, only the server-wide
+    /// limit applies).
+    pub async fn open_watch(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<OpenStream, Error> {
+        self.refuse_when_stopping()?;
+        let def = self.known(name).await?;
+        let (permit, stop) = self.watchers.enter(name, caller, &self.shutdown)?;
+        self.watchers.check_room().await?;
+        let plugin = self.our_slot(&def.slot_name).await?.plugin;
+        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
+        let slot = names::watch_slot_name();
+        // The options name the session's slot: a pgoutput watcher reads its publication.
+        let options = plugin.watch_options(&filter, &def.slot_name);
+        let (start, stream) = self.slots.open_temporary(&slot, plugin, &options).await?;
+        if stop.is_stopped() {
+            return Err(Error::conflict(format!("session {name} was ended as the watch opened")));
+        }
+        tracing::info!(session = name, slot, %start, "watch started");
+        Ok(OpenStream {
+            slot,
+            start,
+            stream,
+            stop,
+            guard: Box::new(permit),
+            // A fresh record: the session's last ack and last close stay its consumer's.
+            progress: Arc::default(),
+            format: Format::Changes,
+            decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
+            skip_empty: true,
+            settings: self.settings.clone(),
+            options,
+        })
     }
 }
 

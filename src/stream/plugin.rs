@@ -1,10 +1,14 @@
 //! The output plugin a slot decodes with, behind one type: its name (what a slot is
 //! created with and what marks a slot as one we can read), the options a stream starts
-//! with, and how its bytes become frames. Nothing else in the server names a plugin.
+//! with, how its bytes become frames, and the hooks the session layer calls around a
+//! slot's life (before the slot, after its drop, what a watcher adds, what it can
+//! filter). Nothing else in the server names a plugin.
 //!
 //! wal2json's output is forwarded as it is. pgoutput's binary messages are rendered
 //! into exactly the pieces wal2json would have sent ([`super::pgoutput`]), so that
 //! everything after the plugin is the same for both.
+
+use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +17,7 @@ use super::filter::{Action, Filter};
 use super::frame::Format;
 use super::partitions::Relabel;
 use super::pgoutput::Converter;
+use crate::error::Error;
 use crate::pg::pool::Pool;
 
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
@@ -28,8 +33,21 @@ pub enum Plugin {
     Pgoutput,
 }
 
+/// The publication work a slot's plugin may need, done by whoever owns that SQL (the
+/// session layer): the plugin only says whether and when, so that this layer never
+/// reaches up into sessions.
+pub trait Publications {
+    /// Creates the publication `name`, or refuses with nothing left behind.
+    fn create(&self, name: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Drops the publication `name` if it exists; a failure is the implementor's to report.
+    fn remove(&self, name: &str) -> impl Future<Output = ()> + Send;
+}
+
 impl Plugin {
     pub const ALL: &'static [Plugin] = &[Plugin::Wal2json, Plugin::Pgoutput];
+
+    /// What `auto` tries first: wal2json, whose output is forwarded as it is.
+    pub const PREFERRED: Plugin = Plugin::Wal2json;
 
     /// The name Postgres knows it by (`pg_replication_slots.plugin`).
     pub fn name(self) -> &'static str {
@@ -47,6 +65,61 @@ impl Plugin {
 
     pub fn from_name(name: &str) -> Option<Plugin> {
         Plugin::ALL.iter().copied().find(|p| p.name() == name)
+    }
+
+    /// The publication a slot of this plugin reads, if it reads one.
+    pub fn publication(self, slot: &str) -> Option<&str> {
+        (self == Plugin::Pgoutput).then(|| Plugin::publication_name(slot))
+    }
+
+    /// Whether it applies a session's row filters and column lists (a publication does;
+    /// wal2json has only whole tables).
+    pub fn narrows(self) -> bool {
+        self == Plugin::Pgoutput
+    }
+
+    /// The plugin that applies row filters and column lists.
+    pub fn narrowing() -> Plugin {
+        Plugin::Pgoutput
+    }
+
+    /// What `auto` takes instead when the database cannot load this plugin: pgoutput,
+    /// which is built into Postgres.
+    pub fn fallback(self) -> Option<Plugin> {
+        (self == Plugin::Wal2json).then_some(Plugin::Pgoutput)
+    }
+
+    /// Others make slots of this plugin too (pgoutput: every subscriber): one of its
+    /// slots is ours only when a session names it.
+    pub fn shared(self) -> bool {
+        self == Plugin::Pgoutput
+    }
+
+    /// Runs before slot `slot` is created: a pgoutput slot's publication must exist
+    /// first, since each change is decoded with the catalog as it was then.
+    pub async fn before_slot(self, slot: &str, publications: &impl Publications) -> Result<(), Error> {
+        match self.publication(slot) {
+            Some(name) => publications.create(name).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Runs after slot `slot` was dropped (or never made): its publication goes too.
+    pub async fn after_drop(self, slot: &str, publications: &impl Publications) {
+        if let Some(name) = self.publication(slot) {
+            publications.remove(name).await;
+        }
+    }
+
+    /// The options of a watcher's stream of the session that reads `session_slot`
+    /// (in the `changes` format): the session's, and wal2json names each change's key
+    /// for the viewer (pgoutput names none; the viewer copes).
+    pub fn watch_options(self, filter: &Filter, session_slot: &str) -> Vec<(&'static str, String)> {
+        let mut options = self.start_options(Format::Changes, filter, session_slot);
+        if self == Plugin::Wal2json {
+            options.push(("include-pk", "1".into()));
+        }
+        options
     }
 
     /// The options for `START_REPLICATION` of `slot`: the format, and the filter applied
@@ -204,6 +277,19 @@ mod tests {
         assert_eq!(wal2json_pattern("audit", None), "audit.*");
         assert_eq!(wal2json_pattern("a.b", Some("c,d*")), "a\\.b.c\\,d\\*");
         assert_eq!(wal2json_pattern("s p", Some("t\\")), "s\\ p.t\\\\");
+    }
+
+    #[test]
+    fn the_hooks_say_what_each_plugin_needs() {
+        let f = Filter::default();
+        assert!(Plugin::Wal2json.watch_options(&f, "s").contains(&("include-pk", "1".into())));
+        assert!(!Plugin::Pgoutput.watch_options(&f, "s").iter().any(|(k, _)| *k == "include-pk"));
+        assert_eq!(Plugin::Pgoutput.publication("delta_x1"), Some("delta_x1"));
+        assert_eq!(Plugin::Wal2json.publication("delta_x1"), None);
+        assert!(Plugin::narrowing().narrows() && !Plugin::PREFERRED.narrows());
+        assert_eq!(Plugin::PREFERRED.fallback(), Some(Plugin::Pgoutput));
+        assert_eq!(Plugin::Pgoutput.fallback(), None);
+        assert!(Plugin::Pgoutput.shared() && !Plugin::Wal2json.shared());
     }
 
     #[test]

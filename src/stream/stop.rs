@@ -27,6 +27,8 @@ pub mod code {
 pub struct Stop {
     token: CancellationToken,
     reason: Arc<OnceLock<(u16, String)>>,
+    /// Stopping the parent stops this one too, with the parent's reason.
+    parent: Option<Arc<Stop>>,
 }
 
 impl Stop {
@@ -34,8 +36,19 @@ impl Stop {
         Stop::default()
     }
 
-    /// Stops every stage. The first reason wins; later calls only make sure it is stopped.
+    /// A stop of its own that stopping `self` also stops (with `self`'s reason): a
+    /// stream's stop is a child of the server's, so that no stream outlives shutdown.
+    /// Stopping the child leaves the parent running.
+    pub fn child(&self) -> Stop {
+        Stop { token: self.token.child_token(), reason: Arc::default(), parent: Some(Arc::new(self.clone())) }
+    }
+
+    /// Stops every stage. The first reason wins (a parent's, when it stopped first);
+    /// later calls only make sure it is stopped.
     pub fn stop(&self, code: u16, reason: impl Into<String>) {
+        if let Some(first) = self.token.is_cancelled().then(|| self.given()).flatten() {
+            let _ = self.reason.set(first);
+        }
         let _ = self.reason.set((code, reason.into()));
         self.token.cancel();
     }
@@ -51,6 +64,33 @@ impl Stop {
 
     /// The close code and reason, once stopped.
     pub fn reason(&self) -> (u16, String) {
-        self.reason.get().cloned().unwrap_or((code::NORMAL, String::new()))
+        self.given().unwrap_or((code::NORMAL, String::new()))
+    }
+
+    /// Its own reason, else its parent's (set before the parent's token is cancelled,
+    /// so a child stopped by its parent always finds it).
+    fn given(&self) -> Option<(u16, String)> {
+        self.reason.get().cloned().or_else(|| self.parent.as_ref()?.given())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_stops_with_its_parent_and_its_reason_but_not_the_other_way() {
+        let server = Stop::new();
+        let (a, b) = (server.child(), server.child());
+        a.stop(code::NORMAL, "session dropped");
+        assert!(a.is_stopped() && !server.is_stopped() && !b.is_stopped());
+        server.stop(code::GOING_AWAY, "server shutting down");
+        assert!(b.is_stopped());
+        assert_eq!(b.reason(), (code::GOING_AWAY, "server shutting down".into()));
+        b.stop(code::INTERNAL, "later");
+        assert_eq!(b.reason().0, code::GOING_AWAY, "the first reason wins");
+        assert_eq!(a.reason().0, code::NORMAL);
+        let late = server.child();
+        assert!(late.is_stopped(), "a child of a stopped parent starts stopped");
     }
 }
