@@ -110,7 +110,8 @@ async fn run_publisher(cli: &Cli, args: PublishArgs) -> ExitCode {
 async fn run_gateway(cli: &Cli, args: GatewayArgs) -> ExitCode {
     server::limits::raise_open_files_limit();
     let Some((listener, addr, http)) = listen(cli).await else { return ExitCode::FAILURE };
-    let gateway = match Gateway::connect(&args.nats, cli.session_settings().socket).await {
+    let settings = cli.session_settings();
+    let gateway = match Gateway::connect(&args.nats, settings.socket, settings.frame_bytes).await {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");

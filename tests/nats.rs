@@ -502,6 +502,7 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let db = session_db().await;
     let nats = Nats::start(None).await;
     let _publisher = publisher(&db, &nats, &[]);
+    await_stream_seq(&nats, 1).await;
     let port = free_port();
     let mut cmd = support::server_command(&db, port);
     cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap()).args(["gateway", "--nats", &nats.url]);
@@ -757,4 +758,90 @@ async fn a_gateway_with_auth_keeps_probes_public_and_metrics_for_admins() {
         text.contains(r#"pgdeltastream_http_requests_total{method="GET",route="/metrics",status="403"} 1"#),
         "{text}"
     );
+}
+
+/// A gateway's clients get frames of the gateway's `--frame-size`, as the server's
+/// clients get frames of the server's, whatever size of pieces NATS stored: the same
+/// frames, byte for byte, as a client of the server received for the same transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_client_gets_frames_of_the_frame_size() {
+    const FRAME: usize = 1024;
+    let db = session_db().await;
+    let note = "é".repeat(150);
+    let pg = db.client().await;
+    pg.execute("INSERT INTO items SELECT g, $1 FROM generate_series(1, 40) g", &[&note]).await.unwrap();
+
+    // The server's client first; it does not ack, so the publisher reads it all again.
+    let mut settings = support::fast_settings(&db);
+    settings.session.frame_bytes = FRAME;
+    let server = support::TestServer::start_with(settings).await;
+    let mut tcp = raw_websocket(server.addr.port(), "/v2/sessions/orders/stream").await;
+    let from_server = message_frames(&mut tcp).await;
+    drop(tcp);
+    server.stop().await;
+    let text: Vec<u8> = from_server.concat();
+    let big: Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(row_numbers(&big), (1..=40).collect::<Vec<_>>());
+    assert!(from_server.len() > 4, "{} frames for 14 KB", from_server.len());
+
+    // Stored in pieces of under 4 KB; served in frames of 1 KB.
+    let nats = Nats::start(Some(4096)).await;
+    let _publisher = publisher(&db, &nats, &[]);
+    await_stream_seq(&nats, 1).await;
+    let port = free_port();
+    let mut cmd = support::server_command(&db, port);
+    cmd.env("PGDELTASTREAM_FRAME_SIZE", FRAME.to_string()).args(["gateway", "--nats", &nats.url]);
+    let _gateway = Proc::spawn(cmd);
+    wait_listening(port, "the gateway").await;
+    let mut tcp = raw_websocket(port, "/v2/sessions/orders/stream?client=frames").await;
+    let from_gateway = message_frames(&mut tcp).await;
+    let sizes: Vec<usize> = from_gateway.iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|&n| n <= FRAME), "frames larger than --frame-size: {sizes:?}");
+    assert!(from_gateway == from_server, "the gateway's frames {sizes:?} are not the server's");
+}
+
+/// A websocket opened by hand, so that each frame is seen as it was sent (a client
+/// library joins a message's frames).
+async fn raw_websocket(port: u16, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp
+}
+
+/// The payloads of the frames of the next text message (pings are passed over).
+async fn message_frames(tcp: &mut tokio::net::TcpStream) -> Vec<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut frames = Vec::new();
+        loop {
+            let mut head = [0u8; 2];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = match head[1] & 0x7f {
+                126 => u64::from(tcp.read_u16().await.unwrap()),
+                127 => tcp.read_u64().await.unwrap(),
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; usize::try_from(len).unwrap()];
+            tcp.read_exact(&mut payload).await.unwrap();
+            match head[0] & 0x0f {
+                0x1 | 0x0 => frames.push(payload),
+                0x8 => panic!("closed: {}", String::from_utf8_lossy(&payload)),
+                _ => continue, // ping, pong
+            }
+            if head[0] & 0x80 != 0 {
+                return frames;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("a message within 60 s")
 }

@@ -312,3 +312,58 @@ async fn a_million_row_transaction_streams_in_bounded_memory() {
     drop(ws);
     server.stop().await;
 }
+
+/// A pool that is busy for a moment while a pgoutput stream looks up the names of a
+/// table's column types (here an enum's) is waited out: the stream delivers the change
+/// once a connection is free, and goes on, rather than ending with close 1011.
+#[tokio::test]
+async fn a_briefly_busy_pool_during_a_type_lookup_does_not_end_the_stream() {
+    use pgdeltastream::session::{Plugin, PluginChoice};
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute(
+        "CREATE TYPE feeling AS ENUM ('happy', 'sad');
+         CREATE TABLE moods (id int PRIMARY KEY, f feeling);
+         CREATE VIEW sleepy AS SELECT 1 AS x FROM pg_sleep(3);",
+    )
+    .await
+    .unwrap();
+    let app = "pgdeltastream-busy-pool";
+    let mut settings = support::fast_settings(&db);
+    settings.pg.application_name = app.into();
+    settings.session.plugin = PluginChoice::Fixed(Plugin::Pgoutput);
+    // One connection, and a short wait for it: the slow read below takes it.
+    settings.pool.size = 1;
+    settings.pool.acquire_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(settings).await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+
+    let addr = server.addr;
+    let read = tokio::spawn(async move {
+        support::request(addr, "POST", "/v1/snapshot/data", Some(r#"{"table":"sleepy"}"#)).await
+    });
+    let reading = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' AND state = 'active' \
+         AND query LIKE '%sleepy%'"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pg.query_one(&reading, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the slow read never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stream meets the table (and its types) for the first time while the read
+    // holds the pool's only connection.
+    pg.batch_execute("INSERT INTO moods VALUES (1, 'sad')").await.unwrap();
+    let first = support::next_changes(&mut ws).await;
+    assert_eq!(first["change"][0]["columntypes"], serde_json::json!(["integer", "feeling"]), "{first}");
+    assert_eq!(first["change"][0]["columnvalues"], serde_json::json!([1, "sad"]), "{first}");
+    let (status, body) = read.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The stream is still open.
+    pg.batch_execute("INSERT INTO moods VALUES (2, 'happy')").await.unwrap();
+    let second = support::next_changes(&mut ws).await;
+    assert_eq!(second["change"][0]["columnvalues"], serde_json::json!([2, "happy"]), "{second}");
+    drop(ws);
+    server.stop().await;
+}

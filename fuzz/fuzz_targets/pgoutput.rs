@@ -27,8 +27,8 @@ fn convert(format: Format, messages: &[Message]) {
             break;
         }
         loop {
-            match converter.next_piece() {
-                Ok(Some(piece)) => out.extend_from_slice(&piece),
+            match converter.next_part() {
+                Ok(Some(part)) => out.extend_from_slice(part.body().map_or(&[][..], |b| &b[..])),
                 Ok(None) => break,
                 Err(e) => panic!("reading held pieces back failed: {e}"),
             }

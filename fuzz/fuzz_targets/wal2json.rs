@@ -11,14 +11,16 @@
 //! XLogData payloads for an `Assembler` of each `Format`. wal2json's compact JSON never
 //! holds a raw newline, so a seed file is written one plugin message per line, and a
 //! chunked transaction's lines together are one JSON document for the parsers (a
-//! newline is whitespace there). The assembler's frames must keep the payload as it
-//! came (but for the one repair it makes), and their fragments must form valid
-//! websocket messages.
+//! newline is whitespace there). The assembler's parts must keep the payload as it
+//! came (but for the one repair it makes) and form whole messages, and the websocket
+//! framer must cut them into valid frames that keep every byte.
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use pgdeltastream::stream::frame::{Assembler, Format, Fragment, FrameKind, Framer};
+use pgdeltastream::stream::frame::{Assembler, Format};
+use pgdeltastream::stream::framer::Framer;
+use pgdeltastream::stream::message::{MessageKind, Part};
 use pgdeltastream::types::wal2json::{Record, Transaction};
 use serde_json::Value;
 
@@ -101,55 +103,69 @@ fn assemble_v1(chunks: &[Bytes]) {
     let mut assembler = Assembler::new(Format::Transactions);
     let mut in_message = false;
     let mut framer = Framer::new(64);
-    let (mut pieces, mut frames) = (Vec::new(), Vec::new());
+    let (mut bodies, mut frames) = (Vec::new(), Vec::new());
     for chunk in chunks {
+        let mut parts = Vec::new();
         // Not UTF-8 and not a mendable logical message: refused, nothing forwarded.
-        let Ok(frame) = assembler.push(chunk.clone()) else { continue };
-        assert!(std::str::from_utf8(&frame.payload).is_ok(), "{frame:?}");
-        pieces.extend_from_slice(&frame.payload);
-        let mut out = Vec::new();
-        framer.push(frame.clone(), &mut out);
-        for f in out {
-            assert!(f.payload.len() <= 64 && std::str::from_utf8(&f.payload).is_ok(), "{f:?}");
-            frames.extend_from_slice(&f.payload);
+        if assembler.push(chunk.clone(), &mut parts).is_err() {
+            assert!(parts.is_empty());
+            continue;
         }
-        if in_message {
-            assert!(matches!(frame.fragment, Fragment::Middle | Fragment::Last), "{frame:?} inside a message");
-        } else {
-            assert!(matches!(frame.fragment, Fragment::Whole | Fragment::First), "{frame:?} outside a message");
+        let mut forwarded = Vec::new();
+        for part in parts {
+            match &part {
+                Part::Start(_) => {
+                    assert!(!in_message, "{part:?} inside a message");
+                    in_message = true;
+                }
+                Part::Body(body) => {
+                    assert!(in_message, "{part:?} outside a message");
+                    assert!(std::str::from_utf8(body).is_ok(), "{part:?}");
+                    forwarded.extend_from_slice(body);
+                }
+                Part::Finish(finish) => {
+                    assert!(in_message, "{part:?} outside a message");
+                    in_message = false;
+                    assert_eq!(finish.kind == MessageKind::Unackable, finish.nextlsn.is_none(), "{finish:?}");
+                }
+            }
+            let mut out = Vec::new();
+            framer.push(part, &mut out);
+            for f in out {
+                assert!(f.payload.len() <= 64 && std::str::from_utf8(&f.payload).is_ok(), "{f:?}");
+                frames.extend_from_slice(&f.payload);
+            }
         }
-        in_message = matches!(frame.fragment, Fragment::First | Fragment::Middle);
-        assert_eq!(frame.kind == FrameKind::Inside, in_message, "{frame:?}");
-        if in_message {
-            assert_eq!(frame.nextlsn, None, "{frame:?}");
-        }
-        if frame.fragment == Fragment::Whole {
-            assert_eq!(frame.kind == FrameKind::Unackable, frame.nextlsn.is_none(), "{frame:?}");
-        }
-        if frame.fragment == Fragment::Whole && chunk.starts_with(BROKEN_MESSAGE_HEAD) {
+        if chunk.starts_with(BROKEN_MESSAGE_HEAD) && !in_message {
             let head = BROKEN_MESSAGE_HEAD.len() - 1;
-            assert_eq!(frame.payload.len(), chunk.len() - 1);
-            assert_eq!(frame.payload[..head], chunk[..head]);
-            assert_eq!(frame.payload[head..], chunk[head + 1..]);
+            assert_eq!(forwarded.len(), chunk.len() - 1);
+            assert_eq!(forwarded[..head], chunk[..head]);
+            assert_eq!(forwarded[head..], chunk[head + 1..]);
         } else if std::str::from_utf8(chunk).is_ok() {
-            assert_eq!(frame.payload, *chunk, "forwarded as it came");
+            assert_eq!(forwarded, *chunk, "forwarded as it came");
         }
+        bodies.extend_from_slice(&forwarded);
     }
     if !in_message {
-        assert_eq!(frames, pieces, "the framer forwards every byte, in order");
+        assert_eq!(frames, bodies, "the framer forwards every byte, in order");
     }
 }
 
 fn assemble_v2(chunks: &[Bytes]) {
     let mut assembler = Assembler::new(Format::Changes);
     for chunk in chunks {
-        let Ok(frame) = assembler.push(chunk.clone()) else { continue };
-        assert_eq!(frame.fragment, Fragment::Whole);
-        if std::str::from_utf8(chunk).is_ok() {
-            assert_eq!(frame.payload, *chunk, "forwarded as it came");
+        let mut parts = Vec::new();
+        if assembler.push(chunk.clone(), &mut parts).is_err() {
+            continue;
         }
-        if frame.nextlsn.is_some() {
-            assert!(frame.kind.is_ack_point(), "{frame:?}");
+        let [Part::Start(_), Part::Body(body), Part::Finish(finish)] = &parts[..] else {
+            panic!("a record is a message of its own: {parts:?}")
+        };
+        if std::str::from_utf8(chunk).is_ok() {
+            assert_eq!(body, chunk, "forwarded as it came");
+        }
+        if finish.nextlsn.is_some() {
+            assert!(finish.kind.is_ack_point(), "{finish:?}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A gateway client's feed: the session's JetStream stream from after the client's
-//! last ack, turned back into the frames a websocket client of the server receives.
-//! The websocket side is the server's own ([`crate::stream::socket`]): the same
-//! messages, pings and ack checks; acks go to the KV bucket instead of a slot.
+//! last ack, its stored pieces joined back into the messages a websocket client of the
+//! server receives. The websocket side is the server's own ([`crate::stream::socket`]):
+//! the same frames of `--frame-size` (cut from the message, wherever NATS cut its
+//! pieces), pings and ack checks; acks go to the KV bucket instead of a slot.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,9 +23,8 @@ use super::{check_client, stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::is_valid_slot_name;
 use crate::session::definition::check_name;
-use crate::stream::frame::{Fragment, FrameKind, OutFrame};
-use crate::stream::pump::Outgoing;
-use crate::stream::sink::{Link, Sink};
+use crate::stream::message::{Finish, MessageKind, Part, Start};
+use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::stream::socket::SocketSettings;
 use crate::stream::stop::{Stop, code};
 use crate::types::Lsn;
@@ -33,7 +33,7 @@ use crate::types::Lsn;
 /// (its max age or max bytes let them go): the client missed changes for good.
 pub const GONE: u16 = 4410;
 
-/// Messages handed to the socket in one batch, at most.
+/// Stored messages (pieces) taken into one batch for the socket, at most.
 const BATCH: usize = 64;
 
 pub struct Gateway {
@@ -41,6 +41,8 @@ pub struct Gateway {
     acks: kv::Store,
     slots: kv::Store,
     pub socket: SocketSettings,
+    /// The size of the websocket frames a message is cut into (`--frame-size`).
+    pub frame_bytes: usize,
     /// Ends every feed (the gateway shuts down).
     shutdown: Stop,
     /// The feeds running, so that shutting down waits for their last acks to be stored.
@@ -63,7 +65,7 @@ impl Drop for Connected {
 }
 
 impl Gateway {
-    pub async fn connect(url: &str, socket: SocketSettings) -> Result<Arc<Gateway>, Error> {
+    pub async fn connect(url: &str, socket: SocketSettings, frame_bytes: usize) -> Result<Arc<Gateway>, Error> {
         let js = jetstream::new(super::connect(url).await?);
         let acks = bucket(&js, ACKS_BUCKET).await?;
         let slots = bucket(&js, SLOTS_BUCKET).await?;
@@ -72,6 +74,7 @@ impl Gateway {
             acks,
             slots,
             socket,
+            frame_bytes,
             shutdown: Stop::new(),
             feeds: TaskTracker::new(),
             hubs: tokio::sync::Mutex::default(),
@@ -282,14 +285,14 @@ impl Feed {
         let Feed { _running, gateway, session, client, key, stream, hub, source, acked, start_seq, slot } = self;
         let _connected = gateway.connected(&session);
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
-        let (frames_tx, frames_rx) = mpsc::channel(4);
+        let (messages_tx, messages_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let stop = Stop::new();
         let delivered = Delivered::default();
         let link = Link {
             slot: format!("{session}/{client}"),
             start,
-            frames: frames_rx,
+            messages: messages_rx,
             acks: acks_tx,
             progress: Arc::default(),
             stop: stop.clone(),
@@ -300,7 +303,7 @@ impl Feed {
             stream,
             hub,
             source,
-            out: frames_tx,
+            out: messages_tx,
             delivered: delivered.clone(),
             last: (start, u32::MAX),
             expected: start_seq,
@@ -361,13 +364,13 @@ impl Feeder {
             };
             let mut batch = Vec::new();
             let mut next = first;
+            let mut taken = 0;
             let end = loop {
-                match self.frame(next) {
-                    Ok(Some(frame)) => batch.push(frame),
-                    Ok(None) => {}
-                    Err(end) => break Some(end),
+                if let Err(end) = self.parts(next, &mut batch) {
+                    break Some(end);
                 }
-                if batch.len() >= BATCH {
+                taken += 1;
+                if taken >= BATCH {
                     break None;
                 }
                 match self.ready() {
@@ -375,7 +378,7 @@ impl Feeder {
                     None => break None,
                 }
             };
-            if !batch.is_empty() && self.out.send(Outgoing::Frames(batch)).await.is_err() {
+            if !batch.is_empty() && self.out.send(Outgoing::Parts(batch)).await.is_err() {
                 return;
             }
             if let Some(end) = end {
@@ -426,8 +429,8 @@ impl Feeder {
         }
     }
 
-    /// The frame a stored message becomes; none for a duplicate.
-    fn frame(&mut self, message: Option<Result<Arc<Stored>, String>>) -> Result<Option<OutFrame>, Outgoing> {
+    /// The parts a stored message (a piece of a message) becomes; none for a duplicate.
+    fn parts(&mut self, message: Option<Result<Arc<Stored>, String>>, out: &mut Vec<Part>) -> Result<(), Outgoing> {
         let fatal = |what: String| Outgoing::Fatal(what);
         let message = match message {
             Some(Ok(m)) => m,
@@ -437,7 +440,7 @@ impl Feeder {
         let seq = message.seq;
         if seq < self.expected {
             // Delivered again (the consumer was recreated): handed on already.
-            return Ok(None);
+            return Ok(());
         }
         if seq > self.expected {
             let needs = format!("needs stream sequence {} next", self.expected);
@@ -456,28 +459,25 @@ impl Feeder {
         let meta = Meta::from_headers(message.headers.as_ref()).map_err(fatal)?;
         if let Some(lsn) = meta.nextlsn {
             if (lsn, meta.piece) <= self.last {
-                return Ok(None);
+                return Ok(());
             }
             self.last = (lsn, meta.piece);
         }
-        let last = meta.last;
-        let fragment = match (meta.piece, last) {
-            (1, true) => Fragment::Whole,
-            (1, false) => Fragment::First,
-            (_, true) => Fragment::Last,
-            (_, false) => Fragment::Middle,
-        };
-        let kind = match (last, meta.nextlsn) {
-            (false, _) => FrameKind::Inside,
-            (true, Some(_)) => FrameKind::Data,
-            (true, None) => FrameKind::Unackable,
-        };
-        let nextlsn = meta.nextlsn.filter(|_| last);
-        if let Some(lsn) = nextlsn {
-            self.delivered.lock().unwrap_or_else(|e| e.into_inner()).push_back((lsn, seq));
+        if meta.piece == 1 {
+            out.push(Part::Start(Start { nextlsn: meta.nextlsn }));
         }
-        // A gateway keeps no per-session counters: `changes` is for the server's /metrics.
-        Ok(Some(OutFrame { payload: message.payload.clone(), fragment, nextlsn, kind, changes: 0 }))
+        out.push(Part::Body(message.payload.clone()));
+        if meta.last {
+            // Stored messages say only whether they end a transaction: an empty one or
+            // an error record is acked like one with changes. A gateway keeps no
+            // per-session counters: `changes` is for the server's /metrics.
+            let kind = if meta.nextlsn.is_some() { MessageKind::Data } else { MessageKind::Unackable };
+            if let Some(lsn) = meta.nextlsn {
+                self.delivered.lock().unwrap_or_else(|e| e.into_inner()).push_back((lsn, seq));
+            }
+            out.push(Part::Finish(Finish { nextlsn: meta.nextlsn, kind, changes: 0 }));
+        }
+        Ok(())
     }
 }
 

@@ -1,12 +1,13 @@
 //! What a stored message carries. A transaction is one message, the text a websocket
 //! client receives; one larger than the server's `max_payload` is stored as numbered
-//! pieces, cut between UTF-8 characters, which the gateway sends as the frames of one
-//! websocket message. Headers say which transaction (`nextlsn`) and which piece.
+//! pieces, cut between UTF-8 characters, which the gateway joins back into one message
+//! (and its websocket cuts into frames of `--frame-size`, as the server's does).
+//! Headers say which transaction (`nextlsn`) and which piece.
 //!
 //! A piece is published as soon as it is full, before the transaction's end has been
 //! decoded, so the publisher never needs a whole transaction in memory (nor does a
-//! gateway: it forwards each piece as a frame). So only the last piece knows how many
-//! there are (`i/n`); the others say `i/+`.
+//! gateway: it hands each piece on as a body of the message). So only the last piece
+//! knows how many there are (`i/n`); the others say `i/+`.
 
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};

@@ -21,9 +21,10 @@ use super::{stream_name, subject, unavailable};
 use crate::error::{Error, ErrorKind};
 use crate::session::Registry;
 use crate::session::definition::check_name;
-use crate::stream::frame::{Format, Fragment, OutFrame, find_nextlsn};
-use crate::stream::pump::{Outgoing, truncate_reason};
-use crate::stream::sink::{Link, Sink};
+use crate::stream::frame::Format;
+use crate::stream::message::{Finish, Part, Start};
+use crate::stream::pump::truncate_reason;
+use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::stream::stop::code;
 use crate::types::Lsn;
 
@@ -219,7 +220,7 @@ struct JetStreamSink {
 
 impl Sink for JetStreamSink {
     async fn run(self, link: Link) {
-        let Link { slot, start, mut frames, acks, progress, stop } = link;
+        let Link { slot, start, mut messages, acks, progress, stop } = link;
         let window = self.window;
         let mut out = Publisher {
             sink: self,
@@ -246,8 +247,8 @@ impl Sink for JetStreamSink {
                     }
                     Err(e) => break Some(e),
                 },
-                item = frames.recv(), if room => match item {
-                    Some(Outgoing::Frames(batch)) => {
+                item = messages.recv(), if room => match item {
+                    Some(Outgoing::Parts(batch)) => {
                         if let Err(e) = out.take(batch).await {
                             break Some(e);
                         }
@@ -269,7 +270,7 @@ impl Sink for JetStreamSink {
 
 struct Publisher {
     sink: JetStreamSink,
-    /// The message (a transaction, or a logical message) whose frames are coming.
+    /// The message (a transaction, or a logical message) whose parts are coming.
     current: Option<Current>,
     /// The last transaction's nextlsn, and the logical messages since: the ids of those.
     after: Lsn,
@@ -290,50 +291,61 @@ struct Current {
     pieces: u32,
     /// How many leading pieces the stream holds already.
     stored: u32,
-    /// Text not yet published: less than a piece, plus a frame.
+    /// Text not yet published: less than a piece, plus a body.
     text: BytesMut,
 }
 
 impl Publisher {
-    async fn take(&mut self, batch: Vec<OutFrame>) -> Result<(), String> {
-        let max = self.sink.piece_bytes;
-        for frame in batch {
-            let starts = matches!(frame.fragment, Fragment::Whole | Fragment::First);
-            let mut current = match self.current.take() {
-                None if starts => self.begin(&frame),
-                Some(current) if !starts => current,
-                _ => return Err("the decoder's frames do not start and end messages in turn".into()),
-            };
-            current.text.extend_from_slice(&frame.payload);
-            while let Some(piece) = full_piece(&mut current.text, max) {
-                self.publish(&mut current, piece, false).await?;
-            }
-            if !matches!(frame.fragment, Fragment::Whole | Fragment::Last) {
-                self.current = Some(current);
-                continue;
-            }
-            let ends = frame.nextlsn.filter(|_| frame.kind.is_ack_point());
-            if ends != current.nextlsn {
-                return Err(format!("a transaction began as {:?} and ended as {ends:?}", current.nextlsn));
-            }
-            let rest = current.text.split().freeze();
-            self.publish(&mut current, rest, true).await?;
-            match ends {
-                Some(lsn) => (self.after, self.unackable) = (lsn, 0),
-                None => self.unackable += 1,
+    /// Publishes the parts: each message cut into pieces of at most `piece_bytes`, a
+    /// piece as soon as it is full, the last at the message's finish.
+    async fn take(&mut self, batch: Vec<Part>) -> Result<(), String> {
+        for part in batch {
+            match part {
+                Part::Start(start) if self.current.is_none() => self.current = Some(self.begin(start)),
+                Part::Body(body) => {
+                    let mut current = self.current.take().ok_or("the decoder sent a body outside a message")?;
+                    current.text.extend_from_slice(&body);
+                    while let Some(piece) = full_piece(&mut current.text, self.sink.piece_bytes) {
+                        self.publish(&mut current, piece, false).await?;
+                    }
+                    self.current = Some(current);
+                }
+                Part::Finish(finish) => {
+                    let current = self.current.take().ok_or("the decoder finished a message it did not start")?;
+                    self.finish(current, finish).await?;
+                }
+                Part::Start(_) => return Err("the decoder started a message inside another".into()),
             }
         }
         Ok(())
     }
 
-    /// A message starts: its nextlsn is in its head (wal2json prints it first).
-    fn begin(&mut self, frame: &OutFrame) -> Current {
-        let nextlsn = match frame.fragment {
-            Fragment::Whole => frame.nextlsn.filter(|_| frame.kind.is_ack_point()),
-            _ => find_nextlsn(&frame.payload),
-        };
-        let stored = self.already_stored(nextlsn);
-        Current { nextlsn, after: self.after, unackable: self.unackable, pieces: 0, stored, text: BytesMut::new() }
+    /// A message starts: its nextlsn is known from its head (wal2json prints it first).
+    fn begin(&mut self, start: Start) -> Current {
+        let stored = self.already_stored(start.nextlsn);
+        Current {
+            nextlsn: start.nextlsn,
+            after: self.after,
+            unackable: self.unackable,
+            pieces: 0,
+            stored,
+            text: BytesMut::new(),
+        }
+    }
+
+    /// Publishes what is left of the message as its last piece.
+    async fn finish(&mut self, mut current: Current, finish: Finish) -> Result<(), String> {
+        let ends = finish.ack_point();
+        if ends != current.nextlsn {
+            return Err(format!("a transaction began as {:?} and ended as {ends:?}", current.nextlsn));
+        }
+        let rest = current.text.split().freeze();
+        self.publish(&mut current, rest, true).await?;
+        match ends {
+            Some(lsn) => (self.after, self.unackable) = (lsn, 0),
+            None => self.unackable += 1,
+        }
+        Ok(())
     }
 
     async fn publish(&mut self, current: &mut Current, piece: Bytes, last: bool) -> Result<(), String> {

@@ -82,7 +82,9 @@ pub async fn v1_stream(
     let session = session?;
     let feed = gateway.open(&session, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
     let deadline = who.stream_deadline();
-    Ok(upgrade.websocket(gateway.tasks(), gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
+    Ok(upgrade.websocket(gateway.tasks(), gateway.socket.clone(), gateway.frame_bytes, move |socket| {
+        feed.run(socket, deadline)
+    }))
 }
 
 pub async fn v2_stream(
@@ -97,7 +99,9 @@ pub async fn v2_stream(
     let upgrade = upgrade?;
     let feed = gateway.open(&name, q.client.as_deref().unwrap_or(DEFAULT_CLIENT), who.position_owner()).await?;
     let deadline = who.stream_deadline();
-    Ok(upgrade.websocket(gateway.tasks(), gateway.socket.clone(), move |socket| feed.run(socket, deadline)))
+    Ok(upgrade.websocket(gateway.tasks(), gateway.socket.clone(), gateway.frame_bytes, move |socket| {
+        feed.run(socket, deadline)
+    }))
 }
 
 /// The publisher stores transactions (wal2json format-version 1), so that is what a

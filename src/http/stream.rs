@@ -73,14 +73,18 @@ pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
 /// Answers the upgrade and runs the stream on the websocket, until `deadline` (when
 /// the token it was opened with expires) at the latest.
 pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
-    let settings = state.registry.settings().socket.clone();
-    upgrade.websocket(state.registry.tasks(), settings, move |socket| run_until(open, socket, deadline))
+    let settings = state.registry.settings();
+    upgrade.websocket(state.registry.tasks(), settings.socket.clone(), settings.frame_bytes, move |socket| {
+        run_until(open, socket, deadline)
+    })
 }
 
 /// The same for a viewer watching a session: the stream is confirmed as it is sent.
 pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
-    let settings = state.registry.settings().socket.clone();
-    upgrade.websocket(state.registry.tasks(), settings, move |socket| run_until(open, Observer(socket), deadline))
+    let settings = state.registry.settings();
+    upgrade.websocket(state.registry.tasks(), settings.socket.clone(), settings.frame_bytes, move |socket| {
+        run_until(open, Observer(socket), deadline)
+    })
 }
 
 /// The stream, stopped with 1008 at `deadline`: only a disconnect, so the slot stays

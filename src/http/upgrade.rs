@@ -52,8 +52,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 impl Upgrade {
     /// Answers 101 and runs `serve` on the socket once hyper has switched protocols, in
     /// a task of `tasks` (which shutdown waits for): every websocket of the server and
-    /// of the gateway starts here.
-    pub fn websocket<F, Fut>(self, tasks: &TaskTracker, settings: SocketSettings, serve: F) -> Response
+    /// of the gateway starts here, its messages cut into frames of `frame_bytes`.
+    pub fn websocket<F, Fut>(
+        self,
+        tasks: &TaskTracker,
+        settings: SocketSettings,
+        frame_bytes: usize,
+        serve: F,
+    ) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -69,7 +75,7 @@ impl Upgrade {
                 Ok(upgraded) => {
                     let socket =
                         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                    serve(WebSocket::new(socket, settings)).await;
+                    serve(WebSocket::new(socket, settings, frame_bytes)).await;
                 }
                 // The client went away during the handshake; `serve`'s resources drop here.
                 Err(e) => tracing::info!(error = %e, "websocket upgrade failed"),

@@ -29,8 +29,7 @@ pub struct OpenStream {
     /// place), given back when it ends.
     pub(super) guard: Box<dyn Send>,
     pub(super) progress: Arc<Progress>,
-    pub(super) format: Format,
-    /// The plugin's output as wal2json pieces.
+    /// The plugin's output as messages.
     pub(super) decoder: PluginDecoder,
     /// v2 sessions are not sent transactions with no change for them; v1 ones are, as
     /// the original sent them.
@@ -116,7 +115,6 @@ impl Registry {
             stop,
             guard: Box::new(claim),
             progress,
-            format,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty,
             settings: self.settings.clone(),
@@ -154,27 +152,24 @@ impl OpenStream {
 
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, stop, guard, progress, format, decoder, skip_empty, settings, options } =
-            self;
-        let (frames_tx, frames_rx) = mpsc::channel(settings.stream_buffer);
+        let OpenStream { slot, start, stream, stop, guard, progress, decoder, skip_empty, settings, options } = self;
+        let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer);
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
             slot: slot.clone(),
             stream,
             start,
-            out: frames_tx,
+            out: messages_tx,
             acks: acks_rx,
             stop: stop.clone(),
             status_interval: settings.status_interval,
-            format,
             decoder,
-            frame_bytes: settings.frame_bytes,
             skip_empty,
             options,
         };
-        let link = Link { slot, start, frames: frames_rx, acks: acks_tx, progress, stop };
+        let link = Link { slot, start, messages: messages_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a
-        // frame from one stage to the next is then a poll in the same thread, not a
+        // message from one stage to the next is then a poll in the same thread, not a
         // wake-up of another worker (which cost more than the forwarding itself).
         tokio::join!(pump.run(), sink.run(link));
         drop(guard);

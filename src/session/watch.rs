@@ -167,7 +167,6 @@ impl Registry {
             guard: Box::new(permit),
             // A fresh record: the session's last ack and last close stay its consumer's.
             progress: Arc::default(),
-            format: Format::Changes,
             decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
             skip_empty: true,
             settings: self.settings.clone(),

@@ -1,4 +1,4 @@
-//! From the plugin's bytes to what the client receives.
+//! wal2json's bytes as [`Part`]s of messages, forwarded without re-serialising.
 //!
 //! The bytes are forwarded as they are (no parse, no re-serialisation). The
 //! [`Assembler`] only looks at the head of each piece to know where it belongs:
@@ -12,12 +12,18 @@
 //!   begin / change / commit record.
 //!
 //! It also repairs the one shape wal2json 2.5 gets wrong: a non-transactional logical
-//! message printed as `{"change":[,{...}]}`.
+//! message printed as `{"change":[,{...}]}`. How a message is cut for the wire is the
+//! sink's business ([`super::framer`] for a websocket).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::binary_message;
+use super::message::{Finish, MessageKind, Part, Start};
 use crate::types::Lsn;
+
+/// The frame sizes live with the websocket's framer; named here too, where the
+/// settings have always found them.
+pub use super::framer::{DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES};
 
 /// The stream formats a client can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,69 +35,21 @@ pub enum Format {
     Changes,
 }
 
-/// What a frame means for acknowledgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameKind {
-    /// The end of a transaction with changes: the client must ack its `nextlsn`.
-    Data,
-    /// The end of a transaction with no changes (DDL only, TRUNCATE in v1, filtered):
-    /// nothing to lose.
-    Empty,
-    /// A non-transactional logical message: no `nextlsn`, so no ack can cover it by
-    /// itself; a later transaction's ack does.
-    Unackable,
-    /// A part of a transaction that is not its end: nothing to ack yet.
-    Inside,
-    /// The begin record of a transaction (format 2): like [`FrameKind::Inside`].
-    Begin,
-    /// The end of an error record: a transaction Postgres could not decode, skipped
-    /// ([`Assembler::error_record`]). The client must ack its `nextlsn` like a
-    /// transaction's.
-    Failed,
-}
-
-impl FrameKind {
-    /// Whether the frame ends something the client can ack (its `nextlsn` counts as
-    /// delivered once it is sent).
-    pub fn is_ack_point(self) -> bool {
-        matches!(self, FrameKind::Data | FrameKind::Empty | FrameKind::Failed)
-    }
-
-    /// Whether the client must ack the frame's `nextlsn` before the slot moves past it.
-    pub fn must_ack(self) -> bool {
-        matches!(self, FrameKind::Data | FrameKind::Failed)
-    }
-}
-
-/// Where a frame sits in its websocket message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fragment {
-    /// A message on its own.
-    Whole,
-    /// The first frame of a message sent in pieces.
-    First,
-    Middle,
-    /// The frame that completes the message.
-    Last,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutFrame {
-    pub payload: Bytes,
-    pub fragment: Fragment,
-    /// The transaction's end LSN, on the frame that ends it.
-    pub nextlsn: Option<Lsn>,
-    pub kind: FrameKind,
-    /// On the frame that ends a transaction, how many changes it carried (counted for
-    /// `/metrics`); 0 on every other frame.
-    pub changes: u32,
-}
-
 /// Plugin output that is not UTF-8 and not a logical message: only a database whose
 /// encoding is not UTF8 produces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the output plugin produced text that is not UTF-8; pgdeltastream needs a UTF8 database")]
 pub struct NotUtf8;
+
+/// Every body that goes on is UTF-8 (a websocket text message must be): a logical
+/// message with binary content is mended ([`binary_message`]); anything else that is
+/// not UTF-8 is refused.
+pub fn utf8(data: Bytes) -> Result<Bytes, NotUtf8> {
+    match std::str::from_utf8(&data) {
+        Ok(_) => Ok(data),
+        Err(_) => binary_message::repair(&data).ok_or(NotUtf8),
+    }
+}
 
 /// Tracks where in a transaction the stream is.
 #[derive(Debug, Default)]
@@ -113,217 +71,128 @@ impl Assembler {
         Assembler { format, ..Assembler::default() }
     }
 
-    /// Classifies one piece of plugin output (one XLogData payload). Every piece that
-    /// comes out is UTF-8: a logical message with binary content is mended
-    /// ([`binary_message`]); anything else that is not UTF-8 is refused.
-    pub fn push(&mut self, data: Bytes) -> Result<OutFrame, NotUtf8> {
-        let data = match std::str::from_utf8(&data) {
-            Ok(_) => data,
-            Err(_) => binary_message::repair(&data).ok_or(NotUtf8)?,
-        };
-        Ok(match self.format {
-            Format::Transactions => self.push_v1(data),
-            Format::Changes => self.push_v2(data),
-        })
+    /// Classifies one piece of plugin output (one XLogData payload) and appends the
+    /// parts it makes to `out`: a body, with a start before it when it begins a message
+    /// and a finish after it when it ends one.
+    pub fn push(&mut self, data: Bytes, out: &mut impl Extend<Part>) -> Result<(), NotUtf8> {
+        let data = utf8(data)?;
+        match self.format {
+            Format::Transactions => self.push_v1(data, out),
+            Format::Changes => self.push_v2(data, out),
+        }
+        Ok(())
     }
 
-    fn push_v1(&mut self, data: Bytes) -> OutFrame {
+    fn push_v1(&mut self, data: Bytes, out: &mut impl Extend<Part>) {
         if self.in_transaction {
             if data[..] == *CHUNKED_TAIL {
                 self.in_transaction = false;
-                let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
-                let (nextlsn, changes) = (self.nextlsn.take(), self.changes);
-                return OutFrame { payload: data, fragment: Fragment::Last, nextlsn, kind, changes };
+                let kind = if self.changes > 0 { MessageKind::Data } else { MessageKind::Empty };
+                let finish = Finish { nextlsn: self.nextlsn.take(), kind, changes: self.changes };
+                out.extend([Part::Body(data), Part::Finish(finish)]);
+                return;
             }
             self.changes = self.changes.saturating_add(1);
-            return OutFrame {
-                payload: data,
-                fragment: Fragment::Middle,
-                nextlsn: None,
-                kind: FrameKind::Inside,
-                changes: 0,
-            };
+            out.extend([Part::Body(data)]);
+            return;
         }
         if data.starts_with(b"{") && data.ends_with(CHUNKED_HEAD_END) && !data.starts_with(BROKEN_MESSAGE_HEAD) {
             self.in_transaction = true;
             self.changes = 0;
             self.nextlsn = find_nextlsn(&data);
-            return OutFrame {
-                payload: data,
-                fragment: Fragment::First,
-                nextlsn: None,
-                kind: FrameKind::Inside,
-                changes: 0,
-            };
+            out.extend([Part::Start(Start { nextlsn: self.nextlsn }), Part::Body(data)]);
+            return;
         }
         // A whole message: a transaction printed without chunks, or a
         // non-transactional logical message.
-        prepare_v1(data)
+        out.extend(prepare_v1(data));
     }
 
-    fn push_v2(&mut self, data: Bytes) -> OutFrame {
+    fn push_v2(&mut self, data: Bytes, out: &mut impl Extend<Part>) {
         let action = if data.starts_with(V2_ACTION) { data.get(V2_ACTION.len()).copied() } else { None };
-        let whole = |payload, nextlsn, kind| OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind, changes: 0 };
-        match action {
+        let finish = |nextlsn, kind, changes| Finish { nextlsn, kind, changes };
+        let (start, finish) = match action {
             Some(b'B') => {
                 self.in_transaction = true;
                 self.changes = 0;
                 self.nextlsn = find_nextlsn(&data);
                 // B carries the transaction's end LSN too, but acking it before the
                 // changes arrive would skip them: only C's counts.
-                whole(data, None, FrameKind::Begin)
+                (None, finish(None, MessageKind::Begin, 0))
             }
             Some(b'C') => {
                 self.in_transaction = false;
                 self.nextlsn = None;
-                let kind = if self.changes > 0 { FrameKind::Data } else { FrameKind::Empty };
+                let kind = if self.changes > 0 { MessageKind::Data } else { MessageKind::Empty };
                 let nextlsn = find_nextlsn(&data);
-                OutFrame { changes: self.changes, ..whole(data, nextlsn, kind) }
+                (nextlsn, finish(nextlsn, kind, self.changes))
             }
-            Some(b'M') if !self.in_transaction => whole(data, None, FrameKind::Unackable),
+            Some(b'M') if !self.in_transaction => (None, finish(None, MessageKind::Unackable, 0)),
             _ => {
                 self.changes = self.changes.saturating_add(1);
-                whole(data, None, FrameKind::Inside)
+                (None, finish(None, MessageKind::Inside, 0))
             }
-        }
+        };
+        out.extend(Part::whole(Start { nextlsn: start }, data, finish));
     }
-}
 
-impl Assembler {
     /// The end LSN of the transaction whose pieces are under way, when one is and its
     /// head named it.
     pub fn open_transaction(&self) -> Option<Lsn> {
         if self.in_transaction { self.nextlsn } else { None }
     }
 
-    /// The error record of a transaction Postgres failed to decode, ending at `nextlsn`
-    /// (`xid` when known): what ends the transaction under way, or, when none is, a
-    /// whole one. Format 1: the transaction's message, `{"xid":..,"nextlsn":..,
-    /// "change":[..],"error":".."}`, whose `change` holds the changes already sent (the
-    /// head went out without `xid`); format 2: a commit record with `"error"`, after a
-    /// begin record when none went out. The last frame is [`FrameKind::Failed`].
-    pub fn error_record(&mut self, nextlsn: Lsn, xid: Option<u32>, error: &str) -> Vec<OutFrame> {
-        let error = serde_json::Value::from(error).to_string();
-        let xid = xid.map(|x| format!("\"xid\":{x},")).unwrap_or_default();
-        let open = self.in_transaction;
+    /// The error record that ends the transaction under way, or, when none is, a whole
+    /// one ([`error_record`]).
+    pub fn error_record(&mut self, nextlsn: Lsn, xid: Option<u32>, error: &str) -> Vec<Part> {
+        let open = std::mem::take(&mut self.in_transaction);
         let changes = std::mem::take(&mut self.changes);
-        self.in_transaction = false;
         self.nextlsn = None;
-        let end = |payload: String, fragment| OutFrame {
-            payload: Bytes::from(payload),
-            fragment,
-            nextlsn: Some(nextlsn),
-            kind: FrameKind::Failed,
-            changes,
-        };
-        match (self.format, open) {
-            (Format::Transactions, true) => vec![end(format!("],\"error\":{error}}}"), Fragment::Last)],
-            (Format::Transactions, false) => {
-                vec![end(
-                    format!("{{{xid}\"nextlsn\":\"{nextlsn}\",\"change\":[],\"error\":{error}}}"),
-                    Fragment::Whole,
-                )]
-            }
-            (Format::Changes, open) => {
-                let mut frames = Vec::new();
-                if !open {
-                    frames.push(OutFrame {
-                        payload: Bytes::from(format!("{{\"action\":\"B\",{xid}\"nextlsn\":\"{nextlsn}\"}}")),
-                        fragment: Fragment::Whole,
-                        nextlsn: None,
-                        kind: FrameKind::Begin,
-                        changes: 0,
-                    });
-                }
-                frames.push(end(
-                    format!("{{\"action\":\"C\",{xid}\"nextlsn\":\"{nextlsn}\",\"error\":{error}}}"),
-                    Fragment::Whole,
-                ));
-                frames
-            }
-        }
+        error_record(self.format, Failure { open, changes, nextlsn, xid, error })
     }
 }
 
-/// The default size of the frames a message is cut into.
-pub const DEFAULT_FRAME_BYTES: usize = 256 * 1024;
-/// The largest frame we send: some clients refuse larger ones.
-pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
-
-/// Cuts the assembler's pieces into websocket frames sized by bytes.
-///
-/// Clients limit the number of *fragments* of a message (Python `websockets`: 4,096,
-/// Node `ws`: 16,384), not only its size, so a frame per change would make any large
-/// transaction undeliverable to them, and an undeliverable transaction comes back on
-/// every reconnect. Frames of `frame_bytes` keep a 1 GB message under 4,096 frames,
-/// while memory stays bounded by one frame. A message that fits goes out as one frame.
-/// A piece is only ever cut at a UTF-8 character boundary, so every frame is valid text.
-#[derive(Debug)]
-pub struct Framer {
-    frame_bytes: usize,
-    buf: BytesMut,
-    /// A frame of the current message has gone out already.
-    started: bool,
+/// A transaction Postgres failed to decode, as [`error_record`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    /// Part of the transaction went out already: its message is under way.
+    pub open: bool,
+    /// The changes of it that went out.
+    pub changes: u32,
+    /// Where it ends.
+    pub nextlsn: Lsn,
+    pub xid: Option<u32>,
+    pub error: &'a str,
 }
 
-impl Framer {
-    pub fn new(frame_bytes: usize) -> Framer {
-        let frame_bytes = frame_bytes.clamp(16, MAX_FRAME_BYTES);
-        Framer { frame_bytes, buf: BytesMut::new(), started: false }
-    }
-
-    /// Takes one piece; appends the frames that are complete to `out`.
-    pub fn push(&mut self, piece: OutFrame, out: &mut Vec<OutFrame>) {
-        match piece.fragment {
-            Fragment::Whole if piece.payload.len() <= self.frame_bytes && !self.started && self.buf.is_empty() => {
-                out.push(piece)
-            }
-            Fragment::First | Fragment::Middle => self.append(piece.payload, out),
-            Fragment::Whole | Fragment::Last => {
-                self.append(piece.payload, out);
-                let payload = self.buf.split().freeze();
-                let fragment = if self.started { Fragment::Last } else { Fragment::Whole };
-                self.started = false;
-                out.push(OutFrame {
-                    payload,
-                    fragment,
-                    nextlsn: piece.nextlsn,
-                    kind: piece.kind,
-                    changes: piece.changes,
-                });
-            }
+/// The error record of a transaction Postgres failed to decode. Format 1: the
+/// transaction's message, `{"xid":..,"nextlsn":..,"change":[..],"error":".."}`, whose
+/// `change` holds the changes already sent (a head that went out has no `xid`); format
+/// 2: a commit record with `"error"`, after a begin record when none went out. The last
+/// message is [`MessageKind::Failed`].
+pub fn error_record(format: Format, failure: Failure<'_>) -> Vec<Part> {
+    let Failure { open, changes, nextlsn, xid, error } = failure;
+    let error = serde_json::Value::from(error).to_string();
+    let xid = xid.map(|x| format!("\"xid\":{x},")).unwrap_or_default();
+    let finish = Part::Finish(Finish { nextlsn: Some(nextlsn), kind: MessageKind::Failed, changes });
+    let start = || Part::Start(Start { nextlsn: Some(nextlsn) });
+    let body = |text: String| Part::Body(Bytes::from(text));
+    match (format, open) {
+        (Format::Transactions, true) => vec![body(format!("],\"error\":{error}}}")), finish],
+        (Format::Transactions, false) => {
+            vec![start(), body(format!("{{{xid}\"nextlsn\":\"{nextlsn}\",\"change\":[],\"error\":{error}}}")), finish]
         }
-    }
-
-    /// Adds bytes to the frame being filled, sending out each frame that fills up.
-    /// Large pieces are cut into frames without being copied.
-    fn append(&mut self, mut data: Bytes, out: &mut Vec<OutFrame>) {
-        loop {
-            let room = self.frame_bytes - self.buf.len();
-            if data.len() <= room {
-                self.buf.extend_from_slice(&data);
-                return;
+        (Format::Changes, open) => {
+            let mut parts = Vec::new();
+            if !open {
+                let begin = Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 };
+                let text = format!("{{\"action\":\"B\",{xid}\"nextlsn\":\"{nextlsn}\"}}");
+                parts.extend(Part::whole(Start::default(), Bytes::from(text), begin));
             }
-            let mut cut = char_floor(&data, room);
-            if cut == 0 && self.buf.is_empty() {
-                cut = room; // not UTF-8 at all: any cut beats none
-            }
-            // With less room than the next character, the frame goes out as it is.
-            let payload = if self.buf.is_empty() {
-                data.split_to(cut)
-            } else {
-                self.buf.extend_from_slice(&data[..cut]);
-                data.advance(cut);
-                self.buf.split().freeze()
-            };
-            self.emit_inside(payload, out);
+            let text = format!("{{\"action\":\"C\",{xid}\"nextlsn\":\"{nextlsn}\",\"error\":{error}}}");
+            parts.extend([start(), body(text), finish]);
+            parts
         }
-    }
-
-    fn emit_inside(&mut self, payload: Bytes, out: &mut Vec<OutFrame>) {
-        let fragment = if self.started { Fragment::Middle } else { Fragment::First };
-        self.started = true;
-        out.push(OutFrame { payload, fragment, nextlsn: None, kind: FrameKind::Inside, changes: 0 });
     }
 }
 
@@ -331,51 +200,76 @@ impl Framer {
 /// every other transaction of the database one (wal2json still prints its begin and
 /// commit), and a client that asked for one table should not be sent all of them. The
 /// slot moves past them all the same: the pump has read them.
+///
+/// Whether a message is an empty transaction is known at its finish, so its first
+/// parts are held until then; an empty one is a head and a tail at most, so a message
+/// with a third body goes on at once, and what is held stays small.
 #[derive(Debug, Default)]
 pub struct SkipEmpty {
-    /// A begin record (format 2), held until it is known whether a change follows.
-    begin: Option<OutFrame>,
+    /// A begin record (format 2), whole, held until it is known whether a change follows.
+    begin: Vec<Part>,
+    /// The parts of the message under way, while it may still be empty.
+    held: Vec<Part>,
+    /// The message under way has more than an empty one's bodies: it goes on as it comes.
+    passing: bool,
     /// A non-transactional message went out and no ack point has followed it: only a
     /// later transaction's `nextlsn` can cover it, so the next one goes out even if it is
     /// empty, or the slot could not move past the message until a change came.
     uncovered: bool,
 }
 
+/// The bodies of the largest message that may be an empty transaction: a head and a tail.
+const EMPTY_BODIES: usize = 2;
+
 impl SkipEmpty {
-    pub fn filter(&mut self, frames: Vec<OutFrame>) -> Vec<OutFrame> {
-        let mut out = Vec::with_capacity(frames.len());
-        for frame in frames {
-            match (frame.kind, frame.fragment) {
-                (FrameKind::Begin, _) => out.extend(self.begin.replace(frame)),
-                (FrameKind::Empty, Fragment::Whole) if !self.uncovered => self.begin = None,
-                (kind, _) => {
-                    match kind {
-                        FrameKind::Unackable => self.uncovered = true,
-                        k if k.is_ack_point() => self.uncovered = false,
-                        _ => {}
+    pub fn filter(&mut self, parts: Vec<Part>) -> Vec<Part> {
+        let mut out = Vec::with_capacity(parts.len());
+        for part in parts {
+            match part {
+                Part::Finish(finish) => self.finish(finish, &mut out),
+                part if self.passing => out.push(part),
+                part => {
+                    self.held.push(part);
+                    if self.held.iter().filter(|p| p.body().is_some()).count() > EMPTY_BODIES {
+                        self.passing = true;
+                        out.append(&mut self.begin);
+                        out.append(&mut self.held);
                     }
-                    out.extend(self.begin.take());
-                    out.push(frame);
                 }
             }
         }
         out
     }
-}
 
-/// The largest cut at or before `n` that falls between two UTF-8 characters of `data`.
-fn char_floor(data: &[u8], n: usize) -> usize {
-    let mut n = n.min(data.len());
-    // Continuation bytes are 0b10xx_xxxx; a character is at most 4 bytes.
-    while n > 0 && data.get(n).is_some_and(|b| b & 0xC0 == 0x80) {
-        n -= 1;
+    fn finish(&mut self, finish: Finish, out: &mut Vec<Part>) {
+        let passed = std::mem::take(&mut self.passing);
+        match finish.kind {
+            MessageKind::Begin if !passed => {
+                out.append(&mut self.begin);
+                self.held.push(Part::Finish(finish));
+                self.begin = std::mem::take(&mut self.held);
+            }
+            MessageKind::Empty if !passed && !self.uncovered => {
+                self.begin.clear();
+                self.held.clear();
+            }
+            kind => {
+                match kind {
+                    MessageKind::Unackable => self.uncovered = true,
+                    k if k.is_ack_point() => self.uncovered = false,
+                    _ => {}
+                }
+                out.append(&mut self.begin);
+                out.append(&mut self.held);
+                out.push(Part::Finish(finish));
+            }
+        }
     }
-    n
 }
 
 /// Prepares one whole wal2json v1 message (one transaction, or one non-transactional
 /// logical message).
-pub fn prepare_v1(data: Bytes) -> OutFrame {
+pub fn prepare_v1(data: Bytes) -> [Part; 3] {
     let payload = if data.starts_with(BROKEN_MESSAGE_HEAD) {
         let mut fixed = BytesMut::with_capacity(data.len() - 1);
         fixed.put_slice(&data[..BROKEN_MESSAGE_HEAD.len() - 1]);
@@ -386,13 +280,13 @@ pub fn prepare_v1(data: Bytes) -> OutFrame {
     };
     let nextlsn = find_nextlsn(&payload);
     let kind = match nextlsn {
-        None => FrameKind::Unackable,
-        Some(_) if payload.ends_with(b"\"change\":[]}") => FrameKind::Empty,
-        Some(_) => FrameKind::Data,
+        None => MessageKind::Unackable,
+        Some(_) if payload.ends_with(b"\"change\":[]}") => MessageKind::Empty,
+        Some(_) => MessageKind::Data,
     };
     // Without chunks the changes are not counted (we always ask for chunks): that
     // would mean parsing the message.
-    OutFrame { payload, fragment: Fragment::Whole, nextlsn, kind, changes: 0 }
+    Part::whole(Start { nextlsn }, payload, Finish { nextlsn, kind, changes: 0 })
 }
 
 /// The top-level `"nextlsn":"X/Y"`, which wal2json prints before `"change"` (after
@@ -419,38 +313,64 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
+    fn push(a: &mut Assembler, raw: &'static str) -> Vec<Part> {
+        let mut out = Vec::new();
+        a.push(b(raw), &mut out).unwrap();
+        out
+    }
+
+    fn finish(parts: &[Part]) -> Option<Finish> {
+        parts.iter().find_map(|p| match p {
+            Part::Finish(f) => Some(*f),
+            _ => None,
+        })
+    }
+
+    /// The messages in `parts`, each its bodies joined, with how it finished.
+    fn messages(parts: &[Part]) -> Vec<(String, Finish)> {
+        let mut out = Vec::new();
+        let mut text = Vec::new();
+        for part in parts {
+            match part {
+                Part::Start(_) => text.clear(),
+                Part::Body(bytes) => text.extend_from_slice(bytes),
+                Part::Finish(f) => out.push((String::from_utf8(std::mem::take(&mut text)).unwrap(), *f)),
+            }
+        }
+        out
+    }
+
     #[test]
     fn transaction_is_forwarded_untouched() {
         let raw = b(
             r#"{"nextlsn":"0/170FCB0","change":[{"kind":"insert","schema":"public","table":"t","columnnames":["a"],"columntypes":["integer"],"columnvalues":[1]}]}"#,
         );
-        let f = prepare_v1(raw.clone());
-        assert_eq!(f.payload.as_ptr(), raw.as_ptr(), "no copy");
-        assert_eq!(f.nextlsn, Some(Lsn(0x170_FCB0)));
-        assert_eq!((f.kind, f.fragment), (FrameKind::Data, Fragment::Whole));
+        let [start, body, Part::Finish(f)] = prepare_v1(raw.clone()) else { panic!("a finish") };
+        assert_eq!(body.body().unwrap().as_ptr(), raw.as_ptr(), "no copy");
+        assert_eq!(start, Part::Start(Start { nextlsn: Some(Lsn(0x170_FCB0)) }));
+        assert_eq!((f.nextlsn, f.kind), (Some(Lsn(0x170_FCB0)), MessageKind::Data));
     }
 
     #[test]
     fn empty_transaction() {
-        let f = prepare_v1(b(r#"{"xid":7,"nextlsn":"1/A","change":[]}"#));
-        assert_eq!(f.nextlsn, Some(Lsn(0x1_0000_000A)));
-        assert_eq!(f.kind, FrameKind::Empty);
+        let f = finish(&prepare_v1(b(r#"{"xid":7,"nextlsn":"1/A","change":[]}"#))).unwrap();
+        assert_eq!((f.nextlsn, f.kind), (Some(Lsn(0x1_0000_000A)), MessageKind::Empty));
     }
 
     #[test]
     fn repairs_non_transactional_message() {
-        let f = prepare_v1(b(r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#));
-        assert_eq!(
-            &f.payload[..],
-            br#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#
-        );
-        assert_eq!((f.nextlsn, f.kind), (None, FrameKind::Unackable));
+        let parts =
+            prepare_v1(b(r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#));
+        let (text, f) = messages(&parts).remove(0);
+        assert_eq!(text, r#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#);
+        assert_eq!((f.nextlsn, f.kind), (None, MessageKind::Unackable));
+        assert_eq!(parts[0], Part::Start(Start { nextlsn: None }));
     }
 
     #[test]
     fn nextlsn_inside_values_is_not_taken() {
-        let f = prepare_v1(b(r#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
-        assert_eq!(f.nextlsn, None);
+        let parts = prepare_v1(b(r#"{"change":[{"kind":"insert","columnvalues":["\"nextlsn\":\"0/1\""]}]}"#));
+        assert_eq!(finish(&parts).unwrap().nextlsn, None);
     }
 
     /// Real chunked output of wal2json 2.5 (pg_logical_slot_peek_changes with
@@ -459,40 +379,42 @@ mod tests {
     fn assembles_chunked_transactions() {
         let mut a = Assembler::new(Format::Transactions);
         let pieces = [
-            (r#"{"nextlsn":"0/15D0DB0","change":["#, Fragment::First, None, FrameKind::Inside),
-            (
-                r#"{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[1]}"#,
-                Fragment::Middle,
-                None,
-                FrameKind::Inside,
-            ),
-            (
-                r#",{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[2]}"#,
-                Fragment::Middle,
-                None,
-                FrameKind::Inside,
-            ),
-            ("]}", Fragment::Last, Some(Lsn(0x15D_0DB0)), FrameKind::Data),
-            (
-                r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"nontx"}]}"#,
-                Fragment::Whole,
-                None,
-                FrameKind::Unackable,
-            ),
-            (r#"{"nextlsn":"0/15D0F08","change":["#, Fragment::First, None, FrameKind::Inside),
-            ("]}", Fragment::Last, Some(Lsn(0x15D_0F08)), FrameKind::Empty),
+            r#"{"nextlsn":"0/15D0DB0","change":["#,
+            r#"{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[1]}"#,
+            r#",{"kind":"insert","schema":"public","table":"c","columnnames":["id"],"columntypes":["integer"],"columnvalues":[2]}"#,
+            "]}",
+            r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"nontx"}]}"#,
+            r#"{"nextlsn":"0/15D0F08","change":["#,
+            "]}",
         ];
-        let mut message = Vec::new();
-        for (raw, fragment, nextlsn, kind) in pieces {
-            let f = a.push(b(raw)).unwrap();
-            assert_eq!((f.fragment, f.nextlsn, f.kind), (fragment, nextlsn, kind), "{raw}");
-            if f.fragment != Fragment::Whole {
-                message.extend_from_slice(&f.payload);
-            }
-            if f.fragment == Fragment::Last {
-                assert!(serde_json::from_slice::<serde_json::Value>(&message).is_ok());
-                message.clear();
-            }
+        let mut parts = Vec::new();
+        let mut shapes = Vec::new();
+        for raw in pieces {
+            let out = push(&mut a, raw);
+            let shape: String = out
+                .iter()
+                .map(|p| match p {
+                    Part::Start(_) => 'S',
+                    Part::Body(_) => 'B',
+                    Part::Finish(_) => 'F',
+                })
+                .collect();
+            shapes.push(shape);
+            parts.extend(out);
+        }
+        assert_eq!(shapes, ["SB", "B", "B", "BF", "SBF", "SB", "BF"]);
+        assert_eq!(parts[0], Part::Start(Start { nextlsn: Some(Lsn(0x15D_0DB0)) }));
+        let ends: Vec<_> = messages(&parts).iter().map(|(_, f)| (f.nextlsn, f.kind, f.changes)).collect();
+        assert_eq!(
+            ends,
+            [
+                (Some(Lsn(0x15D_0DB0)), MessageKind::Data, 2),
+                (None, MessageKind::Unackable, 0),
+                (Some(Lsn(0x15D_0F08)), MessageKind::Empty, 0),
+            ]
+        );
+        for (text, _) in messages(&parts) {
+            assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok(), "{text}");
         }
     }
 
@@ -500,110 +422,23 @@ mod tests {
     fn classifies_v2_records() {
         let mut a = Assembler::new(Format::Changes);
         let records = [
-            (r#"{"action":"B","lsn":"0/1","nextlsn":"0/9"}"#, None, FrameKind::Begin),
-            (r#"{"action":"I","lsn":"0/2","schema":"public","table":"t","columns":[]}"#, None, FrameKind::Inside),
-            (r#"{"action":"C","lsn":"0/8","nextlsn":"0/9"}"#, Some(Lsn(9)), FrameKind::Data),
+            (r#"{"action":"B","lsn":"0/1","nextlsn":"0/9"}"#, None, MessageKind::Begin, 0),
+            (r#"{"action":"I","lsn":"0/2","schema":"public","table":"t","columns":[]}"#, None, MessageKind::Inside, 0),
+            (r#"{"action":"C","lsn":"0/8","nextlsn":"0/9"}"#, Some(Lsn(9)), MessageKind::Data, 1),
             (
                 r#"{"action":"M","lsn":"0/A","transactional":false,"prefix":"p","content":"c"}"#,
                 None,
-                FrameKind::Unackable,
+                MessageKind::Unackable,
+                0,
             ),
-            (r#"{"action":"B","lsn":"0/B","nextlsn":"0/C"}"#, None, FrameKind::Begin),
-            (r#"{"action":"C","lsn":"0/B","nextlsn":"0/C"}"#, Some(Lsn(12)), FrameKind::Empty),
+            (r#"{"action":"B","lsn":"0/B","nextlsn":"0/C"}"#, None, MessageKind::Begin, 0),
+            (r#"{"action":"C","lsn":"0/B","nextlsn":"0/C"}"#, Some(Lsn(12)), MessageKind::Empty, 0),
         ];
-        for (raw, nextlsn, kind) in records {
-            let f = a.push(b(raw)).unwrap();
-            assert_eq!((f.fragment, f.nextlsn, f.kind), (Fragment::Whole, nextlsn, kind), "{raw}");
+        for (raw, nextlsn, kind, changes) in records {
+            let parts = push(&mut a, raw);
+            assert_eq!(messages(&parts), [(raw.to_owned(), Finish { nextlsn, kind, changes })], "{raw}");
+            assert_eq!(parts[0], Part::Start(Start { nextlsn }), "the start names what the finish acks");
         }
-    }
-
-    #[test]
-    fn the_frame_that_ends_a_transaction_counts_its_changes() {
-        let mut a = Assembler::new(Format::Transactions);
-        let v1 = [r#"{"nextlsn":"0/1","change":["#, r#"{"kind":"insert"}"#, r#",{"kind":"delete"}"#, "]}"];
-        let counts: Vec<u32> = v1
-            .into_iter()
-            .chain([r#"{"nextlsn":"0/2","change":["#, "]}"])
-            .map(|raw| a.push(b(raw)).unwrap().changes)
-            .collect();
-        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
-
-        let mut a = Assembler::new(Format::Changes);
-        let v2 = [
-            r#"{"action":"B","nextlsn":"0/9"}"#,
-            r#"{"action":"I","table":"t"}"#,
-            r#"{"action":"U","table":"t"}"#,
-            r#"{"action":"C","nextlsn":"0/9"}"#,
-            r#"{"action":"B","nextlsn":"0/C"}"#,
-            r#"{"action":"C","nextlsn":"0/C"}"#,
-        ];
-        let counts: Vec<u32> = v2.into_iter().map(|raw| a.push(b(raw)).unwrap().changes).collect();
-        assert_eq!(counts, [0, 0, 0, 2, 0, 0]);
-
-        // Cut into frames, the count stays on the frame that ends the message.
-        let mut framer = Framer::new(16);
-        let mut out = Vec::new();
-        framer.push(OutFrame { changes: 0, ..piece("{\"change\":[", Fragment::First) }, &mut out);
-        framer.push(piece(&"x".repeat(40), Fragment::Middle), &mut out);
-        framer.push(OutFrame { changes: 7, ..piece("]}", Fragment::Last) }, &mut out);
-        let counts: Vec<u32> = out.iter().map(|f| f.changes).collect();
-        assert_eq!(counts.last(), Some(&7), "{counts:?}");
-        assert_eq!(counts.iter().sum::<u32>(), 7, "{counts:?}");
-    }
-
-    fn piece(text: &str, fragment: Fragment) -> OutFrame {
-        let (nextlsn, kind) = match fragment {
-            Fragment::Last | Fragment::Whole => (Some(Lsn(42)), FrameKind::Data),
-            _ => (None, FrameKind::Inside),
-        };
-        OutFrame { payload: Bytes::copy_from_slice(text.as_bytes()), fragment, nextlsn, kind, changes: 0 }
-    }
-
-    fn shape(frames: &[OutFrame]) -> Vec<(Fragment, String)> {
-        frames.iter().map(|f| (f.fragment, String::from_utf8(f.payload.to_vec()).unwrap())).collect()
-    }
-
-    #[test]
-    fn a_small_transaction_is_one_frame() {
-        let mut framer = Framer::new(64);
-        let mut out = Vec::new();
-        for (t, f) in [
-            ("{\"change\":[", Fragment::First),
-            ("1", Fragment::Middle),
-            (",2", Fragment::Middle),
-            ("]}", Fragment::Last),
-        ] {
-            framer.push(piece(t, f), &mut out);
-        }
-        assert_eq!(shape(&out), [(Fragment::Whole, "{\"change\":[1,2]}".to_owned())]);
-        assert_eq!((out[0].nextlsn, out[0].kind), (Some(Lsn(42)), FrameKind::Data));
-    }
-
-    #[test]
-    fn frames_fill_up_and_cut_between_characters() {
-        let mut framer = Framer::new(16);
-        let mut out = Vec::new();
-        framer.push(piece("0123456789", Fragment::First), &mut out);
-        assert!(out.is_empty(), "nothing goes out before a frame is full");
-        framer.push(piece("abcdé€xyz", Fragment::Middle), &mut out);
-        framer.push(piece("]", Fragment::Last), &mut out);
-        assert_eq!(
-            shape(&out),
-            [(Fragment::First, "0123456789abcdé".to_owned()), (Fragment::Last, "€xyz]".to_owned()),]
-        );
-        assert!(out[0].nextlsn.is_none() && out[1].nextlsn == Some(Lsn(42)));
-    }
-
-    #[test]
-    fn a_large_whole_message_is_cut_without_copies() {
-        let mut framer = Framer::new(16);
-        let mut out = Vec::new();
-        let big = piece(&"x".repeat(40), Fragment::Whole);
-        let at = big.payload.as_ptr();
-        framer.push(big, &mut out);
-        let sizes: Vec<_> = out.iter().map(|f| (f.fragment, f.payload.len())).collect();
-        assert_eq!(sizes, [(Fragment::First, 16), (Fragment::Middle, 16), (Fragment::Last, 8)]);
-        assert_eq!(out[0].payload.as_ptr(), at, "the first frame is a slice of the piece");
     }
 
     #[test]
@@ -620,27 +455,41 @@ mod tests {
         let mut kept = Vec::new();
         for r in records {
             // One record at a time: a held begin waits across batches.
-            kept.extend(skip.filter(vec![a.push(b(r)).unwrap()]));
+            kept.extend(skip.filter(push(&mut a, r)));
         }
-        let kept: Vec<_> = kept.iter().map(|f| String::from_utf8(f.payload.to_vec()).unwrap()).collect();
+        let kept: Vec<_> = messages(&kept).into_iter().map(|(text, _)| text).collect();
         assert_eq!(kept, &records[2..]);
 
         let mut a = Assembler::new(Format::Transactions);
-        let mut framer = Framer::new(1024);
-        let mut frames = Vec::new();
+        let mut skip = SkipEmpty::default();
+        let mut kept = Vec::new();
         for p in [r#"{"nextlsn":"0/2","change":["#, "]}", r#"{"nextlsn":"0/4","change":["#, "{}", "]}"] {
-            framer.push(a.push(b(p)).unwrap(), &mut frames);
+            // Piece by piece: the head of a message waits across batches.
+            kept.extend(skip.filter(push(&mut a, p)));
         }
-        let kept = SkipEmpty::default().filter(frames);
+        let kept = messages(&kept);
         assert_eq!(kept.len(), 1);
-        assert_eq!(&kept[0].payload[..], br#"{"nextlsn":"0/4","change":[{}]}"#);
+        assert_eq!(kept[0].0, r#"{"nextlsn":"0/4","change":[{}]}"#);
+    }
+
+    #[test]
+    fn a_large_transaction_is_not_held_back() {
+        let mut a = Assembler::new(Format::Transactions);
+        let mut skip = SkipEmpty::default();
+        let head = skip.filter(push(&mut a, r#"{"nextlsn":"0/4","change":["#));
+        assert!(head.is_empty(), "held: it may be empty");
+        assert!(skip.filter(push(&mut a, "{}")).is_empty(), "held: a head and a body may still be a whole empty one");
+        let third = skip.filter(push(&mut a, ",{}"));
+        assert_eq!(third.len(), 4, "start, head and both changes go on: {third:?}");
+        assert_eq!(skip.filter(push(&mut a, ",{}")).len(), 1, "then each part as it comes");
+        let end = skip.filter(push(&mut a, "]}"));
+        assert_eq!(finish(&end).map(|f| f.changes), Some(3));
     }
 
     #[test]
     fn an_empty_transaction_after_a_lone_message_is_kept_to_be_acked() {
         let mut a = Assembler::new(Format::Transactions);
-        let mut framer = Framer::new(1024);
-        let mut frames = Vec::new();
+        let mut parts = Vec::new();
         let pieces = [
             r#"{"change":[,{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#,
             r#"{"nextlsn":"0/2","change":["#,
@@ -649,80 +498,62 @@ mod tests {
             "]}",
         ];
         for p in pieces {
-            framer.push(a.push(b(p)).unwrap(), &mut frames);
+            parts.extend(push(&mut a, p));
         }
-        let kept = SkipEmpty::default().filter(frames);
-        let nextlsns: Vec<_> = kept.iter().map(|f| f.nextlsn).collect();
+        let kept = SkipEmpty::default().filter(parts);
+        let nextlsns: Vec<_> = messages(&kept).iter().map(|(_, f)| f.nextlsn).collect();
         assert_eq!(nextlsns, [None, Some(Lsn(2))], "the message, then the transaction that covers it; no more");
     }
 
     #[test]
     fn error_records() {
         let error = "invalid memory alloc request size 1080000003";
-        let shapes = |frames: Vec<OutFrame>| -> Vec<(Fragment, FrameKind, Option<Lsn>, String)> {
-            frames
-                .into_iter()
-                .map(|f| (f.fragment, f.kind, f.nextlsn, String::from_utf8(f.payload.to_vec()).unwrap()))
-                .collect()
-        };
         let end = Some(Lsn(0x1F9_FCA8));
+        let failed = |changes| Finish { nextlsn: end, kind: MessageKind::Failed, changes };
         // Nothing of the transaction went out (pgoutput holds it until its commit).
         let mut a = Assembler::new(Format::Transactions);
+        let parts = a.error_record(Lsn(0x1F9_FCA8), Some(745), error);
+        assert_eq!(parts[0], Part::Start(Start { nextlsn: end }));
         assert_eq!(
-            shapes(a.error_record(Lsn(0x1F9_FCA8), Some(745), error)),
+            messages(&parts),
             [(
-                Fragment::Whole,
-                FrameKind::Failed,
-                end,
                 r#"{"xid":745,"nextlsn":"0/1F9FCA8","change":[],"error":"invalid memory alloc request size 1080000003"}"#
-                    .to_owned()
+                    .to_owned(),
+                failed(0)
             )]
         );
         let mut a = Assembler::new(Format::Changes);
         assert_eq!(
-            shapes(a.error_record(Lsn(0x1F9_FCA8), Some(745), error)),
+            messages(&a.error_record(Lsn(0x1F9_FCA8), Some(745), error)),
             [
-                (Fragment::Whole, FrameKind::Begin, None, r#"{"action":"B","xid":745,"nextlsn":"0/1F9FCA8"}"#.to_owned()),
                 (
-                    Fragment::Whole,
-                    FrameKind::Failed,
-                    end,
+                    r#"{"action":"B","xid":745,"nextlsn":"0/1F9FCA8"}"#.to_owned(),
+                    Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 }
+                ),
+                (
                     r#"{"action":"C","xid":745,"nextlsn":"0/1F9FCA8","error":"invalid memory alloc request size 1080000003"}"#
-                        .to_owned()
+                        .to_owned(),
+                    failed(0)
                 ),
             ]
         );
         // wal2json: the head and a change went out; the record ends that message.
         let mut a = Assembler::new(Format::Transactions);
-        let mut framer = Framer::new(1024);
-        let mut out = Vec::new();
-        framer.push(a.push(b(r#"{"nextlsn":"0/1F9FCA8","change":["#)).unwrap(), &mut out);
-        framer.push(a.push(b(r#"{"kind":"insert"}"#)).unwrap(), &mut out);
+        let mut parts = push(&mut a, r#"{"nextlsn":"0/1F9FCA8","change":["#);
+        parts.extend(push(&mut a, r#"{"kind":"insert"}"#));
         assert_eq!(a.open_transaction(), end);
-        for f in a.error_record(a.open_transaction().unwrap(), None, "x\"y") {
-            framer.push(f, &mut out);
-        }
+        parts.extend(a.error_record(a.open_transaction().unwrap(), None, "x\"y"));
         assert_eq!(
-            shapes(out),
-            [(
-                Fragment::Whole,
-                FrameKind::Failed,
-                end,
-                r#"{"nextlsn":"0/1F9FCA8","change":[{"kind":"insert"}],"error":"x\"y"}"#.to_owned()
-            )]
+            messages(&parts),
+            [(r#"{"nextlsn":"0/1F9FCA8","change":[{"kind":"insert"}],"error":"x\"y"}"#.to_owned(), failed(1))]
         );
         assert_eq!(a.open_transaction(), None);
         let mut a = Assembler::new(Format::Changes);
-        a.push(b(r#"{"action":"B","lsn":"0/1","nextlsn":"0/1F9FCA8"}"#)).unwrap();
+        push(&mut a, r#"{"action":"B","lsn":"0/1","nextlsn":"0/1F9FCA8"}"#);
         assert_eq!(a.open_transaction(), end);
         assert_eq!(
-            shapes(a.error_record(Lsn(0x1F9_FCA8), None, "e")),
-            [(
-                Fragment::Whole,
-                FrameKind::Failed,
-                end,
-                r#"{"action":"C","nextlsn":"0/1F9FCA8","error":"e"}"#.to_owned()
-            )]
+            messages(&a.error_record(Lsn(0x1F9_FCA8), None, "e")),
+            [(r#"{"action":"C","nextlsn":"0/1F9FCA8","error":"e"}"#.to_owned(), failed(0))]
         );
     }
 
@@ -731,51 +562,11 @@ mod tests {
         fn never_panics(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
             for format in [Format::Transactions, Format::Changes] {
                 let mut a = Assembler::new(format);
+                let mut out = Vec::new();
                 for p in &pieces {
-                    let _ = a.push(Bytes::from(p.clone()));
+                    let _ = a.push(Bytes::from(p.clone()), &mut out);
                 }
             }
-        }
-
-        /// Whatever the pieces and the frame size: each message's frames join to its
-        /// pieces, every frame is UTF-8 and at most the frame size, only the last frame of a
-        /// message carries its LSN, and every frame but the last is full.
-        #[test]
-        fn framing_keeps_messages_whole(
-            messages in proptest::collection::vec(proptest::collection::vec("[a-zé€😀]{0,40}", 1..6), 0..6),
-            frame_bytes in 16usize..64,
-        ) {
-            let mut framer = Framer::new(frame_bytes);
-            let mut out = Vec::new();
-            for pieces in &messages {
-                let n = pieces.len();
-                for (i, text) in pieces.iter().enumerate() {
-                    let fragment = match (i, n) {
-                        (_, 1) => Fragment::Whole,
-                        (0, _) => Fragment::First,
-                        (i, n) if i == n - 1 => Fragment::Last,
-                        _ => Fragment::Middle,
-                    };
-                    framer.push(piece(text, fragment), &mut out);
-                }
-            }
-            let mut frames = out.iter();
-            for pieces in &messages {
-                let mut joined = String::new();
-                loop {
-                    let f = frames.next().expect("a frame for every message");
-                    prop_assert!(f.payload.len() <= frame_bytes);
-                    joined.push_str(std::str::from_utf8(&f.payload).expect("UTF-8 frame"));
-                    if matches!(f.fragment, Fragment::Whole | Fragment::Last) {
-                        prop_assert_eq!(f.nextlsn, Some(Lsn(42)));
-                        break;
-                    }
-                    prop_assert!(f.nextlsn.is_none());
-                    prop_assert!(f.payload.len() + 4 > frame_bytes, "a frame that is not full went out");
-                }
-                prop_assert_eq!(joined, pieces.concat());
-            }
-            prop_assert!(frames.next().is_none());
         }
     }
 }

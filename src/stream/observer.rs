@@ -4,7 +4,6 @@
 
 use tokio::sync::mpsc;
 
-use super::pump::Outgoing;
 use super::sink::{Link, Sink};
 
 /// Wraps a sink (a websocket) so that it confirms what it is given.
@@ -12,18 +11,18 @@ pub struct Observer<S>(pub S);
 
 impl<S: Sink> Sink for Observer<S> {
     async fn run(self, link: Link) {
-        let Link { slot, start, mut frames, acks, progress, stop } = link;
-        let (frames_tx, frames_rx) = mpsc::channel(1);
+        let Link { slot, start, mut messages, acks, progress, stop } = link;
+        let (messages_tx, messages_rx) = mpsc::channel(1);
         let (ignored_tx, mut ignored_rx) = mpsc::channel(16);
-        let inner = Link { slot, start, frames: frames_rx, acks: ignored_tx, progress, stop: stop.clone() };
+        let inner = Link { slot, start, messages: messages_rx, acks: ignored_tx, progress, stop: stop.clone() };
         let forward = async move {
             loop {
                 tokio::select! {
                     _ = stop.stopped() => break,
-                    item = frames.recv() => {
+                    item = messages.recv() => {
                         let Some(item) = item else { break };
-                        let confirm = last_ack_point(&item);
-                        if frames_tx.send(item).await.is_err() {
+                        let confirm = item.last_ack_point();
+                        if messages_tx.send(item).await.is_err() {
                             break;
                         }
                         if let Some(lsn) = confirm {
@@ -38,13 +37,5 @@ impl<S: Sink> Sink for Observer<S> {
             }
         };
         tokio::join!(forward, self.0.run(inner));
-    }
-}
-
-/// The last position in `item` that a consumer could ack.
-fn last_ack_point(item: &Outgoing) -> Option<crate::types::Lsn> {
-    match item {
-        Outgoing::Frames(frames) => frames.iter().filter(|f| f.kind.is_ack_point()).filter_map(|f| f.nextlsn).max(),
-        Outgoing::Fatal(_) | Outgoing::End { .. } => None,
     }
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::error::StreamError;
 use super::frame::Format;
 use super::pgoutput::json;
 use crate::pg::pool::Pool;
@@ -62,7 +63,7 @@ impl Relabel {
     }
 
     /// One piece of wal2json output: the piece to hand on, or None when it is dropped.
-    pub async fn piece(&mut self, data: Bytes) -> Result<Option<Bytes>, String> {
+    pub async fn piece(&mut self, data: Bytes) -> Result<Option<Bytes>, StreamError> {
         match self.format {
             Format::Transactions => self.v1(data).await,
             Format::Changes => {
@@ -75,7 +76,7 @@ impl Relabel {
         }
     }
 
-    async fn v1(&mut self, data: Bytes) -> Result<Option<Bytes>, String> {
+    async fn v1(&mut self, data: Bytes) -> Result<Option<Bytes>, StreamError> {
         if data.starts_with(b"{") && data.ends_with(b"\"change\":[") {
             self.kept = false; // a transaction's head
             return Ok(Some(data));
@@ -103,7 +104,7 @@ impl Relabel {
         }))
     }
 
-    async fn apply(&mut self, data: &Bytes, names: Names, keep_name: bool) -> Result<Option<Bytes>, String> {
+    async fn apply(&mut self, data: &Bytes, names: Names, keep_name: bool) -> Result<Option<Bytes>, StreamError> {
         let key = (names.schema.clone(), names.table.clone());
         if !self.verdicts.contains_key(&key) {
             let verdict = self.verdict(&names).await?;
@@ -127,9 +128,11 @@ impl Relabel {
         self.tables.iter().any(|(s, t)| s == schema && t.as_deref().is_none_or(|t| t == table))
     }
 
-    async fn verdict(&self, names: &Names) -> Result<Verdict, String> {
-        let decode =
-            |s: &[u8]| serde_json::from_slice::<String>(s).map_err(|e| format!("a table name wal2json printed: {e}"));
+    async fn verdict(&self, names: &Names) -> Result<Verdict, StreamError> {
+        let decode = |s: &[u8]| {
+            serde_json::from_slice::<String>(s)
+                .map_err(|e| StreamError::Fatal(format!("a table name wal2json printed: {e}")))
+        };
         let (schema, table) = (decode(&names.schema)?, decode(&names.table)?);
         let mut line = ancestors(&self.pool, &schema, &table).await?;
         if line.is_empty() {
@@ -150,9 +153,9 @@ impl Relabel {
 }
 
 /// The table and its ancestors, leaf first; empty when no table has these names now.
-async fn ancestors(pool: &Pool, schema: &str, table: &str) -> Result<Vec<(String, String)>, String> {
+async fn ancestors(pool: &Pool, schema: &str, table: &str) -> Result<Vec<(String, String)>, StreamError> {
     let query = async {
-        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let client = pool.get().await?;
         let rows = client
             .query(
                 "SELECT n.nspname::text, c.relname::text \
@@ -163,18 +166,17 @@ async fn ancestors(pool: &Pool, schema: &str, table: &str) -> Result<Vec<(String
                  WHERE rn.nspname = $1 AND r.relname = $2 ORDER BY a.depth",
                 &[&schema, &table],
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         client.release();
         rows.iter()
             .map(|row| Ok((row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?)))
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(|e| e.to_string())
+            .map_err(StreamError::fatal)
     };
     match tokio::time::timeout(LOOKUP_TIMEOUT, query).await {
         Ok(Ok(line)) => Ok(line),
-        Ok(Err(e)) => Err(format!("cannot look up the partitions of table {schema}.{table}: {e}")),
-        Err(_) => Err(format!("looking up the partitions of table {schema}.{table} timed out")),
+        Ok(Err(e)) => Err(e.context(&format!("cannot look up the partitions of table {schema}.{table}"))),
+        Err(_) => Err(StreamError::Transient(format!("looking up the partitions of table {schema}.{table} timed out"))),
     }
 }
 

@@ -167,13 +167,14 @@ impl Plugin {
         Ok(filter)
     }
 
-    /// What turns the plugin's output into pieces of wal2json messages. pgoutput's
+    /// What turns the plugin's output into wal2json's messages. pgoutput's
     /// decoder drops the changes of `filter`'s hidden schemas (a publication FOR ALL
     /// TABLES cannot leave them out), names column types through `pool`, and holds up
     /// to `hold_memory` bytes of a transaction in memory until its commit.
     pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool, hold_memory: usize) -> PluginDecoder {
         match self {
             Plugin::Wal2json => PluginDecoder::wal2json(
+                format,
                 filter
                     .partitioned
                     .then(|| Relabel::new(format, filter.tables.clone().unwrap_or_default(), pool.clone())),

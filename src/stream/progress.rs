@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::frame::OutFrame;
+use super::message::{Finish, MessageKind};
 use crate::types::Lsn;
 
 /// How a stream ended: the close code and reason, and which side closed.
@@ -65,14 +65,16 @@ impl Progress {
         self.acks.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a frame the client has been sent.
-    pub fn record_sent(&self, frame: &OutFrame) {
-        self.bytes_sent.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
-        if frame.kind.is_ack_point() {
+    /// Counts a frame of `bytes` the client has been sent; `end`: how the message it
+    /// completes finished.
+    pub fn record_sent(&self, bytes: usize, end: Option<&Finish>) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        let Some(end) = end else { return };
+        if end.kind.is_ack_point() {
             self.transactions.fetch_add(1, Ordering::Relaxed);
-            self.changes.fetch_add(u64::from(frame.changes), Ordering::Relaxed);
+            self.changes.fetch_add(u64::from(end.changes), Ordering::Relaxed);
         }
-        if frame.kind == super::frame::FrameKind::Failed {
+        if end.kind == MessageKind::Failed {
             self.skipped.fetch_add(1, Ordering::Relaxed);
         }
     }

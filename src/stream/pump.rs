@@ -1,5 +1,8 @@
-//! The pump: reads the replication stream, hands frames to the client side through a
-//! bounded channel, and keeps the slot's confirmed position moving.
+//! The pump: reads the replication stream, hands the decoder's messages to the sink
+//! through a bounded channel, and keeps the slot's confirmed position moving. A payload
+//! the decoder cannot take for a passing reason ([`StreamError::Transient`]) is fed
+//! again after a pause, while acks and status updates go on; only a fatal error, or a
+//! passing one that does not pass, ends the stream.
 //!
 //! Which position may we confirm? Everything the client acked, and more when nothing
 //! is at stake: once the client has acked every transaction that carried changes,
@@ -12,34 +15,31 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::decode::PluginDecoder;
-use super::frame::{Assembler, Format, FrameKind, Framer, OutFrame, SkipEmpty};
+use super::decode::{Abandoned, PluginDecoder};
+use super::error::StreamError;
+use super::frame::SkipEmpty;
+use super::message::{Finish, MessageKind, Part};
+use super::sink::Outgoing;
 use super::stop::{Stop, code};
 use crate::pg::error::PgError;
 use crate::pg::frames::ServerFrame;
 use crate::pg::replication::{Buffered, ReplicationStream, StreamEvent};
 use crate::types::Lsn;
 
-/// A batch ends at this many frames or bytes, whichever comes first: it bounds the
-/// memory a batch holds while keeping per-frame overhead (channel sends, wake-ups) low.
-const MAX_BATCH_FRAMES: usize = 256;
+/// A batch ends at this many bodies or bytes, whichever comes first: it bounds the
+/// memory a batch holds while keeping per-part overhead (channel sends, wake-ups) low.
+const MAX_BATCH_BODIES: usize = 256;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Status updates that only report progress go out at most this often.
 const STATUS_WINDOW: Duration = Duration::from_millis(10);
 
-/// What the pump hands to the websocket side.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// Frames in stream order.
-    Frames(Vec<OutFrame>),
-    /// Postgres ended the stream with this message; the client gets it as an error
-    /// frame and a close.
-    Fatal(String),
-    /// The source ended the stream for a reason of its own (e.g. a JetStream stream
-    /// that no longer holds what comes next): an error frame, then a close with `code`.
-    End { code: u16, message: String },
-}
+/// A payload the decoder could not take for a passing reason (a busy pool while it
+/// looked up a type name) is fed again after a pause that doubles from the first to
+/// the last, for this long in all; then the stream ends.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_LAST: Duration = Duration::from_secs(2);
+const RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// The positions the pump tracks, apart from the I/O so the rules can be tested.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,12 +74,21 @@ impl Positions {
         }
     }
 
-    /// Notes a frame read from the stream.
-    pub fn on_frame(&mut self, frame: &OutFrame) {
-        self.in_transaction = matches!(frame.kind, FrameKind::Inside | FrameKind::Begin);
-        match (frame.kind, frame.nextlsn) {
-            (FrameKind::Inside | FrameKind::Begin, _) => {}
-            (FrameKind::Unackable, _) | (_, None) => self.uncovered_message = true,
+    /// Notes a part read from the stream: a message that has started and not finished
+    /// is part of a transaction under way.
+    pub fn on_part(&mut self, part: &Part) {
+        match part {
+            Part::Start(_) => self.in_transaction = true,
+            Part::Body(_) => {}
+            Part::Finish(finish) => self.on_finish(finish),
+        }
+    }
+
+    fn on_finish(&mut self, finish: &Finish) {
+        self.in_transaction = matches!(finish.kind, MessageKind::Inside | MessageKind::Begin);
+        match (finish.kind, finish.nextlsn) {
+            (MessageKind::Inside | MessageKind::Begin, _) => {}
+            (MessageKind::Unackable, _) | (_, None) => self.uncovered_message = true,
             (kind, Some(lsn)) => {
                 self.read = self.read.max(lsn);
                 if kind.must_ack() || self.uncovered_message {
@@ -109,11 +118,8 @@ pub struct Pump {
     pub acks: mpsc::Receiver<Lsn>,
     pub stop: Stop,
     pub status_interval: Duration,
-    pub format: Format,
-    /// The plugin's output as wal2json pieces.
+    /// The plugin's output as messages.
     pub decoder: PluginDecoder,
-    /// The size of the websocket frames a message is cut into.
-    pub frame_bytes: usize,
     /// Leave out transactions with no change for the client (v2 sessions).
     pub skip_empty: bool,
     /// The options the stream was started with: a stream restarted past a transaction
@@ -131,38 +137,70 @@ pub fn undecodable(e: &PgError) -> bool {
     db.code == "54000" || (db.code == "XX000" && db.message.starts_with("invalid memory alloc request size"))
 }
 
-/// Turns what the replication stream brings into frames, and tracks positions.
+/// Turns what the replication stream brings into message parts, and tracks positions.
 struct Decoder {
     slot: String,
     plugin: PluginDecoder,
-    assembler: Assembler,
-    framer: Framer,
     skip_empty: Option<SkipEmpty>,
     pos: Positions,
     /// Postgres asked for a status update.
     reply_requested: bool,
+    /// A payload to feed again: the stream is read no further until it is taken.
+    retry: Option<Retry>,
+}
+
+/// A payload the plugin's decoder could not take yet, and when to try again.
+struct Retry {
+    wal_start: Lsn,
+    data: bytes::Bytes,
+    at: tokio::time::Instant,
+    pause: Duration,
+    until: tokio::time::Instant,
+}
+
+impl Retry {
+    fn first(wal_start: Lsn, data: bytes::Bytes) -> Retry {
+        let now = tokio::time::Instant::now();
+        Retry { wal_start, data, at: now + RETRY_FIRST, pause: RETRY_FIRST, until: now + RETRY_FOR }
+    }
+
+    /// The next try, or the error that ends the stream once tries are over.
+    fn again(mut self, error: String) -> Result<Retry, String> {
+        let now = tokio::time::Instant::now();
+        if now >= self.until {
+            return Err(format!("{error} (tried for {} s)", RETRY_FOR.as_secs()));
+        }
+        self.pause = (self.pause * 2).min(RETRY_LAST);
+        self.at = now + self.pause;
+        Ok(self)
+    }
 }
 
 impl Decoder {
-    /// Hands on the pieces the plugin's decoder holds, then takes `first` and whatever
+    /// Hands on the parts the plugin's decoder holds, then takes `first` and whatever
     /// else is already buffered, up to a batch: one channel send and one wake-up for
-    /// many frames. Frames still being filled stay in the framer; the batch may be
-    /// empty. Pieces beyond a batch stay in the decoder for the next call.
+    /// many parts. The batch may be empty. Parts beyond a batch stay in the decoder for
+    /// the next call. A payload the decoder cannot take for now is kept to be fed again
+    /// ([`Decoder::retry`]); only a fatal error ends the stream.
     async fn read_burst(
         &mut self,
         first: Option<StreamEvent>,
         stream: &mut ReplicationStream,
-    ) -> Result<Vec<OutFrame>, String> {
+    ) -> Result<Vec<Part>, String> {
         let mut batch = Vec::new();
-        let mut bytes = 0;
+        let (mut bodies, mut bytes) = (0, 0);
         let mut next = first;
-        'burst: loop {
-            while let Some(piece) = self.plugin.next_piece()? {
-                bytes += piece.len();
-                let piece = self.assembler.push(piece).map_err(|e| e.to_string())?;
-                self.pos.on_frame(&piece);
-                self.framer.push(piece, &mut batch);
-                if batch.len() >= MAX_BATCH_FRAMES || bytes >= MAX_BATCH_BYTES {
+        if let Some(retry) = self.retry.take() {
+            self.feed(retry.wal_start, retry.data.clone(), Some(retry)).await?;
+        }
+        'burst: while self.retry.is_none() {
+            while let Some(part) = self.plugin.next_part().map_err(|e| e.to_string())? {
+                if let Some(body) = part.body() {
+                    (bodies, bytes) = (bodies + 1, bytes + body.len());
+                }
+                self.pos.on_part(&part);
+                batch.push(part);
+                if bodies >= MAX_BATCH_BODIES || bytes >= MAX_BATCH_BYTES {
                     break 'burst;
                 }
             }
@@ -176,7 +214,7 @@ impl Decoder {
             };
             match event {
                 StreamEvent::Frame(ServerFrame::XLogData { wal_start, data, .. }) => {
-                    self.plugin.feed(wal_start, data).await?;
+                    self.feed(wal_start, data, None).await?;
                 }
                 StreamEvent::Frame(ServerFrame::Keepalive { wal_end, reply_requested, .. }) => {
                     self.pos.walsender_end = self.pos.walsender_end.max(wal_end);
@@ -187,13 +225,47 @@ impl Decoder {
                 }
             }
         }
-        // A transaction the decoder holds is under way as much as one whose pieces
+        // A transaction the decoder holds is under way as much as one whose parts
         // went out: the walsender may have sent keepalives past its start.
-        self.pos.in_transaction |= self.plugin.holds_transaction();
+        self.pos.in_transaction |= self.plugin.holds_transaction() || self.retry.is_some();
         Ok(self.skip_empty(batch))
     }
 
-    fn skip_empty(&mut self, batch: Vec<OutFrame>) -> Vec<OutFrame> {
+    /// Feeds one payload (`retry`: the earlier tries of it). A transient failure keeps
+    /// it for another try; a fatal one, or one that lasted too long, is the error.
+    async fn feed(&mut self, wal_start: Lsn, data: bytes::Bytes, retry: Option<Retry>) -> Result<(), String> {
+        let kept = data.clone();
+        match self.plugin.feed(wal_start, data).await {
+            Ok(()) => {
+                if retry.is_some() {
+                    tracing::info!(slot = %self.slot, "the stream goes on after a passing failure");
+                }
+                Ok(())
+            }
+            Err(StreamError::Transient(error)) => {
+                let retry = match retry {
+                    Some(retry) => retry.again(error)?,
+                    None => {
+                        tracing::warn!(slot = %self.slot, %error, "a passing failure: trying again shortly");
+                        Retry::first(wal_start, kept)
+                    }
+                };
+                self.retry = Some(retry);
+                Ok(())
+            }
+            Err(StreamError::Fatal(error)) => Err(error),
+        }
+    }
+
+    /// When the payload kept for another try is due (never, when none is).
+    async fn retry_due(&self) {
+        match &self.retry {
+            Some(retry) => tokio::time::sleep_until(retry.at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn skip_empty(&mut self, batch: Vec<Part>) -> Vec<Part> {
         match &mut self.skip_empty {
             Some(skip) => skip.filter(batch),
             None => batch,
@@ -201,20 +273,16 @@ impl Decoder {
     }
 
     /// Postgres failed in the middle of a transaction: ends it with an error record
-    /// (what of it went out stays, and the record says it is not whole). Returns the
-    /// LSN past the transaction, from which the stream goes on, and the record's
-    /// frames; None when no transaction is under way or where it ends is not known.
-    fn cut(&mut self, error: &str) -> Option<(Lsn, Option<u32>, Vec<OutFrame>)> {
-        let (nextlsn, xid) = match self.plugin.abandon_transaction() {
-            Some(held) => held,
-            None => (self.assembler.open_transaction()?, None),
-        };
-        let mut batch = Vec::new();
-        for piece in self.assembler.error_record(nextlsn, xid, error) {
-            self.pos.on_frame(&piece);
-            self.framer.push(piece, &mut batch);
+    /// (what of it went out stays, and the record says it is not whole). Returns where
+    /// the transaction ends, from which the stream goes on, with the record's parts;
+    /// None when no transaction is under way or where it ends is not known.
+    fn cut(&mut self, error: &str) -> Option<Abandoned> {
+        let mut abandoned = self.plugin.abandon_transaction(error)?;
+        for part in &abandoned.record {
+            self.pos.on_part(part);
         }
-        Some((nextlsn, xid, self.skip_empty(batch)))
+        abandoned.record = self.skip_empty(std::mem::take(&mut abandoned.record));
+        Some(abandoned)
     }
 }
 
@@ -261,20 +329,17 @@ impl Pump {
             mut acks,
             stop,
             status_interval,
-            format,
             decoder: plugin,
-            frame_bytes,
             skip_empty,
             options,
         } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
             plugin,
-            assembler: Assembler::new(format),
-            framer: Framer::new(frame_bytes),
             skip_empty: skip_empty.then(SkipEmpty::default),
             pos: Positions::new(start),
             reply_requested: false,
+            retry: None,
         };
         let mut pending: Option<Outgoing> = None;
         let mut skipped_to = start;
@@ -283,6 +348,9 @@ impl Pump {
         let mut status = StatusTimer { last: tokio::time::Instant::now() - STATUS_WINDOW, due: None };
         let fatal = loop {
             let mut asked = false;
+            // The stream is read only when nothing waits: not a batch for the sink, nor
+            // parts in the decoder, nor a payload to feed again.
+            let idle = pending.is_none() && decoder.retry.is_none();
             tokio::select! {
                 biased;
                 _ = stop.stopped() => break None,
@@ -300,25 +368,28 @@ impl Pump {
                     }
                     Err(_) => break None,
                 },
-                // A committed transaction still being handed out comes before more
-                // of the stream.
-                _ = std::future::ready(()), if pending.is_none() && decoder.plugin.has_output() => {
-                    match decoder.read_burst(None, &mut stream).await {
-                        Ok(batch) if batch.is_empty() => {}
-                        Ok(batch) => pending = Some(Outgoing::Frames(batch)),
-                        Err(message) => break Some(message),
+                _ = decoder.retry_due(), if pending.is_none() && decoder.retry.is_some() => {
+                    if let Some(message) = hand_on(&mut pending, decoder.read_burst(None, &mut stream).await) {
+                        break Some(message);
                     }
                 }
-                event = stream.next(), if pending.is_none() && !decoder.plugin.has_output() => match event {
-                    Ok(Some(event)) => match decoder.read_burst(Some(event), &mut stream).await {
-                        Ok(batch) if batch.is_empty() => {}
-                        Ok(batch) => pending = Some(Outgoing::Frames(batch)),
-                        Err(message) => break Some(message),
-                    },
+                // A committed transaction still being handed out comes before more
+                // of the stream.
+                _ = std::future::ready(()), if idle && decoder.plugin.has_output() => {
+                    if let Some(message) = hand_on(&mut pending, decoder.read_burst(None, &mut stream).await) {
+                        break Some(message);
+                    }
+                }
+                event = stream.next(), if idle && !decoder.plugin.has_output() => match event {
+                    Ok(Some(event)) => {
+                        if let Some(message) = hand_on(&mut pending, decoder.read_burst(Some(event), &mut stream).await) {
+                            break Some(message);
+                        }
+                    }
                     Ok(None) => break Some("Postgres ended the replication stream".into()),
                     Err(e) if undecodable(&e) => match decoder.cut(&e.to_string()) {
                         // Each skip must get further, or the same failure would loop.
-                        Some((nextlsn, xid, frames)) if nextlsn > skipped_to => {
+                        Some(Abandoned { nextlsn, xid, record }) if nextlsn > skipped_to => {
                             skipped_to = nextlsn;
                             tracing::warn!(
                                 slot = %slot, %nextlsn, xid, error = %e,
@@ -330,7 +401,7 @@ impl Pump {
                             if let Err(e) = stream.restart(&slot, nextlsn, &options).await {
                                 break Some(format!("replication stream failed: {e}"));
                             }
-                            pending = Some(Outgoing::Frames(frames));
+                            pending = Some(Outgoing::Parts(record));
                         }
                         _ => break Some(format!("replication stream failed: {e}")),
                     },
@@ -360,6 +431,19 @@ impl Pump {
                 stop.stop(code::NORMAL, "stream ended");
             }
         }
+    }
+}
+
+/// Keeps a burst's batch to hand on (an empty one is nothing); the error that ends the
+/// stream, if the burst ended in one.
+fn hand_on(pending: &mut Option<Outgoing>, burst: Result<Vec<Part>, String>) -> Option<String> {
+    match burst {
+        Ok(batch) if batch.is_empty() => None,
+        Ok(batch) => {
+            *pending = Some(Outgoing::Parts(batch));
+            None
+        }
+        Err(message) => Some(message),
     }
 }
 
@@ -405,15 +489,14 @@ pub fn truncate_reason(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::message::Start;
     use bytes::Bytes;
 
-    fn frame(kind: FrameKind, lsn: Option<u64>) -> OutFrame {
-        OutFrame {
-            payload: Bytes::new(),
-            fragment: crate::stream::frame::Fragment::Whole,
-            nextlsn: lsn.map(Lsn),
-            kind,
-            changes: 0,
+    /// A message of one body that finishes as `kind`, read in one go.
+    fn message(p: &mut Positions, kind: MessageKind, lsn: Option<u64>) {
+        let finish = Finish { nextlsn: lsn.map(Lsn), kind, changes: 0 };
+        for part in Part::whole(Start { nextlsn: finish.ack_point() }, Bytes::new(), finish) {
+            p.on_part(&part);
         }
     }
 
@@ -427,7 +510,7 @@ mod tests {
     #[test]
     fn unacked_changes_hold_the_slot() {
         let mut p = Positions::new(Lsn(100));
-        p.on_frame(&frame(FrameKind::Data, Some(200)));
+        message(&mut p, MessageKind::Data, Some(200));
         p.walsender_end = Lsn(500);
         assert_eq!(p.safe(), Lsn(100));
         p.acked = Lsn(200);
@@ -437,8 +520,8 @@ mod tests {
     #[test]
     fn empty_transactions_after_acked_changes_are_free() {
         let mut p = Positions::new(Lsn(100));
-        p.on_frame(&frame(FrameKind::Data, Some(200)));
-        p.on_frame(&frame(FrameKind::Empty, Some(300)));
+        message(&mut p, MessageKind::Data, Some(200));
+        message(&mut p, MessageKind::Empty, Some(300));
         assert_eq!(p.safe(), Lsn(100));
         p.acked = Lsn(200);
         assert_eq!(p.safe(), Lsn(300));
@@ -447,10 +530,10 @@ mod tests {
     #[test]
     fn a_message_needs_a_later_ack() {
         let mut p = Positions::new(Lsn(100));
-        p.on_frame(&frame(FrameKind::Unackable, None));
+        message(&mut p, MessageKind::Unackable, None);
         p.walsender_end = Lsn(250);
         assert_eq!(p.safe(), Lsn(100));
-        p.on_frame(&frame(FrameKind::Empty, Some(300)));
+        message(&mut p, MessageKind::Empty, Some(300));
         assert_eq!(p.safe(), Lsn(100), "the empty transaction's ack is what covers the message");
         p.acked = Lsn(300);
         p.walsender_end = Lsn(400);
@@ -460,10 +543,13 @@ mod tests {
     #[test]
     fn a_transaction_under_way_holds_the_slot() {
         let mut p = Positions::new(Lsn(100));
-        p.on_frame(&frame(FrameKind::Inside, None));
+        p.on_part(&Part::Start(Start { nextlsn: Some(Lsn(600)) }));
+        p.on_part(&Part::Body(Bytes::from_static(b"{\"nextlsn\":\"0/258\",\"change\":[")));
         p.walsender_end = Lsn(500);
         assert_eq!(p.safe(), Lsn(100), "the walsender may be in the middle of it");
-        p.on_frame(&frame(FrameKind::Data, Some(600)));
+        p.on_part(&Part::Body(Bytes::from_static(b"]}")));
+        p.on_part(&Part::Finish(Finish { nextlsn: Some(Lsn(600)), kind: MessageKind::Data, changes: 1 }));
+        assert_eq!(p.safe(), Lsn(100), "the client has not acked it");
         p.acked = Lsn(600);
         p.walsender_end = Lsn(700);
         assert_eq!(p.safe(), Lsn(700));

@@ -1,10 +1,11 @@
 //! The websocket side of a stream: a writer and a reader, each a small loop.
 //!
-//! The writer sends the pump's frames in order (a transaction as one message in many
-//! frames), error messages for bad client input, and pings. It writes into the
-//! socket's buffer and flushes when no frame is waiting, so a burst costs one syscall
-//! per buffer, not per change. The reader takes acks, checks them against what the
-//! writer has delivered and passes them to the pump. Either side, or the pump, can end
+//! The writer cuts the source's messages into frames of `frame_bytes` ([`Framer`]) and
+//! sends them in order (a transaction as one message in many frames), error messages
+//! for bad client input, and pings. It writes into the socket's buffer and flushes when
+//! nothing is waiting, so a burst costs one syscall per buffer, not per change. The
+//! reader takes acks, checks them against what the writer has delivered and passes
+//! them to the pump. Either side, or the pump, can end
 //! the stream through [`Stop`]; the writer then tells the client why in a close frame.
 
 use std::sync::Arc;
@@ -23,10 +24,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::ack::{check_ack, parse_ack};
-use super::frame::{Fragment, OutFrame};
+use super::framer::{Fragment, Framer, WsFrame};
+use super::message::Part;
 use super::progress::{Closer, Progress};
-use super::pump::{Outgoing, truncate_reason};
-use super::sink::{Link, Sink};
+use super::pump::truncate_reason;
+use super::sink::{Link, Outgoing, Sink};
 use super::stop::{Stop, code};
 use crate::types::Lsn;
 
@@ -62,23 +64,26 @@ impl Shared {
 pub struct WebSocket<S> {
     socket: WebSocketStream<S>,
     settings: SocketSettings,
+    /// The size of the frames a message is cut into (`--frame-size`).
+    frame_bytes: usize,
 }
 
 impl<S> WebSocket<S> {
-    pub fn new(socket: WebSocketStream<S>, settings: SocketSettings) -> Self {
-        WebSocket { socket, settings }
+    pub fn new(socket: WebSocketStream<S>, settings: SocketSettings, frame_bytes: usize) -> Self {
+        WebSocket { socket, settings, frame_bytes }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Sink for WebSocket<S> {
     async fn run(self, link: Link) {
-        serve(self.socket, link, self.settings).await
+        serve(self, link).await
     }
 }
 
 /// Runs the websocket until the stream stops.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, link: Link, settings: SocketSettings) {
-    let Link { slot, start, frames, acks, progress, stop } = link;
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(websocket: WebSocket<S>, link: Link) {
+    let WebSocket { socket, settings, frame_bytes } = websocket;
+    let Link { slot, start, messages, acks, progress, stop } = link;
     let _client = progress.connected();
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(start.0),
@@ -87,9 +92,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, li
     });
     let (sink, stream) = socket.split();
     let (errors_tx, errors_rx) = mpsc::channel::<String>(16);
-    let writer =
-        Writer { sink, shared: shared.clone(), progress: progress.clone(), stop: stop.clone(), in_message: false };
-    let writer = writer.run(frames, errors_rx, settings.ping_interval);
+    let writer = Writer {
+        sink,
+        framer: Framer::new(frame_bytes),
+        frames: Vec::new(),
+        shared: shared.clone(),
+        progress: progress.clone(),
+        stop: stop.clone(),
+        in_message: false,
+    };
+    let writer = writer.run(messages, errors_rx, settings.ping_interval);
     let reader = Reader {
         stream,
         slot: slot.clone(),
@@ -117,6 +129,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(socket: WebSocketStream<S>, li
 
 struct Writer<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
+    /// Cuts messages into frames; holds the frame being filled between batches.
+    framer: Framer,
+    /// The frames the framer has completed and not sent yet (kept for its allocation).
+    frames: Vec<WsFrame>,
     shared: Arc<Shared>,
     progress: Arc<Progress>,
     stop: Stop,
@@ -127,14 +143,14 @@ struct Writer<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
     async fn run(
         mut self,
-        mut frames: mpsc::Receiver<Outgoing>,
+        mut messages: mpsc::Receiver<Outgoing>,
         mut errors: mpsc::Receiver<String>,
         ping_every: Duration,
     ) {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         loop {
             // Flush once nothing more is ready to go (a no-op when nothing is buffered).
-            if frames.is_empty() && (self.in_message || errors.is_empty()) && self.io(Io::Flush).await.is_err() {
+            if messages.is_empty() && (self.in_message || errors.is_empty()) && self.io(Io::Flush).await.is_err() {
                 break;
             }
             let in_message = self.in_message;
@@ -143,8 +159,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
                 _ = self.stop.stopped() => break,
                 // Error replies wait for the end of a fragmented message.
                 Some(message) = errors.recv(), if !in_message => self.io(Io::Feed(Message::Text(error_json(&message).into()))).await,
-                item = frames.recv() => match item {
-                    Some(Outgoing::Frames(frames)) => self.send_frames(frames).await,
+                item = messages.recv() => match item {
+                    Some(Outgoing::Parts(parts)) => self.send_parts(parts).await,
                     Some(Outgoing::Fatal(message)) => {
                         self.end(code::INTERNAL, &message).await;
                         break;
@@ -209,16 +225,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
         })
     }
 
-    async fn send_frames(&mut self, frames: Vec<OutFrame>) -> Result<(), ()> {
-        for frame in frames {
-            self.send_frame(frame).await?;
+    /// Frames the parts and sends each frame as soon as it is complete; a frame still
+    /// being filled waits in the framer for the next batch.
+    async fn send_parts(&mut self, parts: Vec<Part>) -> Result<(), ()> {
+        let mut frames = std::mem::take(&mut self.frames);
+        let mut sent = Ok(());
+        for part in parts {
+            self.framer.push(part, &mut frames);
+            for frame in frames.drain(..) {
+                sent = self.send_frame(frame).await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+            if sent.is_err() {
+                break;
+            }
         }
-        Ok(())
+        frames.clear();
+        self.frames = frames;
+        sent
     }
 
-    /// Sends one frame of a text message. Its bytes are UTF-8: the assembler checked
-    /// every piece, and the framer cuts only between characters.
-    async fn send_frame(&mut self, frame: OutFrame) -> Result<(), ()> {
+    /// Sends one frame of a text message. Its bytes are UTF-8: the decoders checked
+    /// every body, and the framer cuts only between characters.
+    async fn send_frame(&mut self, frame: WsFrame) -> Result<(), ()> {
         let (opcode, fin) = match frame.fragment {
             Fragment::Whole => (Data::Text, true),
             Fragment::First => (Data::Text, false),
@@ -226,10 +257,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             Fragment::Last => (Data::Continue, true),
         };
         self.in_message = !fin;
-        self.progress.record_sent(&frame);
+        self.progress.record_sent(frame.payload.len(), frame.end.as_ref());
         self.io(Io::Feed(Message::Frame(Frame::message(frame.payload, OpCode::Data(opcode), fin)))).await?;
         self.shared.progress();
-        if let (Some(lsn), true) = (frame.nextlsn, frame.kind.is_ack_point()) {
+        if let Some(lsn) = frame.end.and_then(|end| end.ack_point()) {
             self.shared.delivered.fetch_max(lsn.0, Ordering::Release);
         }
         Ok(())

@@ -4,9 +4,11 @@
 //!
 //! wal2json's transaction head carries the transaction's end LSN (`nextlsn`), which
 //! pgoutput only sends in its Commit. So a transaction's changes are rendered as they
-//! arrive and held ([`spool`]) until its Commit; then the head, the changes and the
-//! tail are handed out a piece at a time ([`Converter::next_piece`]), so that the
-//! consumer takes them in bursts of its own size.
+//! arrive and held ([`spool`]) until its Commit; then the transaction is handed out as
+//! a message ([`super::message`]) a part at a time ([`Converter::next_part`]), so that
+//! the consumer takes them in bursts of its own size. The converter knows each
+//! message's end LSN, kind and change count, and says so in its start and finish: no
+//! stage after it reads them back from the text.
 //!
 //! - [`json`]: how wal2json quotes a type name; values are encoded by [`crate::types::value`] (wal2json mode).
 //! - [`render`]: one row change in each format.
@@ -27,6 +29,7 @@ use self::render::{Change, Rel};
 use self::spool::{Spool, SpoolReader};
 use self::types::TypeNames;
 use super::frame::Format;
+use super::message::{Finish, MessageKind, Part, Start};
 use crate::pg::pgoutput::{Begin, Commit, LogicalMessage, Message, ParseError, Relation};
 use crate::types::Lsn;
 
@@ -67,7 +70,11 @@ struct Txn {
 /// A committed transaction being handed out.
 struct Drain {
     pieces: SpoolReader,
+    /// Format 2: each piece is a record, a message of its own.
+    records: bool,
+    /// The last record (format 2) or the tail of the message (format 1), and its finish.
     tail: Bytes,
+    finish: Finish,
 }
 
 pub struct Converter {
@@ -78,7 +85,7 @@ pub struct Converter {
     relations: HashMap<u32, Rel>,
     types: TypeNames,
     txn: Option<Txn>,
-    ready: VecDeque<Bytes>,
+    ready: VecDeque<Part>,
     drain: Option<Drain>,
 }
 
@@ -126,21 +133,43 @@ impl Converter {
         Some((Lsn(txn.begin.final_lsn.0.saturating_add(1)), txn.begin.xid))
     }
 
-    /// Whether pieces are waiting for [`Converter::next_piece`]. Nothing more should be
+    /// Whether parts are waiting for [`Converter::next_part`]. Nothing more should be
     /// pushed until they are all taken.
     pub fn has_output(&self) -> bool {
         !self.ready.is_empty() || self.drain.is_some()
     }
 
-    /// The next piece of wal2json output, in order.
-    pub fn next_piece(&mut self) -> Result<Option<Bytes>, ConvertError> {
-        if let Some(piece) = self.ready.pop_front() {
-            return Ok(Some(piece));
+    /// The format the converter renders.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The next part of the messages wal2json would have sent, in order.
+    pub fn next_part(&mut self) -> Result<Option<Part>, ConvertError> {
+        if let Some(part) = self.ready.pop_front() {
+            return Ok(Some(part));
         }
         let Some(drain) = &mut self.drain else { return Ok(None) };
         match drain.pieces.next_piece()? {
-            Some(piece) => Ok(Some(piece)),
-            None => Ok(self.drain.take().map(|d| d.tail)),
+            Some(piece) if drain.records => {
+                let inside = Finish { nextlsn: None, kind: MessageKind::Inside, changes: 0 };
+                let [start, body, finish] = Part::whole(Start::default(), piece, inside);
+                self.ready.extend([body, finish]);
+                Ok(Some(start))
+            }
+            Some(piece) => Ok(Some(Part::Body(piece))),
+            None => {
+                let Some(drain) = self.drain.take() else { return Ok(None) };
+                let finish = Part::Finish(drain.finish);
+                if drain.records {
+                    // The commit record is a message of its own.
+                    let start = Part::Start(Start { nextlsn: drain.finish.nextlsn });
+                    self.ready.extend([Part::Body(drain.tail), finish]);
+                    return Ok(Some(start));
+                }
+                self.ready.push_back(finish);
+                Ok(Some(Part::Body(drain.tail)))
+            }
         }
     }
 
@@ -175,18 +204,28 @@ impl Converter {
     fn commit(&mut self, commit: Commit) -> Result<(), ConvertError> {
         let txn = self.txn.take().ok_or(ConvertError::OutsideTransaction("a commit"))?;
         let end = commit.end_lsn;
-        let (head, tail) = match self.format {
-            Format::Transactions => (format!("{{\"nextlsn\":\"{end}\",\"change\":["), "]}".to_owned()),
-            Format::Changes => (
-                format!("{{\"action\":\"B\",\"lsn\":\"{}\",\"nextlsn\":\"{end}\"}}", txn.begin.final_lsn),
-                format!("{{\"action\":\"C\",\"lsn\":\"{}\",\"nextlsn\":\"{end}\"}}", commit.commit_lsn),
-            ),
+        let kind = if txn.changes > 0 { MessageKind::Data } else { MessageKind::Empty };
+        let changes = u32::try_from(txn.changes).unwrap_or(u32::MAX);
+        let finish = Finish { nextlsn: Some(end), kind, changes };
+        let records = self.format == Format::Changes;
+        let tail = match self.format {
+            Format::Transactions => {
+                let head = format!("{{\"nextlsn\":\"{end}\",\"change\":[");
+                self.ready.extend([Part::Start(Start { nextlsn: Some(end) }), Part::Body(Bytes::from(head))]);
+                "]}".to_owned()
+            }
+            Format::Changes => {
+                let begin = format!("{{\"action\":\"B\",\"lsn\":\"{}\",\"nextlsn\":\"{end}\"}}", txn.begin.final_lsn);
+                let kind = Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 };
+                self.ready.extend(Part::whole(Start::default(), Bytes::from(begin), kind));
+                format!("{{\"action\":\"C\",\"lsn\":\"{}\",\"nextlsn\":\"{end}\"}}", commit.commit_lsn)
+            }
         };
         if txn.spool.spilled() {
             tracing::debug!(changes = txn.changes, nextlsn = %end, "a transaction larger than memory was held in a file");
         }
-        self.ready.push_back(Bytes::from(head));
-        self.drain = Some(Drain { pieces: txn.spool.into_reader()?, tail: Bytes::from(tail) });
+        let pieces = txn.spool.into_reader()?;
+        self.drain = Some(Drain { pieces, records, tail: Bytes::from(tail), finish });
         Ok(())
     }
 
@@ -283,7 +322,8 @@ impl Converter {
                 if self.format == Format::Transactions {
                     piece.extend_from_slice(b"]}");
                 }
-                self.ready.push_back(Bytes::from(piece));
+                let lone = Finish { nextlsn: None, kind: MessageKind::Unackable, changes: 0 };
+                self.ready.extend(Part::whole(Start::default(), Bytes::from(piece), lone));
             }
         }
         Ok(())

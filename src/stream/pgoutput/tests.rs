@@ -45,7 +45,8 @@ fn run(c: &mut Converter, messages: Vec<Message>) -> Vec<String> {
     let mut out = Vec::new();
     for (i, m) in messages.into_iter().enumerate() {
         c.push(Lsn(0x10 + i as u64), m).unwrap();
-        while let Some(piece) = c.next_piece().unwrap() {
+        while let Some(part) = c.next_part().unwrap() {
+            let Some(piece) = part.body() else { continue };
             out.push(String::from_utf8(piece.to_vec()).unwrap());
         }
     }
@@ -73,6 +74,43 @@ fn v1_transaction_is_held_until_its_commit() {
             "]}",
         ]
     );
+}
+
+/// The converter says what each message is in its start and finish: the transaction's
+/// end LSN, whether it carried changes and how many, with no text to read back.
+#[test]
+fn messages_carry_their_metadata() {
+    let end = Some(Lsn(0x1_0000_0130));
+    let shape = |c: &mut Converter, messages: Vec<Message>| -> Vec<String> {
+        let mut out = Vec::new();
+        for m in messages {
+            c.push(Lsn(0x10), m).unwrap();
+            while let Some(part) = c.next_part().unwrap() {
+                out.push(match part {
+                    Part::Start(s) => format!("start {:?}", s.nextlsn),
+                    Part::Body(_) => "body".to_owned(),
+                    Part::Finish(f) => format!("finish {:?} {:?} {}", f.nextlsn, f.kind, f.changes),
+                });
+            }
+        }
+        out
+    };
+    let mut c = converter(Format::Transactions, DEFAULT_HOLD_MEMORY);
+    c.push(Lsn(1), relation(1, "public", b'd')).unwrap();
+    let out = shape(&mut c, vec![begin(), insert("1"), insert("2"), commit(), begin(), commit()]);
+    let data = format!("finish {end:?} Data 2");
+    let empty = format!("finish {end:?} Empty 0");
+    let start = format!("start {end:?}");
+    let (start, data, empty) = (start.as_str(), data.as_str(), empty.as_str());
+    assert_eq!(out, [start, "body", "body", "body", "body", data, start, "body", "body", empty]);
+
+    let mut c = converter(Format::Changes, DEFAULT_HOLD_MEMORY);
+    c.push(Lsn(1), relation(1, "public", b'd')).unwrap();
+    let out = shape(&mut c, vec![begin(), insert("1"), commit()]);
+    let begin = "finish None Begin 0";
+    let inside = "finish None Inside 0";
+    let commit = format!("finish {end:?} Data 1");
+    assert_eq!(out, ["start None", "body", begin, "start None", "body", inside, start, "body", commit.as_str()]);
 }
 
 #[test]
@@ -185,8 +223,8 @@ fn a_transaction_larger_than_memory_spills_and_comes_out_whole() {
     }
     c.push(Lsn(4), commit()).unwrap();
     let mut pieces = Vec::new();
-    while let Some(p) = c.next_piece().unwrap() {
-        pieces.push(p);
+    while let Some(part) = c.next_part().unwrap() {
+        pieces.extend(part.body().cloned());
     }
     assert_eq!(pieces.len(), 10_002);
     let whole: Vec<u8> = pieces.concat();
@@ -229,12 +267,13 @@ fn the_fuzz_seed_converts() {
                 c.add_type(oid, typmod, &format!("type{oid}"));
             }
             c.push(Lsn(at as u64), message).unwrap();
-            while let Some(piece) = c.next_piece().unwrap() {
-                out.extend_from_slice(&piece);
+            while let Some(part) = c.next_part().unwrap() {
+                let Some(piece) = part.body() else { continue };
+                out.extend_from_slice(piece);
             }
             at = end;
         }
-        // The message's content is not UTF-8: copied as it is (the assembler mends it).
+        // The message's content is not UTF-8: copied as it is (the decoder mends it).
         let out = String::from_utf8_lossy(&out);
         let docs: Vec<serde_json::Value> =
             serde_json::Deserializer::from_str(&out).into_iter().collect::<Result<_, _>>().unwrap();
@@ -385,8 +424,9 @@ mod properties {
                 let mut out = Vec::new();
                 for (i, m) in messages.iter().enumerate() {
                     c.push(Lsn(i as u64), m.clone()).unwrap();
-                    while let Some(piece) = c.next_piece().unwrap() {
-                        out.extend_from_slice(&piece);
+                    while let Some(part) = c.next_part().unwrap() {
+            let Some(piece) = part.body() else { continue };
+                        out.extend_from_slice(piece);
                     }
                 }
                 let parsed: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::json;
 use crate::pg::pool::Pool;
+use crate::stream::error::StreamError;
 
 /// The longest a lookup may take (a pool connection included).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,10 +37,11 @@ impl TypeNames {
     }
 }
 
-/// `format_type` of each pair, in order.
-pub async fn lookup(pool: &Pool, wanted: &[(u32, i32)]) -> Result<Vec<String>, String> {
+/// `format_type` of each pair, in order. A busy pool or a broken connection is
+/// [`StreamError::Transient`]: the pump tries again later.
+pub async fn lookup(pool: &Pool, wanted: &[(u32, i32)]) -> Result<Vec<String>, StreamError> {
     let query = async {
-        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let client = pool.get().await?;
         let oids: Vec<u32> = wanted.iter().map(|(oid, _)| *oid).collect();
         let typmods: Vec<i32> = wanted.iter().map(|(_, typmod)| *typmod).collect();
         let rows = client
@@ -48,15 +50,14 @@ pub async fn lookup(pool: &Pool, wanted: &[(u32, i32)]) -> Result<Vec<String>, S
                  WITH ORDINALITY AS u(t, m, i) ORDER BY i",
                 &[&oids, &typmods],
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         client.release();
-        rows.iter().map(|row| row.try_get::<_, String>(0).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()
+        rows.iter().map(|row| row.try_get::<_, String>(0).map_err(StreamError::fatal)).collect::<Result<Vec<_>, _>>()
     };
     match tokio::time::timeout(LOOKUP_TIMEOUT, query).await {
         Ok(Ok(names)) if names.len() == wanted.len() => Ok(names),
-        Ok(Ok(_)) => Err("format_type returned a wrong number of rows".into()),
-        Ok(Err(e)) => Err(format!("cannot look up the column types of a table: {e}")),
-        Err(_) => Err("looking up the column types of a table timed out".into()),
+        Ok(Ok(_)) => Err(StreamError::Fatal("format_type returned a wrong number of rows".into())),
+        Ok(Err(e)) => Err(e.context("cannot look up the column types of a table")),
+        Err(_) => Err(StreamError::Transient("looking up the column types of a table timed out".into())),
     }
 }
