@@ -1,6 +1,5 @@
 //! NATS for the tests: nats-server with JetStream in a temp dir, our publisher and
 //! gateways as processes, a session to publish, and a writer.
-#![allow(dead_code)]
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{self, TestDb};
+use crate::pg::{self as common, TestDb};
 use crate::support::{self, TestServer, Ws, server_command};
 
 pub fn free_port() -> u16 {

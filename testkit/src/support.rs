@@ -1,8 +1,9 @@
 //! Running our server against a test database, and talking to it as a client would:
 //! plain HTTP requests and a websocket.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::TestDb;
+use crate::pg::TestDb;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -333,10 +334,24 @@ pub fn row_numbers(frame: &Value) -> Vec<i64> {
         .collect()
 }
 
+/// The server binary that cargo builds for the integration tests, beside the running
+/// test binary: `target/<profile>/deps/<test>-<hash>` runs `target/<profile>/pgdeltastream`.
+pub fn server_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the path of the test binary");
+        let bin = exe.parent().and_then(Path::parent).map(|dir| dir.join("pgdeltastream"));
+        match bin {
+            Some(bin) if bin.is_file() => bin,
+            _ => panic!("no pgdeltastream binary beside {} (cargo test builds it)", exe.display()),
+        }
+    })
+}
+
 /// The server binary, set up to serve `db` on 127.0.0.1:`port`, with nothing else from
 /// the environment: the tests that need a real process (signals, memory, file limits).
 pub fn server_command(db: &TestDb, port: u16) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgdeltastream"));
+    let mut cmd = std::process::Command::new(server_binary());
     cmd.env_clear()
         .env("DBNAME", &db.dbname)
         .env("PGUSER", &db.user)

@@ -1,6 +1,6 @@
 //! The differential conformance test's workload generator: from a seed, a random but
 //! reproducible series of SQL steps (schemas, types, tables, transactions, DDL, logical
-//! messages) that exercises every corner of what wal2json prints. `tests/conformance.rs`
+//! messages) that exercises every corner of what wal2json prints. `tests/it/conformance.rs`
 //! runs it and compares what the server streams from a wal2json slot and a pgoutput slot.
 
 pub mod compare;

@@ -11,7 +11,10 @@ use std::{
     future::Future,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard, OnceLock},
+    sync::{
+        Arc, Mutex, MutexGuard, Once, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -26,7 +29,7 @@ use testcontainers_modules::testcontainers::{
     runners::AsyncRunner,
 };
 
-use super::{Backend, CLUSTER, Cluster, READY_TIMEOUT, find_bindir, free_port, process_alive, wait_ready};
+use super::{Backend, Cluster, READY_TIMEOUT, find_bindir, free_port, process_alive, wait_ready};
 
 /// The image built from fixtures/ (see fixtures/Dockerfile; `scripts/docker.sh
 /// fixtures-image` builds the same).
@@ -35,12 +38,16 @@ const IMAGE_TAG: &str = "15-wal2json";
 /// Every container of ours carries the pid of the test binary that made it, so that a
 /// later run can remove those of a binary killed before its exit cleanup.
 const PID_LABEL: &str = "pgdeltastream.test-pid";
+/// And which start of a cluster in that process made it (a process may run several).
+const START_LABEL: &str = "pgdeltastream.test-start";
 const PASSWORD: &str = "postgres";
+
+type Container = Arc<Mutex<Option<Box<ContainerAsync<GenericImage>>>>>;
 
 pub(super) struct DockerBackend {
     id: String,
     /// Taken by the exit cleanup, which removes (or, with TEST_PG_KEEP, keeps) it.
-    container: Mutex<Option<Box<ContainerAsync<GenericImage>>>>,
+    container: Container,
 }
 
 impl DockerBackend {
@@ -111,22 +118,25 @@ where
     thread::scope(|s| s.spawn(|| runtime().block_on(fut)).join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
 }
 
-/// Builds the fixtures image (layer cache: a moment when nothing changed) and starts a
-/// container of it with 5432 published on a free port of 127.0.0.1.
+/// Builds the fixtures image once per process (layer cache: a moment when nothing
+/// changed) and starts a container of it with 5432 published on a free port of 127.0.0.1.
 pub(super) fn start_docker() -> Result<Cluster, String> {
-    build_image()?;
-    remove_containers(|pid| pid != std::process::id() && !process_alive(pid));
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT.get_or_init(build_image).clone()?;
+    remove_containers(|pid, _| pid != std::process::id() && !process_alive(pid));
     // A host port chosen here and mapped explicitly, so a restart keeps it (Docker would
     // pick a new one); someone else can take it first, so retry then.
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
     let mut attempt = 0;
     let (container, port) = loop {
         attempt += 1;
         let port = free_port();
-        match block_on(run_container(port)) {
+        let start = STARTS.fetch_add(1, Ordering::Relaxed).to_string();
+        match block_on(run_container(port, &start)) {
             Ok(container) => break (container, port),
             Err(e) => {
                 // A container that was created but did not start is ours to remove.
-                remove_containers(|pid| pid == std::process::id());
+                remove_containers(|pid, s| pid == std::process::id() && s == Some(start.as_str()));
                 if attempt < 3 && (e.contains("already allocated") || e.contains("address already in use")) {
                     continue;
                 }
@@ -134,9 +144,14 @@ pub(super) fn start_docker() -> Result<Cluster, String> {
             }
         }
     };
-    let backend = DockerBackend { id: container.id().to_string(), container: Mutex::new(Some(Box::new(container))) };
+    let backend =
+        DockerBackend { id: container.id().to_string(), container: Arc::new(Mutex::new(Some(Box::new(container)))) };
+    static EXIT_HANDLER: Once = Once::new();
     // SAFETY: registering a plain extern "C" fn.
-    unsafe { libc::atexit(exit_cleanup) };
+    EXIT_HANDLER.call_once(|| unsafe {
+        libc::atexit(exit_cleanup);
+    });
+    EXIT_CLEANUP.lock().unwrap_or_else(|e| e.into_inner()).push((backend.id.clone(), backend.container.clone()));
     wait_ready("127.0.0.1", port, "postgres", Some(PASSWORD), || None)
         .map_err(|e| format!("{e}\n--- docker logs ---\n{}", backend.logs()))?;
     Ok(Cluster {
@@ -152,13 +167,14 @@ pub(super) fn start_docker() -> Result<Cluster, String> {
     })
 }
 
-async fn run_container(port: u16) -> Result<ContainerAsync<GenericImage>, String> {
+async fn run_container(port: u16, start: &str) -> Result<ContainerAsync<GenericImage>, String> {
     GenericImage::new(IMAGE_NAME, IMAGE_TAG)
         .with_exposed_port(5432.tcp())
         // The entrypoint's temporary server says so too, but listens on no TCP port:
         // `wait_ready` afterwards is what counts.
         .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept connections"))
         .with_label(PID_LABEL, std::process::id().to_string())
+        .with_label(START_LABEL, start)
         .with_env_var("POSTGRES_PASSWORD", PASSWORD)
         .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
         .with_mapped_port(port, 5432.tcp())
@@ -175,7 +191,7 @@ async fn run_container(port: u16) -> Result<ContainerAsync<GenericImage>, String
 }
 
 fn build_image() -> Result<(), String> {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
     let out = Command::new("docker")
         .args(["build", "--quiet", "--tag", &format!("{IMAGE_NAME}:{IMAGE_TAG}")])
         .arg(&fixtures)
@@ -195,8 +211,9 @@ fn build_image() -> Result<(), String> {
     Ok(())
 }
 
-/// Removes the containers of ours whose test binary's pid passes `doomed`. Best effort.
-fn remove_containers(doomed: impl Fn(u32) -> bool + Send + Sync) {
+/// Removes the containers of ours whose test binary's pid and start pass `doomed`. Best
+/// effort.
+fn remove_containers(doomed: impl Fn(u32, Option<&str>) -> bool + Send + Sync) {
     let res = block_on(async {
         let docker = Docker::connect_with_defaults()?;
         let filters = HashMap::from([("label", vec![PID_LABEL])]);
@@ -204,12 +221,13 @@ fn remove_containers(doomed: impl Fn(u32) -> bool + Send + Sync) {
             .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
             .await?;
         for container in listed {
-            let pid = container.labels.as_ref().and_then(|l| l.get(PID_LABEL)).and_then(|p| p.parse::<u32>().ok());
-            if let (Some(id), Some(pid)) = (container.id, pid)
-                && doomed(pid)
+            let label = |name: &str| container.labels.as_ref().and_then(|l| l.get(name)).map(String::as_str);
+            let pid = label(PID_LABEL).and_then(|p| p.parse::<u32>().ok());
+            if let (Some(id), Some(pid)) = (container.id.as_deref(), pid)
+                && doomed(pid, label(START_LABEL))
             {
                 let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
-                docker.remove_container(&id, Some(options)).await?;
+                docker.remove_container(id, Some(options)).await?;
             }
         }
         Ok::<_, bollard::errors::Error>(())
@@ -219,24 +237,26 @@ fn remove_containers(doomed: impl Fn(u32) -> bool + Send + Sync) {
     }
 }
 
-/// Removes the container at exit (kept, stopped, with TEST_PG_KEEP). Best effort: a
-/// killed binary's container is removed by the next run.
+/// The containers the exit cleanup removes: every one this process started.
+static EXIT_CLEANUP: Mutex<Vec<(String, Container)>> = Mutex::new(Vec::new());
+
+/// Removes the containers at exit (kept, stopped, with TEST_PG_KEEP). Best effort: a
+/// killed binary's containers are removed by the next run.
 extern "C" fn exit_cleanup() {
-    let Some(Ok(Cluster { backend: Backend::Docker(docker), .. })) = CLUSTER.get() else {
-        return;
-    };
-    let Some(container) = docker.lock().take() else {
-        return;
-    };
-    let id = docker.id.clone();
-    if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
-        let _ = block_on(container.stop_with_timeout(Some(10)));
-        // Dropping it would remove it.
-        std::mem::forget(container);
-        eprintln!("TEST_PG_KEEP: kept the stopped container {id} (docker logs {id})");
-        return;
-    }
-    if let Err(e) = block_on(async { tokio::time::timeout(Duration::from_secs(30), (*container).rm()).await }) {
-        eprintln!("removing test container {id}: {e}");
+    let containers = EXIT_CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+    for (id, container) in containers.iter() {
+        let Some(container) = container.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            continue;
+        };
+        if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
+            let _ = block_on(container.stop_with_timeout(Some(10)));
+            // Dropping it would remove it.
+            std::mem::forget(container);
+            eprintln!("TEST_PG_KEEP: kept the stopped container {id} (docker logs {id})");
+            continue;
+        }
+        if let Err(e) = block_on(async { tokio::time::timeout(Duration::from_secs(30), (*container).rm()).await }) {
+            eprintln!("removing test container {id}: {e}");
+        }
     }
 }

@@ -1,9 +1,24 @@
-//! Test harness shared by the integration test binaries (`mod common;`).
+//! The test Postgres (the integration tests name it `common`).
 //!
 //! Every test talks to a real PostgreSQL with `wal_level=logical` and the wal2json plugin.
-//! One cluster is started lazily per test binary (the first caller of [`cluster`] or
-//! [`fresh_db`] starts it; concurrent callers wait) and every test gets its own brand-new
-//! database from [`fresh_db`].
+//! One cluster is started lazily per test process and shared by its tests (the first
+//! caller of [`cluster`] or [`fresh_db`] starts it; concurrent callers wait), and every
+//! test gets its own brand-new database from [`fresh_db`].
+//!
+//! A test module whose tests change the cluster itself (restart it, change a setting with
+//! ALTER SYSTEM, take every replication slot, need settings or files of their own) gets a
+//! cluster of its own instead, started in the same way on first use: [`own_cluster`] and
+//! [`fresh_db_on`] (with [`configure_own_cluster`] before it starts). Such a module
+//! declares its `common` as this module with those two in place of [`cluster`] and
+//! [`fresh_db`], so its tests read as before:
+//!
+//! ```ignore
+//! mod common {
+//!     pub use testkit::pg::*;
+//!     pub fn cluster() -> &'static Cluster { own_cluster("lifecycle") }
+//!     pub async fn fresh_db() -> TestDb { fresh_db_on(cluster()).await }
+//! }
+//! ```
 //!
 //! Where the cluster comes from:
 //! - `TEST_PG=local` or unset (the default, whether or not a Docker engine runs): a throwaway local
@@ -20,25 +35,22 @@
 //!   at exit (best effort; kept, stopped, when `TEST_PG_KEEP=1`; a killed run's leftovers by
 //!   the next run).
 //!
-//! A test binary may give its local cluster extra settings, pg_hba.conf lines and files
-//! in the data directory ([`configure_cluster`], before the cluster starts).
+//! A cluster of its own may have extra settings, pg_hba.conf lines and files in the data
+//! directory ([`configure_own_cluster`], before the cluster starts).
 //!
-//! Restarting the cluster ([`Cluster::restart_immediate`], or [`Cluster::stop_immediate`]
-//! then [`Cluster::start`]) disconnects every client of the shared cluster, so tests that
-//! restart belong in their own test binary.
-#![allow(dead_code)]
+//! Restarting a cluster ([`Cluster::restart_immediate`], or [`Cluster::stop_immediate`]
+//! then [`Cluster::start`]) disconnects every client of it, so tests that restart use a
+//! cluster of their own.
 
 use std::{
-    ffi::CString,
-    fs,
-    future::Future,
-    io,
-    net::TcpListener,
-    os::unix::{fs::PermissionsExt, process::CommandExt},
+    collections::BTreeMap,
+    fs, io,
+    os::unix::fs::PermissionsExt,
+    panic::AssertUnwindSafe,
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, Once, OnceLock,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
@@ -48,10 +60,12 @@ use std::{
 
 use tokio_postgres::NoTls;
 
+use crate::local::{self, process_alive};
+
 mod docker;
 use docker::{DockerBackend, start_docker};
 
-/// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>`.
+/// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>-<n>`.
 const TMP_PREFIX: &str = "pgdeltastream-test-pg-";
 /// How long a starting or restarting server may take before we give up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -118,8 +132,12 @@ impl TestDb {
 
 /// Creates a brand-new empty database (unique name) on the shared cluster.
 pub async fn fresh_db() -> TestDb {
+    fresh_db_on(cluster()).await
+}
+
+/// Creates a brand-new empty database (unique in the process) on cluster `c`.
+pub async fn fresh_db_on(c: &Cluster) -> TestDb {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let c = cluster();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let dbname = format!("test_{}_{n}", std::process::id());
     let admin = TestDb {
@@ -137,11 +155,53 @@ pub async fn fresh_db() -> TestDb {
     TestDb { dbname, ..admin }
 }
 
-/// The shared cluster of this test binary, started on first use (from sync or async code).
-/// If starting fails, every caller panics with the first failure's message (no retries).
+/// The shared cluster of this test process, started on first use (from sync or async
+/// code). If starting fails, every caller panics with the first failure's message (no
+/// retries).
 pub fn cluster() -> &'static Cluster {
-    let started = CLUSTER.get_or_init(|| {
-        std::panic::catch_unwind(start_cluster).map_err(|payload| {
+    static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    started(&SHARED, None, "the test Postgres cluster")
+}
+
+/// The cluster of its own of the tests that call it `name` (a test module, by
+/// convention), started on first use like [`cluster`], with what
+/// [`configure_own_cluster`] gave it.
+pub fn own_cluster(name: &'static str) -> &'static Cluster {
+    let own = own(name);
+    started(&own.cluster, own.setup.get(), &format!("the test Postgres cluster {name:?}"))
+}
+
+/// Configures the cluster of its own `name`: call it before the first [`own_cluster`] of
+/// `name`. Such a cluster is always a local one, whatever `TEST_PG` says.
+pub fn configure_own_cluster(name: &'static str, setup: ClusterSetup) {
+    let own = own(name);
+    assert!(own.cluster.get().is_none(), "configure_own_cluster({name:?}) after the cluster started");
+    if let Err(setup) = own.setup.set(setup) {
+        let first = own.setup.get().map(|s| format!("{s:?}"));
+        assert_eq!(Some(format!("{setup:?}")), first, "configure_own_cluster({name:?}) twice, differently");
+    }
+}
+
+/// A cluster of its own: its setup, and the cluster once started.
+#[derive(Default)]
+struct Own {
+    setup: OnceLock<ClusterSetup>,
+    cluster: OnceLock<Result<Cluster, String>>,
+}
+
+fn own(name: &'static str) -> &'static Own {
+    static OWN: Mutex<BTreeMap<&'static str, &'static Own>> = Mutex::new(BTreeMap::new());
+    let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+    own.entry(name).or_insert_with(|| &*Box::leak(Box::<Own>::default()))
+}
+
+fn started(
+    cell: &'static OnceLock<Result<Cluster, String>>,
+    setup: Option<&ClusterSetup>,
+    what: &str,
+) -> &'static Cluster {
+    let started = cell.get_or_init(|| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| start_cluster(setup))).map_err(|payload| {
             payload
                 .downcast_ref::<String>()
                 .cloned()
@@ -151,13 +211,11 @@ pub fn cluster() -> &'static Cluster {
     });
     match started {
         Ok(c) => c,
-        Err(msg) => panic!("the test Postgres cluster failed to start: {msg}"),
+        Err(msg) => panic!("{what} failed to start: {msg}"),
     }
 }
 
-static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
-
-/// What [`configure_cluster`] adds to this binary's cluster.
+/// What [`configure_own_cluster`] adds to a cluster of its own.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSetup {
     /// postgresql.conf settings, `name=value` (in the file, not on the command line, so
@@ -171,17 +229,6 @@ pub struct ClusterSetup {
     /// Files written into the data directory before the server starts, owned by the
     /// server's user and readable by it only (0600): certificates and keys, say.
     pub files: Vec<(String, Vec<u8>)>,
-}
-
-static SETUP: OnceLock<ClusterSetup> = OnceLock::new();
-
-/// Configures the cluster of this test binary: call it before the first [`cluster`] or
-/// [`fresh_db`]. Always a local cluster, whatever `TEST_PG` says.
-pub fn configure_cluster(setup: ClusterSetup) {
-    assert!(CLUSTER.get().is_none(), "configure_cluster after the cluster started");
-    if let Err(setup) = SETUP.set(setup) {
-        assert_eq!(format!("{setup:?}"), format!("{:?}", SETUP.get()), "configure_cluster twice, differently");
-    }
 }
 
 /// The PostgreSQL server the tests use.
@@ -295,14 +342,15 @@ enum Backend {
 }
 
 /// The local cluster unless `TEST_PG=docker`: a Docker engine that happens to answer (CI
-/// starts one for `make test-docker`) must not change what `make test` runs against.
-fn start_cluster() -> Cluster {
-    if SETUP.get().is_some() {
-        return start_local();
+/// starts one for `make test-docker`) must not change what `make test` runs against. A
+/// cluster with a setup of its own is always local.
+fn start_cluster(setup: Option<&ClusterSetup>) -> Cluster {
+    if setup.is_some() {
+        return start_local(setup);
     }
     match std::env::var("TEST_PG").ok().as_deref() {
         Some("docker") => start_docker().unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
-        None | Some("local") | Some("") => start_local(),
+        None | Some("local") | Some("") => start_local(None),
         Some(other) => panic!("TEST_PG={other:?}: expected `local` or `docker`"),
     }
 }
@@ -315,7 +363,8 @@ struct LocalBackend {
     /// (uid, gid) to run initdb/postgres/pg_ctl as (the `postgres` user when we are root).
     run_as: Option<(u32, u32)>,
     tmpdir: PathBuf,
-    postmaster: Mutex<Postmaster>,
+    /// Shared with the exit cleanup, which kills the current postmaster.
+    postmaster: Arc<Mutex<Postmaster>>,
 }
 
 struct Postmaster {
@@ -366,68 +415,13 @@ fn find_bindir() -> Option<PathBuf> {
     candidates.iter().find(|(_, wal2json)| *wal2json).or(candidates.first()).map(|(d, _)| d.clone())
 }
 
-/// uid/gid of the `postgres` system user.
-fn postgres_user() -> Option<(u32, u32)> {
-    let name = CString::new("postgres").unwrap();
-    // SAFETY: getpwnam returns a pointer to static storage or null; we copy the two ints
-    // out immediately. Callers are serialized by the OnceLock of `cluster()`.
-    unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        if pw.is_null() { None } else { Some(((*pw).pw_uid, (*pw).pw_gid)) }
-    }
-}
-
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("pick a free TCP port on 127.0.0.1")
-}
-
-/// Whether `pid` is a live process (a zombie, e.g. a killed test binary not yet reaped,
-/// counts as dead).
-fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // Format: `pid (comm) state ...`; comm may contain spaces or parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
-}
-
-/// Removes temp dirs left by earlier runs whose process no longer exists.
-fn remove_stale_tmpdirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !process_alive(pid) {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
+    local::free_port().expect("pick a free TCP port on 127.0.0.1")
 }
 
 impl LocalBackend {
     fn command(&self, bindir: &Path, name: &str) -> Command {
-        let mut cmd = Command::new(bindir.join(name));
-        cmd.current_dir(&self.tmpdir).stdin(Stdio::null());
-        // Keep the caller's libpq settings away from the server tools.
-        for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
-            cmd.env_remove(var);
-        }
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
+        local::command(bindir, name, &self.tmpdir, self.run_as)
     }
 
     fn spawn_postmaster(&self, cluster_bindir: &Path, datadir: &Path, logfile: &Path, port: u16) -> Postmaster {
@@ -452,11 +446,8 @@ impl LocalBackend {
         ] {
             cmd.arg("-c").arg(setting);
         }
-        // PostgreSQL 15.19+ (and the matching minors of later majors) trusts only the
-        // output plugins listed in output_plugin_libraries; older servers refuse the
-        // unknown setting, so add it only where it exists.
-        if supports_setting(cluster_bindir, "output_plugin_libraries") {
-            cmd.arg("-c").arg("output_plugin_libraries=pgoutput, test_decoding, wal2json");
+        if let Some(setting) = local::plugin_setting(cluster_bindir) {
+            cmd.arg("-c").arg(setting);
         }
         cmd.stdout(log).stderr(log2);
         let (pid, exited) =
@@ -515,20 +506,7 @@ impl LocalBackend {
 fn spawn_owned(mut cmd: Command) -> io::Result<(u32, Arc<OnceLock<ExitStatus>>)> {
     let exited = Arc::new(OnceLock::new());
     let exited2 = exited.clone();
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid).
-    unsafe {
-        cmd.pre_exec(move || {
-            // Runs after the uid/gid switch, which would otherwise clear the setting.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(io::Error::other("test process exited before the server started"));
-            }
-            Ok(())
-        });
-    }
+    local::die_with_parent(&mut cmd);
     let (tx, rx) = mpsc::channel();
     thread::Builder::new().name("test-postgres-owner".into()).spawn(move || match cmd.spawn() {
         Ok(mut child) => {
@@ -545,33 +523,33 @@ fn spawn_owned(mut cmd: Command) -> io::Result<(u32, Arc<OnceLock<ExitStatus>>)>
     Ok((pid, exited))
 }
 
-/// What the atexit handler kills and removes: the first postmaster's pid and the temp dir
-/// (statics are never dropped). After a restart the current pid is read from the cluster.
-static LOCAL_EXIT_CLEANUP: OnceLock<(u32, PathBuf)> = OnceLock::new();
+/// What the atexit handler kills and removes, for each local cluster: its postmaster (the
+/// current one, after restarts too) and its temp dir (statics are never dropped).
+static LOCAL_EXIT_CLEANUP: Mutex<Vec<(Arc<Mutex<Postmaster>>, PathBuf)>> = Mutex::new(Vec::new());
 
 extern "C" fn local_exit_cleanup() {
-    let Some((first_pid, tmpdir)) = LOCAL_EXIT_CLEANUP.get() else {
-        return;
-    };
-    let pid = match CLUSTER.get().and_then(|r| r.as_ref().ok()).map(|c| &c.backend) {
-        Some(Backend::Local(l)) => l.postmaster.try_lock().map(|pm| pm.pid).ok(),
-        _ => Some(*first_pid),
-    };
-    if let Some(pid) = pid.filter(|p| *p != 0) {
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let clusters = LOCAL_EXIT_CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+    for (postmaster, _) in clusters.iter() {
+        if let Some(pid) = postmaster.try_lock().map(|pm| pm.pid).ok().filter(|p| *p != 0) {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
     }
     if std::env::var_os("TEST_PG_KEEP").is_some_and(|v| !v.is_empty()) {
-        eprintln!("TEST_PG_KEEP: kept {}", tmpdir.display());
+        for (_, tmpdir) in clusters.iter() {
+            eprintln!("TEST_PG_KEEP: kept {}", tmpdir.display());
+        }
         return;
     }
     // Backends notice the postmaster's death within moments; removal is best effort
-    // (a leftover is removed by the next run's remove_stale_tmpdirs).
+    // (a leftover is removed by the next run's remove_stale_dirs).
     thread::sleep(Duration::from_millis(100));
-    let _ = fs::remove_dir_all(tmpdir);
+    for (_, tmpdir) in clusters.iter() {
+        let _ = fs::remove_dir_all(tmpdir);
+    }
 }
 
-fn start_local() -> Cluster {
+fn start_local(setup: Option<&ClusterSetup>) -> Cluster {
     let bindir = find_bindir().unwrap_or_else(|| {
         panic!(
             "no PostgreSQL server binaries found (tried $PG_BINDIR, `pg_config --bindir`, \
@@ -579,21 +557,24 @@ fn start_local() -> Cluster {
              postgresql-15-wal2json), or set TEST_PG=docker with a Docker engine."
         )
     });
+    // Looked up once: getpwnam's storage is static, and clusters may start at once.
+    static RUN_AS: OnceLock<Option<Option<(u32, u32)>>> = OnceLock::new();
     // SAFETY: geteuid has no preconditions.
-    let run_as = if unsafe { libc::geteuid() } == 0 {
-        Some(postgres_user().unwrap_or_else(|| {
+    let run_as = *RUN_AS.get_or_init(|| (unsafe { libc::geteuid() } == 0).then(local::postgres_user));
+    let run_as = run_as.map(|user| {
+        user.unwrap_or_else(|| {
             panic!(
                 "running as root, but there is no `postgres` system user to run initdb/postgres \
                  as (install the postgresql package, or run the tests as a normal user)"
             )
-        }))
-    } else {
-        None
-    };
+        })
+    });
 
-    remove_stale_tmpdirs();
+    local::remove_stale_dirs(&std::env::temp_dir(), TMP_PREFIX);
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let tmpdir = std::env::temp_dir().join(format!("{TMP_PREFIX}{}-{nanos}", std::process::id()));
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    let tmpdir = std::env::temp_dir().join(format!("{TMP_PREFIX}{}-{nanos}-{n}", std::process::id()));
     fs::create_dir_all(&tmpdir).unwrap_or_else(|e| panic!("create {}: {e}", tmpdir.display()));
     if let Some((uid, gid)) = run_as {
         std::os::unix::fs::chown(&tmpdir, Some(uid), Some(gid))
@@ -607,15 +588,10 @@ fn start_local() -> Cluster {
     let backend = LocalBackend {
         run_as,
         tmpdir: tmpdir.clone(),
-        postmaster: Mutex::new(Postmaster { pid: 0, exited: Arc::new(OnceLock::new()) }),
+        postmaster: Arc::new(Mutex::new(Postmaster { pid: 0, exited: Arc::new(OnceLock::new()) })),
     };
 
-    let out = backend
-        .command(&bindir, "initdb")
-        .arg("-D")
-        .arg(&datadir)
-        .args(["--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C", "--no-sync"])
-        .output()
+    let out = local::initdb(&bindir, &datadir, &tmpdir, run_as)
         .unwrap_or_else(|e| panic!("run {}: {e}", bindir.join("initdb").display()));
     if !out.status.success() {
         panic!(
@@ -628,17 +604,21 @@ fn start_local() -> Cluster {
         );
     }
 
-    if let Some(setup) = SETUP.get() {
+    if let Some(setup) = setup {
         apply_setup(setup, &datadir, run_as);
     }
     // With pg_hba lines of the test's, the harness goes through the Unix socket.
-    let host = match SETUP.get() {
+    let host = match setup {
         Some(s) if !s.hba.is_empty() => tmpdir.to_str().expect("temp dir path is UTF-8").to_owned(),
         _ => "127.0.0.1".to_owned(),
     };
 
+    static EXIT_HANDLER: Once = Once::new();
     // SAFETY: registering a plain extern "C" fn.
-    unsafe { libc::atexit(local_exit_cleanup) };
+    EXIT_HANDLER.call_once(|| unsafe {
+        libc::atexit(local_exit_cleanup);
+    });
+    LOCAL_EXIT_CLEANUP.lock().unwrap_or_else(|e| e.into_inner()).push((backend.postmaster.clone(), tmpdir.clone()));
 
     // The free port can be taken by someone else before postgres binds it: retry then.
     let mut attempt = 0;
@@ -648,7 +628,6 @@ fn start_local() -> Cluster {
         let log_len = fs::metadata(&logfile).map(|m| m.len()).unwrap_or(0) as usize;
         let pm = backend.spawn_postmaster(&bindir, &datadir, &logfile, port);
         let exited = pm.exited.clone();
-        let _ = LOCAL_EXIT_CLEANUP.set((pm.pid, tmpdir.clone()));
         *backend.postmaster.lock().unwrap() = pm;
         match wait_ready(&host, port, "postgres", None, || exited.get().copied()) {
             Ok(()) => break port,
@@ -786,14 +765,4 @@ fn kv_quote(v: &str) -> String {
     } else {
         format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
     }
-}
-
-/// True when this server knows the configuration parameter `name`.
-fn supports_setting(bindir: &Path, name: &str) -> bool {
-    Command::new(bindir.join("postgres"))
-        .arg("--describe-config")
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split('\t').next() == Some(name)))
-        .unwrap_or(false)
 }
