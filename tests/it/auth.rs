@@ -2,8 +2,8 @@
 //! consumers, `?access_token=` on websockets, streams that end when their token
 //! expires, and the refusal to serve a network address without auth.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::process::Stdio;
 use std::sync::Arc;

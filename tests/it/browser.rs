@@ -4,8 +4,8 @@
 //! and its lag in the list, pages through the snapshot, drops the session. Screenshots
 //! go to target/viewer-screenshots/.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,8 +1,8 @@
 //! The binary: configuration from the original's environment variables and flags,
 //! and `pgdeltastream` with no arguments serves.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::process::{Command, Stdio};
 

@@ -4,8 +4,8 @@
 //! server must cut messages by bytes, not by change. `make clients` installs both into
 //! `.tools/` (`make test` does it first).
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,15 +1,15 @@
 //! Differential conformance: the same random workload decoded by a wal2json slot and by a
 //! pgoutput slot (rendered by the server into wal2json's JSON) must stream byte-identical
-//! messages, in order, in both formats. The generator is in `tests/conform/`.
+//! messages, in order, in both formats. The generator is in `testkit/src/conform/`.
 //!
-//! `cargo test --test conformance` runs one fixed seed. `make conformance SEED=.. N=..`
+//! `cargo test --test it conformance::` runs one fixed seed. `make conformance SEED=.. N=..`
 //! runs N workloads from SEED on (`CONFORMANCE_SEED`, default random; `CONFORMANCE_N`,
 //! default 20; `CONFORMANCE_SIZE` transactions each, default 150). `CONFORMANCE_AGAINST=
 //! wal2json` compares two wal2json slots instead, which checks the harness itself.
 
-mod common;
-mod conform;
-mod support;
+use testkit::conform;
+use testkit::pg as common;
+use testkit::support;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

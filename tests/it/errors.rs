@@ -2,8 +2,8 @@
 //! that names the cause: Postgres down, a missing database, a role that may not
 //! replicate, unknown paths and wrong methods. After each, the server keeps serving.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use serde_json::{Value, json};
 use support::*;

@@ -4,11 +4,20 @@
 //! slowly.
 //!
 //! Tests that need the real binary (signals) run `pgdeltastream` as a child process
-//! configured by environment variables, as `tests/cli.rs` does. Set `FAULTS_SERVER_LOG=1`
+//! configured by environment variables, as `cli.rs` does. Set `FAULTS_SERVER_LOG=1`
 //! to see its log.
 
-mod common;
-mod support;
+/// A cluster of its own: a test here shortens wal_sender_timeout for the whole cluster.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("faults")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -530,7 +539,7 @@ async fn a_slow_client_is_never_cut_and_gets_every_row_in_order() {
     let db = common::fresh_db().await;
     let pg = db.client().await;
     pg.batch_execute("CREATE TABLE t (n int PRIMARY KEY, pad text)").await.unwrap();
-    // Cluster-wide: every stream of this test binary gets status updates at least every
+    // Cluster-wide: every stream of this module's cluster gets status updates at least every
     // second (TestServer: 500 ms), well within 3 s.
     pg.batch_execute("ALTER SYSTEM SET wal_sender_timeout = '3s'").await.unwrap();
     pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();

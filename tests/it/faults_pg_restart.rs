@@ -1,8 +1,17 @@
-//! A Postgres crash while a client streams (own binary: stopping the shared cluster
+//! A Postgres crash while a client streams (a cluster of its own: stopping a cluster
 //! disconnects every client of it, so the tests here also take turns).
 
-mod common;
-mod support;
+/// A cluster of its own: the tests here stop and restart it.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("faults_pg_restart")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::time::Duration;
 

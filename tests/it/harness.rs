@@ -1,5 +1,5 @@
-//! Self-test of the shared test harness (tests/common): a real Postgres with wal2json.
-mod common;
+//! Self-test of the shared test harness (testkit::pg): a real Postgres with wal2json.
+use testkit::pg as common;
 
 #[tokio::test]
 async fn fresh_databases_are_distinct_and_logical_decoding_works() {

@@ -1,6 +1,15 @@
-//! Self-test of `Cluster::restart_immediate` (own binary: a restart disconnects every test
-//! sharing the cluster).
-mod common;
+//! Self-test of `Cluster::restart_immediate` (a cluster of its own: a restart disconnects
+//! every test sharing the cluster).
+/// A cluster of its own: the test here restarts it.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("harness_restart")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
 
 #[tokio::test]
 async fn restart_immediate_keeps_port_data_and_slots() {

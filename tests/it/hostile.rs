@@ -1,8 +1,8 @@
 //! The catalogue of hostile and broken input. Each case gets the status and JSON
 //! error it must, the server keeps serving afterwards, and no table changes.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::time::Duration;
 

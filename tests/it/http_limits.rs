@@ -1,8 +1,8 @@
 //! The HTTP server's limits, seen from raw TCP clients: what a request that is too large
 //! gets, and that slow, idle or too many connections cannot take the server offline.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! once, in key order, as of the snapshot; the export equal to the pages; bad cursors
 //! refused; and pages found through an index or a TID range, wherever they are.
 
-mod common;
+use testkit::pg as common;
 
 use std::time::Duration;
 

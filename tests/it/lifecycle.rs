@@ -2,10 +2,19 @@
 //! other: no slot is ever left behind or held by a client that is gone.
 //!
 //! Some of these tests fill every replication slot of the cluster, so the tests of this
-//! binary run one at a time.
+//! module run one at a time, on a cluster of their own.
 
-mod common;
-mod support;
+/// A cluster of its own: a test here fills every replication slot of it.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("lifecycle")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::time::{Duration, Instant};
 

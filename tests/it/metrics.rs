@@ -1,8 +1,8 @@
 //! `/metrics`, `/healthz` and `/readyz`: scrapes before and after a workload see the
 //! figures move, and readiness names what keeps Postgres from serving us.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -299,7 +299,7 @@ async fn an_exhausted_pool_is_reported_quickly() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let n: i64 = pg
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%sleepy%' AND pid <> pg_backend_pid()", &[])
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%sleepy%' AND pid <> pg_backend_pid() AND datname = current_database()", &[])
             .await
             .unwrap()
             .get(0);

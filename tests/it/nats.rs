@@ -2,9 +2,9 @@
 //! as processes of our binary, against a real nats-server (`make nats` installs it) with
 //! JetStream in a temp dir, and a real Postgres.
 
-mod common;
-mod jetstream;
-mod support;
+use testkit::jetstream;
+use testkit::pg as common;
+use testkit::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -6,8 +6,8 @@
 //! Each test inserts a 540 MB bytea (TOAST compresses it to a few MB of WAL); decoding
 //! it makes `byteaout` ask for 1.08 GB. The tests run one at a time, to bound memory.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use serde_json::{Value, json};
 use support::*;

@@ -5,8 +5,20 @@
 //! stream) and the pool (snapshot pages). `openssl` comes with Debian's Postgres packages
 //! (postgresql-common depends on ssl-cert, which depends on openssl).
 
-mod common;
-mod support;
+/// A cluster of its own, configured for TLS only (`configure_cluster`).
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("pg_tls")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+    pub fn configure_cluster(setup: ClusterSetup) {
+        configure_own_cluster("pg_tls", setup)
+    }
+}
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

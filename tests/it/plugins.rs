@@ -2,8 +2,17 @@
 //! before its slot, dropped after it, refused when it would break the application's
 //! updates and deletes, and never left behind. Checked through Postgres's catalogs.
 
-mod common;
-mod support;
+/// A cluster of its own: a test here fills every replication slot of it.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("plugins")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::path::PathBuf;
 
@@ -139,7 +148,7 @@ fn shape(name: &str, mut v: Value) {
             v[key] = json!("[varies]");
         }
     }
-    insta::with_settings!({ snapshot_path => "../snapshots" }, {
+    insta::with_settings!({ snapshot_path => "../../snapshots" }, {
         insta::assert_json_snapshot!(name, v);
     });
 }

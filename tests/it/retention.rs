@@ -2,8 +2,8 @@
 //! ours retains and its last ack; `DELETE /v1/sessions/{slotName}` ends a session and
 //! drops its slot, and only on request.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use serde_json::{Value, json};
 use support::*;

@@ -1,8 +1,8 @@
 //! `/v1/snapshot/data` against a real Postgres: what the snapshot shows, paging and
 //! order, every refusal, and values encoded exactly as the stream encodes them.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::time::Duration;
 
@@ -228,10 +228,10 @@ async fn snapshot_is_released_on_request_and_when_idle() {
 #[tokio::test]
 async fn snapshot_values_equal_stream_values_for_every_common_type() {
     let (_db, pg, server) = setup().await;
-    pg.batch_execute(include_str!("../fixtures/all_types.sql")).await.unwrap();
+    pg.batch_execute(include_str!("../../fixtures/all_types.sql")).await.unwrap();
     let slot = server.init().await;
     let mut ws = server.connect(&slot).await;
-    pg.batch_execute(include_str!("../fixtures/all_types_rows.sql")).await.unwrap();
+    pg.batch_execute(include_str!("../../fixtures/all_types_rows.sql")).await.unwrap();
     let mut streamed: Vec<Value> = Vec::new();
     while streamed.len() < 3 {
         let frame = next_changes(&mut ws).await;

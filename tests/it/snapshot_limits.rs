@@ -2,8 +2,8 @@
 //! after init; a bounded pool under a flood; the statement timeout; cancelling the
 //! query of a client that left; and pages streamed rather than held in memory.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,8 +2,17 @@
 //! tests, acks and resume, and the stream defects of the original (see
 //! shared/reference/original.md) that must never come back.
 
-mod common;
-mod support;
+/// A cluster of its own: a test here shortens wal_sender_timeout for the whole cluster.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("stream")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! https and wss: a CA the test makes, a server certificate it signs, and rustls
 //! clients that trust only that CA.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,8 +1,17 @@
 //! The v2 API: named sessions with their own tables and actions, stored in Postgres so
 //! that they outlive the process and are shared by every process on the database.
 
-mod common;
-mod support;
+/// A cluster of its own: a test here takes 50 of its 64 replication slots.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("v2")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
+use testkit::support;
 
 use std::time::Duration;
 
@@ -76,7 +85,7 @@ fn redact(mut v: Value) -> Value {
 }
 
 fn snapshot(name: &str, v: Value) {
-    insta::with_settings!({ snapshot_path => "../snapshots" }, {
+    insta::with_settings!({ snapshot_path => "../../snapshots" }, {
         insta::assert_json_snapshot!(name, redact(v));
     });
 }
@@ -128,7 +137,7 @@ async fn create_list_get_delete_and_their_shapes() {
     snapshot("v2_list", all.clone());
     let (status, one) = server.get("/v2/sessions/orders").await;
     assert_eq!(status, 200, "{one}");
-    // retainedBytes and lagBytes follow the WAL, which the other tests of this binary
+    // retainedBytes and lagBytes follow the WAL, which the other tests of this module
     // move meanwhile.
     let without_retained = |mut v: Value| {
         v.as_object_mut().map(|o| (o.remove("retainedBytes"), o.remove("lagBytes")));

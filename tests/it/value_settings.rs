@@ -4,8 +4,8 @@
 //! the stream and the snapshot print the same values, the same way. `bytea_output =
 //! escape` used to make the stream send escape text as if it were hex.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use serde_json::{Value, json};
 use support::*;

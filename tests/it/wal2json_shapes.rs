@@ -2,7 +2,7 @@
 //! models (types::wal2json). If a plugin upgrade changes a shape, these snapshots say
 //! exactly how. LSNs and xids vary from run to run and are redacted.
 
-mod common;
+use testkit::pg as common;
 
 use pgdeltastream::types::wal2json::{Record, Transaction};
 
@@ -62,7 +62,7 @@ async fn format_version_1() {
     for (m, t) in raw.iter().zip(&parsed) {
         assert_eq!(serde_json::to_string(t).unwrap(), m.replacen("{\"change\":[,", "{\"change\":[", 1));
     }
-    insta::with_settings!({ snapshot_path => "../snapshots" }, {
+    insta::with_settings!({ snapshot_path => "../../snapshots" }, {
         insta::assert_snapshot!("wal2json_v1", redact(&raw));
     });
 }
@@ -76,7 +76,7 @@ async fn format_version_2() {
     for (m, r) in raw.iter().zip(&parsed) {
         assert_eq!(&serde_json::to_string(r).unwrap(), m);
     }
-    insta::with_settings!({ snapshot_path => "../snapshots" }, {
+    insta::with_settings!({ snapshot_path => "../../snapshots" }, {
         insta::assert_snapshot!("wal2json_v2", redact(&raw));
     });
 }

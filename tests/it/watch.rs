@@ -1,8 +1,8 @@
 //! Watching a session (`GET /v2/sessions/{name}/watch`): a viewer's copy of its changes
 //! from a temporary slot of its own, which never moves or takes the session's slot.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::time::Duration;
 
