@@ -2,9 +2,11 @@
 //! supabase/etl do): the harness (`testkit`) and the tree are compiled and linked once.
 //!
 //! Every test gets a fresh database on the cluster this process shares (`testkit::pg`).
-//! The modules whose tests change a cluster itself (restart it, change a setting with
-//! ALTER SYSTEM, take every replication slot or most of them, need TLS-only settings)
-//! get a cluster of their own, declared at the top of the module. `tests/pgoutput.rs` is
+//! That cluster has 1,024 replication slots, as the tests leave theirs behind. The
+//! modules whose tests change a cluster itself (restart it, change a setting with ALTER
+//! SYSTEM, take every replication slot or most of them, need TLS-only settings) or count
+//! on what only their own tests do to it (its 64 slots, exact positions that WAL of other
+//! databases would move) get a cluster of their own, declared at the top of the module. `tests/pgoutput.rs` is
 //! a binary of its own: it measures the peak memory of its whole process.
 
 mod auth;

@@ -2,7 +2,16 @@
 //! ours retains and its last ack; `DELETE /v1/sessions/{slotName}` ends a session and
 //! drops its slot, and only on request.
 
-use testkit::pg as common;
+/// A cluster of its own: tests here compare exact positions that WAL of other tests' databases would move.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("retention")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
 use testkit::support;
 
 use serde_json::{Value, json};

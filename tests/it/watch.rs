@@ -1,7 +1,16 @@
 //! Watching a session (`GET /v2/sessions/{name}/watch`): a viewer's copy of its changes
 //! from a temporary slot of its own, which never moves or takes the session's slot.
 
-use testkit::pg as common;
+/// A cluster of its own: a test here counts on its 64 replication slots.
+mod common {
+    pub use testkit::pg::*;
+    pub fn cluster() -> &'static Cluster {
+        own_cluster("watch")
+    }
+    pub async fn fresh_db() -> TestDb {
+        fresh_db_on(cluster()).await
+    }
+}
 use testkit::support;
 
 use std::time::Duration;

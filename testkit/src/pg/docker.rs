@@ -120,7 +120,7 @@ where
 
 /// Builds the fixtures image once per process (layer cache: a moment when nothing
 /// changed) and starts a container of it with 5432 published on a free port of 127.0.0.1.
-pub(super) fn start_docker() -> Result<Cluster, String> {
+pub(super) fn start_docker(slots: u32) -> Result<Cluster, String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT.get_or_init(build_image).clone()?;
     remove_containers(|pid, _| pid != std::process::id() && !process_alive(pid));
@@ -132,7 +132,7 @@ pub(super) fn start_docker() -> Result<Cluster, String> {
         attempt += 1;
         let port = free_port();
         let start = STARTS.fetch_add(1, Ordering::Relaxed).to_string();
-        match block_on(run_container(port, &start)) {
+        match block_on(run_container(port, &start, slots)) {
             Ok(container) => break (container, port),
             Err(e) => {
                 // A container that was created but did not start is ours to remove.
@@ -167,7 +167,7 @@ pub(super) fn start_docker() -> Result<Cluster, String> {
     })
 }
 
-async fn run_container(port: u16, start: &str) -> Result<ContainerAsync<GenericImage>, String> {
+async fn run_container(port: u16, start: &str, slots: u32) -> Result<ContainerAsync<GenericImage>, String> {
     GenericImage::new(IMAGE_NAME, IMAGE_TAG)
         .with_exposed_port(5432.tcp())
         // The entrypoint's temporary server says so too, but listens on no TCP port:
@@ -177,6 +177,8 @@ async fn run_container(port: u16, start: &str) -> Result<ContainerAsync<GenericI
         .with_label(START_LABEL, start)
         .with_env_var("POSTGRES_PASSWORD", PASSWORD)
         .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+        // After the entrypoint's own settings, so this one wins.
+        .with_cmd(["-c".to_owned(), format!("max_replication_slots={slots}")])
         .with_mapped_port(port, 5432.tcp())
         // testcontainers publishes on every interface; the tests need loopback only.
         .with_host_config_modifier(|host_config| {

@@ -67,6 +67,12 @@ use docker::{DockerBackend, start_docker};
 
 /// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>-<n>`.
 const TMP_PREFIX: &str = "pgdeltastream-test-pg-";
+/// max_replication_slots of the shared cluster: its tests leave their slots behind (each
+/// test's database is its own), and all of the process's tests share it.
+const SHARED_SLOTS: u32 = 1024;
+/// max_replication_slots of a cluster of its own, as every test binary's cluster had
+/// when each had one: tests count on it (v2 takes 50 of the 64, watch reserves 64).
+const OWN_SLOTS: u32 = 64;
 /// How long a starting or restarting server may take before we give up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -160,7 +166,7 @@ pub async fn fresh_db_on(c: &Cluster) -> TestDb {
 /// retries).
 pub fn cluster() -> &'static Cluster {
     static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
-    started(&SHARED, None, "the test Postgres cluster")
+    started(&SHARED, None, SHARED_SLOTS, "the test Postgres cluster")
 }
 
 /// The cluster of its own of the tests that call it `name` (a test module, by
@@ -168,7 +174,7 @@ pub fn cluster() -> &'static Cluster {
 /// [`configure_own_cluster`] gave it.
 pub fn own_cluster(name: &'static str) -> &'static Cluster {
     let own = own(name);
-    started(&own.cluster, own.setup.get(), &format!("the test Postgres cluster {name:?}"))
+    started(&own.cluster, own.setup.get(), OWN_SLOTS, &format!("the test Postgres cluster {name:?}"))
 }
 
 /// Configures the cluster of its own `name`: call it before the first [`own_cluster`] of
@@ -198,10 +204,11 @@ fn own(name: &'static str) -> &'static Own {
 fn started(
     cell: &'static OnceLock<Result<Cluster, String>>,
     setup: Option<&ClusterSetup>,
+    slots: u32,
     what: &str,
 ) -> &'static Cluster {
     let started = cell.get_or_init(|| {
-        std::panic::catch_unwind(AssertUnwindSafe(|| start_cluster(setup))).map_err(|payload| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| start_cluster(setup, slots))).map_err(|payload| {
             payload
                 .downcast_ref::<String>()
                 .cloned()
@@ -344,13 +351,13 @@ enum Backend {
 /// The local cluster unless `TEST_PG=docker`: a Docker engine that happens to answer (CI
 /// starts one for `make test-docker`) must not change what `make test` runs against. A
 /// cluster with a setup of its own is always local.
-fn start_cluster(setup: Option<&ClusterSetup>) -> Cluster {
+fn start_cluster(setup: Option<&ClusterSetup>, slots: u32) -> Cluster {
     if setup.is_some() {
-        return start_local(setup);
+        return start_local(setup, slots);
     }
     match std::env::var("TEST_PG").ok().as_deref() {
-        Some("docker") => start_docker().unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
-        None | Some("local") | Some("") => start_local(None),
+        Some("docker") => start_docker(slots).unwrap_or_else(|e| panic!("TEST_PG=docker: starting Postgres: {e}")),
+        None | Some("local") | Some("") => start_local(None, slots),
         Some(other) => panic!("TEST_PG={other:?}: expected `local` or `docker`"),
     }
 }
@@ -363,6 +370,8 @@ struct LocalBackend {
     /// (uid, gid) to run initdb/postgres/pg_ctl as (the `postgres` user when we are root).
     run_as: Option<(u32, u32)>,
     tmpdir: PathBuf,
+    /// max_replication_slots.
+    slots: u32,
     /// Shared with the exit cleanup, which kills the current postmaster.
     postmaster: Arc<Mutex<Postmaster>>,
 }
@@ -433,10 +442,10 @@ impl LocalBackend {
         let log2 = log.try_clone().expect("dup log fd");
         let mut cmd = self.command(cluster_bindir, "postgres");
         cmd.arg("-D").arg(datadir).arg("-p").arg(port.to_string()).arg("-k").arg(&self.tmpdir);
+        cmd.arg("-c").arg(format!("max_replication_slots={}", self.slots));
         for setting in [
             "listen_addresses=127.0.0.1",
             "wal_level=logical",
-            "max_replication_slots=64",
             "max_wal_senders=64",
             "fsync=off",
             "synchronous_commit=off",
@@ -549,7 +558,7 @@ extern "C" fn local_exit_cleanup() {
     }
 }
 
-fn start_local(setup: Option<&ClusterSetup>) -> Cluster {
+fn start_local(setup: Option<&ClusterSetup>, slots: u32) -> Cluster {
     let bindir = find_bindir().unwrap_or_else(|| {
         panic!(
             "no PostgreSQL server binaries found (tried $PG_BINDIR, `pg_config --bindir`, \
@@ -588,6 +597,7 @@ fn start_local(setup: Option<&ClusterSetup>) -> Cluster {
     let backend = LocalBackend {
         run_as,
         tmpdir: tmpdir.clone(),
+        slots,
         postmaster: Arc::new(Mutex::new(Postmaster { pid: 0, exited: Arc::new(OnceLock::new()) })),
     };
 
