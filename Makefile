@@ -58,7 +58,7 @@ $(TOOLS)/node/.ws-$(NODE_WS):
 	cd $(TOOLS)/node && npm install --silent --no-audit --no-fund ws@$(NODE_WS)
 	touch $@
 
-## browser: Debian's chromium and chromedriver, for the viewer's browser test (tests/browser.rs)
+## browser: Debian's chromium and chromedriver, for the viewer's browser test (tests/it/browser.rs)
 browser:
 	@if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" != 0 ] && [ -z "$(SUDO)" ]; then \
@@ -76,7 +76,7 @@ run: setup
 	$(CARGO) build --release
 	PLUGIN=$(PLUGIN) scripts/run-dev.sh
 
-## nats: install nats-server (Debian's, with JetStream) if missing, for tests/nats.rs
+## nats: install nats-server (Debian's, with JetStream) if missing, for tests/it/nats.rs
 .PHONY: nats
 nats:
 	@command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || { \
@@ -87,7 +87,8 @@ nats:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null && \
 	  echo "Installed nats-server."; }
 
-## test: the whole test suite against a real Postgres (see tests/common/mod.rs)
+## test: the whole test suite against a real Postgres (see testkit/src/pg/mod.rs): the
+## unit tests, the doc tests, and two integration test binaries (tests/it/, tests/pgoutput.rs)
 test: setup clients nats browser
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
@@ -98,7 +99,7 @@ SEED ?=
 N ?= 20
 .PHONY: conformance
 conformance: setup
-	CONFORMANCE_SEED=$(SEED) CONFORMANCE_N=$(N) $(CARGO) test --test conformance -- --ignored --nocapture
+	CONFORMANCE_SEED=$(SEED) CONFORMANCE_N=$(N) $(CARGO) test --test it -- conformance:: --ignored --nocapture
 
 ## lint: formatting and clippy over the workspace (the bench included), warnings are
 ## errors; and the fuzz targets (their own workspace) still compile
@@ -171,15 +172,15 @@ image:
 
 ## test-docker: the integration suite against the fixtures Postgres container
 ## (TEST_PG=docker), then the smoke run of the server's image against that Postgres
-# The integration binaries that run against any Postgres. The one test that needs the
-# local cluster's own files says "SKIPPED under TEST_PG=docker" and returns (plugins: a
-# library directory without wal2json).
-DOCKER_TESTS := auth cli clients errors faults faults_pg_restart harness harness_restart hostile \
-  http_limits keyset lifecycle pgoutput plugins retention snapshot snapshot_limits stream v2 \
-  value_settings wal2json_shapes metrics watch
+# The integration tests that run against any Postgres: tests/pgoutput.rs, and every
+# module of tests/it/ but these (skipped by their `module::` prefix). The one test that
+# needs the local cluster's own files says "SKIPPED under TEST_PG=docker" and returns
+# (plugins: a library directory without wal2json).
+DOCKER_SKIP := browser conformance nats oversized pg_tls tls
 test-docker: clients
 	$(DOCKER_SH) tools
-	$(DOCKER_SH) with-daemon $(DOCKER_SH) test-all --no-fail-fast $(addprefix --test ,$(DOCKER_TESTS))
+	$(DOCKER_SH) with-daemon $(DOCKER_SH) test-all --no-fail-fast --test it --test pgoutput -- \
+	  $(foreach m,$(DOCKER_SKIP),--skip $(m)::)
 
 ## docker-smoke: only the smoke run (builds the images it needs)
 docker-smoke: clients

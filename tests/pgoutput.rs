@@ -5,9 +5,12 @@
 //! The one accepted difference: Postgres 15's pgoutput sends nothing for a transaction
 //! with no published change, where wal2json sends an empty one; empty transactions are
 //! compared apart.
+//!
+//! A binary of its own, not a module of tests/it/: a test here measures the peak memory
+//! of its whole process.
 
-mod common;
-mod support;
+use testkit::pg as common;
+use testkit::support;
 
 use std::time::Duration;
 

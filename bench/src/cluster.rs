@@ -1,16 +1,15 @@
 //! A throwaway Postgres cluster for the bench: initdb into a temp dir, `postgres` on a
 //! free port of 127.0.0.1, as the `postgres` user when we are root. Killed when the bench
-//! exits (drop, and PR_SET_PDEATHSIG if the bench dies).
+//! exits (drop, and PR_SET_PDEATHSIG if the bench dies). Its pieces are the test
+//! harness's (`testkit::local`); its settings are the bench's own.
 
-use std::ffi::CString;
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::local;
 use tokio_postgres::NoTls;
 
 use crate::Result;
@@ -87,7 +86,10 @@ impl Cluster {
         remove_stale_tmpdirs();
         // SAFETY: geteuid has no preconditions.
         let run_as = if unsafe { libc::geteuid() } == 0 {
-            Some(postgres_user().ok_or("running as root, but there is no `postgres` user to run initdb/postgres as")?)
+            Some(
+                local::postgres_user()
+                    .ok_or("running as root, but there is no `postgres` user to run initdb/postgres as")?,
+            )
         } else {
             None
         };
@@ -99,22 +101,7 @@ impl Cluster {
             fs::set_permissions(&tmpdir, fs::Permissions::from_mode(0o700))?;
         }
         let datadir = tmpdir.join("data");
-        let command = |name: &str| {
-            let mut cmd = Command::new(bindir.join(name));
-            cmd.current_dir(&tmpdir).stdin(Stdio::null());
-            for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
-                cmd.env_remove(var);
-            }
-            if let Some((uid, gid)) = run_as {
-                cmd.uid(uid).gid(gid);
-            }
-            cmd
-        };
-        let out = command("initdb")
-            .arg("-D")
-            .arg(&datadir)
-            .args(["--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C", "--no-sync"])
-            .output()?;
+        let out = local::initdb(bindir, &datadir, &tmpdir, run_as)?;
         if !out.status.success() {
             return Err(format!(
                 "initdb failed: {}{}",
@@ -128,21 +115,21 @@ impl Cluster {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let trusts_plugins = supports_setting(bindir, "output_plugin_libraries");
+        let plugin_setting = local::plugin_setting(bindir);
 
         let mut attempt = 0;
         loop {
             attempt += 1;
             let port = free_port()?;
             let log = fs::OpenOptions::new().create(true).append(true).open(tmpdir.join("postgres.log"))?;
-            let mut cmd = command("postgres");
+            let mut cmd = local::command(bindir, "postgres", &tmpdir, run_as);
             cmd.arg("-D").arg(&datadir).arg("-p").arg(port.to_string()).arg("-k").arg(&tmpdir);
             for s in SETTINGS {
                 cmd.arg("-c").arg(s);
             }
-            // PostgreSQL 15.19+ trusts only the output plugins listed here.
-            if trusts_plugins {
-                cmd.arg("-c").arg("output_plugin_libraries=pgoutput, test_decoding, wal2json");
+            // PostgreSQL 15.19+ trusts only the output plugins listed in this one.
+            if let Some(setting) = plugin_setting {
+                cmd.arg("-c").arg(setting);
             }
             cmd.stdout(log.try_clone()?).stderr(log);
             die_with_parent(&mut cmd);
@@ -240,82 +227,22 @@ impl Drop for Cluster {
 /// PR_SET_PDEATHSIG=SIGKILL: the child dies with the thread that spawned it. Spawn long
 /// lived children from the main thread only.
 pub fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the bench exited before the child started"));
-            }
-            Ok(())
-        });
-    }
+    local::die_with_parent(cmd);
 }
 
 /// Same as [`die_with_parent`] for tokio's Command.
 pub fn die_with_parent_tokio(cmd: &mut tokio::process::Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: as above.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the bench exited before the child started"));
-            }
-            Ok(())
-        });
-    }
+    local::die_with_parent(cmd.as_std_mut());
 }
 
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn postgres_user() -> Option<(u32, u32)> {
-    let name = CString::new("postgres").ok()?;
-    // SAFETY: getpwnam returns static storage or null; we copy two ints out at once, on
-    // the main thread before any other thread calls it.
-    unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        if pw.is_null() { None } else { Some(((*pw).pw_uid, (*pw).pw_gid)) }
-    }
-}
-
-fn supports_setting(bindir: &Path, name: &str) -> bool {
-    Command::new(bindir.join("postgres"))
-        .arg("--describe-config")
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split('\t').next() == Some(name)))
-        .unwrap_or(false)
-}
-
-fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    Ok(local::free_port()?)
 }
 
 /// Removes temp dirs of earlier bench runs whose process is gone.
 fn remove_stale_tmpdirs() {
     for dir in [std::env::temp_dir(), PathBuf::from("/dev/shm")] {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix(TMP_PREFIX).and_then(|p| p.parse::<u32>().ok()) else { continue };
-            if pid != std::process::id() && !process_alive(pid) {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
+        local::remove_stale_dirs(&dir, TMP_PREFIX);
     }
 }
 

@@ -288,7 +288,9 @@ pub fn parse(data: Bytes) -> Result<Message, ParseError> {
     }
 }
 
-/// The encoding of a message, as the walsender writes it (for tests and fuzzing seeds).
+/// The encoding of a message, as the walsender writes it (for tests and fuzzing seeds:
+/// feature `testing`).
+#[cfg(any(test, feature = "testing"))]
 pub fn encode(message: &Message) -> Vec<u8> {
     let mut out = Vec::new();
     let string = |out: &mut Vec<u8>, s: &[u8]| {
