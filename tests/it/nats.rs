@@ -502,7 +502,6 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let db = session_db().await;
     let nats = Nats::start(None).await;
     let _publisher = publisher(&db, &nats, &[]);
-    await_stream_seq(&nats, 1).await;
     let port = free_port();
     let mut cmd = support::server_command(&db, port);
     cmd.env("PGDELTASTREAM_JWT_SECRET", std::str::from_utf8(SECRET).unwrap()).args(["gateway", "--nats", &nats.url]);
