@@ -287,7 +287,8 @@ impl Feed {
         let start = acked.map_or(Lsn::ZERO, |r| r.lsn);
         let (messages_tx, messages_rx) = mpsc::channel(4);
         let (acks_tx, acks_rx) = mpsc::channel(64);
-        let stop = Stop::new();
+        // A child of the gateway's: shutdown stops every feed with its reason (1001).
+        let stop = gateway.shutdown.child();
         let delivered = Delivered::default();
         let link = Link {
             slot: format!("{session}/{client}"),
@@ -309,7 +310,6 @@ impl Feed {
             expected: start_seq,
             slot: slot.clone(),
             stop: stop.clone(),
-            shutdown: gateway.shutdown.clone(),
         };
         let feed = async {
             tokio::join!(feeder.run(), sink.run(link), store_acks(acks_rx, delivered, &gateway.acks, &key, slot));
@@ -346,20 +346,15 @@ struct Feeder {
     /// The incarnation the feed serves: a message of another ends it.
     slot: Option<String>,
     stop: Stop,
-    shutdown: Stop,
 }
 
 impl Feeder {
     async fn run(mut self) {
-        let (stop, shutdown) = (self.stop.clone(), self.shutdown.clone());
+        let stop = self.stop.clone();
         loop {
             let first = tokio::select! {
                 biased;
                 _ = stop.stopped() => return,
-                _ = shutdown.stopped() => {
-                    stop.stop(code::GOING_AWAY, "gateway shutting down");
-                    return;
-                }
                 m = self.next() => m,
             };
             let mut batch = Vec::new();
