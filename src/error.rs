@@ -61,14 +61,14 @@ impl Error {
         Error { kind, message: message.into(), source: None }
     }
 
-    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+    pub(crate) fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
         self.source = Some(Arc::new(source));
         self
     }
-    pub fn bad_request(message: impl Into<String>) -> Error {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::BadRequest, message)
     }
-    pub fn not_found(message: impl Into<String>) -> Error {
+    pub(crate) fn not_found(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::NotFound, message)
     }
     pub fn conflict(message: impl Into<String>) -> Error {
@@ -80,7 +80,7 @@ impl Error {
 
     /// An error from a replication connection, with advice for the usual
     /// misconfigurations.
-    pub fn from_pg(e: &PgError) -> Error {
+    pub(crate) fn from_pg(e: &PgError) -> Error {
         // A TLS failure is a matter of configuration (here or on the server): retrying
         // does not help, so it is not a 503.
         if let PgError::Tls(m) = e {
@@ -142,7 +142,7 @@ impl Error {
     }
 
     /// An error from an ordinary tokio-postgres connection.
-    pub fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
+    pub(crate) fn from_tokio_pg(e: &tokio_postgres::Error) -> Error {
         let msg = crate::pg::snapshot::describe(e);
         let Some(code) = e.code() else {
             // No SQLSTATE: the connection itself failed.
@@ -168,7 +168,7 @@ impl Error {
     }
 
     /// No connection from the pool: all busy (503, retry), or a new one failed.
-    pub fn from_pool(e: &PoolError) -> Error {
+    pub(crate) fn from_pool(e: &PoolError) -> Error {
         match e {
             PoolError::Busy { .. } | PoolError::ReadsBusy { .. } => Error::new(ErrorKind::Unavailable, e.to_string()),
             PoolError::Connect(e) => Error::from_tokio_pg(e),

@@ -15,10 +15,10 @@ use super::unavailable;
 use crate::error::Error;
 use crate::types::Lsn;
 
-pub const ACKS_BUCKET: &str = "pgdeltastream_acks";
+pub(crate) const ACKS_BUCKET: &str = "pgdeltastream_acks";
 /// Key `slot.<slot name>`, value the session's name; key `session.<name>`, value the
 /// slot of the session's stream. Both written by the publisher.
-pub const SLOTS_BUCKET: &str = "pgdeltastream_slots";
+pub(crate) const SLOTS_BUCKET: &str = "pgdeltastream_slots";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRecord {
@@ -87,7 +87,7 @@ pub async fn load(store: &kv::Store, key: &str) -> Result<Option<AckRecord>, Err
 /// Stores `record` unless the stored one is as far or further, compare-and-set on the
 /// key's revision: an older connection of the same client (not yet noticed dead, on
 /// this gateway or another) must not move its position back.
-pub async fn save(store: &kv::Store, key: &str, record: AckRecord) -> Result<(), Error> {
+pub(crate) async fn save(store: &kv::Store, key: &str, record: AckRecord) -> Result<(), Error> {
     let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?);
     let mut last_error = String::new();
     for _ in 0..CAS_ATTEMPTS {
@@ -114,12 +114,12 @@ pub async fn save(store: &kv::Store, key: &str, record: AckRecord) -> Result<(),
 /// Writers of one key racing each other get this many tries.
 const CAS_ATTEMPTS: usize = 5;
 
-pub fn slot_key(slot: &str) -> String {
+pub(crate) fn slot_key(slot: &str) -> String {
     format!("slot.{slot}")
 }
 
 /// Where the slot of a session's stream is recorded.
-pub fn incarnation_key(session: &str) -> String {
+pub(crate) fn incarnation_key(session: &str) -> String {
     format!("session.{session}")
 }
 

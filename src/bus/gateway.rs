@@ -31,7 +31,7 @@ use crate::types::Lsn;
 
 /// The close code of a stream whose next changes the JetStream stream no longer holds
 /// (its max age or max bytes let them go): the client missed changes for good.
-pub const GONE: u16 = 4410;
+pub(crate) const GONE: u16 = 4410;
 
 /// Stored messages (pieces) taken into one batch for the socket, at most.
 const BATCH: usize = 64;
@@ -84,7 +84,7 @@ impl Gateway {
 
     /// Whether JetStream serves what every feed needs: the buckets of the acks and of
     /// the slots answer (asked anew: the stores' own status is what they cached).
-    pub async fn check_jetstream(&self) -> Result<(), Error> {
+    pub(crate) async fn check_jetstream(&self) -> Result<(), Error> {
         let (acks, slots) = tokio::join!(self.js.get_key_value(ACKS_BUCKET), self.js.get_key_value(SLOTS_BUCKET));
         acks.and(slots).map(drop).map_err(|e| unavailable("JetStream does not answer", e))
     }
@@ -119,7 +119,7 @@ impl Gateway {
     }
 
     /// The session whose publisher reads `slot` (for `/v1/lr/stream?slotName=`).
-    pub async fn session_of_slot(&self, slot: &str) -> Result<String, Error> {
+    pub(crate) async fn session_of_slot(&self, slot: &str) -> Result<String, Error> {
         // Also keeps a name that is no KV key from reaching the bucket (a 503 then).
         if !is_valid_slot_name(slot) {
             return Err(Error::bad_request(format!("invalid slot name {slot:?}: use 1 to 63 of a-z, 0-9 and _")));

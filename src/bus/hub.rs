@@ -30,14 +30,14 @@ pub struct Stored {
 }
 
 impl Stored {
-    pub fn from_message(message: jetstream::Message) -> Result<Stored, String> {
+    pub(crate) fn from_message(message: jetstream::Message) -> Result<Stored, String> {
         let seq = message.info().map_err(|e| format!("a JetStream message without its metadata: {e}"))?.stream_sequence;
         let message = message.message;
         Ok(Stored { seq, headers: message.headers, payload: message.payload })
     }
 }
 
-pub struct Hub {
+pub(crate) struct Hub {
     /// The incarnation subscribed to: a message of another (the stream was deleted and
     /// made again under the subscription) closes the hub.
     slot: Option<String>,
@@ -145,7 +145,7 @@ impl Hub {
         self.slot.as_deref()
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.with(|ring| ring.closed)
     }
 
@@ -160,7 +160,7 @@ impl Hub {
     }
 
     /// Waits for message `seq`; none when the hub no longer has it (or never will).
-    pub async fn wait_for(&self, seq: u64) -> Option<Arc<Stored>> {
+    pub(crate) async fn wait_for(&self, seq: u64) -> Option<Arc<Stored>> {
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);

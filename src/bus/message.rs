@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crate::types::Lsn;
 
 /// The transaction's `nextlsn`, `X/Y`; absent on a non-transactional logical message.
-pub const NEXTLSN: &str = "Pgdeltastream-Nextlsn";
+pub(crate) const NEXTLSN: &str = "Pgdeltastream-Nextlsn";
 /// `i/n`: piece i (from 1), the last of n; `i/+`: piece i, more to come.
 pub const PIECE: &str = "Pgdeltastream-Piece";
 const MORE: &str = "+";
@@ -28,7 +28,7 @@ pub fn slot_of(headers: Option<&HeaderMap>) -> Option<&str> {
 }
 
 /// Whether a message belongs to the incarnation `slot` (unknown on either side: yes).
-pub fn of_incarnation(headers: Option<&HeaderMap>, slot: Option<&str>) -> bool {
+pub(crate) fn of_incarnation(headers: Option<&HeaderMap>, slot: Option<&str>) -> bool {
     match (slot_of(headers), slot) {
         (Some(published), Some(slot)) => published == slot,
         _ => true,
@@ -36,10 +36,10 @@ pub fn of_incarnation(headers: Option<&HeaderMap>, slot: Option<&str>) -> bool {
 }
 
 /// Room left in `max_payload` for the headers, which count against it.
-pub const HEADER_ROOM: usize = 512;
+pub(crate) const HEADER_ROOM: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Meta {
+pub(crate) struct Meta {
     pub nextlsn: Option<Lsn>,
     pub piece: u32,
     /// Whether this piece ends the message.
@@ -60,7 +60,7 @@ impl Meta {
     /// The `Nats-Msg-Id`: `<nextlsn>` or `<nextlsn>/<piece>`. A logical message has no
     /// nextlsn: it is named after the transaction before it and its place since then,
     /// which a publisher resuming from that transaction reads again in the same order.
-    pub fn message_id(&self, after: Lsn, unackable: u32) -> String {
+    pub(crate) fn message_id(&self, after: Lsn, unackable: u32) -> String {
         let base = match self.nextlsn {
             Some(lsn) => lsn.to_string(),
             None => format!("{after}+m{unackable}"),
@@ -68,7 +68,7 @@ impl Meta {
         if self.last && self.piece == 1 { base } else { format!("{base}/{}", self.piece) }
     }
 
-    pub fn from_headers(headers: Option<&HeaderMap>) -> Result<Meta, String> {
+    pub(crate) fn from_headers(headers: Option<&HeaderMap>) -> Result<Meta, String> {
         let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
         let nextlsn = get(NEXTLSN)
             .map(|v| v.parse::<Lsn>().map_err(|e| format!("bad {NEXTLSN} header {v:?}: {e}")))
@@ -95,7 +95,7 @@ impl Meta {
 /// character's most), ending between characters, when more than `max` are there (so
 /// something is left for a later piece). Where the pieces of a message are cut depends
 /// only on its text, not on how it arrived: a re-publish cuts them the same.
-pub fn full_piece(text: &mut BytesMut, max: usize) -> Option<Bytes> {
+pub(crate) fn full_piece(text: &mut BytesMut, max: usize) -> Option<Bytes> {
     let max = max.max(4);
     if text.len() <= max {
         return None;

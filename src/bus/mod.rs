@@ -27,21 +27,21 @@ use crate::error::{Error, ErrorKind};
 
 /// The client of a connection that names none: every such connection shares one
 /// position, as the original's one consumer per slot.
-pub const DEFAULT_CLIENT: &str = "default";
+pub(crate) const DEFAULT_CLIENT: &str = "default";
 
 /// The JetStream stream of a session. Session names are `[a-z][a-z0-9_]*`, so the
 /// upper-cased name is a valid stream name and maps back to one session only.
-pub fn stream_name(session: &str) -> String {
+pub(crate) fn stream_name(session: &str) -> String {
     format!("PGDELTASTREAM_{}", session.to_ascii_uppercase())
 }
 
 /// The subject a session's transactions are published on.
-pub fn subject(session: &str) -> String {
+pub(crate) fn subject(session: &str) -> String {
     format!("pgdeltastream.{session}")
 }
 
 /// Client ids are KV key tokens: 1 to 64 of `A-Z a-z 0-9 _ -`.
-pub fn check_client(client: &str) -> Result<(), Error> {
+pub(crate) fn check_client(client: &str) -> Result<(), Error> {
     let ok =
         (1..=64).contains(&client.len()) && client.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {

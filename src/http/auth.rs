@@ -35,7 +35,7 @@ pub(super) fn is_public(path: &str) -> bool {
 
 /// Seconds of clock skew forgiven when checking `exp` and `nbf`; a stream opened with
 /// a token lasts until its `exp` plus this, as long as the token is accepted.
-pub const LEEWAY_SECONDS: u64 = 30;
+pub(crate) const LEEWAY_SECONDS: u64 = 30;
 
 /// The furthest a stream's end is set by its token.
 const LONGEST_STREAM: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -179,7 +179,7 @@ impl Principal {
     /// own: another consumer of the same session naming the same client cannot move them
     /// (and so make it skip changes). An admin, or a consumer without `sub`, uses the
     /// session's shared client names.
-    pub fn position_owner(&self) -> Option<&str> {
+    pub(crate) fn position_owner(&self) -> Option<&str> {
         match self.role {
             Role::Consumer => self.subject.as_deref(),
             Role::Admin => None,
@@ -190,7 +190,7 @@ impl Principal {
     /// a consumer's `sub`, or for a consumer token without one the sessions it names
     /// (tokens for the same sessions share one). None for an admin, whom only the
     /// server-wide limits bound.
-    pub fn quota_key(&self) -> Option<String> {
+    pub(crate) fn quota_key(&self) -> Option<String> {
         if self.role == Role::Admin {
             return None;
         }
@@ -205,18 +205,18 @@ impl Principal {
     }
 
     /// May read the snapshot of, stream and ack the session (or v1 slot) `name`.
-    pub fn may_use(&self, name: &str) -> bool {
+    pub(crate) fn may_use(&self, name: &str) -> bool {
         self.role == Role::Admin || self.sessions.contains(name)
     }
 
-    pub fn require_session(&self, name: &str) -> Result<(), ApiError> {
+    pub(crate) fn require_session(&self, name: &str) -> Result<(), ApiError> {
         if self.may_use(name) {
             return Ok(());
         }
         Err(ApiError(Error::new(ErrorKind::Forbidden, format!("the token does not grant session {name:?}"))))
     }
 
-    pub fn require_admin(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
         if self.role == Role::Admin {
             return Ok(());
         }
@@ -228,7 +228,7 @@ impl Principal {
     /// stream until the leeway is up, not one closed at once). A century at most: a
     /// timer further out than that is no use, and near the end of what an Instant
     /// holds, adding to one overflows.
-    pub fn stream_deadline(&self) -> Option<tokio::time::Instant> {
+    pub(crate) fn stream_deadline(&self) -> Option<tokio::time::Instant> {
         let until = self.expires?.checked_add(Duration::from_secs(LEEWAY_SECONDS));
         let left = until.map_or(LONGEST_STREAM, |t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
         tokio::time::Instant::now().checked_add(left.min(LONGEST_STREAM))
@@ -303,7 +303,7 @@ fn unauthorized(why: &str, invalid_token: bool) -> Response {
 const MIN_SECRET_BYTES: usize = 32;
 
 /// Auth as configured from the flags, or why the server must not start.
-pub fn from_settings(
+pub(crate) fn from_settings(
     secret: Option<&str>,
     public_key_path: Option<&std::path::Path>,
     audience: Option<&str>,

@@ -53,18 +53,18 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+pub(crate) async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError(Error::not_found(format!("no such endpoint: {}", uri.path())))
 }
 
-pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let body = Json(serde_json::json!({ "error": format!("method {method} is not allowed on {}", uri.path()) }));
     (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
 }
 
 /// Wrong methods on `/v1/init`. axum would answer HEAD with the GET handler, and only
 /// GET may create a session, so HEAD is refused too, and `Allow` says just GET.
-pub async fn get_only(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+pub(crate) async fn get_only(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let mut response = method_not_allowed(method, uri).await;
     response.headers_mut().insert(axum::http::header::ALLOW, axum::http::HeaderValue::from_static("GET"));
     response
@@ -72,7 +72,7 @@ pub async fn get_only(method: axum::http::Method, uri: axum::http::Uri) -> Respo
 
 /// A declared body over `limit` is refused before any of it is read (and before a
 /// `100 Continue` invites it); `Connection: close` because the body stays unread.
-pub fn body_too_large(length: u64, limit: usize) -> Response {
+pub(crate) fn body_too_large(length: u64, limit: usize) -> Response {
     let e = ApiError(Error::new(
         ErrorKind::PayloadTooLarge,
         format!("the request body is {length} bytes; at most {limit} are accepted"),

@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind};
 pub struct Path<T>(pub T);
 
 /// The query string, as [`axum::extract::Query`]; 400 with axum's reason.
-pub struct Query<T>(pub T);
+pub(crate) struct Query<T>(pub T);
 
 /// A JSON body. Unlike [`axum::Json`] it needs no `Content-Type`: the original's
 /// clients send none, and [`super::guard`] already refuses any type but JSON (415).

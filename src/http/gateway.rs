@@ -40,7 +40,7 @@ const READY_WAIT: Duration = Duration::from_secs(2);
 
 /// `auth`: the tokens a client needs, as on the server (None: none); `guard`: which
 /// pages and host names are served, as on the server.
-pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>, guard: Guard) -> Router {
+pub(crate) fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>, guard: Guard) -> Router {
     let routes = Router::new()
         .route("/v1/lr/stream", get(v1_stream))
         .route("/v2/sessions/{name}/stream", get(v2_stream))
@@ -51,7 +51,7 @@ pub fn router(gateway: Arc<Gateway>, auth: Option<Arc<Verifier>>, guard: Guard) 
 }
 
 #[derive(Deserialize)]
-pub struct V1Query {
+pub(crate) struct V1Query {
     #[serde(rename = "slotName")]
     slot_name: Option<String>,
     format: Option<String>,
@@ -59,12 +59,12 @@ pub struct V1Query {
 }
 
 #[derive(Deserialize)]
-pub struct V2Query {
+pub(crate) struct V2Query {
     format: Option<String>,
     client: Option<String>,
 }
 
-pub async fn v1_stream(
+pub(crate) async fn v1_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
     Query(q): Query<V1Query>,
@@ -87,7 +87,7 @@ pub async fn v1_stream(
     }))
 }
 
-pub async fn v2_stream(
+pub(crate) async fn v2_stream(
     State(gateway): State<Arc<Gateway>>,
     who: Principal,
     Path(name): Path<String>,

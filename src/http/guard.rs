@@ -122,7 +122,7 @@ impl Guard {
     }
 
     /// This guard for a server with auth (`Host` not checked) or without.
-    pub fn for_auth(mut self, auth: bool) -> Guard {
+    pub(crate) fn for_auth(mut self, auth: bool) -> Guard {
         self.check_hosts = !auth;
         self
     }

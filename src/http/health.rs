@@ -21,18 +21,18 @@ use super::AppState;
 use crate::session::health::NotReady;
 
 /// How long an answer is reused.
-pub const CACHE_FOR: Duration = Duration::from_secs(1);
+pub(crate) const CACHE_FOR: Duration = Duration::from_secs(1);
 /// How long a check may wait for a pool connection: an exhausted pool is reported, fast.
 const POOL_WAIT: Duration = Duration::from_millis(500);
 /// How long all the checks may take together.
 const CHECK_LIMIT: Duration = Duration::from_secs(5);
 
 /// The checks passed, or the one that failed.
-pub type Answer = Result<&'static [&'static str], NotReady>;
+pub(crate) type Answer = Result<&'static [&'static str], NotReady>;
 
 /// The last readiness answer and when it was found.
 #[derive(Default)]
-pub struct ReadyCache {
+pub(crate) struct ReadyCache {
     last: Mutex<Option<(Instant, Answer)>>,
 }
 
@@ -62,7 +62,7 @@ pub async fn readyz(State(state): State<AppState>, cache: axum::Extension<Arc<Re
 }
 
 /// What `/readyz` answers, on the server and on a gateway.
-pub fn respond(answer: Answer) -> Response {
+pub(crate) fn respond(answer: Answer) -> Response {
     match answer {
         Ok(checks) => Json(json!({ "status": "ok", "checks": checks })).into_response(),
         Err(e) => {

@@ -8,7 +8,7 @@ use super::auth::Principal;
 use super::{ApiError, AppState};
 
 #[derive(Serialize)]
-pub struct InitResponse {
+pub(crate) struct InitResponse {
     #[serde(rename = "slotName")]
     pub slot_name: String,
 }

@@ -15,7 +15,7 @@ use super::guard::{self, Guard};
 use super::{error, health, metrics};
 
 /// Request bodies are small JSON objects; anything larger is refused with 413.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 /// `routes` behind the common layers. A request meets them outermost first: metrics,
 /// the request log, nosniff, the guard (before any token is looked at), auth, then the

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::session::health::{ProcessStats, SlotPosition};
 
 /// How long a scrape waits for Postgres's answer about the slots.
-pub const POSTGRES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const POSTGRES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 const PREFIX: &str = "pgdeltastream";
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -68,7 +68,7 @@ struct ConnectionLabels {
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 /// The HTTP requests served, by route.
-pub struct HttpMetrics {
+pub(crate) struct HttpMetrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
@@ -90,7 +90,7 @@ impl Default for HttpMetrics {
 }
 
 /// Counts and times every request under its route template.
-pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
+pub(crate) async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(req.method()).to_owned();
     let route = req.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str).to_owned();
@@ -134,7 +134,7 @@ pub fn encode(http: &HttpMetrics, scraped: &Registry) -> Response {
 }
 
 /// A gateway's figures: its clients, per session (from [`crate::bus::gateway::Gateway::clients`]).
-pub fn gateway_registry(clients: &[(String, usize)]) -> Registry {
+pub(crate) fn gateway_registry(clients: &[(String, usize)]) -> Registry {
     let mut registry = Registry::with_prefix(PREFIX);
     let gauge = Family::<GatewayLabels, Gauge>::default();
     for (session, count) in clients {

@@ -44,11 +44,11 @@ use axum::Router;
 use axum::routing::{delete, get, post};
 
 use crate::session::Registry;
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 
 /// What every handler gets.
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub registry: Arc<Registry>,
     /// The largest `limit` a snapshot page may ask for.
     pub max_limit: u64,
@@ -60,7 +60,7 @@ pub struct AppState {
     pub guard: guard::Guard,
 }
 
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/", get(viewer::index))
         .route("/assets/{file}", get(viewer::asset))

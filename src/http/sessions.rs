@@ -18,14 +18,14 @@ pub async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<
 }
 
 #[derive(Serialize)]
-pub struct DropResponse {
+pub(crate) struct DropResponse {
     #[serde(rename = "slotName")]
     pub slot_name: String,
     pub dropped: bool,
 }
 
 /// Ends a session (its stream and snapshot) and drops its slot.
-pub async fn drop_session(
+pub(crate) async fn drop_session(
     State(state): State<AppState>,
     _: Admin,
     Path(slot): Path<String>,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, ErrorKind};
 
 /// How many places each caller holds now, against a cap per caller.
-pub struct CallerShares {
+pub(crate) struct CallerShares {
     per_caller: usize,
     held: Mutex<HashMap<String, usize>>,
     what: &'static str,
@@ -22,7 +22,7 @@ impl CallerShares {
 
     /// A place for `caller` (a [`super::auth::Principal::quota_key`]; none: no cap),
     /// given back when the returned guard is dropped; 429 when its share is in use.
-    pub fn enter(self: &Arc<Self>, caller: Option<String>) -> Result<Place, Error> {
+    pub(crate) fn enter(self: &Arc<Self>, caller: Option<String>) -> Result<Place, Error> {
         let Some(caller) = caller else { return Ok(Place { shares: None, caller: String::new() }) };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let n = held.entry(caller.clone()).or_default();
@@ -41,7 +41,7 @@ impl CallerShares {
 }
 
 /// A caller's place; dropping it gives the place back.
-pub struct Place {
+pub(crate) struct Place {
     shares: Option<Arc<CallerShares>>,
     caller: String,
 }

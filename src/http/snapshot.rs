@@ -18,7 +18,7 @@ use crate::pg::snapshot::{Direction, PageRequest};
 /// typo (`"ofset"`) is an error rather than a silent default.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DataRequest {
+pub(crate) struct DataRequest {
     pub table: String,
     #[serde(default)]
     pub offset: u64,
@@ -28,14 +28,14 @@ pub struct DataRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OrderBy {
+pub(crate) struct OrderBy {
     pub column: String,
     pub order: Option<String>,
 }
 
 impl DataRequest {
     /// Checks the request; the table and column are checked against the catalog later.
-    pub fn into_page(self, max_limit: u64) -> Result<PageRequest, Error> {
+    pub(crate) fn into_page(self, max_limit: u64) -> Result<PageRequest, Error> {
         let table = TableRef::parse(&self.table).map_err(|e| {
             Error::bad_request(format!("invalid table {:?}: it {e}; expected name or schema.name", self.table))
         })?;
@@ -81,7 +81,7 @@ pub async fn data(
 }
 
 #[derive(Deserialize)]
-pub struct ReleaseQuery {
+pub(crate) struct ReleaseQuery {
     #[serde(rename = "slotName")]
     slot_name: Option<String>,
 }

@@ -17,7 +17,7 @@ use crate::stream::sink::Sink;
 use crate::stream::stop::code;
 
 #[derive(Deserialize)]
-pub struct StreamQuery {
+pub(crate) struct StreamQuery {
     #[serde(rename = "slotName")]
     slot_name: Option<String>,
     /// `transactions` (default: one message per transaction, wal2json v1) or
@@ -60,7 +60,7 @@ pub(super) async fn require_slot(state: &AppState, who: &Principal, slot: &str) 
 }
 
 /// `transactions` (the default) or `changes`.
-pub fn parse_format(format: Option<&str>) -> Result<Format, Error> {
+pub(crate) fn parse_format(format: Option<&str>) -> Result<Format, Error> {
     match format {
         None | Some("transactions") => Ok(Format::Transactions),
         Some("changes") => Ok(Format::Changes),
@@ -80,7 +80,12 @@ pub fn serve(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Opt
 }
 
 /// The same for a viewer watching a session: the stream is confirmed as it is sent.
-pub fn serve_observer(state: &AppState, upgrade: Upgrade, open: OpenStream, deadline: Option<Instant>) -> Response {
+pub(crate) fn serve_observer(
+    state: &AppState,
+    upgrade: Upgrade,
+    open: OpenStream,
+    deadline: Option<Instant>,
+) -> Response {
     let settings = state.registry.settings();
     upgrade.websocket(state.registry.tasks(), settings.socket.clone(), settings.frame_bytes, move |socket| {
         run_until(open, Observer(socket), deadline)

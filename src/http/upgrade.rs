@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::stream::socket::{SocketSettings, WebSocket};
 
 /// The server side of an upgraded connection, with our pings and ack checks.
-pub type Socket = WebSocket<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Socket = WebSocket<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Largest message we take from a client: acks are tiny.
 const MAX_CLIENT_MESSAGE: usize = 4096;

@@ -36,7 +36,7 @@ use crate::stream::plugin::Plugin;
 /// error rather than a session that streams more than wanted.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateBody {
+pub(crate) struct CreateBody {
     pub name: String,
     /// Each a string (`schema.table`, `schema.*`) or `{"table", "where", "columns"}`.
     pub tables: Option<Vec<serde_json::Value>>,
@@ -87,7 +87,7 @@ pub async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<
     Ok(Json(sessions))
 }
 
-pub async fn get_one(
+pub(crate) async fn get_one(
     State(state): State<AppState>,
     who: Principal,
     Path(name): Path<String>,
@@ -96,7 +96,7 @@ pub async fn get_one(
     Ok(Json(state.registry.view_one(&name).await?))
 }
 
-pub async fn delete_one(
+pub(crate) async fn delete_one(
     State(state): State<AppState>,
     _: Admin,
     Path(name): Path<String>,
@@ -107,7 +107,7 @@ pub async fn delete_one(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PageQuery {
+pub(crate) struct PageQuery {
     limit: Option<u64>,
     after: Option<String>,
 }
@@ -160,7 +160,7 @@ const NDJSON: &str = "application/x-ndjson";
 const DEFAULT_PAGE: u64 = 1000;
 
 /// `DELETE /v2/sessions/{name}/snapshot`.
-pub async fn release_snapshot(
+pub(crate) async fn release_snapshot(
     State(state): State<AppState>,
     who: Principal,
     Path(name): Path<String>,
@@ -171,7 +171,7 @@ pub async fn release_snapshot(
 }
 
 #[derive(Deserialize)]
-pub struct StreamQuery {
+pub(crate) struct StreamQuery {
     format: Option<String>,
 }
 

@@ -59,7 +59,7 @@ pub async fn index(headers: HeaderMap) -> Response {
 }
 
 /// `GET /assets/{file}`
-pub async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
+pub(crate) async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
     serve(&file, &headers).unwrap_or_else(IntoResponse::into_response)
 }
 

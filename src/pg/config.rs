@@ -43,7 +43,7 @@ impl std::fmt::Debug for PgConfig {
 /// of connection get the same one (same role, database and startup options), which
 /// pgoutput's rendering relies on when it names types on a pool connection
 /// (`stream::pgoutput::types`).
-pub const PINNED_SETTINGS: &[(&str, &str)] = &[
+pub(crate) const PINNED_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),
@@ -53,7 +53,7 @@ pub const PINNED_SETTINGS: &[(&str, &str)] = &[
 
 /// [`PINNED_SETTINGS`] as the `options` startup parameter (`-c name=value ...`), in
 /// which a space inside a value is escaped with a backslash.
-pub fn pinned_options() -> String {
+pub(crate) fn pinned_options() -> String {
     PINNED_SETTINGS
         .iter()
         .map(|(name, value)| format!("-c {name}={}", value.replace(' ', "\\ ")))
@@ -63,7 +63,7 @@ pub fn pinned_options() -> String {
 
 impl PgConfig {
     /// True when `host` names a Unix socket directory rather than a TCP host.
-    pub fn is_unix_socket(&self) -> bool {
+    pub(crate) fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
     }
 
@@ -77,7 +77,7 @@ impl PgConfig {
     }
 
     /// The same settings for an ordinary tokio-postgres connection.
-    pub fn tokio_config(&self) -> tokio_postgres::Config {
+    pub(crate) fn tokio_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.host)
             .port(self.port)

@@ -4,7 +4,7 @@ use std::fmt;
 
 /// An ErrorResponse (or NoticeResponse) from the server, with the fields people read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DbError {
+pub(crate) struct DbError {
     pub severity: String,
     /// The SQLSTATE, e.g. `42704`.
     pub code: String,
@@ -50,7 +50,7 @@ impl fmt::Display for DbError {
 
 /// Anything that can go wrong on a replication connection.
 #[derive(Debug, thiserror::Error)]
-pub enum PgError {
+pub(crate) enum PgError {
     /// The server could not be reached, or the connection broke.
     #[error("cannot reach Postgres at {address}: {source}")]
     Connect { address: String, source: std::io::Error },
@@ -80,7 +80,7 @@ impl PgError {
 
     /// True when the problem is reaching the server rather than something it said:
     /// worth a 503 and a retry.
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         match self {
             PgError::Connect { .. } | PgError::Io(_) => true,
             PgError::Db(e) => {

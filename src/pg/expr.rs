@@ -13,11 +13,11 @@
 //! ordinary character); the statements that carry the text set it.
 
 /// Longer filters are refused: a row filter is a condition, not a program.
-pub const MAX_EXPRESSION_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_EXPRESSION_BYTES: usize = 8 * 1024;
 
 /// Why a text is not one expression (shown to the client).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ExprError {
+pub(crate) enum ExprError {
     #[error("is empty")]
     Empty,
     #[error("is longer than {MAX_EXPRESSION_BYTES} bytes")]
@@ -40,7 +40,7 @@ pub enum ExprError {
 
 /// Checks that `text`, placed in SQL as `(text)`, is read by Postgres as one
 /// parenthesized piece with nothing after it.
-pub fn check_expression(text: &str) -> Result<(), ExprError> {
+pub(crate) fn check_expression(text: &str) -> Result<(), ExprError> {
     if text.trim().is_empty() {
         return Err(ExprError::Empty);
     }

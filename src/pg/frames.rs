@@ -76,7 +76,7 @@ pub fn parse_server_frame(payload: Bytes) -> Result<ServerFrame, FrameError> {
 }
 
 /// The 34-byte standby status update payload (to be wrapped in a CopyData message).
-pub fn standby_status_update(
+pub(crate) fn standby_status_update(
     write: Lsn,
     flush: Lsn,
     apply: Lsn,
@@ -94,7 +94,7 @@ pub fn standby_status_update(
 }
 
 /// A wall-clock time as Postgres's microseconds since 2000-01-01.
-pub fn pg_timestamp(t: std::time::SystemTime) -> i64 {
+pub(crate) fn pg_timestamp(t: std::time::SystemTime) -> i64 {
     let unix_micros = match t.duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => d.as_micros() as i64,
         Err(e) => -(e.duration().as_micros() as i64),

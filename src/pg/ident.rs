@@ -116,14 +116,14 @@ fn check(ident: String, used: usize) -> Result<(String, usize), IdentError> {
 }
 
 /// Quotes an identifier for SQL: `a"b` becomes `"a""b"`.
-pub fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     quote(s, '"')
 }
 
 /// Quotes a string literal for SQL (standard_conforming_strings, on since 9.1):
 /// `it's` becomes `'it''s'`. Used only where the protocol allows no parameter
 /// (replication command options, `SET TRANSACTION SNAPSHOT`).
-pub fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     quote(s, '\'')
 }
 
@@ -142,14 +142,14 @@ fn quote(s: &str, q: char) -> String {
 }
 
 /// A replication slot name as Postgres accepts it: 1 to 63 of `[a-z0-9_]`.
-pub fn is_valid_slot_name(s: &str) -> bool {
+pub(crate) fn is_valid_slot_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_IDENT_BYTES
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// An exported snapshot id as Postgres prints it, e.g. `00000003-0000001B-1`.
-pub fn is_valid_snapshot_id(s: &str) -> bool {
+pub(crate) fn is_valid_snapshot_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 

@@ -29,4 +29,6 @@ pub mod snapshot;
 pub mod tls;
 
 pub use config::PgConfig;
-pub use error::{DbError, PgError};
+#[cfg(test)]
+pub(crate) use error::DbError;
+pub(crate) use error::PgError;

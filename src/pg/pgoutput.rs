@@ -69,7 +69,7 @@ pub enum Datum {
     Binary(Bytes),
 }
 
-pub type Tuple = Vec<Datum>;
+pub(crate) type Tuple = Vec<Datum>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OldTuple {

@@ -78,7 +78,7 @@ pub enum PoolError {
 
 /// What the pool holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStats {
+pub(crate) struct PoolStats {
     /// The most connections the pool opens.
     pub size: usize,
     /// Connections taken by a request, or closing after one.
@@ -135,7 +135,7 @@ impl Pool {
     }
 
     /// How many connections are taken (or closing), and how many are open but idle.
-    pub fn stats(&self) -> PoolStats {
+    pub(crate) fn stats(&self) -> PoolStats {
         let size = self.shared.settings.size;
         PoolStats {
             size,
@@ -152,7 +152,7 @@ impl Pool {
 
     /// A connection for a snapshot read, from the reads' share; waits as [`Pool::get`]
     /// does, for the share and the connection together.
-    pub async fn get_for_read(&self) -> Result<PooledClient, PoolError> {
+    pub(crate) async fn get_for_read(&self) -> Result<PooledClient, PoolError> {
         let wait = self.shared.settings.acquire_timeout;
         let started = tokio::time::Instant::now();
         let share = self.shared.settings.read_share;
@@ -167,7 +167,7 @@ impl Pool {
 
     /// [`Pool::get`], waiting at most `wait` for a free connection (a health check
     /// must answer quickly when the pool is exhausted).
-    pub async fn get_within(&self, wait: Duration) -> Result<PooledClient, PoolError> {
+    pub(crate) async fn get_within(&self, wait: Duration) -> Result<PooledClient, PoolError> {
         let busy = || PoolError::Busy { size: self.shared.settings.size, waited: wait };
         let permit = match tokio::time::timeout(wait, self.shared.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -216,7 +216,7 @@ impl PooledClient {
 
     /// Closes the connection (it failed, or is in an unknown state) without cancelling
     /// anything.
-    pub fn discard(mut self) {
+    pub(crate) fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
             close(conn, (self.permit.take(), self.read_permit.take()), false, &self.shared.config);
         }

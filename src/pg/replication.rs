@@ -37,7 +37,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
 
 /// A row of a simple query's result: every value in text form, as the server printed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TextRow {
+pub(crate) struct TextRow {
     pub values: Vec<Option<String>>,
 }
 
@@ -49,7 +49,7 @@ impl TextRow {
 
 /// What `CREATE_REPLICATION_SLOT ... LOGICAL ... EXPORT_SNAPSHOT` answers.
 #[derive(Debug, Clone)]
-pub struct CreatedSlot {
+pub(crate) struct CreatedSlot {
     pub slot_name: String,
     pub consistent_point: Lsn,
     /// Valid only until the next command on the connection that created it.
@@ -57,7 +57,7 @@ pub struct CreatedSlot {
 }
 
 /// A `replication=database` connection in command mode.
-pub struct ReplicationConnection {
+pub(crate) struct ReplicationConnection {
     socket: Box<dyn Socket>,
     read_buf: BytesMut,
     write_buf: BytesMut,
@@ -251,7 +251,7 @@ impl ReplicationConnection {
 
     /// Creates a logical slot with `plugin` and exports a snapshot of the moment the slot
     /// became consistent. `name` must already be a valid slot name (it is quoted here).
-    pub async fn create_logical_slot(&mut self, name: &str, plugin: &str) -> Result<CreatedSlot, PgError> {
+    pub(crate) async fn create_logical_slot(&mut self, name: &str, plugin: &str) -> Result<CreatedSlot, PgError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL {} EXPORT_SNAPSHOT",
             super::ident::quote_ident(name),
@@ -272,7 +272,7 @@ impl ReplicationConnection {
 
     /// Creates a temporary logical slot with `plugin`, exporting no snapshot: Postgres
     /// drops it when this connection ends. Returns its consistent point.
-    pub async fn create_temporary_slot(&mut self, name: &str, plugin: &str) -> Result<Lsn, PgError> {
+    pub(crate) async fn create_temporary_slot(&mut self, name: &str, plugin: &str) -> Result<Lsn, PgError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL {} NOEXPORT_SNAPSHOT",
             super::ident::quote_ident(name),
@@ -287,7 +287,7 @@ impl ReplicationConnection {
 
     /// Starts logical streaming from `start` (`Lsn::ZERO` = from the slot's confirmed
     /// position) with the plugin's `options`. Option names and values are quoted here.
-    pub async fn start_replication(
+    pub(crate) async fn start_replication(
         mut self,
         slot: &str,
         start: Lsn,
@@ -420,7 +420,7 @@ async fn request_tls(tcp: &mut tokio::net::TcpStream, config: &PgConfig) -> Resu
 
 /// What a replication stream yields.
 #[derive(Debug)]
-pub enum StreamEvent {
+pub(crate) enum StreamEvent {
     /// A frame of decoded changes or a keepalive.
     Frame(ServerFrame),
     /// A NoticeResponse inside the stream, e.g. a wal2json WARNING about a table
@@ -430,7 +430,7 @@ pub enum StreamEvent {
 
 /// What [`ReplicationStream::try_next`] found in the read buffer.
 #[derive(Debug)]
-pub enum Buffered {
+pub(crate) enum Buffered {
     Event(StreamEvent),
     /// The server ended the stream (CopyDone).
     Ended,
@@ -507,7 +507,7 @@ impl Pacing {
 }
 
 /// A connection in CopyBoth mode after `START_REPLICATION`.
-pub struct ReplicationStream {
+pub(crate) struct ReplicationStream {
     conn: ReplicationConnection,
     copy_done_sent: bool,
     server_done: bool,
@@ -533,7 +533,7 @@ impl ReplicationStream {
 
     /// The next event if it is already buffered, without waiting: lets a caller take a
     /// whole burst of frames in one go.
-    pub fn try_next(&mut self) -> Result<Buffered, PgError> {
+    pub(crate) fn try_next(&mut self) -> Result<Buffered, PgError> {
         if self.server_done {
             return Ok(Buffered::Ended);
         }
@@ -599,7 +599,7 @@ impl ReplicationStream {
     /// Sends a standby status update: everything before `flush` may be forgotten by the
     /// slot. We report write = flush = apply, as pg_recvlogical does for a consumer
     /// that has no separate durability step.
-    pub async fn send_status(&mut self, flush: Lsn, reply_requested: bool) -> Result<(), PgError> {
+    pub(crate) async fn send_status(&mut self, flush: Lsn, reply_requested: bool) -> Result<(), PgError> {
         let payload = frames::standby_status_update(flush, flush, flush, SystemTime::now(), reply_requested);
         frontend::CopyData::new(payload)?.write(&mut self.conn.write_buf);
         self.conn.flush().await

@@ -46,7 +46,7 @@ pub struct Column {
 
 /// A table (or view, materialized view, foreign or partitioned table) as the snapshot sees it.
 #[derive(Debug, Clone)]
-pub struct TableInfo {
+pub(crate) struct TableInfo {
     pub oid: u32,
     pub schema: String,
     pub name: String,
@@ -577,7 +577,7 @@ const CHANGED_SQL: &str = "\
 /// Looks the table up as [`resolve_table`] does, and narrows it to what `scope` serves.
 /// A table outside the scope is [`SnapshotError::NoSuchTable`], exactly as one that does
 /// not exist: the answer tells nothing of the tables a reader may not see.
-pub async fn resolve_in_scope(client: &Client, t: &TableRef, scope: &Scope) -> Result<TableInfo, SnapshotError> {
+pub(crate) async fn resolve_in_scope(client: &Client, t: &TableRef, scope: &Scope) -> Result<TableInfo, SnapshotError> {
     let unknown = || SnapshotError::NoSuchTable(t.to_string());
     let mut table = match resolve_table(client, t).await {
         Err(SnapshotError::SystemTable(_)) if scope.system_unknown => return Err(unknown()),
@@ -614,7 +614,7 @@ pub async fn resolve_in_scope(client: &Client, t: &TableRef, scope: &Scope) -> R
 
 /// Looks the table up in the catalog (as of the snapshot), honouring search_path for
 /// unqualified names.
-pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, SnapshotError> {
+pub(crate) async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, SnapshotError> {
     let display = t.to_string();
     if let Some(s) = &t.schema {
         if SYSTEM_SCHEMAS.contains(&s.as_str()) || s.starts_with("pg_toast") {
@@ -682,7 +682,7 @@ pub async fn resolve_table(client: &Client, t: &TableRef) -> Result<TableInfo, S
 }
 
 /// The page's SELECT. Only catalog names (quoted) and integers we produced go in.
-pub fn select_sql(table: &TableInfo, req: &PageRequest) -> Result<String, SnapshotError> {
+pub(crate) fn select_sql(table: &TableInfo, req: &PageRequest) -> Result<String, SnapshotError> {
     let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let mut order: Vec<String> = Vec::new();
     if let Some((wanted, dir)) = &req.order_by {

@@ -148,7 +148,7 @@ impl PgTls {
     }
 
     /// The mode tokio-postgres enforces: it knows no verify-*, which our verifier does.
-    pub fn tokio_mode(&self, host: &str) -> tokio_postgres::config::SslMode {
+    pub(crate) fn tokio_mode(&self, host: &str) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode as T;
         match self.mode {
             _ if !self.wanted(host) => T::Disable,

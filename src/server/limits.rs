@@ -26,7 +26,7 @@ pub fn raise_open_files_limit() -> Option<u64> {
 }
 
 /// The soft limit on open files (None if it cannot be read, or is unlimited).
-pub fn open_files_limit() -> Option<u64> {
+pub(crate) fn open_files_limit() -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the struct we pass.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
@@ -34,7 +34,7 @@ pub fn open_files_limit() -> Option<u64> {
 }
 
 /// The most client connections `open_files` descriptors carry (at least 1).
-pub fn connection_budget(open_files: u64) -> usize {
+pub(crate) fn connection_budget(open_files: u64) -> usize {
     usize::try_from(open_files.saturating_sub(RESERVED) / 2).unwrap_or(usize::MAX).max(1)
 }
 

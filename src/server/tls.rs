@@ -32,7 +32,7 @@ impl std::fmt::Debug for TlsConfig {
 
 impl TlsConfig {
     /// A certificate chain and its private key, both PEM files.
-    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsConfig, String> {
+    pub(crate) fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsConfig, String> {
         let certs = CertificateDer::pem_file_iter(cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("cannot read the TLS certificate {}: {e}", cert.display()))?;

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::pg::expr::check_expression;
 use crate::pg::ident::{IdentError, MAX_IDENT_BYTES, TableRef, quote_ident};
-pub use crate::stream::filter::{Action, Filter};
+pub(crate) use crate::stream::filter::{Action, Filter};
 use crate::stream::plugin::Plugin;
 
 /// The session `/v1/init` manages.
-pub const DEFAULT_NAME: &str = "default";
+pub(crate) const DEFAULT_NAME: &str = "default";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -83,12 +83,12 @@ impl TableEntry {
     }
 
     /// A row filter or a column list, which only a publication can apply.
-    pub fn narrows(&self) -> bool {
+    pub(crate) fn narrows(&self) -> bool {
         matches!(self, TableEntry::Table(t) if t.row_filter.is_some() || t.columns.is_some())
     }
 
     /// The same entry for another (resolved) pattern.
-    pub fn with_pattern(&self, pattern: String) -> TableEntry {
+    pub(crate) fn with_pattern(&self, pattern: String) -> TableEntry {
         match self {
             TableEntry::Pattern(_) => TableEntry::Pattern(pattern),
             TableEntry::Table(t) => TableEntry::Table(TableSpec { table: pattern, ..t.clone() }),
@@ -119,7 +119,7 @@ impl Definition {
 }
 
 /// `^[a-z][a-z0-9_]{0,39}$`: safe in URLs, logs and SQL literals alike.
-pub fn check_name(name: &str) -> Result<(), Error> {
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     let ok = name.len() <= 40
         && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
@@ -135,7 +135,7 @@ pub fn check_name(name: &str) -> Result<(), Error> {
 /// A table as a client names it in a session's `tables`: `name`, `schema.name` (SQL's
 /// quoting and folding rules), or a wildcard `schema.*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TablePattern {
+pub(crate) enum TablePattern {
     Table(TableRef),
     Schema(String),
 }
@@ -158,7 +158,7 @@ impl TablePattern {
 
 /// A resolved pattern as stored and shown: `public.orders`, `audit.*`, with quotes only
 /// where SQL would need them (`"Odd Name".t`), so that it parses back to itself.
-pub fn display_pattern(schema: &str, table: Option<&str>) -> String {
+pub(crate) fn display_pattern(schema: &str, table: Option<&str>) -> String {
     let ident = |s: &str| {
         let plain = s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
             && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');

@@ -13,7 +13,7 @@ use crate::stream::progress::Stats;
 
 /// One session this process knows, and what its streams did since the process started.
 #[derive(Debug, Clone)]
-pub struct SessionStats {
+pub(crate) struct SessionStats {
     pub name: String,
     pub slot: String,
     pub stats: Stats,
@@ -22,7 +22,7 @@ pub struct SessionStats {
 
 /// The process's sessions and its connections to Postgres.
 #[derive(Debug, Clone)]
-pub struct ProcessStats {
+pub(crate) struct ProcessStats {
     pub sessions: Vec<SessionStats>,
     pub pool: PoolStats,
     /// Replication connections of running streams.
@@ -33,7 +33,7 @@ pub struct ProcessStats {
 
 /// Where a slot stands, as Postgres says.
 #[derive(Debug, Clone)]
-pub struct SlotPosition {
+pub(crate) struct SlotPosition {
     pub slot: String,
     /// From the slot's confirmed_flush_lsn to the current WAL position.
     pub lag_bytes: Option<u64>,
@@ -42,7 +42,7 @@ pub struct SlotPosition {
 }
 
 /// The checks `/readyz` runs, in order; the first that fails names the reason.
-pub const CHECKS: [&str; 4] = ["connection", "wal_level", "replication_role", "replication_connection"];
+pub(crate) const CHECKS: [&str; 4] = ["connection", "wal_level", "replication_role", "replication_connection"];
 
 /// A failed readiness check: which, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +63,7 @@ const ROLE_SQL: &str = "\
 
 impl Registry {
     /// The totals of every session this process knows; takes no connection.
-    pub fn stats(&self) -> ProcessStats {
+    pub(crate) fn stats(&self) -> ProcessStats {
         let (sessions, streams, snapshots) = self.with(|s| {
             let mut sessions: Vec<SessionStats> = s
                 .sessions
@@ -85,7 +85,7 @@ impl Registry {
 
     /// The positions of the slots of the sessions this process knows: one query, given
     /// up after `limit` (waiting for a pool connection included).
-    pub async fn slot_positions(&self, limit: Duration) -> Result<Vec<SlotPosition>, Error> {
+    pub(crate) async fn slot_positions(&self, limit: Duration) -> Result<Vec<SlotPosition>, Error> {
         let rows = tokio::time::timeout(limit, self.slots.rows()).await.map_err(|_| {
             Error::new(ErrorKind::Unavailable, format!("Postgres did not answer within {} ms", limit.as_millis()))
         })??;

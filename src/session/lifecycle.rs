@@ -65,7 +65,7 @@ impl Registry {
     }
 
     /// `DELETE /v1/sessions/{slotName}`: the same, for the session that reads the slot.
-    pub async fn drop_session(self: &Arc<Self>, slot: &str) -> Result<(), Error> {
+    pub(crate) async fn drop_session(self: &Arc<Self>, slot: &str) -> Result<(), Error> {
         let registry = Arc::clone(self);
         let slot = slot.to_owned();
         run_to_completion(async move {
@@ -311,7 +311,7 @@ impl Registry {
     /// release its snapshot): the name of the session the slot belongs to, and the
     /// slot's own, unless that is the name of another session (one stored before names
     /// were kept apart from slot names: its token must not reach this slot).
-    pub async fn slot_grants(&self, slot: &str) -> Result<Vec<String>, Error> {
+    pub(crate) async fn slot_grants(&self, slot: &str) -> Result<Vec<String>, Error> {
         let def = self.session_of_slot(slot).await?;
         let other = def.name != slot
             && match self.known(slot).await {

@@ -52,9 +52,10 @@ mod watch;
 
 /// The output plugins, as the settings name them.
 pub use crate::stream::plugin::Plugin;
-pub use lifecycle::CreateRequest;
-pub use retention::{RetentionSettings, SlotReport};
-pub use streams::OpenStream;
+pub(crate) use lifecycle::CreateRequest;
+pub use retention::RetentionSettings;
+pub(crate) use retention::SlotReport;
+pub(crate) use streams::OpenStream;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;

@@ -5,7 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
 /// Every slot this server creates starts with this.
-pub const PREFIX: &str = "delta_";
+pub(crate) const PREFIX: &str = "delta_";
 
 /// Numbers run from 0 to `NUMBERS - 1`: with the words that makes 336,000 names.
 const NUMBERS: u64 = 1000;
@@ -49,7 +49,7 @@ const WORDS: &[&str] = &[
 
 /// A random name such as `delta_face56`. Callers check it against existing slots (and
 /// Postgres refuses a duplicate), so randomness only has to make collisions rare.
-pub fn random_name() -> String {
+pub(crate) fn random_name() -> String {
     let r = random_u64();
     let word = WORDS[(r % WORDS.len() as u64) as usize];
     let number = (r / WORDS.len() as u64) % NUMBERS;
@@ -58,7 +58,7 @@ pub fn random_name() -> String {
 
 /// True for names of the form this module generates (any word, any number), i.e.
 /// slots this server may stream and drop.
-pub fn is_ours(name: &str) -> bool {
+pub(crate) fn is_ours(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(PREFIX) else { return false };
     let letters = rest.bytes().take_while(u8::is_ascii_lowercase).count();
     let digits = &rest[letters..];
@@ -67,7 +67,7 @@ pub fn is_ours(name: &str) -> bool {
 
 /// The temporary slot of a viewer watching a session: a name [`is_ours`] refuses, so
 /// no listing shows it and no drop reaches it (Postgres drops it with its connection).
-pub fn watch_slot_name() -> String {
+pub(crate) fn watch_slot_name() -> String {
     format!("pgdeltastream_watch_{:016x}", random_u64())
 }
 

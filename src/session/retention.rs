@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::definition::DEFAULT_NAME;
 use super::lifecycle::grants;
 use super::slots::Slots;
-pub use super::snapshots::SnapshotStatus;
+pub(crate) use super::snapshots::SnapshotStatus;
 use super::{Registry, names};
 use crate::error::Error;
 use crate::stream::plugin::Plugin;
@@ -108,7 +108,7 @@ pub(super) struct SlotRow {
 
 /// Which thresholds a slot is past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Breach {
+pub(crate) struct Breach {
     pub retained: bool,
     pub idle: bool,
 }
@@ -121,7 +121,7 @@ impl Breach {
 
 /// The warning decision. `retained_bytes` is None when Postgres does not know it (the
 /// slot lost its WAL); `idle` is the time since the last ack. A zero threshold is off.
-pub fn check_thresholds(
+pub(crate) fn check_thresholds(
     retained_bytes: Option<u64>,
     idle: Option<Duration>,
     warn_bytes: u64,
@@ -202,7 +202,7 @@ impl Registry {
     ///
     /// A slot with no ack since this process started counts as idle from when this task
     /// first saw it.
-    pub async fn watch_retention(self: Arc<Self>, every: Duration, warn_bytes: u64, warn_idle: Duration) {
+    pub(crate) async fn watch_retention(self: Arc<Self>, every: Duration, warn_bytes: u64, warn_idle: Duration) {
         self.retention_warn_bytes.store(warn_bytes, std::sync::atomic::Ordering::Relaxed);
         let every = every.max(Duration::from_millis(100));
         let mut first_seen: HashMap<String, Instant> = HashMap::new();
@@ -292,7 +292,7 @@ fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2024-02-29T12:34:56.789Z`. Times before
 /// 1970 print as the epoch.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days(secs / 86_400);

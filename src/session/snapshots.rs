@@ -65,7 +65,7 @@ pub enum SnapshotStatus {
 
 impl SnapshotState {
     /// The snapshot id to import, marking the snapshot as used.
-    pub fn touch(&mut self, name: &str) -> Result<String, Error> {
+    pub(crate) fn touch(&mut self, name: &str) -> Result<String, Error> {
         if matches!(self, SnapshotState::Held(h) if h.client.is_closed()) {
             tracing::warn!(session = name, "the snapshot's connection to Postgres was lost");
             *self = SnapshotState::Released("its connection to Postgres was lost; did Postgres restart?");
@@ -155,7 +155,7 @@ impl State {
 
 impl Registry {
     /// `/v1/snapshot/data`: one page from the default session's snapshot.
-    pub async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
+    pub(crate) async fn snapshot_page(&self, req: &PageRequest) -> Result<PageBody, Error> {
         let (id, scope) = self.with(|s| s.snapshot_id(DEFAULT_NAME, &self.settings.schema))?;
         // v1 as the original: a system schema is refused (403), not unknown.
         let scope = Scope { system_unknown: false, ..scope };
@@ -164,7 +164,7 @@ impl Registry {
 
     /// `GET /v2/sessions/{name}/snapshot/{table}`: one keyset page of the session's
     /// snapshot, `{"rows":[...],"next":...}`.
-    pub async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
+    pub(crate) async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
         self.known(name).await?;
         let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
         self.snapshots.keyset(name, &id, &scope, req).await
@@ -179,14 +179,14 @@ impl Registry {
 
     /// `DELETE /v2/sessions/{name}/snapshot`: lets go of the snapshot early (it holds
     /// back vacuum while held). True when it was held.
-    pub async fn release_named_snapshot(&self, name: &str) -> Result<bool, Error> {
+    pub(crate) async fn release_named_snapshot(&self, name: &str) -> Result<bool, Error> {
         self.known(name).await?;
         Ok(self.with(|s| s.sessions.get_mut(name).is_some_and(|e| e.snapshot.release(name, "released on request"))))
     }
 
     /// Releases a session's snapshot: by slot name, or the default session's. Only this
     /// process holds snapshots, so only its sessions are looked at.
-    pub fn release_snapshot(&self, slot: Option<&str>) -> Result<String, Error> {
+    pub(crate) fn release_snapshot(&self, slot: Option<&str>) -> Result<String, Error> {
         self.with(|s| {
             let entry = match slot {
                 Some(slot) => {
@@ -203,7 +203,7 @@ impl Registry {
     }
 
     /// Releases snapshots nobody has read for the idle timeout. Runs until shutdown.
-    pub async fn sweep_idle_snapshots(self: Arc<Self>) {
+    pub(crate) async fn sweep_idle_snapshots(self: Arc<Self>) {
         let timeout = self.settings.snapshot_idle_timeout;
         let period = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         loop {

@@ -18,7 +18,7 @@ pub const DEFAULT_SCHEMA: &str = "pgdeltastream";
 
 /// Cheap to clone: the pool is shared.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     pool: Pool,
     /// `"schema".sessions`, quoted.
     table: String,
@@ -63,7 +63,7 @@ impl Store {
     }
 
     /// Puts back the stored default session after a failed init: `previous`, or none.
-    pub async fn restore_default(&self, previous: Option<&Definition>) {
+    pub(crate) async fn restore_default(&self, previous: Option<&Definition>) {
         let restored = match previous {
             Some(def) => self.put(def).await,
             None => self.delete(DEFAULT_NAME).await,
@@ -89,7 +89,7 @@ impl Store {
     }
 
     /// The stored definition that reads `slot`.
-    pub async fn by_slot(&self, slot: &str) -> Result<Option<Definition>, Error> {
+    pub(crate) async fn by_slot(&self, slot: &str) -> Result<Option<Definition>, Error> {
         let client = self.pool.get().await?;
         let def = self.select(&client, "definition->>'slotName' = $1", Some(slot)).await?.pop();
         client.release();

@@ -20,7 +20,7 @@ use crate::stream::sink::{Link, Sink};
 use crate::types::Lsn;
 
 /// A stream that has started on Postgres and waits for its sink.
-pub struct OpenStream {
+pub(crate) struct OpenStream {
     pub slot: String,
     pub start: Lsn,
     pub(super) stream: ReplicationStream,
@@ -59,14 +59,14 @@ impl Drop for Claim {
 impl Registry {
     /// `/v1/lr/stream?slotName=`: the session that reads `slot` (a slot of ours that no
     /// definition names streams as a session of its own, unfiltered).
-    pub async fn open_stream(self: &Arc<Self>, slot: &str, format: Format) -> Result<OpenStream, Error> {
+    pub(crate) async fn open_stream(self: &Arc<Self>, slot: &str, format: Format) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         let def = self.session_of_slot(slot).await?;
         self.start(&def.name, format, Some(slot)).await
     }
 
     /// `/v2/sessions/{name}/stream`.
-    pub async fn open_session_stream(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
+    pub(crate) async fn open_session_stream(self: &Arc<Self>, name: &str, format: Format) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         self.known(name).await?;
         self.start(name, format, None).await

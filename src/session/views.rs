@@ -15,7 +15,7 @@ use crate::types::Lsn;
 /// A session just created: its definition, and its snapshot, held.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Created {
+pub(crate) struct Created {
     #[serde(flatten)]
     pub definition: Definition,
     /// The publication of a pgoutput session.
@@ -86,7 +86,7 @@ impl Registry {
     }
 
     /// `GET /v2/sessions/{name}`.
-    pub async fn view_one(&self, name: &str) -> Result<SessionView, Error> {
+    pub(crate) async fn view_one(&self, name: &str) -> Result<SessionView, Error> {
         let def = self.known(name).await?;
         let rows = self.slots.rows().await?;
         Ok(self.view(def, &rows))

@@ -143,7 +143,7 @@ impl Registry {
     /// in the `changes` format, from a temporary slot of the watcher's own. `caller`:
     /// whose share of the watchers it takes (none: an admin's, only the server-wide
     /// limit applies).
-    pub async fn open_watch(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<OpenStream, Error> {
+    pub(crate) async fn open_watch(self: &Arc<Self>, name: &str, caller: Option<&str>) -> Result<OpenStream, Error> {
         self.refuse_when_stopping()?;
         let def = self.known(name).await?;
         let (permit, stop) = self.watchers.enter(name, caller, &self.shutdown)?;

@@ -24,7 +24,7 @@ use crate::types::value::write_json_string;
 const CONTENT_KEY: &[u8] = b"\"content\":\"";
 
 /// The added field: the content's bytes, base64 (RFC 4648, with padding).
-pub const CONTENT_BASE64_KEY: &str = "content_base64";
+pub(crate) const CONTENT_BASE64_KEY: &str = "content_base64";
 
 /// Rewrites a wal2json message (format 1 or 2) whose `content` is not UTF-8. None when
 /// the piece has no such content, or is not UTF-8 for another reason.

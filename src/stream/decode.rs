@@ -17,12 +17,12 @@ use crate::pg::pgoutput;
 use crate::pg::pool::Pool;
 use crate::types::Lsn;
 
-pub enum PluginDecoder {
+pub(crate) enum PluginDecoder {
     Wal2json(Box<Wal2jsonDecoder>),
     Pgoutput(Box<PgoutputDecoder>),
 }
 
-pub struct Wal2jsonDecoder {
+pub(crate) struct Wal2jsonDecoder {
     assembler: Assembler,
     /// Payloads not classified yet.
     pieces: VecDeque<Bytes>,
@@ -33,7 +33,7 @@ pub struct Wal2jsonDecoder {
     relabel: Option<Relabel>,
 }
 
-pub struct PgoutputDecoder {
+pub(crate) struct PgoutputDecoder {
     pub converter: Converter,
     /// For the names of column types.
     pub pool: Pool,
@@ -41,7 +41,7 @@ pub struct PgoutputDecoder {
 
 /// Where a transaction that Postgres failed to decode ends, and the error record that
 /// tells the client.
-pub struct Abandoned {
+pub(crate) struct Abandoned {
     pub nextlsn: Lsn,
     pub xid: Option<u32>,
     pub record: Vec<Part>,
@@ -80,7 +80,7 @@ impl PluginDecoder {
     }
 
     /// Parts are waiting: take them before feeding more.
-    pub fn has_output(&self) -> bool {
+    pub(crate) fn has_output(&self) -> bool {
         match self {
             PluginDecoder::Wal2json(w) => !w.parts.is_empty() || !w.pieces.is_empty(),
             PluginDecoder::Pgoutput(p) => p.converter.has_output(),
@@ -88,7 +88,7 @@ impl PluginDecoder {
     }
 
     /// Part of a transaction was read and is held here, none of it handed out.
-    pub fn holds_transaction(&self) -> bool {
+    pub(crate) fn holds_transaction(&self) -> bool {
         match self {
             PluginDecoder::Wal2json(..) => false,
             PluginDecoder::Pgoutput(p) => p.converter.holds_transaction(),
@@ -101,7 +101,7 @@ impl PluginDecoder {
     /// it went out; wal2json hands its pieces on as they come, and the assembler knows
     /// where its transaction ends. None when no transaction is under way, or where it
     /// ends is not known.
-    pub fn abandon_transaction(&mut self, error: &str) -> Option<Abandoned> {
+    pub(crate) fn abandon_transaction(&mut self, error: &str) -> Option<Abandoned> {
         match self {
             PluginDecoder::Wal2json(w) => {
                 let nextlsn = w.assembler.open_transaction()?;

@@ -10,7 +10,7 @@
 use crate::pg::pool::PoolError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StreamError {
+pub(crate) enum StreamError {
     /// A passing state of the server or the network: trying again may succeed.
     #[error("{0}")]
     Transient(String),

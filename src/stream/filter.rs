@@ -51,7 +51,7 @@ impl Default for Filter {
 }
 
 impl Filter {
-    pub fn wants(&self, action: Action) -> bool {
+    pub(crate) fn wants(&self, action: Action) -> bool {
         self.actions.contains(&action)
     }
 }

@@ -23,7 +23,7 @@ use crate::types::Lsn;
 
 /// The frame sizes live with the websocket's framer; named here too, where the
 /// settings have always found them.
-pub use super::framer::{DEFAULT_FRAME_BYTES, MAX_FRAME_BYTES};
+pub use super::framer::DEFAULT_FRAME_BYTES;
 
 /// The stream formats a client can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,7 +44,7 @@ pub struct NotUtf8;
 /// Every body that goes on is UTF-8 (a websocket text message must be): a logical
 /// message with binary content is mended ([`binary_message`]); anything else that is
 /// not UTF-8 is refused.
-pub fn utf8(data: Bytes) -> Result<Bytes, NotUtf8> {
+pub(crate) fn utf8(data: Bytes) -> Result<Bytes, NotUtf8> {
     match std::str::from_utf8(&data) {
         Ok(_) => Ok(data),
         Err(_) => binary_message::repair(&data).ok_or(NotUtf8),
@@ -138,13 +138,13 @@ impl Assembler {
 
     /// The end LSN of the transaction whose pieces are under way, when one is and its
     /// head named it.
-    pub fn open_transaction(&self) -> Option<Lsn> {
+    pub(crate) fn open_transaction(&self) -> Option<Lsn> {
         if self.in_transaction { self.nextlsn } else { None }
     }
 
     /// The error record that ends the transaction under way, or, when none is, a whole
     /// one ([`error_record`]).
-    pub fn error_record(&mut self, nextlsn: Lsn, xid: Option<u32>, error: &str) -> Vec<Part> {
+    pub(crate) fn error_record(&mut self, nextlsn: Lsn, xid: Option<u32>, error: &str) -> Vec<Part> {
         let open = std::mem::take(&mut self.in_transaction);
         let changes = std::mem::take(&mut self.changes);
         self.nextlsn = None;
@@ -154,7 +154,7 @@ impl Assembler {
 
 /// A transaction Postgres failed to decode, as [`error_record`] reports it.
 #[derive(Debug, Clone, Copy)]
-pub struct Failure<'a> {
+pub(crate) struct Failure<'a> {
     /// Part of the transaction went out already: its message is under way.
     pub open: bool,
     /// The changes of it that went out.
@@ -170,7 +170,7 @@ pub struct Failure<'a> {
 /// `change` holds the changes already sent (a head that went out has no `xid`); format
 /// 2: a commit record with `"error"`, after a begin record when none went out. The last
 /// message is [`MessageKind::Failed`].
-pub fn error_record(format: Format, failure: Failure<'_>) -> Vec<Part> {
+pub(crate) fn error_record(format: Format, failure: Failure<'_>) -> Vec<Part> {
     let Failure { open, changes, nextlsn, xid, error } = failure;
     let error = serde_json::Value::from(error).to_string();
     let xid = xid.map(|x| format!("\"xid\":{x},")).unwrap_or_default();
@@ -205,7 +205,7 @@ pub fn error_record(format: Format, failure: Failure<'_>) -> Vec<Part> {
 /// parts are held until then; an empty one is a head and a tail at most, so a message
 /// with a third body goes on at once, and what is held stays small.
 #[derive(Debug, Default)]
-pub struct SkipEmpty {
+pub(crate) struct SkipEmpty {
     /// A begin record (format 2), whole, held until it is known whether a change follows.
     begin: Vec<Part>,
     /// The parts of the message under way, while it may still be empty.
@@ -269,7 +269,7 @@ impl SkipEmpty {
 
 /// Prepares one whole wal2json v1 message (one transaction, or one non-transactional
 /// logical message).
-pub fn prepare_v1(data: Bytes) -> [Part; 3] {
+pub(crate) fn prepare_v1(data: Bytes) -> [Part; 3] {
     let payload = if data.starts_with(BROKEN_MESSAGE_HEAD) {
         let mut fixed = BytesMut::with_capacity(data.len() - 1);
         fixed.put_slice(&data[..BROKEN_MESSAGE_HEAD.len() - 1]);
@@ -291,7 +291,7 @@ pub fn prepare_v1(data: Bytes) -> [Part; 3] {
 
 /// The top-level `"nextlsn":"X/Y"`, which wal2json prints before `"change"` (after
 /// `xid` at most), so only the head of the message is searched.
-pub fn find_nextlsn(payload: &[u8]) -> Option<Lsn> {
+pub(crate) fn find_nextlsn(payload: &[u8]) -> Option<Lsn> {
     let head = &payload[..payload.len().min(128)];
     let change_at = find(head, b"\"change\"").unwrap_or(head.len());
     let at = find(&head[..change_at], NEXTLSN_KEY)? + NEXTLSN_KEY.len();

@@ -17,7 +17,7 @@ use super::message::{Finish, Part};
 /// The default size of the frames a message is cut into.
 pub const DEFAULT_FRAME_BYTES: usize = 256 * 1024;
 /// The largest frame we send: some clients refuse larger ones.
-pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
 /// Where a frame sits in its websocket message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

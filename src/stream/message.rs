@@ -65,7 +65,7 @@ pub struct Finish {
 
 impl Finish {
     /// The position a consumer may ack once it has this message.
-    pub fn ack_point(&self) -> Option<Lsn> {
+    pub(crate) fn ack_point(&self) -> Option<Lsn> {
         self.nextlsn.filter(|_| self.kind.is_ack_point())
     }
 }
@@ -99,7 +99,7 @@ impl MessageKind {
     }
 
     /// Whether the client must ack the message's `nextlsn` before the slot moves past it.
-    pub fn must_ack(self) -> bool {
+    pub(crate) fn must_ack(self) -> bool {
         matches!(self, MessageKind::Data | MessageKind::Failed)
     }
 }

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use super::sink::{Link, Sink};
 
 /// Wraps a sink (a websocket) so that it confirms what it is given.
-pub struct Observer<S>(pub S);
+pub(crate) struct Observer<S>(pub S);
 
 impl<S: Sink> Sink for Observer<S> {
     async fn run(self, link: Link) {

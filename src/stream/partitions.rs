@@ -37,7 +37,7 @@ enum Verdict {
     Rename(Vec<u8>),
 }
 
-pub struct Relabel {
+pub(crate) struct Relabel {
     format: Format,
     /// The session's tables: (schema, table), the table None for a whole schema.
     tables: Vec<(String, Option<String>)>,

@@ -47,7 +47,7 @@ impl Plugin {
     pub const ALL: &'static [Plugin] = &[Plugin::Wal2json, Plugin::Pgoutput];
 
     /// What `auto` tries first: wal2json, whose output is forwarded as it is.
-    pub const PREFERRED: Plugin = Plugin::Wal2json;
+    pub(crate) const PREFERRED: Plugin = Plugin::Wal2json;
 
     /// The name Postgres knows it by (`pg_replication_slots.plugin`).
     pub fn name(self) -> &'static str {
@@ -59,11 +59,11 @@ impl Plugin {
 
     /// The publication a pgoutput slot reads: named as the slot, created before it and
     /// dropped after it.
-    pub fn publication_name(slot: &str) -> &str {
+    pub(crate) fn publication_name(slot: &str) -> &str {
         slot
     }
 
-    pub fn from_name(name: &str) -> Option<Plugin> {
+    pub(crate) fn from_name(name: &str) -> Option<Plugin> {
         Plugin::ALL.iter().copied().find(|p| p.name() == name)
     }
 
@@ -74,18 +74,18 @@ impl Plugin {
 
     /// Whether it applies a session's row filters and column lists (a publication does;
     /// wal2json has only whole tables).
-    pub fn narrows(self) -> bool {
+    pub(crate) fn narrows(self) -> bool {
         self == Plugin::Pgoutput
     }
 
     /// The plugin that applies row filters and column lists.
-    pub fn narrowing() -> Plugin {
+    pub(crate) fn narrowing() -> Plugin {
         Plugin::Pgoutput
     }
 
     /// What `auto` takes instead when the database cannot load this plugin: pgoutput,
     /// which is built into Postgres.
-    pub fn fallback(self) -> Option<Plugin> {
+    pub(crate) fn fallback(self) -> Option<Plugin> {
         (self == Plugin::Wal2json).then_some(Plugin::Pgoutput)
     }
 
@@ -97,7 +97,7 @@ impl Plugin {
 
     /// Runs before slot `slot` is created: a pgoutput slot's publication must exist
     /// first, since each change is decoded with the catalog as it was then.
-    pub async fn before_slot(self, slot: &str, publications: &impl Publications) -> Result<(), Error> {
+    pub(crate) async fn before_slot(self, slot: &str, publications: &impl Publications) -> Result<(), Error> {
         match self.publication(slot) {
             Some(name) => publications.create(name).await,
             None => Ok(()),
@@ -105,7 +105,7 @@ impl Plugin {
     }
 
     /// Runs after slot `slot` was dropped (or never made): its publication goes too.
-    pub async fn after_drop(self, slot: &str, publications: &impl Publications) {
+    pub(crate) async fn after_drop(self, slot: &str, publications: &impl Publications) {
         if let Some(name) = self.publication(slot) {
             publications.remove(name).await;
         }
@@ -114,7 +114,7 @@ impl Plugin {
     /// The options of a watcher's stream of the session that reads `session_slot`
     /// (in the `changes` format): the session's, and wal2json names each change's key
     /// for the viewer (pgoutput names none; the viewer copes).
-    pub fn watch_options(self, filter: &Filter, session_slot: &str) -> Vec<(&'static str, String)> {
+    pub(crate) fn watch_options(self, filter: &Filter, session_slot: &str) -> Vec<(&'static str, String)> {
         let mut options = self.start_options(Format::Changes, filter, session_slot);
         if self == Plugin::Wal2json {
             options.push(("include-pk", "1".into()));
@@ -171,7 +171,7 @@ impl Plugin {
     /// decoder drops the changes of `filter`'s hidden schemas (a publication FOR ALL
     /// TABLES cannot leave them out), names column types through `pool`, and holds up
     /// to `hold_memory` bytes of a transaction in memory until its commit.
-    pub fn decoder(self, format: Format, filter: &Filter, pool: &Pool, hold_memory: usize) -> PluginDecoder {
+    pub(crate) fn decoder(self, format: Format, filter: &Filter, pool: &Pool, hold_memory: usize) -> PluginDecoder {
         match self {
             Plugin::Wal2json => PluginDecoder::wal2json(
                 format,
@@ -236,7 +236,7 @@ fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, Strin
 
 /// A table or a schema's tables as wal2json's `add-tables` takes them: `schema.table` or
 /// `schema.*`, with `\` before each character its list syntax gives a meaning to.
-pub fn wal2json_pattern(schema: &str, table: Option<&str>) -> String {
+pub(crate) fn wal2json_pattern(schema: &str, table: Option<&str>) -> String {
     let escape = |s: &str| {
         let mut out = String::with_capacity(s.len());
         for c in s.chars() {

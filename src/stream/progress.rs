@@ -44,7 +44,7 @@ pub struct Progress {
 
 /// The totals of a session since this process started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Changes (rows inserted, updated, deleted, truncated) sent to clients.
     pub changes: u64,
     /// Transactions sent: each frame that ends one.
@@ -60,14 +60,14 @@ pub struct Stats {
 }
 
 impl Progress {
-    pub fn record_ack(&self, lsn: Lsn) {
+    pub(crate) fn record_ack(&self, lsn: Lsn) {
         *lock(&self.last_ack) = Some((lsn, SystemTime::now()));
         self.acks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a frame of `bytes` the client has been sent; `end`: how the message it
     /// completes finished.
-    pub fn record_sent(&self, bytes: usize, end: Option<&Finish>) {
+    pub(crate) fn record_sent(&self, bytes: usize, end: Option<&Finish>) {
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         let Some(end) = end else { return };
         if end.kind.is_ack_point() {
@@ -85,7 +85,7 @@ impl Progress {
         ClientGuard(Arc::clone(self))
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         Stats {
             changes: self.changes.load(Ordering::Relaxed),
             transactions: self.transactions.load(Ordering::Relaxed),
@@ -101,12 +101,12 @@ impl Progress {
         *lock(&self.last_ack)
     }
 
-    pub fn record_close(&self, by: Closer, code: u16, reason: &str) {
+    pub(crate) fn record_close(&self, by: Closer, code: u16, reason: &str) {
         *lock(&self.last_close) = Some(Close { by, code, reason: reason.to_owned(), at: SystemTime::now() });
     }
 
     /// How the last stream of this session ended, since this process started.
-    pub fn last_close(&self) -> Option<Close> {
+    pub(crate) fn last_close(&self) -> Option<Close> {
         lock(&self.last_close).clone()
     }
 }

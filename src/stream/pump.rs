@@ -43,7 +43,7 @@ const RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// The positions the pump tracks, apart from the I/O so the rules can be tested.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Positions {
+pub(crate) struct Positions {
     /// The client's last accepted ack.
     pub acked: Lsn,
     /// The highest `nextlsn` read from the stream.
@@ -76,7 +76,7 @@ impl Positions {
 
     /// Notes a part read from the stream: a message that has started and not finished
     /// is part of a transaction under way.
-    pub fn on_part(&mut self, part: &Part) {
+    pub(crate) fn on_part(&mut self, part: &Part) {
         match part {
             Part::Start(_) => self.in_transaction = true,
             Part::Body(_) => {}
@@ -110,7 +110,7 @@ impl Positions {
     }
 }
 
-pub struct Pump {
+pub(crate) struct Pump {
     pub slot: String,
     pub stream: ReplicationStream,
     pub start: Lsn,
@@ -131,7 +131,7 @@ pub struct Pump {
 /// state of the server: a value whose text form (or the change around it) is past its
 /// 1 GB limit on an allocation or a string. Such a failure comes back at every restart
 /// of the stream, at the same transaction.
-pub fn undecodable(e: &PgError) -> bool {
+pub(crate) fn undecodable(e: &PgError) -> bool {
     let PgError::Db(db) = e else { return false };
     // 54000 program_limit_exceeded: "out of memory" / "Cannot enlarge string buffer ...".
     db.code == "54000" || (db.code == "XX000" && db.message.starts_with("invalid memory alloc request size"))
@@ -475,7 +475,7 @@ async fn finish(slot: &str, mut stream: ReplicationStream, pos: &Positions) {
 }
 
 /// A close reason must fit in a control frame (123 bytes).
-pub fn truncate_reason(s: &str) -> String {
+pub(crate) fn truncate_reason(s: &str) -> String {
     if s.len() <= 123 {
         return s.to_owned();
     }

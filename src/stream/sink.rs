@@ -37,7 +37,7 @@ pub enum Outgoing {
 
 impl Outgoing {
     /// The last position in this item that a consumer could ack.
-    pub fn last_ack_point(&self) -> Option<Lsn> {
+    pub(crate) fn last_ack_point(&self) -> Option<Lsn> {
         match self {
             Outgoing::Parts(parts) => parts
                 .iter()

@@ -378,6 +378,6 @@ fn refusal(e: WsError) -> (u16, String) {
 }
 
 /// `{"error":"..."}`, the same shape as the HTTP API's errors.
-pub fn error_json(message: &str) -> String {
+pub(crate) fn error_json(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }

@@ -7,19 +7,19 @@ use tokio_util::sync::CancellationToken;
 /// Websocket close codes we use (RFC 6455 section 7.4.1).
 pub mod code {
     /// Normal closure: the session was reset, or the client closed.
-    pub const NORMAL: u16 = 1000;
+    pub(crate) const NORMAL: u16 = 1000;
     /// Going away: the server shuts down, or the peer stopped answering.
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// The client broke the websocket protocol.
-    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     /// A text message that is not UTF-8.
-    pub const INVALID_DATA: u16 = 1007;
+    pub(crate) const INVALID_DATA: u16 = 1007;
     /// Policy violation: the token the stream was opened with has expired.
-    pub const POLICY: u16 = 1008;
+    pub(crate) const POLICY: u16 = 1008;
     /// A message too big for us.
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const TOO_BIG: u16 = 1009;
     /// Internal error: Postgres ended the stream.
-    pub const INTERNAL: u16 = 1011;
+    pub(crate) const INTERNAL: u16 = 1011;
 }
 
 /// Cheap to clone; all clones stop together.
@@ -53,7 +53,7 @@ impl Stop {
         self.token.cancel();
     }
 
-    pub fn is_stopped(&self) -> bool {
+    pub(crate) fn is_stopped(&self) -> bool {
         self.token.is_cancelled()
     }
 

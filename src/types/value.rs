@@ -20,28 +20,28 @@
 //! the base type's OID instead; pass that OID here in that case).
 
 /// `bool`
-pub const BOOLOID: u32 = 16;
+pub(crate) const BOOLOID: u32 = 16;
 /// `bytea`
-pub const BYTEAOID: u32 = 17;
+pub(crate) const BYTEAOID: u32 = 17;
 /// `bigint` / `int8`
-pub const INT8OID: u32 = 20;
+pub(crate) const INT8OID: u32 = 20;
 /// `smallint` / `int2`
-pub const INT2OID: u32 = 21;
+pub(crate) const INT2OID: u32 = 21;
 /// `integer` / `int4`
-pub const INT4OID: u32 = 23;
+pub(crate) const INT4OID: u32 = 23;
 /// `oid`
-pub const OIDOID: u32 = 26;
+pub(crate) const OIDOID: u32 = 26;
 /// `real` / `float4`
-pub const FLOAT4OID: u32 = 700;
+pub(crate) const FLOAT4OID: u32 = 700;
 /// `double precision` / `float8`
-pub const FLOAT8OID: u32 = 701;
+pub(crate) const FLOAT8OID: u32 = 701;
 /// `numeric` / `decimal`
-pub const NUMERICOID: u32 = 1700;
+pub(crate) const NUMERICOID: u32 = 1700;
 
 /// Which of the two readings of wal2json's rules to apply to text that does not
 /// fit them. Text Postgres prints fits them, and both modes write it alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// wal2json 2.5's `pg_decode_write_value` and Postgres's `escape_json`, byte
     /// for byte: the pgoutput stream is compared with a wal2json slot's bytes, so
     /// it copies wal2json's checks as they are, even where they let invalid JSON
@@ -75,7 +75,7 @@ pub struct NotANumber(pub String);
 ///
 /// Text that fits none of these is [`Mode`]'s business; only
 /// [`Mode::Wal2json`] returns an error, and then has written nothing.
-pub fn write_value(out: &mut Vec<u8>, mode: Mode, type_oid: u32, text: Option<&[u8]>) -> Result<(), NotANumber> {
+pub(crate) fn write_value(out: &mut Vec<u8>, mode: Mode, type_oid: u32, text: Option<&[u8]>) -> Result<(), NotANumber> {
     let Some(text) = text else {
         out.extend_from_slice(b"null");
         return Ok(());
@@ -138,7 +138,7 @@ fn is_special_number(mode: Mode, text: &[u8]) -> bool {
 /// ```
 ///
 /// No leading `+`, no leading zeros, no bare `.5` or `5.`, no whitespace.
-pub fn is_json_number(b: &[u8]) -> bool {
+pub(crate) fn is_json_number(b: &[u8]) -> bool {
     let mut i = 0;
 
     // Advances `i` over a run of ASCII digits and says how many there were.
@@ -236,7 +236,7 @@ fn escape_runs(s: &[u8], mode: Mode, mut emit: impl FnMut(std::ops::Range<usize>
 /// else, non-ASCII included, is copied unchanged: wal2json copies a value's
 /// bytes whatever their encoding, and so does this. A NUL is where
 /// [`Mode::Wal2json`] stops and [`Mode::AlwaysValid`] writes `\u0000`.
-pub fn write_string(out: &mut Vec<u8>, mode: Mode, s: &[u8]) {
+pub(crate) fn write_string(out: &mut Vec<u8>, mode: Mode, s: &[u8]) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     escape_runs(s, mode, |run, esc| {
@@ -247,7 +247,7 @@ pub fn write_string(out: &mut Vec<u8>, mode: Mode, s: &[u8]) {
 }
 
 /// [`write_string`] in [`Mode::AlwaysValid`] for a caller that builds text.
-pub fn write_json_string(out: &mut String, s: &str) {
+pub(crate) fn write_json_string(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
     escape_runs(s.as_bytes(), Mode::AlwaysValid, |run, esc| {

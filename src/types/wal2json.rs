@@ -109,13 +109,6 @@ pub struct RowChange {
     pub oldkeys: Option<OldKeys>,
 }
 
-impl RowChange {
-    /// The new row's `(column name, value)` pairs.
-    pub fn values_by_name(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.columnnames.iter().map(String::as_str).zip(&self.columnvalues)
-    }
-}
-
 /// The old row's replica identity (format 1): the key columns, or every
 /// column with `REPLICA IDENTITY FULL`. NULL key columns are left out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,13 +121,6 @@ pub struct OldKeys {
     pub keytypeoids: Option<Vec<u32>>,
     #[serde(default)]
     pub keyvalues: Vec<Value>,
-}
-
-impl OldKeys {
-    /// The old row's `(key column name, value)` pairs.
-    pub fn values_by_name(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.keynames.iter().map(String::as_str).zip(&self.keyvalues)
-    }
 }
 
 /// The table's primary key columns (format 1, `include-pk`).
@@ -543,15 +529,15 @@ mod tests {
         };
         assert_eq!(insert.schema.as_deref(), Some("public"));
         assert_eq!(insert.table, "t");
-        let pairs: Vec<_> = insert.values_by_name().collect();
-        assert_eq!(pairs, [("a", &json!(1)), ("b", &json!("x"))]);
+        assert_eq!(insert.columnnames, ["a", "b"]);
+        assert_eq!(insert.columnvalues, [json!(1), json!("x")]);
         assert_eq!(insert.oldkeys, None);
 
         let Change::Update(update) = &txn.change[1] else {
             panic!("expected update, got {:?}", txn.change[1]);
         };
         let old = update.oldkeys.as_ref().unwrap();
-        assert_eq!(old.values_by_name().collect::<Vec<_>>(), [("a", &json!(1))]);
+        assert_eq!((&old.keynames[..], &old.keyvalues[..]), (&["a".to_owned()][..], &[json!(1)][..]));
         assert_eq!(old.keytypes.as_deref(), Some(&["integer".to_owned()][..]));
 
         let Change::Delete(delete) = &txn.change[2] else {
@@ -559,7 +545,6 @@ mod tests {
         };
         assert!(delete.columnnames.is_empty());
         assert!(delete.columnvalues.is_empty());
-        assert_eq!(delete.values_by_name().count(), 0);
         assert!(delete.oldkeys.is_some());
     }
 

@@ -5,7 +5,7 @@
 
 use crate::types::value::{Mode, write_string};
 
-pub use crate::types::value::NotANumber;
+pub(crate) use crate::types::value::NotANumber;
 
 /// Appends `s` as Postgres's `escape_json` does, which wal2json calls: it stops at a
 /// NUL (it reads a C string).
@@ -16,7 +16,7 @@ pub fn escape(out: &mut Vec<u8>, s: &[u8]) {
 /// A type name from `format_type` as wal2json prints it: a name that `format_type`
 /// quoted already (`"Mood"`) is copied as it is, unless it ends in `]` (an array of
 /// such a type, `"Mood"[]`), which is escaped like any other name.
-pub fn type_name(name: &[u8]) -> Vec<u8> {
+pub(crate) fn type_name(name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(name.len() + 2);
     if name.first() == Some(&b'"') && name.last() != Some(&b']') {
         out.extend_from_slice(name);

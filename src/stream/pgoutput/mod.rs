@@ -121,21 +121,21 @@ impl Converter {
 
     /// A transaction has begun and is held until its commit: nothing of it has been
     /// handed out yet.
-    pub fn holds_transaction(&self) -> bool {
+    pub(crate) fn holds_transaction(&self) -> bool {
         self.txn.is_some()
     }
 
     /// Drops the transaction held (Postgres failed to send all of it), and says where
     /// it ends: just past its commit record, an LSN that makes a stream started there
     /// skip it, and its xid.
-    pub fn abandon_transaction(&mut self) -> Option<(Lsn, u32)> {
+    pub(crate) fn abandon_transaction(&mut self) -> Option<(Lsn, u32)> {
         let txn = self.txn.take()?;
         Some((Lsn(txn.begin.final_lsn.0.saturating_add(1)), txn.begin.xid))
     }
 
     /// Whether parts are waiting for [`Converter::next_part`]. Nothing more should be
     /// pushed until they are all taken.
-    pub fn has_output(&self) -> bool {
+    pub(crate) fn has_output(&self) -> bool {
         !self.ready.is_empty() || self.drain.is_some()
     }
 

@@ -14,7 +14,7 @@ use crate::types::value::{Mode, write_value};
 
 /// A relation as the stream needs it, names and types already in their JSON form.
 #[derive(Debug, Clone)]
-pub struct Rel {
+pub(crate) struct Rel {
     /// pgdeltastream's own tables: never streamed.
     pub hidden: bool,
     schema: Vec<u8>,
@@ -178,7 +178,7 @@ impl Rel {
     }
 
     /// A format 2 truncate record.
-    pub fn v2_truncate(&self, out: &mut Vec<u8>, lsn: Lsn) {
+    pub(crate) fn v2_truncate(&self, out: &mut Vec<u8>, lsn: Lsn) {
         out.extend_from_slice(format!("{{\"action\":\"T\",\"lsn\":\"{lsn}\",").as_bytes());
         self.write_names(out);
         out.push(b'}');

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 const LEN: usize = 4;
 const FILE_BUFFER: usize = 64 * 1024;
 
-pub struct Spool {
+pub(crate) struct Spool {
     limit: usize,
     memory: BytesMut,
     file: Option<BufWriter<File>>,
@@ -44,12 +44,12 @@ impl Spool {
     }
 
     /// Whether any piece went to a file.
-    pub fn spilled(&self) -> bool {
+    pub(crate) fn spilled(&self) -> bool {
         self.file.is_some()
     }
 
     /// The pieces, in the order they were pushed.
-    pub fn into_reader(self) -> io::Result<SpoolReader> {
+    pub(crate) fn into_reader(self) -> io::Result<SpoolReader> {
         let file = match self.file {
             Some(writer) => {
                 let mut file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -62,13 +62,13 @@ impl Spool {
     }
 }
 
-pub struct SpoolReader {
+pub(crate) struct SpoolReader {
     memory: Bytes,
     file: Option<BufReader<File>>,
 }
 
 impl SpoolReader {
-    pub fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+    pub(crate) fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
         if self.memory.len() >= LEN {
             let mut len = [0u8; LEN];
             len.copy_from_slice(&self.memory[..LEN]);

@@ -16,7 +16,7 @@ use crate::stream::error::StreamError;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
-pub struct TypeNames {
+pub(crate) struct TypeNames {
     /// Each name in its JSON form already.
     names: HashMap<(u32, i32), Vec<u8>>,
 }
@@ -39,7 +39,7 @@ impl TypeNames {
 
 /// `format_type` of each pair, in order. A busy pool or a broken connection is
 /// [`StreamError::Transient`]: the pump tries again later.
-pub async fn lookup(pool: &Pool, wanted: &[(u32, i32)]) -> Result<Vec<String>, StreamError> {
+pub(crate) async fn lookup(pool: &Pool, wanted: &[(u32, i32)]) -> Result<Vec<String>, StreamError> {
     let query = async {
         let client = pool.get().await?;
         let oids: Vec<u32> = wanted.iter().map(|(oid, _)| *oid).collect();
