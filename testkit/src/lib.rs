@@ -11,6 +11,8 @@
 //!   `jetstream`, NATS for the scale-out tests; `conform`, the conformance workload.
 
 pub mod local;
+#[cfg(feature = "harness")]
+pub mod raw;
 
 #[cfg(feature = "harness")]
 pub mod conform;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 struct Case {
@@ -288,37 +288,15 @@ async fn broken_frames_get_the_close_codes_of_rfc_6455() {
 
 /// A websocket opened by hand, to send what no client library would.
 async fn raw_websocket(server: &TestServer, slot: &str) -> tokio::net::TcpStream {
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut request = format!("GET /v1/lr/stream?slotName={slot} HTTP/1.1\r\nhost: {}\r\n", server.addr);
-    for (name, value) in upgrade_headers() {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        tcp.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    tcp
+    testkit::raw::websocket(server.addr, &format!("/v1/lr/stream?slotName={slot}")).await
 }
 
 /// Reads the server's (unmasked) frames until its close frame: its code and reason.
 async fn read_close(tcp: &mut tokio::net::TcpStream) -> (u16, String) {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let mut head = [0u8; 2];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = match head[1] & 0x7f {
-                126 => u64::from(tcp.read_u16().await.unwrap()),
-                127 => tcp.read_u64().await.unwrap(),
-                n => u64::from(n),
-            };
-            let mut payload = vec![0u8; len as usize];
-            tcp.read_exact(&mut payload).await.unwrap();
-            if head[0] & 0x0f == 0x8 {
+            let (head, payload) = testkit::raw::frame(tcp).await;
+            if head & 0x0f == 0x8 {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
                 return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
             }

@@ -799,45 +799,23 @@ async fn a_gateway_client_gets_frames_of_the_frame_size() {
     assert!(from_gateway == from_server, "the gateway's frames {sizes:?} are not the server's");
 }
 
-/// A websocket opened by hand, so that each frame is seen as it was sent (a client
-/// library joins a message's frames).
+/// A websocket opened by hand, so that each frame is seen as it was sent.
 async fn raw_websocket(port: u16, path: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
-         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    tcp
+    testkit::raw::websocket(([127, 0, 0, 1], port).into(), path).await
 }
 
 /// The payloads of the frames of the next text message (pings are passed over).
 async fn message_frames(tcp: &mut tokio::net::TcpStream) -> Vec<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
     let read = async {
         let mut frames = Vec::new();
         loop {
-            let mut head = [0u8; 2];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = match head[1] & 0x7f {
-                126 => u64::from(tcp.read_u16().await.unwrap()),
-                127 => tcp.read_u64().await.unwrap(),
-                n => u64::from(n),
-            };
-            let mut payload = vec![0u8; usize::try_from(len).unwrap()];
-            tcp.read_exact(&mut payload).await.unwrap();
-            match head[0] & 0x0f {
+            let (head, payload) = testkit::raw::frame(tcp).await;
+            match head & 0x0f {
                 0x1 | 0x0 => frames.push(payload),
                 0x8 => panic!("closed: {}", String::from_utf8_lossy(&payload)),
                 _ => continue, // ping, pong
             }
-            if head[0] & 0x80 != 0 {
+            if head & 0x80 != 0 {
                 return frames;
             }
         }
