@@ -215,7 +215,7 @@ impl From<PoolError> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::DbError;
+    use crate::pg::error::DbError;
 
     fn db(code: &str, message: &str) -> PgError {
         PgError::Db(DbError {

@@ -29,6 +29,4 @@ pub mod snapshot;
 pub mod tls;
 
 pub use config::PgConfig;
-#[cfg(test)]
-pub(crate) use error::DbError;
 pub(crate) use error::PgError;

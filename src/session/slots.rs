@@ -316,7 +316,7 @@ pub(super) fn plugin_cannot_load(e: &Error, plugin: Plugin) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::DbError;
+    use crate::pg::error::DbError;
 
     fn failed(code: &str, message: &str) -> Error {
         let e = PgError::Db(DbError {
