@@ -13,6 +13,7 @@
 //! - [`pool`]: a bounded pool of ordinary (tokio-postgres) connections.
 //! - [`pgoutput`]: the messages of Postgres's built-in output plugin, parsed.
 //! - [`tls`]: TLS to Postgres (libpq's sslmode), for both kinds of connection.
+//! - [`version`]: the server's major and what it can do for logical decoding.
 //!
 //! Nothing in here knows about HTTP or sessions.
 
@@ -27,6 +28,7 @@ pub mod pool;
 pub(crate) mod replication;
 pub mod snapshot;
 pub mod tls;
+pub mod version;
 
 pub use config::PgConfig;
 pub(crate) use error::PgError;
