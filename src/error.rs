@@ -8,6 +8,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::pg::PgError;
 use crate::pg::pool::PoolError;
+use crate::pg::version::Major;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -81,6 +82,12 @@ impl Error {
     /// An error from a replication connection, with advice for the usual
     /// misconfigurations.
     pub(crate) fn from_pg(e: &PgError) -> Error {
+        Error::from_pg_on(e, None)
+    }
+
+    /// [`Error::from_pg`], from a server of `major` when known: the advice names its
+    /// packages.
+    pub(crate) fn from_pg_on(e: &PgError, major: Option<Major>) -> Error {
         // A TLS failure is a matter of configuration (here or on the server): retrying
         // does not help, so it is not a 503.
         if let PgError::Tls(m) = e {
@@ -93,16 +100,19 @@ impl Error {
         let Some(code) = e.code().map(SqlState::from_code) else {
             return Error::internal(format!("Postgres error: {e}"));
         };
+        let wal2json_missing;
         let (kind, advice) = if code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE && said.contains("wal_level") {
             (
                 ErrorKind::Internal,
                 "logical decoding is off on the Postgres server: set wal_level = logical in postgresql.conf and restart Postgres",
             )
         } else if code == SqlState::UNDEFINED_FILE {
-            (
-                ErrorKind::Internal,
-                "the wal2json output plugin is not installed on the Postgres server (e.g. apt-get install postgresql-15-wal2json)",
-            )
+            let major = major.map_or_else(|| "<major>".to_owned(), |m| m.to_string());
+            wal2json_missing = format!(
+                "the wal2json output plugin is not installed on the Postgres server (e.g. apt-get install \
+                 postgresql-{major}-wal2json), or use \"plugin\": \"pgoutput\""
+            );
+            (ErrorKind::Internal, wal2json_missing.as_str())
         } else if code == SqlState::INSUFFICIENT_PRIVILEGE && said.contains("may not be used as an output plugin") {
             (
                 ErrorKind::Internal,
@@ -174,6 +184,7 @@ impl Error {
             PoolError::Connect(e) => Error::from_tokio_pg(e),
             // Configuration, here or on the server: a retry would not help (not a 503).
             PoolError::Tls(m) => Error::internal(format!("cannot connect to Postgres: {m}")),
+            PoolError::NoVersion => Error::internal(e.to_string()),
         }
     }
 }

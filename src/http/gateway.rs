@@ -32,7 +32,7 @@ use super::{ApiError, layers};
 use crate::bus::DEFAULT_CLIENT;
 use crate::bus::gateway::Gateway;
 use crate::error::Error;
-use crate::session::health::NotReady;
+use crate::session::health::{NotReady, Ready};
 
 /// How long JetStream may take to answer a readiness check: a probe is answered well
 /// within its own timeout, and a NATS that takes longer is as good as down.
@@ -132,9 +132,9 @@ pub async fn readyz(State(gateway): State<Arc<Gateway>>, cache: Extension<Arc<Re
 }
 
 async fn jetstream_ready(gateway: &Gateway) -> Answer {
-    let failed = |reason| Err(NotReady { check: "jetstream", reason });
+    let failed = |reason| Err(NotReady::new("jetstream", reason));
     match tokio::time::timeout(READY_WAIT, gateway.check_jetstream()).await {
-        Ok(Ok(())) => Ok(&["jetstream"]),
+        Ok(Ok(())) => Ok(Ready { checks: &["jetstream"], postgres: None }),
         Ok(Err(e)) => failed(e.message),
         Err(_) => failed(format!("JetStream did not answer within {} s", READY_WAIT.as_secs())),
     }

@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::AppState;
-use crate::session::health::NotReady;
+use crate::session::health::{NotReady, Ready};
 
 /// How long an answer is reused.
 pub(crate) const CACHE_FOR: Duration = Duration::from_secs(1);
@@ -28,7 +28,7 @@ const POOL_WAIT: Duration = Duration::from_millis(500);
 const CHECK_LIMIT: Duration = Duration::from_secs(5);
 
 /// The checks passed, or the one that failed.
-pub(crate) type Answer = Result<&'static [&'static str], NotReady>;
+pub(crate) type Answer = Result<Ready, NotReady>;
 
 /// The last readiness answer and when it was found.
 #[derive(Default)]
@@ -64,10 +64,19 @@ pub async fn readyz(State(state): State<AppState>, cache: axum::Extension<Arc<Re
 /// What `/readyz` answers, on the server and on a gateway.
 pub(crate) fn respond(answer: Answer) -> Response {
     match answer {
-        Ok(checks) => Json(json!({ "status": "ok", "checks": checks })).into_response(),
+        Ok(ready) => {
+            let mut body = json!({ "status": "ok", "checks": ready.checks });
+            if let Some(server) = ready.postgres {
+                body["postgres"] = json!(server);
+            }
+            Json(body).into_response()
+        }
         Err(e) => {
-            let body =
+            let mut body =
                 json!({ "status": "unavailable", "check": e.check, "error": format!("{}: {}", e.check, e.reason) });
+            if let Some(server) = e.postgres {
+                body["postgres"] = json!(server);
+            }
             (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
         }
     }
@@ -76,9 +85,9 @@ pub(crate) fn respond(answer: Answer) -> Response {
 async fn check(state: &AppState) -> Answer {
     match tokio::time::timeout(CHECK_LIMIT, state.registry.readiness(POOL_WAIT)).await {
         Ok(answer) => answer,
-        Err(_) => Err(NotReady {
-            check: "connection",
-            reason: format!("Postgres did not answer the checks within {} s", CHECK_LIMIT.as_secs()),
-        }),
+        Err(_) => Err(NotReady::new(
+            "connection",
+            format!("Postgres did not answer the checks within {} s", CHECK_LIMIT.as_secs()),
+        )),
     }
 }

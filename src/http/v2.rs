@@ -42,6 +42,10 @@ pub(crate) struct CreateBody {
     pub tables: Option<Vec<serde_json::Value>>,
     pub actions: Option<Vec<Action>>,
     pub plugin: Option<Plugin>,
+    /// Generated columns in pgoutput's changes (PostgreSQL 18+, as Postgres names the
+    /// publication option too).
+    #[serde(default, rename = "publishGeneratedColumns", alias = "publish_generated_columns")]
+    pub publish_generated_columns: bool,
 }
 
 pub async fn create(
@@ -56,7 +60,13 @@ pub async fn create(
         return Err(Error::bad_request("actions is empty: leave it out for every action").into());
     }
     let tables = body.tables.map(|t| t.into_iter().map(table_entry).collect::<Result<Vec<_>, _>>()).transpose()?;
-    let req = CreateRequest { name: body.name, tables, actions: body.actions, plugin: body.plugin };
+    let req = CreateRequest {
+        name: body.name,
+        tables,
+        actions: body.actions,
+        plugin: body.plugin,
+        publish_generated_columns: body.publish_generated_columns,
+    };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))
 }

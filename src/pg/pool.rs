@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::PgConfig;
+use super::version::Major;
 
 /// How long a dropped connection may take to end before its permit is handed on anyway.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -74,6 +75,9 @@ pub enum PoolError {
     /// TLS was refused or failed, or the server's certificate did not verify.
     #[error("{0}")]
     Tls(String),
+    /// Every Postgres reports `server_version` at startup; this one did not.
+    #[error("the Postgres server did not report its server_version")]
+    NoVersion,
 }
 
 /// What the pool holds now.
@@ -91,6 +95,8 @@ pub(crate) struct PoolStats {
 struct Conn {
     client: Client,
     driver: JoinHandle<()>,
+    /// The server's major, as it reported at startup.
+    major: Option<Major>,
 }
 
 struct Shared {
@@ -185,6 +191,15 @@ impl Pool {
         };
         Ok(PooledClient { conn: Some(conn), permit: Some(permit), read_permit: None, shared: self.shared.clone() })
     }
+
+    /// The major of the server the pool connects to: the one its latest connection
+    /// reported (a failover may bring another), or a new connection's.
+    pub async fn major(&self) -> Result<Major, PoolError> {
+        let client = self.get().await?;
+        let major = client.major();
+        client.release();
+        major.ok_or(PoolError::NoVersion)
+    }
 }
 
 impl Shared {
@@ -204,6 +219,11 @@ pub struct PooledClient {
 }
 
 impl PooledClient {
+    /// The major of the server this connection is to.
+    pub fn major(&self) -> Option<Major> {
+        self.conn.as_ref().and_then(|c| c.major)
+    }
+
     /// Gives the connection back for the next caller. Only for a connection whose last
     /// command succeeded and that is outside any transaction.
     pub fn release(mut self) {
@@ -248,7 +268,7 @@ impl Drop for PooledClient {
 fn close(conn: Conn, permits: Permits, cancel: bool, config: &PgConfig) {
     // The cancel request negotiates TLS as the connection did.
     let tls = config.tls.clone();
-    let Conn { client, driver } = conn;
+    let Conn { client, driver, .. } = conn;
     let token = (cancel && !client.is_closed()).then(|| client.cancel_token());
     drop(client);
     // Without a runtime (the process is ending) everything goes with it.
@@ -281,10 +301,11 @@ async fn open(config: &PgConfig) -> Result<Conn, PoolError> {
         Some(tls) => PoolError::Tls(tls),
         None => PoolError::Connect(e),
     })?;
+    let major = connection.parameter("server_version").and_then(Major::from_server_version);
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
         }
     });
-    Ok(Conn { client, driver })
+    Ok(Conn { client, driver, major })
 }

@@ -23,6 +23,13 @@ impl Major {
         (n >= 100_000).then_some(Major(n / 10_000))
     }
 
+    /// From the `server_version` a connection reports at startup ("13.23",
+    /// "16.4 (Debian 16.4-1)", "18beta1").
+    pub fn from_server_version(version: &str) -> Option<Major> {
+        let digits: String = version.trim().chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok().map(Major)
+    }
+
     pub fn is_supported(self) -> bool {
         self.0 >= OLDEST_SUPPORTED
     }
@@ -76,6 +83,10 @@ mod tests {
         // 9.6 had major * 100 + minor * ... ; we never support it.
         assert_eq!(Major::from_version_num("90624"), None);
         assert_eq!(Major::from_version_num("fifteen"), None);
+        assert_eq!(Major::from_server_version("13.23"), Some(Major(13)));
+        assert_eq!(Major::from_server_version("16.4 (Debian 16.4-1.pgdg120+1)"), Some(Major(16)));
+        assert_eq!(Major::from_server_version("18beta1"), Some(Major(18)));
+        assert_eq!(Major::from_server_version(""), None);
         assert!(!Major(12).is_supported());
         assert!(Major(13).is_supported());
     }

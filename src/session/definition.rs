@@ -23,6 +23,10 @@ pub struct Definition {
     /// `schema.table` and `schema.*` patterns as resolved at creation; None: every table.
     pub tables: Option<Vec<TableEntry>>,
     pub actions: Vec<Action>,
+    /// pgoutput on PostgreSQL 18+: the publication publishes generated columns (as
+    /// wal2json always prints them). Left out of definitions that do not ask for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_generated_columns: bool,
 }
 
 /// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
@@ -213,6 +217,7 @@ mod tests {
                 plugin: Plugin::Wal2json,
                 tables: Some(vec![TableEntry::Pattern(shown.clone())]),
                 actions: Action::ALL.to_vec(),
+                publish_generated_columns: false,
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

@@ -9,6 +9,7 @@ use super::snapshots::SnapshotStatus;
 use crate::error::{Error, ErrorKind};
 use crate::pg::pool::{PoolError, PoolStats};
 use crate::pg::replication::ReplicationConnection;
+use crate::pg::version::{Major, OLDEST_SUPPORTED};
 use crate::stream::progress::Stats;
 
 /// One session this process knows, and what its streams did since the process started.
@@ -42,24 +43,47 @@ pub(crate) struct SlotPosition {
 }
 
 /// The checks `/readyz` runs, in order; the first that fails names the reason.
-pub(crate) const CHECKS: [&str; 4] = ["connection", "wal_level", "replication_role", "replication_connection"];
+pub(crate) const CHECKS: [&str; 5] =
+    ["connection", "server_version", "wal_level", "replication_role", "replication_connection"];
+
+/// What `/readyz` says of a server that can serve, or of one that could not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub checks: &'static [&'static str],
+    /// The Postgres server, when one answered.
+    pub postgres: Option<ServerVersion>,
+}
+
+/// `server_version` and its major, as the server reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerVersion {
+    pub version: String,
+    pub major: u32,
+}
 
 /// A failed readiness check: which, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotReady {
     pub check: &'static str,
     pub reason: String,
+    pub postgres: Option<ServerVersion>,
 }
 
 impl NotReady {
-    fn new(check: &'static str, reason: impl Into<String>) -> NotReady {
-        NotReady { check, reason: reason.into() }
+    pub(crate) fn new(check: &'static str, reason: impl Into<String>) -> NotReady {
+        NotReady { check, reason: reason.into(), postgres: None }
+    }
+
+    fn on(mut self, server: &ServerVersion) -> NotReady {
+        self.postgres = Some(server.clone());
+        self
     }
 }
 
 const ROLE_SQL: &str = "\
     SELECT pg_catalog.current_setting('wal_level'), \
-           coalesce((SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), false)";
+           coalesce((SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), false), \
+           pg_catalog.current_setting('server_version'), pg_catalog.current_setting('server_version_num')";
 
 impl Registry {
     /// The totals of every session this process knows; takes no connection.
@@ -98,9 +122,9 @@ impl Registry {
     }
 
     /// Whether this process can serve: a pool connection answers (waiting at most
-    /// `wait` for one), the WAL is logical, the role may replicate, and a replication
-    /// connection opens. Returns the checks passed.
-    pub async fn readiness(&self, wait: Duration) -> Result<&'static [&'static str], NotReady> {
+    /// `wait` for one), the server is a major we support, the WAL is logical, the role
+    /// may replicate, and a replication connection opens.
+    pub async fn readiness(&self, wait: Duration) -> Result<Ready, NotReady> {
         let client = self.pool.get_within(wait).await.map_err(|e| match e {
             PoolError::Busy { size, .. } => {
                 NotReady::new(CHECKS[0], format!("all {size} pool connections to Postgres are in use"))
@@ -108,31 +132,44 @@ impl Registry {
             PoolError::Connect(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
             PoolError::Tls(e) => NotReady::new(CHECKS[0], format!("cannot connect to Postgres: {e}")),
             // A plain `get` never waits for the reads' share.
-            PoolError::ReadsBusy { .. } => NotReady::new(CHECKS[0], e.to_string()),
+            PoolError::ReadsBusy { .. } | PoolError::NoVersion => NotReady::new(CHECKS[0], e.to_string()),
         })?;
         let row = client.query_one(ROLE_SQL, &[]).await;
-        let (wal_level, can_replicate): (String, bool) = match row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?))) {
+        let read = row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get::<_, String>(3)?)));
+        let (wal_level, can_replicate, version, version_num): (String, bool, String, String) = match read {
             Ok(v) => {
                 client.release();
                 v
             }
             Err(e) => return Err(NotReady::new(CHECKS[0], format!("query failed: {e}"))),
         };
+        let major = Major::from_version_num(&version_num)
+            .ok_or_else(|| NotReady::new(CHECKS[1], format!("PostgreSQL {version} is older than 10")))?;
+        let server = ServerVersion { version, major: major.0 };
+        if !major.is_supported() {
+            return Err(NotReady::new(
+                CHECKS[1],
+                format!(
+                    "PostgreSQL {} is older than {OLDEST_SUPPORTED}, the oldest major pgdeltastream supports",
+                    server.version
+                ),
+            )
+            .on(&server));
+        }
         if wal_level != "logical" {
-            return Err(NotReady::new(CHECKS[1], format!("wal_level is {wal_level}, logical decoding needs logical")));
+            let reason = format!("wal_level is {wal_level}, logical decoding needs logical");
+            return Err(NotReady::new(CHECKS[2], reason).on(&server));
         }
         if !can_replicate {
-            return Err(NotReady::new(
-                CHECKS[2],
-                format!("role {} has neither REPLICATION nor SUPERUSER", self.pool.config().user),
-            ));
+            let reason = format!("role {} has neither REPLICATION nor SUPERUSER", self.pool.config().user);
+            return Err(NotReady::new(CHECKS[3], reason).on(&server));
         }
         let mut conn = ReplicationConnection::connect(self.pool.config())
             .await
-            .map_err(|e| NotReady::new(CHECKS[3], format!("cannot open a replication connection: {e}")))?;
+            .map_err(|e| NotReady::new(CHECKS[4], format!("cannot open a replication connection: {e}")).on(&server))?;
         let identified = conn.simple_query("IDENTIFY_SYSTEM").await;
         conn.close().await;
-        identified.map_err(|e| NotReady::new(CHECKS[3], format!("IDENTIFY_SYSTEM failed: {e}")))?;
-        Ok(&CHECKS)
+        identified.map_err(|e| NotReady::new(CHECKS[4], format!("IDENTIFY_SYSTEM failed: {e}")).on(&server))?;
+        Ok(Ready { checks: &CHECKS, postgres: Some(server) })
     }
 }

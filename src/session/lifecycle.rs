@@ -26,6 +26,8 @@ pub struct CreateRequest {
     /// None: every action.
     pub actions: Option<Vec<Action>>,
     pub plugin: Option<Plugin>,
+    /// pgoutput on 18+: publish generated columns.
+    pub publish_generated_columns: bool,
 }
 
 impl Registry {
@@ -83,7 +85,7 @@ impl Registry {
     async fn replace_default(&self) -> Result<Definition, Error> {
         let _one_at_a_time = self.admin.lock().await;
         self.refuse_when_stopping()?;
-        let (mut def, auto) = self.define(DEFAULT_NAME, None, None, None).await?;
+        let (mut def, auto) = self.define(DEFAULT_NAME, None, None, None, false).await?;
         let previous = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone()));
         // Stored before the slot exists, so that the write is not in the slot's stream.
         // v1 works without the store: a role that may not create it still streams.
@@ -136,7 +138,8 @@ impl Registry {
             None => None,
         };
         client.release();
-        let (mut def, auto) = self.define(&req.name, tables, req.actions.clone(), req.plugin).await?;
+        let (mut def, auto) =
+            self.define(&req.name, tables, req.actions.clone(), req.plugin, req.publish_generated_columns).await?;
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
         if !self.store.insert(&def).await? {
@@ -165,6 +168,7 @@ impl Registry {
         tables: Option<Vec<TableEntry>>,
         actions: Option<Vec<Action>>,
         plugin: Option<Plugin>,
+        publish_generated_columns: bool,
     ) -> Result<(Definition, bool), Error> {
         let mut actions = actions.unwrap_or_else(|| Action::ALL.to_vec());
         actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
@@ -182,7 +186,7 @@ impl Registry {
         }
         let here = self.with(|s| s.sessions.keys().cloned().collect());
         let slot_name = self.slots.fresh_name(here).await?;
-        let def = Definition { name: name.to_owned(), slot_name, plugin, tables, actions };
+        let def = Definition { name: name.to_owned(), slot_name, plugin, tables, actions, publish_generated_columns };
         Ok((def, auto))
     }
 
@@ -298,6 +302,7 @@ impl Registry {
                     plugin: info.plugin,
                     tables: None,
                     actions: Action::ALL.to_vec(),
+                    publish_generated_columns: false,
                 };
                 self.with(|s| s.adopt(def.clone(), false));
                 def

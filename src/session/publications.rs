@@ -18,7 +18,8 @@ use super::definition::{Action, Definition, TableEntry, TablePattern};
 use super::slots::Slots;
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::{quote_ident, quote_literal};
-use crate::pg::pool::Pool;
+use crate::pg::pool::{Pool, PoolError};
+use crate::pg::version::Major;
 use crate::stream::plugin::Publications;
 
 /// At most this many table names in a refusal.
@@ -47,8 +48,15 @@ impl Publications for ForSession<'_> {
 /// 409 when it would break the application's updates or deletes, 403 when the role may
 /// not create it, 400 when Postgres refuses a row filter or a column.
 async fn create_publication(pool: &Pool, def: &Definition, name: &str, hidden_schema: &str) -> Result<(), Error> {
-    let plan = Plan::new(def, name, hidden_schema)?;
     let client = pool.get().await?;
+    let major = client.major().ok_or(PoolError::NoVersion)?;
+    let plan = match Plan::new(def, name, hidden_schema, major) {
+        Ok(plan) => plan,
+        Err(e) => {
+            client.release();
+            return Err(e);
+        }
+    };
     client.batch_execute("BEGIN").await?;
     match plan.create_checked(&client).await {
         Ok(()) => {
@@ -101,10 +109,12 @@ struct Plan {
     /// Publishes updates or deletes: tables without a replica identity break.
     needs_identity: bool,
     publishes_delete: bool,
+    publishes_generated: bool,
+    major: Major,
 }
 
 impl Plan {
-    fn new(def: &Definition, name: &str, hidden_schema: &str) -> Result<Plan, Error> {
+    fn new(def: &Definition, name: &str, hidden_schema: &str, major: Major) -> Result<Plan, Error> {
         let name = name.to_owned();
         let mut plan = Plan {
             sql: String::new(),
@@ -117,7 +127,9 @@ impl Plan {
                 .map(|a| def.actions.contains(&a)),
             needs_identity: def.actions.iter().any(|a| matches!(a, Action::Update | Action::Delete)),
             publishes_delete: def.actions.contains(&Action::Delete),
+            publishes_generated: def.publish_generated_columns,
             name,
+            major,
         };
         let mut items = Vec::new();
         for entry in def.tables.iter().flatten() {
@@ -134,8 +146,12 @@ impl Plan {
         } else if items.is_empty() {
             // Every listed table is the store's own: a publication of nothing.
             String::new()
-        } else {
+        } else if major.repeats_table_keyword() {
             format!(" FOR {}", items.join(", "))
+        } else {
+            // Only tables before 15: `FOR TABLE a, b`.
+            let names: Vec<&str> = items.iter().filter_map(|i| i.strip_prefix("TABLE ")).collect();
+            format!(" FOR TABLE {}", names.join(", "))
         };
         let publish: Vec<&str> = def.actions.iter().filter(|a| **a != Action::Message).map(|a| a.name()).collect();
         // A listed partitioned table's changes come under its own name, not its
@@ -143,8 +159,20 @@ impl Plan {
         // session without tables names every table: each change comes under the
         // partition that holds the row, as wal2json names it.
         let via_root = if plan.all_tables { "" } else { ", publish_via_partition_root = true" };
+        let generated = match def.publish_generated_columns {
+            true if !major.has_generated_column_publishing() => {
+                return Err(needs(
+                    major,
+                    18,
+                    "publishGeneratedColumns (generated columns through pgoutput)",
+                    GENERATED,
+                ));
+            }
+            true => ", publish_generated_columns = stored",
+            false => "",
+        };
         plan.sql = format!(
-            "CREATE PUBLICATION {}{target} WITH (publish = {}{via_root})",
+            "CREATE PUBLICATION {}{target} WITH (publish = {}{via_root}{generated})",
             quote_ident(&plan.name),
             quote_literal(&publish.join(", "))
         );
@@ -164,6 +192,14 @@ impl Plan {
                 if schema == hidden_schema {
                     return Ok(None);
                 }
+                if !self.major.has_schema_publications() {
+                    return Err(needs(
+                        self.major,
+                        15,
+                        &format!("{} (every table of a schema, FOR TABLES IN SCHEMA) with pgoutput", entry.pattern()),
+                        LIST_TABLES,
+                    ));
+                }
                 let item = format!("TABLES IN SCHEMA {}", quote_ident(&schema));
                 self.schemas.push(schema);
                 Ok(Some(item))
@@ -175,6 +211,10 @@ impl Plan {
                 }
                 let table = format!("{}.{}", quote_ident(&schema), quote_ident(&t.name));
                 let mut item = format!("TABLE {table}");
+                if entry.narrows() && !self.major.has_row_filters_and_column_lists() {
+                    let what = format!("the row filter (where) or column list of {table}");
+                    return Err(needs(self.major, 15, &what, UNFILTERED));
+                }
                 if let TableEntry::Table(spec) = entry {
                     spec.check()?;
                     if let Some(columns) = &spec.columns {
@@ -207,6 +247,9 @@ impl Plan {
         if self.needs_identity {
             self.check_identities(client).await?;
             self.check_narrowed(client).await?;
+            if self.major.has_generated_column_publishing() && !self.publishes_generated {
+                self.check_generated(client).await?;
+            }
         }
         Ok(())
     }
@@ -268,16 +311,20 @@ impl Plan {
             .await?;
         let tables: Vec<(String, String)> =
             rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, tokio_postgres::Error>>()?;
-        let rows = client
-            .query(
-                "SELECT n.nspname::text FROM pg_catalog.pg_publication p \
-                 JOIN pg_catalog.pg_publication_namespace pn ON pn.pnpubid = p.oid \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = pn.pnnspid \
-                 WHERE p.pubname = $1 ORDER BY 1",
-                &[&self.name],
-            )
-            .await?;
-        let schemas: Vec<String> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        // Before 15 a publication has no schemas (nor their catalog).
+        let mut schemas: Vec<String> = Vec::new();
+        if self.major.has_schema_publications() {
+            let rows = client
+                .query(
+                    "SELECT n.nspname::text FROM pg_catalog.pg_publication p \
+                     JOIN pg_catalog.pg_publication_namespace pn ON pn.pnpubid = p.oid \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = pn.pnnspid \
+                     WHERE p.pubname = $1 ORDER BY 1",
+                    &[&self.name],
+                )
+                .await?;
+            schemas = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        }
         if tables != self.tables || schemas != self.schemas {
             return Err(Error::bad_request(
                 "a row filter (where) must be one SQL expression: Postgres read it as more of the publication",
@@ -320,48 +367,98 @@ impl Plan {
     }
 
     /// A row filter or column list must cover the replica identity, or Postgres refuses
-    /// the table's UPDATE and DELETE; it checks that when it plans one, so plan one.
+    /// the table's UPDATE and DELETE.
     async fn check_narrowed(&self, client: &Client) -> Result<(), Error> {
         for table in &self.narrowed {
-            let sql = if self.publishes_delete {
-                format!("EXPLAIN DELETE FROM {table}")
-            } else {
-                let row = client
-                    .query_opt(
-                        "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
-                         AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum LIMIT 1",
-                        &[table],
-                    )
-                    .await?;
-                let Some(row) = row else { continue };
-                let column = quote_ident(&row.try_get::<_, String>(0)?);
-                format!("EXPLAIN UPDATE {table} SET {column} = {column}")
-            };
-            client.batch_execute("SAVEPOINT narrowed").await?;
-            match client.batch_execute(&sql).await {
-                Ok(()) => client.batch_execute("RELEASE SAVEPOINT narrowed").await?,
-                // May not write the table: Postgres will check the writers, not us.
-                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-                    client.batch_execute("ROLLBACK TO SAVEPOINT narrowed").await?
-                }
-                Err(e) => {
-                    return Err(Error::conflict(format!(
-                        "refusing to create publication {}: with its row filter or column list, the application's \
-                         own UPDATE and DELETE of {table} would fail ({}). Fix: filter and list only replica identity \
-                         columns, give the table REPLICA IDENTITY FULL, or leave update and delete out of the actions",
-                        self.name,
-                        crate::pg::snapshot::describe(&e)
-                    )));
-                }
+            if let Some(e) = self.refused_write(client, table).await? {
+                return Err(Error::conflict(format!(
+                    "refusing to create publication {}: with its row filter or column list, the application's \
+                     own UPDATE and DELETE of {table} would fail ({e}). Fix: filter and list only replica identity \
+                     columns, give the table REPLICA IDENTITY FULL, or leave update and delete out of the actions",
+                    self.name
+                )));
             }
         }
         Ok(())
+    }
+
+    /// From 18, a publication that leaves generated columns out makes Postgres refuse
+    /// UPDATE and DELETE of a table whose replica identity has one (REPLICA IDENTITY
+    /// FULL with a stored generated column).
+    async fn check_generated(&self, client: &Client) -> Result<(), Error> {
+        let rows = client
+            .query(
+                "SELECT DISTINCT pg_catalog.format('%I.%I', pt.schemaname, pt.tablename) \
+                 FROM pg_catalog.pg_publication_tables pt \
+                 JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
+                 JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attgenerated <> '' AND NOT a.attisdropped \
+                 WHERE pt.pubname = $1 AND c.relreplident <> 'n' ORDER BY 1",
+                &[&self.name],
+            )
+            .await?;
+        for row in rows {
+            let table: String = row.try_get(0)?;
+            if let Some(e) = self.refused_write(client, &table).await? {
+                return Err(Error::conflict(format!(
+                    "refusing to create publication {}: the application's own UPDATE and DELETE of {table} would fail \
+                     ({e}), as PostgreSQL 18 refuses them for a table whose replica identity has a generated column \
+                     that the publication leaves out. Fix: \"publishGeneratedColumns\": true, a replica identity \
+                     without generated columns, or leave update and delete out of the actions",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why Postgres would refuse an UPDATE or DELETE of `table` (quoted) now, if it
+    /// would: it checks a replica identity against the publications when it plans one,
+    /// so plan one, in a savepoint.
+    async fn refused_write(&self, client: &Client, table: &str) -> Result<Option<String>, Error> {
+        let sql = if self.publishes_delete {
+            format!("EXPLAIN DELETE FROM {table}")
+        } else {
+            let row = client
+                .query_opt(
+                    "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
+                     AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum LIMIT 1",
+                    &[&table],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let column = quote_ident(&row.try_get::<_, String>(0)?);
+            format!("EXPLAIN UPDATE {table} SET {column} = {column}")
+        };
+        client.batch_execute("SAVEPOINT planned").await?;
+        match client.batch_execute(&sql).await {
+            Ok(()) => client.batch_execute("RELEASE SAVEPOINT planned").await?,
+            Err(e) => {
+                client.batch_execute("ROLLBACK TO SAVEPOINT planned").await?;
+                // May not write the table: Postgres will check the writers, not us.
+                if e.code() != Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    return Ok(Some(crate::pg::snapshot::describe(&e)));
+                }
+            }
+        }
+        Ok(None)
     }
 }
 
 /// The classes of SQLSTATE that a request's tables, filters and columns cause: syntax
 /// and access (42), data (22), unsupported (0A), object state (55).
 const CLIENT_CLASSES: &[&str] = &["42", "22", "0A", "55"];
+
+/// 400: `what` needs PostgreSQL `major` or later, and the server is older.
+fn needs(server: Major, major: u32, what: &str, instead: &str) -> Error {
+    Error::bad_request(format!(
+        "{what} needs PostgreSQL {major} or later; this server is PostgreSQL {server}: {instead}"
+    ))
+}
+
+const LIST_TABLES: &str = "list the tables one by one, or use \"plugin\": \"wal2json\" where it is installed";
+const UNFILTERED: &str = "leave out where and columns, or use \"plugin\": \"wal2json\" with its actions and tables";
+const GENERATED: &str = "leave it out, or use \"plugin\": \"wal2json\", which prints generated columns";
 
 /// Postgres refused `CREATE PUBLICATION`.
 fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
@@ -371,7 +468,7 @@ fn refused(name: &str, e: &tokio_postgres::Error) -> Error {
         return Error::new(
             ErrorKind::Forbidden,
             format!(
-                "the configured user may not create publication {name}: {said}. In PostgreSQL 15 a publication FOR ALL \
+                "the configured user may not create publication {name}: {said}. A publication FOR ALL \
                  TABLES (a session without tables) or FOR TABLES IN SCHEMA (schema.*) needs a superuser, one FOR \
                  TABLE needs the owner of each table and CREATE on the database; or use \"plugin\": \"wal2json\""
             ),
@@ -397,12 +494,13 @@ mod tests {
             plugin: Plugin::Pgoutput,
             tables,
             actions: actions.to_vec(),
+            publish_generated_columns: false,
         }
     }
 
     impl Plan {
         fn new_for(def: &Definition, hidden_schema: &str) -> Result<Plan, Error> {
-            Plan::new(def, Plugin::publication_name(&def.slot_name), hidden_schema)
+            Plan::new(def, Plugin::publication_name(&def.slot_name), hidden_schema, Major(15))
         }
     }
 
@@ -482,5 +580,46 @@ mod tests {
         })];
         let e = Plan::new_for(&def(Some(tables), &Action::ALL), "pgdeltastream").unwrap_err();
         assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+    }
+
+    #[test]
+    fn before_15_tables_are_listed_after_one_keyword_and_schemas_filters_columns_are_refused() {
+        let two = vec![TableEntry::Pattern("public.orders".into()), TableEntry::Pattern("public.items".into())];
+        let d = def(Some(two), &[Action::Insert]);
+        for major in [13, 14] {
+            let plan = Plan::new(&d, "delta_amber1", "pgdeltastream", Major(major)).unwrap();
+            assert_eq!(
+                plan.sql,
+                "CREATE PUBLICATION \"delta_amber1\" FOR TABLE \"public\".\"orders\", \"public\".\"items\" \
+                 WITH (publish = 'insert', publish_via_partition_root = true)"
+            );
+        }
+        let schema = def(Some(vec![TableEntry::Pattern("audit.*".into())]), &[Action::Insert]);
+        let e = Plan::new(&schema, "delta_amber1", "pgdeltastream", Major(14)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(e.to_string().contains("needs PostgreSQL 15 or later; this server is PostgreSQL 14"), "{e}");
+        let filtered = vec![TableEntry::Table(TableSpec {
+            table: "public.t".into(),
+            row_filter: Some("true".into()),
+            columns: None,
+        })];
+        let e =
+            Plan::new(&def(Some(filtered), &[Action::Insert]), "delta_amber1", "pgdeltastream", Major(13)).unwrap_err();
+        assert!(e.to_string().contains("needs PostgreSQL 15 or later; this server is PostgreSQL 13"), "{e}");
+    }
+
+    #[test]
+    fn generated_columns_are_published_from_18_and_refused_before() {
+        let mut d = def(Some(vec![TableEntry::Pattern("public.t".into())]), &[Action::Insert]);
+        d.publish_generated_columns = true;
+        let plan = Plan::new(&d, "delta_amber1", "pgdeltastream", Major(18)).unwrap();
+        assert!(
+            plan.sql.ends_with("publish_via_partition_root = true, publish_generated_columns = stored)"),
+            "{}",
+            plan.sql
+        );
+        let e = Plan::new(&d, "delta_amber1", "pgdeltastream", Major(17)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(e.to_string().contains("needs PostgreSQL 18 or later; this server is PostgreSQL 17"), "{e}");
     }
 }

@@ -16,8 +16,9 @@ use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
 use crate::pg::PgError;
 use crate::pg::ident::is_valid_slot_name;
-use crate::pg::pool::Pool;
+use crate::pg::pool::{Pool, PoolError};
 use crate::pg::replication::{ReplicationConnection, ReplicationStream};
+use crate::pg::version::Major;
 use crate::stream::plugin::Plugin;
 use crate::types::Lsn;
 
@@ -33,6 +34,8 @@ pub(crate) struct OurSlot {
     /// The walsender streaming it, ours or another process's.
     pub active_pid: Option<i32>,
     pub confirmed_flush: Lsn,
+    /// The server's major, which decides the plugin's start options.
+    pub major: Major,
 }
 
 struct SlotInfo {
@@ -40,6 +43,7 @@ struct SlotInfo {
     database: Option<String>,
     active_pid: Option<i32>,
     confirmed_flush: Lsn,
+    major: Major,
 }
 
 /// The replication slots of sessions (and their publications).
@@ -186,8 +190,9 @@ impl Slots {
         let created = match conn.create_logical_slot(name, plugin.name()).await {
             Ok(c) => c,
             Err(e) => {
+                let major = conn.parameter("server_version").and_then(Major::from_server_version);
                 conn.close().await;
-                return Err(e.into());
+                return Err(Error::from_pg_on(&e, major).with_source(e));
             }
         };
         // Import the snapshot before anything else runs on `conn`: the next command
@@ -266,7 +271,7 @@ impl Slots {
                 ),
             ));
         }
-        Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush })
+        Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush, major: info.major })
     }
 
     /// A stored definition reads `slot`, or it reads the publication its plugin names,
@@ -291,10 +296,12 @@ impl Slots {
                 &[&slot],
             )
             .await?;
+        let major = client.major().ok_or(PoolError::NoVersion)?;
         client.release();
         let Some(row) = row else { return Ok(None) };
         let confirmed: String = row.try_get(3)?;
         Ok(Some(SlotInfo {
+            major,
             plugin: row.try_get(0)?,
             database: row.try_get(1)?,
             active_pid: row.try_get(2)?,

@@ -97,7 +97,7 @@ impl Registry {
         // The store's own writes are never a client's business.
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
         let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
-        let options = info.plugin.start_options(format, &filter, slot);
+        let options = info.plugin.start_options(format, &filter, slot, info.major);
         let stream = self.slots.start_replication(slot, start, &options).await?;
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream

@@ -148,12 +148,13 @@ impl Registry {
         let def = self.known(name).await?;
         let (permit, stop) = self.watchers.enter(name, caller, &self.shutdown)?;
         self.watchers.check_room().await?;
-        let plugin = self.our_slot(&def.slot_name).await?.plugin;
+        let ours = self.our_slot(&def.slot_name).await?;
+        let plugin = ours.plugin;
         let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
         let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
         let slot = names::watch_slot_name();
         // The options name the session's slot: a pgoutput watcher reads its publication.
-        let options = plugin.watch_options(&filter, &def.slot_name);
+        let options = plugin.watch_options(&filter, &def.slot_name, ours.major);
         let (start, stream) = self.slots.open_temporary(&slot, plugin, &options).await?;
         if stop.is_stopped() {
             return Err(Error::conflict(format!("session {name} was ended as the watch opened")));

@@ -41,7 +41,7 @@ impl From<PoolError> for StreamError {
                 StreamError::Transient(e.to_string())
             }
             // A certificate that does not verify will not verify on the next try.
-            PoolError::Tls(_) => StreamError::Fatal(e.to_string()),
+            PoolError::Tls(_) | PoolError::NoVersion => StreamError::Fatal(e.to_string()),
         }
     }
 }

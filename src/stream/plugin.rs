@@ -19,6 +19,7 @@ use super::partitions::Relabel;
 use super::pgoutput::Converter;
 use crate::error::Error;
 use crate::pg::pool::Pool;
+use crate::pg::version::Major;
 
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
 const NO_TABLE: &str = "pg_pgdeltastream_none.none";
@@ -114,20 +115,31 @@ impl Plugin {
     /// The options of a watcher's stream of the session that reads `session_slot`
     /// (in the `changes` format): the session's, and wal2json names each change's key
     /// for the viewer (pgoutput names none; the viewer copes).
-    pub(crate) fn watch_options(self, filter: &Filter, session_slot: &str) -> Vec<(&'static str, String)> {
-        let mut options = self.start_options(Format::Changes, filter, session_slot);
+    pub(crate) fn watch_options(
+        self,
+        filter: &Filter,
+        session_slot: &str,
+        major: Major,
+    ) -> Vec<(&'static str, String)> {
+        let mut options = self.start_options(Format::Changes, filter, session_slot, major);
         if self == Plugin::Wal2json {
             options.push(("include-pk", "1".into()));
         }
         options
     }
 
-    /// The options for `START_REPLICATION` of `slot`: the format, and the filter applied
-    /// inside Postgres.
-    pub fn start_options(self, format: Format, filter: &Filter, slot: &str) -> Vec<(&'static str, String)> {
+    /// The options for `START_REPLICATION` of `slot` on a server of `major`: the format,
+    /// and the filter applied inside Postgres.
+    pub fn start_options(
+        self,
+        format: Format,
+        filter: &Filter,
+        slot: &str,
+        major: Major,
+    ) -> Vec<(&'static str, String)> {
         match self {
             Plugin::Wal2json => wal2json_options(format, filter),
-            Plugin::Pgoutput => pgoutput_options(filter, slot),
+            Plugin::Pgoutput => pgoutput_options(filter, slot, major),
         }
     }
 
@@ -187,13 +199,14 @@ impl Plugin {
 }
 
 /// pgoutput's filter is its publication (tables, actions); the format is ours to render.
-fn pgoutput_options(filter: &Filter, slot: &str) -> Vec<(&'static str, String)> {
+/// 13's pgoutput refuses `messages`, and sends none: the option goes only where it exists.
+fn pgoutput_options(filter: &Filter, slot: &str, major: Major) -> Vec<(&'static str, String)> {
     let publication = Plugin::publication_name(slot).replace('"', "\"\"");
-    vec![
-        ("proto_version", "1".into()),
-        ("publication_names", format!("\"{publication}\"")),
-        ("messages", if filter.wants(Action::Message) { "true" } else { "false" }.into()),
-    ]
+    let mut options = vec![("proto_version", "1".into()), ("publication_names", format!("\"{publication}\""))];
+    if major.pgoutput_has_messages() {
+        options.push(("messages", if filter.wants(Action::Message) { "true" } else { "false" }.into()));
+    }
+    options
 }
 
 fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, String)> {
@@ -283,8 +296,8 @@ mod tests {
     #[test]
     fn the_hooks_say_what_each_plugin_needs() {
         let f = Filter::default();
-        assert!(Plugin::Wal2json.watch_options(&f, "s").contains(&("include-pk", "1".into())));
-        assert!(!Plugin::Pgoutput.watch_options(&f, "s").iter().any(|(k, _)| *k == "include-pk"));
+        assert!(Plugin::Wal2json.watch_options(&f, "s", Major(15)).contains(&("include-pk", "1".into())));
+        assert!(!Plugin::Pgoutput.watch_options(&f, "s", Major(15)).iter().any(|(k, _)| *k == "include-pk"));
         assert_eq!(Plugin::Pgoutput.publication("delta_x1"), Some("delta_x1"));
         assert_eq!(Plugin::Wal2json.publication("delta_x1"), None);
         assert!(Plugin::narrowing().narrows() && !Plugin::PREFERRED.narrows());
@@ -295,7 +308,7 @@ mod tests {
 
     #[test]
     fn options_carry_the_filter() {
-        let all = Plugin::Wal2json.start_options(Format::Transactions, &Filter::default(), "s");
+        let all = Plugin::Wal2json.start_options(Format::Transactions, &Filter::default(), "s", Major(15));
         assert!(all.iter().all(|(k, _)| !["add-tables", "actions", "add-msg-prefixes"].contains(k)), "{all:?}");
         let filter = Filter {
             tables: Some(vec![("public".into(), Some("orders".into())), ("audit".into(), None)]),
@@ -303,11 +316,22 @@ mod tests {
             hidden_schemas: vec!["pgdeltastream".into()],
             partitioned: false,
         };
-        let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s");
+        let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s", Major(15));
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("add-tables"), Some("public.orders,audit.*"));
         assert_eq!(get("actions"), Some("insert,delete"));
         assert_eq!(get("add-msg-prefixes"), Some(NO_PREFIX));
         assert_eq!(get("filter-tables"), Some("pgdeltastream.*"));
+    }
+
+    #[test]
+    fn pgoutput_is_asked_for_messages_only_where_it_has_them() {
+        let messages = |major| {
+            let options = Plugin::Pgoutput.start_options(Format::Changes, &Filter::default(), "s", Major(major));
+            options.iter().find(|(k, _)| *k == "messages").map(|(_, v)| v.clone())
+        };
+        assert_eq!(messages(13), None);
+        assert_eq!(messages(14).as_deref(), Some("true"));
+        assert_eq!(messages(18).as_deref(), Some("true"));
     }
 }

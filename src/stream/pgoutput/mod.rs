@@ -64,6 +64,10 @@ struct Txn {
     begin: Begin,
     /// Changes held so far (format 1 separates all but the first with a comma).
     changes: u64,
+    /// pgoutput sent something between Begin and Commit, hidden changes included.
+    /// Before 15 it sends Begin and Commit for transactions that published nothing;
+    /// from 15 it sends nothing for them, and so do we on every major.
+    sent_any: bool,
     spool: Spool,
 }
 
@@ -197,12 +201,15 @@ impl Converter {
             return Err(ConvertError::NestedBegin);
         }
         let spool = Spool::new(self.hold_memory, self.spool_dir.clone());
-        self.txn = Some(Txn { begin, changes: 0, spool });
+        self.txn = Some(Txn { begin, changes: 0, sent_any: false, spool });
         Ok(())
     }
 
     fn commit(&mut self, commit: Commit) -> Result<(), ConvertError> {
         let txn = self.txn.take().ok_or(ConvertError::OutsideTransaction("a commit"))?;
+        if !txn.sent_any {
+            return Ok(());
+        }
         let end = commit.end_lsn;
         let kind = if txn.changes > 0 { MessageKind::Data } else { MessageKind::Empty };
         let changes = u32::try_from(txn.changes).unwrap_or(u32::MAX);
@@ -245,6 +252,7 @@ impl Converter {
         let rel = self.relations.get(&relation).ok_or(ConvertError::UnknownRelation(relation))?;
         let format = self.format;
         let txn = self.txn.as_mut().ok_or(ConvertError::OutsideTransaction("a change"))?;
+        txn.sent_any = true;
         if rel.hidden {
             return Ok(());
         }
@@ -277,6 +285,7 @@ impl Converter {
             }
         }
         let txn = self.txn("a truncate")?;
+        txn.sent_any = true;
         for piece in pieces {
             txn.changes += 1;
             txn.spool.push(&piece)?;
@@ -315,6 +324,7 @@ impl Converter {
         piece.push(b'}');
         match txn {
             Some(txn) => {
+                txn.sent_any = true;
                 txn.changes += 1;
                 txn.spool.push(&piece)?;
             }

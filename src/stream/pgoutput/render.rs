@@ -212,10 +212,23 @@ fn v1_arrays(out: &mut Vec<u8>, keys: [&[u8]; 3], columns: &[Shown<'_>]) -> Resu
         if i > 0 {
             out.push(b',');
         }
-        write_value(out, Mode::Wal2json, col.type_oid, *value)?;
+        write_value(out, Mode::Wal2json, col.type_oid, char_as_15(col.type_oid, *value).as_deref())?;
     }
     out.push(b']');
     Ok(())
+}
+
+/// The `"char"` type's oid.
+const CHAR_OID: u32 = 18;
+
+/// A `"char"` of a byte with the high bit set, as PostgreSQL 15 and later print it:
+/// `\ooo`. Before 15 its output function sends the byte as it is, which in a UTF8
+/// database is not text at all (a stream that refused it would stop at it for good).
+fn char_as_15(type_oid: u32, value: Option<&[u8]>) -> Option<std::borrow::Cow<'_, [u8]>> {
+    match value? {
+        [byte] if type_oid == CHAR_OID && *byte >= 0x80 => Some(format!("\\{byte:03o}").into_bytes().into()),
+        value => Some(value.into()),
+    }
 }
 
 /// Format 2's `[{"name":..,"type":..,"value":..},..]`.
@@ -230,9 +243,22 @@ fn v2_array(out: &mut Vec<u8>, columns: &[Shown<'_>]) -> Result<(), ConvertError
         out.extend_from_slice(b",\"type\":");
         out.extend_from_slice(&col.type_name);
         out.extend_from_slice(b",\"value\":");
-        write_value(out, Mode::Wal2json, col.type_oid, *value)?;
+        write_value(out, Mode::Wal2json, col.type_oid, char_as_15(col.type_oid, *value).as_deref())?;
         out.push(b'}');
     }
     out.push(b']');
     Ok(())
+}
+
+#[cfg(test)]
+mod char_tests {
+    use super::*;
+
+    #[test]
+    fn a_char_with_the_high_bit_reads_as_15_prints_it() {
+        assert_eq!(char_as_15(CHAR_OID, Some(&[0xE9])).as_deref(), Some(&b"\\351"[..]));
+        assert_eq!(char_as_15(CHAR_OID, Some(b"Z")).as_deref(), Some(&b"Z"[..]));
+        assert_eq!(char_as_15(25, Some(&[0xE9])).as_deref(), Some(&[0xE9][..]));
+        assert_eq!(char_as_15(CHAR_OID, None), None);
+    }
 }

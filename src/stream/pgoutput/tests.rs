@@ -97,7 +97,9 @@ fn messages_carry_their_metadata() {
     };
     let mut c = converter(Format::Transactions, DEFAULT_HOLD_MEMORY);
     c.push(Lsn(1), relation(1, "public", b'd')).unwrap();
-    let out = shape(&mut c, vec![begin(), insert("1"), insert("2"), commit(), begin(), commit()]);
+    c.push(Lsn(1), relation(2, "pgdeltastream", b'd')).unwrap();
+    let hidden = Message::Insert { relation: 2, new: vec![text("1"), text("x"), Datum::Null] };
+    let out = shape(&mut c, vec![begin(), insert("1"), insert("2"), commit(), begin(), hidden, commit()]);
     let data = format!("finish {end:?} Data 2");
     let empty = format!("finish {end:?} Empty 0");
     let start = format!("start {end:?}");
@@ -171,6 +173,20 @@ fn v2_records_carry_their_lsns() {
             r#"{"action":"C","lsn":"0/100","nextlsn":"1/130"}"#,
         ]
     );
+}
+
+/// pgoutput before 15 sends Begin and Commit for a transaction that published nothing;
+/// 15 sends nothing, and that is what reaches a client on every major.
+#[test]
+fn a_transaction_pgoutput_sent_nothing_of_is_not_sent() {
+    for format in [Format::Transactions, Format::Changes] {
+        let mut c = converter(format, DEFAULT_HOLD_MEMORY);
+        c.push(Lsn(1), relation(1, "public", b'd')).unwrap();
+        let out = run(&mut c, vec![begin(), commit(), begin(), commit(), begin(), insert("1"), commit()]);
+        assert_eq!(out.len(), 3, "one transaction of one change: {out:?}");
+        assert!(out[1].contains(r#""a\"b""#), "the change: {out:?}");
+        assert!(!c.holds_transaction() && !c.has_output());
+    }
 }
 
 #[test]
