@@ -41,6 +41,116 @@ async fn fixed_seed_streams_the_same_from_both_plugins() {
     }
 }
 
+/// The workload whose stream, rendered by wal2json on 15, is stored in
+/// `tests/reference/`: every major's pgoutput must stream it byte for byte (LSNs
+/// masked), 13 without its logical messages.
+const REFERENCE_SEED: u64 = FIXED_SEED;
+const REFERENCE_SIZE: usize = 300;
+const REFERENCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference");
+
+/// On 15 (wal2json installed): wal2json's stream of the reference workload is the one
+/// stored (`CONFORMANCE_WRITE_REFERENCE=1` stores it anew). On any other major: the
+/// server's pgoutput stream of it is the stored one (`make test-majors`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_workload_streams_as_wal2json_rendered_it_on_15() {
+    if let Err(report) = against_reference(REFERENCE_SEED, REFERENCE_SIZE).await {
+        panic!("{report}");
+    }
+}
+
+async fn against_reference(seed: u64, size: usize) -> Result<(), String> {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    let num: String = pg.query_one("SHOW server_version_num", &[]).await.map_err(|e| e.to_string())?.get(0);
+    let major = num.parse::<u32>().map_err(|e| e.to_string())? / 10_000;
+    // The reference is wal2json's, which only 15 has here.
+    let plugin = if major == 15 { "wal2json" } else { "pgoutput" };
+    let slots = Slots { v1: format!("delta_reftx{n}"), v2: format!("delta_refch{n}") };
+    let peek = format!("delta_refpeek{n}");
+    let publish = if plugin == "pgoutput" { vec![slots.v1.as_str(), &slots.v2] } else { vec![peek.as_str()] };
+    // From 18 a publication without the generated columns makes Postgres refuse the
+    // workload's UPDATEs of its REPLICA IDENTITY FULL tables that have one; the stream's
+    // generated columns are then dropped, as the reference's are.
+    let generated = if major >= 18 { " WITH (publish_generated_columns = stored)" } else { "" };
+    for slot in publish {
+        let sql = format!("CREATE PUBLICATION {slot} FOR ALL TABLES{generated}");
+        pg.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+    }
+    let mut made = vec![(slots.v1.as_str(), plugin), (&slots.v2, plugin)];
+    if plugin == "wal2json" {
+        made.push((&peek, "pgoutput"));
+    }
+    for (slot, plugin) in &made {
+        pg.execute("SELECT pg_create_logical_replication_slot($1, $2)", &[slot, plugin])
+            .await
+            .map_err(|e| format!("creating slot {slot}: {e}"))?;
+    }
+    let steps = workload::generate(seed, size, true);
+    let sql_file = save_workload(seed, &steps);
+    let fail = |what: String| {
+        format!("reference seed {seed} on PostgreSQL {major} ({plugin}; workload in {sql_file}):\n{what}")
+    };
+    let other = db.client().await;
+    for (i, step) in steps.iter().enumerate() {
+        run_step([&pg, &other], step).await.map_err(|e| fail(format!("step {i}: {e}\n{}", step.sql())))?;
+    }
+    pg.batch_execute(&format!("CREATE TABLE {END_TABLE} (id int PRIMARY KEY); INSERT INTO {END_TABLE} VALUES (1)"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = TestServer::start(&db).await;
+    let mut read = Vec::new();
+    for (slot, query) in [(&slots.v1, ""), (&slots.v2, "&format=changes")] {
+        let url = format!("{}{query}", server.stream_url(slot));
+        read.push(stream_until(&url, &pg, slot, !query.is_empty(), End::Table).await.map_err(fail)?);
+    }
+    server.stop().await;
+    let mut read = read.into_iter();
+    let mut streamed = Streamed { v1: read.next().unwrap_or_default(), v2: read.next().unwrap_or_default() };
+    if plugin == "wal2json" {
+        let sent = pgoutput_sent(&pg, &peek).await.map_err(fail)?;
+        streamed = normalise(&pg, streamed, &sent).await;
+    } else if !generated.is_empty() {
+        streamed = compare::drop_generated_columns(&streamed, |_, _, column| column == workload::GENERATED_COLUMN);
+    }
+    for (slot, _) in &made {
+        pg.execute("SELECT pg_drop_replication_slot($1)", &[slot]).await.map_err(|e| e.to_string())?;
+    }
+    // Masked last, as the normalisations parse LSNs; each transaction's changes in a
+    // canonical order (`compare::canonical_v1`: another cluster may order them otherwise).
+    let masked = |s: &Streamed| {
+        let mask = |m: &[String]| m.iter().map(|m| compare::mask_lsns(m)).collect::<Vec<_>>();
+        Streamed { v1: mask(&compare::canonical_v1(&s.v1)), v2: compare::canonical_v2(&mask(&s.v2)) }
+    };
+    save_streams(seed, &format!("reference-{major}"), &masked(&streamed));
+    let variants = [("", masked(&streamed)), ("-no-messages", masked(&compare::drop_messages(&streamed)))];
+    let write = plugin == "wal2json" && env_u64("CONFORMANCE_WRITE_REFERENCE").is_some_and(|v| v != 0);
+    for (suffix, s) in variants {
+        // 13's pgoutput sends no messages; every other major's stream has them.
+        if plugin == "pgoutput" && (suffix.is_empty() != (major >= 14)) {
+            continue;
+        }
+        for (format, messages) in [("v1", &s.v1), ("v2", &s.v2)] {
+            let path = format!("{REFERENCE_DIR}/seed-{seed}-{size}{suffix}.{format}.txt");
+            if write {
+                let mut text = compare::reference_lines(messages).join("\n");
+                text.push('\n');
+                std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
+                continue;
+            }
+            let stored = std::fs::read_to_string(&path).map_err(|e| fail(format!("{path}: {e}")))?;
+            let expected: Vec<String> = stored.lines().map(str::to_owned).collect();
+            if let Some(diff) = compare::first_reference_difference(&format!("{format}{suffix}"), &expected, messages) {
+                let regenerate = "a change of the workload generator or of wal2json's output on 15 needs the \
+                    reference stored anew: CONFORMANCE_WRITE_REFERENCE=1 cargo test --test it conformance::the_reference";
+                return Err(fail(format!("{path}: {diff}\n({regenerate})")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `make conformance`: many seeds; every failing seed is reported, then the test fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by `make conformance`"]
@@ -314,6 +424,27 @@ fn open_streams(db: &common::TestDb, server: &TestServer, reference: &Slots, can
 /// Every message of the stream up to the workload's end marker (its transaction in
 /// format 1, up to its commit in format 2); then the stream is closed and the slot free.
 async fn stream(url: &str, pg: &tokio_postgres::Client, slot: &str, changes: bool) -> Result<Vec<String>, String> {
+    stream_until(url, pg, slot, changes, End::Marker).await
+}
+
+/// Where a stream's workload ends: at its end marker (a logical message), or at the
+/// first change of table [`END_TABLE`] (PostgreSQL 13's pgoutput sends no messages).
+#[derive(Clone, Copy)]
+enum End {
+    Marker,
+    Table,
+}
+
+/// The table whose first row ends a workload streamed to [`End::Table`].
+const END_TABLE: &str = "conformance_end";
+
+async fn stream_until(
+    url: &str,
+    pg: &tokio_postgres::Client,
+    slot: &str,
+    changes: bool,
+    end: End,
+) -> Result<Vec<String>, String> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| format!("{url}: {e}"))?;
     let mut messages = Vec::new();
     let mut marker_seen = false;
@@ -325,11 +456,19 @@ async fn stream(url: &str, pg: &tokio_postgres::Client, slot: &str, changes: boo
                 messages.last().map_or("-", String::as_str)
             )
         })?;
+        let is_end = |c: &Change| match end {
+            End::Marker => is_end_marker(c),
+            End::Table => matches!(c, Change::Insert(r) if r.table == END_TABLE),
+        };
         let done = if !changes {
-            Transaction::parse(text.as_bytes()).is_ok_and(|t| t.change.iter().any(is_end_marker))
+            Transaction::parse(text.as_bytes()).is_ok_and(|t| t.change.iter().any(is_end))
         } else {
             match Record::parse(text.as_bytes()) {
-                Ok(Record::M(m)) if m.prefix == END_PREFIX => {
+                Ok(Record::M(m)) if matches!(end, End::Marker) && m.prefix == END_PREFIX => {
+                    marker_seen = true;
+                    false
+                }
+                Ok(Record::I(r)) if matches!(end, End::Table) && r.table == END_TABLE => {
                     marker_seen = true;
                     false
                 }

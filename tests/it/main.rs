@@ -23,6 +23,7 @@ mod hostile;
 mod http_limits;
 mod keyset;
 mod lifecycle;
+mod majors;
 mod metrics;
 mod nats;
 mod oversized;

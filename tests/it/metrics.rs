@@ -227,7 +227,15 @@ async fn healthz_and_readyz_answer_on_a_working_cluster() {
     let (status, body) = server.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ok");
-    assert_eq!(body["checks"], json!(["connection", "wal_level", "replication_role", "replication_connection"]));
+    assert_eq!(
+        body["checks"],
+        json!(["connection", "server_version", "wal_level", "replication_role", "replication_connection"])
+    );
+    let num: String = db.client().await.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
+    let major = num.parse::<u64>().unwrap() / 10_000;
+    assert_eq!(body["postgres"]["major"], json!(major), "{body}");
+    let version = body["postgres"]["version"].as_str().unwrap_or_default();
+    assert!(version.starts_with(&major.to_string()), "{body}");
     server.stop().await;
 }
 

@@ -248,3 +248,186 @@ pub fn drop_changes_of(s: &Streamed, views: &[(String, String)]) -> Streamed {
             .collect();
     Streamed { v1, v2 }
 }
+
+/// What pgoutput on PostgreSQL 13 sends of a stream: no logical messages (its pgoutput
+/// has no `messages` option). Drops them from both formats, and a transaction that had
+/// only messages with them (pgoutput sends nothing for it then); a transaction that was
+/// empty already stays.
+pub fn drop_messages(s: &Streamed) -> Streamed {
+    let v1 =
+        s.v1.iter()
+            .filter_map(|m| {
+                let Ok(mut t) = Transaction::parse(m.as_bytes()) else { return Some(m.clone()) };
+                let before = t.change.len();
+                t.change.retain(|c| !matches!(c, Change::Message(_)));
+                match t.change.len() {
+                    n if n == before => Some(m.clone()),
+                    0 => None,
+                    _ => Some(serde_json::to_string(&t).unwrap_or_else(|_| m.clone())),
+                }
+            })
+            .collect();
+    let mut v2 = Vec::with_capacity(s.v2.len());
+    // The records of the open transaction, and whether a message was dropped from it.
+    let mut open: Option<(Vec<String>, bool)> = None;
+    for m in &s.v2 {
+        match (Record::parse(m.as_bytes()), &mut open) {
+            (Ok(Record::B(_)), _) => open = Some((vec![m.clone()], false)),
+            (Ok(Record::M(_)), Some((_, dropped))) => *dropped = true,
+            (Ok(Record::M(_)), None) => {}
+            (Ok(Record::C(_)), Some(_)) => {
+                let Some((mut records, dropped)) = open.take() else { continue };
+                if !(dropped && records.len() == 1) {
+                    records.push(m.clone());
+                    v2.extend(records);
+                }
+            }
+            (_, Some((records, _))) => records.push(m.clone()),
+            (_, None) => v2.push(m.clone()),
+        }
+    }
+    Streamed { v1, v2 }
+}
+
+/// `message` with the value of every `"lsn"` and `"nextlsn"` replaced by `X/X`: LSNs
+/// differ from cluster to cluster, the rest must not. (Inside a JSON string a quote is
+/// escaped, so the pattern only matches keys.)
+pub fn mask_lsns(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    loop {
+        let found = ["\"lsn\":\"", "\"nextlsn\":\""].iter().filter_map(|k| rest.find(k).map(|at| (at, k.len()))).min();
+        let Some((at, len)) = found else { break };
+        out.push_str(&rest[..at + len]);
+        rest = &rest[at + len..];
+        let end = rest.find('"').unwrap_or(rest.len());
+        out.push_str("X/X");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The changes of each transaction in a canonical order, for a comparison across
+/// clusters. A statement that changes several rows changes them in the order it finds
+/// them, and where an earlier update put a row's new version depends on page pruning,
+/// which other sessions of the cluster hold back or not: the same workload on two
+/// clusters may list a transaction's rows in another order. (Two slots of one cluster
+/// see one order: the live conformance test compares the order too.) Format 1 is
+/// sorted before its LSNs are masked (it parses them), format 2 after
+/// ([`canonical_v2`]).
+pub fn canonical_v1(messages: &[String]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| {
+            let Ok(mut t) = Transaction::parse(m.as_bytes()) else { return m.clone() };
+            let mut keyed: Vec<(String, Change)> =
+                t.change.drain(..).map(|c| (serde_json::to_string(&c).unwrap_or_default(), c)).collect();
+            if keyed.windows(2).all(|w| w[0].0 <= w[1].0) {
+                return m.clone();
+            }
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+            t.change = keyed.into_iter().map(|(_, c)| c).collect();
+            serde_json::to_string(&t).unwrap_or_else(|_| m.clone())
+        })
+        .collect()
+}
+
+/// Format 2's records between each `B` and its `C` in a canonical order (their masked
+/// text's); see [`canonical_v1`].
+pub fn canonical_v2(masked: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(masked.len());
+    let mut inside: Option<Vec<String>> = None;
+    for m in masked {
+        if m.starts_with("{\"action\":\"B\"") {
+            out.push(m.clone());
+            inside = Some(Vec::new());
+        } else if m.starts_with("{\"action\":\"C\"") {
+            let mut records = inside.take().unwrap_or_default();
+            records.sort();
+            out.extend(records);
+            out.push(m.clone());
+        } else if let Some(records) = &mut inside {
+            records.push(m.clone());
+        } else {
+            out.push(m.clone());
+        }
+    }
+    out.extend(inside.unwrap_or_default());
+    out
+}
+
+/// A stored reference of a stream: a line per message, its SHA-256 (the first 16 bytes,
+/// hex), its length, and its first bytes to read. The messages themselves are tens of
+/// megabytes (the workload's TOASTed values); their digests are enough to compare.
+pub fn reference_lines(messages: &[String]) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    messages
+        .iter()
+        .map(|m| {
+            let digest = Sha256::digest(m.as_bytes());
+            let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            let preview: String = m.chars().take(100).collect();
+            format!("{hex} {} {preview}", m.len())
+        })
+        .collect()
+}
+
+/// The first message of `actual` whose reference line is not `expected`'s, described.
+pub fn first_reference_difference(what: &str, expected: &[String], actual: &[String]) -> Option<String> {
+    let lines = reference_lines(actual);
+    let digest = |l: &str| l.split(' ').next().unwrap_or("").to_owned();
+    for i in 0..expected.len().max(lines.len()) {
+        let (e, a) = (expected.get(i), lines.get(i));
+        if e.map(|e| digest(e)) == a.map(|a| digest(a)) {
+            continue;
+        }
+        let full: String =
+            actual.get(i).map_or_else(|| "<none: the stream ended>".into(), |m| m.chars().take(2000).collect());
+        return Some(format!(
+            "{what}: message {i} of {} (reference) / {} (actual) differs:\n  reference {}\n  actual    {}\nactual message (first 2000 characters):\n{full}\n",
+            expected.len(),
+            lines.len(),
+            e.map_or("<none: the reference ended>", String::as_str),
+            a.map_or("<none>", String::as_str),
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_are_masked_and_values_left() {
+        let m = r#"{"action":"I","lsn":"0/16B3748","nextlsn":"1/A0","columns":[{"name":"lsn","value":"\"lsn\":\"x"}]}"#;
+        assert_eq!(
+            mask_lsns(m),
+            r#"{"action":"I","lsn":"X/X","nextlsn":"X/X","columns":[{"name":"lsn","value":"\"lsn\":\"x"}]}"#
+        );
+    }
+
+    #[test]
+    fn messages_go_and_transactions_of_only_messages_with_them() {
+        let s = Streamed {
+            v1: vec![
+                r#"{"nextlsn":"0/1","change":[{"kind":"message","transactional":true,"prefix":"p","content":"c"}]}"#
+                    .into(),
+                r#"{"nextlsn":"0/2","change":[]}"#.into(),
+                r#"{"change":[{"kind":"message","transactional":false,"prefix":"p","content":"c"}]}"#.into(),
+            ],
+            v2: vec![
+                r#"{"action":"B","lsn":"0/1","nextlsn":"0/2"}"#.into(),
+                r#"{"action":"M","lsn":"0/1","transactional":true,"prefix":"p","content":"c"}"#.into(),
+                r#"{"action":"C","lsn":"0/1","nextlsn":"0/2"}"#.into(),
+                r#"{"action":"B","lsn":"0/3","nextlsn":"0/4"}"#.into(),
+                r#"{"action":"C","lsn":"0/3","nextlsn":"0/4"}"#.into(),
+                r#"{"action":"M","lsn":"0/5","transactional":false,"prefix":"p","content":"c"}"#.into(),
+            ],
+        };
+        let d = drop_messages(&s);
+        assert_eq!(d.v1, [s.v1[1].clone()]);
+        assert_eq!(d.v2, [s.v2[3].clone(), s.v2[4].clone()]);
+    }
+}
