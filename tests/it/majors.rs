@@ -290,3 +290,17 @@ async fn a_publication_never_breaks_updates_of_a_full_identity_table_with_a_gene
     pg.batch_execute("UPDATE f SET id = 2").await.expect("the application's update works");
     server.stop().await;
 }
+
+/// Where the server's major has no wal2json, asking for it says which package to install.
+#[tokio::test]
+async fn a_missing_wal2json_is_named_for_the_servers_major() {
+    let (db, _pg, major) = setup().await;
+    let server = TestServer::start(&db).await;
+    let (status, answer) = create(&server, json!({"name": "w", "plugin": "wal2json"})).await;
+    if status != 201 {
+        assert_eq!(status, 500, "{answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(&format!("apt-get install postgresql-{major}-wal2json")), "{answer}");
+    }
+    server.stop().await;
+}
