@@ -191,15 +191,6 @@ impl Pool {
         };
         Ok(PooledClient { conn: Some(conn), permit: Some(permit), read_permit: None, shared: self.shared.clone() })
     }
-
-    /// The major of the server the pool connects to: the one its latest connection
-    /// reported (a failover may bring another), or a new connection's.
-    pub async fn major(&self) -> Result<Major, PoolError> {
-        let client = self.get().await?;
-        let major = client.major();
-        client.release();
-        major.ok_or(PoolError::NoVersion)
-    }
 }
 
 impl Shared {
