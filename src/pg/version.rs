@@ -11,18 +11,11 @@ use std::fmt;
 /// `pg_replication_slots.wal_status`, and the oldest still deployed in numbers.
 pub const OLDEST_SUPPORTED: u32 = 13;
 
-/// A server's major version, from `server_version_num` (e.g. 150010 -> 15).
+/// A server's major version (15 for 15.10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Major(pub u32);
 
 impl Major {
-    /// From `server_version_num` as Postgres reports it (`SHOW server_version_num`).
-    pub fn from_version_num(num: &str) -> Option<Major> {
-        let n: u32 = num.trim().parse().ok()?;
-        // Since 10 the number is major * 10000 + minor.
-        (n >= 100_000).then_some(Major(n / 10_000))
-    }
-
     /// From the `server_version` a connection reports at startup ("13.23",
     /// "16.4 (Debian 16.4-1)", "18beta1").
     pub fn from_server_version(version: &str) -> Option<Major> {
@@ -55,11 +48,6 @@ impl Major {
         self.0 >= 14
     }
 
-    /// pgoutput sends BEGIN and COMMIT for transactions that published nothing.
-    pub fn pgoutput_sends_empty_transactions(self) -> bool {
-        self.0 < 15
-    }
-
     /// `publish_generated_columns` on a publication.
     pub fn has_generated_column_publishing(self) -> bool {
         self.0 >= 18
@@ -77,12 +65,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_server_version_num() {
-        assert_eq!(Major::from_version_num("130023"), Some(Major(13)));
-        assert_eq!(Major::from_version_num("180004\n"), Some(Major(18)));
-        // 9.6 had major * 100 + minor * ... ; we never support it.
-        assert_eq!(Major::from_version_num("90624"), None);
-        assert_eq!(Major::from_version_num("fifteen"), None);
+    fn reads_server_version() {
+        assert_eq!(Major::from_server_version("9.6.24"), Some(Major(9)));
         assert_eq!(Major::from_server_version("13.23"), Some(Major(13)));
         assert_eq!(Major::from_server_version("16.4 (Debian 16.4-1.pgdg120+1)"), Some(Major(16)));
         assert_eq!(Major::from_server_version("18beta1"), Some(Major(18)));
@@ -95,12 +79,12 @@ mod tests {
     fn capabilities_follow_the_reference_table() {
         let has = |m| {
             let m = Major(m);
-            (m.has_schema_publications(), m.pgoutput_has_messages(), m.pgoutput_sends_empty_transactions())
+            (m.has_schema_publications(), m.pgoutput_has_messages(), m.has_row_filters_and_column_lists())
         };
-        assert_eq!(has(13), (false, false, true));
-        assert_eq!(has(14), (false, true, true));
-        assert_eq!(has(15), (true, true, false));
-        assert_eq!(has(18), (true, true, false));
+        assert_eq!(has(13), (false, false, false));
+        assert_eq!(has(14), (false, true, false));
+        assert_eq!(has(15), (true, true, true));
+        assert_eq!(has(18), (true, true, true));
         assert!(!Major(17).has_generated_column_publishing());
         assert!(Major(18).has_generated_column_publishing());
     }

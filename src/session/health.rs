@@ -9,7 +9,7 @@ use super::snapshots::SnapshotStatus;
 use crate::error::{Error, ErrorKind};
 use crate::pg::pool::{PoolError, PoolStats};
 use crate::pg::replication::ReplicationConnection;
-use crate::pg::version::{Major, OLDEST_SUPPORTED};
+use crate::pg::version::OLDEST_SUPPORTED;
 use crate::stream::progress::Stats;
 
 /// One session this process knows, and what its streams did since the process started.
@@ -83,7 +83,7 @@ impl NotReady {
 const ROLE_SQL: &str = "\
     SELECT pg_catalog.current_setting('wal_level'), \
            coalesce((SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), false), \
-           pg_catalog.current_setting('server_version'), pg_catalog.current_setting('server_version_num')";
+           pg_catalog.current_setting('server_version')";
 
 impl Registry {
     /// The totals of every session this process knows; takes no connection.
@@ -134,17 +134,17 @@ impl Registry {
             // A plain `get` never waits for the reads' share.
             PoolError::ReadsBusy { .. } | PoolError::NoVersion => NotReady::new(CHECKS[0], e.to_string()),
         })?;
+        // The major the connection reported at startup; the query adds its full version.
+        let major = client.major().ok_or_else(|| NotReady::new(CHECKS[1], PoolError::NoVersion.to_string()))?;
         let row = client.query_one(ROLE_SQL, &[]).await;
-        let read = row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get::<_, String>(3)?)));
-        let (wal_level, can_replicate, version, version_num): (String, bool, String, String) = match read {
+        let read = row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)));
+        let (wal_level, can_replicate, version): (String, bool, String) = match read {
             Ok(v) => {
                 client.release();
                 v
             }
             Err(e) => return Err(NotReady::new(CHECKS[0], format!("query failed: {e}"))),
         };
-        let major = Major::from_version_num(&version_num)
-            .ok_or_else(|| NotReady::new(CHECKS[1], format!("PostgreSQL {version} is older than 10")))?;
         let server = ServerVersion { version, major: major.0 };
         if !major.is_supported() {
             return Err(NotReady::new(
