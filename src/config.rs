@@ -15,6 +15,7 @@ use crate::pg::tls::{PgTls, SslMode, TlsSettings};
 use crate::server::Guard;
 use crate::server::HttpSettings;
 use crate::server::tls::TlsConfig;
+use crate::session::safety::OnMaxRetained;
 use crate::session::{PluginChoice, RetentionSettings, SessionSettings};
 use crate::stream::plugin::Plugin;
 use crate::stream::socket::SocketSettings;
@@ -124,6 +125,17 @@ pub struct Cli {
     /// Check the WAL retention of every slot, and log a summary, every this many seconds.
     #[arg(long, env = "PGDELTASTREAM_RETENTION_CHECK_INTERVAL", default_value_t = 60)]
     pub retention_check_interval: u64,
+    /// The WAL budget of a session that sets no maxRetainedBytes (0: none).
+    #[arg(long, env = "PGDELTASTREAM_MAX_RETAINED_BYTES", default_value_t = 0)]
+    pub max_retained_bytes: u64,
+    /// Warn (log, metrics, views) past this percentage of a session's WAL budget.
+    #[arg(long, env = "PGDELTASTREAM_RETENTION_WARN_PERCENT", default_value_t = 80,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub retention_warn_percent: u8,
+    /// What happens to a slot past its budget, for sessions that do not say
+    /// (onMaxRetained): keep it and warn, or drop it and invalidate the session.
+    #[arg(long, env = "PGDELTASTREAM_ON_MAX_RETAINED", value_enum, default_value_t = OnMaxRetainedArg::Keep)]
+    pub on_max_retained: OnMaxRetainedArg,
     /// Close a connection whose request head has not arrived within this many seconds
     /// (also how long a kept-alive connection may wait for its next request).
     #[arg(long, env = "PGDELTASTREAM_HEADER_TIMEOUT", default_value_t = 10)]
@@ -187,6 +199,13 @@ pub struct Security {
     pub auth: Option<Arc<Verifier>>,
     pub tls: Option<TlsConfig>,
     pub guard: Guard,
+}
+
+/// `--on-max-retained`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMaxRetainedArg {
+    Keep,
+    Drop,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,6 +305,12 @@ impl Cli {
             check_interval: Duration::from_secs(self.retention_check_interval.max(1)),
             warn_bytes: self.retention_warn_bytes,
             warn_idle: Duration::from_secs(self.retention_warn_idle),
+            max_retained_bytes: self.max_retained_bytes,
+            warn_fraction: f64::from(self.retention_warn_percent) / 100.0,
+            on_max_retained: match self.on_max_retained {
+                OnMaxRetainedArg::Keep => OnMaxRetained::Keep,
+                OnMaxRetainedArg::Drop => OnMaxRetained::Drop,
+            },
         }
     }
 }

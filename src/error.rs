@@ -46,6 +46,8 @@ pub struct Error {
     pub message: String,
     /// What went wrong underneath, for logs and `Error::source`.
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// Fields a client can act on, beside the message (an object).
+    pub details: Option<serde_json::Value>,
 }
 
 /// Two errors are the same when they say the same: the source is detail.
@@ -59,7 +61,14 @@ impl Eq for Error {}
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into(), source: None }
+        Error { kind, message: message.into(), source: None, details: None }
+    }
+
+    /// The same error with fields of its own in the JSON a client gets (`details` is
+    /// an object: its fields go beside `error`).
+    pub(crate) fn with_details(mut self, details: serde_json::Value) -> Error {
+        self.details = Some(details);
+        self
     }
 
     pub(crate) fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {

@@ -81,12 +81,7 @@ pub async fn run(
     let registry = Registry::new(settings.pg, settings.session, settings.pool);
     // In the registry's tasks, as every websocket is: shutdown waits for all of them.
     registry.tasks().spawn(Arc::clone(&registry).sweep_idle_snapshots());
-    let retention = &settings.retention;
-    registry.tasks().spawn(Arc::clone(&registry).watch_retention(
-        retention.check_interval,
-        retention.warn_bytes,
-        retention.warn_idle,
-    ));
+    registry.tasks().spawn(Arc::clone(&registry).watch_retention(settings.retention.clone()));
     let auth = settings.http.auth.clone();
     let reads = CallerShares::new(settings.reads_per_token, "snapshot reads");
     let guard = settings.http.guard.clone();

@@ -43,7 +43,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self.0, "request failed");
         }
-        let mut response = (status, Json(serde_json::json!({ "error": self.0.message }))).into_response();
+        let mut body = serde_json::json!({ "error": self.0.message });
+        if let (Some(serde_json::Value::Object(details)), Some(fields)) = (self.0.details, body.as_object_mut()) {
+            fields.extend(details.into_iter().filter(|(k, _)| k != "error"));
+        }
+        let mut response = (status, Json(body)).into_response();
         // Every 503 and 429 is worth retrying: Postgres is restarting, out of
         // connections, or the caller's own share is in use for now.
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {

@@ -29,6 +29,7 @@ use crate::pg::ident::TableRef;
 use crate::pg::keyset::KeysetRequest;
 use crate::session::CreateRequest;
 use crate::session::definition::{Action, TableEntry, TableSpec};
+use crate::session::safety::{OnInvalidated, OnMaxRetained, SlotPolicy};
 use crate::session::views::{Created, SessionView};
 use crate::stream::plugin::Plugin;
 
@@ -46,6 +47,15 @@ pub(crate) struct CreateBody {
     /// publication option too).
     #[serde(default, rename = "publishGeneratedColumns", alias = "publish_generated_columns")]
     pub publish_generated_columns: bool,
+    /// WAL the slot may retain before `onMaxRetained` applies.
+    #[serde(default, rename = "maxRetainedBytes")]
+    pub max_retained_bytes: Option<u64>,
+    /// `keep` or `drop`.
+    #[serde(default, rename = "onMaxRetained")]
+    pub on_max_retained: Option<OnMaxRetained>,
+    /// `fail` or `recreate`.
+    #[serde(default, rename = "onInvalidated")]
+    pub on_invalidated: OnInvalidated,
 }
 
 pub async fn create(
@@ -66,6 +76,11 @@ pub async fn create(
         actions: body.actions,
         plugin: body.plugin,
         publish_generated_columns: body.publish_generated_columns,
+        policy: SlotPolicy {
+            max_retained_bytes: body.max_retained_bytes,
+            on_max_retained: body.on_max_retained,
+            on_invalidated: body.on_invalidated,
+        },
     };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))

@@ -52,6 +52,22 @@ impl Major {
     pub fn has_generated_column_publishing(self) -> bool {
         self.0 >= 18
     }
+
+    /// `pg_stat_replication_slots`: spill, stream and total counters per slot.
+    pub fn has_slot_stats(self) -> bool {
+        self.0 >= 14
+    }
+
+    /// `pg_replication_slots.conflicting` (a slot invalidated by a standby conflict).
+    pub fn has_conflicting_slots(self) -> bool {
+        self.0 >= 16
+    }
+
+    /// Failover slots, and the columns `failover`, `synced`, `invalidation_reason` and
+    /// `inactive_since` of `pg_replication_slots`.
+    pub fn has_failover_slots(self) -> bool {
+        self.0 >= 17
+    }
 }
 
 impl fmt::Display for Major {

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::safety::{SlotFate, SlotPolicy};
 use crate::error::Error;
 use crate::pg::expr::check_expression;
 use crate::pg::ident::{IdentError, MAX_IDENT_BYTES, TableRef, quote_ident};
@@ -27,6 +28,10 @@ pub struct Definition {
     /// wal2json always prints them). Left out of definitions that do not ask for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_generated_columns: bool,
+    #[serde(flatten, default)]
+    pub policy: SlotPolicy,
+    #[serde(flatten, default)]
+    pub fate: SlotFate,
 }
 
 /// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
@@ -218,6 +223,8 @@ mod tests {
                 tables: Some(vec![TableEntry::Pattern(shown.clone())]),
                 actions: Action::ALL.to_vec(),
                 publish_generated_columns: false,
+                policy: Default::default(),
+                fate: Default::default(),
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, TablePattern, check_name, display_pattern};
+use super::safety::SlotPolicy;
 use super::slots::{NewSlot, OurSlot, plugin_cannot_load};
 use super::snapshots::SnapshotState;
 use super::{Entry, PluginChoice, Registry};
@@ -28,6 +29,8 @@ pub struct CreateRequest {
     pub plugin: Option<Plugin>,
     /// pgoutput on 18+: publish generated columns.
     pub publish_generated_columns: bool,
+    /// The WAL budget and what to do when the slot is invalidated.
+    pub policy: SlotPolicy,
 }
 
 impl Registry {
@@ -85,8 +88,8 @@ impl Registry {
     async fn replace_default(&self) -> Result<Definition, Error> {
         let _one_at_a_time = self.admin.lock().await;
         self.refuse_when_stopping()?;
-        let (mut def, auto) = self.define(DEFAULT_NAME, None, None, None, false).await?;
-        let previous = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone()));
+        let (mut def, auto) = self.define(DEFAULT_NAME, None, None, None, false, SlotPolicy::default()).await?;
+        let previous = self.previous_default().await;
         // Stored before the slot exists, so that the write is not in the slot's stream.
         // v1 works without the store: a role that may not create it still streams.
         let stored = match self.store.put(&def).await {
@@ -123,6 +126,22 @@ impl Registry {
         Ok(def)
     }
 
+    /// The default session an init replaces: this process's, or the one an earlier
+    /// process stored (whose slot would otherwise be nobody's). A store that cannot be
+    /// read leaves only this process's.
+    async fn previous_default(&self) -> Option<Definition> {
+        if let Some(def) = self.with(|s| s.sessions.get(DEFAULT_NAME).map(|e| e.def.clone())) {
+            return Some(def);
+        }
+        match self.store.get(DEFAULT_NAME).await {
+            Ok(def) => def,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored default session: its slot, if any, is kept");
+                None
+            }
+        }
+    }
+
     async fn create_new(&self, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         let _one_at_a_time = self.admin.lock().await;
         self.refuse_when_stopping()?;
@@ -138,8 +157,16 @@ impl Registry {
             None => None,
         };
         client.release();
-        let (mut def, auto) =
-            self.define(&req.name, tables, req.actions.clone(), req.plugin, req.publish_generated_columns).await?;
+        let (mut def, auto) = self
+            .define(
+                &req.name,
+                tables,
+                req.actions.clone(),
+                req.plugin,
+                req.publish_generated_columns,
+                req.policy.clone(),
+            )
+            .await?;
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
         if !self.store.insert(&def).await? {
@@ -169,6 +196,7 @@ impl Registry {
         actions: Option<Vec<Action>>,
         plugin: Option<Plugin>,
         publish_generated_columns: bool,
+        policy: SlotPolicy,
     ) -> Result<(Definition, bool), Error> {
         let mut actions = actions.unwrap_or_else(|| Action::ALL.to_vec());
         actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
@@ -186,7 +214,16 @@ impl Registry {
         }
         let here = self.with(|s| s.sessions.keys().cloned().collect());
         let slot_name = self.slots.fresh_name(here).await?;
-        let def = Definition { name: name.to_owned(), slot_name, plugin, tables, actions, publish_generated_columns };
+        let def = Definition {
+            name: name.to_owned(),
+            slot_name,
+            plugin,
+            tables,
+            actions,
+            publish_generated_columns,
+            policy,
+            fate: Default::default(),
+        };
         Ok((def, auto))
     }
 
@@ -213,24 +250,13 @@ impl Registry {
     /// snapshot, and forgets it. If the slot cannot be dropped the session stays whole.
     pub(super) async fn end(&self, def: &Definition, why: &'static str) -> Result<(), Error> {
         let name = def.name.as_str();
-        self.watchers.stop(name, code::NORMAL, why);
-        self.with(|s| {
-            if let Some(e) = s.sessions.get_mut(name) {
-                e.stream.closing = Some(why);
-                if let Some(stop) = &e.stream.running {
-                    stop.stop(code::NORMAL, why);
-                }
-            }
-        });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        if !self.wait_streams(deadline, |s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())).await {
-            tracing::warn!(session = name, "stream did not end in time");
-        }
+        self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.closing = Some(why)));
+        self.stop_stream_and_wait(name, code::NORMAL, why).await;
         if let Err(e) = self.slots.drop_slot_of(def).await {
             self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.closing = None));
             return Err(e);
         }
-        if let Err(e) = self.store.delete(name).await {
+        if let Err(e) = self.store.delete_exactly(def).await {
             tracing::warn!(session = name, error = %e, "cannot remove the stored definition");
         }
         self.with(|s| {
@@ -239,6 +265,17 @@ impl Registry {
             }
         });
         Ok(())
+    }
+
+    /// Stops the session's stream (running or opening) and its watchers with `code`,
+    /// and waits a bounded time for the stream to end.
+    pub(super) async fn stop_stream_and_wait(&self, name: &str, code: u16, why: &'static str) {
+        self.watchers.stop(name, code, why);
+        self.with(|s| s.sessions.get(name).and_then(|e| e.stream.running.as_ref()).map(|stop| stop.stop(code, why)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        if !self.wait_streams(deadline, |s| s.sessions.get(name).is_none_or(|e| e.stream.running.is_none())).await {
+            tracing::warn!(session = name, "stream did not end in time");
+        }
     }
 
     /// Another process streams the session: ending it here would cut off its client.
@@ -303,6 +340,8 @@ impl Registry {
                     tables: None,
                     actions: Action::ALL.to_vec(),
                     publish_generated_columns: false,
+                    policy: Default::default(),
+                    fate: Default::default(),
                 };
                 self.with(|s| s.adopt(def.clone(), false));
                 def

@@ -42,7 +42,10 @@ pub mod health;
 mod lifecycle;
 pub(crate) mod names;
 mod publications;
+mod recovery;
 pub mod retention;
+pub(crate) mod safety;
+mod slot_rows;
 mod slots;
 mod snapshots;
 pub mod store;
@@ -58,7 +61,6 @@ pub(crate) use retention::SlotReport;
 pub(crate) use streams::OpenStream;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -206,8 +208,9 @@ pub struct Registry {
     shutdown: Stop,
     /// The tasks that serve streams (websockets): shutdown waits for them.
     tasks: TaskTracker,
-    /// The retention warning threshold in bytes (0: none), for the views.
-    retention_warn_bytes: AtomicU64,
+    /// The retention thresholds and the default WAL budget, for the views and budgets
+    /// (set as the retention check starts).
+    retention: Mutex<RetentionSettings>,
 }
 
 impl Registry {
@@ -226,7 +229,7 @@ impl Registry {
             stream_ended: Notify::new(),
             shutdown: Stop::new(),
             tasks: TaskTracker::new(),
-            retention_warn_bytes: AtomicU64::new(0),
+            retention: Mutex::new(RetentionSettings { warn_bytes: 0, ..RetentionSettings::default() }),
         })
     }
 

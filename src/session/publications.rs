@@ -495,6 +495,8 @@ mod tests {
             tables,
             actions: actions.to_vec(),
             publish_generated_columns: false,
+            policy: Default::default(),
+            fate: Default::default(),
         }
     }
 

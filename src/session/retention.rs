@@ -11,11 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use super::Registry;
 use super::definition::DEFAULT_NAME;
 use super::lifecycle::grants;
-use super::slots::Slots;
+use super::safety::{Invalidation, OnMaxRetained};
+use super::slot_rows::DecodingStats;
 pub(crate) use super::snapshots::SnapshotStatus;
-use super::{Registry, names};
 use crate::error::Error;
 use crate::stream::plugin::Plugin;
 use crate::stream::progress::{Close, Closer};
@@ -30,6 +31,12 @@ pub struct RetentionSettings {
     pub warn_bytes: u64,
     /// Warn when a slot has had no ack for longer than this; zero never warns.
     pub warn_idle: Duration,
+    /// The WAL budget of a session that sets none (`maxRetainedBytes`); 0: none.
+    pub max_retained_bytes: u64,
+    /// Warn past this fraction of a session's budget.
+    pub warn_fraction: f64,
+    /// What happens past the budget to a session that does not say (`onMaxRetained`).
+    pub on_max_retained: OnMaxRetained,
 }
 
 impl Default for RetentionSettings {
@@ -38,6 +45,9 @@ impl Default for RetentionSettings {
             check_interval: Duration::from_secs(60),
             warn_bytes: 1 << 30,
             warn_idle: Duration::from_secs(3600),
+            max_retained_bytes: 0,
+            warn_fraction: 0.8,
+            on_max_retained: OnMaxRetained::Keep,
         }
     }
 }
@@ -64,6 +74,16 @@ pub struct SlotReport {
     pub lag_bytes: Option<u64>,
     /// pg_replication_slots.wal_status: reserved, extended, unreserved or lost.
     pub wal_status: Option<String>,
+    /// Postgres invalidated the slot: it can never stream again.
+    pub invalidated: Option<Invalidation>,
+    /// 17+: since when no walsender streamed the slot (RFC 3339).
+    pub inactive_since: Option<String>,
+    /// 17+: the slot is synchronized to standbys.
+    pub failover: Option<bool>,
+    /// 17+: a standby's copy of a primary's failover slot.
+    pub synced: Option<bool>,
+    /// 14+: spill, stream and total counters (`pg_stat_replication_slots`).
+    pub decoding: Option<DecodingStats>,
     /// The last ack any client sent on this slot since this process started.
     pub last_ack_lsn: Option<Lsn>,
     /// Its time, RFC 3339 in UTC.
@@ -93,19 +113,6 @@ impl From<Close> for LastClose {
     }
 }
 
-/// One row of `pg_replication_slots`, for a slot of ours.
-pub(super) struct SlotRow {
-    pub slot_name: String,
-    pub plugin: Plugin,
-    pub active: bool,
-    pub active_pid: Option<i32>,
-    pub confirmed_flush_lsn: Option<Lsn>,
-    pub restart_lsn: Option<Lsn>,
-    pub retained_bytes: Option<u64>,
-    pub lag_bytes: Option<u64>,
-    pub wal_status: Option<String>,
-}
-
 /// Which thresholds a slot is past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Breach {
@@ -133,20 +140,6 @@ pub(crate) fn check_thresholds(
     }
 }
 
-/// Our slots in the configured database. The WAL position is the replay position on a
-/// standby (where pg_current_wal_lsn() fails). Filtered by name in Rust
-/// ([`names::is_ours`]).
-const REPORT_SQL: &str = "\
-    WITH wal AS (SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-                             ELSE pg_catalog.pg_current_wal_lsn() END AS lsn) \
-    SELECT slot_name::text, active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \
-           greatest(pg_catalog.pg_wal_lsn_diff(wal.lsn, restart_lsn), 0)::bigint, \
-           wal_status::text, plugin::text, \
-           greatest(pg_catalog.pg_wal_lsn_diff(wal.lsn, confirmed_flush_lsn), 0)::bigint \
-    FROM pg_catalog.pg_replication_slots, wal \
-    WHERE database = pg_catalog.current_database() AND slot_type = 'logical' AND plugin = ANY ($1) \
-    ORDER BY slot_name";
-
 impl Registry {
     /// One entry per slot of ours in the configured database, including slots an earlier
     /// process created. A pgoutput slot is ours only when a session names it: a
@@ -162,31 +155,34 @@ impl Registry {
             // sessions first, then the stored ones.
             let session = here.iter().chain(&stored).find(|(slot, _)| *slot == row.slot_name).map(|(_, n)| n.clone());
             let named = session.is_some();
+            let default = session.as_deref() == Some(DEFAULT_NAME);
             let other_named_so =
                 here.iter().chain(&stored).any(|(slot, name)| *name == row.slot_name && *slot != row.slot_name);
             let grants = grants(&row.slot_name, session, other_named_so);
             if row.plugin.shared() && !named {
                 continue;
             }
-            let here = self.with(|s| {
-                s.by_slot(&row.slot_name)
-                    .map(|e| (e.def.name == DEFAULT_NAME, e.progress.clone(), e.snapshot.status().0))
-            });
-            let progress = here.as_ref().map(|(_, p, _)| p.clone());
+            let here = self.with(|s| s.by_slot(&row.slot_name).map(|e| (e.progress.clone(), e.snapshot.status().0)));
+            let progress = here.as_ref().map(|(p, _)| p.clone());
             let last_ack = progress.as_ref().and_then(|p| p.last_ack());
             reports.push(SlotReport {
-                default: here.as_ref().is_some_and(|(default, _, _)| *default),
+                default,
                 active: row.active,
                 active_pid: row.active_pid,
                 confirmed_flush_lsn: row.confirmed_flush_lsn,
                 restart_lsn: row.restart_lsn,
                 retained_bytes: row.retained_bytes,
                 lag_bytes: row.lag_bytes,
+                invalidated: row.invalidated().map(|reason| Invalidation::by_postgres(reason, row.confirmed_flush_lsn)),
+                inactive_since: row.inactive_since.map(rfc3339),
+                failover: row.failover,
+                synced: row.synced,
+                decoding: row.decoding,
                 wal_status: row.wal_status,
                 last_ack_lsn: last_ack.map(|(lsn, _)| lsn),
                 last_ack_at: last_ack.map(|(_, at)| rfc3339(at)),
                 seconds_since_last_ack: last_ack.map(|(_, at)| now.duration_since(at).unwrap_or_default().as_secs()),
-                snapshot: here.as_ref().map_or(SnapshotStatus::None, |(_, _, status)| *status),
+                snapshot: here.as_ref().map_or(SnapshotStatus::None, |(_, status)| *status),
                 last_close: progress.as_ref().and_then(|p| p.last_close()).map(LastClose::from),
                 plugin: row.plugin,
                 publication: row.plugin.publication(&row.slot_name).map(str::to_owned),
@@ -197,13 +193,15 @@ impl Registry {
         Ok(reports)
     }
 
-    /// Checks WAL retention every `every` until shutdown: one warning per slot past a
-    /// threshold, and a summary. Only logs; never drops anything.
+    /// Checks WAL retention every `check_interval` until shutdown: applies the sessions'
+    /// budgets ([`Registry::apply_budgets`]), then one warning per slot past a
+    /// threshold, and a summary.
     ///
     /// A slot with no ack since this process started counts as idle from when this task
     /// first saw it.
-    pub(crate) async fn watch_retention(self: Arc<Self>, every: Duration, warn_bytes: u64, warn_idle: Duration) {
-        self.retention_warn_bytes.store(warn_bytes, std::sync::atomic::Ordering::Relaxed);
+    pub(crate) async fn watch_retention(self: Arc<Self>, settings: RetentionSettings) {
+        let (every, warn_bytes, warn_idle) = (settings.check_interval, settings.warn_bytes, settings.warn_idle);
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner()) = settings;
         let every = every.max(Duration::from_millis(100));
         let mut first_seen: HashMap<String, Instant> = HashMap::new();
         loop {
@@ -211,6 +209,7 @@ impl Registry {
                 _ = self.shutdown.stopped() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            self.apply_budgets().await;
             let reports = match self.report().await {
                 Ok(r) => r,
                 Err(e) => {
@@ -251,43 +250,6 @@ impl Registry {
             tracing::info!(slots = reports.len(), retained_bytes = total, over_threshold = over, "WAL retention");
         }
     }
-}
-
-impl Slots {
-    /// What Postgres says about every slot of ours in the configured database.
-    pub(super) async fn rows(&self) -> Result<Vec<SlotRow>, Error> {
-        let client = self.pool.get().await?;
-        let plugins: Vec<&str> = Plugin::ALL.iter().map(|p| p.name()).collect();
-        let rows = client.query(REPORT_SQL, &[&plugins]).await?;
-        client.release();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let slot_name: String = row.try_get(0)?;
-            if !names::is_ours(&slot_name) {
-                continue;
-            }
-            let retained: Option<i64> = row.try_get(5)?;
-            let lag: Option<i64> = row.try_get(8)?;
-            let plugin: String = row.try_get(7)?;
-            let Some(plugin) = Plugin::from_name(&plugin) else { continue };
-            out.push(SlotRow {
-                plugin,
-                slot_name,
-                active: row.try_get(1)?,
-                active_pid: row.try_get(2)?,
-                confirmed_flush_lsn: parse_lsn(row.try_get(3)?)?,
-                restart_lsn: parse_lsn(row.try_get(4)?)?,
-                retained_bytes: retained.map(|b| u64::try_from(b).unwrap_or(0)),
-                lag_bytes: lag.map(|b| u64::try_from(b).unwrap_or(0)),
-                wal_status: row.try_get(6)?,
-            });
-        }
-        Ok(out)
-    }
-}
-
-fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
-    text.map(|t| t.parse().map_err(|_| Error::internal(format!("bad LSN {t:?} from Postgres")))).transpose()
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2024-02-29T12:34:56.789Z`. Times before
@@ -404,6 +366,11 @@ mod tests {
             retained_bytes: Some(72),
             lag_bytes: Some(0),
             wal_status: Some("reserved".into()),
+            invalidated: None,
+            inactive_since: None,
+            failover: None,
+            synced: None,
+            decoding: None,
             last_ack_lsn: None,
             last_ack_at: None,
             seconds_since_last_ack: None,
@@ -421,7 +388,8 @@ mod tests {
             serde_json::json!({
                 "slotName": "delta_face56", "plugin": "pgoutput", "publication": "delta_face56", "active": false, "activePid": null, "default": true,
                 "confirmedFlushLsn": "1/6B374D48", "restartLsn": "1/6B374D00", "retainedBytes": 72, "lagBytes": 0,
-                "walStatus": "reserved", "lastAckLsn": null, "lastAckAt": null,
+                "walStatus": "reserved", "invalidated": null, "inactiveSince": null, "failover": null, "synced": null,
+                "decoding": null, "lastAckLsn": null, "lastAckAt": null,
                 "secondsSinceLastAck": null, "snapshot": "held",
                 "lastClose": {"by": "client", "code": 1009, "reason": "message too big", "at": "2024-02-29T12:34:56.789Z"}
             })

@@ -10,6 +10,8 @@ use tokio_postgres::error::SqlState;
 use super::definition::Definition;
 use super::names;
 use super::publications::ForSession;
+use super::safety::catalog_reason;
+use super::slot_rows::{read_state, state_columns};
 use super::snapshots::{SnapshotHolder, SnapshotState};
 use super::store::Store;
 use crate::error::{Error, ErrorKind};
@@ -36,6 +38,8 @@ pub(crate) struct OurSlot {
     pub confirmed_flush: Lsn,
     /// The server's major, which decides the plugin's start options.
     pub major: Major,
+    /// Why Postgres invalidated the slot, when it did: it can never stream again.
+    pub invalidated: Option<String>,
 }
 
 struct SlotInfo {
@@ -44,6 +48,7 @@ struct SlotInfo {
     active_pid: Option<i32>,
     confirmed_flush: Lsn,
     major: Major,
+    invalidated: Option<String>,
 }
 
 /// The replication slots of sessions (and their publications).
@@ -271,7 +276,13 @@ impl Slots {
                 ),
             ));
         }
-        Ok(OurSlot { plugin, active_pid: info.active_pid, confirmed_flush: info.confirmed_flush, major: info.major })
+        Ok(OurSlot {
+            plugin,
+            active_pid: info.active_pid,
+            confirmed_flush: info.confirmed_flush,
+            major: info.major,
+            invalidated: info.invalidated,
+        })
     }
 
     /// A stored definition reads `slot`, or it reads the publication its plugin names,
@@ -289,19 +300,24 @@ impl Slots {
 
     async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, Error> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT plugin::text, database::text, active_pid, coalesce(confirmed_flush_lsn, '0/0')::text \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
         let major = client.major().ok_or(PoolError::NoVersion)?;
+        let sql = format!(
+            "SELECT s.plugin::text, s.database::text, s.active_pid, coalesce(s.confirmed_flush_lsn, '0/0')::text, {} \
+             FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = $1",
+            state_columns(major)
+        );
+        let row = client.query_opt(&sql, &[&slot]).await?;
         client.release();
         let Some(row) = row else { return Ok(None) };
         let confirmed: String = row.try_get(3)?;
+        let state = read_state(&row, 4)?;
         Ok(Some(SlotInfo {
             major,
+            invalidated: catalog_reason(
+                state.wal_status.as_deref(),
+                state.conflicting,
+                state.invalidation_reason.as_deref(),
+            ),
             plugin: row.try_get(0)?,
             database: row.try_get(1)?,
             active_pid: row.try_get(2)?,

@@ -57,7 +57,16 @@ impl Store {
 
     pub async fn delete(&self, name: &str) -> Result<(), Error> {
         let client = self.pool.get().await?;
-        self.delete_on(&client, name).await?;
+        self.delete_on(&client, name, None).await?;
+        client.release();
+        Ok(())
+    }
+
+    /// Forgets `def` if it is still the one stored under its name: a definition stored
+    /// since (the next `/v1/init`'s) is another session's and stays.
+    pub async fn delete_exactly(&self, def: &Definition) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        self.delete_on(&client, &def.name, Some(&def.slot_name)).await?;
         client.release();
         Ok(())
     }
@@ -158,12 +167,15 @@ impl Store {
         Ok(())
     }
 
-    async fn delete_on(&self, client: &Client, name: &str) -> Result<(), Error> {
+    async fn delete_on(&self, client: &Client, name: &str, slot: Option<&str>) -> Result<(), Error> {
         if !self.exists(client).await? {
             return Ok(());
         }
-        let sql = format!("DELETE FROM {} WHERE name = $1", self.table);
-        client.execute(&sql, &[&name]).await?;
+        let sql = format!(
+            "DELETE FROM {} WHERE name = $1 AND ($2::text IS NULL OR definition->>'slotName' = $2)",
+            self.table
+        );
+        client.execute(&sql, &[&name, &slot]).await?;
         Ok(())
     }
 

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use bytes::Bytes;
+
 use super::definition::Definition;
+use super::safety::{Invalidation, OnInvalidated};
 use super::{Registry, SessionSettings, State};
 use crate::error::Error;
 use crate::pg::replication::ReplicationStream;
@@ -14,9 +17,10 @@ use crate::stream::Stop as StreamStop;
 use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
+use crate::stream::message::{Finish, MessageKind, Part, Start};
 use crate::stream::progress::Progress;
 use crate::stream::pump::Pump;
-use crate::stream::sink::{Link, Sink};
+use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::types::Lsn;
 
 /// A stream that has started on Postgres and waits for its sink.
@@ -37,16 +41,27 @@ pub(crate) struct OpenStream {
     pub(super) settings: SessionSettings,
     /// What the stream started with, to start again with.
     pub(super) options: Vec<(&'static str, String)>,
+    /// A control message the client gets before the stream (`must-refetch`).
+    pub(super) preamble: Option<Bytes>,
 }
 
 /// The session's stream, taken: given back when dropped.
 struct Claim {
     registry: Arc<Registry>,
     name: String,
+    /// Set when the stream told its client `must-refetch`: the session's acks then,
+    /// so that one after it shows the client started over.
+    refetch_acks: Option<u64>,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        if let Some(before) = self.refetch_acks {
+            let acked = self.registry.with(|s| s.sessions.get(&self.name).map(|e| e.progress.stats().acks));
+            if acked.is_some_and(|n| n > before) {
+                self.registry.refetched(&self.name);
+            }
+        }
         self.registry.with(|s| {
             if let Some(e) = s.sessions.get_mut(&self.name) {
                 e.stream.running = None;
@@ -75,9 +90,10 @@ impl Registry {
     /// Starts session `name`'s stream: through v1 with `v1_slot`, the slot the client
     /// named, which must still be the session's.
     async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
-        let (def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
-        let claim = Claim { registry: Arc::clone(self), name: name.to_owned() };
-        let slot = def.slot_name.as_str();
+        let (mut def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
+        let mut claim = Claim { registry: Arc::clone(self), name: name.to_owned(), refetch_acks: None };
+        let slot = def.slot_name.clone();
+        let slot = slot.as_str();
         if let Some(asked) = v1_slot.filter(|s| *s != slot) {
             // The session has another slot since (an init in between).
             return Err(Error::not_found(format!("replication slot {asked} was dropped as the stream opened")));
@@ -85,7 +101,26 @@ impl Registry {
         // v1 sessions are sent transactions with no change for them, as the original
         // sent them; v2 ones are not.
         let skip_empty = v1_slot.is_none();
-        let info = self.our_slot(slot).await?;
+        let mut info = match def.fate.invalidated {
+            Some(_) => None,
+            None => Some(self.our_slot(slot).await?),
+        };
+        let catalog = info.as_ref().and_then(|i| i.invalidated.clone().map(|reason| (reason, i.confirmed_flush)));
+        if let Some(lost) = Invalidation::met(&def, catalog) {
+            if def.policy.on_invalidated == OnInvalidated::Fail {
+                return Err(lost.gone(&def));
+            }
+            def = self.recreate(&def, lost).await?;
+            info = None;
+        }
+        let info = match info {
+            Some(info) => info,
+            None => self.our_slot(slot).await?,
+        };
+        let preamble = self.refetch_message(&def);
+        if preamble.is_some() {
+            claim.refetch_acks = Some(progress.stats().acks);
+        }
         if let Some(pid) = info.active_pid {
             return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
         }
@@ -119,6 +154,7 @@ impl Registry {
             skip_empty,
             settings: self.settings.clone(),
             options,
+            preamble,
         })
     }
 }
@@ -152,8 +188,17 @@ impl OpenStream {
 
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, stop, guard, progress, decoder, skip_empty, settings, options } = self;
-        let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer);
+        let OpenStream { slot, start, stream, stop, guard, progress, decoder, skip_empty, settings, options, preamble } =
+            self;
+        let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer.max(1));
+        if let Some(body) = preamble {
+            // Not a transaction: nothing acks it, and the first ack after it is the
+            // client's word that it started over.
+            let finish = Finish { nextlsn: None, kind: MessageKind::Unackable, changes: 0 };
+            let parts = Part::whole(Start::default(), body, finish).to_vec();
+            // The channel is empty and has room: this never waits.
+            let _ = messages_tx.try_send(Outgoing::Parts(parts));
+        }
         let (acks_tx, acks_rx) = mpsc::channel(64);
         let pump = Pump {
             slot: slot.clone(),

@@ -7,7 +7,9 @@ use serde::Serialize;
 
 use super::Registry;
 use super::definition::Definition;
-use super::retention::{LastClose, SlotRow, check_thresholds, rfc3339};
+use super::retention::{LastClose, check_thresholds, rfc3339};
+use super::safety::{Budget, Invalidation};
+use super::slot_rows::{DecodingStats, SlotRow};
 use super::snapshots::SnapshotStatus;
 use crate::error::Error;
 use crate::types::Lsn;
@@ -53,8 +55,29 @@ pub struct SessionView {
     pub confirmed_flush_lsn: Option<Lsn>,
     /// WAL the slot keeps: from its restart_lsn to the current WAL position.
     pub retained_bytes: Option<u64>,
-    /// `retainedBytes` is past the warning threshold (`--retention-warn-bytes`).
+    /// `retainedBytes` is past the warning threshold (`--retention-warn-bytes`), or
+    /// past the warning fraction of the session's budget.
     pub retention_warning: bool,
+    /// The session's WAL budget as it applies (its own or the server's), if any.
+    pub budget: Option<Budget>,
+    /// pg_replication_slots.wal_status: reserved, extended, unreserved (at risk) or lost.
+    pub wal_status: Option<String>,
+    /// The slot can never stream again: why, by whom, and after which position the
+    /// changes are lost. Streams answer 410 (or the session is made again).
+    pub invalidated: Option<Invalidation>,
+    /// The slot was made again after this invalidation, and no client has acked since:
+    /// each stream starts with `must-refetch`.
+    pub recreated: Option<Invalidation>,
+    /// 16+: Postgres invalidated the slot for a conflict with recovery (a standby's).
+    pub conflicting: Option<bool>,
+    /// 17+: since when no walsender streamed the slot.
+    pub inactive_since: Option<String>,
+    /// 17+: the slot is synchronized to standbys (`FAILOVER`).
+    pub failover: Option<bool>,
+    /// 17+: this server is a standby and the slot a copy of the primary's.
+    pub synced: Option<bool>,
+    /// 14+: what decoding the slot cost (`pg_stat_replication_slots`).
+    pub decoding: Option<DecodingStats>,
     /// Viewers watching the session through this process (`/v2/sessions/{name}/watch`).
     pub watchers: usize,
     /// WAL not yet confirmed: from the slot's confirmed_flush_lsn to the current WAL
@@ -92,7 +115,9 @@ impl Registry {
         Ok(self.view(def, &rows))
     }
 
-    fn view(&self, definition: Definition, rows: &[SlotRow]) -> SessionView {
+    fn view(&self, mut definition: Definition, rows: &[SlotRow]) -> SessionView {
+        // Shown as the view's own `invalidated` and `recreated`, with what Postgres says.
+        let fate = std::mem::take(&mut definition.fate);
         let (status, reason, progress, consistent_point) = self.with(|s| match s.sessions.get(&definition.name) {
             Some(e) => {
                 let (status, reason) = e.snapshot.status();
@@ -104,7 +129,13 @@ impl Registry {
         let last_ack = progress.as_ref().and_then(|p| p.last_ack());
         let now = SystemTime::now();
         let retained_bytes = row.and_then(|r| r.retained_bytes);
-        let warn_bytes = self.retention_warn_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let warn_bytes = self.retention.lock().unwrap_or_else(|e| e.into_inner()).warn_bytes;
+        let budget = self.budget(&definition);
+        let catalog = row.and_then(|r| r.invalidated().map(|reason| (reason, r.confirmed_flush_lsn)));
+        let invalidated = fate
+            .invalidated
+            .clone()
+            .or_else(|| catalog.map(|(reason, confirmed)| Invalidation::by_postgres(reason, confirmed)));
         SessionView {
             publication: definition.publication(),
             consistent_point,
@@ -115,7 +146,17 @@ impl Registry {
             slot_exists: row.is_some(),
             confirmed_flush_lsn: row.and_then(|r| r.confirmed_flush_lsn),
             retained_bytes,
-            retention_warning: check_thresholds(retained_bytes, None, warn_bytes, Duration::ZERO).retained,
+            retention_warning: check_thresholds(retained_bytes, None, warn_bytes, Duration::ZERO).retained
+                || budget.is_some_and(|b| b.warns(retained_bytes)),
+            budget,
+            wal_status: row.and_then(|r| r.wal_status.clone()),
+            invalidated,
+            recreated: fate.recreated,
+            conflicting: row.and_then(|r| r.conflicting),
+            inactive_since: row.and_then(|r| r.inactive_since).map(rfc3339),
+            failover: row.and_then(|r| r.failover),
+            synced: row.and_then(|r| r.synced),
+            decoding: row.and_then(|r| r.decoding),
             watchers: self.watchers.count_of(&definition.name),
             lag_bytes: row.and_then(|r| r.lag_bytes),
             last_ack_lsn: last_ack.map(|(lsn, _)| lsn),

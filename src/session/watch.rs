@@ -172,6 +172,7 @@ impl Registry {
             skip_empty: true,
             settings: self.settings.clone(),
             options,
+            preamble: None,
         })
     }
 }

@@ -30,6 +30,7 @@ mod oversized;
 mod pg_tls;
 mod plugins;
 mod retention;
+mod slot_safety;
 mod snapshot;
 mod snapshot_limits;
 mod stream;

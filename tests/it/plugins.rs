@@ -143,7 +143,9 @@ fn shape(name: &str, mut v: Value) {
     for key in ["slotName", "publication"] {
         v[key] = json!(format!("[{key}]"));
     }
-    for key in ["consistentPoint", "confirmedFlushLsn", "retainedBytes", "lagBytes", "watchers"] {
+    for key in
+        ["consistentPoint", "confirmedFlushLsn", "retainedBytes", "lagBytes", "watchers", "decoding", "inactiveSince"]
+    {
         if !v[key].is_null() {
             v[key] = json!("[varies]");
         }

@@ -73,7 +73,7 @@ async fn reports_a_fresh_session_and_its_growing_retention() {
     assert_eq!(e["plugin"], "wal2json");
     let keys: Vec<&String> = e.as_object().unwrap().keys().collect();
     // A wal2json slot has no publication to show.
-    assert_eq!(keys.len(), 15, "{keys:?}");
+    assert_eq!(keys.len(), 20, "{keys:?}");
     assert!(e["lagBytes"].as_u64().is_some(), "lagBytes is not a number: {e}");
 
     pg.execute("INSERT INTO test_table (name) SELECT repeat('x', 100) FROM generate_series(1, 2000)", &[])
