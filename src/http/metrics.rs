@@ -26,6 +26,7 @@ use super::auth::Principal;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::session::health::{ProcessStats, SlotPosition};
+use crate::session::slot_rows::DecodingStats;
 
 /// How long a scrape waits for Postgres's answer about the slots.
 pub(crate) const POSTGRES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -198,6 +199,7 @@ fn scraped_registry(stats: &ProcessStats, positions: Option<&[SlotPosition]>, no
     }
     registry.register("lag_bytes", "WAL from the slot's confirmed position to the current one", lag);
     registry.register("retained_bytes", "WAL the slot keeps: from its restart_lsn to the current position", retained);
+    slot_safety(&mut registry, stats, positions.unwrap_or_default());
 
     let connections = Family::<ConnectionLabels, Gauge>::default();
     for (kind, count) in [("pool", stats.pool.in_use), ("stream", stats.streams), ("snapshot", stats.snapshots)] {
@@ -222,6 +224,55 @@ fn scraped_registry(stats: &ProcessStats, positions: Option<&[SlotPosition]>, no
     gauge(&mut registry, "postgres_pool_size", "The most connections the pool opens (--pg-pool-size)", stats.pool.size);
     gauge(&mut registry, "sessions", "Sessions this process knows", stats.sessions.len());
     registry
+}
+
+/// A counter of `pg_stat_replication_slots`: its family, name, help and column.
+type DecodingCounter = (Family<SessionLabels, Counter>, &'static str, &'static str, fn(&DecodingStats) -> u64);
+
+/// Whether each session's slot can stream, how it stands against its budget, and what
+/// decoding it cost Postgres (spilled to disk, streamed in progress, in all).
+fn slot_safety(registry: &mut Registry, stats: &ProcessStats, positions: &[SlotPosition]) {
+    let gauge = || Family::<SessionLabels, Gauge>::default();
+    let (invalidated, warning, budget) = (gauge(), gauge(), gauge());
+    let counter = || Family::<SessionLabels, Counter>::default();
+    let decoding: [DecodingCounter; 6] = [
+        (counter(), "slot_spilled_transactions", "Transactions Postgres spilled to disk decoding the slot", |d| {
+            d.spill_txns
+        }),
+        (counter(), "slot_spilled_bytes", "Bytes Postgres spilled to disk decoding the slot", |d| d.spill_bytes),
+        (counter(), "slot_streamed_transactions", "In-progress transactions Postgres streamed from the slot", |d| {
+            d.stream_txns
+        }),
+        (counter(), "slot_streamed_bytes", "Bytes of in-progress transactions Postgres streamed from the slot", |d| {
+            d.stream_bytes
+        }),
+        (counter(), "slot_decoded_transactions", "Transactions Postgres decoded from the slot", |d| d.total_txns),
+        (counter(), "slot_decoded_bytes", "Bytes Postgres decoded from the slot", |d| d.total_bytes),
+    ];
+    for p in positions {
+        let Some(s) = stats.sessions.iter().find(|s| s.slot == p.slot) else { continue };
+        let l = labels(&s.name, &s.slot);
+        invalidated.get_or_create(&l).set(i64::from(p.invalidated));
+        warning.get_or_create(&l).set(i64::from(p.retention_warning));
+        if let Some(max) = p.max_retained_bytes {
+            budget.get_or_create(&l).set(saturate(max));
+        }
+        if let Some(d) = &p.decoding {
+            for (family, _, _, value) in &decoding {
+                family.get_or_create(&l).inc_by(value(d));
+            }
+        }
+    }
+    registry.register("slot_invalidated", "1 when the session's slot can never stream again", invalidated);
+    registry.register(
+        "retention_warning",
+        "1 when the slot retains more WAL than --retention-warn-bytes or the warning share of its budget",
+        warning,
+    );
+    registry.register("max_retained_bytes", "The session's WAL budget (maxRetainedBytes), if it has one", budget);
+    for (family, name, help, _) in decoding {
+        registry.register(name, help, family);
+    }
 }
 
 /// The standard methods by name; any other (hyper accepts any token) is `other`, so

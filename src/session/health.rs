@@ -5,6 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use super::Registry;
+use super::retention::check_thresholds;
+use super::slot_rows::DecodingStats;
 use super::snapshots::SnapshotStatus;
 use crate::error::{Error, ErrorKind};
 use crate::pg::pool::{PoolError, PoolStats};
@@ -32,14 +34,23 @@ pub(crate) struct ProcessStats {
     pub snapshots: usize,
 }
 
-/// Where a slot stands, as Postgres says.
-#[derive(Debug, Clone)]
+/// Where a slot stands, as Postgres says, and what that means for its session.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct SlotPosition {
     pub slot: String,
     /// From the slot's confirmed_flush_lsn to the current WAL position.
     pub lag_bytes: Option<u64>,
     /// From the slot's restart_lsn to the current WAL position.
     pub retained_bytes: Option<u64>,
+    /// The slot can never stream again (Postgres invalidated it, or we dropped it
+    /// past its budget).
+    pub invalidated: bool,
+    /// Past `--retention-warn-bytes` or the warning fraction of its budget.
+    pub retention_warning: bool,
+    /// The session's WAL budget, if it has one.
+    pub max_retained_bytes: Option<u64>,
+    /// 14+: `pg_stat_replication_slots`.
+    pub decoding: Option<DecodingStats>,
 }
 
 /// The checks `/readyz` runs, in order; the first that fails names the reason.
@@ -113,11 +124,25 @@ impl Registry {
         let rows = tokio::time::timeout(limit, self.slots.rows()).await.map_err(|_| {
             Error::new(ErrorKind::Unavailable, format!("Postgres did not answer within {} ms", limit.as_millis()))
         })??;
-        let ours = self.with(|s| s.sessions.values().map(|e| e.def.slot_name.clone()).collect::<Vec<_>>());
-        Ok(rows
+        let defs = self.with(|s| s.sessions.values().map(|e| e.def.clone()).collect::<Vec<_>>());
+        let warn_bytes = self.retention.lock().unwrap_or_else(|e| e.into_inner()).warn_bytes;
+        Ok(defs
             .into_iter()
-            .filter(|r| ours.contains(&r.slot_name))
-            .map(|r| SlotPosition { slot: r.slot_name, lag_bytes: r.lag_bytes, retained_bytes: r.retained_bytes })
+            .map(|def| {
+                let row = rows.iter().find(|r| r.slot_name == def.slot_name);
+                let retained_bytes = row.and_then(|r| r.retained_bytes);
+                let budget = self.budget(&def);
+                SlotPosition {
+                    lag_bytes: row.and_then(|r| r.lag_bytes),
+                    retained_bytes,
+                    invalidated: def.fate.invalidated.is_some() || row.is_some_and(|r| r.invalidated().is_some()),
+                    retention_warning: check_thresholds(retained_bytes, None, warn_bytes, Duration::ZERO).retained
+                        || budget.is_some_and(|b| b.warns(retained_bytes)),
+                    max_retained_bytes: budget.map(|b| b.max_retained_bytes),
+                    decoding: row.and_then(|r| r.decoding),
+                    slot: def.slot_name,
+                }
+            })
             .collect())
     }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, TablePattern, check_name, display_pattern};
-use super::safety::SlotPolicy;
+use super::names;
+use super::safety::{InvalidatedBy, SlotPolicy};
 use super::slots::{NewSlot, OurSlot, plugin_cannot_load};
 use super::snapshots::SnapshotState;
 use super::{Entry, PluginChoice, Registry};
@@ -45,6 +46,11 @@ impl Registry {
     /// `POST /v2/sessions`: the definition, and the slot's consistent point.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         check_name(&req.name)?;
+        if req.policy.max_retained_bytes == Some(0) {
+            return Err(Error::bad_request(
+                "maxRetainedBytes must be at least 1: leave it out for the server's default (--max-retained-bytes)",
+            ));
+        }
         for entry in req.tables.iter().flatten() {
             if let TableEntry::Table(spec) = entry {
                 spec.check()?;
@@ -322,6 +328,10 @@ impl Registry {
     ///
     /// [`our_slot`]: Registry::our_slot
     pub(crate) async fn session_of_slot(&self, slot: &str) -> Result<Definition, Error> {
+        // A slot we dropped past its budget is gone, and its session says so (410).
+        if let Some(def) = self.dropped_slot_session(slot).await {
+            return Ok(def);
+        }
         let info = self.our_slot(slot).await?;
         if let Some(def) = self.with(|s| s.by_slot(slot).map(|e| e.def.clone())) {
             return Ok(def);
@@ -349,6 +359,21 @@ impl Registry {
         };
         // Another entry of the same name may have been adopted first: it is the one.
         Ok(self.with(|s| s.sessions.get(&def.name).map(|e| e.def.clone())).unwrap_or(def))
+    }
+
+    /// The session whose slot `slot` we dropped past its budget, if it is one.
+    async fn dropped_slot_session(&self, slot: &str) -> Option<Definition> {
+        let here = self.with(|s| s.by_slot(slot).map(|e| e.def.clone()));
+        let def = match here {
+            Some(def) => def,
+            None if names::is_ours(slot) => self.store.by_slot(slot).await.ok().flatten()?,
+            None => return None,
+        };
+        let dropped = def.fate.invalidated.as_ref().is_some_and(|i| i.by == InvalidatedBy::Pgdeltastream);
+        dropped.then(|| {
+            self.with(|s| s.adopt(def.clone(), true));
+            def
+        })
     }
 
     /// The names a v1 consumer's token may give to use slot `slot` (stream, ack,

@@ -45,7 +45,7 @@ mod publications;
 mod recovery;
 pub mod retention;
 pub(crate) mod safety;
-mod slot_rows;
+pub(crate) mod slot_rows;
 mod slots;
 mod snapshots;
 pub mod store;

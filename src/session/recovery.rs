@@ -3,13 +3,16 @@
 //! slot and snapshot for a session whose slot was invalidated (`onInvalidated:
 //! recreate`). Both run under the admin lock, as creating and ending sessions do.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::Registry;
 use super::definition::Definition;
-use super::safety::{Budget, Invalidation, SlotFate, must_refetch};
+use super::safety::{Budget, Invalidation, OnInvalidated, SlotFate, must_refetch};
 use super::snapshots::SnapshotState;
 use crate::error::Error;
+use crate::stream::pump::ExplainFatal;
 use crate::stream::stop::code;
 use crate::types::Lsn;
 
@@ -152,6 +155,29 @@ impl Registry {
                 tracing::warn!(session = %def.name, error = %e, "cannot store that the session's client started over");
             }
         });
+    }
+
+    /// Asked when a stream of `def` fails: Postgres ends the walsender of a slot it
+    /// invalidates with a message that does not say so ("terminating connection due to
+    /// administrator command"); the catalog does.
+    pub(super) fn explain_failure(self: &Arc<Self>, def: &Definition) -> ExplainFatal {
+        let registry = Arc::downgrade(self);
+        let def = def.clone();
+        Arc::new(move || {
+            let (registry, def) = (registry.clone(), def.clone());
+            Box::pin(async move {
+                let info = registry.upgrade()?.our_slot(&def.slot_name).await.ok()?;
+                let lost = Invalidation::by_postgres(info.invalidated?, Some(info.confirmed_flush));
+                let next = match def.policy.on_invalidated {
+                    OnInvalidated::Fail => "reconnecting answers 410",
+                    OnInvalidated::Recreate => "reconnect: the session is made again and starts with must-refetch",
+                };
+                Some(format!(
+                    "the slot was invalidated by Postgres ({}): the changes after {} are lost; {next}",
+                    lost.reason, info.confirmed_flush
+                ))
+            })
+        })
     }
 
     /// Stores `def` if its session is stored; a failure is logged (the state holds it).

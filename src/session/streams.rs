@@ -19,7 +19,7 @@ use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
 use crate::stream::message::{Finish, MessageKind, Part, Start};
 use crate::stream::progress::Progress;
-use crate::stream::pump::Pump;
+use crate::stream::pump::{ExplainFatal, Pump};
 use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::types::Lsn;
 
@@ -43,6 +43,8 @@ pub(crate) struct OpenStream {
     pub(super) options: Vec<(&'static str, String)>,
     /// A control message the client gets before the stream (`must-refetch`).
     pub(super) preamble: Option<Bytes>,
+    /// What a failure of the stream meant (see [`Registry::explain_failure`]).
+    pub(super) explain: Option<ExplainFatal>,
 }
 
 /// The session's stream, taken: given back when dropped.
@@ -155,6 +157,7 @@ impl Registry {
             settings: self.settings.clone(),
             options,
             preamble,
+            explain: Some(self.explain_failure(&def)),
         })
     }
 }
@@ -188,8 +191,20 @@ impl OpenStream {
 
     /// Runs the stream into `sink` until it ends.
     pub async fn run(self, sink: impl Sink) {
-        let OpenStream { slot, start, stream, stop, guard, progress, decoder, skip_empty, settings, options, preamble } =
-            self;
+        let OpenStream {
+            slot,
+            start,
+            stream,
+            stop,
+            guard,
+            progress,
+            decoder,
+            skip_empty,
+            settings,
+            options,
+            preamble,
+            explain,
+        } = self;
         let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer.max(1));
         if let Some(body) = preamble {
             // Not a transaction: nothing acks it, and the first ack after it is the
@@ -211,6 +226,7 @@ impl OpenStream {
             decoder,
             skip_empty,
             options,
+            explain,
         };
         let link = Link { slot, start, messages: messages_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a

@@ -173,6 +173,7 @@ impl Registry {
             settings: self.settings.clone(),
             options,
             preamble: None,
+            explain: None,
         })
     }
 }

@@ -125,7 +125,15 @@ pub(crate) struct Pump {
     /// The options the stream was started with: a stream restarted past a transaction
     /// Postgres cannot decode starts with them again.
     pub options: Vec<(&'static str, String)>,
+    /// Says what Postgres's error ending the stream meant, when the session can tell
+    /// (the slot was invalidated): the client is told that instead.
+    pub explain: Option<ExplainFatal>,
 }
+
+/// Asked once the stream has failed: a better reason than Postgres's message, if any.
+pub(crate) type ExplainFatal = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>> + Send + Sync,
+>;
 
 /// Whether Postgres failed because of what a transaction holds rather than a passing
 /// state of the server: a value whose text form (or the change around it) is past its
@@ -332,6 +340,7 @@ impl Pump {
             decoder: plugin,
             skip_empty,
             options,
+            explain,
         } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
@@ -425,7 +434,16 @@ impl Pump {
         }
         match fatal {
             // The writer stops the stream once it has told the client.
-            Some(message) => report_fatal(&slot, message, &out, &stop).await,
+            Some(message) => {
+                let message = match explain {
+                    Some(explain) => match tokio::time::timeout(Duration::from_secs(2), explain()).await {
+                        Ok(Some(better)) => format!("{better} ({message})"),
+                        _ => message,
+                    },
+                    None => message,
+                };
+                report_fatal(&slot, message, &out, &stop).await
+            }
             None => {
                 finish(&slot, stream, &decoder.pos).await;
                 stop.stop(code::NORMAL, "stream ended");

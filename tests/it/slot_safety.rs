@@ -41,6 +41,11 @@ async fn setup() -> (common::TestDb, tokio_postgres::Client) {
     (db, pg)
 }
 
+async fn major(pg: &tokio_postgres::Client) -> u32 {
+    let num: String = pg.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
+    num.parse::<u32>().unwrap() / 10_000
+}
+
 async fn stored_default_slot(pg: &tokio_postgres::Client) -> Option<String> {
     let row = pg
         .query_opt("SELECT definition->>'slotName' FROM pgdeltastream.sessions WHERE name = 'default'", &[])
@@ -126,9 +131,28 @@ async fn an_invalidated_slot_says_so_and_its_stream_is_gone() {
     let server = TestServer::start(&db).await;
     let created = create(&server, json!({"name": "orders", "tables": ["orders"]})).await;
     let slot = created["slotName"].as_str().unwrap().to_owned();
+    // A client that is connected but behind (it never acks) is cut off by Postgres
+    // as the slot is invalidated: the close says why.
+    let mut ws = open(&server, "orders").await;
+    insert(&pg, 3).await;
+    assert_eq!(inserted(&next_json(&mut ws).await).0, vec![3]);
     invalidate(&pg, &slot).await;
+    let (code, reason) = await_close(&mut ws).await;
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("invalidated"), "{reason}");
 
     let v = view(&server, "orders").await;
+    let major = major(&pg).await;
+    if major >= 17 {
+        assert!(v["inactiveSince"].is_string(), "{v}");
+        assert_eq!(v["failover"].as_bool(), Some(v["failover"] == true), "{v}");
+        assert_eq!(v["synced"], false, "{v}");
+    }
+    if major >= 14 {
+        assert!(v["decoding"]["totalTxns"].is_u64(), "{v}");
+    } else {
+        assert_eq!(v["decoding"], Value::Null, "{v}");
+    }
     assert_eq!(v["retainedBytes"], Value::Null, "{v}");
     assert_eq!(v["walStatus"], "lost", "{v}");
     assert_eq!(v["invalidated"]["reason"], "wal_removed", "{v}");
@@ -255,6 +279,17 @@ async fn a_session_past_its_budget_warns_or_is_dropped() {
     settings.retention.check_interval = Duration::from_millis(200);
     let server = TestServer::start_with(settings).await;
     const MIB: u64 = 1 << 20;
+    for bad in [json!(0), json!(-1), json!("1MB")] {
+        let (status, body) =
+            server.post("/v2/sessions", &json!({"name": "bad", "maxRetainedBytes": bad}).to_string()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, body) =
+        server.post("/v2/sessions", &json!({"name": "bad", "onMaxRetained": "delete"}).to_string()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        server.post("/v2/sessions", &json!({"name": "bad", "onInvalidated": "retry"}).to_string()).await;
+    assert_eq!(status, 400, "{body}");
     let kept = create(&server, json!({"name": "kept", "tables": ["orders"], "maxRetainedBytes": MIB})).await;
     let dropped = create(
         &server,
@@ -277,11 +312,30 @@ async fn a_session_past_its_budget_warns_or_is_dropped() {
     assert_eq!(status, 410, "{body}");
     assert_eq!(body["reason"], "max_retained_bytes", "{body}");
     assert_eq!(body["lostAfter"], dropped["consistentPoint"], "nothing was confirmed: all after creation is lost");
+    let dropped_slot = dropped["slotName"].as_str().unwrap();
+    let (status, body) = refused(&server, &format!("/v1/lr/stream?slotName={dropped_slot}")).await;
+    assert_eq!(status, 410, "v1 names the slot, which is gone: {body}");
 
     let v = view(&server, "kept").await;
     assert_eq!(v["retentionWarning"], true, "{v}");
     assert_eq!(v["invalidated"], Value::Null, "{v}");
     assert!(database_slots(&pg).await.contains(&kept["slotName"].as_str().unwrap().to_owned()));
+
+    let (status, body) = raw_request(server.addr, "GET", "/metrics", &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(body).unwrap();
+    let kept_slot = kept["slotName"].as_str().unwrap();
+    for line in [
+        format!("pgdeltastream_slot_invalidated{{session=\"dropped\",slot=\"{dropped_slot}\"}} 1"),
+        format!("pgdeltastream_slot_invalidated{{session=\"kept\",slot=\"{kept_slot}\"}} 0"),
+        format!("pgdeltastream_retention_warning{{session=\"kept\",slot=\"{kept_slot}\"}} 1"),
+        format!("pgdeltastream_max_retained_bytes{{session=\"kept\",slot=\"{kept_slot}\"}} {MIB}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+    if major(&pg).await >= 14 {
+        assert!(metrics.contains("pgdeltastream_slot_decoded_transactions_total{session=\"kept\""), "{metrics}");
+    }
 
     // Restart-proof: the mark is stored.
     server.stop().await;
