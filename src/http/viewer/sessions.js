@@ -75,12 +75,12 @@ export class Sessions {
 
   row(s) {
     const tables = s.tables ? s.tables.map(tableLabel).join(', ') : 'all tables';
-    const client = s.streaming
-      ? h('span', { class: 'pill ok', title: `walsender pid ${s.activePid}` }, `streaming · pid ${s.activePid ?? '?'}`)
-      : h('span', { class: 'pill' }, s.slotExists ? 'idle' : 'slot gone');
+    const client = slotState(s);
+    const budget = s.budget ? ` of ${bytes(s.budget.maxRetainedBytes)} (${s.budget.onMaxRetained})` : '';
     const retained = h('td', { class: `num${s.retentionWarning ? ' warn' : ''}`,
-      title: s.retentionWarning ? 'past the retention warning threshold' : `confirmed ${s.confirmedFlushLsn ?? '—'}` },
-    bytes(s.retainedBytes), s.retentionWarning ? ' ⚠' : '');
+      title: (s.retentionWarning ? 'past the retention warning threshold' : `confirmed ${s.confirmedFlushLsn ?? '—'}`)
+        + (s.budget ? `; budget ${bytes(s.budget.maxRetainedBytes)}, on exceeding: ${s.budget.onMaxRetained}` : '') },
+    bytes(s.retainedBytes), budget, s.retentionWarning ? ' ⚠' : '');
     const snapshot = s.snapshot === 'held' ? 'held' : (s.snapshotReason ? `${s.snapshot}: ${s.snapshotReason}` : s.snapshot);
     const tr = h('tr', { 'data-name': s.name, class: s.name === this.selected ? 'selected' : '' },
       h('td', { class: 'name' }, h('button', { type: 'button', class: 'link', onclick: () => this.onWatch(s) }, s.name),
@@ -145,4 +145,24 @@ export class Sessions {
       showError($('#action-error'), `Cannot drop session ${name}: ${e.message}`);
     }
   }
+}
+
+// The session's client and slot: streaming, idle, or why the slot cannot stream.
+function slotState(s) {
+  if (s.invalidated) {
+    const lost = s.invalidated.lostAfter ? ` after ${s.invalidated.lostAfter}` : '';
+    return h('span', { class: 'pill bad', title: `invalidated by ${s.invalidated.by}: changes${lost} are lost; `
+      + (s.onInvalidated === 'recreate' ? 'the next stream makes it again' : 'streams answer 410: drop and create again') },
+    `invalidated · ${s.invalidated.reason}`);
+  }
+  if (s.recreated) {
+    return h('span', { class: 'pill warn', title: 'made again after an invalidation: clients are told must-refetch' },
+      'recreated');
+  }
+  if (s.streaming) {
+    return h('span', { class: 'pill ok', title: `walsender pid ${s.activePid}` }, `streaming · pid ${s.activePid ?? '?'}`);
+  }
+  const title = s.walStatus === 'unreserved' ? 'at risk: past max_slot_wal_keep_size' : `WAL ${s.walStatus ?? '—'}`;
+  return h('span', { class: `pill${s.walStatus === 'unreserved' ? ' warn' : ''}`, title },
+    s.slotExists ? (s.failover ? 'idle · failover' : 'idle') : 'slot gone');
 }
