@@ -65,6 +65,9 @@ pub(crate) struct ReplicationConnection {
     params: HashMap<String, String>,
     /// The socket, when it is TCP: a busy stream is read in bursts ([`Pacing`]).
     tcp_fd: Option<std::os::fd::RawFd>,
+    /// The backend's process id (BackendKeyData): the walsender's, which
+    /// pg_replication_slots names as a slot's `active_pid` while it streams.
+    backend_pid: Option<i32>,
 }
 
 /// One complete message from the server.
@@ -111,6 +114,7 @@ impl ReplicationConnection {
             write_buf: BytesMut::with_capacity(1024),
             params: HashMap::new(),
             tcp_fd,
+            backend_pid: None,
         };
         let params = [
             ("user", config.user.as_str()),
@@ -210,6 +214,7 @@ impl ReplicationConnection {
                         self.params.insert(k.to_owned(), v.to_owned());
                     }
                 }
+                Incoming::Message(Message::BackendKeyData(key)) => self.backend_pid = Some(key.process_id()),
                 Incoming::Message(Message::ErrorResponse(b)) => {
                     let e = DbError::from_fields(b.fields());
                     // A FATAL error at startup ends the connection: there is no ReadyForQuery.
@@ -518,6 +523,11 @@ pub(crate) struct ReplicationStream {
 }
 
 impl ReplicationStream {
+    /// The walsender's process id, as the server reported it at startup.
+    pub(crate) fn backend_pid(&self) -> Option<i32> {
+        self.conn.backend_pid
+    }
+
     /// The next event, or `None` once the server has ended the stream normally
     /// (CopyDone). An ErrorResponse (slot dropped, server shutting down) is an `Err`.
     /// Cancel-safe.

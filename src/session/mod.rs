@@ -170,6 +170,9 @@ struct StreamState {
     running: Option<StreamStop>,
     /// Why the session is being ended: no new stream may start.
     closing: Option<&'static str>,
+    /// The walsender of the last stream this process started for the session. While it
+    /// still holds the slot, the slot is on its way to being free, not someone else's.
+    walsender: Option<i32>,
 }
 
 impl State {

@@ -3,15 +3,17 @@
 //! websocket client gets an HTTP error rather than a socket that closes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 
 use super::definition::Definition;
 use super::safety::{Invalidation, OnInvalidated};
 use super::{Registry, SessionSettings, State};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::pg::replication::ReplicationStream;
 use crate::stream::Stop as StreamStop;
 use crate::stream::decode::PluginDecoder;
@@ -22,6 +24,15 @@ use crate::stream::progress::Progress;
 use crate::stream::pump::{ExplainFatal, Pump};
 use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::types::Lsn;
+
+/// How long a new stream of a session waits for the session's previous stream in this
+/// process to let go of the slot, its client having just closed it: for the stream to
+/// end here (its goodbye to Postgres is bounded by as much), then, as long again, for
+/// its walsender to release the slot. A client that reconnects at once is served
+/// rather than refused for that moment.
+const PREVIOUS_STREAM_WAIT: Duration = Duration::from_secs(5);
+/// How often the slot is looked at while the previous walsender lets go.
+const RELEASE_POLL: Duration = Duration::from_millis(25);
 
 /// A stream that has started on Postgres and waits for its sink.
 pub(crate) struct OpenStream {
@@ -92,7 +103,8 @@ impl Registry {
     /// Starts session `name`'s stream: through v1 with `v1_slot`, the slot the client
     /// named, which must still be the session's.
     async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
-        let (mut def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
+        self.wait_for_stopped_stream(name, Instant::now() + PREVIOUS_STREAM_WAIT).await;
+        let (def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
         let mut claim = Claim { registry: Arc::clone(self), name: name.to_owned(), refetch_acks: None };
         let slot = def.slot_name.clone();
         let slot = slot.as_str();
@@ -103,46 +115,56 @@ impl Registry {
         // v1 sessions are sent transactions with no change for them, as the original
         // sent them; v2 ones are not.
         let skip_empty = v1_slot.is_none();
-        let mut info = match def.fate.invalidated {
-            Some(_) => None,
-            None => Some(self.our_slot(slot).await?),
-        };
-        let catalog = info.as_ref().and_then(|i| i.invalidated.clone().map(|reason| (reason, i.confirmed_flush)));
-        if let Some(lost) = Invalidation::met(&def, catalog) {
-            if def.policy.on_invalidated == OnInvalidated::Fail {
-                return Err(lost.gone(&def));
-            }
-            def = self.recreate(&def, lost).await?;
-            info = None;
-        }
-        let info = match info {
-            Some(info) => info,
-            None => self.our_slot(slot).await?,
-        };
+        let def = self.meet_fate(def).await?;
         let preamble = self.refetch_message(&def);
         if preamble.is_some() {
             claim.refetch_acks = Some(progress.stats().acks);
         }
-        if let Some(pid) = info.active_pid {
-            return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
-        }
-        // Postgres keeps a slot's confirmed position in memory and writes it to disk only
-        // at checkpoints: after a crash the slot may be behind the client's last ack.
-        // Start after whichever is later, so that an acked change never comes back.
-        let last_ack = progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
-        let start = info.confirmed_flush.max(last_ack);
-        // The store's own writes are never a client's business.
-        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-        let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
-        let options = info.plugin.start_options(format, &filter, slot, info.major);
-        let stream = self.slots.start_replication(slot, start, &options).await?;
+        let previous = self.with(|s| s.sessions.get(name).and_then(|e| e.stream.walsender));
+        let deadline = Instant::now() + PREVIOUS_STREAM_WAIT;
+        let (info, start, filter, options, stream) = loop {
+            if stop.is_stopped() {
+                return Err(ended_as_it_opened(slot, &stop));
+            }
+            let info = self.our_slot(slot).await?;
+            match info.active_pid {
+                Some(pid) if Some(pid) == previous && Instant::now() < deadline => {
+                    tokio::time::sleep(RELEASE_POLL).await;
+                    continue;
+                }
+                Some(pid) if Some(pid) == previous => {
+                    return Err(Error::conflict(format!(
+                        "slot {slot} is still held by the walsender (pid {pid}) of this session's previous stream: \
+                         retry shortly"
+                    )));
+                }
+                Some(pid) => {
+                    return Err(Error::conflict(format!("slot {slot} is in use by another process (pid {pid})")));
+                }
+                None => {}
+            }
+            // Postgres keeps a slot's confirmed position in memory and writes it to disk only
+            // at checkpoints: after a crash the slot may be behind the client's last ack.
+            // Start after whichever is later, so that an acked change never comes back.
+            let last_ack = progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
+            let start = info.confirmed_flush.max(last_ack);
+            // The store's own writes are never a client's business.
+            let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+            let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
+            let options = info.plugin.start_options(format, &filter, slot, info.major);
+            match self.slots.start_replication(slot, start, &options).await {
+                // Taken since we looked: who holds it now decides, when we look again.
+                Err(e) if e.kind == ErrorKind::Conflict && Instant::now() < deadline => continue,
+                Err(e) => return Err(e),
+                Ok(stream) => break (info, start, filter, options, stream),
+            }
+        };
+        let walsender = stream.backend_pid();
+        self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.walsender = walsender));
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.
-            return Err(Error::conflict(format!(
-                "the stream of slot {slot} was ended as it opened: {}",
-                stop.reason().1
-            )));
+            return Err(ended_as_it_opened(slot, &stop));
         }
         tracing::info!(session = name, slot, %start, "stream started");
         Ok(OpenStream {
@@ -159,6 +181,44 @@ impl Registry {
             preamble,
             explain: Some(self.explain_failure(&def)),
         })
+    }
+}
+
+/// The stream of `slot` was stopped before it ran.
+fn ended_as_it_opened(slot: &str, stop: &StreamStop) -> Error {
+    Error::conflict(format!("the stream of slot {slot} was ended as it opened: {}", stop.reason().1))
+}
+
+impl Registry {
+    /// Waits (until `deadline`) for a stream of session `name` that has been stopped,
+    /// its client gone, to end here. A stream that runs is not waited for: a second
+    /// client is refused at once.
+    async fn wait_for_stopped_stream(&self, name: &str, deadline: Instant) {
+        let stopping = |s: &State| {
+            s.sessions.get(name).and_then(|e| e.stream.running.as_ref()).is_some_and(|stop| stop.is_stopped())
+        };
+        if self.with(|s| stopping(s)) && !self.wait_streams(deadline, |s| !stopping(s)).await {
+            tracing::warn!(session = name, "the previous stream did not end in time");
+        }
+    }
+}
+
+impl Registry {
+    /// A session whose slot was invalidated fails (410) or is made again
+    /// (`onInvalidated`); answers the definition to stream.
+    async fn meet_fate(self: &Arc<Self>, def: Definition) -> Result<Definition, Error> {
+        let catalog = match def.fate.invalidated {
+            Some(_) => None,
+            None => {
+                let info = self.our_slot(&def.slot_name).await?;
+                info.invalidated.map(|reason| (reason, info.confirmed_flush))
+            }
+        };
+        let Some(lost) = Invalidation::met(&def, catalog) else { return Ok(def) };
+        match def.policy.on_invalidated {
+            OnInvalidated::Fail => Err(lost.gone(&def)),
+            OnInvalidated::Recreate => self.recreate(&def, lost).await,
+        }
     }
 }
 

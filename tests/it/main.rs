@@ -29,6 +29,7 @@ mod nats;
 mod oversized;
 mod pg_tls;
 mod plugins;
+mod quiet;
 mod retention;
 mod slot_safety;
 mod snapshot;

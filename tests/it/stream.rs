@@ -119,6 +119,184 @@ async fn reconnect_resumes_after_the_last_ack() {
     server.stop().await;
 }
 
+/// Issue 21: a client that closes its stream and reconnects at once is served, every
+/// time, while its previous stream is still letting go of the slot; and it resumes
+/// right after its ack, with no change lost or sent twice. For v1 and v2 alike.
+#[tokio::test]
+async fn a_quick_reconnect_is_served_and_resumes_after_the_ack() {
+    let (_db, pg, server) = setup().await;
+    let slot = server.init().await;
+    quick_reconnects(&pg, &server.stream_url(&slot), "v1").await;
+    let (status, def) = server.post("/v2/sessions", r#"{"name":"again","tables":["test_table"]}"#).await;
+    assert_eq!(status, 201, "{def}");
+    quick_reconnects(&pg, &format!("ws://{}/v2/sessions/again/stream", server.addr), "v2").await;
+    server.stop().await;
+}
+
+/// 20 rounds of: a change, received and acked, a polite close, and a reconnect at once.
+async fn quick_reconnects(pg: &tokio_postgres::Client, url: &str, what: &str) {
+    let connect = |round: usize| async move {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned();
+                panic!("{what}: reconnect {round} refused with {}: {body}", r.status())
+            }
+            Err(e) => panic!("{what}: reconnect {round}: {e}"),
+        }
+    };
+    let mut ws = connect(0).await;
+    let mut slowest = Duration::ZERO;
+    for round in 1..=20 {
+        let name = format!("{what} round {round}");
+        pg.execute("INSERT INTO test_table (name) VALUES ($1)", &[&name]).await.unwrap();
+        // A change lost would leave this one out; one sent twice would come first.
+        let tx = next_changes(&mut ws).await;
+        assert_eq!(tx["change"].as_array().map(Vec::len), Some(1), "{tx}");
+        assert_eq!(tx["change"][0]["columnvalues"][1], name, "{tx}");
+        ack(&mut ws, tx["nextlsn"].as_str().unwrap()).await;
+        ws.close(None).await.unwrap();
+        // The server's close frame, then the end of the connection.
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+        });
+        drained.await.expect("the server closes within 20 s");
+        let started = std::time::Instant::now();
+        ws = connect(round).await;
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("{what}: the slowest of 20 quick reconnects took {slowest:?}");
+    ws.close(None).await.unwrap();
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process of the local cluster.
+fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+}
+
+/// Lets a stopped process run again however the test ends: a walsender left stopped
+/// would hold its slot, and its cluster's shutdown, forever.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+async fn active_pid(pg: &tokio_postgres::Client, slot: &str) -> Option<i32> {
+    pg.query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await.unwrap().get(0)
+}
+
+/// A stream that has ended in the server while its walsender still holds the slot (it
+/// cannot run, so the stream's goodbye times out and the connection is dropped): a
+/// reconnect waits for that walsender, this session's own, to let go, and is served.
+#[tokio::test]
+async fn a_reconnect_waits_for_its_previous_walsender_to_let_go() {
+    if common::cluster().is_docker() {
+        eprintln!("SKIPPED under TEST_PG=docker: the test stops a walsender with a signal");
+        return;
+    }
+    let (_db, pg, server) = setup().await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+    pg.execute("INSERT INTO test_table (name) VALUES ('acked')", &[]).await.unwrap();
+    let tx = next_changes(&mut ws).await;
+    let lsn = tx["nextlsn"].as_str().unwrap().to_owned();
+    ack(&mut ws, &lsn).await;
+    await_confirmed(&pg, &slot, &lsn).await;
+    let walsender = active_pid(&pg, &slot).await.expect("the slot is streamed");
+
+    signal(walsender, "STOP");
+    let resume = Resume(walsender);
+    ws.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_secs(20), futures_util::StreamExt::next(&mut ws)).await
+    {}
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = server.get("/metrics").await;
+        if metrics.as_str().is_some_and(|m| m.contains("pgdeltastream_postgres_connections{kind=\"stream\"} 0")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stream never ended: {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(active_pid(&pg, &slot).await, Some(walsender), "the stopped walsender still holds the slot");
+
+    let url = server.stream_url(&slot);
+    let reconnect = tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws) });
+    // Long enough for the reconnect to find the slot held; were it refused, it would
+    // be refused now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(active_pid(&pg, &slot).await, Some(walsender));
+    let started = std::time::Instant::now();
+    drop(resume);
+    let mut ws = match reconnect.await.unwrap() {
+        Ok(ws) => ws,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            panic!("refused with {}: {}", r.status(), String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()))
+        }
+        Err(e) => panic!("reconnect: {e}"),
+    };
+    eprintln!("served {:?} after the old walsender could run again", started.elapsed());
+    pg.execute("INSERT INTO test_table (name) VALUES ('after')", &[]).await.unwrap();
+    let tx = next_changes(&mut ws).await;
+    assert_eq!(tx["change"][0]["columnvalues"][1], "after", "the acked change does not come again: {tx}");
+    ws.close(None).await.unwrap();
+    server.stop().await;
+}
+
+/// A slot that another process streams (another pgdeltastream, pg_recvlogical) is
+/// refused at once, also to a session this process streamed before: only its own
+/// previous walsender is waited for.
+#[tokio::test]
+async fn a_slot_held_by_another_process_is_refused_at_once() {
+    let (db, pg, server) = setup().await;
+    let slot = server.init().await;
+    let mut ws = server.connect(&slot).await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+
+    let other = TestServer::start(&db).await;
+    let mut theirs = other.connect(&slot).await;
+    let pid = active_pid(&pg, &slot).await.expect("the other process streams the slot");
+    let started = std::time::Instant::now();
+    let (status, body) = server.connect_refused(&format!("?slotName={slot}")).await;
+    eprintln!("refused in {:?} while another pgdeltastream streams the slot", started.elapsed());
+    assert_eq!(status, 409, "{body}");
+    // Not the refusal that follows a wait for a walsender of ours.
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(&format!("in use by another process (pid {pid})")), "{body}");
+    theirs.close(None).await.unwrap();
+    drop(theirs);
+    other.stop().await;
+    await_slot(&pg, &slot, "inactive", "NOT active").await;
+
+    let recvlogical = common::cluster().bin("pg_recvlogical");
+    if !recvlogical.is_file() {
+        eprintln!("no pg_recvlogical here: the rest is skipped");
+        server.stop().await;
+        return;
+    }
+    let mut child = tokio::process::Command::new(recvlogical)
+        .args(["-d", &db.conn_string(), "-S", &slot, "--start", "-f", "/dev/null", "--no-loop"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    await_slot(&pg, &slot, "streamed by pg_recvlogical", "active").await;
+    let pid = active_pid(&pg, &slot).await.expect("pg_recvlogical streams the slot");
+    let started = std::time::Instant::now();
+    let (status, body) = server.connect_refused(&format!("?slotName={slot}")).await;
+    eprintln!("refused in {:?} while pg_recvlogical streams the slot", started.elapsed());
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&format!("in use by another process (pid {pid})")), "{body}");
+    child.kill().await.unwrap();
+    server.stop().await;
+}
+
 /// After our server restarts, the slot it created earlier streams from the last ack.
 #[tokio::test]
 async fn resumes_after_a_server_restart() {
