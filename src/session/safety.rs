@@ -135,19 +135,22 @@ pub struct Invalidation {
 
 /// The reason the columns of `pg_replication_slots` give for an invalidated slot (those
 /// a major lacks are None); None for a slot that is fine. Matched on the catalog, never
-/// on the text of an error, which differs per major.
+/// on the text of an error, which differs per major. Before 17 there is no reason
+/// column: 16 says `lost` and `conflicting` for every invalidation, and only removing
+/// WAL clears `restart_lsn`, which tells the two apart.
 pub(crate) fn catalog_reason(
     wal_status: Option<&str>,
     conflicting: Option<bool>,
     invalidation_reason: Option<&str>,
+    restart_lsn_cleared: bool,
 ) -> Option<String> {
     if let Some(reason) = invalidation_reason {
         return Some(reason.to_owned());
     }
-    if conflicting == Some(true) {
-        return Some("conflict".to_owned());
+    if wal_status != Some("lost") && conflicting != Some(true) {
+        return None;
     }
-    (wal_status == Some("lost")).then(|| "wal_removed".to_owned())
+    Some(if restart_lsn_cleared { "wal_removed" } else { "conflict" }.to_owned())
 }
 
 impl Invalidation {
@@ -214,12 +217,13 @@ mod tests {
 
     #[test]
     fn the_catalog_says_why_as_far_as_each_major_tells() {
-        assert_eq!(catalog_reason(Some("reserved"), None, None), None);
-        assert_eq!(catalog_reason(Some("lost"), None, None).as_deref(), Some("wal_removed"), "15");
-        assert_eq!(catalog_reason(Some("lost"), Some(false), None).as_deref(), Some("wal_removed"), "16");
-        assert_eq!(catalog_reason(Some("reserved"), Some(true), None).as_deref(), Some("conflict"), "16");
-        assert_eq!(catalog_reason(Some("lost"), Some(true), Some("idle_timeout")).as_deref(), Some("idle_timeout"));
-        assert_eq!(catalog_reason(Some("unreserved"), Some(false), None), None, "at risk is not lost");
+        assert_eq!(catalog_reason(Some("reserved"), None, None, false), None);
+        assert_eq!(catalog_reason(Some("lost"), None, None, true).as_deref(), Some("wal_removed"), "15");
+        assert_eq!(catalog_reason(Some("lost"), Some(true), None, true).as_deref(), Some("wal_removed"), "16");
+        assert_eq!(catalog_reason(Some("lost"), Some(true), None, false).as_deref(), Some("conflict"), "16");
+        let on_18 = catalog_reason(Some("lost"), Some(false), Some("idle_timeout"), false);
+        assert_eq!(on_18.as_deref(), Some("idle_timeout"));
+        assert_eq!(catalog_reason(Some("unreserved"), Some(false), None, false), None, "at risk is not lost");
     }
 
     #[test]

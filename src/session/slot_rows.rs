@@ -30,8 +30,6 @@ pub(super) struct SlotRow {
     pub wal_status: Option<String>,
     /// 16+.
     pub conflicting: Option<bool>,
-    /// 17+.
-    pub invalidation_reason: Option<String>,
     /// 17+: since when no walsender streamed it.
     pub inactive_since: Option<SystemTime>,
     /// 17+: synchronized to standbys (`FAILOVER`).
@@ -40,12 +38,14 @@ pub(super) struct SlotRow {
     pub synced: Option<bool>,
     /// 14+: from `pg_stat_replication_slots`.
     pub decoding: Option<DecodingStats>,
+    /// Why Postgres invalidated it, if it did ([`catalog_reason`]).
+    invalidated: Option<String>,
 }
 
 impl SlotRow {
     /// Why the slot can no longer stream, if it cannot.
     pub fn invalidated(&self) -> Option<String> {
-        catalog_reason(self.wal_status.as_deref(), self.conflicting, self.invalidation_reason.as_deref())
+        self.invalidated.clone()
     }
 }
 
@@ -70,11 +70,11 @@ pub struct DecodingStats {
 pub(super) fn state_columns(major: Major) -> &'static str {
     if major.has_failover_slots() {
         "s.wal_status::text, s.conflicting, s.invalidation_reason::text, \
-         extract(epoch FROM s.inactive_since)::float8, s.failover, s.synced"
+         extract(epoch FROM s.inactive_since)::float8, s.failover, s.synced, s.restart_lsn IS NULL"
     } else if major.has_conflicting_slots() {
-        "s.wal_status::text, s.conflicting, NULL::text, NULL::float8, NULL::bool, NULL::bool"
+        "s.wal_status::text, s.conflicting, NULL::text, NULL::float8, NULL::bool, NULL::bool, s.restart_lsn IS NULL"
     } else {
-        "s.wal_status::text, NULL::bool, NULL::text, NULL::float8, NULL::bool, NULL::bool"
+        "s.wal_status::text, NULL::bool, NULL::text, NULL::float8, NULL::bool, NULL::bool, s.restart_lsn IS NULL"
     }
 }
 
@@ -86,6 +86,19 @@ pub(super) struct SlotStateColumns {
     pub inactive_since: Option<SystemTime>,
     pub failover: Option<bool>,
     pub synced: Option<bool>,
+    pub restart_lsn_cleared: bool,
+}
+
+impl SlotStateColumns {
+    /// Why the slot can no longer stream, if it cannot.
+    pub fn invalidated(&self) -> Option<String> {
+        catalog_reason(
+            self.wal_status.as_deref(),
+            self.conflicting,
+            self.invalidation_reason.as_deref(),
+            self.restart_lsn_cleared,
+        )
+    }
 }
 
 pub(super) fn read_state(row: &tokio_postgres::Row, at: usize) -> Result<SlotStateColumns, tokio_postgres::Error> {
@@ -97,6 +110,7 @@ pub(super) fn read_state(row: &tokio_postgres::Row, at: usize) -> Result<SlotSta
         inactive_since: since.filter(|s| s.is_finite() && *s >= 0.0).map(|s| UNIX_EPOCH + Duration::from_secs_f64(s)),
         failover: row.try_get(at + 4)?,
         synced: row.try_get(at + 5)?,
+        restart_lsn_cleared: row.try_get(at + 6)?,
     })
 }
 
@@ -133,7 +147,7 @@ fn report_sql(major: Major) -> String {
 }
 
 /// Where the statistics columns of [`report_sql`] start.
-const STATS_AT: usize = 14;
+const STATS_AT: usize = 15;
 
 impl Slots {
     /// What Postgres says about every slot of ours in the configured database.
@@ -151,6 +165,7 @@ impl Slots {
             let plugin: String = row.try_get(1)?;
             let Some(plugin) = Plugin::from_name(&plugin).filter(|_| names::is_ours(&slot_name)) else { continue };
             let state = read_state(&row, 8)?;
+            let invalidated = state.invalidated();
             out.push(SlotRow {
                 plugin,
                 slot_name,
@@ -162,11 +177,11 @@ impl Slots {
                 lag_bytes: bytes(row.try_get(7)?),
                 wal_status: state.wal_status,
                 conflicting: state.conflicting,
-                invalidation_reason: state.invalidation_reason,
                 inactive_since: state.inactive_since,
                 failover: state.failover,
                 synced: state.synced,
                 decoding: decoding_stats(&row)?,
+                invalidated,
             });
         }
         Ok(out)

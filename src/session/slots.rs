@@ -10,7 +10,6 @@ use tokio_postgres::error::SqlState;
 use super::definition::Definition;
 use super::names;
 use super::publications::ForSession;
-use super::safety::catalog_reason;
 use super::slot_rows::{read_state, state_columns};
 use super::snapshots::{SnapshotHolder, SnapshotState};
 use super::store::Store;
@@ -313,11 +312,7 @@ impl Slots {
         let state = read_state(&row, 4)?;
         Ok(Some(SlotInfo {
             major,
-            invalidated: catalog_reason(
-                state.wal_status.as_deref(),
-                state.conflicting,
-                state.invalidation_reason.as_deref(),
-            ),
+            invalidated: state.invalidated(),
             plugin: row.try_get(0)?,
             database: row.try_get(1)?,
             active_pid: row.try_get(2)?,
