@@ -394,6 +394,43 @@ async fn the_viewer_creates_a_session_and_shows_its_changes_live() {
     server.stop().await;
 }
 
+/// The list says which sessions are past their WAL budget and which lost their slot.
+#[tokio::test]
+async fn the_viewer_shows_budgets_and_invalidated_sessions() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE filler (a int)").await.unwrap();
+    let mut settings = fast_settings(&db);
+    settings.retention.check_interval = Duration::from_millis(200);
+    let server = TestServer::start_with(settings).await;
+    for (name, policy) in [("kept", "keep"), ("dropped", "drop")] {
+        let body = json!({"name": name, "tables": ["orders"], "maxRetainedBytes": 1 << 20, "onMaxRetained": policy});
+        let (status, created) = server.post("/v2/sessions", &body.to_string()).await;
+        assert_eq!(status, 201, "{created}");
+    }
+    pg.batch_execute("INSERT INTO filler SELECT g FROM generate_series(1, 100000) g").await.unwrap();
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.goto(&format!("http://{}/", server.addr)).await.unwrap();
+    let row = |name: &str, text: &str| {
+        format!(
+            "const r = document.querySelector('#sessions tbody tr[data-name={name}]'); return !!r && r.innerText.includes({})",
+            json!(text)
+        )
+    };
+    until(
+        &c,
+        "the dropped session marked",
+        Duration::from_secs(20),
+        &row("dropped", "invalidated · max_retained_bytes"),
+    )
+    .await;
+    until(&c, "the kept session past its budget", Duration::from_secs(20), &row("kept", "of 1.0 MiB (keep) ⚠")).await;
+    screenshot(&c, "budgets").await;
+    c.close().await.unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_page_and_its_assets_carry_a_strict_policy_and_revalidate() {
     let db = common::fresh_db().await;
