@@ -131,16 +131,25 @@ impl TestServer {
 
     /// Opens the websocket expecting a refusal; returns the HTTP status and JSON body.
     pub async fn connect_refused(&self, slot_query: &str) -> (u16, Value) {
-        let url = format!("ws://{}/v1/lr/stream{slot_query}", self.addr);
-        match tokio_tungstenite::connect_async(url).await {
-            Ok(_) => panic!("websocket upgrade succeeded; expected a refusal"),
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let body = resp.body().clone().unwrap_or_default();
-                (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-            }
-            Err(e) => panic!("unexpected websocket error: {e}"),
+        ws_refused(self.addr, &format!("/v1/lr/stream{slot_query}")).await
+    }
+}
+
+/// The major of the server `pg` is connected to, from `server_version_num`.
+pub async fn server_major(pg: &tokio_postgres::Client) -> u32 {
+    let num: String = pg.query_one("SHOW server_version_num", &[]).await.expect("server_version_num").get(0);
+    num.parse::<u32>().expect("server_version_num is a number") / 10_000
+}
+
+/// Opens the websocket at `path` expecting a refusal: its HTTP status and JSON body.
+pub async fn ws_refused(addr: SocketAddr, path: &str) -> (u16, Value) {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await {
+        Ok(_) => panic!("{path}: the websocket upgrade succeeded; expected a refusal"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            (resp.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
         }
+        Err(e) => panic!("{path}: unexpected websocket error: {e}"),
     }
 }
 

@@ -11,12 +11,6 @@ use pgdeltastream::session::{Plugin, PluginChoice};
 use serde_json::{Value, json};
 use support::*;
 
-/// The cluster's major, from `server_version_num`.
-async fn major(pg: &tokio_postgres::Client) -> u32 {
-    let num: String = pg.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
-    num.parse::<u32>().unwrap() / 10_000
-}
-
 /// A server whose v1 sessions use pgoutput (the default, `auto`, prefers wal2json).
 async fn pgoutput_server(db: &common::TestDb) -> TestServer {
     let mut settings = fast_settings(db);
@@ -36,7 +30,7 @@ async fn setup() -> (common::TestDb, tokio_postgres::Client, u32) {
     )
     .await
     .unwrap();
-    let major = major(&pg).await;
+    let major = server_major(&pg).await;
     (db, pg, major)
 }
 
@@ -77,7 +71,7 @@ async fn next_transaction(ws: &mut Ws) -> (Vec<String>, String) {
 #[tokio::test]
 async fn readyz_names_the_major_and_refuses_one_older_than_13() {
     let db = common::fresh_db().await;
-    let major = major(&db.client().await).await;
+    let major = server_major(&db.client().await).await;
     let server = TestServer::start(&db).await;
     let (status, body) = server.get("/readyz").await;
     assert_eq!(body["postgres"]["major"], json!(major), "{body}");

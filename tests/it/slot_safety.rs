@@ -41,11 +41,6 @@ async fn setup() -> (common::TestDb, tokio_postgres::Client) {
     (db, pg)
 }
 
-async fn major(pg: &tokio_postgres::Client) -> u32 {
-    let num: String = pg.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
-    num.parse::<u32>().unwrap() / 10_000
-}
-
 async fn stored_default_slot(pg: &tokio_postgres::Client) -> Option<String> {
     let row = pg
         .query_opt("SELECT definition->>'slotName' FROM pgdeltastream.sessions WHERE name = 'default'", &[])
@@ -83,16 +78,8 @@ async fn create(server: &TestServer, body: Value) -> Value {
     created
 }
 
-/// Opens the websocket at `path` expecting a refusal: its status and JSON body.
 async fn refused(server: &TestServer, path: &str) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(format!("ws://{}{path}", server.addr)).await {
-        Ok(_) => panic!("{path}: the upgrade succeeded; expected a refusal"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp.body().clone().unwrap_or_default();
-            (resp.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(e) => panic!("{path}: {e}"),
-    }
+    ws_refused(server.addr, path).await
 }
 
 /// Found fault 1: the second `/v1/init` of a process deleted the stored `default` row
@@ -142,7 +129,7 @@ async fn an_invalidated_slot_says_so_and_its_stream_is_gone() {
     assert!(reason.contains("invalidated"), "{reason}");
 
     let v = view(&server, "orders").await;
-    let major = major(&pg).await;
+    let major = server_major(&pg).await;
     if major >= 17 {
         assert!(v["inactiveSince"].is_string(), "{v}");
         assert_eq!(v["failover"].as_bool(), Some(v["failover"] == true), "{v}");
@@ -333,7 +320,7 @@ async fn a_session_past_its_budget_warns_or_is_dropped() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
-    if major(&pg).await >= 14 {
+    if server_major(&pg).await >= 14 {
         assert!(metrics.contains("pgdeltastream_slot_decoded_transactions_total{session=\"kept\""), "{metrics}");
     }
 
