@@ -52,6 +52,18 @@ impl Major {
     pub fn has_generated_column_publishing(self) -> bool {
         self.0 >= 18
     }
+
+    /// Logical slots on a hot standby (decoding there needs the primary's running-xacts
+    /// records, which `pg_log_standby_snapshot()` writes at once).
+    pub fn has_logical_decoding_on_standby(self) -> bool {
+        self.0 >= 16
+    }
+
+    /// `CREATE_REPLICATION_SLOT ... (FAILOVER)`: a standby with `sync_replication_slots`
+    /// keeps a copy of the slot that is usable once it is promoted.
+    pub fn has_failover_slots(self) -> bool {
+        self.0 >= 17
+    }
 }
 
 impl fmt::Display for Major {
@@ -87,5 +99,7 @@ mod tests {
         assert_eq!(has(18), (true, true, true));
         assert!(!Major(17).has_generated_column_publishing());
         assert!(Major(18).has_generated_column_publishing());
+        assert!(!Major(15).has_logical_decoding_on_standby() && Major(16).has_logical_decoding_on_standby());
+        assert!(!Major(16).has_failover_slots() && Major(17).has_failover_slots() && Major(18).has_failover_slots());
     }
 }

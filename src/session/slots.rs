@@ -53,6 +53,10 @@ pub(super) struct Slots {
     pub(super) store: Store,
     /// The store's schema, which no publication covers.
     pub(super) hidden_schema: String,
+    /// Create failover slots where Postgres has them ([`Slots::failover_for`]).
+    pub(super) failover: bool,
+    /// `failover` was found not to apply, and the log said so once.
+    pub(super) failover_skipped: std::sync::Once,
 }
 
 impl Slots {
@@ -187,7 +191,8 @@ impl Slots {
     /// when it fails.
     async fn create_slot(&self, name: &str, plugin: Plugin) -> Result<NewSlot, Error> {
         let mut conn = ReplicationConnection::connect(&self.pg).await?;
-        let created = match conn.create_logical_slot(name, plugin.name()).await {
+        let failover = self.failover_for(&conn);
+        let created = match conn.create_logical_slot(name, plugin.name(), failover).await {
             Ok(c) => c,
             Err(e) => {
                 let major = conn.parameter("server_version").and_then(Major::from_server_version);
@@ -209,6 +214,28 @@ impl Slots {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a slot made on `conn` is a failover slot: when asked for, and where
+    /// Postgres can (17+, and not on a standby, which refuses failover for its own
+    /// slots). Where it cannot, the log says so once.
+    fn failover_for(&self, conn: &ReplicationConnection) -> bool {
+        if !self.failover {
+            return false;
+        }
+        let major = conn.parameter("server_version").and_then(Major::from_server_version);
+        let why_not = match major {
+            Some(m) if !m.has_failover_slots() => format!("PostgreSQL {m} has none (17+ has)"),
+            None => "the server did not report its version".to_owned(),
+            Some(_) if conn.parameter("in_hot_standby") == Some("on") => {
+                "the server is a standby, whose slots cannot be failover slots".to_owned()
+            }
+            Some(_) => return true,
+        };
+        self.failover_skipped.call_once(|| {
+            tracing::info!("--failover-slots is on, but slots are created without FAILOVER: {why_not}");
+        });
+        false
     }
 
     /// Drops a slot if it exists, waiting a little for a walsender that is still

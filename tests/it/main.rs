@@ -15,6 +15,7 @@ mod cli;
 mod clients;
 mod conformance;
 mod errors;
+mod failover;
 mod faults;
 mod faults_pg_restart;
 mod harness;
