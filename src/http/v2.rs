@@ -46,6 +46,9 @@ pub(crate) struct CreateBody {
     /// publication option too).
     #[serde(default, rename = "publishGeneratedColumns", alias = "publish_generated_columns")]
     pub publish_generated_columns: bool,
+    /// pgoutput: an existing publication to read (made on the primary when the server
+    /// is a standby), rather than one the session makes.
+    pub publication: Option<String>,
 }
 
 pub async fn create(
@@ -66,6 +69,7 @@ pub async fn create(
         actions: body.actions,
         plugin: body.plugin,
         publish_generated_columns: body.publish_generated_columns,
+        publication: body.publication,
     };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))

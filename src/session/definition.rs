@@ -27,6 +27,11 @@ pub struct Definition {
     /// wal2json always prints them). Left out of definitions that do not ask for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_generated_columns: bool,
+    /// pgoutput: a publication the operator made, read instead of one of the session's
+    /// own, and never created nor dropped here. A standby needs one (made on the
+    /// primary): no publication can be created in recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_publication: Option<String>,
 }
 
 /// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
@@ -103,7 +108,8 @@ impl TableEntry {
 impl Definition {
     /// The publication its slot reads (pgoutput).
     pub fn publication(&self) -> Option<String> {
-        self.plugin.publication(&self.slot_name).map(str::to_owned)
+        let own = || self.plugin.publication(&self.slot_name).map(str::to_owned);
+        self.external_publication.clone().or_else(own)
     }
 
     /// What reaches the session's client, for the plugin.
@@ -118,7 +124,12 @@ impl Definition {
                 })
                 .collect()
         });
-        Filter { tables, actions: self.actions.clone(), ..Filter::default() }
+        Filter {
+            tables,
+            actions: self.actions.clone(),
+            publication: self.external_publication.clone(),
+            ..Filter::default()
+        }
     }
 }
 
@@ -218,6 +229,7 @@ mod tests {
                 tables: Some(vec![TableEntry::Pattern(shown.clone())]),
                 actions: Action::ALL.to_vec(),
                 publish_generated_columns: false,
+                external_publication: None,
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

@@ -495,6 +495,7 @@ mod tests {
             tables,
             actions: actions.to_vec(),
             publish_generated_columns: false,
+            external_publication: None,
         }
     }
 

@@ -33,6 +33,7 @@ mod plugins;
 mod retention;
 mod snapshot;
 mod snapshot_limits;
+mod standby;
 mod stream;
 mod tls;
 mod v2;
