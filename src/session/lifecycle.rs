@@ -160,11 +160,10 @@ impl Registry {
         let new = match self.create_session_slot(&mut def, auto, !standby).await {
             Ok(new) => new,
             Err(e) => {
-                if standby {
-                    return Err(e);
-                }
-                if let Err(e) = self.store.delete(&def.name).await {
-                    tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
+                if !standby {
+                    if let Err(e) = self.store.delete(&def.name).await {
+                        tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
+                    }
                 }
                 return Err(e);
             }
@@ -421,7 +420,7 @@ fn check_external_publication(publication: &str, req: &CreateRequest) -> Result<
     }
     if req.tables.is_some() || req.publish_generated_columns {
         return Err(Error::bad_request(format!(
-            "publication {publication} says which tables and columns are streamed: leave tables and \
+            "publication {publication:?} says which tables and columns are streamed: leave tables and \
              publishGeneratedColumns out"
         )));
     }
