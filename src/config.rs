@@ -191,6 +191,12 @@ pub struct Cli {
     /// watching can not keep sessions from being created and streamed.
     #[arg(long, env = "PGDELTASTREAM_WATCH_RESERVE_SLOTS", default_value_t = 2)]
     pub watch_reserve_slots: usize,
+    /// Create sessions' slots as failover slots (PostgreSQL 17+), which a standby with
+    /// sync_replication_slots = on keeps in step, so that streams resume on it once it
+    /// is promoted. Ignored, with a log line, below 17 and on a standby.
+    #[arg(long, env = "PGDELTASTREAM_FAILOVER_SLOTS", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub failover_slots: bool,
 }
 
 /// Who may connect and how: [`Cli::security`].
@@ -261,6 +267,7 @@ impl Cli {
             max_watchers: self.max_watchers,
             max_watchers_per_caller: self.max_watchers_per_token,
             watch_reserve_slots: self.watch_reserve_slots,
+            failover_slots: self.failover_slots,
             ..SessionSettings::default()
         }
     }
@@ -339,6 +346,15 @@ mod tests {
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "pgoutput"]), PluginChoice::Fixed(Plugin::Pgoutput));
         assert_eq!(plugin(&["pgdeltastream", "--plugin", "wal2json"]), PluginChoice::Fixed(Plugin::Wal2json));
         assert!(Cli::try_parse_from(["pgdeltastream", "--plugin", "test_decoding"]).is_err());
+    }
+
+    #[test]
+    fn failover_slots_default_on_and_can_be_turned_off() {
+        let failover = |args: &[&str]| Cli::try_parse_from(args).unwrap().session_settings().failover_slots;
+        assert!(failover(&["pgdeltastream"]));
+        assert!(!failover(&["pgdeltastream", "--failover-slots", "false"]));
+        assert!(failover(&["pgdeltastream", "--failover-slots", "true"]));
+        assert!(Cli::try_parse_from(["pgdeltastream", "--failover-slots", "maybe"]).is_err());
     }
 
     #[test]

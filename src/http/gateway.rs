@@ -134,7 +134,7 @@ pub async fn readyz(State(gateway): State<Arc<Gateway>>, cache: Extension<Arc<Re
 async fn jetstream_ready(gateway: &Gateway) -> Answer {
     let failed = |reason| Err(NotReady::new("jetstream", reason));
     match tokio::time::timeout(READY_WAIT, gateway.check_jetstream()).await {
-        Ok(Ok(())) => Ok(Ready { checks: &["jetstream"], postgres: None }),
+        Ok(Ok(())) => Ok(Ready { checks: &["jetstream"], postgres: None, standby: None }),
         Ok(Err(e)) => failed(e.message),
         Err(_) => failed(format!("JetStream did not answer within {} s", READY_WAIT.as_secs())),
     }

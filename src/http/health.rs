@@ -69,6 +69,9 @@ pub(crate) fn respond(answer: Answer) -> Response {
             if let Some(server) = ready.postgres {
                 body["postgres"] = json!(server);
             }
+            if let Some(standby) = ready.standby {
+                body["standby"] = json!(standby);
+            }
             Json(body).into_response()
         }
         Err(e) => {

@@ -56,6 +56,9 @@ pub(crate) struct CreateBody {
     /// `fail` or `recreate`.
     #[serde(default, rename = "onInvalidated")]
     pub on_invalidated: OnInvalidated,
+    /// pgoutput: an existing publication to read (made on the primary when the server
+    /// is a standby), rather than one the session makes.
+    pub publication: Option<String>,
 }
 
 pub async fn create(
@@ -81,6 +84,7 @@ pub async fn create(
             on_max_retained: body.on_max_retained,
             on_invalidated: body.on_invalidated,
         },
+        publication: body.publication,
     };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))

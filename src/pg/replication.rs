@@ -255,13 +255,15 @@ impl ReplicationConnection {
     }
 
     /// Creates a logical slot with `plugin` and exports a snapshot of the moment the slot
-    /// became consistent. `name` must already be a valid slot name (it is quoted here).
-    pub(crate) async fn create_logical_slot(&mut self, name: &str, plugin: &str) -> Result<CreatedSlot, PgError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL {} EXPORT_SNAPSHOT",
-            super::ident::quote_ident(name),
-            super::ident::quote_ident(plugin)
-        );
+    /// became consistent; a `failover` slot (PostgreSQL 17+) is synchronized to standbys
+    /// that ask for it. `name` must already be a valid slot name (it is quoted here).
+    pub(crate) async fn create_logical_slot(
+        &mut self,
+        name: &str,
+        plugin: &str,
+        failover: bool,
+    ) -> Result<CreatedSlot, PgError> {
+        let sql = create_slot_sql(name, plugin, failover);
         let rows = self.simple_query(&sql).await?;
         let row = rows.first().ok_or_else(|| PgError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
         let consistent_point = row
@@ -659,6 +661,17 @@ impl ReplicationStream {
     }
 }
 
+/// FAILOVER has no keyword form, only the option list (15's grammar; the option is 17's):
+/// without it the keyword form stays, which 13 and 14 read too.
+fn create_slot_sql(name: &str, plugin: &str, failover: bool) -> String {
+    let (name, plugin) = (super::ident::quote_ident(name), super::ident::quote_ident(plugin));
+    if failover {
+        format!("CREATE_REPLICATION_SLOT {name} LOGICAL {plugin} (SNAPSHOT 'export', FAILOVER true)")
+    } else {
+        format!("CREATE_REPLICATION_SLOT {name} LOGICAL {plugin} EXPORT_SNAPSHOT")
+    }
+}
+
 fn message_name(m: &Message) -> &'static str {
     match m {
         Message::CommandComplete(_) => "CommandComplete",
@@ -668,5 +681,22 @@ fn message_name(m: &Message) -> &'static str {
         Message::CopyOutResponse(_) => "CopyOutResponse",
         Message::CopyInResponse(_) => "CopyInResponse",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::create_slot_sql;
+
+    #[test]
+    fn a_failover_slot_is_asked_for_in_the_option_list() {
+        assert_eq!(
+            create_slot_sql("delta_a1", "pgoutput", false),
+            "CREATE_REPLICATION_SLOT \"delta_a1\" LOGICAL \"pgoutput\" EXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_sql("delta_a1", "wal2json", true),
+            "CREATE_REPLICATION_SLOT \"delta_a1\" LOGICAL \"wal2json\" (SNAPSHOT 'export', FAILOVER true)"
+        );
     }
 }

@@ -63,8 +63,16 @@ impl Major {
         self.0 >= 16
     }
 
-    /// Failover slots, and the columns `failover`, `synced`, `invalidation_reason` and
-    /// `inactive_since` of `pg_replication_slots`.
+    /// Logical slots on a hot standby (decoding there needs the primary's running-xacts
+    /// records, which `pg_log_standby_snapshot()` writes at once).
+    pub fn has_logical_decoding_on_standby(self) -> bool {
+        self.0 >= 16
+    }
+
+    /// `CREATE_REPLICATION_SLOT ... (FAILOVER)`: a standby with `sync_replication_slots`
+    /// keeps a copy of the slot that is usable once it is promoted. Also the columns
+    /// `failover`, `synced`, `invalidation_reason` and `inactive_since` of
+    /// `pg_replication_slots`.
     pub fn has_failover_slots(self) -> bool {
         self.0 >= 17
     }
@@ -103,5 +111,7 @@ mod tests {
         assert_eq!(has(18), (true, true, true));
         assert!(!Major(17).has_generated_column_publishing());
         assert!(Major(18).has_generated_column_publishing());
+        assert!(!Major(15).has_logical_decoding_on_standby() && Major(16).has_logical_decoding_on_standby());
+        assert!(!Major(16).has_failover_slots() && Major(17).has_failover_slots() && Major(18).has_failover_slots());
     }
 }

@@ -32,6 +32,11 @@ pub struct Definition {
     pub policy: SlotPolicy,
     #[serde(flatten, default)]
     pub fate: SlotFate,
+    /// pgoutput: a publication the operator made, read instead of one of the session's
+    /// own, and never created nor dropped here. A standby needs one (made on the
+    /// primary): no publication can be created in recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_publication: Option<String>,
 }
 
 /// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
@@ -108,7 +113,8 @@ impl TableEntry {
 impl Definition {
     /// The publication its slot reads (pgoutput).
     pub fn publication(&self) -> Option<String> {
-        self.plugin.publication(&self.slot_name).map(str::to_owned)
+        let own = || self.plugin.publication(&self.slot_name).map(str::to_owned);
+        self.external_publication.clone().or_else(own)
     }
 
     /// What reaches the session's client, for the plugin.
@@ -123,7 +129,12 @@ impl Definition {
                 })
                 .collect()
         });
-        Filter { tables, actions: self.actions.clone(), ..Filter::default() }
+        Filter {
+            tables,
+            actions: self.actions.clone(),
+            publication: self.external_publication.clone(),
+            ..Filter::default()
+        }
     }
 }
 
@@ -225,6 +236,7 @@ mod tests {
                 publish_generated_columns: false,
                 policy: Default::default(),
                 fate: Default::default(),
+                external_publication: None,
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

@@ -63,6 +63,9 @@ pub struct Ready {
     pub checks: &'static [&'static str],
     /// The Postgres server, when one answered.
     pub postgres: Option<ServerVersion>,
+    /// Whether that server is a standby (in recovery): its sessions' slots are its own,
+    /// and it can neither store definitions nor create publications.
+    pub standby: Option<bool>,
 }
 
 /// `server_version` and its major, as the server reports them.
@@ -94,7 +97,7 @@ impl NotReady {
 const ROLE_SQL: &str = "\
     SELECT pg_catalog.current_setting('wal_level'), \
            coalesce((SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), false), \
-           pg_catalog.current_setting('server_version')";
+           pg_catalog.current_setting('server_version'), pg_catalog.pg_is_in_recovery()";
 
 impl Registry {
     /// The totals of every session this process knows; takes no connection.
@@ -162,8 +165,8 @@ impl Registry {
         // The major the connection reported at startup; the query adds its full version.
         let major = client.major().ok_or_else(|| NotReady::new(CHECKS[1], PoolError::NoVersion.to_string()))?;
         let row = client.query_one(ROLE_SQL, &[]).await;
-        let read = row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)));
-        let (wal_level, can_replicate, version): (String, bool, String) = match read {
+        let read = row.and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)));
+        let (wal_level, can_replicate, version, standby): (String, bool, String, bool) = match read {
             Ok(v) => {
                 client.release();
                 v
@@ -181,6 +184,14 @@ impl Registry {
             )
             .on(&server));
         }
+        if standby && !major.has_logical_decoding_on_standby() {
+            let reason = format!(
+                "the server is a standby, and PostgreSQL {} cannot decode on a standby (16 and later can): \
+                 connect to the primary",
+                server.version
+            );
+            return Err(NotReady::new(CHECKS[1], reason).on(&server));
+        }
         if wal_level != "logical" {
             let reason = format!("wal_level is {wal_level}, logical decoding needs logical");
             return Err(NotReady::new(CHECKS[2], reason).on(&server));
@@ -195,6 +206,6 @@ impl Registry {
         let identified = conn.simple_query("IDENTIFY_SYSTEM").await;
         conn.close().await;
         identified.map_err(|e| NotReady::new(CHECKS[4], format!("IDENTIFY_SYSTEM failed: {e}")).on(&server))?;
-        Ok(Ready { checks: &CHECKS, postgres: Some(server) })
+        Ok(Ready { checks: &CHECKS, postgres: Some(server), standby: Some(standby) })
     }
 }

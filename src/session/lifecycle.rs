@@ -32,6 +32,9 @@ pub struct CreateRequest {
     pub publish_generated_columns: bool,
     /// The WAL budget and what to do when the slot is invalidated.
     pub policy: SlotPolicy,
+    /// pgoutput: read this publication, made by the operator, rather than one of the
+    /// session's own (on a standby, the only way).
+    pub publication: Option<String>,
 }
 
 impl Registry {
@@ -44,12 +47,16 @@ impl Registry {
     }
 
     /// `POST /v2/sessions`: the definition, and the slot's consistent point.
-    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(Definition, Lsn), Error> {
+    pub async fn create(self: &Arc<Self>, mut req: CreateRequest) -> Result<(Definition, Lsn), Error> {
         check_name(&req.name)?;
         if req.policy.max_retained_bytes == Some(0) {
             return Err(Error::bad_request(
                 "maxRetainedBytes must be at least 1: leave it out for the server's default (--max-retained-bytes)",
             ));
+        }
+        if let Some(publication) = &req.publication {
+            check_external_publication(publication, &req)?;
+            req.plugin = Some(Plugin::Pgoutput);
         }
         for entry in req.tables.iter().flatten() {
             if let TableEntry::Table(spec) = entry {
@@ -155,8 +162,12 @@ impl Registry {
             return Err(taken(&req.name));
         }
         self.slots.refuse_as_session_name(&req.name).await?;
+        // A standby cannot write the store: its sessions are this process's alone.
+        let standby = self.slots.in_recovery().await?;
         // The store first: its schema is one a session may name (and never gets).
-        self.store.create().await?;
+        if !standby {
+            self.store.create().await?;
+        }
         let client = self.pool.get().await?;
         let tables = match &req.tables {
             Some(patterns) => Some(resolve_tables(&client, patterns).await?),
@@ -173,21 +184,32 @@ impl Registry {
                 req.policy.clone(),
             )
             .await?;
+        def.external_publication = req.publication.clone();
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
-        if !self.store.insert(&def).await? {
+        if !standby && !self.store.insert(&def).await? {
             return Err(taken(&req.name));
         }
-        let new = match self.create_session_slot(&mut def, auto, true).await {
+        let new = match self.create_session_slot(&mut def, auto, !standby).await {
             Ok(new) => new,
             Err(e) => {
-                if let Err(e) = self.store.delete(&def.name).await {
-                    tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
+                if !standby {
+                    if let Err(e) = self.store.delete(&def.name).await {
+                        tracing::warn!(session = %def.name, error = %e, "cannot remove the definition of a failed create");
+                    }
                 }
                 return Err(e);
             }
         };
-        let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), true);
+        if standby {
+            tracing::warn!(
+                session = %def.name,
+                slot = %def.slot_name,
+                "the server is a standby: the session is not stored, and is gone when this process ends (its slot \
+                 stays: drop it with DELETE /v2/sessions/{{name}} before, or pg_drop_replication_slot on the standby)"
+            );
+        }
+        let entry = Entry::new(def.clone(), SnapshotState::Held(new.holder), Some(new.consistent_point), !standby);
         self.with(|s| s.sessions.insert(def.name.clone(), entry));
         tracing::info!(session = %def.name, slot = %def.slot_name, plugin = %def.plugin, "session created");
         Ok((def, new.consistent_point))
@@ -229,6 +251,7 @@ impl Registry {
             publish_generated_columns,
             policy,
             fate: Default::default(),
+            external_publication: None,
         };
         Ok((def, auto))
     }
@@ -352,6 +375,7 @@ impl Registry {
                     publish_generated_columns: false,
                     policy: Default::default(),
                     fate: Default::default(),
+                    external_publication: None,
                 };
                 self.with(|s| s.adopt(def.clone(), false));
                 def
@@ -437,6 +461,27 @@ async fn resolve_tables(client: &Client, entries: &[TableEntry]) -> Result<Vec<T
         }
     }
     Ok(resolved)
+}
+
+/// A session that names its publication streams what that publishes: nothing else may
+/// say which tables, and only pgoutput reads publications.
+fn check_external_publication(publication: &str, req: &CreateRequest) -> Result<(), Error> {
+    if publication.is_empty() || publication.len() > crate::pg::ident::MAX_IDENT_BYTES || publication.contains('\0') {
+        return Err(Error::bad_request(format!(
+            "invalid publication {publication:?}: a publication name is 1 to {} bytes, without NUL",
+            crate::pg::ident::MAX_IDENT_BYTES
+        )));
+    }
+    if req.plugin.is_some_and(|p| p != Plugin::Pgoutput) {
+        return Err(Error::bad_request("a publication is read by the pgoutput plugin only: leave plugin out"));
+    }
+    if req.tables.is_some() || req.publish_generated_columns {
+        return Err(Error::bad_request(format!(
+            "publication {publication:?} says which tables and columns are streamed: leave tables and \
+             publishGeneratedColumns out"
+        )));
+    }
+    Ok(())
 }
 
 async fn resolve_table(client: &Client, t: &TableRef) -> Result<(String, String), Error> {

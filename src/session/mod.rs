@@ -116,6 +116,10 @@ pub struct SessionSettings {
     /// Replication slots (and walsenders) a watcher never takes: what sessions, their
     /// streams and an operator need.
     pub watch_reserve_slots: usize,
+    /// Sessions' slots are failover slots (PostgreSQL 17+; ignored, with a log line,
+    /// below 17 and on a standby), which a standby with `sync_replication_slots` keeps
+    /// a copy of, ready when it is promoted.
+    pub failover_slots: bool,
 }
 
 impl Default for SessionSettings {
@@ -132,6 +136,7 @@ impl Default for SessionSettings {
             max_watchers: 8,
             max_watchers_per_caller: 2,
             watch_reserve_slots: 2,
+            failover_slots: true,
         }
     }
 }
@@ -221,7 +226,14 @@ impl Registry {
         let pool = Pool::new(pg.clone(), pool);
         let store = Store::new(pool.clone(), &settings.schema);
         Arc::new(Registry {
-            slots: Slots { pg, pool: pool.clone(), store: store.clone(), hidden_schema: settings.schema.clone() },
+            slots: Slots {
+                pg,
+                pool: pool.clone(),
+                store: store.clone(),
+                hidden_schema: settings.schema.clone(),
+                failover: settings.failover_slots,
+                failover_skipped: std::sync::Once::new(),
+            },
             snapshots: Snapshots { pool: pool.clone() },
             watchers: Arc::new(Watchers::new(&settings, pool.clone())),
             store,

@@ -497,6 +497,7 @@ mod tests {
             publish_generated_columns: false,
             policy: Default::default(),
             fate: Default::default(),
+            external_publication: None,
         }
     }
 

@@ -57,6 +57,10 @@ pub(super) struct Slots {
     pub(super) store: Store,
     /// The store's schema, which no publication covers.
     pub(super) hidden_schema: String,
+    /// Create failover slots where Postgres has them ([`Slots::failover_for`]).
+    pub(super) failover: bool,
+    /// `failover` was found not to apply, and the log said so once.
+    pub(super) failover_skipped: std::sync::Once,
 }
 
 impl Slots {
@@ -93,6 +97,17 @@ impl Slots {
     /// session's publication), and holds the snapshot it exports. Leaves nothing
     /// behind when it fails.
     pub(super) async fn create(&self, def: &Definition) -> Result<NewSlot, Error> {
+        if let Some(publication) = &def.external_publication {
+            self.check_external(publication).await?;
+            return self.create_slot(&def.slot_name, def.plugin).await;
+        }
+        if def.plugin.publication(&def.slot_name).is_some() && self.in_recovery().await? {
+            return Err(Error::conflict(
+                "the server is a standby (in recovery), where no publication can be created: create one on the \
+                 primary (CREATE PUBLICATION name FOR TABLE ...) and name it in the session's \"publication\" \
+                 (POST /v2/sessions); /v1/init on a standby needs wal2json",
+            ));
+        }
         let publications = ForSession { slots: self, def };
         def.plugin.before_slot(&def.slot_name, &publications).await?;
         let made = self.create_slot(&def.slot_name, def.plugin).await;
@@ -106,7 +121,34 @@ impl Slots {
     /// be dropped nothing else is.
     pub(super) async fn drop_slot_of(&self, def: &Definition) -> Result<(), Error> {
         self.drop_slot(&def.slot_name).await?;
-        def.plugin.after_drop(&def.slot_name, &ForSession { slots: self, def }).await;
+        // A publication the operator made is theirs.
+        if def.external_publication.is_none() {
+            def.plugin.after_drop(&def.slot_name, &ForSession { slots: self, def }).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the server is a standby, which can neither store definitions nor create
+    /// publications.
+    pub(super) async fn in_recovery(&self) -> Result<bool, Error> {
+        let client = self.pool.get().await?;
+        let row = client.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await?;
+        client.release();
+        Ok(row.try_get(0)?)
+    }
+
+    /// A publication a session names exists (a standby has the primary's).
+    async fn check_external(&self, publication: &str) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        let found =
+            client.query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&publication]).await;
+        client.release();
+        if found?.is_none() {
+            return Err(Error::not_found(format!(
+                "publication {} does not exist: create it (on the primary, when this server is a standby)",
+                crate::pg::ident::quote_ident(publication)
+            )));
+        }
         Ok(())
     }
 
@@ -191,7 +233,8 @@ impl Slots {
     /// when it fails.
     async fn create_slot(&self, name: &str, plugin: Plugin) -> Result<NewSlot, Error> {
         let mut conn = ReplicationConnection::connect(&self.pg).await?;
-        let created = match conn.create_logical_slot(name, plugin.name()).await {
+        let failover = self.failover_for(&conn);
+        let created = match conn.create_logical_slot(name, plugin.name(), failover).await {
             Ok(c) => c,
             Err(e) => {
                 let major = conn.parameter("server_version").and_then(Major::from_server_version);
@@ -213,6 +256,28 @@ impl Slots {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a slot made on `conn` is a failover slot: when asked for, and where
+    /// Postgres can (17+, and not on a standby, which refuses failover for its own
+    /// slots). Where it cannot, the log says so once.
+    fn failover_for(&self, conn: &ReplicationConnection) -> bool {
+        if !self.failover {
+            return false;
+        }
+        let major = conn.parameter("server_version").and_then(Major::from_server_version);
+        let why_not = match major {
+            Some(m) if !m.has_failover_slots() => format!("PostgreSQL {m} has none (17+ has)"),
+            None => "the server did not report its version".to_owned(),
+            Some(_) if conn.parameter("in_hot_standby") == Some("on") => {
+                "the server is a standby, whose slots cannot be failover slots".to_owned()
+            }
+            Some(_) => return true,
+        };
+        self.failover_skipped.call_once(|| {
+            tracing::info!("--failover-slots is on, but slots are created without FAILOVER: {why_not}");
+        });
+        false
     }
 
     /// Drops a slot if it exists, waiting a little for a walsender that is still

@@ -41,12 +41,21 @@ pub struct Filter {
     /// from its partitions, which a plugin that names the leaf partition (wal2json)
     /// cannot filter by name. Set when a stream starts ([`crate::stream::plugin::Plugin::prepare`]).
     pub partitioned: bool,
+    /// The publication a pgoutput stream reads when it is not the one named as its
+    /// slot (a session's `publication`, made by the operator).
+    pub publication: Option<String>,
 }
 
 impl Default for Filter {
     /// Everything.
     fn default() -> Self {
-        Filter { tables: None, actions: Action::ALL.to_vec(), hidden_schemas: Vec::new(), partitioned: false }
+        Filter {
+            tables: None,
+            actions: Action::ALL.to_vec(),
+            hidden_schemas: Vec::new(),
+            partitioned: false,
+            publication: None,
+        }
     }
 }
 

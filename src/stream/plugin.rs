@@ -201,7 +201,7 @@ impl Plugin {
 /// pgoutput's filter is its publication (tables, actions); the format is ours to render.
 /// 13's pgoutput refuses `messages`, and sends none: the option goes only where it exists.
 fn pgoutput_options(filter: &Filter, slot: &str, major: Major) -> Vec<(&'static str, String)> {
-    let publication = Plugin::publication_name(slot).replace('"', "\"\"");
+    let publication = filter.publication.as_deref().unwrap_or(Plugin::publication_name(slot)).replace('"', "\"\"");
     let mut options = vec![("proto_version", "1".into()), ("publication_names", format!("\"{publication}\""))];
     if major.pgoutput_has_messages() {
         options.push(("messages", if filter.wants(Action::Message) { "true" } else { "false" }.into()));
@@ -315,6 +315,7 @@ mod tests {
             actions: vec![Action::Insert, Action::Delete],
             hidden_schemas: vec!["pgdeltastream".into()],
             partitioned: false,
+            publication: None,
         };
         let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s", Major(15));
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
@@ -333,5 +334,12 @@ mod tests {
         assert_eq!(messages(13), None);
         assert_eq!(messages(14).as_deref(), Some("true"));
         assert_eq!(messages(18).as_deref(), Some("true"));
+        let named = |filter: &Filter| {
+            let options = Plugin::Pgoutput.start_options(Format::Changes, filter, "delta_x1", Major(16));
+            options.into_iter().find(|(k, _)| *k == "publication_names").map(|(_, v)| v)
+        };
+        assert_eq!(named(&Filter::default()).as_deref(), Some("\"delta_x1\""));
+        let theirs = Filter { publication: Some("Made \"here\"".into()), ..Filter::default() };
+        assert_eq!(named(&theirs).as_deref(), Some("\"Made \"\"here\"\"\""));
     }
 }

@@ -39,6 +39,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             max_watchers: 8,
             max_watchers_per_caller: 2,
             watch_reserve_slots: 2,
+            failover_slots: true,
         },
         max_limit: 1000,
         reads_per_token: 2,

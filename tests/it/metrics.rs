@@ -234,6 +234,7 @@ async fn healthz_and_readyz_answer_on_a_working_cluster() {
     let num: String = db.client().await.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
     let major = num.parse::<u64>().unwrap() / 10_000;
     assert_eq!(body["postgres"]["major"], json!(major), "{body}");
+    assert_eq!(body["standby"], json!(false), "{body}");
     let version = body["postgres"]["version"].as_str().unwrap_or_default();
     assert!(version.starts_with(&major.to_string()), "{body}");
     server.stop().await;

@@ -204,6 +204,49 @@ async fn refusals() {
 
 /// Three sessions with different tables and actions, written to at once: each client
 /// gets exactly its changes, filtered inside Postgres.
+/// A session may read a publication the operator made (what a standby needs), which it
+/// never drops.
+#[tokio::test]
+async fn a_session_reads_the_publication_it_names_and_leaves_it_behind() {
+    let _slots = SLOTS.read().await;
+    let (_db, pg, server) = setup().await;
+    pg.batch_execute("CREATE PUBLICATION theirs FOR TABLE items WITH (publish = 'insert')").await.unwrap();
+    for (body, status) in [
+        (json!({"name": "x", "publication": "theirs", "plugin": "wal2json"}), 400),
+        (json!({"name": "x", "publication": "theirs", "tables": ["orders"]}), 400),
+        (json!({"name": "x", "publication": ""}), 400),
+        (json!({"name": "x", "publication": "p\0"}), 400),
+        (json!({"name": "x", "publication": "absent"}), 404),
+    ] {
+        let (got, answer) = create(&server, body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (status, created) = create(&server, json!({"name": "feed", "publication": "theirs"})).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!((&created["plugin"], &created["publication"]), (&json!("pgoutput"), &json!("theirs")), "{created}");
+    assert_eq!(created["externalPublication"], "theirs", "{created}");
+    let (_, view) = server.get("/v2/sessions/feed").await;
+    assert_eq!(view["publication"], "theirs", "{view}");
+
+    let mut ws = connect(&server, "feed").await;
+    pg.batch_execute(
+        "INSERT INTO orders (item) VALUES ('not published'); INSERT INTO items (name) VALUES ('one');
+         UPDATE items SET name = 'not published either'; INSERT INTO items (name) VALUES ('two');",
+    )
+    .await
+    .unwrap();
+    let got: Vec<Value> = changes(&mut ws, 1).await;
+    let rows: Vec<String> = got.iter().map(|c| format!("{} {}", describe(c), c["columnvalues"][1])).collect();
+    assert_eq!(rows, ["insert public.items \"one\"", "insert public.items \"two\""], "the publication's, as it is");
+    drop(ws);
+    let (status, body) = request(server.addr, "DELETE", "/v2/sessions/feed", None).await;
+    assert!(status < 300, "{status} {body}");
+    let kept = pg.query_opt("SELECT 1 FROM pg_publication WHERE pubname = 'theirs'", &[]).await.unwrap();
+    assert!(kept.is_some(), "the operator's publication stays");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn each_session_gets_exactly_its_tables_and_actions() {
     let (_db, pg, server) = setup().await;

@@ -64,6 +64,8 @@ use crate::local::{self, process_alive};
 
 mod docker;
 use docker::{DockerBackend, start_docker};
+mod standby;
+pub use standby::{StandbySetup, start_standby};
 
 /// Prefix of the temp dirs of local clusters; followed by `<pid>-<nanos>-<n>`.
 const TMP_PREFIX: &str = "pgdeltastream-test-pg-";
