@@ -21,11 +21,6 @@ fn cluster() -> &'static common::Cluster {
 /// The physical slot on the primary that the standby streams from.
 const STANDBY_SLOT: &str = "failover_standby";
 
-pub(crate) async fn major(pg: &tokio_postgres::Client) -> u32 {
-    let num: String = pg.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
-    num.parse::<u32>().unwrap() / 10_000
-}
-
 /// The id of the one inserted row a `transactions`-format message carries.
 fn inserted_id(message: &Value) -> i64 {
     let change = &message["change"];
@@ -56,7 +51,7 @@ async fn a_session_resumes_on_the_promoted_standby_right_after_its_last_ack() {
     let primary = cluster();
     let db = common::fresh_db_on(primary).await;
     let pg = db.client().await;
-    let major = major(&pg).await;
+    let major = server_major(&pg).await;
     if major < 17 {
         eprintln!("failover: SKIPPED on PostgreSQL {major}: failover slots need 17 or later (make test-majors)");
         return;
@@ -99,6 +94,8 @@ async fn a_session_resumes_on_the_promoted_standby_right_after_its_last_ack() {
     let slot = created["slotName"].as_str().unwrap().to_owned();
     let (failover, synced, _, _) = slot_row(&pg, &slot).await.expect("the session's slot");
     assert!(failover && !synced, "the primary's slot is a failover slot");
+    let (_, view) = server.get("/v2/sessions/orders_feed").await;
+    assert_eq!((&view["failover"], &view["synced"]), (&json!(true), &json!(false)), "the view says so: {view}");
 
     let url = format!("ws://{}/v2/sessions/orders_feed/stream", server.addr);
     let mut ws = tokio_tungstenite::connect_async(&url).await.expect("upgrade").0;
@@ -198,6 +195,8 @@ async fn a_session_resumes_on_the_promoted_standby_right_after_its_last_ack() {
     let mut settings = settings;
     settings.pg = pg_config(&promoted);
     let server = TestServer::start_with(settings).await;
+    let (_, view) = server.get("/v2/sessions/orders_feed").await;
+    assert_eq!((&view["failover"], &view["synced"]), (&json!(true), &json!(true)), "on the new primary: {view}");
     let url = format!("ws://{}/v2/sessions/orders_feed/stream", server.addr);
     let mut ws = tokio_tungstenite::connect_async(&url).await.expect("upgrade on the new primary").0;
     let mut got = Vec::new();

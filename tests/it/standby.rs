@@ -13,14 +13,13 @@ use serde_json::json;
 use testkit::pg::{self as common, StandbySetup, TestDb};
 use testkit::support::*;
 
-use super::failover::major;
 
 #[tokio::test]
 async fn a_session_on_a_standby_reads_a_publication_of_the_primary() {
     let primary = common::own_cluster("standby");
     let db = common::fresh_db_on(primary).await;
     let pg = db.client().await;
-    let major = major(&pg).await;
+    let major = server_major(&pg).await;
     if major < 15 {
         eprintln!("standby: SKIPPED on PostgreSQL {major}: the test's standby needs pg_backup_start (15+)");
         return;
