@@ -54,6 +54,12 @@ impl Registry {
                 );
                 continue;
             }
+            let streamed_here = self.with(|s| s.sessions.get(&def.name).is_some_and(|e| e.stream.running.is_some()));
+            if row.active && !streamed_here {
+                // Another process streams it: that one drops it (dropping an active slot
+                // here would only wait for it).
+                continue;
+            }
             if let Err(e) = self.drop_over_budget(&def, row.confirmed_flush_lsn).await {
                 tracing::error!(session = %def.name, slot = %def.slot_name, error = %e, "cannot drop a slot past its budget");
             } else {

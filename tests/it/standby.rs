@@ -13,7 +13,6 @@ use serde_json::json;
 use testkit::pg::{self as common, StandbySetup, TestDb};
 use testkit::support::*;
 
-
 #[tokio::test]
 async fn a_session_on_a_standby_reads_a_publication_of_the_primary() {
     let primary = common::own_cluster("standby");
