@@ -1,7 +1,8 @@
 //! Sessions against a hot standby (PostgreSQL 16+, which decodes there): `/readyz` says
 //! it is one, a session that names a publication made on the primary is created with
 //! its snapshot and streams what the primary writes, and what a standby cannot do (make
-//! a publication) is a 409 that says what to do instead. Run by `make test-majors` on
+//! a publication) is a 409 that says what to do instead; a recovery conflict that
+//! invalidates a session's slot there shows as `invalidated` and a 410. Run by `make test-majors` on
 //! 16 and later; on 15 (`make test`) `/readyz` refuses a standby.
 //!
 //! The cluster is its own: it gets a standby (`testkit::pg::start_standby`).
@@ -83,20 +84,8 @@ async fn a_session_on_a_standby_reads_a_publication_of_the_primary() {
     // A slot on a standby becomes consistent at a running-xacts record of the primary's:
     // Postgres writes one every 15 s while the primary is busy, pg_log_standby_snapshot()
     // at once.
-    let nudge = {
-        let primary_pg = db.client().await;
-        tokio::spawn(async move {
-            loop {
-                let _ = primary_pg.batch_execute("SELECT pg_log_standby_snapshot()").await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        })
-    };
     let started = Instant::now();
-    let body = json!({"name": "orders_feed", "publication": "orders_pub"}).to_string();
-    let (status, created) = server.post("/v2/sessions", &body).await;
-    nudge.abort();
-    assert_eq!(status, 201, "{created}");
+    let created = create_on_standby(&server, &db, json!({"name": "orders_feed", "publication": "orders_pub"})).await;
     eprintln!("standby: the session's slot was made on the standby in {:?}", started.elapsed());
     assert_eq!(created["publication"], "orders_pub", "{created}");
     assert_eq!(created["snapshot"], "held", "a standby exports the slot's snapshot: {created}");
@@ -126,5 +115,54 @@ async fn a_session_on_a_standby_reads_a_publication_of_the_primary() {
     assert_eq!(confirmed_flush(&standby_pg, &slot).await, None, "its slot is dropped");
     let kept = pg.query_opt("SELECT 1 FROM pg_publication WHERE pubname = 'orders_pub'", &[]).await.unwrap();
     assert!(kept.is_some(), "the operator's publication stays");
+
+    // A recovery conflict: without hot_standby_feedback the primary removes catalog rows
+    // the standby's slot still needs, and the standby invalidates the slot.
+    let body = json!({"name": "conflicted", "publication": "orders_pub"});
+    let slot = create_on_standby(&server, &db, body).await["slotName"].as_str().unwrap().to_owned();
+    // Its held snapshot would hold up replay for max_standby_streaming_delay (30 s)
+    // before the conflict is resolved: let it go.
+    let (status, _) = request(server.addr, "DELETE", "/v2/sessions/conflicted/snapshot", None).await;
+    assert_eq!(status, 200);
+    standby_pg.batch_execute("ALTER SYSTEM SET hot_standby_feedback = off").await.unwrap();
+    standby_pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let physical = "SELECT xmin IS NULL AND catalog_xmin IS NULL FROM pg_replication_slots WHERE slot_name = $1";
+    while !pg.query_one(physical, &[&"standby_of_standby_test"]).await.unwrap().get::<_, bool>(0) {
+        assert!(Instant::now() < deadline, "the primary still keeps rows for the standby");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Two transactions: rows a transaction both made and removed conflict with nothing.
+    pg.batch_execute("CREATE TABLE conflict_test (x int)").await.unwrap();
+    pg.batch_execute("DROP TABLE conflict_test").await.unwrap();
+    pg.batch_execute("VACUUM pg_class").await.unwrap();
+    // Sent to the standby once flushed (the test clusters commit asynchronously).
+    pg.batch_execute("CREATE TABLE flush_wal (); SELECT pg_switch_wal()").await.unwrap();
+    let condition = if major >= 17 { "invalidation_reason IS NOT NULL" } else { "conflicting" };
+    await_slot(&standby_pg, &slot, "invalidated by a recovery conflict", condition).await;
+    let (_, view) = server.get("/v2/sessions/conflicted").await;
+    let reason = if major >= 17 { "rows_removed" } else { "conflict" };
+    assert_eq!(view["invalidated"]["reason"], reason, "{view}");
+    assert_eq!(view["conflicting"], true, "{view}");
+    let (status, body) = ws_refused(server.addr, "/v2/sessions/conflicted/stream").await;
+    assert_eq!((status, &body["reason"]), (410, &json!(reason)), "{body}");
     server.stop().await;
+}
+
+/// Creates a session on the standby `server` reads, nudging `primary` for the
+/// running-xacts record the slot waits for.
+async fn create_on_standby(server: &TestServer, primary: &TestDb, body: serde_json::Value) -> serde_json::Value {
+    let nudge = {
+        let primary_pg = primary.client().await;
+        tokio::spawn(async move {
+            loop {
+                let _ = primary_pg.batch_execute("SELECT pg_log_standby_snapshot()").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let (status, created) = server.post("/v2/sessions", &body.to_string()).await;
+    nudge.abort();
+    assert_eq!(status, 201, "{created}");
+    created
 }
