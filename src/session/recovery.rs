@@ -33,13 +33,17 @@ impl Registry {
             Ok(stored) => self.with(|s| stored.into_iter().for_each(|d| s.adopt(d, true))),
             Err(e) => tracing::warn!(error = %e, "cannot read the stored sessions: budgets apply to this process's"),
         }
+        let defs: Vec<Definition> = self.with(|s| s.sessions.values().map(|e| e.def.clone()).collect());
+        let budgeted: Vec<(Definition, Budget)> =
+            defs.into_iter().filter_map(|d| self.budget(&d).map(|b| (d, b))).collect();
+        if budgeted.is_empty() {
+            return;
+        }
         let rows = match self.slots.rows().await {
             Ok(rows) => rows,
             Err(e) => return tracing::warn!(error = %e, "cannot read the slots' retention: budgets not applied"),
         };
-        let defs: Vec<Definition> = self.with(|s| s.sessions.values().map(|e| e.def.clone()).collect());
-        for def in defs {
-            let Some(budget) = self.budget(&def) else { continue };
+        for (def, budget) in budgeted {
             let Some(row) = rows.iter().find(|r| r.slot_name == def.slot_name) else { continue };
             if !budget.exceeded(row.retained_bytes) {
                 continue;
