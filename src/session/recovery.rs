@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::Registry;
 use super::definition::Definition;
-use super::safety::{Budget, Invalidation, OnInvalidated, SlotFate, must_refetch};
+use super::safety::{Budget, InvalidatedBy, Invalidation, OnInvalidated, SlotFate, must_refetch};
 use super::snapshots::SnapshotState;
 use crate::error::Error;
 use crate::stream::pump::ExplainFatal;
@@ -82,12 +82,14 @@ impl Registry {
         let _one_at_a_time = self.admin.lock().await;
         let current =
             self.with(|s| s.sessions.get(&def.name).filter(|e| e.stream.closing.is_none()).map(|e| e.def.clone()));
-        // Ended, made again or marked since it was looked at: nothing to do.
-        let Some(current) = current.filter(|c| c.slot_name == def.slot_name && c.fate.invalidated.is_none()) else {
+        // Ended or made again since it was looked at: nothing to do. Marked by us
+        // already: a drop that failed, tried again.
+        let ours = |c: &Definition| c.fate.invalidated.as_ref().is_none_or(|i| i.by == InvalidatedBy::Pgdeltastream);
+        let Some(current) = current.filter(|c| c.slot_name == def.slot_name && ours(c)) else {
             return Ok(());
         };
         let mut marked = current.clone();
-        marked.fate.invalidated = Some(Invalidation::over_budget(lost_after));
+        marked.fate.invalidated.get_or_insert_with(|| Invalidation::over_budget(lost_after));
         self.remember(&marked).await;
         self.with(|s| s.sessions.get_mut(&def.name).map(|e| e.def = marked.clone()));
         self.stop_stream_and_wait(&def.name, code::INTERNAL, OVER_BUDGET).await;
