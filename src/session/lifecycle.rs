@@ -310,9 +310,12 @@ impl Registry {
     /// Another process streams the session: ending it here would cut off its client.
     async fn refuse_if_streamed_elsewhere(&self, def: &Definition) -> Result<(), Error> {
         let Ok(info) = self.our_slot(&def.slot_name).await else { return Ok(()) };
-        let ours = self.with(|s| s.sessions.get(&def.name).is_some_and(|e| e.stream.running.is_some()));
+        // Ours while it runs here, and while the walsender of our last stream lets go.
+        let (running, ours_pid) = self.with(|s| {
+            s.sessions.get(&def.name).map_or((false, None), |e| (e.stream.running.is_some(), e.stream.walsender))
+        });
         match info.active_pid {
-            Some(pid) if !ours => Err(Error::conflict(format!(
+            Some(pid) if !running && Some(pid) != ours_pid => Err(Error::conflict(format!(
                 "slot {} is in use by another process (pid {pid}); stop that first, or retry if a client just left",
                 def.slot_name
             ))),
