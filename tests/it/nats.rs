@@ -508,6 +508,8 @@ async fn a_gateway_with_auth_checks_tokens_and_scopes() {
     let _gateway = Proc::spawn(cmd);
     wait_listening(port, "the gateway").await;
     write_rows(&db, 1, 1, 1, Duration::ZERO).await;
+    // The gateway knows a session once its publisher has published into it.
+    await_stream_seq(&nats, 1).await;
 
     let (status, body) = refused(url(port, "a")).await;
     assert_eq!(status, 401, "{body}");
