@@ -93,6 +93,7 @@ cmd_start() {
     [ "$(id -u)" = 0 ] || die "starting dockerd needs root"
     mkdir -p "$TOOLS_DIR/data" "$RUN_DIR"
     rm -f "$OUR_SOCKET" "$PIDFILE"
+    remove_stale_links
     log "starting dockerd on $OUR_SOCKET (log: $TOOLS_DIR/dockerd.log)"
     # setsid: a Ctrl-C in the terminal reaches only the caller, which then stops the
     # engine in order (by PID).
@@ -110,6 +111,19 @@ cmd_start() {
     done
     tail -n 30 "$TOOLS_DIR/dockerd.log" >&2 || true
     die "dockerd did not answer on $OUR_SOCKET"
+}
+
+# An engine killed with its containers leaves their host-side veths on docker0, and a
+# stale one answers ARP for an address the next engine gives a new container: connections
+# to that container then reset or go nowhere. With no dockerd running, every veth on docker0
+# is such a leftover.
+remove_stale_links() {
+    pgrep -x dockerd >/dev/null && return 0
+    local link
+    for link in $(ip -o link show master docker0 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
+        log "removing $link, left on docker0 by an engine that is gone"
+        ip link delete "$link" || true
+    done
 }
 
 cmd_stop() {
