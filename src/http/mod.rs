@@ -22,6 +22,7 @@
 //! bodies such errors; [`layers`] is the edge this router and the gateway's run behind.
 
 pub mod auth;
+pub(crate) mod backfill;
 pub mod error;
 pub mod extract;
 pub mod gateway;
@@ -73,6 +74,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v2/sessions", post(v2::create).get(v2::list))
         .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
         .route("/v2/sessions/{name}/stream", get(v2::stream))
+        .route("/v2/sessions/{name}/backfill", post(backfill::start).delete(backfill::cancel))
         .route("/v2/sessions/{name}/watch", get(v2::watch))
         .route("/v2/sessions/{name}/snapshot", delete(v2::release_snapshot))
         .route("/v2/sessions/{name}/snapshot/{table}", get(v2::snapshot))

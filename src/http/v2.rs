@@ -10,6 +10,8 @@
 //! | `GET /v2/sessions/{name}/watch` | [`watch`]: a viewer's copy, from a temporary slot |
 //! | `GET /v2/sessions/{name}/snapshot/{table}` | [`snapshot`]: keyset pages, or NDJSON |
 //! | `DELETE /v2/sessions/{name}/snapshot` | [`release_snapshot`]: let go of its snapshot |
+//! | `POST /v2/sessions/{name}/backfill` | [`super::backfill::start`]: tables read again into the stream |
+//! | `DELETE /v2/sessions/{name}/backfill` | [`super::backfill::cancel`] |
 
 use axum::body::Body;
 use axum::extract::State;

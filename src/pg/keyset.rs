@@ -19,6 +19,8 @@
 
 use std::time::Duration;
 
+pub(crate) mod live;
+
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, SimpleQueryStream};

@@ -136,6 +136,13 @@ pub enum SnapshotError {
          read it whole with the NDJSON export instead"
     )]
     NoKey { table: String, relation: &'static str },
+    /// A live backfill reads by primary key, which the table lacks (or the reader's
+    /// column list leaves out, or inheritance children may repeat).
+    #[error(
+        "table {0} has no primary key a backfill can page by (none, one the session's column list leaves out, \
+         or one its inheritance children may repeat); add a primary key, or read it from the session's snapshot"
+    )]
+    NoPrimaryKey(String),
     #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }

@@ -37,6 +37,9 @@ pub struct Definition {
     /// primary): no publication can be created in recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_publication: Option<String>,
+    /// The session's live backfill, and how far it got ([`super::backfill`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<super::backfill::BackfillState>,
 }
 
 /// One entry of a session's `tables`: a pattern, or (pgoutput) a table with the row
@@ -237,6 +240,7 @@ mod tests {
                 policy: Default::default(),
                 fate: Default::default(),
                 external_publication: None,
+                backfill: None,
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

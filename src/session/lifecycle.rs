@@ -252,6 +252,7 @@ impl Registry {
             policy,
             fate: Default::default(),
             external_publication: None,
+            backfill: None,
         };
         Ok((def, auto))
     }
@@ -379,6 +380,7 @@ impl Registry {
                     policy: Default::default(),
                     fate: Default::default(),
                     external_publication: None,
+                    backfill: None,
                 };
                 self.with(|s| s.adopt(def.clone(), false));
                 def

@@ -37,6 +37,7 @@
 //! stopping it ends them all; it then waits, against one deadline, for the streams and
 //! for every websocket task the server started ([`Registry::tasks`]).
 
+pub(crate) mod backfill;
 pub(crate) mod definition;
 pub mod health;
 mod lifecycle;
@@ -178,6 +179,8 @@ struct StreamState {
     /// The walsender of the last stream this process started for the session. While it
     /// still holds the slot, the slot is on its way to being free, not someone else's.
     walsender: Option<i32>,
+    /// The running stream's backfill windows, and its format: where a backfill runs.
+    backfills: Option<(crate::stream::backfill::Backfills, crate::stream::frame::Format)>,
 }
 
 impl State {

@@ -67,6 +67,11 @@ pub(crate) fn is_ours(name: &str) -> bool {
 
 /// The temporary slot of a viewer watching a session: a name [`is_ours`] refuses, so
 /// no listing shows it and no drop reaches it (Postgres drops it with its connection).
+/// A backfill's id, or one run of it: `bf_` and 16 hex digits.
+pub(crate) fn backfill_id() -> String {
+    format!("bf_{:016x}", random_u64())
+}
+
 pub(crate) fn watch_slot_name() -> String {
     format!("pgdeltastream_watch_{:016x}", random_u64())
 }

@@ -498,6 +498,7 @@ mod tests {
             policy: Default::default(),
             fate: Default::default(),
             external_publication: None,
+            backfill: None,
         }
     }
 

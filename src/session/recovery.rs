@@ -203,7 +203,7 @@ impl Registry {
     }
 
     /// Stores `def` if its session is stored; a failure is logged (the state holds it).
-    async fn remember(&self, def: &Definition) {
+    pub(super) async fn remember(&self, def: &Definition) {
         let stored = self.with(|s| s.sessions.get(&def.name).is_some_and(|e| e.stored));
         if !stored {
             return;

@@ -223,7 +223,7 @@ impl Registry {
 /// What of its snapshot session `def` may read: the tables it streams (every one
 /// without `tables`), with its publication's row filters and column lists, never the
 /// store's schema `hidden` (nor, in v2, a system schema).
-fn scope_of(def: &Definition, hidden: &str) -> Scope {
+pub(super) fn scope_of(def: &Definition, hidden: &str) -> Scope {
     let narrowed =
         def.tables.iter().flatten().filter(|e| e.narrows()).filter_map(|e| match TablePattern::parse(e.pattern()) {
             Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, t.name)),
@@ -250,7 +250,9 @@ fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> 
         SnapshotError::NoSuchTable(_) | SnapshotError::NoSuchColumn { .. } => Error::not_found(e.to_string()),
         SnapshotError::Dropped(_) | SnapshotError::Moved { .. } => Error::not_found(format!("{e}; {again}")),
         SnapshotError::SystemTable(_) => Error::new(ErrorKind::Forbidden, e.to_string()),
-        SnapshotError::BadCursor(_) | SnapshotError::NoKey { .. } => Error::bad_request(e.to_string()),
+        SnapshotError::BadCursor(_) | SnapshotError::NoKey { .. } | SnapshotError::NoPrimaryKey(_) => {
+            Error::bad_request(e.to_string())
+        }
         SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; {again}")),
         SnapshotError::Renamed { .. }
         | SnapshotError::Rewritten { .. }

@@ -16,9 +16,11 @@ use super::{Registry, SessionSettings, State};
 use crate::error::{Error, ErrorKind};
 use crate::pg::replication::ReplicationStream;
 use crate::stream::Stop as StreamStop;
+use crate::stream::backfill::Backfills;
 use crate::stream::decode::PluginDecoder;
-use crate::stream::filter::Filter;
+use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
+use crate::stream::marks::Marks;
 use crate::stream::message::{Finish, MessageKind, Part, Start};
 use crate::stream::progress::Progress;
 use crate::stream::pump::{ExplainFatal, Pump};
@@ -46,6 +48,8 @@ pub(crate) struct OpenStream {
     pub(super) progress: Arc<Progress>,
     /// The plugin's output as messages.
     pub(super) decoder: PluginDecoder,
+    /// Our own logical messages in the stream (a backfill's watermarks).
+    pub(super) marks: Marks,
     /// v2 sessions are not sent transactions with no change for them; v1 ones are, as
     /// the original sent them.
     pub(super) skip_empty: bool,
@@ -78,6 +82,7 @@ impl Drop for Claim {
         self.registry.with(|s| {
             if let Some(e) = s.sessions.get_mut(&self.name) {
                 e.stream.running = None;
+                e.stream.backfills = None;
             }
         });
         self.registry.stream_ended.notify_waiters();
@@ -160,7 +165,14 @@ impl Registry {
             }
         };
         let walsender = stream.backend_pid();
-        self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.walsender = walsender));
+        let backfills = Backfills::default();
+        self.with(|s| {
+            s.sessions.get_mut(name).map(|e| {
+                e.stream.walsender = walsender;
+                e.stream.backfills = Some((backfills.clone(), format));
+            })
+        });
+        self.spawn_backfill(name, backfills.clone(), format);
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.
@@ -175,6 +187,7 @@ impl Registry {
             guard: Box::new(claim),
             progress,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
+            marks: Marks::new(format, Some(backfills), filter.wants(Action::Message)),
             skip_empty,
             settings: self.settings.clone(),
             options,
@@ -259,6 +272,7 @@ impl OpenStream {
             guard,
             progress,
             decoder,
+            marks,
             skip_empty,
             settings,
             options,
@@ -284,6 +298,7 @@ impl OpenStream {
             stop: stop.clone(),
             status_interval: settings.status_interval,
             decoder,
+            marks,
             skip_empty,
             options,
             explain,

@@ -21,8 +21,9 @@ use super::{Registry, SessionSettings, names};
 use crate::error::{Error, ErrorKind};
 use crate::pg::pool::Pool;
 use crate::stream::Stop as StreamStop;
-use crate::stream::filter::Filter;
+use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
+use crate::stream::marks::Marks;
 
 /// The watchers running now, and the limits on them; owns the one query it needs (the
 /// room Postgres has left).
@@ -169,6 +170,8 @@ impl Registry {
             // A fresh record: the session's last ack and last close stay its consumer's.
             progress: Arc::default(),
             decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
+            // A watcher sees no backfill: its chunks are the session's client's.
+            marks: Marks::new(Format::Changes, None, filter.wants(Action::Message)),
             skip_empty: true,
             settings: self.settings.clone(),
             options,

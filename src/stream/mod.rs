@@ -27,12 +27,14 @@
 //!   reason the client is told.
 
 pub mod ack;
+pub(crate) mod backfill;
 pub(crate) mod binary_message;
 pub mod decode;
 pub mod error;
 pub(crate) mod filter;
 pub mod frame;
 pub mod framer;
+pub(crate) mod marks;
 pub mod message;
 pub mod observer;
 pub(crate) mod partitions;

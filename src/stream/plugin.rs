@@ -23,8 +23,6 @@ use crate::pg::version::Major;
 
 /// A table pattern no table matches (a schema name Postgres reserves for itself).
 const NO_TABLE: &str = "pg_pgdeltastream_none.none";
-/// A message prefix no application uses.
-const NO_PREFIX: &str = "pgdeltastream_no_messages";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,11 +198,14 @@ impl Plugin {
 
 /// pgoutput's filter is its publication (tables, actions); the format is ours to render.
 /// 13's pgoutput refuses `messages`, and sends none: the option goes only where it exists.
+/// Where it exists it is on whatever the session wants: a backfill's watermarks are
+/// messages, and the stream's stage ([`super::marks`]) drops those the client does not
+/// want.
 fn pgoutput_options(filter: &Filter, slot: &str, major: Major) -> Vec<(&'static str, String)> {
     let publication = filter.publication.as_deref().unwrap_or(Plugin::publication_name(slot)).replace('"', "\"\"");
     let mut options = vec![("proto_version", "1".into()), ("publication_names", format!("\"{publication}\""))];
     if major.pgoutput_has_messages() {
-        options.push(("messages", if filter.wants(Action::Message) { "true" } else { "false" }.into()));
+        options.push(("messages", "true".into()));
     }
     options
 }
@@ -231,8 +232,9 @@ fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, Strin
         }
         if !filter.wants(Action::Message) {
             // wal2json cannot leave out every message, only pass those of listed
-            // prefixes: list one no message uses.
-            options.push(("add-msg-prefixes", NO_PREFIX.into()));
+            // prefixes: list only a backfill's watermarks, which the stream's stage
+            // takes out.
+            options.push(("add-msg-prefixes", super::backfill::PREFIX.into()));
         }
     }
     // A partitioned table's changes come under its partitions' names: the decoder
@@ -321,7 +323,7 @@ mod tests {
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("add-tables"), Some("public.orders,audit.*"));
         assert_eq!(get("actions"), Some("insert,delete"));
-        assert_eq!(get("add-msg-prefixes"), Some(NO_PREFIX));
+        assert_eq!(get("add-msg-prefixes"), Some(super::super::backfill::PREFIX));
         assert_eq!(get("filter-tables"), Some("pgdeltastream.*"));
     }
 

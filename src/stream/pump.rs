@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::decode::{Abandoned, PluginDecoder};
 use super::error::StreamError;
 use super::frame::SkipEmpty;
+use super::marks::Marks;
 use super::message::{Finish, MessageKind, Part};
 use super::sink::Outgoing;
 use super::stop::{Stop, code};
@@ -120,6 +121,8 @@ pub(crate) struct Pump {
     pub status_interval: Duration,
     /// The plugin's output as messages.
     pub decoder: PluginDecoder,
+    /// Our own logical messages met in the stream (a backfill's watermarks).
+    pub marks: Marks,
     /// Leave out transactions with no change for the client (v2 sessions).
     pub skip_empty: bool,
     /// The options the stream was started with: a stream restarted past a transaction
@@ -149,6 +152,7 @@ pub(crate) fn undecodable(e: &PgError) -> bool {
 struct Decoder {
     slot: String,
     plugin: PluginDecoder,
+    marks: Marks,
     skip_empty: Option<SkipEmpty>,
     pos: Positions,
     /// Postgres asked for a status update.
@@ -203,11 +207,14 @@ impl Decoder {
         }
         'burst: while self.retry.is_none() {
             while let Some(part) = self.plugin.next_part().map_err(|e| e.to_string())? {
-                if let Some(body) = part.body() {
-                    (bodies, bytes) = (bodies + 1, bytes + body.len());
+                let from = batch.len();
+                self.marks.push(part, &mut batch);
+                for part in &batch[from..] {
+                    if let Some(body) = part.body() {
+                        (bodies, bytes) = (bodies + 1, bytes + body.len());
+                    }
+                    self.pos.on_part(part);
                 }
-                self.pos.on_part(&part);
-                batch.push(part);
                 if bodies >= MAX_BATCH_BODIES || bytes >= MAX_BATCH_BYTES {
                     break 'burst;
                 }
@@ -235,7 +242,7 @@ impl Decoder {
         }
         // A transaction the decoder holds is under way as much as one whose parts
         // went out: the walsender may have sent keepalives past its start.
-        self.pos.in_transaction |= self.plugin.holds_transaction() || self.retry.is_some();
+        self.pos.in_transaction |= self.plugin.holds_transaction() || self.marks.holds() || self.retry.is_some();
         Ok(self.skip_empty(batch))
     }
 
@@ -286,6 +293,10 @@ impl Decoder {
     /// None when no transaction is under way or where it ends is not known.
     fn cut(&mut self, error: &str) -> Option<Abandoned> {
         let mut abandoned = self.plugin.abandon_transaction(error)?;
+        let mut held = Vec::new();
+        self.marks.flush(&mut held);
+        held.append(&mut abandoned.record);
+        abandoned.record = held;
         for part in &abandoned.record {
             self.pos.on_part(part);
         }
@@ -338,6 +349,7 @@ impl Pump {
             stop,
             status_interval,
             decoder: plugin,
+            marks,
             skip_empty,
             options,
             explain,
@@ -345,6 +357,7 @@ impl Pump {
         let mut decoder = Decoder {
             slot: slot.clone(),
             plugin,
+            marks,
             skip_empty: skip_empty.then(SkipEmpty::default),
             pos: Positions::new(start),
             reply_requested: false,

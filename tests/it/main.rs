@@ -10,6 +10,7 @@
 //! a binary of its own: it measures the peak memory of its whole process.
 
 mod auth;
+mod backfill;
 mod browser;
 mod cli;
 mod clients;

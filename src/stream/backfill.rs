@@ -1,0 +1,400 @@
+//! Live backfills in the stream, by DBLog's watermarks.
+//!
+//! A backfill reads a table in keyset chunks while the stream runs. Each chunk is
+//! bracketed by two logical messages the runner writes into the WAL, a low and a high
+//! watermark, each in a transaction of its own:
+//!
+//! ```text
+//!   WAL:     ... L(n) ... changes ... H(n) ...
+//!   runner:  open window n, write L(n), SELECT the chunk, hand it over, write H(n)
+//!   stream:  at L(n) note every key of the table that changes, until H(n); at H(n)
+//!            drop those rows from the chunk and send the rest, in place of H(n)
+//! ```
+//!
+//! A row whose key changed between the watermarks may be older in the chunk than in
+//! the stream, so it is left to the stream, which carries its change; every other row
+//! of the chunk is the table's current row at H(n). A client that applies the stream
+//! in order (the chunk's rows as upserts) ends with exactly the table's rows, and no
+//! transaction is held open longer than one chunk's SELECT.
+//!
+//! This module is what the runner (the session layer) and the stage in the stream
+//! ([`super::marks`]) share: the open windows and the chunks, each chunk's rows
+//! rendered in the stream's format, and what was delivered, for the runner to learn
+//! when its client has acked it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::frame::Format;
+use crate::types::Lsn;
+use crate::types::value::{Mode, write_string, write_value};
+
+/// The prefix of the watermarks' logical messages.
+pub(crate) const PREFIX: &str = "pgdeltastream.backfill";
+
+/// A watermark's content: which run of which backfill, which chunk, low or high.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Watermark {
+    pub run: String,
+    pub chunk: u64,
+    pub high: bool,
+}
+
+/// What a client is told of a chunk, in its head (format 1) or its begin and commit
+/// records (format 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkInfo {
+    /// The backfill's id.
+    pub id: String,
+    /// `schema.table`.
+    pub table: String,
+    /// The chunk's number in its table, from 1.
+    pub chunk: u64,
+    /// The rows this chunk carries (those whose key changed while it was read are left
+    /// to the stream).
+    pub rows: u64,
+    /// The last chunk of the table.
+    pub last: bool,
+}
+
+/// One row of a chunk, rendered: its body in the stream's format and its key.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    /// [`key_of`] its key values.
+    pub key: String,
+    /// Format 1: `,{"kind":"backfill",...}` (the comma taken off the first); format 2:
+    /// `{"action":"R",...}`.
+    pub body: Bytes,
+}
+
+/// A chunk, read and rendered, waiting for its high watermark.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub info: ChunkInfo,
+    pub rows: Vec<Row>,
+}
+
+/// A chunk that went out to the client, in place of its high watermark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Delivered {
+    /// The ack that covers it.
+    pub nextlsn: Lsn,
+    pub info: ChunkInfo,
+}
+
+/// A window between the watermarks of one chunk.
+#[derive(Debug)]
+struct Window {
+    schema: String,
+    table: String,
+    key_names: Vec<String>,
+    /// The low watermark has come by: changes are noted.
+    open: bool,
+    changed: HashSet<String>,
+    /// The table was truncated inside the window: no row of the chunk holds.
+    truncated: bool,
+    chunk: Option<Chunk>,
+}
+
+/// The runs of a session's stream: shared by the runner that writes the watermarks
+/// and the stage that meets them in the stream.
+#[derive(Clone, Default)]
+pub(crate) struct Backfills {
+    inner: Arc<Mutex<Windows>>,
+    /// Woken when a chunk is delivered.
+    pub delivered: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Windows {
+    /// The run whose watermarks count; any other's are dropped.
+    run: Option<String>,
+    windows: HashMap<u64, Window>,
+    delivered: Vec<Delivered>,
+}
+
+impl Backfills {
+    fn with<R>(&self, f: impl FnOnce(&mut Windows) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether both are the same stream's.
+    pub fn same(&self, other: &Backfills) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Starts run `run`: whatever an earlier one left is forgotten.
+    pub fn begin_run(&self, run: &str) {
+        self.with(|w| *w = Windows { run: Some(run.to_owned()), ..Windows::default() });
+    }
+
+    /// Ends run `run`, if it is the current one: its watermarks still in the WAL count
+    /// for nothing.
+    pub fn end_run(&self, run: &str) {
+        self.with(|w| {
+            if w.run.as_deref() == Some(run) {
+                *w = Windows::default();
+            }
+        });
+    }
+
+    /// Opens the window of chunk `chunk` of `schema.table`, keyed by `key_names`: call
+    /// it before the low watermark is written.
+    pub fn open_window(&self, chunk: u64, schema: &str, table: &str, key_names: Vec<String>) {
+        let window = Window {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            key_names,
+            open: false,
+            changed: HashSet::new(),
+            truncated: false,
+            chunk: None,
+        };
+        self.with(|w| w.windows.insert(chunk, window));
+    }
+
+    /// Hands over chunk `chunk`'s rows: call it before the high watermark is written.
+    pub fn fill(&self, chunk: u64, rows: Chunk) {
+        self.with(|w| w.windows.get_mut(&chunk).map(|window| window.chunk = Some(rows)));
+    }
+
+    /// Forgets chunk `chunk` (its read failed): its watermarks count for nothing.
+    pub fn abandon(&self, chunk: u64) {
+        self.with(|w| w.windows.remove(&chunk));
+    }
+
+    /// The chunks delivered since the last call.
+    pub fn take_delivered(&self) -> Vec<Delivered> {
+        self.with(|w| std::mem::take(&mut w.delivered))
+    }
+
+    /// Whether `mark` is of the current run.
+    pub(crate) fn is_current(&self, mark: &Watermark) -> bool {
+        self.with(|w| w.run.as_deref() == Some(mark.run.as_str()))
+    }
+
+    /// The low watermark of `chunk` came by.
+    pub(crate) fn low(&self, chunk: u64) {
+        self.with(|w| w.windows.get_mut(&chunk).map(|window| window.open = true));
+    }
+
+    /// The key names of `schema.table` if an open window watches it.
+    pub(crate) fn watched(&self, schema: &str, table: &str) -> Option<Vec<String>> {
+        self.with(|w| {
+            w.windows.values().find(|x| x.open && x.schema == schema && x.table == table).map(|x| x.key_names.clone())
+        })
+    }
+
+    /// A change of `schema.table` inside the open windows: `key` changed (None: every
+    /// key, a truncate).
+    pub(crate) fn changed(&self, schema: &str, table: &str, key: Option<String>) {
+        self.with(|w| {
+            for window in w.windows.values_mut().filter(|x| x.open && x.schema == schema && x.table == table) {
+                match &key {
+                    Some(key) => {
+                        window.changed.insert(key.clone());
+                    }
+                    None => window.truncated = true,
+                }
+            }
+        });
+    }
+
+    /// The high watermark of `chunk` came by, ending a transaction at `nextlsn`: the
+    /// chunk's rows whose key did not change in its window, to send in its place.
+    pub(crate) fn high(&self, chunk: u64, nextlsn: Lsn) -> Option<Chunk> {
+        self.with(|w| {
+            let window = w.windows.remove(&chunk)?;
+            let mut rows = window.chunk?;
+            if window.truncated {
+                rows.rows.clear();
+            } else {
+                rows.rows.retain(|r| !window.changed.contains(&r.key));
+            }
+            rows.info.rows = rows.rows.len() as u64;
+            w.delivered.push(Delivered { nextlsn, info: rows.info.clone() });
+            Some(rows)
+        })
+    }
+}
+
+/// The one form of a key both sides compare: its values' JSON as serde_json writes it
+/// (numbers keep their text), in key order.
+pub(crate) fn key_of(values: &[Value]) -> String {
+    Value::Array(values.to_vec()).to_string()
+}
+
+/// What a backfill row is rendered from: its table and columns as the stream names
+/// them.
+#[derive(Debug, Clone)]
+pub(crate) struct RowShape {
+    pub format: Format,
+    pub names: Vec<String>,
+    pub type_names: Vec<String>,
+    pub type_oids: Vec<u32>,
+    /// Where the key's columns are among `names`.
+    pub key_at: Vec<usize>,
+    /// The rendered start of every row: `,{"kind":"backfill",...,"columnvalues":[` or
+    /// `{"action":"R",...,"columns":[`.
+    head: Vec<u8>,
+}
+
+impl RowShape {
+    pub fn new(format: Format, schema: &str, table: &str, names: Vec<String>, types: (Vec<String>, Vec<u32>)) -> Self {
+        let mut head = Vec::new();
+        match format {
+            Format::Transactions => {
+                head.extend_from_slice(b",{\"kind\":\"backfill\",\"schema\":");
+                write_string(&mut head, Mode::AlwaysValid, schema.as_bytes());
+                head.extend_from_slice(b",\"table\":");
+                write_string(&mut head, Mode::AlwaysValid, table.as_bytes());
+                head.extend_from_slice(b",\"columnnames\":");
+                string_array(&mut head, &names);
+                head.extend_from_slice(b",\"columntypes\":");
+                string_array(&mut head, &types.0);
+                head.extend_from_slice(b",\"columnvalues\":[");
+            }
+            Format::Changes => {
+                head.extend_from_slice(b"{\"action\":\"R\",\"schema\":");
+                write_string(&mut head, Mode::AlwaysValid, schema.as_bytes());
+                head.extend_from_slice(b",\"table\":");
+                write_string(&mut head, Mode::AlwaysValid, table.as_bytes());
+                head.extend_from_slice(b",\"columns\":[");
+            }
+        }
+        RowShape { format, names, type_names: types.0, type_oids: types.1, key_at: Vec::new(), head }
+    }
+
+    /// One row (every column's text, None for NULL), rendered, with its key.
+    pub fn render(&self, row: &[Option<String>]) -> Row {
+        let mut out = Vec::with_capacity(self.head.len() + 16 * row.len());
+        out.extend_from_slice(&self.head);
+        let mut key = Vec::with_capacity(self.key_at.len());
+        for (i, text) in row.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            if self.format == Format::Changes {
+                out.extend_from_slice(b"{\"name\":");
+                write_string(&mut out, Mode::AlwaysValid, self.names[i].as_bytes());
+                out.extend_from_slice(b",\"type\":");
+                write_string(&mut out, Mode::AlwaysValid, self.type_names[i].as_bytes());
+                out.extend_from_slice(b",\"value\":");
+            }
+            let at = out.len();
+            // The mode without errors: a value Postgres printed that is no JSON number
+            // goes out as a string, as the snapshot sends it.
+            let _ = write_value(&mut out, Mode::AlwaysValid, self.type_oids[i], text.as_deref().map(str::as_bytes));
+            if self.key_at.contains(&i) {
+                key.push((i, serde_json::from_slice::<Value>(&out[at..]).unwrap_or(Value::Null)));
+            }
+            if self.format == Format::Changes {
+                out.push(b'}');
+            }
+        }
+        out.extend_from_slice(b"]}");
+        key.sort_by_key(|(i, _)| self.key_at.iter().position(|k| k == i));
+        let values: Vec<Value> = key.into_iter().map(|(_, v)| v).collect();
+        Row { key: key_of(&values), body: Bytes::from(out) }
+    }
+}
+
+fn string_array(out: &mut Vec<u8>, items: &[String]) {
+    out.push(b'[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(out, Mode::AlwaysValid, s.as_bytes());
+    }
+    out.push(b']');
+}
+
+/// A chunk as the client gets it, ending where its high watermark's transaction ends.
+pub(crate) fn chunk_parts(format: Format, chunk: Chunk, nextlsn: Lsn, out: &mut Vec<super::message::Part>) {
+    use super::message::{Finish, MessageKind, Part, Start};
+    let info = serde_json::to_string(&chunk.info).unwrap_or_default();
+    let changes = u32::try_from(chunk.rows.len()).unwrap_or(u32::MAX);
+    let finish = Finish { nextlsn: Some(nextlsn), kind: MessageKind::Data, changes };
+    match format {
+        Format::Transactions => {
+            out.push(Part::Start(Start { nextlsn: Some(nextlsn) }));
+            out.push(Part::Body(Bytes::from(format!("{{\"nextlsn\":\"{nextlsn}\",\"backfill\":{info},\"change\":["))));
+            for (i, row) in chunk.rows.into_iter().enumerate() {
+                out.push(Part::Body(if i == 0 { row.body.slice(1..) } else { row.body }));
+            }
+            out.push(Part::Body(Bytes::from_static(b"]}")));
+            out.push(Part::Finish(finish));
+        }
+        Format::Changes => {
+            let begin = format!("{{\"action\":\"B\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{info}}}");
+            let begin_finish = Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 };
+            out.extend(Part::whole(Start::default(), Bytes::from(begin), begin_finish));
+            let inside = Finish { nextlsn: None, kind: MessageKind::Inside, changes: 0 };
+            for row in chunk.rows {
+                out.extend(Part::whole(Start::default(), row.body, inside));
+            }
+            let commit = format!("{{\"action\":\"C\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{info}}}");
+            out.extend(Part::whole(Start { nextlsn: Some(nextlsn) }, Bytes::from(commit), finish));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(format: Format) -> RowShape {
+        let mut s = RowShape::new(
+            format,
+            "public",
+            "t",
+            vec!["id".into(), "v".into()],
+            (vec!["integer".into(), "numeric".into()], vec![23, 1700]),
+        );
+        s.key_at = vec![0];
+        s
+    }
+
+    #[test]
+    fn rows_render_as_the_stream_writes_them() {
+        let row = shape(Format::Transactions).render(&[Some("7".into()), Some("1.50".into())]);
+        assert_eq!(
+            std::str::from_utf8(&row.body).unwrap(),
+            r#",{"kind":"backfill","schema":"public","table":"t","columnnames":["id","v"],"columntypes":["integer","numeric"],"columnvalues":[7,1.50]}"#
+        );
+        assert_eq!(row.key, "[7]");
+        let row = shape(Format::Changes).render(&[Some("7".into()), None]);
+        assert_eq!(
+            std::str::from_utf8(&row.body).unwrap(),
+            r#"{"action":"R","schema":"public","table":"t","columns":[{"name":"id","type":"integer","value":7},{"name":"v","type":"numeric","value":null}]}"#
+        );
+    }
+
+    #[test]
+    fn a_chunk_leaves_out_the_rows_changed_in_its_window() {
+        let b = Backfills::default();
+        b.begin_run("r1");
+        b.open_window(1, "public", "t", vec!["id".into()]);
+        let s = shape(Format::Transactions);
+        let rows = (1..=3).map(|i| s.render(&[Some(i.to_string()), None])).collect();
+        let info = ChunkInfo { id: "b".into(), table: "public.t".into(), chunk: 1, rows: 3, last: false };
+        assert!(b.watched("public", "t").is_none(), "not open before the low watermark");
+        b.low(1);
+        b.fill(1, Chunk { info, rows });
+        assert_eq!(b.watched("public", "t"), Some(vec!["id".to_string()]));
+        b.changed("public", "t", Some(key_of(&[serde_json::json!(2)])));
+        let chunk = b.high(1, Lsn(0x100)).unwrap();
+        let keys: Vec<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["[1]", "[3]"]);
+        assert_eq!(chunk.info.rows, 2);
+        assert_eq!(b.take_delivered().len(), 1);
+        assert!(b.high(1, Lsn(0x100)).is_none(), "a chunk goes out once");
+    }
+}
