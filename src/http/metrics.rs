@@ -273,6 +273,31 @@ fn slot_safety(registry: &mut Registry, stats: &ProcessStats, positions: &[SlotP
     for (family, name, help, _) in decoding {
         registry.register(name, help, family);
     }
+    backfills(registry, stats, positions);
+}
+
+/// Each session's live backfill (the last one it had): running or not, and its rows and
+/// chunks acked so far and still to come (Postgres's estimate).
+fn backfills(registry: &mut Registry, stats: &ProcessStats, positions: &[SlotPosition]) {
+    let gauge = || Family::<SessionLabels, Gauge>::default();
+    let (running, rows, chunks, remaining) = (gauge(), gauge(), gauge(), gauge());
+    for p in positions {
+        let Some(b) = &p.backfill else { continue };
+        let Some(s) = stats.sessions.iter().find(|s| s.slot == p.slot) else { continue };
+        let l = labels(&s.name, &s.slot);
+        running.get_or_create(&l).set(i64::from(b.state == crate::session::backfill::Phase::Running));
+        rows.get_or_create(&l).set(saturate(b.tables.iter().map(|t| t.rows).sum()));
+        chunks.get_or_create(&l).set(saturate(b.tables.iter().map(|t| t.chunks).sum()));
+        remaining.get_or_create(&l).set(saturate(b.estimated_remaining()));
+    }
+    registry.register("backfill_running", "1 while the session's live backfill runs", running);
+    registry.register("backfill_rows", "Rows of the session's live backfill its client has acked", rows);
+    registry.register("backfill_chunks", "Chunks of the session's live backfill its client has acked", chunks);
+    registry.register(
+        "backfill_remaining_rows",
+        "Rows the session's live backfill has still to send, as Postgres estimates the tables",
+        remaining,
+    );
 }
 
 /// The standard methods by name; any other (hyper accepts any token) is `other`, so

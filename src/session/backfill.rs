@@ -52,6 +52,9 @@ pub struct BackfillState {
     pub id: String,
     pub state: Phase,
     pub tables: Vec<TableProgress>,
+    /// Rows still to come, as far as Postgres's estimates tell (kept as the tables go).
+    #[serde(default)]
+    pub estimated_remaining_rows: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -135,7 +138,14 @@ impl Registry {
             });
         }
         client.release();
-        let state = BackfillState { id: names::backfill_id(), state: Phase::Running, tables: progress, error: None };
+        let mut state = BackfillState {
+            id: names::backfill_id(),
+            state: Phase::Running,
+            tables: progress,
+            estimated_remaining_rows: 0,
+            error: None,
+        };
+        state.estimated_remaining_rows = state.estimated_remaining();
         self.set_backfill(name, Some(state.clone())).await?;
         if let Some((backfills, format)) = self.with(|s| s.sessions.get(name).and_then(|e| e.stream.backfills.clone()))
         {
@@ -328,7 +338,10 @@ impl Registry {
     }
 
     /// Stores the session's backfill, and holds it in the session's entry.
-    async fn set_backfill(&self, name: &str, state: Option<BackfillState>) -> Result<(), Error> {
+    async fn set_backfill(&self, name: &str, mut state: Option<BackfillState>) -> Result<(), Error> {
+        if let Some(state) = &mut state {
+            state.estimated_remaining_rows = state.estimated_remaining();
+        }
         let def = self.with(|s| {
             let e = s.sessions.get_mut(name)?;
             e.def.backfill = state;

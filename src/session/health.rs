@@ -51,6 +51,8 @@ pub(crate) struct SlotPosition {
     pub max_retained_bytes: Option<u64>,
     /// 14+: `pg_stat_replication_slots`.
     pub decoding: Option<DecodingStats>,
+    /// The session's live backfill, if it has had one.
+    pub backfill: Option<super::backfill::BackfillState>,
 }
 
 /// The checks `/readyz` runs, in order; the first that fails names the reason.
@@ -143,6 +145,7 @@ impl Registry {
                         || budget.is_some_and(|b| b.warns(retained_bytes)),
                     max_retained_bytes: budget.map(|b| b.max_retained_bytes),
                     decoding: row.and_then(|r| r.decoding),
+                    backfill: def.backfill,
                     slot: def.slot_name,
                 }
             })

@@ -431,6 +431,59 @@ async fn the_viewer_shows_budgets_and_invalidated_sessions() {
     server.stop().await;
 }
 
+/// A session's live backfill shows in its row: one done, with its rows, and one waiting
+/// for a client, with what is left by Postgres's estimate.
+#[tokio::test]
+async fn the_viewer_shows_backfills() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 300); ANALYZE orders",
+    )
+    .await
+    .unwrap();
+    let server = TestServer::start(&db).await;
+    for name in ["filled", "waiting"] {
+        let (status, created) =
+            server.post("/v2/sessions", &json!({"name": name, "tables": ["orders"]}).to_string()).await;
+        assert_eq!(status, 201, "{created}");
+    }
+    let url = format!("ws://{}/v2/sessions/filled/stream", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for name in ["filled", "waiting"] {
+        let (status, body) = server.post(&format!("/v2/sessions/{name}/backfill"), r#"{"tables":["orders"]}"#).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["backfill"]["last"] == true {
+            ack(&mut ws, m["nextlsn"].as_str().unwrap()).await;
+            break;
+        }
+    }
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.goto(&format!("http://{}/", server.addr)).await.unwrap();
+    let row = |name: &str, text: &str| {
+        format!(
+            "const r = document.querySelector('#sessions tbody tr[data-name={name}]'); return !!r && r.innerText.includes({})",
+            json!(text)
+        )
+    };
+    until(&c, "the finished backfill", Duration::from_secs(20), &row("filled", "backfill done · 300 rows · 2 chunks"))
+        .await;
+    until(
+        &c,
+        "the waiting backfill",
+        Duration::from_secs(20),
+        &row("waiting", "backfill running · 0 rows · 0 chunks · ~300 to go"),
+    )
+    .await;
+    screenshot(&c, "backfills").await;
+    c.close().await.unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_page_and_its_assets_carry_a_strict_policy_and_revalidate() {
     let db = common::fresh_db().await;

@@ -88,7 +88,7 @@ export class Sessions {
       h('td', { text: s.plugin }),
       h('td', { class: 'wrap', text: tables }),
       h('td', { class: 'small', text: s.actions.join(', ') }),
-      h('td', {}, client),
+      h('td', {}, client, backfillState(s)),
       h('td', { class: 'num lag', title: 'WAL written since the consumer\'s last confirmed position' },
         s.lagBytes === undefined || s.lagBytes === null ? '—' : bytes(s.lagBytes)),
       h('td', { class: 'num', title: s.lastAckLsn ? `last ack ${s.lastAckLsn}` : 'no ack through this server' },
@@ -145,6 +145,20 @@ export class Sessions {
       showError($('#action-error'), `Cannot drop session ${name}: ${e.message}`);
     }
   }
+}
+
+// The session's live backfill, if it has had one: how far it got and what is left.
+function backfillState(s) {
+  const b = s.backfill;
+  if (!b) return '';
+  const rows = b.tables.reduce((n, t) => n + t.rows, 0);
+  const chunks = b.tables.reduce((n, t) => n + t.chunks, 0);
+  const tables = b.tables.map((t) => `${t.table}: ${t.rows.toLocaleString()} rows in ${t.chunks} chunks${t.done ? ', done' : ''}`);
+  const left = b.state === 'running' ? ` · ~${b.estimatedRemainingRows.toLocaleString()} to go` : '';
+  const cls = { running: 'ok', done: '', cancelled: 'warn', failed: 'bad' }[b.state] ?? '';
+  return h('div', { class: 'small' }, h('span', {
+    class: `pill ${cls} backfill`, title: tables.join('; ') + (b.error ? `; failed: ${b.error}` : ''),
+  }, `backfill ${b.state} · ${rows.toLocaleString()} rows · ${chunks} chunks${left}`));
 }
 
 // The session's client and slot: streaming, idle, or why the slot cannot stream.
