@@ -431,6 +431,7 @@ mod tests {
             id: "b".into(),
             state: Phase::Running,
             tables: vec![t(10, 100, false), t(5, 5, true), t(3, -1, false)],
+            estimated_remaining_rows: 0,
             error: None,
         };
         assert_eq!(state.estimated_remaining(), 90);
