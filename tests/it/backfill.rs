@@ -194,6 +194,11 @@ async fn fence(pg: &tokio_postgres::Client) {
     pg.execute("INSERT INTO t VALUES (-1, -1, 'fence')", &[]).await.unwrap();
 }
 
+async fn raw_metrics(server: &TestServer) -> (u16, String) {
+    let reply = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await;
+    (if reply.starts_with("HTTP/1.1 200") { 200 } else { 0 }, reply)
+}
+
 async fn session_backfill(server: &TestServer, name: &str) -> Value {
     let (status, view) = server.get(&format!("/v2/sessions/{name}")).await;
     assert_eq!(status, 200, "{view}");
@@ -238,17 +243,12 @@ async fn converges(plugin: &str, format: &str) {
     let numbers: Vec<u64> = replica.chunks.iter().map(|c| c["chunk"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "chunks in order");
     // The progress is stored once the last chunk's ack is in.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = session_backfill(&server, "bf").await;
-        if state["state"] == "done" {
-            assert_eq!(state["tables"][0]["rows"].as_u64(), Some(sent), "{state}");
-            assert_eq!(state["tables"][0]["done"], true);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never done: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let state = await_done(&server, "bf").await;
+    assert_eq!(state["tables"][0]["rows"].as_u64(), Some(sent), "{state}");
+    assert_eq!(state["tables"][0]["done"], true);
+    assert_eq!(state["estimatedRemainingRows"], 0);
+    let (_, metrics) = raw_metrics(&server).await;
+    assert!(metrics.contains("backfill_rows{session=\"bf\""), "{metrics}");
     ws.close(None).await.unwrap();
 }
 
@@ -433,4 +433,74 @@ async fn watermarks_reach_no_client() {
     assert!(!text.contains("pgdeltastream"), "a watermark reached a client: {text}");
     assert!(text.contains("\"prefix\":\"app\""), "the application's message did: {text}");
     let _ = bystander.send(Message::Close(None)).await;
+}
+
+/// A backfill reads only what the session may see: a pgoutput session's row filter and
+/// column list apply to its chunks as to its changes.
+#[tokio::test]
+async fn a_backfill_reads_only_the_sessions_rows_and_columns() {
+    let (_db, _pg, server) = setup(1000).await;
+    let table = json!([{"table": "public.t", "where": "id % 2 = 0", "columns": ["id", "v"]}]);
+    create(&server, "narrow", "pgoutput", table).await;
+    let mut ws = connect(&server, "narrow", "changes").await;
+    let (status, body) = backfill(&server, "narrow", json!(["public.t"])).await;
+    assert_eq!(status, 202, "{body}");
+    let mut ids = Vec::new();
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["action"] == "R" {
+            let names: Vec<&str> =
+                m["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+            assert_eq!(names, ["id", "v"], "only the column list: {m}");
+            ids.push(record(&m["columns"]).0);
+        }
+        if m["action"] == "C" && m["backfill"]["last"] == true {
+            break;
+        }
+    }
+    assert_eq!(ids, (1..=500).map(|i| i * 2).collect::<Vec<i64>>(), "only the rows of the row filter, in key order");
+}
+
+/// The progress is stored: a server that restarts mid-backfill goes on from the last
+/// acked chunk, and the client ends with the table's rows.
+#[tokio::test]
+async fn a_backfill_outlives_a_server_restart() {
+    let (db, pg, server) = setup(ROWS).await;
+    create(&server, "durable", "wal2json", json!(["public.t"])).await;
+    let mut ws = connect(&server, "durable", "transactions").await;
+    let (status, _) = backfill(&server, "durable", json!(["t"])).await;
+    assert_eq!(status, 202);
+    let mut replica = Replica::default();
+    replica.follow(&mut ws, Duration::from_secs(60), |r| r.chunks.len() >= 3).await;
+    let acked_chunks = replica.chunks.len() as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while session_backfill(&server, "durable").await["tables"][0]["chunks"].as_u64() != Some(acked_chunks) {
+        assert!(tokio::time::Instant::now() < deadline, "the acked chunks were not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    drop(ws);
+    pg.execute("UPDATE t SET v = 99 WHERE id = 1", &[]).await.unwrap();
+    let server = TestServer::start(&db).await;
+    let mut ws = connect_retry(&server, "durable").await;
+    replica.follow(&mut ws, Duration::from_secs(120), |r| r.chunks.last().is_some_and(|c| c["last"] == true)).await;
+    let numbers: Vec<u64> = replica.chunks.iter().map(|c| c["chunk"].as_u64().unwrap()).collect();
+    assert_eq!(numbers[acked_chunks as usize], acked_chunks + 1, "goes on after the last acked chunk: {numbers:?}");
+    fence(&pg).await;
+    replica.follow(&mut ws, Duration::from_secs(30), |r| r.rows.contains_key(&-1)).await;
+    assert!(replica.rows == table(&pg).await, "the replica is the table");
+    await_done(&server, "durable").await;
+}
+
+/// The backfill's state once it is done (its last chunk's ack stored).
+async fn await_done(server: &TestServer, name: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = session_backfill(server, name).await;
+        if state["state"] == "done" {
+            return state;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never done: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
