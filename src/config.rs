@@ -113,6 +113,11 @@ pub struct Cli {
     #[arg(long, env = "PGDELTASTREAM_PGOUTPUT_MEMORY", default_value_t = 4 * 1024 * 1024,
           value_parser = clap::value_parser!(u32).range(65536..=1024 * 1024 * 1024))]
     pub pgoutput_memory: u32,
+    /// Bytes of rows a live backfill reads per chunk (its watermarks bracket each chunk;
+    /// a chunk reaches the client in messages of 256 KiB).
+    #[arg(long, env = "PGDELTASTREAM_BACKFILL_CHUNK_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(4096..=256 * 1024 * 1024))]
+    pub backfill_chunk_bytes: u32,
     /// Schema of the table that stores session definitions (created on first use).
     #[arg(long, env = "PGDELTASTREAM_SCHEMA", default_value = "pgdeltastream")]
     pub schema: String,
@@ -262,6 +267,7 @@ impl Cli {
             },
             frame_bytes: self.frame_size as usize,
             pgoutput_memory: self.pgoutput_memory as usize,
+            backfill_chunk_bytes: self.backfill_chunk_bytes as usize,
             schema: self.schema.clone(),
             plugin: self.plugin.into(),
             max_watchers: self.max_watchers,

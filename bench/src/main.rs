@@ -2,6 +2,7 @@
 //! decodes (pg_recvlogical on a twin slot), how much memory it needs, and the live
 //! latency from commit to a client. See bench/README.md.
 
+mod backfill;
 mod chart;
 mod cluster;
 mod cpu;
@@ -73,7 +74,7 @@ struct Args {
     #[arg(long)]
     writers: Option<usize>,
     /// Only these (one_big_tx, tx_of_100, tx_of_1, wide_rows, sessions_50, export_1m,
-    /// fanout, latency; `none` for none).
+    /// backfill_1m, fanout, latency; `none` for none).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Where latest.json and latest.png go (quick.json / quick.png with --quick).
@@ -203,6 +204,21 @@ async fn run(args: &Args, cluster: &Cluster) -> Result<bool> {
         });
         failed |= r.error.is_some();
         results.export = Some(r);
+    }
+    if wanted(backfill::NAME) {
+        eprintln!(
+            "bench: {} (a live backfill of items through a session's stream, against its NDJSON export; then under \
+             {} tx/s of updates)",
+            backfill::NAME,
+            backfill::WRITE_RATE
+        );
+        let r = backfill::run(cluster, &args.server, scale, runs, limit).await.unwrap_or_else(|e| {
+            let e = describe(&*e);
+            eprintln!("bench: {} failed: {e}", backfill::NAME);
+            backfill::BackfillResult::failed(scale, e)
+        });
+        failed |= r.error.is_some() || r.differing_rows.is_some_and(|d| d > 0);
+        results.backfill = Some(r);
     }
     if wanted(fanout::NAME) {
         let clients = args.fanout_clients.unwrap_or(if quick { 100 } else { 1000 });

@@ -75,6 +75,8 @@ pub struct Results {
     pub sessions: Option<SessionsResult>,
     /// `export_1m`: a session's snapshot as NDJSON against COPY of row_to_json.
     pub export: Option<ExportResult>,
+    /// `backfill_1m`: a live backfill against the NDJSON export, then under writes.
+    pub backfill: Option<crate::backfill::BackfillResult>,
     /// `fanout`: many clients of one session through NATS JetStream gateways.
     pub fanout: Option<FanoutResult>,
     pub latency: Vec<LatencyResult>,
@@ -379,6 +381,7 @@ impl Results {
             workloads: Vec::new(),
             sessions: None,
             export: None,
+            backfill: None,
             fanout: None,
             latency: Vec::new(),
         }
@@ -425,6 +428,9 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(x) = &r.export {
         s.push_str(&export_table(x));
+    }
+    if let Some(x) = &r.backfill {
+        s.push_str(&backfill_table(x));
     }
     if let Some(x) = &r.fanout {
         s.push_str(&fanout_table(x));
@@ -479,6 +485,7 @@ pub fn markdown(r: &Results) -> String {
         .filter_map(|w| w.error.as_ref().map(|e| format!("{}: {e}", w.name)))
         .chain(r.sessions.iter().filter_map(|x| x.error.as_ref().map(|e| format!("{}: {e}", x.name))))
         .chain(r.export.iter().filter_map(|x| x.error.as_ref().map(|e| format!("{}: {e}", x.name))))
+        .chain(r.backfill.iter().filter_map(|x| x.error.as_ref().map(|e| format!("{}: {e}", x.name))))
         .chain(
             r.latency
                 .iter()
@@ -622,6 +629,37 @@ fn export_table(x: &ExportResult) -> String {
     }
     if let Some(r) = x.ratio {
         s.push_str(&format!("\nExport: server rows/s ÷ COPY rows/s = {r:.3} (best of each).\n"));
+    }
+    s
+}
+
+/// The live backfill against the session's NDJSON export of the same table, and the
+/// backfill under writes with the check of the client's copy.
+fn backfill_table(x: &crate::backfill::BackfillResult) -> String {
+    let mut s = format!(
+        "\n| live backfill of {} rows | rows/s | chunks | wall s |\n| --- | ---: | ---: | ---: |\n",
+        crate::workload::thousands(x.rows)
+    );
+    let line = |label: &str, run: &Option<crate::backfill::Run>| match run {
+        Some(r) => format!("| {label} | {} | {} | {:.2} |\n", fmt_rate(r.rows_per_sec), r.chunks, r.secs),
+        None => format!("| {label} | – | – | – |\n"),
+    };
+    s.push_str(&line("server: GET …/snapshot/items (NDJSON export, the baseline)", &x.export));
+    s.push_str(&line("server: POST …/backfill, rows in the stream, nothing else writing", &x.backfill));
+    s.push_str(&line(&format!("the same under {:.0} tx/s of updates", x.write_rate), &x.under_writes));
+    if let Some(r) = x.ratio {
+        s.push_str(&format!(
+            "\nBackfill: rows/s ÷ NDJSON export rows/s = {r:.3} (best of each; target ≥ 0.8){}.\n",
+            mark(r >= 0.8)
+        ));
+    }
+    if let Some(d) = x.differing_rows {
+        s.push_str(&format!(
+            "Under writes ({} updates): the client's copy {} the table ({d} rows differ); server peak RSS {}.\n",
+            crate::workload::thousands(x.writes),
+            if d == 0 { "equals" } else { "DIFFERS FROM" },
+            rss_cell(x.server_peak_rss_mib)
+        ));
     }
     s
 }

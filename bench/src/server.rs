@@ -92,6 +92,10 @@ impl Server {
         http(self.port, "GET", path, None).await
     }
 
+    pub async fn post(&self, path: &str, json: &str) -> Result<(u16, String)> {
+        http(self.port, "POST", path, Some(json)).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(u16, String)> {
         http(self.port, "DELETE", path, None).await
     }

@@ -21,17 +21,15 @@ use crate::error::{Error, ErrorKind};
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::live::{LiveTable, live_table, read_chunk};
 use crate::stream::backfill::{Backfills, Chunk, ChunkInfo, PREFIX, RowShape, Watermark};
-use crate::stream::frame::Format;
 use crate::stream::plugin::Plugin;
 
-/// Chunks written and not yet acked, at most: one travelling through the WAL while the
-/// next is read.
-const IN_FLIGHT: usize = 2;
-/// A chunk's rendered rows aim at this size: well under the 1 MiB message that
-/// websocket clients take by default, in format 1 where a chunk is one message.
-const CHUNK_BYTES: usize = 256 * 1024;
-const FIRST_CHUNK_ROWS: u64 = 256;
-const MAX_CHUNK_ROWS: u64 = 8192;
+/// Chunks written and not yet acked, at most: one travelling to the client while the
+/// next travels through the WAL and a third is read.
+const IN_FLIGHT: usize = 3;
+/// The first chunk's rows; later chunks take as many as fill the chunk size
+/// (`backfill_chunk_bytes`) at the rows' size so far.
+const FIRST_CHUNK_ROWS: u64 = 1024;
+const MAX_CHUNK_ROWS: u64 = 65536;
 /// How often the runner looks at acks while it waits for one.
 const ACK_POLL: Duration = Duration::from_millis(20);
 
@@ -147,9 +145,8 @@ impl Registry {
         };
         state.estimated_remaining_rows = state.estimated_remaining();
         self.set_backfill(name, Some(state.clone())).await?;
-        if let Some((backfills, format)) = self.with(|s| s.sessions.get(name).and_then(|e| e.stream.backfills.clone()))
-        {
-            self.spawn_backfill(name, backfills, format);
+        if let Some(backfills) = self.with(|s| s.sessions.get(name).and_then(|e| e.stream.backfills.clone())) {
+            self.spawn_backfill(name, backfills);
         }
         Ok(state)
     }
@@ -170,7 +167,7 @@ impl Registry {
 
     /// Starts the runner of session `name`'s backfill, if it has one running, for the
     /// stream whose windows are `backfills`.
-    pub(super) fn spawn_backfill(self: &Arc<Self>, name: &str, backfills: Backfills, format: Format) {
+    pub(super) fn spawn_backfill(self: &Arc<Self>, name: &str, backfills: Backfills) {
         let running = self.with(|s| {
             s.sessions.get(name).is_some_and(|e| e.def.backfill.as_ref().is_some_and(|b| b.state == Phase::Running))
         });
@@ -182,7 +179,7 @@ impl Registry {
         self.tasks().spawn(async move {
             let run = names::backfill_id();
             backfills.begin_run(&run);
-            let result = registry.run_backfill(&name, &backfills, format, &run).await;
+            let result = registry.run_backfill(&name, &backfills, &run).await;
             backfills.end_run(&run);
             if let Err(e) = result {
                 tracing::warn!(session = %name, error = %e, "the backfill failed");
@@ -191,15 +188,18 @@ impl Registry {
         });
     }
 
-    async fn run_backfill(&self, name: &str, backfills: &Backfills, format: Format, run: &str) -> Result<(), Error> {
+    async fn run_backfill(&self, name: &str, backfills: &Backfills, run: &str) -> Result<(), Error> {
         loop {
-            let Some(def) = self.runs_here(name, backfills) else { return Ok(()) };
+            let Some(def) = self.with(|s| s.sessions.get(name).map(|e| e.def.clone())) else { return Ok(()) };
             let Some(state) = def.backfill.clone().filter(|b| b.state == Phase::Running) else { return Ok(()) };
             let Some(index) = state.tables.iter().position(|t| !t.done) else {
                 return self.finish_backfill(name, &state.id).await;
             };
+            if self.runs_here(name, backfills).is_none() {
+                return Ok(());
+            }
             let table = state.tables[index].clone();
-            if !self.backfill_table(&def, &state.id, &table, backfills, format, run).await? {
+            if !self.backfill_table(&def, &state.id, &table, backfills, run).await? {
                 return Ok(());
             }
         }
@@ -213,23 +213,23 @@ impl Registry {
         id: &str,
         progress: &TableProgress,
         backfills: &Backfills,
-        format: Format,
         run: &str,
     ) -> Result<bool, Error> {
         let client = self.pool.get().await?;
         let live = self.live(&client, def, &progress.table).await?;
-        let shape = shape_of(format, &live);
+        let shape = shape_of(&live);
         let key_names: Vec<String> = live.key_at().iter().map(|&i| live.info.columns[i].name.clone()).collect();
         let (mut after, mut chunk, mut limit) = (progress.after.clone(), progress.chunks, FIRST_CHUNK_ROWS);
         let mut in_flight: Vec<InFlight> = Vec::new();
         let mut last_written = false;
         loop {
-            if !self.settle(def, id, &progress.table, backfills, &mut in_flight).await? {
-                return Ok(false);
-            }
+            let runs = self.settle(def, id, &progress.table, backfills, &mut in_flight).await?;
             if last_written && in_flight.is_empty() {
                 client.release();
                 return Ok(true);
+            }
+            if !runs {
+                return Ok(false);
             }
             if last_written || in_flight.len() >= IN_FLIGHT {
                 tokio::select! {
@@ -255,9 +255,17 @@ impl Registry {
                 rows.last().map(|r| live.key_at().iter().map(|&i| r[i].clone().unwrap_or_default()).collect());
             let rendered: Vec<_> = rows.iter().map(|r| shape.render(r)).collect();
             let bytes: usize = rendered.iter().map(|r| r.body.len()).sum();
-            limit = next_limit(limit, rows.len(), bytes);
-            let info = ChunkInfo { id: id.to_owned(), table: progress.table.clone(), chunk, rows: 0, last };
-            backfills.fill(chunk, Chunk { info, rows: rendered });
+            limit = next_limit(limit, rows.len(), bytes, self.settings.backfill_chunk_bytes);
+            let info = ChunkInfo {
+                id: id.to_owned(),
+                table: progress.table.clone(),
+                chunk,
+                part: None,
+                more: None,
+                rows: 0,
+                last,
+            };
+            backfills.fill(chunk, Chunk { info, rows: rendered, names: shape.names() });
             emit(&client, &mark(true), true).await?;
             after = next_after.or(after);
             in_flight.push(InFlight { chunk, after: after.clone(), last, delivered: None });
@@ -265,9 +273,10 @@ impl Registry {
         }
     }
 
-    /// Notes what was delivered and what the client acked since; stores the progress of
-    /// acked chunks. False when the runner should stop: the stream ended, or the
-    /// backfill was cancelled or replaced.
+    /// Notes what was delivered and what the client acked since, and stores the progress
+    /// of acked chunks (also after the stream ended: its last acks count). False when
+    /// the runner should stop: the stream ended, or the backfill was cancelled or
+    /// replaced.
     async fn settle(
         &self,
         def: &Definition,
@@ -276,16 +285,20 @@ impl Registry {
         backfills: &Backfills,
         in_flight: &mut Vec<InFlight>,
     ) -> Result<bool, Error> {
+        // Looked at first: once the stream has ended, its acks are all in.
+        let runs = self.runs_here(&def.name, backfills).is_some();
         for d in backfills.take_delivered() {
             if let Some(f) = in_flight.iter_mut().find(|f| f.chunk == d.info.chunk) {
                 f.delivered = Some((d.nextlsn, d.info.rows));
             }
         }
-        let Some(now) = self.runs_here(&def.name, backfills) else { return Ok(false) };
-        let Some(mut state) = now.backfill.filter(|b| b.id == id && b.state == Phase::Running) else {
+        let (now, acked) = self.with(|s| {
+            let e = s.sessions.get(&def.name);
+            (e.map(|e| e.def.clone()), e.and_then(|e| e.progress.last_ack()).map(|(lsn, _)| lsn))
+        });
+        let Some(mut state) = now.and_then(|d| d.backfill).filter(|b| b.id == id && b.state == Phase::Running) else {
             return Ok(false);
         };
-        let acked = self.with(|s| s.sessions.get(&def.name).and_then(|e| e.progress.last_ack())).map(|(lsn, _)| lsn);
         let mut moved = false;
         while let Some(first) = in_flight.first() {
             let Some((nextlsn, rows)) = first.delivered else { break };
@@ -304,15 +317,14 @@ impl Registry {
         if moved {
             self.set_backfill(&def.name, Some(state)).await?;
         }
-        Ok(true)
+        Ok(runs)
     }
 
     /// The session's definition while the stream whose windows are `backfills` runs.
     fn runs_here(&self, name: &str, backfills: &Backfills) -> Option<Definition> {
         self.with(|s| {
             let e = s.sessions.get(name)?;
-            let (current, _) = e.stream.backfills.as_ref()?;
-            current.same(backfills).then(|| e.def.clone())
+            e.stream.backfills.as_ref()?.same(backfills).then(|| e.def.clone())
         })
     }
 
@@ -371,21 +383,21 @@ impl Registry {
     }
 }
 
-fn shape_of(format: Format, live: &LiveTable) -> RowShape {
-    let names = live.info.columns.iter().map(|c| c.name.clone()).collect();
+fn shape_of(live: &LiveTable) -> RowShape {
+    let names: Vec<String> = live.info.columns.iter().map(|c| c.name.clone()).collect();
     let oids = live.info.columns.iter().map(|c| c.type_oid).collect();
-    let mut shape = RowShape::new(format, &live.info.schema, &live.info.name, names, (live.type_names.clone(), oids));
+    let mut shape = RowShape::new(&live.info.schema, &live.info.name, &names, (live.type_names.clone(), oids));
     shape.key_at = live.key_at();
     shape
 }
 
-/// The next chunk's rows: as many as fill [`CHUNK_BYTES`] at this chunk's row size.
-fn next_limit(limit: u64, rows: usize, bytes: usize) -> u64 {
+/// The next chunk's rows: as many as fill `target` bytes at this chunk's row size.
+fn next_limit(limit: u64, rows: usize, bytes: usize, target: usize) -> u64 {
     if rows == 0 || bytes == 0 {
         return limit;
     }
     let per_row = (bytes / rows).max(1) as u64;
-    (CHUNK_BYTES as u64 / per_row).clamp(16, MAX_CHUNK_ROWS).min(limit.saturating_mul(4))
+    (target as u64 / per_row).clamp(16, MAX_CHUNK_ROWS).min(limit.saturating_mul(4))
 }
 
 /// Writes a watermark. The high one is flushed at once (`synchronous_commit` on): the
@@ -410,11 +422,13 @@ mod tests {
 
     #[test]
     fn chunks_aim_at_their_size() {
-        assert_eq!(next_limit(256, 256, 256 * 100), 1024, "grows at most fourfold");
-        assert_eq!(next_limit(4096, 4096, 4096 * 1024), 256);
-        assert_eq!(next_limit(100, 0, 0), 100);
-        assert_eq!(next_limit(8192, 8192, 8192), MAX_CHUNK_ROWS);
-        assert_eq!(next_limit(256, 10, 10 * 1024 * 1024), 16);
+        let target = 4 << 20;
+        assert_eq!(next_limit(1024, 1024, 1024 * 100, target), 4096, "grows at most fourfold");
+        assert_eq!(next_limit(65536, 65536, 65536 * 1024, target), 4096);
+        assert_eq!(next_limit(100, 0, 0, target), 100);
+        assert_eq!(next_limit(65536, 65536, 65536, target), MAX_CHUNK_ROWS);
+        assert_eq!(next_limit(256, 10, 100 * 1024 * 1024, target), 16);
+        assert_eq!(next_limit(1024, 1024, 1024 * 64, 32 << 10), 512);
     }
 
     #[test]

@@ -121,7 +121,14 @@ pub struct SessionSettings {
     /// below 17 and on a standby), which a standby with `sync_replication_slots` keeps
     /// a copy of, ready when it is promoted.
     pub failover_slots: bool,
+    /// The size a live backfill's chunks aim at, rendered: larger chunks cost less per
+    /// row (two watermarks and a trip through the walsender each), smaller ones hold
+    /// less memory and leave fewer rows to the stream while writers change the table.
+    pub backfill_chunk_bytes: usize,
 }
+
+/// [`SessionSettings::backfill_chunk_bytes`] unless set.
+pub const DEFAULT_BACKFILL_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 impl Default for SessionSettings {
     fn default() -> Self {
@@ -138,6 +145,7 @@ impl Default for SessionSettings {
             max_watchers_per_caller: 2,
             watch_reserve_slots: 2,
             failover_slots: true,
+            backfill_chunk_bytes: DEFAULT_BACKFILL_CHUNK_BYTES,
         }
     }
 }
@@ -179,8 +187,8 @@ struct StreamState {
     /// The walsender of the last stream this process started for the session. While it
     /// still holds the slot, the slot is on its way to being free, not someone else's.
     walsender: Option<i32>,
-    /// The running stream's backfill windows, and its format: where a backfill runs.
-    backfills: Option<(crate::stream::backfill::Backfills, crate::stream::frame::Format)>,
+    /// The running stream's backfill windows: where a backfill runs.
+    backfills: Option<crate::stream::backfill::Backfills>,
 }
 
 impl State {

@@ -169,10 +169,10 @@ impl Registry {
         self.with(|s| {
             s.sessions.get_mut(name).map(|e| {
                 e.stream.walsender = walsender;
-                e.stream.backfills = Some((backfills.clone(), format));
+                e.stream.backfills = Some(backfills.clone());
             })
         });
-        self.spawn_backfill(name, backfills.clone(), format);
+        self.spawn_backfill(name, backfills.clone());
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.

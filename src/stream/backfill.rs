@@ -45,8 +45,7 @@ pub(crate) struct Watermark {
     pub high: bool,
 }
 
-/// What a client is told of a chunk, in its head (format 1) or its begin and commit
-/// records (format 2).
+/// What a client is told of a chunk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChunkInfo {
@@ -56,7 +55,13 @@ pub struct ChunkInfo {
     pub table: String,
     /// The chunk's number in its table, from 1.
     pub chunk: u64,
-    /// The rows this chunk carries (those whose key changed while it was read are left
+    /// Format 1: which message of the chunk this is, from 1, and whether more follow
+    /// (only the last has a `nextlsn` to ack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub more: Option<bool>,
+    /// The rows the chunk carries (those whose key changed while it was read are left
     /// to the stream).
     pub rows: u64,
     /// The last chunk of the table.
@@ -68,8 +73,7 @@ pub struct ChunkInfo {
 pub(crate) struct Row {
     /// [`key_of`] its key values.
     pub key: String,
-    /// Format 1: `,{"kind":"backfill",...}` (the comma taken off the first); format 2:
-    /// `{"action":"R",...}`.
+    /// The JSON array of its values, in column order.
     pub body: Bytes,
 }
 
@@ -78,6 +82,8 @@ pub(crate) struct Row {
 pub(crate) struct Chunk {
     pub info: ChunkInfo,
     pub rows: Vec<Row>,
+    /// [`RowShape::names`] of its table.
+    pub names: Bytes,
 }
 
 /// A chunk that went out to the client, in place of its high watermark.
@@ -230,78 +236,56 @@ pub(crate) fn key_of(values: &[Value]) -> String {
     Value::Array(values.to_vec()).to_string()
 }
 
-/// What a backfill row is rendered from: its table and columns as the stream names
-/// them.
+/// What a backfill row is rendered from: its columns' types, and where its key is.
 #[derive(Debug, Clone)]
 pub(crate) struct RowShape {
-    pub format: Format,
-    pub names: Vec<String>,
-    pub type_names: Vec<String>,
     pub type_oids: Vec<u32>,
-    /// Where the key's columns are among `names`.
+    /// Where the key's columns are among the columns.
     pub key_at: Vec<usize>,
-    /// The rendered start of every row: `,{"kind":"backfill",...,"columnvalues":[` or
-    /// `{"action":"R",...,"columns":[`.
-    head: Vec<u8>,
+    /// What every message of the table's chunks names once, rather than every row:
+    /// `"schema":..,"table":..,"columnnames":[..],"columntypes":[..]`.
+    names: Bytes,
 }
 
 impl RowShape {
-    pub fn new(format: Format, schema: &str, table: &str, names: Vec<String>, types: (Vec<String>, Vec<u32>)) -> Self {
+    pub fn new(schema: &str, table: &str, names: &[String], types: (Vec<String>, Vec<u32>)) -> Self {
         let mut head = Vec::new();
-        match format {
-            Format::Transactions => {
-                head.extend_from_slice(b",{\"kind\":\"backfill\",\"schema\":");
-                write_string(&mut head, Mode::AlwaysValid, schema.as_bytes());
-                head.extend_from_slice(b",\"table\":");
-                write_string(&mut head, Mode::AlwaysValid, table.as_bytes());
-                head.extend_from_slice(b",\"columnnames\":");
-                string_array(&mut head, &names);
-                head.extend_from_slice(b",\"columntypes\":");
-                string_array(&mut head, &types.0);
-                head.extend_from_slice(b",\"columnvalues\":[");
-            }
-            Format::Changes => {
-                head.extend_from_slice(b"{\"action\":\"R\",\"schema\":");
-                write_string(&mut head, Mode::AlwaysValid, schema.as_bytes());
-                head.extend_from_slice(b",\"table\":");
-                write_string(&mut head, Mode::AlwaysValid, table.as_bytes());
-                head.extend_from_slice(b",\"columns\":[");
-            }
-        }
-        RowShape { format, names, type_names: types.0, type_oids: types.1, key_at: Vec::new(), head }
+        head.extend_from_slice(b"\"schema\":");
+        write_string(&mut head, Mode::AlwaysValid, schema.as_bytes());
+        head.extend_from_slice(b",\"table\":");
+        write_string(&mut head, Mode::AlwaysValid, table.as_bytes());
+        head.extend_from_slice(b",\"columnnames\":");
+        string_array(&mut head, names);
+        head.extend_from_slice(b",\"columntypes\":");
+        string_array(&mut head, &types.0);
+        RowShape { type_oids: types.1, key_at: Vec::new(), names: Bytes::from(head) }
     }
 
-    /// One row (every column's text, None for NULL), rendered, with its key.
+    /// One row (every column's text, None for NULL) as the JSON array of its values,
+    /// in column order, with its key.
     pub fn render(&self, row: &[Option<String>]) -> Row {
-        let mut out = Vec::with_capacity(self.head.len() + 16 * row.len());
-        out.extend_from_slice(&self.head);
-        let mut key = Vec::with_capacity(self.key_at.len());
+        let mut out = Vec::with_capacity(2 + 12 * row.len());
+        out.push(b'[');
+        let mut key = vec![Value::Null; self.key_at.len()];
         for (i, text) in row.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            if self.format == Format::Changes {
-                out.extend_from_slice(b"{\"name\":");
-                write_string(&mut out, Mode::AlwaysValid, self.names[i].as_bytes());
-                out.extend_from_slice(b",\"type\":");
-                write_string(&mut out, Mode::AlwaysValid, self.type_names[i].as_bytes());
-                out.extend_from_slice(b",\"value\":");
-            }
             let at = out.len();
             // The mode without errors: a value Postgres printed that is no JSON number
             // goes out as a string, as the snapshot sends it.
-            let _ = write_value(&mut out, Mode::AlwaysValid, self.type_oids[i], text.as_deref().map(str::as_bytes));
-            if self.key_at.contains(&i) {
-                key.push((i, serde_json::from_slice::<Value>(&out[at..]).unwrap_or(Value::Null)));
-            }
-            if self.format == Format::Changes {
-                out.push(b'}');
+            let oid = self.type_oids.get(i).copied().unwrap_or(0);
+            let _ = write_value(&mut out, Mode::AlwaysValid, oid, text.as_deref().map(str::as_bytes));
+            if let Some(k) = self.key_at.iter().position(|&k| k == i) {
+                key[k] = serde_json::from_slice::<Value>(&out[at..]).unwrap_or(Value::Null);
             }
         }
-        out.extend_from_slice(b"]}");
-        key.sort_by_key(|(i, _)| self.key_at.iter().position(|k| k == i));
-        let values: Vec<Value> = key.into_iter().map(|(_, v)| v).collect();
-        Row { key: key_of(&values), body: Bytes::from(out) }
+        out.push(b']');
+        Row { key: key_of(&key), body: Bytes::from(out) }
+    }
+
+    pub fn names(&self) -> Bytes {
+        self.names.clone()
     }
 }
 
@@ -316,65 +300,169 @@ fn string_array(out: &mut Vec<u8>, items: &[String]) {
     out.push(b']');
 }
 
+/// A message of a chunk holds rows up to about this size: a chunk larger than that
+/// goes out as several, so that no client meets a message larger than its default
+/// limit (1 MiB for Python's websockets).
+const PART_BYTES: usize = 256 * 1024;
+
 /// A chunk as the client gets it, ending where its high watermark's transaction ends.
+///
+/// Format 1: one message per part of the chunk, `{"backfill":{..,"part":n,"more":true},
+/// "schema":..,"table":..,"columnnames":[..],"columntypes":[..],"rows":[[..],..]}`; the
+/// last part has `"nextlsn"` to ack and `"more":false`, the others nothing to ack (as a
+/// non-transactional message). Format 2: a begin record with `"backfill"`, a record
+/// `{"action":"R",...,"rows":[..]}` per part, and a commit record with `"nextlsn"`.
 pub(crate) fn chunk_parts(format: Format, chunk: Chunk, nextlsn: Lsn, out: &mut Vec<super::message::Part>) {
     use super::message::{Finish, MessageKind, Part, Start};
-    let info = serde_json::to_string(&chunk.info).unwrap_or_default();
-    let changes = u32::try_from(chunk.rows.len()).unwrap_or(u32::MAX);
-    let finish = Finish { nextlsn: Some(nextlsn), kind: MessageKind::Data, changes };
-    match format {
-        Format::Transactions => {
-            out.push(Part::Start(Start { nextlsn: Some(nextlsn) }));
-            out.push(Part::Body(Bytes::from(format!("{{\"nextlsn\":\"{nextlsn}\",\"backfill\":{info},\"change\":["))));
-            for (i, row) in chunk.rows.into_iter().enumerate() {
-                out.push(Part::Body(if i == 0 { row.body.slice(1..) } else { row.body }));
+    let Chunk { info, rows, names } = chunk;
+    let changes = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    let end = Finish { nextlsn: Some(nextlsn), kind: MessageKind::Data, changes };
+    let info_json = |part: usize, more: bool| {
+        let parted = format == Format::Transactions;
+        let info = ChunkInfo { part: parted.then_some(part), more: parted.then_some(more), ..info.clone() };
+        serde_json::to_string(&info).unwrap_or_default()
+    };
+    let parts = split(rows);
+    let count = parts.len();
+    if format == Format::Changes {
+        let begin = format!("{{\"action\":\"B\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{}}}", info_json(0, false));
+        let kind = Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 };
+        out.extend(Part::whole(Start::default(), Bytes::from(begin), kind));
+    }
+    for (i, rows) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let head = match format {
+            Format::Transactions if last => {
+                format!("{{\"nextlsn\":\"{nextlsn}\",\"backfill\":{},", info_json(i + 1, false))
             }
-            out.push(Part::Body(Bytes::from_static(b"]}")));
-            out.push(Part::Finish(finish));
+            Format::Transactions => format!("{{\"backfill\":{},", info_json(i + 1, true)),
+            Format::Changes => "{\"action\":\"R\",".to_owned(),
+        };
+        let (start, finish) = match (format, last) {
+            (Format::Transactions, true) => (Start { nextlsn: Some(nextlsn) }, end),
+            (Format::Transactions, false) => {
+                (Start::default(), Finish { nextlsn: None, kind: MessageKind::Unackable, changes: 0 })
+            }
+            (Format::Changes, _) => (Start::default(), Finish { nextlsn: None, kind: MessageKind::Inside, changes: 0 }),
+        };
+        out.push(Part::Start(start));
+        out.push(Part::Body(Bytes::from(head)));
+        out.push(Part::Body(names.clone()));
+        out.push(Part::Body(Bytes::from_static(b",\"rows\":[")));
+        for (j, row) in rows.into_iter().enumerate() {
+            if j > 0 {
+                out.push(Part::Body(Bytes::from_static(b",")));
+            }
+            out.push(Part::Body(row.body));
         }
-        Format::Changes => {
-            let begin = format!("{{\"action\":\"B\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{info}}}");
-            let begin_finish = Finish { nextlsn: None, kind: MessageKind::Begin, changes: 0 };
-            out.extend(Part::whole(Start::default(), Bytes::from(begin), begin_finish));
-            let inside = Finish { nextlsn: None, kind: MessageKind::Inside, changes: 0 };
-            for row in chunk.rows {
-                out.extend(Part::whole(Start::default(), row.body, inside));
-            }
-            let commit = format!("{{\"action\":\"C\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{info}}}");
-            out.extend(Part::whole(Start { nextlsn: Some(nextlsn) }, Bytes::from(commit), finish));
+        out.push(Part::Body(Bytes::from_static(b"]}")));
+        out.push(Part::Finish(finish));
+    }
+    if format == Format::Changes {
+        let commit = format!("{{\"action\":\"C\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{}}}", info_json(0, false));
+        out.extend(Part::whole(Start { nextlsn: Some(nextlsn) }, Bytes::from(commit), end));
+    }
+}
+
+/// The chunk's rows cut into messages of about [`PART_BYTES`]; one (empty) when it
+/// has none, so that the client still gets the chunk and its ack.
+fn split(rows: Vec<Row>) -> Vec<Vec<Row>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    for row in rows {
+        if bytes + row.body.len() > PART_BYTES && bytes > 0 {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += row.body.len() + 1;
+        if let Some(part) = parts.last_mut() {
+            part.push(row);
         }
     }
+    parts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::message::{MessageKind, Part};
 
-    fn shape(format: Format) -> RowShape {
-        let mut s = RowShape::new(
-            format,
-            "public",
-            "t",
-            vec!["id".into(), "v".into()],
-            (vec!["integer".into(), "numeric".into()], vec![23, 1700]),
-        );
+    fn shape() -> RowShape {
+        let names = ["id".to_string(), "v".to_string()];
+        let mut s = RowShape::new("public", "t", &names, (vec!["integer".into(), "numeric".into()], vec![23, 1700]));
         s.key_at = vec![0];
         s
     }
 
+    fn text(parts: &[Part]) -> Vec<String> {
+        let mut messages = Vec::new();
+        let mut current = Vec::new();
+        for p in parts {
+            match p {
+                Part::Start(_) => current.clear(),
+                Part::Body(b) => current.extend_from_slice(b),
+                Part::Finish(_) => messages.push(String::from_utf8(current.clone()).unwrap()),
+            }
+        }
+        messages
+    }
+
     #[test]
-    fn rows_render_as_the_stream_writes_them() {
-        let row = shape(Format::Transactions).render(&[Some("7".into()), Some("1.50".into())]);
-        assert_eq!(
-            std::str::from_utf8(&row.body).unwrap(),
-            r#",{"kind":"backfill","schema":"public","table":"t","columnnames":["id","v"],"columntypes":["integer","numeric"],"columnvalues":[7,1.50]}"#
-        );
+    fn rows_are_their_values_as_the_stream_writes_them() {
+        let row = shape().render(&[Some("7".into()), Some("1.50".into())]);
+        assert_eq!(std::str::from_utf8(&row.body).unwrap(), "[7,1.50]");
         assert_eq!(row.key, "[7]");
-        let row = shape(Format::Changes).render(&[Some("7".into()), None]);
-        assert_eq!(
-            std::str::from_utf8(&row.body).unwrap(),
-            r#"{"action":"R","schema":"public","table":"t","columns":[{"name":"id","type":"integer","value":7},{"name":"v","type":"numeric","value":null}]}"#
-        );
+        let row = shape().render(&[Some("7".into()), None]);
+        assert_eq!(std::str::from_utf8(&row.body).unwrap(), "[7,null]");
+    }
+
+    #[test]
+    fn a_large_chunk_goes_out_in_parts_and_only_the_last_is_acked() {
+        let s = shape();
+        let pad = "x".repeat(1000);
+        let rows: Vec<Row> = (1..=600).map(|i| s.render(&[Some(i.to_string()), Some(pad.clone())])).collect();
+        let info = ChunkInfo {
+            id: "b".into(),
+            table: "public.t".into(),
+            chunk: 1,
+            part: None,
+            more: None,
+            rows: 600,
+            last: true,
+        };
+        let mut out = Vec::new();
+        chunk_parts(Format::Transactions, Chunk { info, rows, names: s.names() }, Lsn(0x10), &mut out);
+        let messages = text(&out);
+        assert_eq!(messages.len(), 3, "600 rows of 1 KB in parts of 256 KiB");
+        let values: Vec<serde_json::Value> = messages.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
+        let rows: usize = values.iter().map(|v| v["rows"].as_array().unwrap().len()).sum();
+        assert_eq!(rows, 600);
+        assert!(values[..2].iter().all(|v| v["nextlsn"].is_null() && v["backfill"]["more"] == true));
+        assert_eq!(values[2]["nextlsn"], "0/10");
+        assert_eq!(values[2]["backfill"]["more"], false);
+        let kinds: Vec<MessageKind> =
+            out.iter().filter_map(|p| if let Part::Finish(f) = p { Some(f.kind) } else { None }).collect();
+        assert_eq!(kinds, [MessageKind::Unackable, MessageKind::Unackable, MessageKind::Data]);
+    }
+
+    #[test]
+    fn an_empty_chunk_still_comes_with_its_ack() {
+        let s = shape();
+        let info = ChunkInfo {
+            id: "b".into(),
+            table: "public.t".into(),
+            chunk: 2,
+            part: None,
+            more: None,
+            rows: 0,
+            last: true,
+        };
+        let mut out = Vec::new();
+        chunk_parts(Format::Changes, Chunk { info, rows: vec![], names: s.names() }, Lsn(0x10), &mut out);
+        let messages = text(&out);
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages[1].ends_with(r#""rows":[]}"#), "{}", messages[1]);
+        assert!(messages[2].starts_with(r#"{"action":"C","nextlsn":"0/10""#), "{}", messages[2]);
     }
 
     #[test]
@@ -382,12 +470,20 @@ mod tests {
         let b = Backfills::default();
         b.begin_run("r1");
         b.open_window(1, "public", "t", vec!["id".into()]);
-        let s = shape(Format::Transactions);
+        let s = shape();
         let rows = (1..=3).map(|i| s.render(&[Some(i.to_string()), None])).collect();
-        let info = ChunkInfo { id: "b".into(), table: "public.t".into(), chunk: 1, rows: 3, last: false };
+        let info = ChunkInfo {
+            id: "b".into(),
+            table: "public.t".into(),
+            chunk: 1,
+            part: None,
+            more: None,
+            rows: 3,
+            last: false,
+        };
         assert!(b.watched("public", "t").is_none(), "not open before the low watermark");
         b.low(1);
-        b.fill(1, Chunk { info, rows });
+        b.fill(1, Chunk { info, rows, names: s.names() });
         assert_eq!(b.watched("public", "t"), Some(vec!["id".to_string()]));
         b.changed("public", "t", Some(key_of(&[serde_json::json!(2)])));
         let chunk = b.high(1, Lsn(0x100)).unwrap();

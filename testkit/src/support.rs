@@ -40,6 +40,7 @@ pub fn fast_settings(db: &TestDb) -> Settings {
             max_watchers_per_caller: 2,
             watch_reserve_slots: 2,
             failover_slots: true,
+            backfill_chunk_bytes: pgdeltastream::session::DEFAULT_BACKFILL_CHUNK_BYTES,
         },
         max_limit: 1000,
         reads_per_token: 2,

@@ -18,7 +18,14 @@ use tokio_tungstenite::tungstenite::Message;
 /// Rows of the table a backfill reads while it changes.
 const ROWS: i64 = 50_000;
 
+/// Chunks of this size while writers run: many windows, each with changes in it.
+const SMALL_CHUNKS: usize = 32 * 1024;
+
 async fn setup(rows: i64) -> (common::TestDb, tokio_postgres::Client, TestServer) {
+    setup_with(rows, pgdeltastream::session::DEFAULT_BACKFILL_CHUNK_BYTES).await
+}
+
+async fn setup_with(rows: i64, chunk_bytes: usize) -> (common::TestDb, tokio_postgres::Client, TestServer) {
     let db = common::fresh_db().await;
     let pg = db.client().await;
     pg.batch_execute(&format!(
@@ -30,7 +37,9 @@ async fn setup(rows: i64) -> (common::TestDb, tokio_postgres::Client, TestServer
     ))
     .await
     .unwrap();
-    let server = TestServer::start(&db).await;
+    let mut settings = fast_settings(&db);
+    settings.session.backfill_chunk_bytes = chunk_bytes;
+    let server = TestServer::start_with(settings).await;
     (db, pg, server)
 }
 
@@ -67,23 +76,22 @@ struct Replica {
 impl Replica {
     /// Applies one message; answers the position to ack, if it ends a transaction.
     fn apply(&mut self, m: &Value) -> Option<String> {
+        if let Some(rows) = m["rows"].as_array() {
+            self.backfill_rows(&m["columnnames"], rows);
+        }
+        if !m["backfill"].is_null() && (m["backfill"]["more"] == false || m["action"] == "C") {
+            self.chunks.push(m["backfill"].clone());
+        }
         if let Some(changes) = m["change"].as_array() {
             for c in changes {
                 self.change(c["kind"].as_str().unwrap_or(""), c);
             }
-            if !m["backfill"].is_null() {
-                self.chunks.push(m["backfill"].clone());
-            }
-            return m["nextlsn"].as_str().map(str::to_owned);
         }
         match m["action"].as_str() {
-            Some("I" | "U" | "R") => {
+            None => m["nextlsn"].as_str().map(str::to_owned),
+            Some("I" | "U") => {
+                self.live();
                 let row = record(&m["columns"]);
-                if m["action"] == "R" {
-                    self.backfilled += 1;
-                } else {
-                    self.live();
-                }
                 self.rows.insert(row.0, (row.1, row.2));
                 None
             }
@@ -92,13 +100,20 @@ impl Replica {
                 self.rows.remove(&record(&m["identity"]).0);
                 None
             }
-            Some("C") => {
-                if !m["backfill"].is_null() {
-                    self.chunks.push(m["backfill"].clone());
-                }
-                m["nextlsn"].as_str().map(str::to_owned)
-            }
+            Some("C") => m["nextlsn"].as_str().map(str::to_owned),
             _ => None,
+        }
+    }
+
+    /// A chunk's rows: each the array of its values, in `names`' order.
+    fn backfill_rows(&mut self, names: &Value, rows: &[Value]) {
+        let at = |name: &str| names.as_array().and_then(|n| n.iter().position(|x| x == name));
+        let (id, v, pad) = (at("id").expect("id"), at("v"), at("pad"));
+        for row in rows {
+            self.backfilled += 1;
+            let value =
+                (v.and_then(|i| row[i].as_i64()).unwrap_or(0), pad.and_then(|i| row[i].as_str().map(str::to_owned)));
+            self.rows.insert(row[id].as_i64().expect("id"), value);
         }
     }
 
@@ -109,15 +124,11 @@ impl Replica {
             Some(c["columnvalues"][at].clone())
         };
         match kind {
-            "insert" | "update" | "backfill" => {
+            "insert" | "update" => {
                 let id = column("id").and_then(|v| v.as_i64()).expect("id");
                 let v = column("v").and_then(|v| v.as_i64()).expect("v");
                 let pad = column("pad").and_then(|v| v.as_str().map(str::to_owned));
-                if kind == "backfill" {
-                    self.backfilled += 1;
-                } else {
-                    self.live();
-                }
+                self.live();
                 self.rows.insert(id, (v, pad));
             }
             "delete" => {
@@ -206,7 +217,7 @@ async fn session_backfill(server: &TestServer, name: &str) -> Value {
 }
 
 async fn converges(plugin: &str, format: &str) {
-    let (db, pg, server) = setup(ROWS).await;
+    let (db, pg, server) = setup_with(ROWS, SMALL_CHUNKS).await;
     create(&server, "bf", plugin, json!(["public.t"])).await;
     let mut ws = connect(&server, "bf", format).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -268,7 +279,7 @@ async fn a_pgoutput_backfill_under_writes_ends_with_the_tables_rows() {
 /// sent again, and it ends with the table's rows.
 #[tokio::test]
 async fn a_reconnect_mid_backfill_continues_it() {
-    let (db, pg, server) = setup(ROWS).await;
+    let (db, pg, server) = setup_with(ROWS, SMALL_CHUNKS).await;
     create(&server, "again", "wal2json", json!(["public.t"])).await;
     let mut ws = connect(&server, "again", "transactions").await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -340,7 +351,7 @@ async fn a_chunk_is_marked_as_a_backfill_in_both_formats() {
             let Message::Text(text) = next_message(&mut ws).await else { panic!("a text message") };
             let m: Value = serde_json::from_str(text.as_str()).unwrap();
             got.push(redact(text.as_str()));
-            if let Some(lsn) = m["nextlsn"].as_str().filter(|_| m["change"].is_array() || m["action"] == "C") {
+            if let Some(lsn) = m["nextlsn"].as_str().filter(|_| m["backfill"]["more"] == false || m["action"] == "C") {
                 ack(&mut ws, lsn).await;
                 break;
             }
@@ -449,10 +460,8 @@ async fn a_backfill_reads_only_the_sessions_rows_and_columns() {
     loop {
         let m = next_json(&mut ws).await;
         if m["action"] == "R" {
-            let names: Vec<&str> =
-                m["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-            assert_eq!(names, ["id", "v"], "only the column list: {m}");
-            ids.push(record(&m["columns"]).0);
+            assert_eq!(m["columnnames"], json!(["id", "v"]), "only the column list: {m}");
+            ids.extend(m["rows"].as_array().unwrap().iter().map(|r| r[0].as_i64().unwrap()));
         }
         if m["action"] == "C" && m["backfill"]["last"] == true {
             break;
@@ -465,7 +474,7 @@ async fn a_backfill_reads_only_the_sessions_rows_and_columns() {
 /// acked chunk, and the client ends with the table's rows.
 #[tokio::test]
 async fn a_backfill_outlives_a_server_restart() {
-    let (db, pg, server) = setup(ROWS).await;
+    let (db, pg, server) = setup_with(ROWS, SMALL_CHUNKS).await;
     create(&server, "durable", "wal2json", json!(["public.t"])).await;
     let mut ws = connect(&server, "durable", "transactions").await;
     let (status, _) = backfill(&server, "durable", json!(["t"])).await;

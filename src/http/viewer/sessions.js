@@ -158,7 +158,7 @@ function backfillState(s) {
   const cls = { running: 'ok', done: '', cancelled: 'warn', failed: 'bad' }[b.state] ?? '';
   return h('div', { class: 'small' }, h('span', {
     class: `pill ${cls} backfill`, title: tables.join('; ') + (b.error ? `; failed: ${b.error}` : ''),
-  }, `backfill ${b.state} · ${rows.toLocaleString()} rows · ${chunks} chunks${left}`));
+  }, `backfill ${b.state} · ${rows.toLocaleString()} rows · ${chunks} chunk${chunks === 1 ? '' : 's'}${left}`));
 }
 
 // The session's client and slot: streaming, idle, or why the slot cannot stream.
