@@ -178,6 +178,8 @@ struct StreamState {
     /// The walsender of the last stream this process started for the session. While it
     /// still holds the slot, the slot is on its way to being free, not someone else's.
     walsender: Option<i32>,
+    /// How the running stream is given a new filter (PATCH); None while none runs.
+    control: Option<streams::StreamControl>,
 }
 
 impl State {

@@ -15,13 +15,16 @@ use super::safety::{Invalidation, OnInvalidated};
 use super::{Registry, SessionSettings, State};
 use crate::error::{Error, ErrorKind};
 use crate::pg::replication::ReplicationStream;
+use crate::pg::version::Major;
 use crate::stream::Stop as StreamStop;
 use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::Filter;
 use crate::stream::frame::Format;
 use crate::stream::message::{Finish, MessageKind, Part, Start};
+use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::pump::{ExplainFatal, Pump};
+use crate::stream::reconfigure::{Commands, Reconfigurer};
 use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::types::Lsn;
 
@@ -56,6 +59,18 @@ pub(crate) struct OpenStream {
     pub(super) preamble: Option<Bytes>,
     /// What a failure of the stream meant (see [`Registry::explain_failure`]).
     pub(super) explain: Option<ExplainFatal>,
+    /// Where a change of the session's filter reaches the running stream.
+    pub(super) commands: Commands,
+}
+
+/// How a running stream of a session is given a new filter, and what it needs to know
+/// to build one ([`Registry::stream_filter`]).
+#[derive(Clone)]
+pub(super) struct StreamControl {
+    pub tx: Reconfigurer,
+    pub plugin: Plugin,
+    pub format: Format,
+    pub major: Major,
 }
 
 /// The session's stream, taken: given back when dropped.
@@ -78,6 +93,7 @@ impl Drop for Claim {
         self.registry.with(|s| {
             if let Some(e) = s.sessions.get_mut(&self.name) {
                 e.stream.running = None;
+                e.stream.control = None;
             }
         });
         self.registry.stream_ended.notify_waiters();
@@ -148,10 +164,7 @@ impl Registry {
             // Start after whichever is later, so that an acked change never comes back.
             let last_ack = progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
             let start = info.confirmed_flush.max(last_ack);
-            // The store's own writes are never a client's business.
-            let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-            let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
-            let options = info.plugin.start_options(format, &filter, slot, info.major);
+            let (filter, options) = self.stream_filter(&def, info.plugin, format, info.major).await?;
             match self.slots.start_replication(slot, start, &options).await {
                 // Taken since we looked: who holds it now decides, when we look again.
                 Err(e) if e.kind == ErrorKind::Conflict && Instant::now() < deadline => continue,
@@ -160,7 +173,11 @@ impl Registry {
             }
         };
         let walsender = stream.backend_pid();
-        self.with(|s| s.sessions.get_mut(name).map(|e| e.stream.walsender = walsender));
+        let (tx, commands) = tokio::sync::mpsc::channel(1);
+        let control = StreamControl { tx, plugin: info.plugin, format, major: info.major };
+        self.with(|s| {
+            s.sessions.get_mut(name).map(|e| (e.stream.walsender, e.stream.control) = (walsender, Some(control)))
+        });
         if stop.is_stopped() {
             // Ended (by an init or a drop) while it was opening: the dropped stream
             // closes its connection, which frees the slot for whoever ended it.
@@ -180,7 +197,23 @@ impl Registry {
             options,
             preamble,
             explain: Some(self.explain_failure(&def)),
+            commands: Some(commands),
         })
+    }
+
+    /// The filter and start options of a stream of session `def` (the store's own
+    /// writes are never a client's business), completed for a stream that starts now.
+    pub(super) async fn stream_filter(
+        &self,
+        def: &Definition,
+        plugin: Plugin,
+        format: Format,
+        major: Major,
+    ) -> Result<(Filter, Vec<(&'static str, String)>), Error> {
+        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
+        let options = plugin.start_options(format, &filter, &def.slot_name, major);
+        Ok((filter, options))
     }
 }
 
@@ -264,6 +297,7 @@ impl OpenStream {
             options,
             preamble,
             explain,
+            commands,
         } = self;
         let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer.max(1));
         if let Some(body) = preamble {
@@ -287,6 +321,7 @@ impl OpenStream {
             skip_empty,
             options,
             explain,
+            commands,
         };
         let link = Link { slot, start, messages: messages_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a
