@@ -119,22 +119,40 @@ impl Definition {
 
     /// What reaches the session's client, for the plugin.
     pub fn filter(&self) -> Filter {
-        let tables = self.tables.as_ref().map(|patterns| {
-            patterns
-                .iter()
-                .filter_map(|e| match TablePattern::parse(e.pattern()) {
-                    Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, Some(t.name))),
-                    Ok(TablePattern::Schema(s)) => Some((s, None)),
-                    Err(_) => None,
-                })
-                .collect()
-        });
         Filter {
-            tables,
+            tables: self.tables.as_ref().map(|patterns| table_pairs(patterns.iter())),
             actions: self.actions.clone(),
             publication: self.external_publication.clone(),
             ..Filter::default()
         }
+    }
+}
+
+/// Resolved entries as the filter has them: (schema, table), the table None for every
+/// table of the schema.
+pub(crate) fn table_pairs<'a>(entries: impl Iterator<Item = &'a TableEntry>) -> Vec<(String, Option<String>)> {
+    entries
+        .filter_map(|e| match TablePattern::parse(e.pattern()) {
+            Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, Some(t.name))),
+            Ok(TablePattern::Schema(s)) => Some((s, None)),
+            Err(_) => None,
+        })
+        .collect()
+}
+
+/// Of the tables a session lists `now`, those its snapshot serves, exported when it
+/// listed `then` (None: every table): the entries it had then and has unchanged now.
+/// An entry added since, or whose row filter or column list changed, would be read
+/// without its changes from the export until the change.
+pub(crate) fn exported_tables(
+    then: Option<&Vec<TableEntry>>,
+    now: Option<&Vec<TableEntry>>,
+) -> Option<Vec<(String, Option<String>)>> {
+    match (then, now) {
+        (None, None) => None,
+        (None, Some(now)) => Some(table_pairs(now.iter().filter(|e| !e.narrows()))),
+        (Some(then), None) => Some(table_pairs(then.iter().filter(|e| !e.narrows()))),
+        (Some(then), Some(now)) => Some(table_pairs(then.iter().filter(|e| now.contains(e)))),
     }
 }
 

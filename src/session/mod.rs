@@ -160,11 +160,15 @@ struct Entry {
     /// The definition is in the store (false: a slot of an earlier version, or a store
     /// that could not be written).
     stored: bool,
+    /// The tables the session had when its snapshot was exported (None inside: every
+    /// table), once a PATCH changed them: only they are read from it.
+    snapshot_tables: Option<Option<Vec<definition::TableEntry>>>,
 }
 
 impl Entry {
     fn new(def: Definition, snapshot: SnapshotState, consistent_point: Option<Lsn>, stored: bool) -> Entry {
-        Entry { def, snapshot, stream: StreamState::default(), progress: Arc::default(), consistent_point, stored }
+        let stream = StreamState::default();
+        Entry { def, snapshot, stream, progress: Arc::default(), consistent_point, stored, snapshot_tables: None }
     }
 }
 
