@@ -37,10 +37,12 @@
 //! stopping it ends them all; it then waits, against one deadline, for the streams and
 //! for every websocket task the server started ([`Registry::tasks`]).
 
+mod backfill_hook;
 pub(crate) mod definition;
 pub mod health;
 mod lifecycle;
 pub(crate) mod names;
+mod patch;
 mod publications;
 mod recovery;
 pub mod retention;
@@ -56,6 +58,7 @@ mod watch;
 /// The output plugins, as the settings name them.
 pub use crate::stream::plugin::Plugin;
 pub(crate) use lifecycle::CreateRequest;
+pub(crate) use patch::PatchRequest;
 pub use retention::RetentionSettings;
 pub(crate) use retention::SlotReport;
 pub(crate) use streams::OpenStream;
