@@ -85,6 +85,27 @@ impl Registry {
         Ok(added(&old, &new))
     }
 
+    /// Takes the tables and actions another process gave session `name` (PATCH) since
+    /// this one knew it, before a stream starts: the stream must follow them. A store
+    /// that cannot be read leaves them as they are.
+    pub(super) async fn follow_stored_change(&self, name: &str) {
+        if !self.with(|s| s.sessions.get(name).is_some_and(|e| e.stored)) {
+            return;
+        }
+        let stored = match self.store.get(name).await {
+            Ok(stored) => stored,
+            Err(e) => return tracing::warn!(session = name, error = %e, "cannot read the stored session"),
+        };
+        let Some(stored) = stored else { return };
+        self.with(|s| {
+            let Some(e) = s.sessions.get_mut(name).filter(|e| e.def.slot_name == stored.slot_name) else { return };
+            if (&e.def.tables, &e.def.actions) != (&stored.tables, &stored.actions) {
+                e.snapshot_tables.get_or_insert_with(|| e.def.tables.clone());
+                (e.def.tables, e.def.actions) = (stored.tables, stored.actions);
+            }
+        });
+    }
+
     /// 409 for a session whose definition this process cannot change for good.
     async fn refuse_unpatchable(&self, def: &Definition) -> Result<(), Error> {
         if let Some(publication) = &def.external_publication {

@@ -120,6 +120,7 @@ impl Registry {
     /// named, which must still be the session's.
     async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
         self.wait_for_stopped_stream(name, Instant::now() + PREVIOUS_STREAM_WAIT).await;
+        self.follow_stored_change(name).await;
         let (def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
         let mut claim = Claim { registry: Arc::clone(self), name: name.to_owned(), refetch_acks: None };
         let slot = def.slot_name.clone();

@@ -367,3 +367,21 @@ async fn only_an_admin_patches() {
     assert_eq!(answer["tables"], json!(["public.b"]));
     server.stop().await;
 }
+
+/// Another process that knew the session before the change streams the new tables.
+#[tokio::test]
+async fn another_process_streams_what_the_change_says() {
+    let (db, pg, here) = setup().await;
+    let there = TestServer::start(&db).await;
+    create(&here, json!({"name": "feed", "plugin": "wal2json", "tables": ["a"]})).await;
+    assert_eq!(there.get("/v2/sessions/feed").await.0, 200, "known there too");
+    let (status, view) = patch(&here, "feed", json!({"tables": ["b"]})).await;
+    assert_eq!(status, 200, "{view}");
+    let ws = connect(&there, "feed").await;
+    pg.batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)").await.unwrap();
+    let reader = client(ws, |got| got.rows.contains_key("b"));
+    let got = tokio::time::timeout(Duration::from_secs(20), reader).await.expect("b's row").unwrap();
+    assert_eq!(got.rows.get("a"), None, "{got:?}");
+    there.stop().await;
+    here.stop().await;
+}
