@@ -263,6 +263,21 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_serves_the_entries_it_was_exported_with_and_still_has() {
+        let a = TableEntry::Pattern("public.a".into());
+        let b = TableEntry::Pattern("public.b".into());
+        let filtered =
+            TableEntry::Table(TableSpec { table: "public.a".into(), row_filter: Some("n > 1".into()), columns: None });
+        let pair = |t: &str| ("public".to_owned(), Some(t.to_owned()));
+        assert_eq!(exported_tables(None, None), None);
+        assert_eq!(exported_tables(Some(&vec![a.clone()]), Some(&vec![a.clone(), b.clone()])), Some(vec![pair("a")]));
+        assert_eq!(exported_tables(Some(&vec![a.clone()]), Some(&vec![b.clone()])), Some(vec![]));
+        assert_eq!(exported_tables(None, Some(&vec![filtered.clone(), b.clone()])), Some(vec![pair("b")]));
+        assert_eq!(exported_tables(Some(&vec![filtered.clone(), b.clone()]), None), Some(vec![pair("b")]));
+        assert_eq!(exported_tables(Some(&vec![filtered]), Some(&vec![a])), Some(vec![]), "a changed filter");
+    }
+
+    #[test]
     fn table_entries_round_trip_as_given() {
         let stored = serde_json::json!({
             "name": "n", "slotName": "delta_x1", "plugin": "pgoutput", "actions": ["insert"],

@@ -634,6 +634,24 @@ mod tests {
     }
 
     #[test]
+    fn a_list_is_altered_and_every_table_made_again() {
+        let listed = Some(vec![TableEntry::Pattern("public.a".into()), TableEntry::Pattern("audit.*".into())]);
+        let plan = Plan::new_for(&def(listed, &[Action::Insert]), "pgdeltastream").unwrap();
+        let options = "ALTER PUBLICATION \"delta_amber1\" SET (publish = 'insert', publish_via_partition_root = true)";
+        assert_eq!(
+            plan.alter_statements(false),
+            ["ALTER PUBLICATION \"delta_amber1\" SET TABLE \"public\".\"a\", TABLES IN SCHEMA \"audit\"", options]
+        );
+        // FOR ALL TABLES cannot be altered to a list: dropped and made again.
+        assert_eq!(plan.alter_statements(true), ["DROP PUBLICATION \"delta_amber1\"".to_owned(), plan.sql.clone()]);
+        let every = Plan::new_for(&def(None, &[Action::Delete]), "pgdeltastream").unwrap();
+        assert_eq!(every.alter_statements(true), ["ALTER PUBLICATION \"delta_amber1\" SET (publish = 'delete')"]);
+        let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
+        let nothing = Plan::new_for(&def(only_store, &[Action::Insert]), "pgdeltastream").unwrap();
+        assert_eq!(nothing.alter_statements(false)[0], "DROP PUBLICATION \"delta_amber1\"");
+    }
+
+    #[test]
     fn a_schema_cannot_be_narrowed() {
         let tables = vec![TableEntry::Table(TableSpec {
             table: "audit.*".into(),
