@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Registry;
 use super::definition::{Action, DEFAULT_NAME, Definition, TableEntry, check_name};
 use super::lifecycle::{check_entries, check_narrowing, normalize_actions, resolve_tables, run_to_completion};
 use super::publications::alter_publication;
 use super::streams::StreamControl;
+use super::{Registry, State};
 use crate::error::Error;
 use crate::pg::replication::ReplicationConnection;
 use crate::stream::Stop as StreamStop;
@@ -86,8 +86,9 @@ impl Registry {
     }
 
     /// Takes the tables and actions another process gave session `name` (PATCH) since
-    /// this one knew it, before a stream starts: the stream must follow them. A store
-    /// that cannot be read leaves them as they are.
+    /// this one knew it: before a stream starts (it must follow them), a snapshot read
+    /// (a table removed is out of scope) and a view. A store that cannot be read leaves
+    /// them as they are.
     pub(super) async fn follow_stored_change(&self, name: &str) {
         if !self.with(|s| s.sessions.get(name).is_some_and(|e| e.stored)) {
             return;
@@ -96,14 +97,9 @@ impl Registry {
             Ok(stored) => stored,
             Err(e) => return tracing::warn!(session = name, error = %e, "cannot read the stored session"),
         };
-        let Some(stored) = stored else { return };
-        self.with(|s| {
-            let Some(e) = s.sessions.get_mut(name).filter(|e| e.def.slot_name == stored.slot_name) else { return };
-            if (&e.def.tables, &e.def.actions) != (&stored.tables, &stored.actions) {
-                e.snapshot_tables.get_or_insert_with(|| e.def.tables.clone());
-                (e.def.tables, e.def.actions) = (stored.tables, stored.actions);
-            }
-        });
+        if let Some(stored) = stored {
+            self.with(|s| s.follow(&stored));
+        }
     }
 
     /// 409 for a session whose definition this process cannot change for good.
@@ -201,6 +197,20 @@ impl Registry {
             // Ended before it switched: its next stream reads the stored definition.
             Ok(None) => Ok(None),
             Err(_) => Err(format!("no transaction boundary within {} s", SWITCH_WAIT.as_secs())),
+        }
+    }
+}
+
+impl State {
+    /// Takes the tables and actions of `stored` for the session of its name, if that
+    /// still reads the same slot (a definition made anew under the name is not a change).
+    pub(super) fn follow(&mut self, stored: &Definition) {
+        let Some(e) = self.sessions.get_mut(&stored.name).filter(|e| e.def.slot_name == stored.slot_name) else {
+            return;
+        };
+        if (&e.def.tables, &e.def.actions) != (&stored.tables, &stored.actions) {
+            e.snapshot_tables.get_or_insert_with(|| e.def.tables.clone());
+            (e.def.tables, e.def.actions) = (stored.tables.clone(), stored.actions.clone());
         }
     }
 }

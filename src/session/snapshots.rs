@@ -166,6 +166,7 @@ impl Registry {
     /// snapshot, `{"rows":[...],"next":...}`.
     pub(crate) async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
         self.known(name).await?;
+        self.follow_stored_change(name).await;
         let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
         self.snapshots.keyset(name, &id, &scope, req).await
     }
@@ -173,6 +174,7 @@ impl Registry {
     /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
     pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
         self.known(name).await?;
+        self.follow_stored_change(name).await;
         let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
         self.snapshots.export(name, &id, &scope, table).await
     }

@@ -368,15 +368,26 @@ async fn only_an_admin_patches() {
     server.stop().await;
 }
 
-/// Another process that knew the session before the change streams the new tables.
+/// Another process that knew the session before the change shows and streams the new
+/// tables; the one holding the snapshot serves it only for what the change kept.
 #[tokio::test]
-async fn another_process_streams_what_the_change_says() {
+async fn another_process_follows_the_change() {
     let (db, pg, here) = setup().await;
     let there = TestServer::start(&db).await;
     create(&here, json!({"name": "feed", "plugin": "wal2json", "tables": ["a"]})).await;
     assert_eq!(there.get("/v2/sessions/feed").await.0, 200, "known there too");
     let (status, view) = patch(&here, "feed", json!({"tables": ["b"]})).await;
     assert_eq!(status, 200, "{view}");
+    let (status, answer) = patch(&there, "snap", json!({"tables": ["a"]})).await;
+    assert_eq!(status, 404, "{answer}");
+    create(&here, json!({"name": "snap", "plugin": "wal2json", "tables": ["a"]})).await;
+    assert_eq!(read(&here, "a").await.0, 200, "the snapshot is here");
+    let (status, answer) = patch(&there, "snap", json!({"tables": ["b"]})).await;
+    assert_eq!(status, 200, "changed there: {answer}");
+    assert_eq!(here.get("/v2/sessions/snap").await.1["tables"], json!(["public.b"]));
+    assert_eq!(read(&here, "a").await.0, 404, "removed there: out of scope here");
+    assert_eq!(read(&here, "b").await.0, 409, "added there: not in the snapshot");
+    assert_eq!(there.get("/v2/sessions/feed").await.1["tables"], json!(["public.b"]));
     let ws = connect(&there, "feed").await;
     pg.batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)").await.unwrap();
     let reader = client(ws, |got| got.rows.contains_key("b"));
