@@ -301,6 +301,9 @@ mod tests {
         let g = Guard::new(&[], &[]).unwrap();
         let json = [("content-type", "Application/JSON; charset=utf-8"), ("content-length", "2")];
         assert_eq!(check(&g, Method::POST, "/v2/sessions", &json), None);
+        assert_eq!(check(&g, Method::PATCH, "/v2/sessions/x", &json), None);
+        let patch_form = [("content-type", "text/plain"), ("content-length", "2")];
+        assert_eq!(check(&g, Method::PATCH, "/v2/sessions/x", &patch_form), Some(ErrorKind::UnsupportedMediaType));
         let plain = [("content-type", "text/plain"), ("content-length", "2")];
         assert_eq!(check(&g, Method::POST, "/v2/sessions", &plain), Some(ErrorKind::UnsupportedMediaType));
         assert_eq!(check(&g, Method::POST, "/v2/sessions", &[("content-length", "2")]), None, "an old client");

@@ -72,7 +72,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{slot}", delete(sessions::drop_session))
         .route("/v2/sessions", post(v2::create).get(v2::list))
-        .route("/v2/sessions/{name}", get(v2::get_one).delete(v2::delete_one))
+        .route("/v2/sessions/{name}", get(v2::get_one).patch(v2::patch_one).delete(v2::delete_one))
         .route("/v2/sessions/{name}/stream", get(v2::stream))
         .route("/v2/sessions/{name}/backfill", post(backfill::start).delete(backfill::cancel))
         .route("/v2/sessions/{name}/watch", get(v2::watch))

@@ -5,6 +5,7 @@
 //! | `POST /v2/sessions` | [`create`]: a session, its slot and its snapshot (201) |
 //! | `GET /v2/sessions` | [`list`]: every session, with its state |
 //! | `GET /v2/sessions/{name}` | [`get_one`] |
+//! | `PATCH /v2/sessions/{name}` | [`patch_one`]: changes its tables and actions as it streams |
 //! | `DELETE /v2/sessions/{name}` | [`delete_one`]: ends its stream, drops its slot |
 //! | `GET /v2/sessions/{name}/stream` | [`stream`]: the websocket, only its changes |
 //! | `GET /v2/sessions/{name}/watch` | [`watch`]: a viewer's copy, from a temporary slot |
@@ -29,10 +30,10 @@ use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::pg::ident::TableRef;
 use crate::pg::keyset::KeysetRequest;
-use crate::session::CreateRequest;
 use crate::session::definition::{Action, TableEntry, TableSpec};
 use crate::session::safety::{OnInvalidated, OnMaxRetained, SlotPolicy};
 use crate::session::views::{Created, SessionView};
+use crate::session::{CreateRequest, PatchRequest};
 use crate::stream::plugin::Plugin;
 
 /// The body of `POST /v2/sessions`. Unknown fields are refused, so that a typo is an
@@ -68,13 +69,7 @@ pub async fn create(
     _: Admin,
     Json(body): Json<CreateBody>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
-    if body.tables.as_ref().is_some_and(Vec::is_empty) {
-        return Err(Error::bad_request("tables is empty: leave it out for every table").into());
-    }
-    if body.actions.as_ref().is_some_and(Vec::is_empty) {
-        return Err(Error::bad_request("actions is empty: leave it out for every action").into());
-    }
-    let tables = body.tables.map(|t| t.into_iter().map(table_entry).collect::<Result<Vec<_>, _>>()).transpose()?;
+    let tables = entries(body.tables, body.actions.as_ref(), "every table", "every action")?;
     let req = CreateRequest {
         name: body.name,
         tables,
@@ -90,6 +85,54 @@ pub async fn create(
     };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))
+}
+
+/// The body of `PATCH /v2/sessions/{name}`: what is left out stays as it is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchBody {
+    /// As at create.
+    pub tables: Option<Vec<serde_json::Value>>,
+    pub actions: Option<Vec<Action>>,
+    /// Backfill the tables added.
+    #[serde(default)]
+    pub backfill: bool,
+}
+
+/// `PATCH /v2/sessions/{name}`: the session as `GET` shows it, and the entries added.
+pub(crate) async fn patch_one(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(name): Path<String>,
+    Json(body): Json<PatchBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if body.tables.is_none() && body.actions.is_none() {
+        return Err(Error::bad_request("nothing to change: give tables, actions or both").into());
+    }
+    let tables = entries(body.tables, body.actions.as_ref(), "the tables as they are", "the actions as they are")?;
+    let req = PatchRequest { tables, actions: body.actions, backfill: body.backfill };
+    let added = state.registry.patch(&name, req).await?;
+    let mut view = serde_json::to_value(state.registry.view_one(&name).await?)
+        .map_err(|e| Error::internal(format!("cannot show session {name}: {e}")))?;
+    view["added"] = serde_json::json!(added);
+    Ok(Json(view))
+}
+
+/// A request's `tables`, parsed, once both lists are known not to be empty (left out,
+/// each means what `tables_out` and `actions_out` say).
+fn entries(
+    tables: Option<Vec<serde_json::Value>>,
+    actions: Option<&Vec<Action>>,
+    tables_out: &str,
+    actions_out: &str,
+) -> Result<Option<Vec<TableEntry>>, Error> {
+    if tables.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::bad_request(format!("tables is empty: leave it out for {tables_out}")));
+    }
+    if actions.is_some_and(Vec::is_empty) {
+        return Err(Error::bad_request(format!("actions is empty: leave it out for {actions_out}")));
+    }
+    tables.map(|t| t.into_iter().map(table_entry).collect()).transpose()
 }
 
 /// One entry of `tables`, with an error that says which.

@@ -635,6 +635,38 @@ impl ReplicationStream {
         Ok(())
     }
 
+    /// Streams the slot again from `start` with other `options`, on `fresh`, a new
+    /// connection: a walsender does not start a logical stream again once one ended
+    /// well (it answers the second START_REPLICATION as done). So this stream ends
+    /// (CopyDone; what is still in flight is discarded, the new stream sends again what
+    /// comes after `start`; the slot is free once the walsender is ready), the new one
+    /// starts, and this connection is closed.
+    pub async fn switch(
+        &mut self,
+        mut fresh: ReplicationConnection,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<(), PgError> {
+        if self.failed || self.server_done {
+            return Err(PgError::Protocol("the stream cannot be switched: it has ended".into()));
+        }
+        if let Some(fd) = self.conn.tcp_fd {
+            self.pacing.set_lowat(fd, 1);
+        }
+        if !self.copy_done_sent {
+            frontend::copy_done(&mut self.conn.write_buf);
+            self.conn.flush().await?;
+            self.copy_done_sent = true;
+        }
+        self.conn.wait_ready().await?;
+        fresh.start_copy(slot, start, options).await?;
+        std::mem::replace(&mut self.conn, fresh).close().await;
+        self.copy_done_sent = false;
+        self.pacing = Pacing::new();
+        Ok(())
+    }
+
     /// Ends streaming (CopyDone), waits for the server to finish the command, and
     /// returns the connection in command mode. Data still in flight is discarded.
     pub async fn stop(mut self) -> Result<ReplicationConnection, PgError> {

@@ -72,16 +72,29 @@ pub struct Scope {
     /// A table in a system schema is answered as one that does not exist, like every
     /// other table outside the scope (v1 refuses it with 403 instead).
     pub system_unknown: bool,
+    /// The tables the snapshot serves when fewer than `tables` (a session's tables
+    /// changed since it was exported, None inside: every table): one admitted by
+    /// `tables` but not by these is [`SnapshotError::AddedSince`].
+    pub exported: Option<Tables>,
 }
+
+/// (schema, table) pairs, the table None for every relation of the schema; None: every one.
+pub type Tables = Option<Vec<(String, Option<String>)>>;
 
 impl Scope {
     fn admits(&self, schema: &str, name: &str) -> bool {
-        !self.hidden_schemas.iter().any(|h| h == schema)
-            && self
-                .tables
-                .as_ref()
-                .is_none_or(|tables| tables.iter().any(|(s, t)| s == schema && t.as_deref().is_none_or(|t| t == name)))
+        !self.hidden_schemas.iter().any(|h| h == schema) && lists(self.tables.as_ref(), schema, name)
     }
+
+    /// Admitted, and in the snapshot's tables.
+    fn exported(&self, schema: &str, name: &str) -> bool {
+        self.exported.as_ref().is_none_or(|tables| lists(tables.as_ref(), schema, name))
+    }
+}
+
+/// Whether `tables` (None: every table) has `schema.name`.
+fn lists(tables: Option<&Vec<(String, Option<String>)>>, schema: &str, name: &str) -> bool {
+    tables.is_none_or(|tables| tables.iter().any(|(s, t)| s == schema && t.as_deref().is_none_or(|t| t == name)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +141,11 @@ pub enum SnapshotError {
     ColumnsChanged { table: String, message: String },
     /// A keyset cursor that is not one of ours, or not for this table as the snapshot
     /// has it (see [`super::keyset`]).
+    #[error(
+        "table {0} was added to the session after its snapshot was exported: the snapshot lacks its changes from \
+         then until the change, so it is not read from it; backfill it (PATCH with \"backfill\": true) instead"
+    )]
+    AddedSince(String),
     #[error("bad cursor: {0}; pass back the \"next\" value of the previous page unchanged")]
     BadCursor(String),
     /// Keyset paging needs a key or a row position, which views and foreign tables lack.
@@ -592,6 +610,9 @@ pub(crate) async fn resolve_in_scope(client: &Client, t: &TableRef, scope: &Scop
     };
     if !scope.admits(&table.schema, &table.name) {
         return Err(unknown());
+    }
+    if !scope.exported(&table.schema, &table.name) {
+        return Err(SnapshotError::AddedSince(t.to_string()));
     }
     let Some((publication, narrowed)) = &scope.narrowed else { return Ok(table) };
     if !narrowed.iter().any(|(s, n)| *s == table.schema && *n == table.name) {

@@ -372,7 +372,7 @@ impl Registry {
                 return Err(Error::bad_request(format!("{table:?}: a backfill names tables, not schemas")));
             }
         };
-        let scope = scope_of(def, &self.settings.schema);
+        let scope = scope_of(def, None, &self.settings.schema);
         live_table(client, &TableRef { schema: parsed.schema, name: parsed.name }, &scope).await.map_err(|e| match e {
             crate::pg::snapshot::SnapshotError::NoSuchTable(_) => {
                 Error::not_found(format!("session {} has no table {table}", def.name))

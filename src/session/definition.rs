@@ -122,22 +122,40 @@ impl Definition {
 
     /// What reaches the session's client, for the plugin.
     pub fn filter(&self) -> Filter {
-        let tables = self.tables.as_ref().map(|patterns| {
-            patterns
-                .iter()
-                .filter_map(|e| match TablePattern::parse(e.pattern()) {
-                    Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, Some(t.name))),
-                    Ok(TablePattern::Schema(s)) => Some((s, None)),
-                    Err(_) => None,
-                })
-                .collect()
-        });
         Filter {
-            tables,
+            tables: self.tables.as_ref().map(|patterns| table_pairs(patterns.iter())),
             actions: self.actions.clone(),
             publication: self.external_publication.clone(),
             ..Filter::default()
         }
+    }
+}
+
+/// Resolved entries as the filter has them: (schema, table), the table None for every
+/// table of the schema.
+pub(crate) fn table_pairs<'a>(entries: impl Iterator<Item = &'a TableEntry>) -> Vec<(String, Option<String>)> {
+    entries
+        .filter_map(|e| match TablePattern::parse(e.pattern()) {
+            Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, Some(t.name))),
+            Ok(TablePattern::Schema(s)) => Some((s, None)),
+            Err(_) => None,
+        })
+        .collect()
+}
+
+/// Of the tables a session lists `now`, those its snapshot serves, exported when it
+/// listed `then` (None: every table): the entries it had then and has unchanged now.
+/// An entry added since, or whose row filter or column list changed, would be read
+/// without its changes from the export until the change.
+pub(crate) fn exported_tables(
+    then: Option<&Vec<TableEntry>>,
+    now: Option<&Vec<TableEntry>>,
+) -> Option<Vec<(String, Option<String>)>> {
+    match (then, now) {
+        (None, None) => None,
+        (None, Some(now)) => Some(table_pairs(now.iter().filter(|e| !e.narrows()))),
+        (Some(then), None) => Some(table_pairs(then.iter().filter(|e| !e.narrows()))),
+        (Some(then), Some(now)) => Some(table_pairs(then.iter().filter(|e| now.contains(e)))),
     }
 }
 
@@ -246,6 +264,21 @@ mod tests {
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");
         }
         assert_eq!(display_pattern("public", Some("orders")), "public.orders");
+    }
+
+    #[test]
+    fn a_snapshot_serves_the_entries_it_was_exported_with_and_still_has() {
+        let a = TableEntry::Pattern("public.a".into());
+        let b = TableEntry::Pattern("public.b".into());
+        let filtered =
+            TableEntry::Table(TableSpec { table: "public.a".into(), row_filter: Some("n > 1".into()), columns: None });
+        let pair = |t: &str| ("public".to_owned(), Some(t.to_owned()));
+        assert_eq!(exported_tables(None, None), None);
+        assert_eq!(exported_tables(Some(&vec![a.clone()]), Some(&vec![a.clone(), b.clone()])), Some(vec![pair("a")]));
+        assert_eq!(exported_tables(Some(&vec![a.clone()]), Some(&vec![b.clone()])), Some(vec![]));
+        assert_eq!(exported_tables(None, Some(&vec![filtered.clone(), b.clone()])), Some(vec![pair("b")]));
+        assert_eq!(exported_tables(Some(&vec![filtered.clone(), b.clone()]), None), Some(vec![pair("b")]));
+        assert_eq!(exported_tables(Some(&vec![filtered]), Some(&vec![a])), Some(vec![]), "a changed filter");
     }
 
     #[test]

@@ -58,11 +58,7 @@ impl Registry {
             check_external_publication(publication, &req)?;
             req.plugin = Some(Plugin::Pgoutput);
         }
-        for entry in req.tables.iter().flatten() {
-            if let TableEntry::Table(spec) = entry {
-                spec.check()?;
-            }
-        }
+        check_entries(req.tables.as_ref())?;
         let registry = Arc::clone(self);
         run_to_completion(async move { registry.create_new(req).await }).await
     }
@@ -226,20 +222,14 @@ impl Registry {
         publish_generated_columns: bool,
         policy: SlotPolicy,
     ) -> Result<(Definition, bool), Error> {
-        let mut actions = actions.unwrap_or_else(|| Action::ALL.to_vec());
-        actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
-        actions.dedup();
+        let actions = normalize_actions(actions.unwrap_or_else(|| Action::ALL.to_vec()));
         let narrows = tables.iter().flatten().any(TableEntry::narrows);
         let (plugin, auto) = match (plugin, self.settings.plugin) {
             (Some(p), _) | (None, PluginChoice::Fixed(p)) => (p, false),
             (None, PluginChoice::Auto) if narrows => (Plugin::narrowing(), false),
             (None, PluginChoice::Auto) => (Plugin::PREFERRED, true),
         };
-        if narrows && !plugin.narrows() {
-            return Err(Error::bad_request(format!(
-                "a row filter (where) or a column list (columns) needs the pgoutput plugin: {plugin} cannot apply them"
-            )));
-        }
+        check_narrowing(plugin, tables.as_ref())?;
         let here = self.with(|s| s.sessions.keys().cloned().collect());
         let slot_name = self.slots.fresh_name(here).await?;
         let def = Definition {
@@ -308,8 +298,9 @@ impl Registry {
         }
     }
 
-    /// Another process streams the session: ending it here would cut off its client.
-    async fn refuse_if_streamed_elsewhere(&self, def: &Definition) -> Result<(), Error> {
+    /// Another process streams the session: ending (or changing) it here would cut off
+    /// its client.
+    pub(super) async fn refuse_if_streamed_elsewhere(&self, def: &Definition) -> Result<(), Error> {
         let Ok(info) = self.our_slot(&def.slot_name).await else { return Ok(()) };
         // Ours while it runs here, and while the walsender of our last stream lets go.
         let (running, ours_pid) = self.with(|s| {
@@ -429,13 +420,40 @@ pub(super) fn grants(slot: &str, session: Option<String>, another_named_so: bool
     session.into_iter().chain(own).collect()
 }
 
+/// What can be told of a request's table entries before the catalog is asked.
+pub(super) fn check_entries(tables: Option<&Vec<TableEntry>>) -> Result<(), Error> {
+    for entry in tables.into_iter().flatten() {
+        if let TableEntry::Table(spec) = entry {
+            spec.check()?;
+        }
+    }
+    Ok(())
+}
+
+/// Actions in their canonical order, each once.
+pub(super) fn normalize_actions(mut actions: Vec<Action>) -> Vec<Action> {
+    actions.sort_by_key(|a| Action::ALL.iter().position(|b| b == a));
+    actions.dedup();
+    actions
+}
+
+/// Row filters and column lists only where the plugin applies them.
+pub(super) fn check_narrowing(plugin: Plugin, tables: Option<&Vec<TableEntry>>) -> Result<(), Error> {
+    if tables.into_iter().flatten().any(TableEntry::narrows) && !plugin.narrows() {
+        return Err(Error::bad_request(format!(
+            "a row filter (where) or a column list (columns) needs the pgoutput plugin: {plugin} cannot apply them"
+        )));
+    }
+    Ok(())
+}
+
 fn taken(name: &str) -> Error {
     Error::conflict(format!("a session named {name} exists already"))
 }
 
 /// Runs `work` in a task of its own and waits for it: if the caller goes away, the work
 /// still finishes.
-async fn run_to_completion<T: Send + 'static>(
+pub(super) async fn run_to_completion<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::spawn(work).await.map_err(|e| Error::internal(format!("the request failed: {e}")))?
@@ -443,7 +461,7 @@ async fn run_to_completion<T: Send + 'static>(
 
 /// Resolves a session's table patterns against the catalog: unqualified names through
 /// the search_path, every table and schema checked. 404 for what does not exist.
-async fn resolve_tables(client: &Client, entries: &[TableEntry]) -> Result<Vec<TableEntry>, Error> {
+pub(super) async fn resolve_tables(client: &Client, entries: &[TableEntry]) -> Result<Vec<TableEntry>, Error> {
     let mut resolved = Vec::with_capacity(entries.len());
     for entry in entries {
         let shown = match TablePattern::parse(entry.pattern())? {

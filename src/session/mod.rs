@@ -38,10 +38,12 @@
 //! for every websocket task the server started ([`Registry::tasks`]).
 
 pub(crate) mod backfill;
+mod backfill_hook;
 pub(crate) mod definition;
 pub mod health;
 mod lifecycle;
 pub(crate) mod names;
+mod patch;
 mod publications;
 mod recovery;
 pub mod retention;
@@ -57,6 +59,7 @@ mod watch;
 /// The output plugins, as the settings name them.
 pub use crate::stream::plugin::Plugin;
 pub(crate) use lifecycle::CreateRequest;
+pub(crate) use patch::PatchRequest;
 pub use retention::RetentionSettings;
 pub(crate) use retention::SlotReport;
 pub(crate) use streams::OpenStream;
@@ -169,11 +172,15 @@ struct Entry {
     /// The definition is in the store (false: a slot of an earlier version, or a store
     /// that could not be written).
     stored: bool,
+    /// The tables the session had when its snapshot was exported (None inside: every
+    /// table), once a PATCH changed them: only they are read from it.
+    snapshot_tables: Option<Option<Vec<definition::TableEntry>>>,
 }
 
 impl Entry {
     fn new(def: Definition, snapshot: SnapshotState, consistent_point: Option<Lsn>, stored: bool) -> Entry {
-        Entry { def, snapshot, stream: StreamState::default(), progress: Arc::default(), consistent_point, stored }
+        let stream = StreamState::default();
+        Entry { def, snapshot, stream, progress: Arc::default(), consistent_point, stored, snapshot_tables: None }
     }
 }
 
@@ -189,6 +196,8 @@ struct StreamState {
     walsender: Option<i32>,
     /// The running stream's backfill windows: where a backfill runs.
     backfills: Option<crate::stream::backfill::Backfills>,
+    /// How the running stream is given a new filter (PATCH); None while none runs.
+    control: Option<streams::StreamControl>,
 }
 
 impl State {

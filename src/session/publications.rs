@@ -18,7 +18,7 @@ use super::definition::{Action, Definition, TableEntry, TablePattern};
 use super::slots::Slots;
 use crate::error::{Error, ErrorKind};
 use crate::pg::ident::{quote_ident, quote_literal};
-use crate::pg::pool::{Pool, PoolError};
+use crate::pg::pool::{Pool, PoolError, PooledClient};
 use crate::pg::version::Major;
 use crate::stream::plugin::Publications;
 
@@ -58,18 +58,8 @@ async fn create_publication(pool: &Pool, def: &Definition, name: &str, hidden_sc
         }
     };
     client.batch_execute("BEGIN").await?;
-    match plan.create_checked(&client).await {
-        Ok(()) => {
-            client.batch_execute("COMMIT").await?;
-            client.release();
-        }
-        Err(e) => {
-            if client.batch_execute("ROLLBACK").await.is_ok() {
-                client.release();
-            }
-            return Err(e);
-        }
-    }
+    let done = plan.run_checked(&client, std::slice::from_ref(&plan.sql)).await;
+    commit_or_roll_back(client, done).await?;
     if plan.all_tables {
         tracing::warn!(
             publication = %plan.name,
@@ -80,6 +70,51 @@ async fn create_publication(pool: &Pool, def: &Definition, name: &str, hidden_sc
         tracing::info!(publication = %plan.name, "publication created");
     }
     Ok(())
+}
+
+/// Changes the publication of session `old` to publish what `new` says, and stores
+/// `new`, in one transaction: checked as a new one is ([`Plan::run_checked`]), so that
+/// a refusal leaves the publication and the stored definition as they were. Changes
+/// decoded after its commit follow the new publication, in a running stream too.
+pub(super) async fn alter_publication(slots: &Slots, old: &Definition, new: &Definition) -> Result<(), Error> {
+    let name = new.publication().ok_or_else(|| Error::internal("the session reads no publication"))?;
+    let client = slots.pool.get().await?;
+    let major = client.major().ok_or(PoolError::NoVersion)?;
+    let plan = match Plan::new(new, &name, &slots.hidden_schema, major) {
+        Ok(plan) => plan,
+        Err(e) => {
+            client.release();
+            return Err(e);
+        }
+    };
+    let statements = plan.alter_statements(old.tables.is_none());
+    client.batch_execute("BEGIN").await?;
+    let done = async {
+        plan.run_checked(&client, &statements).await?;
+        slots.store.put_in(&client, new).await
+    }
+    .await;
+    commit_or_roll_back(client, done).await?;
+    tracing::info!(publication = %name, statements = ?statements, "publication changed");
+    Ok(())
+}
+
+/// Ends the transaction `client` is in: COMMIT after `done`, ROLLBACK after its error
+/// (a connection that cannot roll back is not given back to the pool).
+async fn commit_or_roll_back(client: PooledClient, done: Result<(), Error>) -> Result<(), Error> {
+    match done {
+        Ok(()) => {
+            client.batch_execute("COMMIT").await?;
+            client.release();
+            Ok(())
+        }
+        Err(e) => {
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                client.release();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Drops a publication if it exists.
@@ -96,6 +131,10 @@ async fn drop_publication(pool: &Pool, name: &str) -> Result<(), Error> {
 struct Plan {
     name: String,
     sql: String,
+    /// `FOR ...` as in `sql` (empty for a publication of no table).
+    target: String,
+    /// What `WITH (...)` holds in `sql`.
+    with: String,
     all_tables: bool,
     /// (schema, table) listed, sorted.
     tables: Vec<(String, String)>,
@@ -118,6 +157,8 @@ impl Plan {
         let name = name.to_owned();
         let mut plan = Plan {
             sql: String::new(),
+            target: String::new(),
+            with: String::new(),
             all_tables: def.tables.is_none(),
             tables: Vec::new(),
             schemas: Vec::new(),
@@ -171,12 +212,27 @@ impl Plan {
             true => ", publish_generated_columns = stored",
             false => "",
         };
-        plan.sql = format!(
-            "CREATE PUBLICATION {}{target} WITH (publish = {}{via_root}{generated})",
-            quote_ident(&plan.name),
-            quote_literal(&publish.join(", "))
-        );
+        plan.with = format!("publish = {}{via_root}{generated}", quote_literal(&publish.join(", ")));
+        plan.sql = format!("CREATE PUBLICATION {}{target} WITH ({})", quote_ident(&plan.name), plan.with);
+        plan.target = target;
         Ok(plan)
+    }
+
+    /// The statements that make the publication, now FOR ALL TABLES or not as
+    /// `was_all_tables` says, this one. ALTER PUBLICATION sets a list of tables and
+    /// the options, but cannot turn FOR ALL TABLES into a list (nor back), nor set an
+    /// empty list: then the publication is dropped and made again, in the caller's
+    /// transaction, so that a decoder sees one or the other, never none.
+    fn alter_statements(&self, was_all_tables: bool) -> Vec<String> {
+        let name = quote_ident(&self.name);
+        let options = format!("ALTER PUBLICATION {name} SET ({})", self.with);
+        match self.target.strip_prefix(" FOR ") {
+            _ if self.all_tables && was_all_tables => vec![options],
+            Some(items) if !self.all_tables && !was_all_tables => {
+                vec![format!("ALTER PUBLICATION {name} SET {items}"), options]
+            }
+            _ => vec![format!("DROP PUBLICATION {name}"), self.sql.clone()],
+        }
     }
 
     /// One item of `FOR ...`; None for the store's schema, which is never streamed.
@@ -235,13 +291,16 @@ impl Plan {
         }
     }
 
-    /// Runs in the caller's transaction.
-    async fn create_checked(&self, client: &Client) -> Result<(), Error> {
+    /// Runs `statements` (which make the publication this plan says: [`Plan::sql`]
+    /// or [`Plan::alter_statements`]) in the caller's transaction, and checks the result.
+    async fn run_checked(&self, client: &Client, statements: &[String]) -> Result<(), Error> {
         // check_expression reads quotes as Postgres does with this setting.
         client.batch_execute("SET LOCAL standard_conforming_strings = on").await?;
         self.check_filters(client).await?;
-        // The extended protocol runs one statement, whatever a row filter's text holds.
-        client.execute(&self.sql, &[]).await.map_err(|e| refused(&self.name, &e))?;
+        for sql in statements {
+            // The extended protocol runs one statement, whatever a row filter's text holds.
+            client.execute(sql, &[]).await.map_err(|e| refused(&self.name, &e))?;
+        }
         self.check_covers(client).await?;
         self.check_options(client).await?;
         if self.needs_identity {
@@ -573,6 +632,24 @@ mod tests {
         );
         assert_eq!(plan.filters, [("\"public\".\"t\"".to_owned(), "note = 'a) --'".to_owned())]);
         assert_eq!(plan.publishes, [true, false, false, false]);
+    }
+
+    #[test]
+    fn a_list_is_altered_and_every_table_made_again() {
+        let listed = Some(vec![TableEntry::Pattern("public.a".into()), TableEntry::Pattern("audit.*".into())]);
+        let plan = Plan::new_for(&def(listed, &[Action::Insert]), "pgdeltastream").unwrap();
+        let options = "ALTER PUBLICATION \"delta_amber1\" SET (publish = 'insert', publish_via_partition_root = true)";
+        assert_eq!(
+            plan.alter_statements(false),
+            ["ALTER PUBLICATION \"delta_amber1\" SET TABLE \"public\".\"a\", TABLES IN SCHEMA \"audit\"", options]
+        );
+        // FOR ALL TABLES cannot be altered to a list: dropped and made again.
+        assert_eq!(plan.alter_statements(true), ["DROP PUBLICATION \"delta_amber1\"".to_owned(), plan.sql.clone()]);
+        let every = Plan::new_for(&def(None, &[Action::Delete]), "pgdeltastream").unwrap();
+        assert_eq!(every.alter_statements(true), ["ALTER PUBLICATION \"delta_amber1\" SET (publish = 'delete')"]);
+        let only_store = Some(vec![TableEntry::Pattern("pgdeltastream.*".into())]);
+        let nothing = Plan::new_for(&def(only_store, &[Action::Insert]), "pgdeltastream").unwrap();
+        assert_eq!(nothing.alter_statements(false)[0], "DROP PUBLICATION \"delta_amber1\"");
     }
 
     #[test]

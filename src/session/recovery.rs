@@ -128,6 +128,7 @@ impl Registry {
                 e.def = fresh.clone();
                 e.snapshot.release(&name, "the slot was made again");
                 e.snapshot = SnapshotState::Held(new.holder);
+                e.snapshot_tables = None;
                 e.consistent_point = Some(new.consistent_point);
                 None
             }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::definition::{DEFAULT_NAME, Definition, TablePattern};
+use super::definition::{DEFAULT_NAME, Definition, TableEntry, TablePattern, exported_tables};
 use super::{Registry, State};
 use crate::error::{Error, ErrorKind};
 use crate::pg::PgConfig;
@@ -144,7 +144,7 @@ impl State {
     /// (never the store's schema `hidden`).
     fn snapshot_id(&mut self, name: &str, hidden: &str) -> Result<(String, Scope), Error> {
         match self.sessions.get_mut(name) {
-            Some(e) => Ok((e.snapshot.touch(name)?, scope_of(&e.def, hidden))),
+            Some(e) => Ok((e.snapshot.touch(name)?, scope_of(&e.def, e.snapshot_tables.as_ref(), hidden))),
             None if name == DEFAULT_NAME => {
                 Err(Error::conflict("no session: call /v1/init first to create a slot and its snapshot"))
             }
@@ -166,6 +166,7 @@ impl Registry {
     /// snapshot, `{"rows":[...],"next":...}`.
     pub(crate) async fn keyset_page(&self, name: &str, req: &KeysetRequest) -> Result<PageBody, Error> {
         self.known(name).await?;
+        self.follow_stored_change(name).await;
         let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
         self.snapshots.keyset(name, &id, &scope, req).await
     }
@@ -173,6 +174,7 @@ impl Registry {
     /// The same with `Accept: application/x-ndjson`: the whole table, a row per line.
     pub async fn export(&self, name: &str, table: &TableRef) -> Result<PageBody, Error> {
         self.known(name).await?;
+        self.follow_stored_change(name).await;
         let (id, scope) = self.with(|s| s.snapshot_id(name, &self.settings.schema))?;
         self.snapshots.export(name, &id, &scope, table).await
     }
@@ -222,8 +224,9 @@ impl Registry {
 
 /// What of its snapshot session `def` may read: the tables it streams (every one
 /// without `tables`), with its publication's row filters and column lists, never the
-/// store's schema `hidden` (nor, in v2, a system schema).
-pub(super) fn scope_of(def: &Definition, hidden: &str) -> Scope {
+/// store's schema `hidden` (nor, in v2, a system schema). `exported_with`: the tables
+/// the session had when the snapshot was exported, if they changed since.
+pub(super) fn scope_of(def: &Definition, exported_with: Option<&Option<Vec<TableEntry>>>, hidden: &str) -> Scope {
     let narrowed =
         def.tables.iter().flatten().filter(|e| e.narrows()).filter_map(|e| match TablePattern::parse(e.pattern()) {
             Ok(TablePattern::Table(t)) => t.schema.map(|s| (s, t.name)),
@@ -236,6 +239,7 @@ pub(super) fn scope_of(def: &Definition, hidden: &str) -> Scope {
         // Without a publication (no session can be so) nothing narrowed is served.
         narrowed: (!narrowed.is_empty()).then(|| (def.publication().unwrap_or_default(), narrowed)),
         system_unknown: true,
+        exported: exported_with.map(|then| exported_tables(then.as_ref(), def.tables.as_ref())),
     }
 }
 
@@ -254,6 +258,7 @@ fn snapshot_error(e: SnapshotError, statement_timeout: Duration, name: &str) -> 
             Error::bad_request(e.to_string())
         }
         SnapshotError::SnapshotGone(_) => Error::conflict(format!("{e}; {again}")),
+        SnapshotError::AddedSince(_) => Error::conflict(e.to_string()),
         SnapshotError::Renamed { .. }
         | SnapshotError::Rewritten { .. }
         | SnapshotError::Repartitioned(_)

@@ -55,6 +55,12 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a definition on `client` (in the caller's transaction), replacing the one
+    /// of the same name.
+    pub(super) async fn put_in(&self, client: &Client, def: &Definition) -> Result<(), Error> {
+        self.put_on(client, def).await
+    }
+
     pub async fn delete(&self, name: &str) -> Result<(), Error> {
         let client = self.pool.get().await?;
         self.delete_on(&client, name, None).await?;

@@ -15,6 +15,7 @@ use super::safety::{Invalidation, OnInvalidated};
 use super::{Registry, SessionSettings, State};
 use crate::error::{Error, ErrorKind};
 use crate::pg::replication::ReplicationStream;
+use crate::pg::version::Major;
 use crate::stream::Stop as StreamStop;
 use crate::stream::backfill::Backfills;
 use crate::stream::decode::PluginDecoder;
@@ -22,8 +23,10 @@ use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
 use crate::stream::marks::Marks;
 use crate::stream::message::{Finish, MessageKind, Part, Start};
+use crate::stream::plugin::Plugin;
 use crate::stream::progress::Progress;
 use crate::stream::pump::{ExplainFatal, Pump};
+use crate::stream::reconfigure::{Commands, Reconfigurer};
 use crate::stream::sink::{Link, Outgoing, Sink};
 use crate::types::Lsn;
 
@@ -60,6 +63,18 @@ pub(crate) struct OpenStream {
     pub(super) preamble: Option<Bytes>,
     /// What a failure of the stream meant (see [`Registry::explain_failure`]).
     pub(super) explain: Option<ExplainFatal>,
+    /// Where a change of the session's filter reaches the running stream.
+    pub(super) commands: Commands,
+}
+
+/// How a running stream of a session is given a new filter, and what it needs to know
+/// to build one ([`Registry::stream_filter`]).
+#[derive(Clone)]
+pub(super) struct StreamControl {
+    pub tx: Reconfigurer,
+    pub plugin: Plugin,
+    pub format: Format,
+    pub major: Major,
 }
 
 /// The session's stream, taken: given back when dropped.
@@ -83,6 +98,7 @@ impl Drop for Claim {
             if let Some(e) = s.sessions.get_mut(&self.name) {
                 e.stream.running = None;
                 e.stream.backfills = None;
+                e.stream.control = None;
             }
         });
         self.registry.stream_ended.notify_waiters();
@@ -109,6 +125,7 @@ impl Registry {
     /// named, which must still be the session's.
     async fn start(self: &Arc<Self>, name: &str, format: Format, v1_slot: Option<&str>) -> Result<OpenStream, Error> {
         self.wait_for_stopped_stream(name, Instant::now() + PREVIOUS_STREAM_WAIT).await;
+        self.follow_stored_change(name).await;
         let (def, progress, stop) = self.with(|s| s.claim(name, &self.shutdown))?;
         let mut claim = Claim { registry: Arc::clone(self), name: name.to_owned(), refetch_acks: None };
         let slot = def.slot_name.clone();
@@ -153,10 +170,7 @@ impl Registry {
             // Start after whichever is later, so that an acked change never comes back.
             let last_ack = progress.last_ack().map_or(Lsn::ZERO, |(lsn, _)| lsn);
             let start = info.confirmed_flush.max(last_ack);
-            // The store's own writes are never a client's business.
-            let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
-            let filter = info.plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
-            let options = info.plugin.start_options(format, &filter, slot, info.major);
+            let (filter, options) = self.stream_filter(&def, info.plugin, format, info.major).await?;
             match self.slots.start_replication(slot, start, &options).await {
                 // Taken since we looked: who holds it now decides, when we look again.
                 Err(e) if e.kind == ErrorKind::Conflict && Instant::now() < deadline => continue,
@@ -166,10 +180,13 @@ impl Registry {
         };
         let walsender = stream.backend_pid();
         let backfills = Backfills::default();
+        let (tx, commands) = tokio::sync::mpsc::channel(1);
+        let control = StreamControl { tx, plugin: info.plugin, format, major: info.major };
         self.with(|s| {
             s.sessions.get_mut(name).map(|e| {
                 e.stream.walsender = walsender;
                 e.stream.backfills = Some(backfills.clone());
+                e.stream.control = Some(control);
             })
         });
         self.spawn_backfill(name, backfills.clone());
@@ -193,7 +210,23 @@ impl Registry {
             options,
             preamble,
             explain: Some(self.explain_failure(&def)),
+            commands: Some(commands),
         })
+    }
+
+    /// The filter and start options of a stream of session `def` (the store's own
+    /// writes are never a client's business), completed for a stream that starts now.
+    pub(super) async fn stream_filter(
+        &self,
+        def: &Definition,
+        plugin: Plugin,
+        format: Format,
+        major: Major,
+    ) -> Result<(Filter, Vec<(&'static str, String)>), Error> {
+        let filter = Filter { hidden_schemas: vec![self.settings.schema.clone()], ..def.filter() };
+        let filter = plugin.prepare(filter, &self.pool).await.map_err(Error::internal)?;
+        let options = plugin.start_options(format, &filter, &def.slot_name, major);
+        Ok((filter, options))
     }
 }
 
@@ -278,6 +311,7 @@ impl OpenStream {
             options,
             preamble,
             explain,
+            commands,
         } = self;
         let (messages_tx, messages_rx) = mpsc::channel(settings.stream_buffer.max(1));
         if let Some(body) = preamble {
@@ -302,6 +336,7 @@ impl OpenStream {
             skip_empty,
             options,
             explain,
+            commands,
         };
         let link = Link { slot, start, messages: messages_rx, acks: acks_tx, progress, stop };
         // The stages run in this one task rather than as tasks of their own: handing a

@@ -98,6 +98,7 @@ impl Registry {
         self.with(|s| {
             for def in &stored {
                 s.adopt(def.clone(), true);
+                s.follow(def);
             }
             // Sessions stored by this process that another process ended are gone.
             s.sessions.retain(|name, e| !e.stored || stored.iter().any(|d| &d.name == name));
@@ -110,6 +111,7 @@ impl Registry {
 
     /// `GET /v2/sessions/{name}`.
     pub(crate) async fn view_one(&self, name: &str) -> Result<SessionView, Error> {
+        self.follow_stored_change(name).await;
         let def = self.known(name).await?;
         let rows = self.slots.rows().await?;
         Ok(self.view(def, &rows))

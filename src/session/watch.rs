@@ -177,6 +177,8 @@ impl Registry {
             options,
             preamble: None,
             explain: None,
+            // A watcher of a session whose filter changes is ended instead (watch again).
+            commands: None,
         })
     }
 }

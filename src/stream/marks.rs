@@ -64,6 +64,11 @@ impl Marks {
         Marks { format, backfills, app_messages, held: Vec::new(), begin: Vec::new(), state: State::Between, passed: 0 }
     }
 
+    /// The session's actions changed (PATCH): from the next transaction on.
+    pub fn set_app_messages(&mut self, app_messages: bool) {
+        self.app_messages = app_messages;
+    }
+
     /// Whether it holds part of a transaction that has not gone on yet.
     pub fn holds(&self) -> bool {
         !self.held.is_empty() || !self.begin.is_empty() || matches!(self.state, State::Swallowing(_))

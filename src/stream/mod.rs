@@ -42,6 +42,7 @@ pub mod pgoutput;
 pub(crate) mod plugin;
 pub(crate) mod progress;
 pub(crate) mod pump;
+pub(crate) mod reconfigure;
 pub(crate) mod sink;
 pub mod socket;
 pub(crate) mod stop;

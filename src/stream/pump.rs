@@ -20,6 +20,7 @@ use super::error::StreamError;
 use super::frame::SkipEmpty;
 use super::marks::Marks;
 use super::message::{Finish, MessageKind, Part};
+use super::reconfigure::{self, Commands, Switched};
 use super::sink::Outgoing;
 use super::stop::{Stop, code};
 use crate::pg::error::PgError;
@@ -131,6 +132,9 @@ pub(crate) struct Pump {
     /// Says what Postgres's error ending the stream meant, when the session can tell
     /// (the slot was invalidated): the client is told that instead.
     pub explain: Option<ExplainFatal>,
+    /// Another filter to stream with, from the next transaction boundary on
+    /// ([`super::reconfigure`]).
+    pub commands: Commands,
 }
 
 /// Asked once the stream has failed: a better reason than Postgres's message, if any.
@@ -159,6 +163,8 @@ struct Decoder {
     reply_requested: bool,
     /// A payload to feed again: the stream is read no further until it is taken.
     retry: Option<Retry>,
+    /// The highest XLogData start fed: a logical message's own position.
+    fed_to: Lsn,
 }
 
 /// A payload the plugin's decoder could not take yet, and when to try again.
@@ -249,6 +255,7 @@ impl Decoder {
     /// Feeds one payload (`retry`: the earlier tries of it). A transient failure keeps
     /// it for another try; a fatal one, or one that lasted too long, is the error.
     async fn feed(&mut self, wal_start: Lsn, data: bytes::Bytes, retry: Option<Retry>) -> Result<(), String> {
+        self.fed_to = self.fed_to.max(wal_start);
         let kept = data.clone();
         match self.plugin.feed(wal_start, data).await {
             Ok(()) => {
@@ -278,6 +285,20 @@ impl Decoder {
             Some(retry) => tokio::time::sleep_until(retry.at).await,
             None => std::future::pending().await,
         }
+    }
+
+    /// Between transactions, with nothing held: the stream may start again here.
+    fn at_boundary(&self) -> bool {
+        !self.pos.in_transaction
+            && self.retry.is_none()
+            && !self.plugin.has_output()
+            && !self.plugin.holds_transaction()
+    }
+
+    /// Where a stream switched at a boundary starts: past everything read, and past
+    /// what the walsender said it had read (which confirming may already cover).
+    fn switch_point(&self) -> Lsn {
+        self.pos.read.max(self.fed_to).max(self.pos.walsender_end)
     }
 
     fn skip_empty(&mut self, batch: Vec<Part>) -> Vec<Part> {
@@ -351,8 +372,9 @@ impl Pump {
             decoder: plugin,
             marks,
             skip_empty,
-            options,
+            mut options,
             explain,
+            mut commands,
         } = self;
         let mut decoder = Decoder {
             slot: slot.clone(),
@@ -362,6 +384,7 @@ impl Pump {
             pos: Positions::new(start),
             reply_requested: false,
             retry: None,
+            fed_to: start,
         };
         let mut pending: Option<Outgoing> = None;
         let mut skipped_to = start;
@@ -395,6 +418,21 @@ impl Pump {
                         break Some(message);
                     }
                 }
+                // Taken only between transactions, before more of the stream is read.
+                command = reconfigure::next(&mut commands), if decoder.at_boundary() => match command {
+                    Some(command) => {
+                        let at = decoder.switch_point();
+                        if let Err(e) = stream.switch(command.connection, &slot, at, &command.options).await {
+                            let _ = command.done.send(Err(e.to_string()));
+                            break Some(format!("replication stream failed: {e}"));
+                        }
+                        tracing::info!(slot = %slot, %at, "stream switched to the session's new filter");
+                        (decoder.plugin, options) = (command.decoder, command.options);
+                        decoder.marks.set_app_messages(command.app_messages);
+                        let _ = command.done.send(Ok(Switched { at, walsender: stream.backend_pid() }));
+                    }
+                    None => commands = None,
+                },
                 // A committed transaction still being handed out comes before more
                 // of the stream.
                 _ = std::future::ready(()), if idle && decoder.plugin.has_output() => {

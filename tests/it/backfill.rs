@@ -513,3 +513,29 @@ async fn await_done(server: &TestServer, name: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A table added mid-stream with `"backfill": true` arrives whole: its rows by the
+/// backfill, its changes from the switch on, and the client ends with the table.
+#[tokio::test]
+async fn a_table_added_by_patch_is_backfilled_in_the_stream() {
+    for plugin in ["wal2json", "pgoutput"] {
+        let (db, pg, server) = setup_with(5_000, SMALL_CHUNKS).await;
+        create(&server, "grow", plugin, json!(["public.other"])).await;
+        let mut ws = connect(&server, "grow", "transactions").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = writer(&db, stop.clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body = json!({"tables": ["public.other", "public.t"], "backfill": true}).to_string();
+        let (status, answer) = request(server.addr, "PATCH", "/v2/sessions/grow", Some(&body)).await;
+        assert_eq!(status, 200, "{plugin}: {answer}");
+        assert_eq!(answer["backfill"]["tables"][0]["table"], "public.t", "{answer}");
+        let mut replica = Replica::default();
+        replica.follow(&mut ws, Duration::from_secs(60), |r| r.chunks.last().is_some_and(|c| c["last"] == true)).await;
+        stop.store(true, Ordering::Relaxed);
+        writes.await.unwrap();
+        fence(&pg).await;
+        replica.follow(&mut ws, Duration::from_secs(30), |r| r.rows.contains_key(&-1)).await;
+        assert!(replica.rows == table(&pg).await, "{plugin}: the replica is the table");
+        await_done(&server, "grow").await;
+    }
+}

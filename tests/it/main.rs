@@ -29,6 +29,7 @@ mod majors;
 mod metrics;
 mod nats;
 mod oversized;
+mod patch;
 mod pg_tls;
 mod plugins;
 mod quiet;

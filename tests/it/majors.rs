@@ -298,3 +298,64 @@ async fn a_missing_wal2json_is_named_for_the_servers_major() {
     }
     server.stop().await;
 }
+
+/// `PATCH /v2/sessions/{name}` on pgoutput: what a major cannot do is refused as at
+/// create; a session streaming every table becomes a list mid-stream (its publication
+/// FOR ALL TABLES made again), and a list another one; logical messages where pgoutput
+/// carries them (14+).
+#[tokio::test]
+async fn patch_changes_a_publication_as_the_major_can() {
+    let (db, pg, major) = setup().await;
+    if major < 13 {
+        return;
+    }
+    let server = TestServer::start(&db).await;
+    let (status, created) = create(&server, json!({"name": "p", "plugin": "pgoutput", "actions": ["insert"]})).await;
+    assert_eq!(status, 201, "{created}");
+    let addr = server.addr;
+    let patch = |body: Value| async move { request(addr, "PATCH", "/v2/sessions/p", Some(&body.to_string())).await };
+    let schema = json!({"tables": ["audit.*"]});
+    let filtered = json!({"tables": [{"table": "public.orders", "where": "id > 6", "columns": ["id"]}]});
+    for (body, what) in [(schema, "audit.* (every table of a schema"), (filtered, "row filter (where) or column list")]
+    {
+        let (status, answer) = patch(body.clone()).await;
+        if major >= 15 {
+            assert_eq!(status, 200, "{answer}");
+        } else {
+            assert_eq!(status, 400, "{answer}");
+            let error = answer["error"].as_str().unwrap();
+            assert!(error.contains(what), "{answer}");
+            assert!(
+                error.contains(&format!("needs PostgreSQL 15 or later; this server is PostgreSQL {major}")),
+                "{answer}"
+            );
+        }
+    }
+    if major >= 15 {
+        // Back to every table is not a PATCH: make the session anew to test the switch.
+        assert_eq!(request(server.addr, "DELETE", "/v2/sessions/p", None).await.0, 200);
+        let (status, created) =
+            create(&server, json!({"name": "p", "plugin": "pgoutput", "actions": ["insert"]})).await;
+        assert_eq!(status, 201, "{created}");
+    }
+    let mut ws = open(&server, "p").await;
+    pg.batch_execute("INSERT INTO other VALUES (1)").await.unwrap();
+    assert_eq!(next_transaction(&mut ws).await.0, ["I other 1"], "every table");
+    let (status, answer) = patch(json!({"tables": ["items"]})).await;
+    assert_eq!(status, 200, "FOR ALL TABLES becomes a list: {answer}");
+    pg.batch_execute("INSERT INTO other VALUES (2); INSERT INTO items VALUES (1, 'one')").await.unwrap();
+    assert_eq!(next_transaction(&mut ws).await.0, ["I items 1"]);
+    let (status, answer) = patch(json!({"tables": ["orders"], "actions": ["insert", "message"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    pg.batch_execute(
+        "INSERT INTO items VALUES (2, 'two'); INSERT INTO orders VALUES (7, 'seven');
+         SELECT pg_logical_emit_message(true, 'm', 'x')",
+    )
+    .await
+    .unwrap();
+    // One transaction (a simple query's statements are one).
+    let (records, _) = next_transaction(&mut ws).await;
+    let expected: &[&str] = if major >= 14 { &["I orders 7", "M m"] } else { &["I orders 7"] };
+    assert_eq!(records, expected, "orders only; the message where pgoutput carries one");
+    server.stop().await;
+}

@@ -115,6 +115,12 @@ async fn a_session_on_a_standby_reads_a_publication_of_the_primary() {
     await_confirmed(&standby_pg, &slot, &lsn).await;
     drop(ws);
 
+    // Its tables are the primary's publication's: a PATCH is refused (409), as on any standby.
+    let body = json!({"actions": ["insert"]}).to_string();
+    let (status, refused) = request(server.addr, "PATCH", "/v2/sessions/orders_feed", Some(&body)).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("orders_pub"), "{refused}");
+
     let (status, body) = request(server.addr, "DELETE", "/v2/sessions/orders_feed", None).await;
     assert!(status < 300, "{status} {body}");
     assert_eq!(confirmed_flush(&standby_pg, &slot).await, None, "its slot is dropped");
