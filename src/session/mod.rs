@@ -38,6 +38,7 @@
 //! for every websocket task the server started ([`Registry::tasks`]).
 
 pub(crate) mod backfill;
+mod ddl;
 pub(crate) mod definition;
 pub mod health;
 mod lifecycle;

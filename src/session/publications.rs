@@ -499,6 +499,7 @@ mod tests {
             fate: Default::default(),
             external_publication: None,
             backfill: None,
+            ddl: false,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind};
 use crate::pg::replication::ReplicationStream;
 use crate::stream::Stop as StreamStop;
 use crate::stream::backfill::Backfills;
+use crate::stream::ddl::Ddl;
 use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
@@ -187,7 +188,7 @@ impl Registry {
             guard: Box::new(claim),
             progress,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
-            marks: Marks::new(format, Some(backfills), filter.wants(Action::Message)),
+            marks: Marks::new(format, Some(backfills), filter.wants(Action::Message), Ddl::of(&filter)),
             skip_empty,
             settings: self.settings.clone(),
             options,
