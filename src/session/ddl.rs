@@ -29,9 +29,16 @@ const FUNCTION: &str = "ddl_event";
 
 /// The function's body: one message per command (per dropped table or root object of a
 /// drop), with the table's columns as the catalog has them after the command.
+///
+/// Then one more message, which the stream drops: decoding places a transactional
+/// message at its record's end LSN, the same LSN as the next record's start, and when
+/// that next record is another (sub)transaction's (the exception block is a
+/// subtransaction of its own) the two tie, and Postgres may send the message after the
+/// user's next change. After this one the last event ends strictly before it.
 const BODY: &str = r#"
 DECLARE
     r record;
+    emitted int := 0;
 BEGIN
     IF tg_event = 'sql_drop' THEN
         FOR r IN SELECT d.object_type, d.object_identity, d.schema_name,
@@ -43,6 +50,7 @@ BEGIN
                 'command', tg_tag, 'objectType', r.object_type, 'identity', r.object_identity,
                 'schema', r.schema_name, 'table', r.table_name,
                 'columnnames', '[]'::json, 'columntypes', '[]'::json)::text);
+            emitted := emitted + 1;
         END LOOP;
     ELSE
         FOR r IN SELECT d.command_tag, d.object_type, d.object_identity, d.schema_name,
@@ -60,7 +68,11 @@ BEGIN
                 'columntypes', coalesce((SELECT json_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
                     FROM pg_attribute a WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped),
                     '[]'::json))::text);
+            emitted := emitted + 1;
         END LOOP;
+    END IF;
+    IF emitted > 0 THEN
+        PERFORM pg_logical_emit_message(true, '{PREFIX}-end', '');
     END IF;
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'pgdeltastream: a schema change was not written to the stream: %', SQLERRM;
