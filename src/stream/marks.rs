@@ -194,6 +194,8 @@ impl Marks {
                 Kind::Ddl(change) => {
                     out.append(&mut self.begin);
                     self.state = State::Passing;
+                    // As in format 1: a window open on the table trusts none of its chunk.
+                    self.note(&change);
                     self.passed += 1;
                     out.extend(Part::whole(Start::default(), change, finish));
                 }
