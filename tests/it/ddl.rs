@@ -304,3 +304,34 @@ async fn the_trigger_is_installed_once() {
     // A DDL command whose event cannot be read still runs: the trigger only warns.
     pg.batch_execute("CREATE TEMP TABLE scratch (id int); DROP TABLE scratch").await.unwrap();
 }
+
+/// On every major (`make test-majors`): pgoutput carries DDL from 14, where it sends
+/// logical messages; on 13 a session asking for it is a 400, and nothing is created.
+#[tokio::test]
+async fn on_every_major_pgoutput_carries_ddl_from_14() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE marker (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let major = server_major(&pg).await;
+    let server = TestServer::start(&db).await;
+    let body = json!({"name": "m", "plugin": "pgoutput", "tables": ["t", "marker"], "ddl": true});
+    if major < 14 {
+        let (status, refused) = server.post("/v2/sessions", &body.to_string()).await;
+        assert_eq!(status, 400, "{refused}");
+        assert!(refused["error"].as_str().unwrap().contains("PostgreSQL 14"), "{refused}");
+        let triggers = pg.query_one("SELECT count(*) FROM pg_event_trigger", &[]).await.unwrap();
+        assert_eq!(triggers.get::<_, i64>(0), 0);
+        return;
+    }
+    create(&server, body).await;
+    pg.batch_execute("ALTER TABLE t ADD COLUMN x int; INSERT INTO t VALUES (1, 'a', 1); INSERT INTO marker VALUES (1)")
+        .await
+        .unwrap();
+    let mut ws = connect(&server, "m", "changes").await;
+    let read = Read::until_marker(&mut ws).await;
+    let columns = [("id", "integer"), ("v", "text"), ("x", "integer")];
+    let want = [ddl("ALTER TABLE", "table", "public.t", "public.t", &columns), insert("t", 1), insert("marker", 1)];
+    assert_eq!(read.changes, want, "PostgreSQL {major}:\n{}", read.texts.join("\n"));
+}
