@@ -7,7 +7,8 @@
 //! Watermarks of other sessions' backfills are in every slot's WAL (logical messages
 //! belong to no table), so every stream runs this stage. It also drops application
 //! messages the session does not want: pgoutput is asked for every message so that
-//! watermarks come.
+//! watermarks come. The event trigger's DDL messages become DDL changes of the
+//! session's tables for a session that wants them ([`super::ddl`]), else are dropped.
 //!
 //! What the stage holds is at most a transaction's head (format 1) or its begin record
 //! (format 2), until its first change says whether it is a watermark's.
