@@ -62,6 +62,9 @@ pub(crate) struct CreateBody {
     /// pgoutput: an existing publication to read (made on the primary when the server
     /// is a standby), rather than one the session makes.
     pub publication: Option<String>,
+    /// Schema changes (DDL) of the session's tables in its stream.
+    #[serde(default)]
+    pub ddl: bool,
 }
 
 pub async fn create(
@@ -82,6 +85,7 @@ pub async fn create(
             on_invalidated: body.on_invalidated,
         },
         publication: body.publication,
+        ddl: body.ddl,
     };
     let (definition, consistent_point) = state.registry.create(req).await?;
     Ok((StatusCode::CREATED, Json(Created::new(definition, consistent_point))))

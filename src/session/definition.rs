@@ -37,6 +37,10 @@ pub struct Definition {
     /// primary): no publication can be created in recovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_publication: Option<String>,
+    /// Schema changes (DDL) of its tables reach its client, from the server's event
+    /// trigger ([`super::ddl`]). v2 only; left out of definitions that do not ask for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ddl: bool,
     /// The session's live backfill, and how far it got ([`super::backfill`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<super::backfill::BackfillState>,
@@ -126,6 +130,7 @@ impl Definition {
             tables: self.tables.as_ref().map(|patterns| table_pairs(patterns.iter())),
             actions: self.actions.clone(),
             publication: self.external_publication.clone(),
+            ddl: self.ddl,
             ..Filter::default()
         }
     }
@@ -259,6 +264,7 @@ mod tests {
                 fate: Default::default(),
                 external_publication: None,
                 backfill: None,
+                ddl: false,
             };
             let filter = def.filter();
             assert_eq!(filter.tables.unwrap(), [(schema.to_owned(), table.map(str::to_owned))], "{shown}");

@@ -35,6 +35,8 @@ pub struct CreateRequest {
     /// pgoutput: read this publication, made by the operator, rather than one of the
     /// session's own (on a standby, the only way).
     pub publication: Option<String>,
+    /// Schema changes of its tables in its stream (the server's event trigger).
+    pub ddl: bool,
 }
 
 impl Registry {
@@ -181,6 +183,11 @@ impl Registry {
             )
             .await?;
         def.external_publication = req.publication.clone();
+        // Before anything is stored: a role that may not make the trigger gets the SQL.
+        if req.ddl {
+            super::ddl::prepare(&self.pool, &self.settings.schema, def.plugin, standby).await?;
+            def.ddl = true;
+        }
         // Stored first: that reserves the name across processes, and keeps the write
         // out of the new slot's stream.
         if !standby && !self.store.insert(&def).await? {
@@ -243,6 +250,7 @@ impl Registry {
             fate: Default::default(),
             external_publication: None,
             backfill: None,
+            ddl: false,
         };
         Ok((def, auto))
     }
@@ -260,6 +268,12 @@ impl Registry {
         let Some(fallback) = def.plugin.fallback() else { return Err(e) };
         tracing::info!(slot = %def.slot_name, error = %e, "the database cannot load {}: using {fallback}", def.plugin);
         def.plugin = fallback;
+        if def.ddl {
+            let client = self.pool.get().await?;
+            let major = client.major().ok_or(crate::pg::pool::PoolError::NoVersion)?;
+            client.release();
+            super::ddl::check_plugin(def.plugin, major)?;
+        }
         if stored {
             self.store.put(def).await?;
         }
@@ -372,6 +386,7 @@ impl Registry {
                     fate: Default::default(),
                     external_publication: None,
                     backfill: None,
+                    ddl: false,
                 };
                 self.with(|s| s.adopt(def.clone(), false));
                 def

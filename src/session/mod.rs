@@ -39,6 +39,7 @@
 
 pub(crate) mod backfill;
 mod backfill_hook;
+mod ddl;
 pub(crate) mod definition;
 pub mod health;
 mod lifecycle;

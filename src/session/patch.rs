@@ -176,10 +176,15 @@ impl Registry {
         let options = |def: &Definition| {
             control.plugin.start_options(control.format, &def.filter(), &def.slot_name, control.major)
         };
-        // pgoutput is asked for every message (a backfill's watermarks are messages):
-        // which reach the client is the stream's stage's, told by a switch too.
-        let messages = |def: &Definition| def.filter().wants(crate::stream::filter::Action::Message);
-        if options(old) == options(new) && messages(old) == messages(new) {
+        // pgoutput is asked for every message (a backfill's watermarks and DDL events
+        // are messages): which reach the client is the stream's stage's, told by a
+        // switch too.
+        let marks = |def: &Definition| {
+            let filter = def.filter();
+            let ddl = crate::stream::ddl::Ddl::of(&filter).is_some();
+            (filter.wants(crate::stream::filter::Action::Message), ddl.then_some(filter.tables))
+        };
+        if options(old) == options(new) && marks(old) == marks(new) {
             return Ok(None);
         }
         let (filter, options) =
@@ -189,7 +194,8 @@ impl Registry {
         let (done, switched) = tokio::sync::oneshot::channel();
         let sent = async {
             let app_messages = filter.wants(crate::stream::filter::Action::Message);
-            control.tx.send(Reconfigure { options, decoder, app_messages, connection, done }).await.ok()?;
+            let ddl = crate::stream::ddl::Ddl::of(&filter);
+            control.tx.send(Reconfigure { options, decoder, app_messages, ddl, connection, done }).await.ok()?;
             switched.await.ok()
         };
         match tokio::time::timeout(SWITCH_WAIT, sent).await {

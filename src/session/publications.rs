@@ -558,6 +558,7 @@ mod tests {
             fate: Default::default(),
             external_publication: None,
             backfill: None,
+            ddl: false,
         }
     }
 

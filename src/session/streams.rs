@@ -18,6 +18,7 @@ use crate::pg::replication::ReplicationStream;
 use crate::pg::version::Major;
 use crate::stream::Stop as StreamStop;
 use crate::stream::backfill::Backfills;
+use crate::stream::ddl::Ddl;
 use crate::stream::decode::PluginDecoder;
 use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
@@ -204,7 +205,7 @@ impl Registry {
             guard: Box::new(claim),
             progress,
             decoder: info.plugin.decoder(format, &filter, &self.pool, self.settings.pgoutput_memory),
-            marks: Marks::new(format, Some(backfills), filter.wants(Action::Message)),
+            marks: Marks::new(format, Some(backfills), filter.wants(Action::Message), Ddl::of(&filter)),
             skip_empty,
             settings: self.settings.clone(),
             options,

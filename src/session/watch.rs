@@ -21,6 +21,7 @@ use super::{Registry, SessionSettings, names};
 use crate::error::{Error, ErrorKind};
 use crate::pg::pool::Pool;
 use crate::stream::Stop as StreamStop;
+use crate::stream::ddl::Ddl;
 use crate::stream::filter::{Action, Filter};
 use crate::stream::frame::Format;
 use crate::stream::marks::Marks;
@@ -171,7 +172,7 @@ impl Registry {
             progress: Arc::default(),
             decoder: plugin.decoder(Format::Changes, &filter, &self.pool, self.settings.pgoutput_memory),
             // A watcher sees no backfill: its chunks are the session's client's.
-            marks: Marks::new(Format::Changes, None, filter.wants(Action::Message)),
+            marks: Marks::new(Format::Changes, None, filter.wants(Action::Message), Ddl::of(&filter)),
             skip_empty: true,
             settings: self.settings.clone(),
             options,

@@ -44,6 +44,8 @@ pub struct Filter {
     /// The publication a pgoutput stream reads when it is not the one named as its
     /// slot (a session's `publication`, made by the operator).
     pub publication: Option<String>,
+    /// Schema changes of the session's tables reach the client ([`super::ddl`]).
+    pub ddl: bool,
 }
 
 impl Default for Filter {
@@ -55,6 +57,7 @@ impl Default for Filter {
             hidden_schemas: Vec::new(),
             partitioned: false,
             publication: None,
+            ddl: false,
         }
     }
 }

@@ -7,7 +7,8 @@
 //! Watermarks of other sessions' backfills are in every slot's WAL (logical messages
 //! belong to no table), so every stream runs this stage. It also drops application
 //! messages the session does not want: pgoutput is asked for every message so that
-//! watermarks come.
+//! watermarks come. The event trigger's DDL messages become DDL changes of the
+//! session's tables for a session that wants them ([`super::ddl`]), else are dropped.
 //!
 //! What the stage holds is at most a transaction's head (format 1) or its begin record
 //! (format 2), until its first change says whether it is a watermark's.
@@ -17,8 +18,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::backfill::{self, Backfills, Watermark, key_of};
+use super::ddl::{self, Ddl};
 use super::frame::Format;
-use super::message::{Finish, MessageKind, Part};
+use super::message::{Finish, MessageKind, Part, Start};
 
 /// Every prefix of ours starts so.
 const OURS: &str = "pgdeltastream.";
@@ -28,6 +30,8 @@ pub(crate) struct Marks {
     backfills: Option<Backfills>,
     /// Application messages reach the client.
     app_messages: bool,
+    /// The session wants schema changes: the event trigger's messages become changes.
+    ddl: Option<Ddl>,
     /// Format 1: the start and head of the message under way, until its first change;
     /// format 2: the parts of the record under way.
     held: Vec<Part>,
@@ -57,16 +61,19 @@ enum Kind {
     /// An application message the client does not want.
     Unwanted,
     Change,
+    /// A schema change of the session's tables: this body goes on in the message's place.
+    Ddl(Bytes),
 }
 
 impl Marks {
-    pub fn new(format: Format, backfills: Option<Backfills>, app_messages: bool) -> Marks {
-        Marks { format, backfills, app_messages, held: Vec::new(), begin: Vec::new(), state: State::Between, passed: 0 }
+    pub fn new(format: Format, backfills: Option<Backfills>, app_messages: bool, ddl: Option<Ddl>) -> Marks {
+        let (held, begin) = (Vec::new(), Vec::new());
+        Marks { format, backfills, app_messages, ddl, held, begin, state: State::Between, passed: 0 }
     }
 
-    /// The session's actions changed (PATCH): from the next transaction on.
-    pub fn set_app_messages(&mut self, app_messages: bool) {
-        self.app_messages = app_messages;
+    /// The session's tables or actions changed (PATCH): from the next transaction on.
+    pub fn refilter(&mut self, app_messages: bool, ddl: Option<Ddl>) {
+        (self.app_messages, self.ddl) = (app_messages, ddl);
     }
 
     /// Whether it holds part of a transaction that has not gone on yet.
@@ -123,6 +130,11 @@ impl Marks {
                         self.state = State::Passing;
                         self.pass_change(body, out);
                     }
+                    Kind::Ddl(change) => {
+                        out.append(&mut self.held);
+                        self.state = State::Passing;
+                        self.pass_change(change, out);
+                    }
                 }
             }
             (Part::Body(_), State::Swallowing(_)) => {}
@@ -130,6 +142,7 @@ impl Marks {
             (Part::Body(body), _) => match self.classify(&body) {
                 Kind::Ours(_) | Kind::Unwanted => {}
                 Kind::Change => self.pass_change(body, out),
+                Kind::Ddl(change) => self.pass_change(change, out),
             },
             (Part::Finish(finish), State::Swallowing(mark)) => {
                 let mark = mark.clone();
@@ -183,6 +196,14 @@ impl Marks {
                     self.passed += 1;
                     out.extend(record);
                     out.push(Part::Finish(finish));
+                }
+                Kind::Ddl(change) => {
+                    out.append(&mut self.begin);
+                    self.state = State::Passing;
+                    // As in format 1: a window open on the table trusts none of its chunk.
+                    self.note(&change);
+                    self.passed += 1;
+                    out.extend(Part::whole(Start::default(), change, finish));
                 }
             },
             (MessageKind::Unackable, _) => {
@@ -251,6 +272,11 @@ impl Marks {
             let mark = serde_json::from_str::<Watermark>(&m.content).ok();
             let own = mark.filter(|mark| self.backfills.as_ref().is_some_and(|b| b.is_current(mark)));
             return Kind::Ours(own);
+        }
+        if m.prefix == ddl::PREFIX {
+            // A schema change goes on only as a change of one of the session's tables.
+            let change = self.ddl.as_ref().and_then(|d| d.render(self.format, &m.content));
+            return change.map_or(Kind::Unwanted, Kind::Ddl);
         }
         if m.prefix.starts_with(OURS) || !self.app_messages {
             return Kind::Unwanted;

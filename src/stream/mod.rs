@@ -29,6 +29,7 @@
 pub mod ack;
 pub(crate) mod backfill;
 pub(crate) mod binary_message;
+pub(crate) mod ddl;
 pub mod decode;
 pub mod error;
 pub(crate) mod filter;

@@ -232,9 +232,14 @@ fn wal2json_options(format: Format, filter: &Filter) -> Vec<(&'static str, Strin
         }
         if !filter.wants(Action::Message) {
             // wal2json cannot leave out every message, only pass those of listed
-            // prefixes: list only a backfill's watermarks, which the stream's stage
-            // takes out.
-            options.push(("add-msg-prefixes", super::backfill::PREFIX.into()));
+            // prefixes: list only ours (a backfill's watermarks, and schema changes
+            // when the session wants them), which the stream's stage takes out or
+            // turns into changes.
+            let mut prefixes = vec![super::backfill::PREFIX];
+            if filter.ddl {
+                prefixes.push(super::ddl::PREFIX);
+            }
+            options.push(("add-msg-prefixes", prefixes.join(",")));
         }
     }
     // A partitioned table's changes come under its partitions' names: the decoder
@@ -318,6 +323,7 @@ mod tests {
             hidden_schemas: vec!["pgdeltastream".into()],
             partitioned: false,
             publication: None,
+            ddl: false,
         };
         let some = Plugin::Wal2json.start_options(Format::Changes, &filter, "s", Major(15));
         let get = |k: &str| some.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
@@ -325,6 +331,10 @@ mod tests {
         assert_eq!(get("actions"), Some("insert,delete"));
         assert_eq!(get("add-msg-prefixes"), Some(super::super::backfill::PREFIX));
         assert_eq!(get("filter-tables"), Some("pgdeltastream.*"));
+        let ddl = Filter { ddl: true, ..filter };
+        let some = Plugin::Wal2json.start_options(Format::Changes, &ddl, "s", Major(15));
+        let prefixes = some.iter().find(|(key, _)| *key == "add-msg-prefixes").map(|(_, v)| v.as_str());
+        assert_eq!(prefixes, Some("pgdeltastream.backfill,pgdeltastream.ddl"));
     }
 
     #[test]

@@ -428,7 +428,7 @@ impl Pump {
                         }
                         tracing::info!(slot = %slot, %at, "stream switched to the session's new filter");
                         (decoder.plugin, options) = (command.decoder, command.options);
-                        decoder.marks.set_app_messages(command.app_messages);
+                        decoder.marks.refilter(command.app_messages, command.ddl);
                         let _ = command.done.send(Ok(Switched { at, walsender: stream.backend_pid() }));
                     }
                     None => commands = None,

@@ -21,8 +21,10 @@ use crate::types::Lsn;
 pub(crate) struct Reconfigure {
     pub options: Vec<(&'static str, String)>,
     pub decoder: PluginDecoder,
-    /// Whether application messages now reach the client ([`super::marks`]).
+    /// Whether application messages now reach the client, and which DDL events
+    /// ([`super::marks`]).
     pub app_messages: bool,
+    pub ddl: Option<super::ddl::Ddl>,
     pub connection: ReplicationConnection,
     /// Where the new stream starts and its walsender, or why the switch failed (the
     /// stream then ends).

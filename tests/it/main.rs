@@ -15,6 +15,7 @@ mod browser;
 mod cli;
 mod clients;
 mod conformance;
+mod ddl;
 mod errors;
 mod failover;
 mod faults;
