@@ -243,19 +243,32 @@ impl Registry {
             let mark =
                 |high| serde_json::to_string(&Watermark { run: run.to_owned(), chunk, high }).unwrap_or_default();
             emit(&client, &mark(false), false).await?;
-            let rows = match read_chunk(&client, &live, after.as_deref(), limit).await {
-                Ok(rows) => rows,
+            let key_at = live.key_at();
+            let width = live.info.columns.len();
+            let (mut buffer, mut rows, mut keys) = (Vec::with_capacity(1 << 20), Vec::new(), Vec::new());
+            let mut next_after: Vec<String> = vec![String::new(); key_at.len()];
+            let read = read_chunk(&client, &live, after.as_deref(), limit, |row| {
+                if !buffer.is_empty() {
+                    buffer.push(b',');
+                }
+                let from = buffer.len() as u32;
+                shape.render((0..width).map(|i| row.get(i)), &mut buffer, &mut keys);
+                rows.push((from, buffer.len() as u32));
+                for (text, &i) in next_after.iter_mut().zip(&key_at) {
+                    text.clear();
+                    text.push_str(row.get(i).unwrap_or_default());
+                }
+            });
+            let count = match read.await {
+                Ok(count) => count,
                 Err(e) => {
                     backfills.abandon(chunk);
                     return Err(Error::internal(format!("reading a chunk of {}: {e}", progress.table)));
                 }
             };
-            let last = (rows.len() as u64) < limit;
-            let next_after =
-                rows.last().map(|r| live.key_at().iter().map(|&i| r[i].clone().unwrap_or_default()).collect());
-            let rendered: Vec<_> = rows.iter().map(|r| shape.render(r)).collect();
-            let bytes: usize = rendered.iter().map(|r| r.body.len()).sum();
-            limit = next_limit(limit, rows.len(), bytes, self.settings.backfill_chunk_bytes);
+            let last = count < limit;
+            limit = next_limit(limit, rows.len(), buffer.len(), self.settings.backfill_chunk_bytes);
+            let next_after = (count > 0).then_some(next_after);
             let info = ChunkInfo {
                 id: id.to_owned(),
                 table: progress.table.clone(),
@@ -265,7 +278,9 @@ impl Registry {
                 rows: 0,
                 last,
             };
-            backfills.fill(chunk, Chunk { info, rows: rendered, names: shape.names() });
+            let buffer = bytes::Bytes::from(buffer);
+            let key_width = key_at.len();
+            backfills.fill(chunk, Chunk { info, names: shape.names(), buffer, rows, keys, key_width });
             emit(&client, &mark(true), true).await?;
             after = next_after.or(after);
             in_flight.push(InFlight { chunk, after: after.clone(), last, delivered: None });

@@ -68,22 +68,33 @@ pub struct ChunkInfo {
     pub last: bool,
 }
 
-/// One row of a chunk, rendered: its body in the stream's format and its key.
-#[derive(Debug, Clone)]
-pub(crate) struct Row {
-    /// [`key_of`] its key values.
-    pub key: String,
-    /// The JSON array of its values, in column order.
-    pub body: Bytes,
-}
+/// Where something is in a chunk's buffer: from, to.
+pub(crate) type Span = (u32, u32);
 
 /// A chunk, read and rendered, waiting for its high watermark.
 #[derive(Debug, Clone)]
 pub(crate) struct Chunk {
     pub info: ChunkInfo,
-    pub rows: Vec<Row>,
     /// [`RowShape::names`] of its table.
     pub names: Bytes,
+    /// The rows, each the JSON array of its values, back to back with a comma between
+    /// each two: a run of rows goes out as one slice of it.
+    pub buffer: Bytes,
+    /// Each row's span in `buffer`, in key order.
+    pub rows: Vec<Span>,
+    /// Each row's key values' spans, `key_width` per row: compared only when a change
+    /// in the chunk's window may have made a row stale.
+    pub keys: Vec<Span>,
+    pub key_width: usize,
+}
+
+impl Chunk {
+    /// [`key_of`] row `i`.
+    fn key(&self, i: usize) -> String {
+        let spans = &self.keys[i * self.key_width..(i + 1) * self.key_width];
+        let raw: Vec<&[u8]> = spans.iter().map(|&(a, b)| &self.buffer[a as usize..b as usize]).collect();
+        key_of_raw(&raw)
+    }
 }
 
 /// A chunk that went out to the client, in place of its high watermark.
@@ -220,9 +231,11 @@ impl Backfills {
             let mut rows = window.chunk?;
             if window.truncated {
                 rows.rows.clear();
-            } else {
-                rows.rows.retain(|r| !window.changed.contains(&r.key));
+            } else if !window.changed.is_empty() {
+                let kept = (0..rows.rows.len()).filter(|&i| !window.changed.contains(&rows.key(i)));
+                rows.rows = kept.map(|i| rows.rows[i]).collect();
             }
+            rows.keys = Vec::new();
             rows.info.rows = rows.rows.len() as u64;
             w.delivered.push(Delivered { nextlsn, info: rows.info.clone() });
             Some(rows)
@@ -234,6 +247,25 @@ impl Backfills {
 /// (numbers keep their text), in key order.
 pub(crate) fn key_of(values: &[Value]) -> String {
     Value::Array(values.to_vec()).to_string()
+}
+
+/// [`key_of`] the values written as `raw` JSON: as they are where serde_json would
+/// write them the same (no escape in them), else parsed and written again.
+pub(crate) fn key_of_raw(raw: &[&[u8]]) -> String {
+    if raw.iter().all(|v| !v.contains(&b'\\')) {
+        let mut key = String::with_capacity(2 + raw.iter().map(|v| v.len() + 1).sum::<usize>());
+        key.push('[');
+        for (i, v) in raw.iter().enumerate() {
+            if i > 0 {
+                key.push(',');
+            }
+            key.push_str(&String::from_utf8_lossy(v));
+        }
+        key.push(']');
+        return key;
+    }
+    let values: Vec<Value> = raw.iter().map(|v| serde_json::from_slice(v).unwrap_or(Value::Null)).collect();
+    key_of(&values)
 }
 
 /// What a backfill row is rendered from: its columns' types, and where its key is.
@@ -261,13 +293,13 @@ impl RowShape {
         RowShape { type_oids: types.1, key_at: Vec::new(), names: Bytes::from(head) }
     }
 
-    /// One row (every column's text, None for NULL) as the JSON array of its values,
-    /// in column order, with its key.
-    pub fn render(&self, row: &[Option<String>]) -> Row {
-        let mut out = Vec::with_capacity(2 + 12 * row.len());
+    /// Renders one row (every column's text, None for NULL) into `out`: the JSON array
+    /// of its values, in column order. Appends the spans of its key values to `keys`.
+    pub fn render<'a>(&self, row: impl Iterator<Item = Option<&'a str>>, out: &mut Vec<u8>, keys: &mut Vec<Span>) {
         out.push(b'[');
-        let mut key = vec![Value::Null; self.key_at.len()];
-        for (i, text) in row.iter().enumerate() {
+        let first = keys.len();
+        keys.resize(first + self.key_at.len(), (0, 0));
+        for (i, text) in row.enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -275,13 +307,12 @@ impl RowShape {
             // The mode without errors: a value Postgres printed that is no JSON number
             // goes out as a string, as the snapshot sends it.
             let oid = self.type_oids.get(i).copied().unwrap_or(0);
-            let _ = write_value(&mut out, Mode::AlwaysValid, oid, text.as_deref().map(str::as_bytes));
+            let _ = write_value(out, Mode::AlwaysValid, oid, text.map(str::as_bytes));
             if let Some(k) = self.key_at.iter().position(|&k| k == i) {
-                key[k] = serde_json::from_slice::<Value>(&out[at..]).unwrap_or(Value::Null);
+                keys[first + k] = (at as u32, out.len() as u32);
             }
         }
         out.push(b']');
-        Row { key: key_of(&key), body: Bytes::from(out) }
     }
 
     pub fn names(&self) -> Bytes {
@@ -314,15 +345,14 @@ const PART_BYTES: usize = 256 * 1024;
 /// `{"action":"R",...,"rows":[..]}` per part, and a commit record with `"nextlsn"`.
 pub(crate) fn chunk_parts(format: Format, chunk: Chunk, nextlsn: Lsn, out: &mut Vec<super::message::Part>) {
     use super::message::{Finish, MessageKind, Part, Start};
-    let Chunk { info, rows, names } = chunk;
-    let changes = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    let changes = u32::try_from(chunk.rows.len()).unwrap_or(u32::MAX);
     let end = Finish { nextlsn: Some(nextlsn), kind: MessageKind::Data, changes };
     let info_json = |part: usize, more: bool| {
         let parted = format == Format::Transactions;
-        let info = ChunkInfo { part: parted.then_some(part), more: parted.then_some(more), ..info.clone() };
+        let info = ChunkInfo { part: parted.then_some(part), more: parted.then_some(more), ..chunk.info.clone() };
         serde_json::to_string(&info).unwrap_or_default()
     };
-    let parts = split(rows);
+    let parts = split(&chunk.rows);
     let count = parts.len();
     if format == Format::Changes {
         let begin = format!("{{\"action\":\"B\",\"nextlsn\":\"{nextlsn}\",\"backfill\":{}}}", info_json(0, false));
@@ -347,13 +377,10 @@ pub(crate) fn chunk_parts(format: Format, chunk: Chunk, nextlsn: Lsn, out: &mut 
         };
         out.push(Part::Start(start));
         out.push(Part::Body(Bytes::from(head)));
-        out.push(Part::Body(names.clone()));
+        out.push(Part::Body(chunk.names.clone()));
         out.push(Part::Body(Bytes::from_static(b",\"rows\":[")));
-        for (j, row) in rows.into_iter().enumerate() {
-            if j > 0 {
-                out.push(Part::Body(Bytes::from_static(b",")));
-            }
-            out.push(Part::Body(row.body));
+        if let Some(body) = rows_body(&chunk.buffer, rows) {
+            out.push(Part::Body(body));
         }
         out.push(Part::Body(Bytes::from_static(b"]}")));
         out.push(Part::Finish(finish));
@@ -364,21 +391,38 @@ pub(crate) fn chunk_parts(format: Format, chunk: Chunk, nextlsn: Lsn, out: &mut 
     }
 }
 
+/// The rows of one message, comma-separated: a slice of the buffer when they are a run
+/// of it (no row between them was left out), else copied together.
+fn rows_body(buffer: &Bytes, rows: &[Span]) -> Option<Bytes> {
+    let (first, last) = (rows.first()?, rows.last()?);
+    let run = rows.windows(2).all(|w| w[1].0 == w[0].1 + 1);
+    if run {
+        return Some(buffer.slice(first.0 as usize..last.1 as usize));
+    }
+    let mut body = Vec::with_capacity(rows.iter().map(|&(a, b)| (b - a) as usize + 1).sum());
+    for (i, &(a, b)) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&buffer[a as usize..b as usize]);
+    }
+    Some(Bytes::from(body))
+}
+
 /// The chunk's rows cut into messages of about [`PART_BYTES`]; one (empty) when it
 /// has none, so that the client still gets the chunk and its ack.
-fn split(rows: Vec<Row>) -> Vec<Vec<Row>> {
-    let mut parts = vec![Vec::new()];
-    let mut bytes = 0;
-    for row in rows {
-        if bytes + row.body.len() > PART_BYTES && bytes > 0 {
-            parts.push(Vec::new());
-            bytes = 0;
+fn split(rows: &[Span]) -> Vec<&[Span]> {
+    let mut parts = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, &(a, b)) in rows.iter().enumerate() {
+        let len = (b - a) as usize + 1;
+        if bytes + len > PART_BYTES && bytes > 0 {
+            parts.push(&rows[from..i]);
+            (from, bytes) = (i, 0);
         }
-        bytes += row.body.len() + 1;
-        if let Some(part) = parts.last_mut() {
-            part.push(row);
-        }
+        bytes += len;
     }
+    parts.push(&rows[from..]);
     parts
 }
 
@@ -392,6 +436,24 @@ mod tests {
         let mut s = RowShape::new("public", "t", &names, (vec!["integer".into(), "numeric".into()], vec![23, 1700]));
         s.key_at = vec![0];
         s
+    }
+
+    /// A chunk of `rows`, rendered as the runner renders them.
+    fn chunk(s: &RowShape, rows: &[[Option<&str>; 2]], info: ChunkInfo) -> Chunk {
+        let (mut buffer, mut spans, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            if !buffer.is_empty() {
+                buffer.push(b',');
+            }
+            let from = buffer.len() as u32;
+            s.render(row.iter().copied(), &mut buffer, &mut keys);
+            spans.push((from, buffer.len() as u32));
+        }
+        Chunk { info, names: s.names(), buffer: Bytes::from(buffer), rows: spans, keys, key_width: 1 }
+    }
+
+    fn info(chunk: u64, rows: u64, last: bool) -> ChunkInfo {
+        ChunkInfo { id: "b".into(), table: "public.t".into(), chunk, part: None, more: None, rows, last }
     }
 
     fn text(parts: &[Part]) -> Vec<String> {
@@ -409,34 +471,38 @@ mod tests {
 
     #[test]
     fn rows_are_their_values_as_the_stream_writes_them() {
-        let row = shape().render(&[Some("7".into()), Some("1.50".into())]);
-        assert_eq!(std::str::from_utf8(&row.body).unwrap(), "[7,1.50]");
-        assert_eq!(row.key, "[7]");
-        let row = shape().render(&[Some("7".into()), None]);
-        assert_eq!(std::str::from_utf8(&row.body).unwrap(), "[7,null]");
+        let c = chunk(&shape(), &[[Some("7"), Some("1.50")], [Some("8"), None]], info(1, 2, true));
+        assert_eq!(std::str::from_utf8(&c.buffer).unwrap(), "[7,1.50],[8,null]");
+        assert_eq!((c.key(0), c.key(1)), ("[7]".to_string(), "[8]".to_string()));
+    }
+
+    #[test]
+    fn raw_keys_are_written_as_serde_writes_them() {
+        let accented = "\"\u{e9}t\u{e9}\"";
+        for raw in [&br#""a\"b""#[..], br#""\u00e9""#, b"1.50", br#""plain""#, accented.as_bytes()] {
+            let parsed: Value = serde_json::from_slice(raw).unwrap();
+            assert_eq!(
+                key_of_raw(&[raw, b"2"]),
+                key_of(&[parsed, serde_json::json!(2)]),
+                "{:?}",
+                std::str::from_utf8(raw)
+            );
+        }
     }
 
     #[test]
     fn a_large_chunk_goes_out_in_parts_and_only_the_last_is_acked() {
-        let s = shape();
         let pad = "x".repeat(1000);
-        let rows: Vec<Row> = (1..=600).map(|i| s.render(&[Some(i.to_string()), Some(pad.clone())])).collect();
-        let info = ChunkInfo {
-            id: "b".into(),
-            table: "public.t".into(),
-            chunk: 1,
-            part: None,
-            more: None,
-            rows: 600,
-            last: true,
-        };
+        let ids: Vec<String> = (1..=600).map(|i| i.to_string()).collect();
+        let rows: Vec<[Option<&str>; 2]> = ids.iter().map(|i| [Some(i.as_str()), Some(pad.as_str())]).collect();
         let mut out = Vec::new();
-        chunk_parts(Format::Transactions, Chunk { info, rows, names: s.names() }, Lsn(0x10), &mut out);
+        chunk_parts(Format::Transactions, chunk(&shape(), &rows, info(1, 600, true)), Lsn(0x10), &mut out);
         let messages = text(&out);
         assert_eq!(messages.len(), 3, "600 rows of 1 KB in parts of 256 KiB");
         let values: Vec<serde_json::Value> = messages.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
-        let rows: usize = values.iter().map(|v| v["rows"].as_array().unwrap().len()).sum();
-        assert_eq!(rows, 600);
+        let ids: Vec<i64> =
+            values.iter().flat_map(|v| v["rows"].as_array().unwrap().iter().map(|r| r[0].as_i64().unwrap())).collect();
+        assert_eq!(ids, (1..=600).collect::<Vec<_>>());
         assert!(values[..2].iter().all(|v| v["nextlsn"].is_null() && v["backfill"]["more"] == true));
         assert_eq!(values[2]["nextlsn"], "0/10");
         assert_eq!(values[2]["backfill"]["more"], false);
@@ -447,18 +513,8 @@ mod tests {
 
     #[test]
     fn an_empty_chunk_still_comes_with_its_ack() {
-        let s = shape();
-        let info = ChunkInfo {
-            id: "b".into(),
-            table: "public.t".into(),
-            chunk: 2,
-            part: None,
-            more: None,
-            rows: 0,
-            last: true,
-        };
         let mut out = Vec::new();
-        chunk_parts(Format::Changes, Chunk { info, rows: vec![], names: s.names() }, Lsn(0x10), &mut out);
+        chunk_parts(Format::Changes, chunk(&shape(), &[], info(2, 0, true)), Lsn(0x10), &mut out);
         let messages = text(&out);
         assert_eq!(messages.len(), 3, "{messages:?}");
         assert!(messages[1].ends_with(r#""rows":[]}"#), "{}", messages[1]);
@@ -470,26 +526,17 @@ mod tests {
         let b = Backfills::default();
         b.begin_run("r1");
         b.open_window(1, "public", "t", vec!["id".into()]);
-        let s = shape();
-        let rows = (1..=3).map(|i| s.render(&[Some(i.to_string()), None])).collect();
-        let info = ChunkInfo {
-            id: "b".into(),
-            table: "public.t".into(),
-            chunk: 1,
-            part: None,
-            more: None,
-            rows: 3,
-            last: false,
-        };
+        let c = chunk(&shape(), &[[Some("1"), None], [Some("2"), None], [Some("3"), None]], info(1, 3, false));
         assert!(b.watched("public", "t").is_none(), "not open before the low watermark");
         b.low(1);
-        b.fill(1, Chunk { info, rows, names: s.names() });
+        b.fill(1, c);
         assert_eq!(b.watched("public", "t"), Some(vec!["id".to_string()]));
         b.changed("public", "t", Some(key_of(&[serde_json::json!(2)])));
         let chunk = b.high(1, Lsn(0x100)).unwrap();
-        let keys: Vec<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys, ["[1]", "[3]"]);
         assert_eq!(chunk.info.rows, 2);
+        let mut out = Vec::new();
+        chunk_parts(Format::Changes, chunk, Lsn(0x100), &mut out);
+        assert!(text(&out)[1].ends_with(r#""rows":[[1,null],[3,null]]}"#), "{:?}", text(&out));
         assert_eq!(b.take_delivered().len(), 1);
         assert!(b.high(1, Lsn(0x100)).is_none(), "a chunk goes out once");
     }

@@ -431,6 +431,56 @@ async fn the_viewer_shows_budgets_and_invalidated_sessions() {
     server.stop().await;
 }
 
+/// A session made through the form with DDL shows its table's schema changes in the
+/// feed, between the rows written before and after them.
+#[tokio::test]
+async fn the_viewer_shows_schema_changes() {
+    let db = common::fresh_db().await;
+    let pg = db.client().await;
+    pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, item text)").await.unwrap();
+    let server = TestServer::start(&db).await;
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.goto(&format!("http://{}/", server.addr)).await.unwrap();
+    until(
+        &c,
+        "the list loads",
+        Duration::from_secs(20),
+        "return document.querySelector('#conn').textContent === 'connected'",
+    )
+    .await;
+    click(&c, "#create > summary").await;
+    fill(&c, "#create-form input[name=name]", "orders").await;
+    fill(&c, "#create-form input[name=tables]", "public.orders").await;
+    click(&c, "#create-form input[name=ddl]").await;
+    click(&c, "#create-form button[type=submit]").await;
+    until(
+        &c,
+        "the session is watched",
+        Duration::from_secs(20),
+        "return document.querySelector('#feed-status').textContent === 'watching orders'",
+    )
+    .await;
+    let (_, view) = server.get("/v2/sessions/orders").await;
+    assert_eq!(view["ddl"], true, "{view}");
+    pg.batch_execute("INSERT INTO orders VALUES (1, 'pen')").await.unwrap();
+    pg.batch_execute("ALTER TABLE orders ADD COLUMN qty int").await.unwrap();
+    pg.batch_execute("INSERT INTO orders VALUES (2, 'ink', 3)").await.unwrap();
+    until(&c, "the schema change in the feed", Duration::from_secs(10), &feed_has("DDL", "ALTER TABLE")).await;
+    until(&c, "the insert after it", Duration::from_secs(10), &feed_has("I", "ink")).await;
+    let kinds = c
+        .execute("return [...document.querySelectorAll('#feed tbody tr')].map(r => r.dataset.kind).reverse()", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kinds, json!(["I", "DDL", "I"]), "in order, newest on top");
+    let ddl =
+        c.execute("return document.querySelector('#feed tbody tr[data-kind=DDL]').innerText", vec![]).await.unwrap();
+    assert!(ddl.as_str().unwrap().contains("qty integer"), "the columns after the change: {ddl}");
+    screenshot(&c, "ddl").await;
+    c.close().await.unwrap();
+    server.stop().await;
+}
+
 /// A session's live backfill shows in its row: one done, with its rows, and one waiting
 /// for a client, with what is left by Postgres's estimate.
 #[tokio::test]

@@ -7,7 +7,7 @@ import { api, wsUrl } from './api.js';
 const MAX_ROWS = 1000;      // rows kept in the DOM
 const MAX_PAUSED = 5000;    // changes buffered while paused
 const SPARK_SECONDS = 30;
-const KIND_NAMES = { I: 'insert', U: 'update', D: 'delete', T: 'truncate', M: 'message' };
+const KIND_NAMES = { I: 'insert', U: 'update', D: 'delete', T: 'truncate', M: 'message', DDL: 'ddl' };
 
 export class Feed {
   constructor() {
@@ -151,6 +151,10 @@ export class Feed {
 
   values(rec, columns, identity) {
     if (rec.action === 'M') return h('span', {}, show(rec.content));
+    if (rec.action === 'DDL') {
+      const cols = (rec.columnnames || []).map((n, i) => h('span', { class: 'col' }, h('b', {}, n), ' ', rec.columntypes[i]));
+      return h('span', {}, h('b', {}, rec.command), ' ', ...cols);
+    }
     if (rec.action === 'T') return h('span', { class: 'muted' }, 'table truncated');
     if (rec.action === 'D') {
       return identity.map((c) => h('span', { class: 'col old' }, h('b', {}, c.name), '=', show(c.value)));

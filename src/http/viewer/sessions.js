@@ -118,6 +118,7 @@ export class Sessions {
     const actions = data.getAll('actions');
     if (actions.length < 5) body.actions = actions;
     if (data.get('plugin')) body.plugin = data.get('plugin');
+    if (data.get('ddl')) body.ddl = true;
     try {
       const created = await api('POST', '/v2/sessions', body);
       form.reset();

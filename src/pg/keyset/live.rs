@@ -5,8 +5,9 @@
 //! the simple-query protocol), which the stream's value encoding takes as it takes
 //! wal2json's.
 
+use futures_util::StreamExt;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::{Key, KeyColumn, declare, display, find_key, page_sql};
 use crate::pg::ident::TableRef;
@@ -23,9 +24,6 @@ pub(crate) struct LiveTable {
     /// Postgres's estimate of the table's rows (`reltuples`; -1 when never analyzed).
     pub estimate: i64,
 }
-
-/// One row of a chunk: every served column's text (None for NULL).
-pub(crate) type TextRow = Vec<Option<String>>;
 
 impl LiveTable {
     /// Where each key column is among the served columns.
@@ -68,14 +66,17 @@ pub(crate) async fn live_table(client: &Client, t: &TableRef, scope: &Scope) -> 
     Ok(LiveTable { info, key, type_names, estimate: row.try_get::<_, Option<i64>>(1)?.unwrap_or(-1) })
 }
 
-/// The next at most `limit` rows of the table after the key `after` (from the start
-/// without one), in key order, as text, in a read-only transaction of their own.
+/// Reads the next at most `limit` rows of the table after the key `after` (from the
+/// start without one), in key order, in a read-only transaction of its own, handing
+/// each to `on_row` as it arrives (every served column's text, None for NULL); answers
+/// how many there were.
 pub(crate) async fn read_chunk(
     client: &Client,
     table: &LiveTable,
     after: Option<&[String]>,
     limit: u64,
-) -> Result<Vec<TextRow>, SnapshotError> {
+    mut on_row: impl FnMut(&SimpleQueryRow),
+) -> Result<u64, SnapshotError> {
     let cursor = after.map(|key| Cursor::new(table.info.oid, key.to_vec()));
     // page_sql asks for one more row than the limit (to tell a last page): a chunk
     // takes them all, the next chunk starts after the last.
@@ -84,13 +85,16 @@ pub(crate) async fn read_chunk(
     client.batch_execute("BEGIN READ ONLY").await?;
     let read = async {
         declare(client, &table.info, &sql, &params).await?;
-        let messages = client.simple_query(&format!("FETCH ALL FROM {}", super::CURSOR)).await?;
-        let width = table.info.columns.len();
-        let rows = messages.iter().filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some((0..width).map(|i| row.get(i).map(str::to_owned)).collect()),
-            _ => None,
-        });
-        Ok::<_, SnapshotError>(rows.collect())
+        let rows = client.simple_query_raw(&format!("FETCH ALL FROM {}", super::CURSOR)).await?;
+        let mut rows = std::pin::pin!(rows);
+        let mut n = 0;
+        while let Some(message) = rows.next().await {
+            if let SimpleQueryMessage::Row(row) = message? {
+                on_row(&row);
+                n += 1;
+            }
+        }
+        Ok::<_, SnapshotError>(n)
     }
     .await;
     client.batch_execute("ROLLBACK").await?;
