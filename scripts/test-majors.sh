@@ -24,7 +24,7 @@ while read -r major bindir; do
   if [ "$major" -lt 13 ]; then
     filters=(majors::readyz)
   else
-    filters=(majors:: conformance::the_reference slot_safety:: ddl::on_every_major)
+    filters=(majors:: conformance::the_reference slot_safety:: ddl::on_every_major backfill::on_every_major)
   fi
   # Logical decoding on a standby (16+), failover slots (17+): each needs a standby.
   [ "$major" -ge 16 ] && filters+=(standby::)

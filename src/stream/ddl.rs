@@ -33,6 +33,9 @@ struct Event {
     table: Option<String>,
     command: String,
     object_type: String,
+    /// The trigger writes `identity`; a client gets `objectIdentity`, since a change's
+    /// `identity` is its old row's columns (format 2).
+    #[serde(rename = "objectIdentity", alias = "identity")]
     identity: String,
     /// The table's columns after the command (none after a drop).
     #[serde(default, rename = "columnnames")]
@@ -99,13 +102,13 @@ mod tests {
         assert_eq!(
             text(all.render(Format::Transactions, ADD)).as_deref(),
             Some(
-                r#",{"kind":"ddl","schema":"public","table":"t","command":"ALTER TABLE","objectType":"table","identity":"public.t","columnnames":["id","x"],"columntypes":["integer","text"]}"#
+                r#",{"kind":"ddl","schema":"public","table":"t","command":"ALTER TABLE","objectType":"table","objectIdentity":"public.t","columnnames":["id","x"],"columntypes":["integer","text"]}"#
             )
         );
         assert_eq!(
             text(all.render(Format::Changes, ADD)).as_deref(),
             Some(
-                r#"{"action":"DDL","schema":"public","table":"t","command":"ALTER TABLE","objectType":"table","identity":"public.t","columnnames":["id","x"],"columntypes":["integer","text"]}"#
+                r#"{"action":"DDL","schema":"public","table":"t","command":"ALTER TABLE","objectType":"table","objectIdentity":"public.t","columnnames":["id","x"],"columntypes":["integer","text"]}"#
             )
         );
     }

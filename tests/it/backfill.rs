@@ -539,3 +539,24 @@ async fn a_table_added_by_patch_is_backfilled_in_the_stream() {
         await_done(&server, "grow").await;
     }
 }
+
+/// On every major (`make test-majors`): a pgoutput session backfills from 14, where
+/// pgoutput sends logical messages; 13 refuses it and says why.
+#[tokio::test]
+async fn on_every_major_pgoutput_backfills_from_14() {
+    let (_db, pg, server) = setup(3_000).await;
+    let major = server_major(&pg).await;
+    create(&server, "majors", "pgoutput", json!(["public.t"])).await;
+    let (status, body) = backfill(&server, "majors", json!(["t"])).await;
+    if major < 14 {
+        assert_eq!(status, 409, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("PostgreSQL 14"), "{body}");
+        return;
+    }
+    assert_eq!(status, 202, "PostgreSQL {major}: {body}");
+    let mut ws = connect(&server, "majors", "changes").await;
+    let mut replica = Replica::default();
+    replica.follow(&mut ws, Duration::from_secs(60), |r| r.chunks.last().is_some_and(|c| c["last"] == true)).await;
+    assert!(replica.rows == table(&pg).await, "PostgreSQL {major}: the replica is the table");
+    await_done(&server, "majors").await;
+}

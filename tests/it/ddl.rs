@@ -46,7 +46,7 @@ fn insert(table: &str, id: i64) -> Value {
 fn ddl(command: &str, object_type: &str, identity: &str, table: &str, columns: &[(&str, &str)]) -> Value {
     let (schema, table) = table.split_once('.').unwrap();
     json!({
-        "command": command, "objectType": object_type, "identity": identity, "schema": schema, "table": table,
+        "command": command, "objectType": object_type, "objectIdentity": identity, "schema": schema, "table": table,
         "columnnames": columns.iter().map(|c| c.0).collect::<Vec<_>>(),
         "columntypes": columns.iter().map(|c| c.1).collect::<Vec<_>>(),
     })

@@ -113,8 +113,8 @@ export class Feed {
       this.tables.add(table);
       $('#filter-table').append(h('option', { value: table }, table));
     }
-    const identity = rec.identity || [];
-    const columns = rec.columns || [];
+    const identity = Array.isArray(rec.identity) ? rec.identity : [];
+    const columns = Array.isArray(rec.columns) ? rec.columns : [];
     if (rec.pk) this.keyNames.set(table, rec.pk.map((c) => c.name));
     // An identity of fewer columns than the row is its key (an index); a whole old row
     // (REPLICA IDENTITY FULL) names no key.
