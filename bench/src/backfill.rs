@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cluster::Cluster;
 use crate::drain::{spawn_acker, ws_config};
 use crate::server::Server;
-use crate::workload::{self, Shape, Workload, thousands};
+use crate::workload::{self, thousands};
 use crate::{Result, ndjson};
 
 pub const NAME: &str = "backfill_1m";
@@ -92,11 +92,7 @@ pub async fn run(
     limit: Duration,
 ) -> Result<BackfillResult> {
     let mut result = BackfillResult::new(rows(scale));
-    let client = crate::fresh_db(cluster, DB).await?;
-    workload::create_tables(&client).await?;
-    let w = Workload { name: NAME, shape: Shape::Narrow, transactions: 1, rows_per_transaction: result.rows };
-    workload::write(&client, &w).await?;
-    client.batch_execute("VACUUM ANALYZE items").await?;
+    let (client, _) = workload::items_at_rest(cluster, DB, NAME, result.rows).await?;
     let server = Server::start(binary, cluster, DB, &cluster.tmpdir).await?;
     let outcome = measure(cluster, &server, runs, limit, &mut result).await;
     result.server_peak_rss_mib = server.peak_rss_kib().map(|k| k as f64 / 1024.0);

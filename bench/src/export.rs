@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::cluster::Cluster;
 use crate::cpu::{Snapshot, process_secs};
 use crate::server::Server;
-use crate::workload::{self, Shape, Workload, thousands};
+use crate::workload::{self, thousands};
 use crate::{Result, ndjson};
 
 pub const NAME: &str = "export_1m";
@@ -120,15 +120,8 @@ pub async fn run(
     limit: Duration,
 ) -> Result<ExportResult> {
     let mut result = ExportResult::new(rows(scale));
-    let client = crate::fresh_db(cluster, DB).await?;
-    workload::create_tables(&client).await?;
-    let w = Workload { name: NAME, shape: Shape::Narrow, transactions: 1, rows_per_transaction: result.rows };
-    let t = Instant::now();
-    workload::write(&client, &w).await?;
-    result.write_secs = t.elapsed().as_secs_f64();
-    // Visibility hints and the visibility map as a table at rest has them: otherwise the
-    // first reader pays for setting them.
-    client.batch_execute("VACUUM ANALYZE items").await?;
+    let (client, write_secs) = workload::items_at_rest(cluster, DB, NAME, result.rows).await?;
+    result.write_secs = write_secs;
     eprintln!("bench:   wrote {} rows in {:.1} s", thousands(result.rows), result.write_secs);
     let server = Server::start(binary, cluster, DB, &cluster.tmpdir).await?;
     let outcome = measure(cluster, &server, &client, runs, limit, &mut result).await;

@@ -160,11 +160,23 @@ async fn read_all(
 ) -> Result<Vec<(u64, Vec<i64>, u64)>> {
     let mut sockets = Vec::with_capacity(urls.len());
     for url in &urls {
-        match tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), false).await {
-            Ok((ws, _)) => sockets.push(ws),
-            Err(e) => {
-                let _ = ready.send(Err(format!("{url}: {e}").into()));
-                return Err(format!("{url}: {e}").into());
+        // A gateway knows a session once its publisher has made the session's stream in
+        // JetStream: until then it answers 404, so the first clients try again a while.
+        let mut tries = 0;
+        loop {
+            match tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), false).await {
+                Ok((ws, _)) => {
+                    sockets.push(ws);
+                    break;
+                }
+                Err(_) if tries < 100 && sockets.is_empty() => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(format!("{url}: {e}").into()));
+                    return Err(format!("{url}: {e}").into());
+                }
             }
         }
     }

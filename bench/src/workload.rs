@@ -115,6 +115,25 @@ pub async fn write(client: &Client, w: &Workload) -> Result<()> {
     Ok(())
 }
 
+/// A fresh database `db` whose `items` table holds `rows` rows written in one
+/// transaction, at rest (`VACUUM ANALYZE`: visibility hints set, so that the first
+/// reader does not pay for them): a connection to it, and the seconds the write took.
+pub async fn items_at_rest(
+    cluster: &crate::cluster::Cluster,
+    db: &str,
+    name: &'static str,
+    rows: u64,
+) -> Result<(Client, f64)> {
+    let client = crate::fresh_db(cluster, db).await?;
+    create_tables(&client).await?;
+    let w = Workload { name, shape: Shape::Narrow, transactions: 1, rows_per_transaction: rows };
+    let t = std::time::Instant::now();
+    write(&client, &w).await?;
+    let secs = t.elapsed().as_secs_f64();
+    client.batch_execute("VACUUM ANALYZE items").await?;
+    Ok((client, secs))
+}
+
 pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();

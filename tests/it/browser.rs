@@ -153,6 +153,27 @@ async fn click(c: &Client, css: &str) {
 }
 
 /// The JS test of "the feed shows a row of `kind` whose text contains `text`".
+/// Once the page is connected, creates the session `orders` of `tables` through the
+/// form (clicking `clicks` on the way) and waits until it is watched.
+async fn create_in_form(c: &Client, tables: &str, clicks: &[&str]) {
+    until(
+        c,
+        "the list loads",
+        Duration::from_secs(20),
+        "return document.querySelector('#conn').textContent === 'connected'",
+    )
+    .await;
+    click(c, "#create > summary").await;
+    fill(c, "#create-form input[name=name]", "orders").await;
+    fill(c, "#create-form input[name=tables]", tables).await;
+    for selector in clicks {
+        click(c, selector).await;
+    }
+    click(c, "#create-form button[type=submit]").await;
+    let watched = "return document.querySelector('#feed-status').textContent === 'watching orders'";
+    until(c, "the session is watched", Duration::from_secs(20), watched).await;
+}
+
 fn feed_has(kind: &str, text: &str) -> String {
     format!(
         "return [...document.querySelectorAll('#feed tbody tr[data-kind={kind}]')].some(r => !r.hidden && r.innerText.includes({}))",
@@ -181,27 +202,8 @@ async fn the_viewer_creates_a_session_and_shows_its_changes_live() {
     let base = format!("http://{}", server.addr);
 
     c.goto(&format!("{base}/")).await.unwrap();
-    until(
-        &c,
-        "the list loads",
-        Duration::from_secs(20),
-        "return document.querySelector('#conn').textContent === 'connected'",
-    )
-    .await;
-
     // Create a session through the form: it is watched at once.
-    click(&c, "#create > summary").await;
-    fill(&c, "#create-form input[name=name]", "orders").await;
-    fill(&c, "#create-form input[name=tables]", "public.orders, public.audit").await;
-    click(&c, "#create-form input[value=truncate]").await;
-    click(&c, "#create-form button[type=submit]").await;
-    until(
-        &c,
-        "the session is watched",
-        Duration::from_secs(20),
-        "return document.querySelector('#feed-status').textContent === 'watching orders'",
-    )
-    .await;
+    create_in_form(&c, "public.orders, public.audit", &["#create-form input[value=truncate]"]).await;
     until(
         &c,
         "the session is listed",
@@ -442,25 +444,7 @@ async fn the_viewer_shows_schema_changes() {
     let driver = Driver::start();
     let c = driver.browser().await;
     c.goto(&format!("http://{}/", server.addr)).await.unwrap();
-    until(
-        &c,
-        "the list loads",
-        Duration::from_secs(20),
-        "return document.querySelector('#conn').textContent === 'connected'",
-    )
-    .await;
-    click(&c, "#create > summary").await;
-    fill(&c, "#create-form input[name=name]", "orders").await;
-    fill(&c, "#create-form input[name=tables]", "public.orders").await;
-    click(&c, "#create-form input[name=ddl]").await;
-    click(&c, "#create-form button[type=submit]").await;
-    until(
-        &c,
-        "the session is watched",
-        Duration::from_secs(20),
-        "return document.querySelector('#feed-status').textContent === 'watching orders'",
-    )
-    .await;
+    create_in_form(&c, "public.orders", &["#create-form input[name=ddl]"]).await;
     let (_, view) = server.get("/v2/sessions/orders").await;
     assert_eq!(view["ddl"], true, "{view}");
     pg.batch_execute("INSERT INTO orders VALUES (1, 'pen')").await.unwrap();
