@@ -641,6 +641,7 @@ fn backfill_table(x: &crate::backfill::BackfillResult) -> String {
         crate::workload::thousands(x.rows)
     );
     let line = |label: &str, run: &Option<crate::backfill::Run>| match run {
+        Some(r) if r.chunks == 0 => format!("| {label} | {} | – | {:.2} |\n", fmt_rate(r.rows_per_sec), r.secs),
         Some(r) => format!("| {label} | {} | {} | {:.2} |\n", fmt_rate(r.rows_per_sec), r.chunks, r.secs),
         None => format!("| {label} | – | – | – |\n"),
     };

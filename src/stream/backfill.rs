@@ -23,6 +23,7 @@
 //! when its client has acked it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -124,6 +125,9 @@ struct Window {
 #[derive(Clone, Default)]
 pub(crate) struct Backfills {
     inner: Arc<Mutex<Windows>>,
+    /// Windows between their watermarks: while none is, no change needs a look (read
+    /// for every change the stream passes, so without the lock).
+    open: Arc<AtomicUsize>,
     /// Woken when a chunk is delivered.
     pub delivered: Arc<Notify>,
 }
@@ -138,7 +142,15 @@ struct Windows {
 
 impl Backfills {
     fn with<R>(&self, f: impl FnOnce(&mut Windows) -> R) -> R {
-        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut windows = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut windows);
+        self.open.store(windows.windows.values().filter(|w| w.open).count(), Ordering::Release);
+        r
+    }
+
+    /// Whether a window is open: a change of its table may make a chunk's row stale.
+    pub(crate) fn any_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) > 0
     }
 
     /// Whether both are the same stream's.
@@ -528,12 +540,15 @@ mod tests {
         b.open_window(1, "public", "t", vec!["id".into()]);
         let c = chunk(&shape(), &[[Some("1"), None], [Some("2"), None], [Some("3"), None]], info(1, 3, false));
         assert!(b.watched("public", "t").is_none(), "not open before the low watermark");
+        assert!(!b.any_open());
         b.low(1);
+        assert!(b.any_open());
         b.fill(1, c);
         assert_eq!(b.watched("public", "t"), Some(vec!["id".to_string()]));
         b.changed("public", "t", Some(key_of(&[serde_json::json!(2)])));
         let chunk = b.high(1, Lsn(0x100)).unwrap();
         assert_eq!(chunk.info.rows, 2);
+        assert!(!b.any_open(), "closed at the high watermark");
         let mut out = Vec::new();
         chunk_parts(Format::Changes, chunk, Lsn(0x100), &mut out);
         assert!(text(&out)[1].ends_with(r#""rows":[[1,null],[3,null]]}"#), "{:?}", text(&out));

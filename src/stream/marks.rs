@@ -286,7 +286,7 @@ impl Marks {
 
     /// Notes the keys a change touches, when a window watches its table.
     fn note(&self, body: &[u8]) {
-        let Some(backfills) = &self.backfills else { return };
+        let Some(backfills) = self.backfills.as_ref().filter(|b| b.any_open()) else { return };
         let Some((schema, table)) = table_of(body) else { return };
         let Some(key_names) = backfills.watched(&schema, &table) else { return };
         match keys_of(self.format, body, &key_names) {
