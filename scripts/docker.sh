@@ -115,11 +115,18 @@ cmd_start() {
 
 # An engine killed with its containers leaves their host-side veths on docker0, and a
 # stale one answers ARP for an address the next engine gives a new container: connections
-# to that container then reset or go nowhere. With no dockerd running, every veth on docker0
-# is such a leftover.
+# to that container then reset or go nowhere. It also leaves its mounts (the containers'
+# overlays, their network namespaces) under our data and exec roots, which keep those
+# namespaces alive and the directories undeletable. With no dockerd running, every veth
+# on docker0 and every mount under our roots is such a leftover.
 remove_stale_links() {
     pgrep -x dockerd >/dev/null && return 0
-    local link
+    local mount link
+    for mount in $(awk -v data="$TOOLS_DIR/data" -v run="$RUN_DIR" \
+        'index($2, data "/") == 1 || $2 == data || index($2, run "/") == 1 {print $2}' /proc/mounts | sort -r); do
+        log "unmounting $mount, left by an engine that is gone"
+        umount -l "$mount" || true
+    done
     for link in $(ip -o link show master docker0 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
         log "removing $link, left on docker0 by an engine that is gone"
         ip link delete "$link" || true
