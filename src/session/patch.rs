@@ -184,7 +184,10 @@ impl Registry {
             let ddl = crate::stream::ddl::Ddl::of(&filter).is_some();
             (filter.wants(crate::stream::filter::Action::Message), ddl.then_some(filter.tables))
         };
-        if options(old) == options(new) && marks(old) == marks(new) {
+        // pgoutput on 13 sends no messages at all: nothing for the stage to change.
+        let messages_come =
+            control.plugin != crate::stream::plugin::Plugin::Pgoutput || control.major.pgoutput_has_messages();
+        if options(old) == options(new) && (!messages_come || marks(old) == marks(new)) {
             return Ok(None);
         }
         let (filter, options) =
